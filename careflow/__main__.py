@@ -1,0 +1,5 @@
+"""``python -m careflow`` runs the CLI."""
+
+from careflow.cli import main
+
+main()

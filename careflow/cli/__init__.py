@@ -1,0 +1,39 @@
+"""The ``careflow`` command: one CLI for operators and technicians."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from careflow.cli import hubcmd, ops, schemascmd
+from careflow.cli.common import err_console
+from careflow.errors import CareflowError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="careflow",
+    help="Watch, alert on and provision a fleet of care devices over MQTT.\n\n"
+    "Start with `careflow hub` (runs an embedded broker when CAREFLOW_BROKER_URL is unset), "
+    "then `careflow events publish` and `careflow events query` to see events flow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+app.command("hub")(hubcmd.hub)
+app.command("status")(ops.status)
+app.command("replay")(ops.replay_command)
+app.add_typer(ops.events_app, name="events")
+app.add_typer(ops.devices_app, name="devices")
+app.add_typer(ops.deadletter_app, name="deadletter")
+app.add_typer(schemascmd.schemas_app, name="schemas")
+
+
+def main() -> None:
+    """Entry point: careflow's own errors become one clear line and exit code 2."""
+    try:
+        app()
+    except CareflowError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,53 @@
+"""`careflow hub`: run ingest, with an embedded broker when none is configured."""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated
+
+import typer
+
+from careflow.cli.common import DataDirOption, err_console, settings_from
+from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.service import HubService
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.log import setup_logging
+
+__all__ = ["hub"]
+
+
+def hub(
+    broker: Annotated[str | None, typer.Option(
+        "--broker", help="Use this broker, e.g. mqtt://mosquitto:1883 [env: CAREFLOW_BROKER_URL]. "
+        "Without it the hub runs an embedded broker.", show_default=False)] = None,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", help="Address of the embedded broker [env: CAREFLOW_LISTEN; "
+        "default: 127.0.0.1:1883].", show_default=False)] = None,
+    data_dir: DataDirOption = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
+) -> None:
+    """Run the hub: validate, deduplicate and store every event, exactly once.
+
+    Messages are acknowledged to the broker only after they are committed to disk, so a crash
+    loses nothing. Stop with Ctrl-C (or SIGTERM): the hub finishes what it holds first.
+    """
+    settings = settings_from(data_dir=data_dir, broker=broker, listen=listen)
+    setup_logging(log_level)
+    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+    embedded = EmbeddedBroker(settings.listen.host, settings.listen.port) if settings.embedded \
+        else None
+    try:
+        if embedded is not None:
+            embedded.start()
+        service = HubService(settings, store)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: service.stop())
+        where = (f"embedded broker on {settings.listen}" if embedded
+                 else f"broker {settings.broker_url}")
+        err_console.print(f"careflow hub: {where}, data in {settings.data_dir}; Ctrl-C stops",
+                          highlight=False)
+        service.run()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        store.close()

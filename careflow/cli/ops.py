@@ -1,0 +1,317 @@
+"""Operator commands: events, devices, dead letters, status and replay."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from careflow.cli.common import (
+    DataDirOption,
+    JsonOption,
+    console,
+    format_age,
+    format_ms,
+    parse_when,
+    print_json_lines,
+    settings_from,
+)
+from careflow.edge.publish import publish_events
+from careflow.edge.stamper import Stamper, new_boot_id
+from careflow.errors import ConfigError, ContractError
+from careflow.hub.replay import STAGES, replay
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store import EventFilter
+from careflow.schemas import EVENT_TYPES, parse_event
+
+__all__ = ["deadletter_app", "devices_app", "events_app", "replay_command", "status"]
+
+events_app = typer.Typer(help="Publish, query and count events.", no_args_is_help=True)
+devices_app = typer.Typer(help="The device registry: what each gateway and device last said.",
+                          no_args_is_help=True)
+deadletter_app = typer.Typer(help="Input the hub refused, with the reason.", no_args_is_help=True)
+
+STALE_HEALTH_MS = 5_000
+DEFAULT_DATA: dict[str, dict[str, Any]] = {
+    "heartbeat": {"interval_s": 60},
+    "status": {"state": "ok"},
+    "error": {"code": "E_SYNTHETIC", "message": "synthetic error from careflow events publish"},
+    "provision": {"action": "added", "kind": "sensor"},
+    "alert": {"kind": "sos", "state": "raised"},
+}
+
+GatewayOption = Annotated[str | None, typer.Option("--gateway", "-g", help="Only this gateway.")]
+DeviceOption = Annotated[str | None, typer.Option("--device", "-d", help="Only this device.")]
+TypeOption = Annotated[str | None, typer.Option("--type", "-t", help="Only this event type.")]
+SinceOption = Annotated[str | None, typer.Option(
+    "--since", help="Event time from: an age (15m, 2h, 7d) or RFC 3339 time.")]
+UntilOption = Annotated[str | None, typer.Option(
+    "--until", help="Event time before: an age or RFC 3339 time.")]
+
+
+def _open(data_dir: Any) -> SqliteStore:  # noqa: ANN401 - Path | None from typer
+    settings = settings_from(data_dir=data_dir)
+    if not settings.db_path.exists():
+        msg = (f"no event store at {settings.db_path}. Start `careflow hub` first, or point "
+               "--data-dir / CAREFLOW_DATA_DIR at the hub's data directory.")
+        raise ConfigError(msg)
+    return SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+
+
+def _filter(gateway: str | None, device: str | None, type_: str | None, since: str | None,
+            until: str | None) -> EventFilter:
+    if type_ is not None and type_ not in EVENT_TYPES:
+        msg = f"unknown event type {type_!r}; choose from {', '.join(EVENT_TYPES)}"
+        raise ConfigError(msg)
+    return EventFilter(gateway=gateway, device=device, type=type_,
+                       since_ms=parse_when(since) if since else None,
+                       until_ms=parse_when(until) if until else None)
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@events_app.command("publish")
+def publish(
+    gateway: Annotated[str, typer.Option("--gateway", "-g", help="Gateway id.")] = "gw-demo",
+    device: Annotated[str | None, typer.Option(
+        "--device", "-d", help="Device id [default: the gateway itself].")] = None,
+    event_type: Annotated[str, typer.Option("--type", "-t", help="Event type.")] = "heartbeat",
+    data: Annotated[str | None, typer.Option(
+        "--data", help='The data object as JSON, e.g. \'{"interval_s": 60}\' '
+        "[default: a minimal valid one for the type].")] = None,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="How many events.")] = 1,
+    batch: Annotated[bool, typer.Option("--batch", help="Send them as one batch message.")] = False,
+    boot: Annotated[str | None, typer.Option(
+        "--boot", help="Boot id [default: a new one, so seq starts at 1].")] = None,
+    seq: Annotated[int, typer.Option("--seq", min=1, help="First seq number.")] = 1,
+    broker: Annotated[str | None, typer.Option(
+        "--broker", help="mqtt://host:port [env: CAREFLOW_BROKER_URL; default: the embedded "
+        "broker at CAREFLOW_LISTEN].", show_default=False)] = None,
+) -> None:
+    """Publish synthetic events (QoS 1), checked against the contract first.
+
+    Example: `careflow events publish --type status --data '{"state": "ok", "battery_pct": 15}'`
+    """
+    if event_type not in EVENT_TYPES:
+        msg = f"unknown event type {event_type!r}; choose from {', '.join(EVENT_TYPES)}"
+        raise ConfigError(msg)
+    try:
+        body = json.loads(data) if data is not None else DEFAULT_DATA[event_type]
+    except json.JSONDecodeError as exc:
+        msg = f"--data is not JSON: {exc}"
+        raise ConfigError(msg) from exc
+    settings = settings_from(broker=broker)
+    stamper = Stamper(gateway=gateway, device=device or gateway, boot=boot or new_boot_id(),
+                      next_seq=seq)
+    events = [stamper.stamp(event_type, body) for _ in range(count)]
+    try:
+        parse_event(events[0])
+    except ContractError as exc:
+        msg = f"this event would be rejected by the hub: {exc}"
+        raise ConfigError(msg) from exc
+    publish_events(settings.effective_broker_url, events, client_id=f"careflow-cli-{boot or ''}"
+                   f"{time.time_ns()}", batch=batch, username=settings.broker_username,
+                   password=settings.broker_password)
+    console.print(f"published {count} {event_type} event(s) for {gateway}/{device or gateway} "
+                  f"to {settings.effective_broker_url} (boot {stamper.boot}, seq {seq}.."
+                  f"{seq + count - 1})", highlight=False)
+
+
+def _event_row(ev: Any) -> dict[str, Any]:  # noqa: ANN401 - StoredEvent
+    row: dict[str, Any] = ev.envelope
+    row["received"] = format_ms(ev.received_ms) + "Z"
+    row["pos"] = ev.pos
+    return row
+
+
+@events_app.command("query")
+def query(
+    gateway: GatewayOption = None,
+    device: DeviceOption = None,
+    event_type: TypeOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 20,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show stored events, newest first (by event time)."""
+    store = _open(data_dir)
+    events = store.query(_filter(gateway, device, event_type, since, until), limit=limit)
+    if as_json:
+        print_json_lines([_event_row(ev) for ev in events])
+        return
+    table = Table("time (UTC)", "gateway", "device", "type", "boot", "seq", "data")
+    for ev in events:
+        table.add_row(format_ms(ev.time_ms), ev.gateway, ev.device, ev.type, ev.boot,
+                      str(ev.seq), json.dumps(ev.data, separators=(",", ":"))[:60])
+    console.print(table)
+    if not events:
+        console.print("no events match; try a wider --since or fewer filters")
+
+
+@events_app.command("count")
+def count_events(
+    gateway: GatewayOption = None,
+    device: DeviceOption = None,
+    event_type: TypeOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Print how many stored events match."""
+    store = _open(data_dir)
+    typer.echo(store.count(_filter(gateway, device, event_type, since, until)))
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+
+def _device_row(rec: Any) -> dict[str, Any]:  # noqa: ANN401 - DeviceRecord
+    return {
+        "gateway": rec.gateway, "device": rec.device,
+        "first_seen": format_ms(rec.first_seen_ms) + "Z", "last_seen": format_ms(rec.last_seen_ms) + "Z",
+        "last_type": rec.last_type, "events": rec.events, "boot": rec.boot, "seq": rec.seq,
+        "gaps": rec.gaps, "clock_skew_s": round(rec.skew_ms / 1000, 1), **rec.facts,
+    }
+
+
+@devices_app.command("list")
+def devices_list(
+    gateway: GatewayOption = None,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List every known gateway and device with when it was last heard from."""
+    records = _open(data_dir).devices(gateway=gateway)
+    if as_json:
+        print_json_lines([_device_row(r) for r in records])
+        return
+    table = Table("gateway", "device", "last seen", "last", "battery", "firmware", "events",
+                  "gaps")
+    for r in records:
+        battery = r.facts.get("battery_pct")
+        table.add_row(r.gateway, r.device, format_age(r.last_seen_ms) + " ago", r.last_type,
+                      "-" if battery is None else f"{battery:g}%", str(r.facts.get("firmware", "-")),
+                      str(r.events), f"[red]{r.gaps}[/]" if r.gaps else "0")
+    console.print(table)
+    if not records:
+        console.print("no devices yet: they appear with their first event")
+
+
+@devices_app.command("show")
+def devices_show(
+    gateway: Annotated[str, typer.Argument(help="Gateway id.")],
+    device: Annotated[str | None, typer.Argument(help="Device id [default: the gateway].")] = None,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Everything the registry knows about one device."""
+    record = _open(data_dir).device(gateway, device or gateway)
+    if record is None:
+        msg = (f"no device {gateway}/{device or gateway} in the registry; "
+               "`careflow devices list` shows the known ones")
+        raise ConfigError(msg)
+    row = _device_row(record)
+    if as_json:
+        print_json_lines([row])
+        return
+    for key, value in row.items():
+        console.print(f"[bold]{key:>14}[/]  {value}", highlight=False)
+    if abs(record.skew_ms) > 300_000:
+        console.print("[yellow]clock skew over 5 minutes: check the gateway's NTP[/]")
+
+
+# -- dead letters ----------------------------------------------------------------------------
+
+
+@deadletter_app.command("list")
+def deadletter_list(
+    code: Annotated[str | None, typer.Option("--code", help="Only this reason code.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 20,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Show refused input, newest first, with the reason and the raw payload."""
+    store = _open(data_dir)
+    letters = store.dead_letters(limit=limit, code=code)
+    rows = [{"pos": d.pos, "received": format_ms(d.received_ms) + "Z", "topic": d.topic,
+             "code": d.code, "reason": d.reason, "batch_index": d.batch_index,
+             "payload_size": d.payload_size,
+             "payload": d.payload.decode("utf-8", errors="replace")} for d in letters]
+    if as_json:
+        print_json_lines(rows)
+        return
+    table = Table("received (UTC)", "code", "topic", "reason", "payload")
+    for row in rows:
+        table.add_row(row["received"], row["code"], row["topic"], row["reason"],
+                      row["payload"][:40])
+    console.print(table)
+    console.print(f"{store.dead_letter_count()} dead letter(s) kept in all", highlight=False)
+
+
+# -- status and replay -----------------------------------------------------------------------
+
+
+def status(
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """The hub's health: connected, events/s, queue depth, dead letters, lag, gaps.
+
+    Exits 0 when the hub is running and connected, 1 otherwise (for scripts and runbooks).
+    """
+    store = _open(data_dir)
+    health = store.read_health()
+    now_ms = time.time_ns() // 1_000_000
+    report: dict[str, Any] = {"running": False}
+    if health is not None:
+        written_ms, report = health
+        report["running"] = now_ms - written_ms < STALE_HEALTH_MS
+        report["reported"] = format_age(written_ms, now_ms=now_ms) + " ago"
+    report["dead_letters_kept"] = store.dead_letter_count()
+    report["sequence_gaps"] = store.total_gaps()
+    report["events_kept"] = store.count(EventFilter())
+    healthy = bool(report["running"] and report.get("connected"))
+    if as_json:
+        print_json_lines([report])
+    else:
+        for key, value in report.items():
+            console.print(f"[bold]{key:>18}[/]  {value}", highlight=False)
+        if not report["running"]:
+            console.print("[red]the hub is not running[/] (no health report in the last 5 s): "
+                          "start it with `careflow hub`", highlight=False)
+        elif not report.get("connected"):
+            console.print("[red]the hub is running but not connected to its broker[/]: check "
+                          "the broker and CAREFLOW_BROKER_URL", highlight=False)
+    raise typer.Exit(0 if healthy else 1)
+
+
+def replay_command(
+    since: SinceOption = None,
+    until: UntilOption = None,
+    gateway: GatewayOption = None,
+    device: DeviceOption = None,
+    event_type: TypeOption = None,
+    target: Annotated[list[str] | None, typer.Option(
+        "--target", help=f"Stage to re-run: {', '.join(STAGES)} [default: all].")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Re-run stored events, in arrival order, through the downstream stages.
+
+    `careflow replay --target registry` rebuilds the device registry from the event log.
+    """
+    store = _open(data_dir)
+    flt = _filter(gateway, device, event_type, since, until)
+    total = store.count(flt)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("replaying", total=total)
+        report = replay(store, flt, target or list(STAGES),
+                        progress=lambda n: progress.advance(task, n))
+    console.print(f"replayed {report.events} event(s) through {', '.join(report.stages)}",
+                  highlight=False)

@@ -1,0 +1,173 @@
+"""Settings from flags and ``CAREFLOW_*`` environment variables, shared by every command.
+
+Secrets are read from ``NAME`` or from the file named by ``NAME_FILE`` and never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from careflow.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "BrokerUrl",
+    "HostPort",
+    "Settings",
+    "default_data_dir",
+    "load_settings",
+    "parse_broker_url",
+    "parse_host_port",
+    "read_secret",
+]
+
+DEFAULT_LISTEN = "127.0.0.1:1883"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+_SYNC_MODES = ("full", "normal")
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A TCP address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerUrl:
+    """``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
+
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, *, what: str = "address") -> HostPort:
+    """Parse ``HOST:PORT``; a ConfigError says what a good value looks like."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        msg = f"{what} {text!r} is not HOST:PORT (for example 127.0.0.1:1883)"
+        raise ConfigError(msg)
+    return HostPort(host.strip("[]"), int(port_text))
+
+
+def parse_broker_url(text: str) -> BrokerUrl:
+    """Parse ``mqtt://host[:port]`` or ``mqtts://host[:port]``."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        msg = f"broker URL {text!r} must look like mqtt://host:1883 or mqtts://host:8883"
+        raise ConfigError(msg)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        msg = f"broker URL {text!r} has an invalid port"
+        raise ConfigError(msg) from exc
+    tls = parts.scheme == "mqtts"
+    return BrokerUrl(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+def read_secret(env: Mapping[str, str], name: str) -> str | None:
+    """The value of ``name``, or the contents of the file ``name_FILE`` points at."""
+    if name in env:
+        return env[name]
+    path = env.get(f"{name}_FILE")
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        msg = f"{name}_FILE points at {path!r}, which cannot be read: {exc.strerror}"
+        raise ConfigError(msg) from exc
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """``$XDG_DATA_HOME/careflow``, or ``~/.local/share/careflow``."""
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "careflow"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a careflow command needs to find the broker and the data."""
+
+    data_dir: Path
+    broker_url: BrokerUrl | None
+    listen: HostPort
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    hub_client_id: str = "careflow-hub"
+    broker_username: str | None = None
+    broker_password: str | None = field(default=None, repr=False)
+    sqlite_synchronous: Literal["full", "normal"] = "full"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured and the hub runs its own."""
+        return self.broker_url is None
+
+    @property
+    def effective_broker_url(self) -> BrokerUrl:
+        """Where clients connect: the configured broker, or the embedded one's address."""
+        if self.broker_url is not None:
+            return self.broker_url
+        return BrokerUrl(self.listen.host, self.listen.port, tls=False)
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite event store."""
+        return self.data_dir / "careflow.db"
+
+
+def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError as exc:
+        msg = f"{name}={text!r} is not a whole number"
+        raise ConfigError(msg) from exc
+    if value <= 0:
+        msg = f"{name} must be positive, not {value}"
+        raise ConfigError(msg)
+    return value
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    data_dir: Path | None = None,
+    broker: str | None = None,
+    listen: str | None = None,
+) -> Settings:
+    """Build settings: explicit flags win over ``CAREFLOW_*`` variables, which win over defaults."""
+    env = os.environ if env is None else env
+    broker_text = broker or env.get("CAREFLOW_BROKER_URL") or None
+    sync = env.get("CAREFLOW_SQLITE_SYNC", "full").lower()
+    if sync not in _SYNC_MODES:
+        msg = f"CAREFLOW_SQLITE_SYNC must be one of {', '.join(_SYNC_MODES)}, not {sync!r}"
+        raise ConfigError(msg)
+    return Settings(
+        data_dir=data_dir or Path(env.get("CAREFLOW_DATA_DIR") or default_data_dir(env)),
+        broker_url=parse_broker_url(broker_text) if broker_text else None,
+        listen=parse_host_port(listen or env.get("CAREFLOW_LISTEN") or DEFAULT_LISTEN,
+                               what="listen address"),
+        max_message_bytes=_int_setting(env, "CAREFLOW_MAX_MESSAGE_BYTES",
+                                       DEFAULT_MAX_MESSAGE_BYTES),
+        hub_client_id=env.get("CAREFLOW_HUB_CLIENT_ID") or "careflow-hub",
+        broker_username=env.get("CAREFLOW_BROKER_USERNAME") or None,
+        broker_password=read_secret(env, "CAREFLOW_BROKER_PASSWORD"),
+        sqlite_synchronous="normal" if sync == "normal" else "full",
+    )

@@ -1,0 +1,42 @@
+"""careflow's own errors: adapters translate library errors into these, ``raise ... from exc``.
+
+The tree::
+
+    CareflowError                 root; the CLI prints its message and exits non-zero
+    ├── ConfigError               a setting is missing or malformed (says which and how to fix)
+    ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
+    ├── StoreError                the event store cannot be opened or written
+    └── ContractError             a payload breaks the event contract (carries a reason code)
+"""
+
+from __future__ import annotations
+
+__all__ = ["BrokerError", "CareflowError", "ConfigError", "ContractError", "StoreError"]
+
+
+class CareflowError(Exception):
+    """Root of every error careflow raises on purpose."""
+
+
+class ConfigError(CareflowError):
+    """A setting is missing or malformed."""
+
+
+class BrokerError(CareflowError):
+    """The MQTT broker cannot be reached, refused the connection, or cannot be started."""
+
+
+class StoreError(CareflowError):
+    """The durable store cannot be opened or written."""
+
+
+class ContractError(CareflowError):
+    """A payload breaks the event contract.
+
+    ``code`` is a short stable word (``not_json``, ``schema``, ...) for counting and filtering;
+    the message is for people.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

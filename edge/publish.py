@@ -1,0 +1,49 @@
+"""Publishing events at QoS 1 and waiting until the broker has them (PUBACK)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from careflow.config import BrokerUrl
+from careflow.errors import BrokerError
+from careflow.mqtt import check, connect_blocking, make_client
+from careflow.schemas import batch_topic, event_topic
+
+__all__ = ["publish_events"]
+
+
+def publish_events(
+    url: BrokerUrl,
+    events: Sequence[dict[str, Any]],
+    *,
+    client_id: str,
+    batch: bool = False,
+    timeout_s: float = 10.0,
+    username: str | None = None,
+    password: str | None = None,
+) -> None:
+    """Publish events (one message each, or one batch message) and wait for every PUBACK."""
+    client = make_client(client_id=client_id, clean_session=True, url=url, username=username,
+                         password=password)
+    connect_blocking(client, url, timeout_s=timeout_s)
+    try:
+        if batch:
+            gateways = {event["gateway"] for event in events}
+            infos = [client.publish(batch_topic(gateway),
+                                    json.dumps([e for e in events if e["gateway"] == gateway]),
+                                    qos=1)
+                     for gateway in sorted(gateways)]
+        else:
+            infos = [client.publish(event_topic(e["gateway"], e["device"], e["type"]),
+                                    json.dumps(e), qos=1) for e in events]
+        for info in infos:
+            check(info.rc, "publish")
+            info.wait_for_publish(timeout_s)
+            if not info.is_published():
+                msg = f"the broker at {url} did not acknowledge a publish within {timeout_s:g}s"
+                raise BrokerError(msg)
+    finally:
+        client.disconnect()
+        client.loop_stop()

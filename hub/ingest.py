@@ -1,0 +1,102 @@
+"""Pure decoding of one MQTT message into accepted events and rejections.
+
+No I/O here: the service feeds messages in and hands the result to the store. Every way a message
+can be wrong ends as a :class:`Rejected` with a stable code and a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from careflow.errors import ContractError
+from careflow.schemas import BatchTopic, Event, EventTopic, decode_json, parse_event, parse_topic
+
+__all__ = ["Accepted", "Decoded", "Rejected", "decode_message"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid event, with the JSON text to store for it."""
+
+    event: Event
+    body: str
+    topic: str
+    data: Mapping[str, Any]  # the decoded ``data`` object, kept to avoid parsing twice
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input that breaks the contract; goes to the dead-letter store with its reason."""
+
+    topic: str
+    code: str
+    reason: str
+    payload: bytes
+    index: int | None = None  # position inside a batch
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What one MQTT message turned into."""
+
+    accepted: tuple[Accepted, ...]
+    rejected: tuple[Rejected, ...]
+
+
+def _spoof_reason(event: Event, topic: str) -> str:
+    return (f"payload speaks for gateway={event.gateway} device={event.device} "
+            f"type={event.type} but arrived on {topic}; a source may only publish on its own topic")
+
+
+def _decode_single(topic: str, parsed: EventTopic, payload: bytes, value: object) -> Decoded:
+    event = parse_event(value)
+    if (event.gateway, event.device, event.type) != (parsed.gateway, parsed.device, parsed.type):
+        rejection = Rejected(topic, "topic_mismatch", _spoof_reason(event, topic), payload)
+        return Decoded((), (rejection,))
+    assert isinstance(value, dict)  # noqa: S101 - parse_event accepted it, so it is an object
+    return Decoded((Accepted(event, payload.decode("utf-8"), topic, value["data"]),), ())
+
+
+def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes, value: object) -> Decoded:
+    if not isinstance(value, list):
+        raise ContractError("schema", f"a batch must be a JSON array of events, not "
+                                      f"{type(value).__name__}")
+    accepted: list[Accepted] = []
+    rejected: list[Rejected] = []
+    for index, item in enumerate(value):
+        # ensure_ascii keeps lone surrogates (legal JSON escapes) storable as UTF-8 text.
+        body = json.dumps(item, separators=(",", ":"))
+        try:
+            event = parse_event(item)
+        except ContractError as exc:
+            rejected.append(Rejected(topic, exc.code, str(exc), body.encode(), index))
+            continue
+        if event.gateway != parsed.gateway:
+            rejected.append(Rejected(topic, "topic_mismatch", _spoof_reason(event, topic),
+                                     body.encode(), index))
+            continue
+        accepted.append(Accepted(event, body, topic, item["data"]))
+    return Decoded(tuple(accepted), tuple(rejected))
+
+
+def decode_message(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
+    """Decode, validate and source-check one message; never raises for bad input."""
+    if len(payload) > max_bytes:
+        reason = (f"payload is {len(payload)} bytes, over the {max_bytes}-byte limit "
+                  "(CAREFLOW_MAX_MESSAGE_BYTES); send smaller batches")
+        return Decoded((), (Rejected(topic, "oversized", reason, payload),))
+    parsed = parse_topic(topic)
+    if parsed is None:
+        reason = ("not an event topic of contract v1: expected careflow/v1/{gateway}/{device}/"
+                  "{type} or careflow/v1/{gateway}/batch")
+        return Decoded((), (Rejected(topic, "bad_topic", reason, payload),))
+    try:
+        value = decode_json(payload)
+        if isinstance(parsed, BatchTopic):
+            return _decode_batch(topic, parsed, payload, value)
+        return _decode_single(topic, parsed, payload, value)
+    except ContractError as exc:
+        return Decoded((), (Rejected(topic, exc.code, str(exc), payload),))

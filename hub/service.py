@@ -1,0 +1,197 @@
+"""The hub process: broker (embedded or external) → ingress queue → store → acks → health.
+
+One writer thread owns the store. It takes whatever messages are waiting (up to a bound),
+decodes them, commits everything in one transaction, and only then acknowledges them to the
+broker. A failing store is retried with backoff and never acknowledged, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from careflow.config import Settings
+from careflow.errors import StoreError
+from careflow.hub.ingest import Decoded, Rejected, decode_message
+from careflow.hub.mqtt import IncomingMessage, MqttIngress
+from careflow.hub.store import AppendResult, EventStore, IncomingBatch
+
+__all__ = ["HubCounters", "HubService", "decode_safely"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_BOUND = 20_000
+MAX_MESSAGES_PER_COMMIT = 2_000
+HEALTH_INTERVAL_S = 1.0
+_RATE_WINDOW_S = 10.0
+
+
+def decode_safely(message: IncomingMessage, *, max_bytes: int) -> Decoded:
+    """Decode a message; even a bug in decoding becomes a dead letter, never a crash."""
+    try:
+        return decode_message(message.topic, message.payload, max_bytes=max_bytes)
+    except Exception as exc:  # noqa: BLE001 - the hub must keep consuming whatever happens
+        log.exception("decoding failed unexpectedly", extra={"topic": message.topic})
+        reason = f"internal error while decoding ({type(exc).__name__}: {exc}); report this bug"
+        return Decoded((), (Rejected(message.topic, "internal_error", reason,
+                                     message.payload),))
+
+
+@dataclass(slots=True)
+class HubCounters:
+    """Running totals for the health report."""
+
+    messages: int = 0
+    events_stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    dead_lettered: int = 0
+    store_errors: int = 0
+    last_error: str | None = None
+    commit_latency_ms: float = 0.0
+    event_age_ms: int | None = None
+    rejects_by_code: Counter[str] = field(default_factory=Counter)
+
+    def add(self, result: AppendResult, messages: int) -> None:
+        """Count one committed batch."""
+        self.messages += messages
+        self.events_stored += len(result.stored)
+        self.duplicates += result.duplicates
+        self.conflicts += result.conflicts
+        self.dead_lettered += result.dead_lettered
+
+
+class HubService:
+    """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
+
+    def __init__(self, settings: Settings, store: EventStore, *,
+                 queue_bound: int = QUEUE_BOUND) -> None:
+        self.settings = settings
+        self.store = store
+        self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
+        self.ingress = MqttIngress(settings, self.inbox)
+        self.counters = HubCounters()
+        self._stop = threading.Event()
+        self._started_ms = time.time_ns() // 1_000_000
+        self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def stop(self) -> None:
+        """Ask the service to finish what it holds and return from :meth:`run`."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Connect, then commit and acknowledge messages until stopped."""
+        self.ingress.start()
+        log.info("hub ingesting", extra={"broker": str(self.settings.effective_broker_url),
+                                         "store": str(self.settings.db_path)})
+        next_health = 0.0
+        try:
+            while not self._stop.is_set():
+                self._step(timeout_s=0.2)
+                if time.monotonic() >= next_health:
+                    self._report_health()
+                    next_health = time.monotonic() + HEALTH_INTERVAL_S
+            while not self.inbox.empty():  # finish what we hold before leaving
+                self._step(timeout_s=0.0)
+            self._report_health()
+        finally:
+            self.ingress.stop()
+            log.info("hub stopped", extra={"events_stored": self.counters.events_stored})
+
+    def _take(self, timeout_s: float) -> list[IncomingMessage]:
+        try:
+            first = self.inbox.get(timeout=timeout_s) if timeout_s else self.inbox.get_nowait()
+        except queue.Empty:
+            return []
+        messages = [first]
+        while len(messages) < MAX_MESSAGES_PER_COMMIT:
+            try:
+                messages.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return messages
+
+    def _step(self, *, timeout_s: float) -> None:
+        messages = self._take(timeout_s)
+        if not messages:
+            return
+        accepted = []
+        rejected = []
+        for message in messages:
+            decoded = decode_safely(message, max_bytes=self.settings.max_message_bytes)
+            accepted.extend((a, message.received_ms) for a in decoded.accepted)
+            rejected.extend((r, message.received_ms) for r in decoded.rejected)
+        batch = IncomingBatch(accepted, rejected)
+        result = self._commit(batch)
+        for message in messages:
+            self.ingress.ack(message)
+        now_ms = time.time_ns() // 1_000_000
+        self.counters.add(result, len(messages))
+        self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
+        if result.stored:
+            self.counters.event_age_ms = now_ms - result.stored[-1].time_ms
+        for item, _ in rejected:
+            self.counters.rejects_by_code[item.code] += 1
+        if rejected or result.conflicts:
+            log.warning("dead-lettered input", extra={
+                "count": result.dead_lettered,
+                "codes": dict(Counter(r.code for r, _ in rejected)),
+                "conflicts": result.conflicts,
+                "example": rejected[0][0].reason if rejected else None,
+            })
+
+    def _commit(self, batch: IncomingBatch) -> AppendResult:
+        """Commit, retrying forever with backoff: unstored input is never acknowledged."""
+        delay = 0.1
+        while True:
+            try:
+                return self.store.append(batch)
+            except StoreError as exc:
+                self.counters.store_errors += 1
+                self.counters.last_error = str(exc)
+                log.error("store write failed; retrying, nothing acknowledged",  # noqa: TRY400
+                          extra={"error": str(exc), "retry_in_s": delay})
+                self._report_health()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def health(self) -> dict[str, Any]:
+        """The hub's own health, as `careflow status` shows it."""
+        now = time.monotonic()
+        self._rate_samples.append((now, self.counters.events_stored))
+        while self._rate_samples and now - self._rate_samples[0][0] > _RATE_WINDOW_S:
+            self._rate_samples.popleft()
+        first_t, first_n = self._rate_samples[0]
+        rate = (self.counters.events_stored - first_n) / (now - first_t) if now > first_t else 0.0
+        c = self.counters
+        return {
+            "connected": self.ingress.connected,
+            "broker": str(self.settings.effective_broker_url),
+            "embedded_broker": self.settings.embedded,
+            "started_ms": self._started_ms,
+            "messages": c.messages,
+            "events_stored": c.events_stored,
+            "events_per_s": round(rate, 1),
+            "duplicates": c.duplicates,
+            "conflicts": c.conflicts,
+            "dead_lettered": c.dead_lettered,
+            "rejects_by_code": dict(c.rejects_by_code),
+            "queue_depth": self.inbox.qsize(),
+            "queue_bound": self.inbox.maxsize,
+            "commit_latency_ms": c.commit_latency_ms,
+            "event_age_ms": c.event_age_ms,
+            "store_errors": c.store_errors,
+            "last_error": c.last_error,
+        }
+
+    def _report_health(self) -> None:
+        try:
+            self.store.write_health(self.health())
+        except StoreError as exc:
+            log.warning("cannot write health report", extra={"error": str(exc)})

@@ -1,0 +1,416 @@
+"""SQLite adapter for :class:`~careflow.hub.store.EventStore`: WAL, one transaction per batch.
+
+sqlite3 errors become :class:`StoreError` here. ``synchronous=FULL`` (the default) makes a commit
+survive power loss; ``normal`` survives a crash of the process but may lose the last commits on
+power loss, and is faster.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from careflow.errors import StoreError
+from careflow.hub.dedupe import Candidate, Verdict, judge
+from careflow.hub.ingest import Accepted, Rejected
+from careflow.hub.registry import FACTS, DeviceUpdate, SourceUpdate, summarize
+from careflow.hub.store import (
+    AppendResult,
+    DeadLetter,
+    DeviceRecord,
+    EventFilter,
+    IncomingBatch,
+    StoredEvent,
+)
+
+__all__ = ["MAX_DEAD_LETTER_PAYLOAD", "SqliteStore"]
+
+MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
+SCHEMA_VERSION = "1"
+
+_FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    pos INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    type TEXT NOT NULL,
+    time TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (gateway, device, boot, seq)
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (time_ms);
+CREATE TABLE IF NOT EXISTS devices (
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    last_time_ms INTEGER NOT NULL,
+    last_type TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    skew_ms INTEGER NOT NULL{_FACT_COLUMNS},
+    PRIMARY KEY (gateway, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sources (
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    max_seq INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway, device, boot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    pos INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    payload_size INTEGER NOT NULL,
+    batch_index INTEGER
+);
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    written_ms INTEGER NOT NULL,
+    report TEXT NOT NULL
+);
+"""
+
+_EVENT_COLUMNS = "pos, id, gateway, device, type, time, time_ms, received_ms, boot, seq, body"
+_INSERT_EVENT = (
+    "INSERT OR IGNORE INTO events "
+    "(id, gateway, device, type, time, time_ms, received_ms, boot, seq, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (received_ms, topic, code, reason, payload, payload_size, "
+    "batch_index) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# Newest-wins merge: a fact only replaces the stored one when it is at least as new.
+_FACT_MERGE = "".join(
+    f", {n} = CASE WHEN excluded.{n}_ms >= COALESCE({n}_ms, -9e18) THEN excluded.{n} ELSE {n} END"
+    f", {n}_ms = MAX(COALESCE({n}_ms, -9e18), COALESCE(excluded.{n}_ms, -9e18))"
+    for n in FACTS
+)
+_UPSERT_DEVICE = f"""
+INSERT INTO devices (gateway, device, first_seen_ms, last_seen_ms, events, last_time_ms, last_type,
+    boot, seq, skew_ms{_FACT_COLUMNS})
+VALUES ({", ".join("?" * (10 + 2 * len(FACTS)))})
+ON CONFLICT (gateway, device) DO UPDATE SET
+    first_seen_ms = MIN(first_seen_ms, excluded.first_seen_ms),
+    last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms),
+    events = events + excluded.events,
+    last_type = CASE WHEN (excluded.last_time_ms, excluded.seq) >= (last_time_ms, seq)
+        THEN excluded.last_type ELSE last_type END,
+    boot = CASE WHEN (excluded.last_time_ms, excluded.seq) >= (last_time_ms, seq)
+        THEN excluded.boot ELSE boot END,
+    skew_ms = CASE WHEN (excluded.last_time_ms, excluded.seq) >= (last_time_ms, seq)
+        THEN excluded.skew_ms ELSE skew_ms END,
+    seq = CASE WHEN (excluded.last_time_ms, excluded.seq) >= (last_time_ms, seq)
+        THEN excluded.seq ELSE seq END,
+    last_time_ms = MAX(last_time_ms, excluded.last_time_ms){_FACT_MERGE}
+"""
+_UPSERT_SOURCE = """
+INSERT INTO sources (gateway, device, boot, max_seq, received, first_seen_ms)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (gateway, device, boot) DO UPDATE SET
+    max_seq = MAX(max_seq, excluded.max_seq),
+    received = received + excluded.received,
+    first_seen_ms = MIN(first_seen_ms, excluded.first_seen_ms)
+"""
+_GAPS_BY_DEVICE = (
+    "SELECT COALESCE(SUM(max_seq - received), 0) FROM sources WHERE gateway = ? AND device = ?"
+)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _where(flt: EventFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (("gateway", flt.gateway), ("device", flt.device), ("type", flt.type)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if flt.since_ms is not None:
+        clauses.append("time_ms >= ?")
+        params.append(flt.since_ms)
+    if flt.until_ms is not None:
+        clauses.append("time_ms < ?")
+        params.append(flt.until_ms)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _stored(row: sqlite3.Row | tuple[Any, ...]) -> StoredEvent:
+    return StoredEvent(*row)
+
+
+def _candidate(event_id: str, key: tuple[str, str, str, int], type_: str, time_text: str,
+               data: Mapping[str, Any]) -> Candidate:
+    return Candidate(event_id, key, type_, time_text, data)
+
+
+def _stored_candidate(row: StoredEvent) -> Candidate:
+    return _candidate(row.id, (row.gateway, row.device, row.boot, row.seq), row.type, row.time,
+                      row.data)
+
+
+def _dead_letter_row(rejected: Rejected, received_ms: int) -> tuple[Any, ...]:
+    payload = rejected.payload[:MAX_DEAD_LETTER_PAYLOAD]
+    return (received_ms, rejected.topic, rejected.code, rejected.reason, payload,
+            len(rejected.payload), rejected.index)
+
+
+class SqliteStore:
+    """The event store on one SQLite file (WAL mode, so readers never block the writer)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                         timeout=30.0)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                               (SCHEMA_VERSION,))
+        except (sqlite3.Error, OSError) as exc:
+            msg = (f"cannot open the event store at {path}: {exc}. Check that the directory is "
+                   "writable (set CAREFLOW_DATA_DIR or --data-dir to choose another).")
+            raise StoreError(msg) from exc
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(self, batch: IncomingBatch) -> AppendResult:
+        """Commit events, dead letters and registry updates in one transaction."""
+        try:
+            return self._append(batch)
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            msg = f"cannot write to the event store at {self.path}: {exc}"
+            raise StoreError(msg) from exc
+
+    def _append(self, batch: IncomingBatch) -> AppendResult:
+        conn = self._conn
+        stored: list[tuple[StoredEvent, Mapping[str, Any]]] = []
+        dead = [_dead_letter_row(r, received) for r, received in batch.rejected]
+        duplicates = conflicts = 0
+        conn.execute("BEGIN IMMEDIATE")
+        for accepted, received_ms in batch.accepted:
+            ev = accepted.event
+            time_ms = int(ev.moment.timestamp() * 1000)
+            row = (ev.id, ev.gateway, ev.device, ev.type, ev.time, time_ms, received_ms,
+                   ev.boot, ev.seq, accepted.body)
+            cursor = conn.execute(_INSERT_EVENT, row)
+            if cursor.rowcount == 1:
+                assert cursor.lastrowid is not None  # noqa: S101 - set by a successful INSERT
+                stored.append((StoredEvent(cursor.lastrowid, *row), accepted.data))
+                continue
+            verdict, reason = self._judge(accepted)
+            if verdict is Verdict.DUPLICATE:
+                duplicates += 1
+            else:
+                conflicts += 1
+                conflict = Rejected(accepted.topic, "conflict", reason, accepted.body.encode())
+                dead.append(_dead_letter_row(conflict, received_ms))
+        if dead:
+            conn.executemany(_INSERT_DEAD_LETTER, dead)
+        self._fold(stored)
+        conn.execute("COMMIT")
+        return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead))
+
+    def _judge(self, accepted: Accepted) -> tuple[Verdict, str]:
+        ev = accepted.event
+        key = (ev.gateway, ev.device, ev.boot, ev.seq)
+        by_id = self._one("WHERE id = ?", (ev.id,))
+        by_key = self._one("WHERE gateway = ? AND device = ? AND boot = ? AND seq = ?", key)
+        candidate = _candidate(ev.id, key, ev.type, ev.time, accepted.data)
+        return judge(candidate,
+                     _stored_candidate(by_id) if by_id else None,
+                     _stored_candidate(by_key) if by_key else None)
+
+    def _one(self, where: str, params: Sequence[Any]) -> StoredEvent | None:
+        row = self._conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events {where}", params).fetchone()
+        return _stored(row) if row else None
+
+    def _fold(self, events: Sequence[tuple[StoredEvent, Mapping[str, Any]]]) -> None:
+        if not events:
+            return
+        devices, sources = summarize(events)
+        self._conn.executemany(_UPSERT_DEVICE, [_device_params(d) for d in devices])
+        self._conn.executemany(_UPSERT_SOURCE, [_source_params(s) for s in sources])
+
+    def reset_registry(self) -> int:
+        """Empty the registry; return the log position it must be rebuilt up to.
+
+        Events after that position are folded by the live hub, so a rebuild never counts an
+        event twice even while ingest goes on.
+        """
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("DELETE FROM devices")
+            self._conn.execute("DELETE FROM sources")
+            last = self._conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0]
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            msg = f"cannot reset the registry in {self.path}: {exc}"
+            raise StoreError(msg) from exc
+        return int(last)
+
+    def fold_registry(self, events: Sequence[StoredEvent]) -> None:
+        """Fold stored events into the registry (used by replay)."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._fold([(ev, ev.data) for ev in events])
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            msg = f"cannot update the registry in {self.path}: {exc}"
+            raise StoreError(msg) from exc
+
+    def write_health(self, report: dict[str, Any]) -> None:
+        """Replace the single health row."""
+        self._write("INSERT OR REPLACE INTO health (id, written_ms, report) VALUES (1, ?, ?)",
+                    (_now_ms(), json.dumps(report)))
+
+    def _write(self, sql: str, params: Sequence[Any]) -> None:
+        try:
+            self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            msg = f"cannot write to the event store at {self.path}: {exc}"
+            raise StoreError(msg) from exc
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            msg = f"cannot read the event store at {self.path}: {exc}"
+            raise StoreError(msg) from exc
+
+    def query(self, flt: EventFilter, *, limit: int | None = None,
+              newest_first: bool = True) -> list[StoredEvent]:
+        """Events matching ``flt`` by event time."""
+        where, params = _where(flt)
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT {_EVENT_COLUMNS} FROM events{where} ORDER BY time_ms {order}, pos {order}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_stored(row) for row in self._read(sql, params)]
+
+    def count(self, flt: EventFilter) -> int:
+        """How many events match ``flt``."""
+        where, params = _where(flt)
+        return int(self._read(f"SELECT COUNT(*) FROM events{where}", params)[0][0])
+
+    def iter_log(self, flt: EventFilter, *, chunk: int = 1000,
+                 up_to_pos: int | None = None) -> Iterator[list[StoredEvent]]:
+        """Matching events in arrival order, ``chunk`` at a time (keyset pagination on pos)."""
+        where, params = _where(flt)
+        joiner = " AND " if where else " WHERE "
+        limit_pos = up_to_pos if up_to_pos is not None else 2**62
+        after = 0
+        while True:
+            rows = self._read(
+                f"SELECT {_EVENT_COLUMNS} FROM events{where}{joiner}pos > ? AND pos <= ? "
+                "ORDER BY pos LIMIT ?",
+                [*params, after, limit_pos, chunk],
+            )
+            if not rows:
+                return
+            events = [_stored(row) for row in rows]
+            after = events[-1].pos
+            yield events
+
+    def _device(self, row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
+        base = row[:10]
+        facts: dict[str, Any] = {}
+        for index, name in enumerate(FACTS):
+            value = row[10 + 2 * index]
+            if value is not None:
+                facts[name] = value
+        gaps = int(self._read(_GAPS_BY_DEVICE, (base[0], base[1]))[0][0])
+        return DeviceRecord(*base, gaps=gaps, facts=facts)
+
+    def devices(self, *, gateway: str | None = None) -> list[DeviceRecord]:
+        """Registry entries, by gateway then device."""
+        sql = "SELECT * FROM devices"
+        params: list[Any] = []
+        if gateway is not None:
+            sql += " WHERE gateway = ?"
+            params.append(gateway)
+        return [self._device(row) for row in self._read(sql + " ORDER BY gateway, device", params)]
+
+    def device(self, gateway: str, device: str) -> DeviceRecord | None:
+        """One registry entry."""
+        rows = self._read("SELECT * FROM devices WHERE gateway = ? AND device = ?",
+                          (gateway, device))
+        return self._device(rows[0]) if rows else None
+
+    def total_gaps(self) -> int:
+        """Missing events across every source and boot."""
+        return int(self._read("SELECT COALESCE(SUM(max_seq - received), 0) FROM sources")[0][0])
+
+    def dead_letters(self, *, limit: int = 50, code: str | None = None) -> list[DeadLetter]:
+        """Newest first."""
+        sql = ("SELECT pos, received_ms, topic, code, reason, payload, payload_size, batch_index "
+               "FROM dead_letters")
+        params: list[Any] = []
+        if code is not None:
+            sql += " WHERE code = ?"
+            params.append(code)
+        sql += " ORDER BY pos DESC LIMIT ?"
+        params.append(limit)
+        return [DeadLetter(*row) for row in self._read(sql, params)]
+
+    def dead_letter_count(self) -> int:
+        """How many dead letters are kept."""
+        return int(self._read("SELECT COUNT(*) FROM dead_letters")[0][0])
+
+    def read_health(self) -> tuple[int, dict[str, Any]] | None:
+        """The last health report and when it was written."""
+        rows = self._read("SELECT written_ms, report FROM health WHERE id = 1")
+        if not rows:
+            return None
+        return int(rows[0][0]), json.loads(rows[0][1])
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+
+def _device_params(update: DeviceUpdate) -> tuple[Any, ...]:
+    facts: list[Any] = []
+    for name in FACTS:
+        value, at_ms = update.facts.get(name, (None, None))
+        facts.extend((value, at_ms))
+    return (update.gateway, update.device, update.first_seen_ms, update.last_seen_ms,
+            update.events, update.last_time_ms, update.last_type, update.boot, update.seq,
+            update.skew_ms, *facts)
+
+
+def _source_params(update: SourceUpdate) -> tuple[Any, ...]:
+    return (update.gateway, update.device, update.boot, update.max_seq, update.received,
+            update.first_seen_ms)

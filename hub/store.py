@@ -1,0 +1,176 @@
+"""The narrow storage interface of the hub and the records that cross it.
+
+The hub talks to storage only through :class:`EventStore`, so a PostgreSQL store for several hub
+instances can replace the SQLite one without touching ingest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from careflow.hub.ingest import Accepted, Rejected
+
+__all__ = [
+    "AppendResult",
+    "DeadLetter",
+    "DeviceRecord",
+    "EventFilter",
+    "EventStore",
+    "IncomingBatch",
+    "StoredEvent",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingBatch:
+    """Decoded messages to commit in one transaction, with their arrival times."""
+
+    accepted: Sequence[tuple[Accepted, int]]  # (event, received_ms)
+    rejected: Sequence[tuple[Rejected, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One event in the log; ``pos`` is its place in arrival order (the replay cursor)."""
+
+    pos: int
+    id: str
+    gateway: str
+    device: str
+    type: str
+    time: str
+    time_ms: int
+    received_ms: int
+    boot: str
+    seq: int
+    body: str
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The event as it was published."""
+        loaded: dict[str, Any] = json.loads(self.body)
+        return loaded
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's ``data`` object."""
+        data: dict[str, Any] = self.envelope["data"]
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What a commit did: events stored, repeats skipped, conflicts and rejections dead-lettered."""
+
+    stored: tuple[StoredEvent, ...]
+    duplicates: int
+    conflicts: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Input the hub refused, kept with its reason so nothing is silently lost."""
+
+    pos: int
+    received_ms: int
+    topic: str
+    code: str
+    reason: str
+    payload: bytes
+    payload_size: int
+    batch_index: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """The registry's view of one source (a gateway is a device of itself)."""
+
+    gateway: str
+    device: str
+    first_seen_ms: int
+    last_seen_ms: int
+    events: int
+    last_time_ms: int
+    last_type: str
+    boot: str
+    seq: int
+    skew_ms: int
+    gaps: int
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventFilter:
+    """Which events a query selects; ``None`` means any."""
+
+    gateway: str | None = None
+    device: str | None = None
+    type: str | None = None
+    since_ms: int | None = None  # event time, inclusive
+    until_ms: int | None = None  # event time, exclusive
+
+
+class EventStore(Protocol):
+    """Durable event log, device registry, dead-letter store and hub health."""
+
+    def append(self, batch: IncomingBatch) -> AppendResult:
+        """Commit a batch atomically; return only once it is durable."""
+        ...
+
+    def query(self, flt: EventFilter, *, limit: int | None = None,
+              newest_first: bool = True) -> list[StoredEvent]:
+        """Events matching ``flt``."""
+        ...
+
+    def count(self, flt: EventFilter) -> int:
+        """How many events match ``flt``."""
+        ...
+
+    def iter_log(self, flt: EventFilter, *, chunk: int = 1000,
+                 up_to_pos: int | None = None) -> Iterator[list[StoredEvent]]:
+        """Matching events in log (arrival) order, in chunks, for replay."""
+        ...
+
+    def devices(self, *, gateway: str | None = None) -> list[DeviceRecord]:
+        """Registry entries."""
+        ...
+
+    def device(self, gateway: str, device: str) -> DeviceRecord | None:
+        """One registry entry."""
+        ...
+
+    def reset_registry(self) -> int:
+        """Empty the registry; return the last log position a rebuild must cover."""
+        ...
+
+    def fold_registry(self, events: Sequence[StoredEvent]) -> None:
+        """Fold stored events into the registry."""
+        ...
+
+    def total_gaps(self) -> int:
+        """Missing events across every source and boot."""
+        ...
+
+    def dead_letters(self, *, limit: int = 50, code: str | None = None) -> list[DeadLetter]:
+        """Newest dead letters first."""
+        ...
+
+    def dead_letter_count(self) -> int:
+        """How many dead letters are kept."""
+        ...
+
+    def write_health(self, report: dict[str, Any]) -> None:
+        """Publish the hub's own health for `careflow status`."""
+        ...
+
+    def read_health(self) -> tuple[int, dict[str, Any]] | None:
+        """The last health report and when it was written (ms)."""
+        ...
+
+    def close(self) -> None:
+        """Release the store."""
+        ...

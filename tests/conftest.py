@@ -1,0 +1,170 @@
+"""Shared fixtures: real Mosquitto brokers on free ports, event builders, a hub in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from careflow.config import Settings, load_settings
+from careflow.edge.stamper import Stamper
+from careflow.hub.service import HubService
+from careflow.hub.sqlite_store import SqliteStore
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    """Block until something accepts TCP on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Poll ``check`` until it is true or fail the test."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class Mosquitto:
+    """A real Mosquitto on a free loopback port with its own config and persistence dir."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            "max_queued_messages 1000000\n"
+            "max_inflight_messages 100\n"
+            "max_packet_size 1048576\n"
+            f"log_dest file {workdir}/mosquitto.log\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if not os.path.exists(MOSQUITTO):
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def make_settings(data_dir: Path, broker_url: str | None, **env: str) -> Settings:
+    """Settings as the CLI would build them, from an explicit environment."""
+    base = {"CAREFLOW_DATA_DIR": str(data_dir), "CAREFLOW_SQLITE_SYNC": "normal", **env}
+    if broker_url:
+        base["CAREFLOW_BROKER_URL"] = broker_url
+    return load_settings(base)
+
+
+class RunningHub:
+    """A HubService in a background thread of the test process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        self.service = HubService(settings, self.store)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.service.run()
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def start(self) -> RunningHub:
+        self.thread.start()
+        wait_until(lambda: self.service.ingress.connected or self.error is not None,
+                   what="hub to connect")
+        if self.error:
+            raise self.error
+        return self
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.thread.join(timeout=15)
+        self.store.close()
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
+    hubs: list[RunningHub] = []
+
+    def start(broker_url: str, **env: str) -> RunningHub:
+        hub = RunningHub(make_settings(tmp_path / "data", broker_url, **env)).start()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in hubs:
+        if hub.thread.is_alive():
+            hub.stop()
+
+
+def careflow_cmd(*args: str) -> list[str]:
+    """The careflow CLI of this checkout, run with this interpreter."""
+    return [sys.executable, "-m", "careflow", *args]
+
+
+@pytest.fixture
+def stamper() -> Callable[..., Stamper]:
+    def make(gateway: str = "gw-1", device: str | None = None, boot: str = "boot-1") -> Stamper:
+        return Stamper(gateway=gateway, device=device or gateway, boot=boot)
+
+    return make
+
+
+def heartbeat(stamper: Stamper, **data: Any) -> dict[str, Any]:
+    """A valid heartbeat event from ``stamper``."""
+    return stamper.stamp("heartbeat", {"interval_s": 60, **data})

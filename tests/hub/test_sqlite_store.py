@@ -1,0 +1,156 @@
+"""The SQLite store against a real SQLite file: exactly-once, registry, dead letters, replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from careflow.edge.stamper import Stamper, new_event_id
+from careflow.hub.ingest import decode_message
+from careflow.hub.replay import replay
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store import EventFilter, IncomingBatch
+from tests.conftest import heartbeat
+
+LIMIT = 256 * 1024
+
+
+def batch_of(events: list[dict[str, Any]], received_ms: int = 1_000) -> IncomingBatch:
+    by_gateway: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_gateway.setdefault(e["gateway"], []).append(e)
+    accepted, rejected = [], []
+    for gateway, items in by_gateway.items():
+        decoded = decode_message(f"careflow/v1/{gateway}/batch", json.dumps(items).encode(),
+                                 max_bytes=LIMIT)
+        accepted += [(a, received_ms) for a in decoded.accepted]
+        rejected += [(r, received_ms) for r in decoded.rejected]
+    return IncomingBatch(accepted, rejected)
+
+
+def test_it_stores_each_event_once_and_skips_faithful_retries(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    source = Stamper(gateway="gw-1", device="s-1", boot="b1")
+    events = [heartbeat(source) for _ in range(5)]
+    first = store.append(batch_of(events))
+    restamped = [{**e, "id": new_event_id()} for e in events[:3]]
+    again = store.append(batch_of(events + restamped))
+    assert len(first.stored) == 5
+    assert (len(again.stored), again.duplicates, again.conflicts) == (0, 8, 0)
+    assert store.count(EventFilter()) == 5
+
+
+def test_it_dead_letters_a_different_event_at_a_known_position(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    event = heartbeat(Stamper(gateway="gw-1", boot="b1"))
+    store.append(batch_of([event]))
+    impostor = {**event, "id": new_event_id(), "data": {"interval_s": 5}}
+    result = store.append(batch_of([impostor]))
+    assert (len(result.stored), result.conflicts, result.dead_lettered) == (0, 1, 1)
+    (letter,) = store.dead_letters()
+    assert letter.code == "conflict"
+    assert json.loads(letter.payload)["id"] == impostor["id"]
+
+
+def test_it_keeps_rejections_with_topic_reason_and_payload(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    decoded = decode_message("careflow/v1/gw-1/gw-1/status", b"\x00garbage", max_bytes=LIMIT)
+    store.append(IncomingBatch([], [(r, 5) for r in decoded.rejected]))
+    (letter,) = store.dead_letters()
+    assert (letter.topic, letter.code, letter.payload, letter.received_ms) == (
+        "careflow/v1/gw-1/gw-1/status", "not_json", b"\x00garbage", 5)
+    assert store.dead_letter_count() == 1
+
+
+def test_it_truncates_huge_dead_letters_but_records_their_size(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    huge = b"x" * 500_000
+    decoded = decode_message("careflow/v1/gw-1/batch", huge, max_bytes=LIMIT)
+    store.append(IncomingBatch([], [(r, 5) for r in decoded.rejected]))
+    (letter,) = store.dead_letters()
+    assert letter.code == "oversized"
+    assert letter.payload_size == 500_000 and len(letter.payload) == 64 * 1024
+
+
+def test_it_tracks_registry_facts_newest_by_event_time(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    source = Stamper(gateway="gw-1", device="door-1", boot="b1")
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
+    newer = source.stamp("status", {"state": "ok", "battery_pct": 40, "firmware": "2.0"},
+                         at=t0 + timedelta(minutes=5))
+    older = source.stamp("status", {"state": "fault", "battery_pct": 90}, at=t0)
+    store.append(batch_of([newer]))
+    store.append(batch_of([older]))  # replayed late from the gateway's buffer
+    record = store.device("gw-1", "door-1")
+    assert record is not None
+    assert record.facts == {"battery_pct": 40, "firmware": "2.0", "state": "ok"}
+    assert record.events == 2 and record.seq == 1  # seq 1 is the newer event's
+
+
+def test_it_counts_sequence_gaps_and_fills_them_when_late_events_arrive(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    source = Stamper(gateway="gw-1", boot="b1")
+    events = [heartbeat(source) for _ in range(10)]
+    store.append(batch_of(events[:3] + events[6:]))
+    assert store.total_gaps() == 3
+    store.append(batch_of(events[3:6]))
+    assert store.total_gaps() == 0
+    assert store.device("gw-1", "gw-1").gaps == 0  # type: ignore[union-attr]
+
+
+def test_it_rebuilds_the_registry_from_the_log(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    sources = [Stamper(gateway="gw-1", device=f"s{i}", boot="b") for i in range(3)]
+    events = [heartbeat(sources[i % 3], battery_pct=i) for i in range(30)]
+    store.append(batch_of(events))
+    before = store.devices()
+    report = replay(store, EventFilter(), ["registry"])
+    assert report.events == 30
+    assert store.devices() == before
+
+
+def test_it_filters_queries(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    store.append(batch_of([heartbeat(Stamper(gateway="gw-1", device="a", boot="b")),
+                           heartbeat(Stamper(gateway="gw-2", device="a", boot="b"))]))
+    assert store.count(EventFilter(gateway="gw-2")) == 1
+    assert store.count(EventFilter(type="status")) == 0
+    (ev,) = store.query(EventFilter(gateway="gw-1"))
+    assert ev.envelope["gateway"] == "gw-1" and ev.boot == "b" and ev.seq == 1
+
+
+deliveries = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(1, 8), st.booleans()),  # device, seq, re-stamp?
+    min_size=1, max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(deliveries=deliveries, split=st.integers(1, 10))
+def test_it_stores_every_distinct_event_exactly_once(tmp_path: Path, deliveries: list[Any],
+                                                      split: int) -> None:
+    """However events repeat, reorder, get re-stamped or split into batches: once each."""
+    originals: dict[tuple[int, int], dict[str, Any]] = {}
+    stream = []
+    for device, seq, restamp in deliveries:
+        key = (device, seq)
+        if key not in originals:
+            originals[key] = Stamper(gateway="gw", device=f"d{device}", boot="b",
+                                     next_seq=seq).stamp("heartbeat", {"interval_s": 60})
+        event = originals[key]
+        stream.append({**event, "id": new_event_id()} if restamp else event)
+    db = tmp_path / f"prop-{len(list(tmp_path.iterdir()))}.db"
+    store = SqliteStore(db, synchronous="normal")
+    for start in range(0, len(stream), split):
+        store.append(batch_of(stream[start:start + split]))
+    assert store.count(EventFilter()) == len(originals)
+    stored_keys = {(ev.device, ev.seq) for ev in store.query(EventFilter())}
+    assert stored_keys == {(f"d{d}", s) for d, s in originals}
+    assert store.dead_letter_count() == 0
+    store.close()
