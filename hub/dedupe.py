@@ -52,7 +52,7 @@ def judge(
             f"id {candidate.id} was already used by {'/'.join(map(str, by_id.key))}; "
             "ids must be unique per event")
     known = by_id if by_id is not None else by_key
-    assert known is not None  # noqa: S101 - narrowed above
+    assert known is not None
     if not candidate.same_content(known):
         return Verdict.CONFLICT, (
             f"position {'/'.join(map(str, candidate.key))} already holds a different event "

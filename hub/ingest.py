@@ -56,7 +56,7 @@ def _decode_single(topic: str, parsed: EventTopic, payload: bytes, value: object
     if (event.gateway, event.device, event.type) != (parsed.gateway, parsed.device, parsed.type):
         rejection = Rejected(topic, "topic_mismatch", _spoof_reason(event, topic), payload)
         return Decoded((), (rejection,))
-    assert isinstance(value, dict)  # noqa: S101 - parse_event accepted it, so it is an object
+    assert isinstance(value, dict)
     return Decoded((Accepted(event, payload.decode("utf-8"), topic, value["data"]),), ())
 
 

@@ -54,6 +54,7 @@ class MqttIngress:
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect
         self.reconnects = 0
+        self._stopping = False
 
     @property
     def connected(self) -> bool:
@@ -78,7 +79,7 @@ class MqttIngress:
 
     def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object,
                        reason: object, _props: object) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping:
             log.warning("lost the broker; paho reconnects by itself", extra={"reason": str(reason)})
         self._connected.clear()
 
@@ -89,7 +90,7 @@ class MqttIngress:
             topic = message.topic
         except UnicodeDecodeError:
             topic = "(topic is not UTF-8)"
-        self._inbox.put(IncomingMessage(topic, message.payload, message.mid, message.qos,
+        self._inbox.put(IncomingMessage(topic, bytes(message.payload), message.mid, message.qos,
                                         time.time_ns() // 1_000_000))
 
     def ack(self, message: IncomingMessage) -> None:
@@ -99,6 +100,7 @@ class MqttIngress:
 
     def stop(self) -> None:
         """Disconnect cleanly; unacknowledged messages stay with the broker."""
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()

@@ -47,7 +47,7 @@ class RegistryStage:
 
     def handle(self, events: Sequence[StoredEvent]) -> None:
         """Fold a chunk into the registry."""
-        assert self._store is not None  # noqa: S101 - begin() runs first
+        assert self._store is not None
         self._store.fold_registry(events)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from careflow.config import Settings
 from careflow.errors import StoreError
-from careflow.hub.ingest import Decoded, Rejected, decode_message
+from careflow.hub.ingest import Accepted, Decoded, Rejected, decode_message
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
 
@@ -36,7 +36,7 @@ def decode_safely(message: IncomingMessage, *, max_bytes: int) -> Decoded:
     """Decode a message; even a bug in decoding becomes a dead letter, never a crash."""
     try:
         return decode_message(message.topic, message.payload, max_bytes=max_bytes)
-    except Exception as exc:  # noqa: BLE001 - the hub must keep consuming whatever happens
+    except Exception as exc:
         log.exception("decoding failed unexpectedly", extra={"topic": message.topic})
         reason = f"internal error while decoding ({type(exc).__name__}: {exc}); report this bug"
         return Decoded((), (Rejected(message.topic, "internal_error", reason,
@@ -121,8 +121,8 @@ class HubService:
         messages = self._take(timeout_s)
         if not messages:
             return
-        accepted = []
-        rejected = []
+        accepted: list[tuple[Accepted, int]] = []
+        rejected: list[tuple[Rejected, int]] = []
         for message in messages:
             decoded = decode_safely(message, max_bytes=self.settings.max_message_bytes)
             accepted.extend((a, message.received_ms) for a in decoded.accepted)
@@ -155,7 +155,7 @@ class HubService:
             except StoreError as exc:
                 self.counters.store_errors += 1
                 self.counters.last_error = str(exc)
-                log.error("store write failed; retrying, nothing acknowledged",  # noqa: TRY400
+                log.error("store write failed; retrying, nothing acknowledged",
                           extra={"error": str(exc), "retry_in_s": delay})
                 self._report_health()
                 time.sleep(delay)

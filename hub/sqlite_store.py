@@ -220,7 +220,7 @@ class SqliteStore:
                    ev.boot, ev.seq, accepted.body)
             cursor = conn.execute(_INSERT_EVENT, row)
             if cursor.rowcount == 1:
-                assert cursor.lastrowid is not None  # noqa: S101 - set by a successful INSERT
+                assert cursor.lastrowid is not None
                 stored.append((StoredEvent(cursor.lastrowid, *row), accepted.data))
                 continue
             verdict, reason = self._judge(accepted)
@@ -345,14 +345,16 @@ class SqliteStore:
             yield events
 
     def _device(self, row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
-        base = row[:10]
         facts: dict[str, Any] = {}
         for index, name in enumerate(FACTS):
             value = row[10 + 2 * index]
             if value is not None:
                 facts[name] = value
-        gaps = int(self._read(_GAPS_BY_DEVICE, (base[0], base[1]))[0][0])
-        return DeviceRecord(*base, gaps=gaps, facts=facts)
+        gaps = int(self._read(_GAPS_BY_DEVICE, (row[0], row[1]))[0][0])
+        return DeviceRecord(
+            gateway=row[0], device=row[1], first_seen_ms=row[2], last_seen_ms=row[3],
+            events=row[4], last_time_ms=row[5], last_type=row[6], boot=row[7], seq=row[8],
+            skew_ms=row[9], gaps=gaps, facts=facts)
 
     def devices(self, *, gateway: str | None = None) -> list[DeviceRecord]:
         """Registry entries, by gateway then device."""

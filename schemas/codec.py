@@ -57,7 +57,7 @@ def describe_validation_error(error: ValidationError) -> str:
             loc = loc[1:]
         path = ".".join(str(part) for part in loc) or "(event)"
         pattern = (item.get("ctx") or {}).get("pattern")
-        parts.append(f"{path}: {_PATTERN_MEANING.get(pattern, item['msg'])}")
+        parts.append(f"{path}: {_PATTERN_MEANING.get(str(pattern), item['msg'])}")
     more = error.error_count() - _MAX_REPORTED_ERRORS
     if more > 0:
         parts.append(f"... and {more} more")

@@ -61,6 +61,7 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
+            "user root\n"  # as root, Mosquitto would drop to a user who cannot read tmp dirs
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from careflow.config import Settings, load_settings
 from careflow.errors import ConfigError
-from careflow.schemas import parse_rfc3339
+from careflow.schemas import format_rfc3339, parse_rfc3339
 
 __all__ = [
     "DataDirOption",
@@ -24,6 +24,7 @@ __all__ = [
     "err_console",
     "format_age",
     "format_ms",
+    "iso_ms",
     "parse_when",
     "print_json_lines",
     "settings_from",
@@ -73,6 +74,11 @@ def format_ms(ms: int | None) -> str:
     if ms is None:
         return "-"
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iso_ms(ms: int) -> str:
+    """Epoch milliseconds as RFC 3339 UTC, for JSON output."""
+    return format_rfc3339(datetime.fromtimestamp(ms / 1000, tz=UTC))
 
 
 def format_age(ms: int | None, *, now_ms: int | None = None) -> str:

@@ -16,6 +16,7 @@ from careflow.cli.common import (
     console,
     format_age,
     format_ms,
+    iso_ms,
     parse_when,
     print_json_lines,
     settings_from,
@@ -124,7 +125,7 @@ def publish(
 
 def _event_row(ev: Any) -> dict[str, Any]:  # noqa: ANN401 - StoredEvent
     row: dict[str, Any] = ev.envelope
-    row["received"] = format_ms(ev.received_ms) + "Z"
+    row["received"] = iso_ms(ev.received_ms)
     row["pos"] = ev.pos
     return row
 
@@ -175,7 +176,7 @@ def count_events(
 def _device_row(rec: Any) -> dict[str, Any]:  # noqa: ANN401 - DeviceRecord
     return {
         "gateway": rec.gateway, "device": rec.device,
-        "first_seen": format_ms(rec.first_seen_ms) + "Z", "last_seen": format_ms(rec.last_seen_ms) + "Z",
+        "first_seen": iso_ms(rec.first_seen_ms), "last_seen": iso_ms(rec.last_seen_ms),
         "last_type": rec.last_type, "events": rec.events, "boot": rec.boot, "seq": rec.seq,
         "gaps": rec.gaps, "clock_skew_s": round(rec.skew_ms / 1000, 1), **rec.facts,
     }
@@ -240,7 +241,7 @@ def deadletter_list(
     """Show refused input, newest first, with the reason and the raw payload."""
     store = _open(data_dir)
     letters = store.dead_letters(limit=limit, code=code)
-    rows = [{"pos": d.pos, "received": format_ms(d.received_ms) + "Z", "topic": d.topic,
+    rows: list[dict[str, Any]] = [{"pos": d.pos, "received": iso_ms(d.received_ms), "topic": d.topic,
              "code": d.code, "reason": d.reason, "batch_index": d.batch_index,
              "payload_size": d.payload_size,
              "payload": d.payload.decode("utf-8", errors="replace")} for d in letters]
@@ -249,7 +250,7 @@ def deadletter_list(
         return
     table = Table("received (UTC)", "code", "topic", "reason", "payload")
     for row in rows:
-        table.add_row(row["received"], row["code"], row["topic"], row["reason"],
+        table.add_row(row["received"][:19].replace("T", " "), row["code"], row["topic"], row["reason"],
                       row["payload"][:40])
     console.print(table)
     console.print(f"{store.dead_letter_count()} dead letter(s) kept in all", highlight=False)

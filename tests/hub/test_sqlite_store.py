@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,6 @@ def test_it_truncates_huge_dead_letters_but_records_their_size(tmp_path: Path) -
 def test_it_tracks_registry_facts_newest_by_event_time(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db")
     source = Stamper(gateway="gw-1", device="door-1", boot="b1")
-    from datetime import UTC, datetime, timedelta
-
     t0 = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
     newer = source.stamp("status", {"state": "ok", "battery_pct": 40, "firmware": "2.0"},
                          at=t0 + timedelta(minutes=5))
