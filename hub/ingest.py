@@ -6,13 +6,20 @@ can be wrong ends as a :class:`Rejected` with a stable code and a reason a perso
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from careflow.errors import ContractError
-from careflow.schemas import BatchTopic, Event, EventTopic, decode_json, parse_event, parse_topic
+from careflow.schemas import (
+    BatchTopic,
+    Event,
+    EventTopic,
+    decode_batch,
+    decode_json,
+    parse_event,
+    parse_topic,
+)
 
 __all__ = ["Accepted", "Decoded", "Rejected", "decode_message"]
 
@@ -60,15 +67,10 @@ def _decode_single(topic: str, parsed: EventTopic, payload: bytes, value: object
     return Decoded((Accepted(event, payload.decode("utf-8"), topic, value["data"]),), ())
 
 
-def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes, value: object) -> Decoded:
-    if not isinstance(value, list):
-        raise ContractError("schema", f"a batch must be a JSON array of events, not "
-                                      f"{type(value).__name__}")
+def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
-    for index, item in enumerate(value):
-        # ensure_ascii keeps lone surrogates (legal JSON escapes) storable as UTF-8 text.
-        body = json.dumps(item, separators=(",", ":"))
+    for index, (item, body) in enumerate(decode_batch(payload)):
         try:
             event = parse_event(item)
         except ContractError as exc:
@@ -94,9 +96,8 @@ def decode_message(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
                   "{type} or careflow/v1/{gateway}/batch")
         return Decoded((), (Rejected(topic, "bad_topic", reason, payload),))
     try:
-        value = decode_json(payload)
         if isinstance(parsed, BatchTopic):
-            return _decode_batch(topic, parsed, payload, value)
-        return _decode_single(topic, parsed, payload, value)
+            return _decode_batch(topic, parsed, payload)
+        return _decode_single(topic, parsed, payload, decode_json(payload))
     except ContractError as exc:
         return Decoded((), (Rejected(topic, exc.code, str(exc), payload),))

@@ -170,6 +170,13 @@ def _stored_candidate(row: StoredEvent) -> Candidate:
                       row.data)
 
 
+def _event_row(accepted: Accepted, received_ms: int) -> tuple[Any, ...]:
+    ev = accepted.event
+    time_ms = int(ev.moment.timestamp() * 1000)
+    return (ev.id, ev.gateway, ev.device, ev.type, ev.time, time_ms, received_ms, ev.boot,
+            int(ev.seq), accepted.body)
+
+
 def _dead_letter_row(rejected: Rejected, received_ms: int) -> tuple[Any, ...]:
     payload = rejected.payload[:MAX_DEAD_LETTER_PAYLOAD]
     return (received_ms, rejected.topic, rejected.code, rejected.reason, payload,
@@ -209,36 +216,56 @@ class SqliteStore:
 
     def _append(self, batch: IncomingBatch) -> AppendResult:
         conn = self._conn
-        stored: list[tuple[StoredEvent, Mapping[str, Any]]] = []
         dead = [_dead_letter_row(r, received) for r, received in batch.rejected]
-        duplicates = conflicts = 0
+        rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
         conn.execute("BEGIN IMMEDIATE")
-        for accepted, received_ms in batch.accepted:
-            ev = accepted.event
-            time_ms = int(ev.moment.timestamp() * 1000)
-            row = (ev.id, ev.gateway, ev.device, ev.type, ev.time, time_ms, received_ms,
-                   ev.boot, ev.seq, accepted.body)
-            cursor = conn.execute(_INSERT_EVENT, row)
-            if cursor.rowcount == 1:
-                assert cursor.lastrowid is not None
-                stored.append((StoredEvent(cursor.lastrowid, *row), accepted.data))
-                continue
-            verdict, reason = self._judge(accepted)
-            if verdict is Verdict.DUPLICATE:
-                duplicates += 1
-            else:
-                conflicts += 1
-                conflict = Rejected(accepted.topic, "conflict", reason, accepted.body.encode())
-                dead.append(_dead_letter_row(conflict, received_ms))
+        stored = self._insert_all_fresh(batch, rows)
+        duplicates = conflicts = 0
+        if stored is None:  # some are repeats: insert one by one and judge the rest
+            stored = []
+            for (accepted, received_ms), row in zip(batch.accepted, rows, strict=True):
+                cursor = conn.execute(_INSERT_EVENT, row)
+                if cursor.rowcount == 1:
+                    assert cursor.lastrowid is not None  # noqa: S101 - set by the INSERT
+                    stored.append((StoredEvent(cursor.lastrowid, *row), accepted.data))
+                    continue
+                verdict, reason = self._judge(accepted)
+                if verdict is Verdict.DUPLICATE:
+                    duplicates += 1
+                else:
+                    conflicts += 1
+                    conflict = Rejected(accepted.topic, "conflict", reason, accepted.body.encode())
+                    dead.append(_dead_letter_row(conflict, received_ms))
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
         self._fold(stored)
         conn.execute("COMMIT")
         return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead))
 
+    def _insert_all_fresh(
+        self, batch: IncomingBatch, rows: list[tuple[Any, ...]]
+    ) -> list[tuple[StoredEvent, Mapping[str, Any]]] | None:
+        """The common case in one executemany; None (and nothing written) if any row repeats."""
+        if not rows:
+            return []
+        conn = self._conn
+        conn.execute("SAVEPOINT fresh")
+        before = conn.total_changes
+        conn.executemany(_INSERT_EVENT, rows)
+        if conn.total_changes - before != len(rows):
+            conn.execute("ROLLBACK TO fresh")
+            conn.execute("RELEASE fresh")
+            return None
+        conn.execute("RELEASE fresh")
+        # One writer inside BEGIN IMMEDIATE: the new rowids are consecutive.
+        last = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+        first = last - len(rows) + 1
+        return [(StoredEvent(first + i, *row), accepted.data)
+                for i, (row, (accepted, _)) in enumerate(zip(rows, batch.accepted, strict=True))]
+
     def _judge(self, accepted: Accepted) -> tuple[Verdict, str]:
         ev = accepted.event
-        key = (ev.gateway, ev.device, ev.boot, ev.seq)
+        key = ev.position
         by_id = self._one("WHERE id = ?", (ev.id,))
         by_key = self._one("WHERE gateway = ? AND device = ? AND boot = ? AND seq = ?", key)
         candidate = _candidate(ev.id, key, ev.type, ev.time, accepted.data)

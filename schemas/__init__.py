@@ -1,6 +1,6 @@
 """The event contract, shared by edge and hub: JSON Schema files, pydantic models, topics, codec."""
 
-from careflow.schemas.codec import decode_json, parse_event
+from careflow.schemas.codec import decode_batch, decode_json, parse_event
 from careflow.schemas.models import CONTRACT_VERSION, EVENT_TYPES, Event, event_adapter
 from careflow.schemas.timefmt import format_rfc3339, parse_rfc3339
 from careflow.schemas.topics import (
@@ -20,6 +20,7 @@ __all__ = [
     "Event",
     "EventTopic",
     "batch_topic",
+    "decode_batch",
     "decode_json",
     "event_adapter",
     "event_topic",

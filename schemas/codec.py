@@ -7,6 +7,7 @@ wrong and, where it helps, what the sender should do instead.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,23 +17,71 @@ from careflow.schemas.models import (
     CONTRACT_VERSION,
     EVENT_TYPES,
     NAME_PATTERN,
+    RFC3339_SHAPE,
     UUID7_PATTERN,
     Event,
     event_adapter,
 )
 
-__all__ = ["decode_json", "describe_validation_error", "parse_event"]
+__all__ = ["decode_batch", "decode_json", "describe_validation_error", "parse_event"]
 
 _MAX_REPORTED_ERRORS = 5
 _PATTERN_MEANING = {
     NAME_PATTERN: "must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit",
     UUID7_PATTERN: "must be a lowercase UUIDv7 (time-ordered), assigned once at the origin",
+    RFC3339_SHAPE: "must be an RFC 3339 time with an offset, like 2026-11-27T05:00:00Z",
 }
 
 
 def _reject_constant(name: str) -> float:
     msg = f"{name} is not valid JSON"
     raise ValueError(msg)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, pos: int) -> int:
+    match = _WHITESPACE.match(text, pos)
+    assert match is not None  # noqa: S101 - the pattern matches the empty string
+    return match.end()
+
+
+def _split_array(text: str) -> list[tuple[Any, str]]:
+    """Parse a JSON array into (value, exact source text) pairs; ValueError if it is not one."""
+    pos = _skip(text, 0)
+    if not text.startswith("[", pos):
+        raise ValueError
+    pos = _skip(text, pos + 1)
+    items: list[tuple[Any, str]] = []
+    if text.startswith("]", pos):
+        pos = _skip(text, pos + 1)
+    else:
+        while True:
+            value, end = _DECODER.raw_decode(text, pos)
+            items.append((value, text[pos:end]))
+            pos = _skip(text, end)
+            if text.startswith(",", pos):
+                pos = _skip(text, pos + 1)
+                continue
+            if text.startswith("]", pos):
+                pos = _skip(text, pos + 1)
+                break
+            raise ValueError
+    if pos != len(text):
+        raise ValueError
+    return items
+
+
+def decode_batch(payload: bytes) -> list[tuple[Any, str]]:
+    """Decode a batch: each event's value and its exact JSON text (stored as sent, no re-encoding)."""
+    try:
+        return _split_array(payload.decode("utf-8"))
+    except (ValueError, RecursionError):
+        value = decode_json(payload)  # raises the precise not_utf8 / not_json error
+        raise ContractError("schema", f"a batch must be a JSON array of events, not "
+                                      f"{type(value).__name__}") from None
 
 
 def decode_json(payload: bytes) -> Any:  # noqa: ANN401 - JSON is Any until validated
@@ -48,19 +97,23 @@ def decode_json(payload: bytes) -> Any:  # noqa: ANN401 - JSON is Any until vali
         raise ContractError("not_json", f"payload is not JSON: {exc}") from exc
 
 
+def _is_union_member(part: str | int) -> bool:
+    return isinstance(part, str) and part.startswith(("constrained-", "int", "float"))
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Render pydantic errors as ``path: message`` lines a device developer can act on."""
-    parts = []
-    for item in error.errors()[:_MAX_REPORTED_ERRORS]:
-        loc = list(item["loc"])
-        if loc and loc[0] in EVENT_TYPES:  # the discriminator tag pydantic puts first
-            loc = loc[1:]
+    seen: dict[str, str] = {}
+    for item in error.errors():
+        # Drop the discriminator tag and union-member names pydantic puts in the location.
+        loc = [part for index, part in enumerate(item["loc"])
+               if not (index == 0 and part in EVENT_TYPES) and not _is_union_member(part)]
         path = ".".join(str(part) for part in loc) or "(event)"
-        pattern = (item.get("ctx") or {}).get("pattern")
-        parts.append(f"{path}: {_PATTERN_MEANING.get(str(pattern), item['msg'])}")
-    more = error.error_count() - _MAX_REPORTED_ERRORS
-    if more > 0:
-        parts.append(f"... and {more} more")
+        pattern = str((item.get("ctx") or {}).get("pattern"))
+        seen.setdefault(path, _PATTERN_MEANING.get(pattern, item["msg"]))
+    parts = [f"{path}: {message}" for path, message in list(seen.items())[:_MAX_REPORTED_ERRORS]]
+    if len(seen) > _MAX_REPORTED_ERRORS:
+        parts.append(f"... and {len(seen) - _MAX_REPORTED_ERRORS} more")
     return "; ".join(parts)
 
 

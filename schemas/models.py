@@ -7,18 +7,16 @@ These models must accept and reject exactly what the JSON Schema files in this f
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Literal, TypeAlias
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
 )
 
-from careflow.schemas.timefmt import parse_rfc3339
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -42,41 +40,56 @@ CONTRACT_VERSION = 1
 EventType: TypeAlias = Literal["heartbeat", "status", "error", "provision", "alert"]
 EVENT_TYPES: tuple[str, ...] = ("heartbeat", "status", "error", "provision", "alert")
 
-_END = r"(?![\s\S])"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}" + _END
-UUID7_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}" + _END
+# Patterns use pydantic's Rust regex engine, where `$` is the very end of the string. The JSON
+# Schema files spell the same end as `(?![\s\S])`, because Python's `re` (used by jsonschema) lets
+# `$` match before a trailing newline. The drift tests prove the two spellings agree.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+UUID7_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+RFC3339_SHAPE = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+                 r"(Z|[+-][0-9]{2}:[0-9]{2})$")
 MAX_SAFE_INTEGER = 9007199254740991
 
 
-def _integral_float_to_int(value: object) -> object:
-    """JSON Schema counts 1.0 as an integer; strict pydantic would not. Align with the schema."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+def _check_calendar(value: str) -> str:
+    """The shape is checked by the pattern; this catches February 30th and the like."""
+    datetime.fromisoformat(value)
     return value
 
 
-def _check_timestamp(value: str) -> str:
-    parse_rfc3339(value)
-    return value
+def _json_int(ge: int, le: int) -> object:
+    # An integer as JSON Schema means it: 7 or 7.0, never true or "7". Strict pydantic refuses
+    # 7.0, so a float without fraction is a second union member (checked in Rust, no Python call
+    # on the hot path). Code reading these fields converts with int().
+    return Annotated[
+        Annotated[int, Field(ge=ge, le=le)] | Annotated[float, Field(ge=ge, le=le, multiple_of=1)],
+        Field(union_mode="left_to_right"),
+    ]
 
 
-JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
+if TYPE_CHECKING:
+    VersionInt: TypeAlias = int | float
+    SeqInt: TypeAlias = int | float
+    IntervalInt: TypeAlias = int | float
+else:
+    VersionInt = _json_int(CONTRACT_VERSION, CONTRACT_VERSION)
+    SeqInt = _json_int(1, MAX_SAFE_INTEGER)
+    IntervalInt = _json_int(1, 86400)
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Timestamp = Annotated[str, AfterValidator(_check_timestamp)]
+Timestamp = Annotated[str, Field(pattern=RFC3339_SHAPE), AfterValidator(_check_calendar)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 Rssi = Annotated[float, Field(ge=-200, le=0)]
 Text64 = Annotated[str, Field(min_length=1, max_length=64)]
 LabelValue = Annotated[str, Field(max_length=256)]
 
-_STRICT = ConfigDict(strict=True, regex_engine="python-re", frozen=True, extra="forbid")
-_OPEN = ConfigDict(strict=True, regex_engine="python-re", frozen=True, extra="allow")
+_STRICT = ConfigDict(strict=True, frozen=True, extra="forbid")
+_OPEN = ConfigDict(strict=True, frozen=True, extra="allow")
 
 
 class HeartbeatData(BaseModel):
     """The source is alive; ``interval_s`` says when the next heartbeat is due."""
 
     model_config = _OPEN
-    interval_s: Annotated[JsonInt, Field(ge=1, le=86400)]
+    interval_s: IntervalInt
     uptime_s: Annotated[float, Field(ge=0)] | None = None
     battery_pct: Percent | None = None
     cpu_pct: Percent | None = None
@@ -130,18 +143,23 @@ class AlertData(BaseModel):
 
 class _Envelope(BaseModel):
     model_config = _STRICT
-    v: Annotated[JsonInt, Field(ge=CONTRACT_VERSION, le=CONTRACT_VERSION)]
+    v: VersionInt
     id: Annotated[str, Field(pattern=UUID7_PATTERN)]
     gateway: Name
     device: Name
     time: Timestamp
     boot: Name
-    seq: Annotated[JsonInt, Field(ge=1, le=MAX_SAFE_INTEGER)]
+    seq: SeqInt
 
     @property
     def moment(self) -> datetime:
-        """The event time as an aware datetime."""
-        return parse_rfc3339(self.time)
+        """The event time as an aware datetime (the model already checked its shape)."""
+        return datetime.fromisoformat(self.time)
+
+    @property
+    def position(self) -> tuple[str, str, str, int]:
+        """Where this event sits in its source's sequence: (gateway, device, boot, seq)."""
+        return (self.gateway, self.device, self.boot, int(self.seq))
 
 
 class HeartbeatEvent(_Envelope):

@@ -1,0 +1,153 @@
+"""Hub ingest throughput against a raw broker pipe, measured in the same run.
+
+    .venv/bin/python bench/ingest.py [--events 20000] [--batch-events 200000]
+
+Starts a private Mosquitto on a free port, then for single-event messages and for 100-event
+batches measures (a) a raw pipe: one subscriber process that only decodes JSON, with QoS 1, and
+(b) the hub process (`careflow hub`: validate, dedupe, commit, then PUBACK). The same publisher
+feeds both. Prints events/s and the hub/raw ratio. Never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from careflow.config import parse_broker_url  # noqa: E402
+from careflow.edge.stamper import Stamper  # noqa: E402
+from careflow.hub.sqlite_store import SqliteStore  # noqa: E402
+from careflow.hub.store import EventFilter  # noqa: E402
+from careflow.mqtt import connect_blocking, make_client  # noqa: E402
+from careflow.schemas import batch_topic, event_topic  # noqa: E402
+from tests.conftest import Mosquitto, careflow_cmd  # noqa: E402
+
+RAW_SUBSCRIBER = """
+import json, sys, time, threading
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+port, expected = int(sys.argv[1]), int(sys.argv[2])
+seen = 0
+done = threading.Event()
+def on_message(client, userdata, msg):
+    global seen
+    value = json.loads(msg.payload)
+    seen += len(value) if isinstance(value, list) else 1
+    if seen >= expected:
+        print(json.dumps({"last": time.time()}), flush=True)
+        done.set()
+c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="raw-bench",
+                clean_session=True, protocol=paho.MQTTv311)
+c.on_message = on_message
+c.on_connect = lambda c, u, f, r, p: c.subscribe([("careflow/v1/+/+/+", 1), ("careflow/v1/+/batch", 1)])
+c.connect("127.0.0.1", port)
+c.loop_start()
+time.sleep(1.0)
+print("ready", flush=True)
+done.wait(600)
+"""
+
+
+def make_messages(total: int, per_message: int) -> list[tuple[str, bytes]]:
+    sources = [Stamper(gateway=f"gw-{g:04d}", device=f"dev-{d}", boot="bench")
+               for g in range(100) for d in range(10)]
+    messages: list[tuple[str, bytes]] = []
+    if per_message == 1:
+        for i in range(total):
+            e = sources[i % len(sources)].stamp("heartbeat", {"interval_s": 60, "battery_pct": 80})
+            messages.append((event_topic(e["gateway"], e["device"], "heartbeat"),
+                             json.dumps(e).encode()))
+        return messages
+    for g in range(total // per_message):
+        gateway = f"gw-{g % 100:04d}"
+        group = [s for s in sources if s.gateway == gateway]
+        batch = [group[i % len(group)].stamp("heartbeat", {"interval_s": 60})
+                 for i in range(per_message)]
+        messages.append((batch_topic(gateway), json.dumps(batch).encode()))
+    return messages
+
+
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> float:
+    url = parse_broker_url(f"mqtt://127.0.0.1:{port}")
+    client = make_client(client_id=f"bench-pub-{time.time_ns()}", clean_session=True, url=url)
+    client.max_inflight_messages_set(200)
+    client.max_queued_messages_set(0)
+    connect_blocking(client, url)
+    start = time.time()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+    return start
+
+
+def run_raw(port: int, messages: list[tuple[str, bytes]], events: int) -> float:
+    sub = subprocess.Popen([sys.executable, "-c", RAW_SUBSCRIBER, str(port), str(events)],
+                           stdout=subprocess.PIPE, text=True)
+    assert sub.stdout is not None
+    assert sub.stdout.readline().strip() == "ready"
+    start = publish_all(port, messages)
+    last = json.loads(sub.stdout.readline())["last"]
+    sub.wait(timeout=30)
+    return events / (last - start)
+
+
+def run_hub(port: int, messages: list[tuple[str, bytes]], events: int, sync: str) -> float:
+    data = Path(tempfile.mkdtemp(prefix="careflow-bench-"))
+    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data), "CAREFLOW_SQLITE_SYNC": sync,
+           "CAREFLOW_BROKER_URL": f"mqtt://127.0.0.1:{port}",
+           "CAREFLOW_HUB_CLIENT_ID": f"bench-hub-{time.time_ns()}"}
+    hub = subprocess.Popen(careflow_cmd("hub", "--log-level", "warning"), env=env)
+    while not (data / "careflow.db").exists():
+        time.sleep(0.05)
+    store = SqliteStore(data / "careflow.db")
+    while not (store.read_health() or (0, {}))[1].get("connected"):
+        time.sleep(0.05)
+    start = publish_all(port, messages)
+    while store.count(EventFilter()) < events:
+        time.sleep(0.01)
+    done = time.time()
+    hub.terminate()
+    hub.wait(timeout=30)
+    return events / (done - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=20_000, help="single-event messages")
+    parser.add_argument("--batch-events", type=int, default=200_000, help="events in batches")
+    parser.add_argument("--sync", default="full", choices=["full", "normal"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp))
+        broker.start()
+        try:
+            rows: list[dict[str, Any]] = []
+            for label, total, per in (("single", args.events, 1),
+                                      ("batch100", args.batch_events, 100)):
+                messages = make_messages(total, per)
+                raw = run_raw(broker.port, messages, total)
+                messages = make_messages(total, per)  # fresh ids for the hub run
+                hub = run_hub(broker.port, messages, total, args.sync)
+                rows.append({"mode": label, "events": total, "raw_events_per_s": round(raw),
+                             "hub_events_per_s": round(hub), "ratio": round(hub / raw, 2)})
+        finally:
+            broker.stop()
+    print(f"{'mode':<10}{'events':>9}{'raw ev/s':>11}{'hub ev/s':>11}{'hub/raw':>9}")
+    for r in rows:
+        print(f"{r['mode']:<10}{r['events']:>9}{r['raw_events_per_s']:>11}"
+              f"{r['hub_events_per_s']:>11}{r['ratio']:>9}")
+    print(json.dumps({"sync": args.sync, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
