@@ -22,13 +22,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from careflow.config import parse_broker_url  # noqa: E402
-from careflow.edge.stamper import Stamper  # noqa: E402
-from careflow.hub.sqlite_store import SqliteStore  # noqa: E402
-from careflow.hub.store import EventFilter  # noqa: E402
-from careflow.mqtt import connect_blocking, make_client  # noqa: E402
-from careflow.schemas import batch_topic, event_topic  # noqa: E402
-from tests.conftest import Mosquitto, careflow_cmd  # noqa: E402
+from careflow.config import parse_broker_url
+from careflow.edge.stamper import Stamper
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store import EventFilter
+from careflow.mqtt import connect_blocking, make_client
+from careflow.schemas import batch_topic, event_topic
+from tests.conftest import Mosquitto, careflow_cmd
 
 RAW_SUBSCRIBER = """
 import json, sys, time, threading

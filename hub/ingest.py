@@ -17,8 +17,8 @@ from careflow.schemas import (
     EventTopic,
     decode_batch,
     decode_json,
-    parse_event,
     parse_topic,
+    validate_event,
 )
 
 __all__ = ["Accepted", "Decoded", "Rejected", "decode_message"]
@@ -32,6 +32,7 @@ class Accepted:
     body: str
     topic: str
     data: Mapping[str, Any]  # the decoded ``data`` object, kept to avoid parsing twice
+    time_ms: int  # the event time in epoch milliseconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +60,12 @@ def _spoof_reason(event: Event, topic: str) -> str:
 
 
 def _decode_single(topic: str, parsed: EventTopic, payload: bytes, value: object) -> Decoded:
-    event = parse_event(value)
+    event, time_ms = validate_event(value)
     if (event.gateway, event.device, event.type) != (parsed.gateway, parsed.device, parsed.type):
         rejection = Rejected(topic, "topic_mismatch", _spoof_reason(event, topic), payload)
         return Decoded((), (rejection,))
     assert isinstance(value, dict)
-    return Decoded((Accepted(event, payload.decode("utf-8"), topic, value["data"]),), ())
+    return Decoded((Accepted(event, payload.decode("utf-8"), topic, value["data"], time_ms),), ())
 
 
 def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
@@ -72,7 +73,7 @@ def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
     rejected: list[Rejected] = []
     for index, (item, body) in enumerate(decode_batch(payload)):
         try:
-            event = parse_event(item)
+            event, time_ms = validate_event(item)
         except ContractError as exc:
             rejected.append(Rejected(topic, exc.code, str(exc), body.encode(), index))
             continue
@@ -80,7 +81,7 @@ def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
             rejected.append(Rejected(topic, "topic_mismatch", _spoof_reason(event, topic),
                                      body.encode(), index))
             continue
-        accepted.append(Accepted(event, body, topic, item["data"]))
+        accepted.append(Accepted(event, body, topic, item["data"], time_ms))
     return Decoded(tuple(accepted), tuple(rejected))
 
 

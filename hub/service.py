@@ -67,6 +67,10 @@ class HubCounters:
         self.dead_lettered += result.dead_lettered
 
 
+class _Abandoned(Exception):
+    """The hub stopped while a batch could not be stored; it stays unacknowledged."""
+
+
 class HubService:
     """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
 
@@ -100,6 +104,9 @@ class HubService:
             while not self.inbox.empty():  # finish what we hold before leaving
                 self._step(timeout_s=0.0)
             self._report_health()
+        except _Abandoned:
+            log.error("stopped with a batch the store would not take; the broker keeps it "  # noqa: TRY400
+                      "for the next start", extra={"queued": self.inbox.qsize()})
         finally:
             self.ingress.stop()
             log.info("hub stopped", extra={"events_stored": self.counters.events_stored})
@@ -147,12 +154,18 @@ class HubService:
             })
 
     def _commit(self, batch: IncomingBatch) -> AppendResult:
-        """Commit, retrying forever with backoff: unstored input is never acknowledged."""
+        """Commit, retrying with backoff until it works or the hub is told to stop.
+
+        Unstored input is never acknowledged: a hub stopped while its store fails leaves the
+        messages with the broker, which delivers them again to the next hub.
+        """
         delay = 0.1
         while True:
             try:
                 return self.store.append(batch)
             except StoreError as exc:
+                if self._stop.is_set():
+                    raise _Abandoned from exc
                 self.counters.store_errors += 1
                 self.counters.last_error = str(exc)
                 log.error("store write failed; retrying, nothing acknowledged",

@@ -172,8 +172,7 @@ def _stored_candidate(row: StoredEvent) -> Candidate:
 
 def _event_row(accepted: Accepted, received_ms: int) -> tuple[Any, ...]:
     ev = accepted.event
-    time_ms = int(ev.moment.timestamp() * 1000)
-    return (ev.id, ev.gateway, ev.device, ev.type, ev.time, time_ms, received_ms, ev.boot,
+    return (ev.id, ev.gateway, ev.device, ev.type, ev.time, accepted.time_ms, received_ms, ev.boot,
             int(ev.seq), accepted.body)
 
 
@@ -226,7 +225,7 @@ class SqliteStore:
             for (accepted, received_ms), row in zip(batch.accepted, rows, strict=True):
                 cursor = conn.execute(_INSERT_EVENT, row)
                 if cursor.rowcount == 1:
-                    assert cursor.lastrowid is not None  # noqa: S101 - set by the INSERT
+                    assert cursor.lastrowid is not None
                     stored.append((StoredEvent(cursor.lastrowid, *row), accepted.data))
                     continue
                 verdict, reason = self._judge(accepted)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from careflow.hub.ingest import Accepted, Rejected
 
@@ -32,9 +32,11 @@ class IncomingBatch:
     rejected: Sequence[tuple[Rejected, int]]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """One event in the log; ``pos`` is its place in arrival order (the replay cursor)."""
+class StoredEvent(NamedTuple):
+    """One event in the log; ``pos`` is its place in arrival order (the replay cursor).
+
+    A NamedTuple rather than a frozen dataclass: the hub builds one per event on its hot path.
+    """
 
     pos: int
     id: str

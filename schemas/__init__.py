@@ -1,6 +1,6 @@
 """The event contract, shared by edge and hub: JSON Schema files, pydantic models, topics, codec."""
 
-from careflow.schemas.codec import decode_batch, decode_json, parse_event
+from careflow.schemas.codec import decode_batch, decode_json, parse_event, validate_event
 from careflow.schemas.models import CONTRACT_VERSION, EVENT_TYPES, Event, event_adapter
 from careflow.schemas.timefmt import format_rfc3339, parse_rfc3339
 from careflow.schemas.topics import (
@@ -28,4 +28,5 @@ __all__ = [
     "parse_event",
     "parse_rfc3339",
     "parse_topic",
+    "validate_event",
 ]

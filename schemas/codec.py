@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -23,7 +24,13 @@ from careflow.schemas.models import (
     event_adapter,
 )
 
-__all__ = ["decode_batch", "decode_json", "describe_validation_error", "parse_event"]
+__all__ = [
+    "decode_batch",
+    "decode_json",
+    "describe_validation_error",
+    "parse_event",
+    "validate_event",
+]
 
 _MAX_REPORTED_ERRORS = 5
 _PATTERN_MEANING = {
@@ -44,7 +51,7 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 def _skip(text: str, pos: int) -> int:
     match = _WHITESPACE.match(text, pos)
-    assert match is not None  # noqa: S101 - the pattern matches the empty string
+    assert match is not None
     return match.end()
 
 
@@ -119,6 +126,11 @@ def describe_validation_error(error: ValidationError) -> str:
 
 def parse_event(obj: object) -> Event:
     """Validate one decoded JSON value against contract v1."""
+    return validate_event(obj)[0]
+
+
+def validate_event(obj: object) -> tuple[Event, int]:
+    """Validate one decoded JSON value; return the event and its time in epoch milliseconds."""
     if not isinstance(obj, dict):
         raise ContractError("schema", f"an event must be a JSON object, not {type(obj).__name__}")
     version = obj.get("v")
@@ -129,6 +141,12 @@ def parse_event(obj: object) -> Event:
             f"v{CONTRACT_VERSION}); upgrade the hub or publish v{CONTRACT_VERSION} events",
         )
     try:
-        return event_adapter.validate_python(obj)
+        event = event_adapter.validate_python(obj)
     except ValidationError as exc:
         raise ContractError("schema", describe_validation_error(exc)) from exc
+    try:
+        moment = datetime.fromisoformat(event.time)  # the pattern checked its shape
+    except ValueError as exc:
+        raise ContractError("schema", f"time: {event.time!r} is not a real date-time ({exc})") \
+            from exc
+    return event, int(moment.timestamp() * 1000)
