@@ -67,7 +67,7 @@ class HubCounters:
         self.dead_lettered += result.dead_lettered
 
 
-class _Abandoned(Exception):
+class _AbandonedError(Exception):
     """The hub stopped while a batch could not be stored; it stays unacknowledged."""
 
 
@@ -104,8 +104,8 @@ class HubService:
             while not self.inbox.empty():  # finish what we hold before leaving
                 self._step(timeout_s=0.0)
             self._report_health()
-        except _Abandoned:
-            log.error("stopped with a batch the store would not take; the broker keeps it "  # noqa: TRY400
+        except _AbandonedError:
+            log.error("stopped with a batch the store would not take; the broker keeps it "
                       "for the next start", extra={"queued": self.inbox.qsize()})
         finally:
             self.ingress.stop()
@@ -165,7 +165,7 @@ class HubService:
                 return self.store.append(batch)
             except StoreError as exc:
                 if self._stop.is_set():
-                    raise _Abandoned from exc
+                    raise _AbandonedError from exc
                 self.counters.store_errors += 1
                 self.counters.last_error = str(exc)
                 log.error("store write failed; retrying, nothing acknowledged",
