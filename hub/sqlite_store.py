@@ -7,6 +7,7 @@ power loss, and is faster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -203,21 +204,30 @@ class SqliteStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def append(self, batch: IncomingBatch) -> AppendResult:
-        """Commit events, dead letters and registry updates in one transaction."""
+    @contextlib.contextmanager
+    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; any failure rolls back, sqlite3 errors become StoreError."""
         try:
-            return self._append(batch)
-        except sqlite3.Error as exc:
+            self._conn.execute("BEGIN IMMEDIATE")
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
-            msg = f"cannot write to the event store at {self.path}: {exc}"
-            raise StoreError(msg) from exc
+            if isinstance(exc, sqlite3.Error):
+                msg = f"cannot {action} in the event store at {self.path}: {exc}"
+                raise StoreError(msg) from exc
+            raise
+
+    def append(self, batch: IncomingBatch) -> AppendResult:
+        """Commit events, dead letters and registry updates in one transaction."""
+        with self._transaction("write"):
+            return self._append(batch)
 
     def _append(self, batch: IncomingBatch) -> AppendResult:
         conn = self._conn
         dead = [_dead_letter_row(r, received) for r, received in batch.rejected]
         rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
-        conn.execute("BEGIN IMMEDIATE")
         stored = self._insert_all_fresh(batch, rows)
         duplicates = conflicts = 0
         if stored is None:  # some are repeats: insert one by one and judge the rest
@@ -238,7 +248,6 @@ class SqliteStore:
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
         self._fold(stored)
-        conn.execute("COMMIT")
         return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead))
 
     def _insert_all_fresh(
@@ -289,30 +298,16 @@ class SqliteStore:
         Events after that position are folded by the live hub, so a rebuild never counts an
         event twice even while ingest goes on.
         """
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("DELETE FROM devices")
-            self._conn.execute("DELETE FROM sources")
-            last = self._conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0]
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            msg = f"cannot reset the registry in {self.path}: {exc}"
-            raise StoreError(msg) from exc
+        with self._transaction("reset the registry") as conn:
+            conn.execute("DELETE FROM devices")
+            conn.execute("DELETE FROM sources")
+            last = conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0]
         return int(last)
 
     def fold_registry(self, events: Sequence[StoredEvent]) -> None:
         """Fold stored events into the registry (used by replay)."""
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._transaction("update the registry"):
             self._fold([(ev, ev.data) for ev in events])
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            msg = f"cannot update the registry in {self.path}: {exc}"
-            raise StoreError(msg) from exc
 
     def write_health(self, report: dict[str, Any]) -> None:
         """Replace the single health row."""
