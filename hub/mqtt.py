@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import paho.mqtt.client as paho
 
@@ -25,9 +25,8 @@ __all__ = ["IncomingMessage", "MqttIngress"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class IncomingMessage:
-    """One MQTT message as the hub received it."""
+class IncomingMessage(NamedTuple):
+    """One MQTT message as the hub received it (a NamedTuple: one is built per message)."""
 
     topic: str
     payload: bytes

@@ -99,7 +99,7 @@ def decode_json(payload: bytes) -> Any:  # noqa: ANN401 - JSON is Any until vali
         raise ContractError("not_utf8", f"payload is not UTF-8 text ({exc.reason} at byte "
                                         f"{exc.start})") from exc
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ContractError("not_json", f"payload is not JSON: {exc}") from exc
 
