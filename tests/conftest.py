@@ -67,7 +67,7 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "max_queued_messages 1000000\n"
-            "max_inflight_messages 100\n"
+            "max_inflight_messages 1000\n"
             "max_packet_size 1048576\n"
             f"log_dest file {workdir}/mosquitto.log\n"
         )
