@@ -9,7 +9,7 @@ import typer
 
 from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.hub.broker import EmbeddedBroker
-from careflow.hub.service import HubService
+from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.log import setup_logging
 
@@ -40,6 +40,7 @@ def hub(
         if embedded is not None:
             embedded.start()
         service = HubService(settings, store)
+        tune_gc_for_ingest()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: service.stop())
         where = (f"embedded broker on {settings.listen}" if embedded
