@@ -15,13 +15,15 @@ from careflow.schemas import (
     BatchTopic,
     Event,
     EventTopic,
+    StateTopic,
     decode_batch,
     decode_json,
+    parse_presence,
     parse_topic,
     validate_event,
 )
 
-__all__ = ["Accepted", "Decoded", "Rejected", "decode_message"]
+__all__ = ["Accepted", "Decoded", "PresenceUpdate", "Rejected", "decode_message"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +49,23 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceUpdate:
+    """A gateway said it is online, or its Last Will said it is offline."""
+
+    gateway: str
+    state: str
+    conn: int
+    boot: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Decoded:
     """What one MQTT message turned into."""
 
     accepted: tuple[Accepted, ...]
     rejected: tuple[Rejected, ...]
+    presence: tuple[PresenceUpdate, ...] = ()
 
 
 def _spoof_reason(event: Event, topic: str) -> str:
@@ -85,6 +99,14 @@ def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
     return Decoded(tuple(accepted), tuple(rejected))
 
 
+def _decode_presence(parsed: StateTopic, payload: bytes) -> Decoded:
+    if not payload:  # a retained presence being cleared
+        return Decoded((), ())
+    state = parse_presence(payload)
+    update = PresenceUpdate(parsed.gateway, state.state, int(state.conn), state.boot, state.reason)
+    return Decoded((), (), (update,))
+
+
 def decode_message(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
     """Decode, validate and source-check one message; never raises for bad input."""
     if len(payload) > max_bytes:
@@ -93,10 +115,12 @@ def decode_message(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
         return Decoded((), (Rejected(topic, "oversized", reason, payload),))
     parsed = parse_topic(topic)
     if parsed is None:
-        reason = ("not an event topic of contract v1: expected careflow/v1/{gateway}/{device}/"
-                  "{type} or careflow/v1/{gateway}/batch")
+        reason = ("not a topic of contract v1: expected careflow/v1/{gateway}/{device}/{type}, "
+                  "careflow/v1/{gateway}/batch or careflow/v1/{gateway}/state")
         return Decoded((), (Rejected(topic, "bad_topic", reason, payload),))
     try:
+        if isinstance(parsed, StateTopic):
+            return _decode_presence(parsed, payload)
         if isinstance(parsed, BatchTopic):
             return _decode_batch(topic, parsed, payload)
         return _decode_single(topic, parsed, payload, decode_json(payload))

@@ -97,6 +97,10 @@ class MqttIngress:
         if message.qos:
             self._client.ack(message.mid, message.qos)
 
+    def publish(self, topic: str, payload: str) -> None:
+        """Publish at QoS 1 (paho queues it while the broker is away)."""
+        self._client.publish(topic, payload, qos=1)
+
     def stop(self) -> None:
         """Disconnect cleanly; unacknowledged messages stay with the broker."""
         self._stopping = True

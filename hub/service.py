@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import json
 import logging
 import queue
 import threading
@@ -19,9 +20,10 @@ from typing import Any
 
 from careflow.config import Settings
 from careflow.errors import StoreError
-from careflow.hub.ingest import Accepted, Decoded, Rejected, decode_message
+from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, decode_message
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
+from careflow.schemas import ack_topic
 
 __all__ = ["HubCounters", "HubService", "decode_safely", "tune_gc_for_ingest"]
 
@@ -155,14 +157,17 @@ class HubService:
             return
         accepted: list[tuple[Accepted, int]] = []
         rejected: list[tuple[Rejected, int]] = []
+        presence: list[tuple[PresenceUpdate, int]] = []
         for message in messages:
             decoded = decode_safely(message, max_bytes=self.settings.max_message_bytes)
             accepted.extend((a, message.received_ms) for a in decoded.accepted)
             rejected.extend((r, message.received_ms) for r in decoded.rejected)
-        batch = IncomingBatch(accepted, rejected)
+            presence.extend((p, message.received_ms) for p in decoded.presence)
+        batch = IncomingBatch(accepted, rejected, presence)
         result = self._commit(batch)
         for message in messages:
             self.ingress.ack(message)
+        self._confirm_to_gateways(accepted)
         now_ms = time.time_ns() // 1_000_000
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
@@ -177,6 +182,18 @@ class HubService:
                 "conflicts": result.conflicts,
                 "example": rejected[0][0].reason if rejected else None,
             })
+
+    def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
+        """Tell each gateway which of its events are now durably here, so it can let them go.
+
+        Stored, already stored and dead-lettered conflicts alike: resending any of them cannot
+        change the outcome. A lost confirmation only costs a resend, which dedupe absorbs.
+        """
+        by_gateway: dict[str, list[str]] = {}
+        for item, _ in accepted:
+            by_gateway.setdefault(item.event.gateway, []).append(item.event.id)
+        for gateway, ids in by_gateway.items():
+            self.ingress.publish(ack_topic(gateway), json.dumps({"ids": ids}))
 
     def _commit(self, batch: IncomingBatch) -> AppendResult:
         """Commit, retrying with backoff until it works or the hub is told to stop.

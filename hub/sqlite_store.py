@@ -18,6 +18,7 @@ from typing import Any
 from careflow.errors import StoreError
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
+from careflow.hub.presence import PresenceRecord, supersedes
 from careflow.hub.registry import FACTS, DeviceUpdate, SourceUpdate, summarize
 from careflow.hub.store import (
     AppendResult,
@@ -83,6 +84,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload_size INTEGER NOT NULL,
     batch_index INTEGER
 );
+CREATE TABLE IF NOT EXISTS presence (
+    gateway TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    conn INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    changed_ms INTEGER NOT NULL,
+    reason TEXT
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     written_ms INTEGER NOT NULL,
@@ -248,6 +257,7 @@ class SqliteStore:
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
         self._fold(stored)
+        self._apply_presence(batch)
         return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead))
 
     def _insert_all_fresh(
@@ -270,6 +280,20 @@ class SqliteStore:
         first = last - len(rows) + 1
         return [(StoredEvent(first + i, *row), accepted.data)
                 for i, (row, (accepted, _)) in enumerate(zip(rows, batch.accepted, strict=True))]
+
+    def _apply_presence(self, batch: IncomingBatch) -> None:
+        for update, received_ms in batch.presence:
+            row = self._conn.execute("SELECT * FROM presence WHERE gateway = ?",
+                                     (update.gateway,)).fetchone()
+            if supersedes(update.state, update.conn, PresenceRecord(*row) if row else None):
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO presence VALUES (?, ?, ?, ?, ?, ?)",
+                    (update.gateway, update.state, update.conn, update.boot, received_ms,
+                     update.reason))
+
+    def presence(self) -> dict[str, PresenceRecord]:
+        """The last accepted presence of every gateway."""
+        return {row[0]: PresenceRecord(*row) for row in self._read("SELECT * FROM presence")}
 
     def _judge(self, accepted: Accepted) -> tuple[Verdict, str]:
         ev = accepted.event

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from careflow.hub.ingest import Accepted, Rejected
+from careflow.hub.ingest import Accepted, PresenceUpdate, Rejected
+from careflow.hub.presence import PresenceRecord
 
 __all__ = [
     "AppendResult",
@@ -30,6 +31,7 @@ class IncomingBatch:
 
     accepted: Sequence[tuple[Accepted, int]]  # (event, received_ms)
     rejected: Sequence[tuple[Rejected, int]]
+    presence: Sequence[tuple[PresenceUpdate, int]] = ()
 
 
 class StoredEvent(NamedTuple):
@@ -155,6 +157,10 @@ class EventStore(Protocol):
 
     def total_gaps(self) -> int:
         """Missing events across every source and boot."""
+        ...
+
+    def presence(self) -> dict[str, PresenceRecord]:
+        """The last accepted presence of every gateway that has announced itself."""
         ...
 
     def dead_letters(self, *, limit: int = 50, code: str | None = None) -> list[DeadLetter]:

@@ -1,15 +1,24 @@
 """The event contract, shared by edge and hub: JSON Schema files, pydantic models, topics, codec."""
 
-from careflow.schemas.codec import decode_batch, decode_json, parse_event, validate_event
-from careflow.schemas.models import CONTRACT_VERSION, EVENT_TYPES, Event, event_adapter
+from careflow.schemas.codec import (
+    decode_batch,
+    decode_json,
+    parse_event,
+    parse_presence,
+    validate_event,
+)
+from careflow.schemas.models import CONTRACT_VERSION, EVENT_TYPES, Event, Presence, event_adapter
 from careflow.schemas.timefmt import format_rfc3339, parse_rfc3339
 from careflow.schemas.topics import (
     EVENT_SUBSCRIPTIONS,
     BatchTopic,
     EventTopic,
+    StateTopic,
+    ack_topic,
     batch_topic,
     event_topic,
     parse_topic,
+    state_topic,
 )
 
 __all__ = [
@@ -19,6 +28,9 @@ __all__ = [
     "BatchTopic",
     "Event",
     "EventTopic",
+    "Presence",
+    "StateTopic",
+    "ack_topic",
     "batch_topic",
     "decode_batch",
     "decode_json",
@@ -26,7 +38,9 @@ __all__ = [
     "event_topic",
     "format_rfc3339",
     "parse_event",
+    "parse_presence",
     "parse_rfc3339",
     "parse_topic",
+    "state_topic",
     "validate_event",
 ]

@@ -21,6 +21,7 @@ from careflow.schemas.models import (
     RFC3339_SHAPE,
     UUID7_PATTERN,
     Event,
+    Presence,
     event_adapter,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "decode_json",
     "describe_validation_error",
     "parse_event",
+    "parse_presence",
     "validate_event",
 ]
 
@@ -122,6 +124,17 @@ def describe_validation_error(error: ValidationError) -> str:
     if len(seen) > _MAX_REPORTED_ERRORS:
         parts.append(f"... and {len(seen) - _MAX_REPORTED_ERRORS} more")
     return "; ".join(parts)
+
+
+def parse_presence(payload: bytes) -> Presence:
+    """Decode and validate a presence message from ``careflow/v1/{gateway}/state``."""
+    value = decode_json(payload)
+    if not isinstance(value, dict):
+        raise ContractError("schema", "presence must be a JSON object")
+    try:
+        return Presence.model_validate(value)
+    except ValidationError as exc:
+        raise ContractError("schema", describe_validation_error(exc)) from exc
 
 
 def parse_event(obj: object) -> Event:

@@ -27,6 +27,7 @@ __all__ = [
     "EventType",
     "HeartbeatData",
     "HeartbeatEvent",
+    "Presence",
     "ProvisionData",
     "ProvisionEvent",
     "StatusData",
@@ -193,3 +194,14 @@ Event: TypeAlias = Annotated[
 
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
+
+
+class Presence(BaseModel):
+    """A gateway's retained presence: ``online`` on connect, ``offline`` as Last Will or on stop."""
+
+    model_config = _OPEN
+    v: VersionInt
+    state: Literal["online", "offline"]
+    conn: SeqInt
+    boot: Name
+    reason: Annotated[str, Field(max_length=256)] | None = None

@@ -16,10 +16,10 @@ from referencing import Registry, Resource
 
 from careflow.schemas.timefmt import is_rfc3339
 
-__all__ = ["SCHEMA_FILES", "event_validator", "load_schema", "schema_errors"]
+__all__ = ["SCHEMA_FILES", "event_validator", "load_schema", "schema_errors", "validator"]
 
 SCHEMA_FILES = ("event.json", "heartbeat.json", "status.json", "error.json", "provision.json",
-                "alert.json")
+                "alert.json", "state.json")
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -30,20 +30,25 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 @cache
-def event_validator() -> Draft202012Validator:
-    """A validator for the envelope with every per-type schema registered and formats checked."""
-    schemas = [load_schema(name) for name in SCHEMA_FILES]
+def validator(name: str = "event.json") -> Draft202012Validator:
+    """A validator for one schema file, with every schema registered and formats checked."""
+    schemas = {file: load_schema(file) for file in SCHEMA_FILES}
     registry: Registry[Any] = Registry().with_resources(
-        (schema["$id"], Resource.from_contents(schema)) for schema in schemas
+        (schema["$id"], Resource.from_contents(schema)) for schema in schemas.values()
     )
     checker = FormatChecker(formats=())
     checker.checks("date-time")(is_rfc3339)
-    return Draft202012Validator(schemas[0], registry=registry, format_checker=checker)
+    return Draft202012Validator(schemas[name], registry=registry, format_checker=checker)
 
 
-def schema_errors(payload: object) -> list[str]:
+def event_validator() -> Draft202012Validator:
+    """The validator of the event envelope."""
+    return validator("event.json")
+
+
+def schema_errors(payload: object, schema: str = "event.json") -> list[str]:
     """Every contract violation in ``payload`` as ``path: message`` lines; empty when valid."""
-    errors = sorted(event_validator().iter_errors(payload), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator(schema).iter_errors(payload), key=lambda e: list(e.absolute_path))
     lines = []
     for error in errors:
         path = ".".join(str(part) for part in error.absolute_path) or "(event)"

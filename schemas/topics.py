@@ -1,7 +1,9 @@
 """MQTT topics of contract v1, in one place.
 
 ``careflow/v1/{gateway}/{device}/{type}`` carries one event; ``careflow/v1/{gateway}/batch`` a JSON
-array of events from one gateway. Topics never start with ``$`` (brokers reserve those).
+array of events from one gateway; ``careflow/v1/{gateway}/state`` the gateway's retained presence
+(``online``, or ``offline`` as its Last Will); ``careflow/v1/{gateway}/ack`` the hub's confirmations
+of what it stored. Topics never start with ``$`` (brokers reserve those).
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ __all__ = [
     "EVENT_SUBSCRIPTIONS",
     "BatchTopic",
     "EventTopic",
+    "StateTopic",
+    "ack_topic",
     "batch_topic",
     "event_topic",
     "parse_topic",
+    "state_topic",
 ]
 
 PREFIX = "careflow/v1"
-EVENT_SUBSCRIPTIONS = (f"{PREFIX}/+/+/+", f"{PREFIX}/+/batch")
+EVENT_SUBSCRIPTIONS = (f"{PREFIX}/+/+/+", f"{PREFIX}/+/batch", f"{PREFIX}/+/state")
 
 _TOPIC_MATCHER = re.compile(
-    r"^careflow/v1/(?P<gateway>[^/+#]+)/(?:(?P<batch>batch)|(?P<device>[^/+#]+)/(?P<type>[^/+#]+))\Z"
+    r"^careflow/v1/(?P<gateway>[^/+#]+)/"
+    r"(?:(?P<batch>batch)|(?P<state>state)|(?P<device>[^/+#]+)/(?P<type>[^/+#]+))\Z"
 )
 
 
@@ -42,13 +48,22 @@ class BatchTopic:
     gateway: str
 
 
-def parse_topic(topic: str) -> EventTopic | BatchTopic | None:
-    """Split a topic into its parts, or None if it is not an event topic of contract v1."""
+@dataclass(frozen=True, slots=True)
+class StateTopic:
+    """A gateway's presence topic."""
+
+    gateway: str
+
+
+def parse_topic(topic: str) -> EventTopic | BatchTopic | StateTopic | None:
+    """Split a topic into its parts, or None if it is not a topic the hub consumes."""
     match = _TOPIC_MATCHER.match(topic)
     if match is None:
         return None
     if match["batch"]:
         return BatchTopic(match["gateway"])
+    if match["state"]:
+        return StateTopic(match["gateway"])
     return EventTopic(match["gateway"], match["device"], match["type"])
 
 
@@ -60,3 +75,13 @@ def event_topic(gateway: str, device: str, event_type: str) -> str:
 def batch_topic(gateway: str) -> str:
     """The topic a gateway publishes batches on."""
     return f"{PREFIX}/{gateway}/batch"
+
+
+def state_topic(gateway: str) -> str:
+    """The retained presence topic of a gateway (its Last Will goes here too)."""
+    return f"{PREFIX}/{gateway}/state"
+
+
+def ack_topic(gateway: str) -> str:
+    """Where the hub confirms to a gateway which events it has durably stored."""
+    return f"{PREFIX}/{gateway}/ack"

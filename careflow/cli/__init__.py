@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from careflow.cli import hubcmd, ops, schemascmd
+from careflow.cli import edgecmd, hubcmd, ops, schemascmd
 from careflow.cli.common import err_console
 from careflow.errors import CareflowError
 
@@ -28,6 +28,7 @@ app.add_typer(ops.events_app, name="events")
 app.add_typer(ops.devices_app, name="devices")
 app.add_typer(ops.deadletter_app, name="deadletter")
 app.add_typer(schemascmd.schemas_app, name="schemas")
+app.add_typer(edgecmd.edge_app, name="edge")
 
 
 def main() -> None:

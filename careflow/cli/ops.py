@@ -24,6 +24,7 @@ from careflow.cli.common import (
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
 from careflow.errors import ConfigError, ContractError
+from careflow.hub.presence import PresenceRecord, device_state
 from careflow.hub.replay import STAGES, replay
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
@@ -173,9 +174,12 @@ def count_events(
 # -- devices ---------------------------------------------------------------------------------
 
 
-def _device_row(rec: Any) -> dict[str, Any]:  # noqa: ANN401 - DeviceRecord
+def _device_row(rec: Any, presence: dict[str, PresenceRecord]) -> dict[str, Any]:  # noqa: ANN401
+    state, why = device_state(now_ms=time.time_ns() // 1_000_000, last_seen_ms=rec.last_seen_ms,
+                              interval_s=rec.facts.get("interval_s"),
+                              presence=presence.get(rec.gateway))
     return {
-        "gateway": rec.gateway, "device": rec.device,
+        "gateway": rec.gateway, "device": rec.device, "state": str(state), "state_reason": why,
         "first_seen": iso_ms(rec.first_seen_ms), "last_seen": iso_ms(rec.last_seen_ms),
         "last_type": rec.last_type, "events": rec.events, "boot": rec.boot, "seq": rec.seq,
         "gaps": rec.gaps, "clock_skew_s": round(rec.skew_ms / 1000, 1), **rec.facts,
@@ -189,15 +193,21 @@ def devices_list(
     data_dir: DataDirOption = None,
 ) -> None:
     """List every known gateway and device with when it was last heard from."""
-    records = _open(data_dir).devices(gateway=gateway)
+    store = _open(data_dir)
+    records = store.devices(gateway=gateway)
+    presence = store.presence()
+    rows = [_device_row(r, presence) for r in records]
     if as_json:
-        print_json_lines([_device_row(r) for r in records])
+        print_json_lines(rows)
         return
-    table = Table("gateway", "device", "last seen", "last", "battery", "firmware", "events",
-                  "gaps")
-    for r in records:
+    table = Table("gateway", "device", "state", "last seen", "last", "battery", "firmware",
+                  "events", "gaps")
+    colours = {"online": "green", "late": "yellow", "offline": "red"}
+    for r, row in zip(records, rows, strict=True):
         battery = r.facts.get("battery_pct")
-        table.add_row(r.gateway, r.device, format_age(r.last_seen_ms) + " ago", r.last_type,
+        state = row["state"]
+        table.add_row(r.gateway, r.device, f"[{colours.get(state, 'white')}]{state}[/]",
+                      format_age(r.last_seen_ms) + " ago", r.last_type,
                       "-" if battery is None else f"{battery:g}%", str(r.facts.get("firmware", "-")),
                       str(r.events), f"[red]{r.gaps}[/]" if r.gaps else "0")
     console.print(table)
@@ -213,12 +223,13 @@ def devices_show(
     data_dir: DataDirOption = None,
 ) -> None:
     """Everything the registry knows about one device."""
-    record = _open(data_dir).device(gateway, device or gateway)
+    store = _open(data_dir)
+    record = store.device(gateway, device or gateway)
     if record is None:
         msg = (f"no device {gateway}/{device or gateway} in the registry; "
                "`careflow devices list` shows the known ones")
         raise ConfigError(msg)
-    row = _device_row(record)
+    row = _device_row(record, store.presence())
     if as_json:
         print_json_lines([row])
         return

@@ -195,3 +195,24 @@ def test_it_never_lets_the_two_validators_drift(obj: Any) -> None:
                                                                       max_size=3))))
 def test_it_agrees_on_arbitrary_json(obj: Any) -> None:
     assert jsonschema_accepts(obj) == pydantic_accepts(obj)
+
+
+PRESENCE = {"v": 1, "state": "online", "conn": 3, "boot": "20261127T050000-abc123"}
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"state": "offline", "reason": "lost connection"}, {"conn": 3.0}, {"extra": 1},
+    {"state": "away"}, {"conn": 0}, {"conn": True}, {"boot": "a/b"}, {"v": 2}, {"reason": 5},
+])
+def test_it_validates_presence_the_same_way_in_both_validators(change: dict[str, Any]) -> None:
+    from careflow.schemas import parse_presence  # noqa: PLC0415
+
+    obj = {**PRESENCE, **change}
+    try:
+        parse_presence(json.dumps(obj).encode())
+        accepted = True
+    except ContractError:
+        accepted = False
+    assert accepted == (schema_errors(obj, "state.json") == [])
+    assert accepted == (change in ({}, {"state": "offline", "reason": "lost connection"},
+                                   {"conn": 3.0}, {"extra": 1}))

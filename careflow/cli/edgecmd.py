@@ -1,0 +1,56 @@
+"""`careflow edge run`: the agent on a gateway."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from careflow.cli.common import err_console
+from careflow.edge.agent import EdgeAgent, load_agent_config
+from careflow.log import setup_logging
+
+__all__ = ["edge_app"]
+
+edge_app = typer.Typer(help="The gateway agent: heartbeats, presence, store-and-forward.",
+                       no_args_is_help=True)
+
+
+@edge_app.command("run")
+def run(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="edge.yaml (see edge/edge.example.yaml).")] = None,
+    gateway: Annotated[str | None, typer.Option("--gateway", help="This gateway's id.")] = None,
+    broker: Annotated[str | None, typer.Option(
+        "--broker", help="mqtt://host:1883 or mqtts://host:8883.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Where the outbox lives (keep it on persistent storage).")] = None,
+    spool_dir: Annotated[Path | None, typer.Option(
+        "--spool-dir", help="Directory of *.jsonl readings from sensor bridges "
+        "[default: DATA_DIR/spool].")] = None,
+    heartbeat_interval: Annotated[int | None, typer.Option(
+        "--heartbeat-interval", min=1, help="Seconds between heartbeats [default: 60].")] = None,
+    keepalive: Annotated[int | None, typer.Option(
+        "--keepalive", min=2, help="MQTT keepalive; the hub learns of a dead gateway within "
+        "1.5x this [default: 30].")] = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the agent: every event waits on disk until the hub confirms it stored it.
+
+    Example: `careflow edge run --gateway gw-0001 --broker mqtt://hub.local:1883 --data-dir
+    /var/lib/careflow-edge`. Broker credentials come from CAREFLOW_EDGE_USERNAME and
+    CAREFLOW_EDGE_PASSWORD.
+    """
+    settings = load_agent_config(config, {
+        "gateway": gateway, "broker": broker, "data_dir": data_dir, "spool_dir": spool_dir,
+        "heartbeat_interval_s": heartbeat_interval, "keepalive_s": keepalive})
+    setup_logging(log_level)
+    agent = EdgeAgent(settings)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: agent.stop())
+    err_console.print(f"careflow edge: gateway {settings.gateway} → {settings.broker}, outbox in "
+                      f"{settings.data_dir}, spool {settings.spool}; Ctrl-C stops",
+                      highlight=False)
+    agent.run()

@@ -1,0 +1,273 @@
+"""The gateway agent: heartbeats, presence with a Last Will, and end-to-end store-and-forward.
+
+Every event is stamped and kept in the on-disk outbox until the hub confirms it on
+``careflow/v1/{gateway}/ack``. Until then it is resent, in order and in batches, with its
+original id and time; the hub's dedupe makes resends harmless. Care alarms skip the batching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import yaml
+
+from careflow import __version__
+from careflow.config import BrokerUrl, parse_broker_url
+from careflow.edge.outbox import Outbox, Pending
+from careflow.edge.spool import SpoolInput
+from careflow.edge.stamper import new_boot_id
+from careflow.errors import BrokerError, ConfigError
+from careflow.mqtt import make_client
+from careflow.schemas import ack_topic, batch_topic, event_topic, state_topic
+
+__all__ = ["AgentConfig", "EdgeAgent", "load_agent_config"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """What one gateway's agent needs; see ``edge/edge.example.yaml``."""
+
+    gateway: str
+    broker: BrokerUrl
+    data_dir: Path
+    spool_dir: Path | None = None
+    heartbeat_interval_s: int = 60
+    keepalive_s: int = 30
+    batch_max_events: int = 100
+    batch_linger_s: float = 1.0
+    resend_after_s: float = 30.0
+    max_events: int = 100_000
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def spool(self) -> Path:
+        """The spool directory of the local input."""
+        return self.spool_dir or self.data_dir / "spool"
+
+
+def load_agent_config(path: Path | None, overrides: Mapping[str, Any] | None = None,
+                      env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read edge.yaml (if given), then apply flag overrides; secrets come from the environment."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            msg = f"cannot read the agent configuration {path}: {exc}"
+            raise ConfigError(msg) from exc
+        if not isinstance(loaded, dict):
+            msg = f"{path} must be a YAML mapping of settings"
+            raise ConfigError(msg)
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = set(AgentConfig.__dataclass_fields__) - {"username", "password"}
+    unknown = set(values) - known
+    if unknown:
+        msg = f"unknown agent settings: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+        raise ConfigError(msg)
+    for required in ("gateway", "broker", "data_dir"):
+        if not values.get(required):
+            msg = f"the agent needs `{required}` (in edge.yaml or as a flag)"
+            raise ConfigError(msg)
+    try:
+        return AgentConfig(
+            **{**values, "broker": parse_broker_url(str(values["broker"])),
+               "data_dir": Path(values["data_dir"]),
+               "spool_dir": Path(values["spool_dir"]) if values.get("spool_dir") else None},
+            username=env.get("CAREFLOW_EDGE_USERNAME") or None,
+            password=env.get("CAREFLOW_EDGE_PASSWORD") or None,
+        )
+    except TypeError as exc:
+        msg = f"invalid agent settings: {exc}"
+        raise ConfigError(msg) from exc
+
+
+def _system_health() -> dict[str, Any]:
+    """Uptime, load and disk of the gateway, from what the OS offers without extra packages."""
+    data: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        data["cpu_pct"] = round(min(100.0, os.getloadavg()[0] / (os.cpu_count() or 1) * 100), 1)
+    disk = shutil.disk_usage("/")
+    data["disk_pct"] = round(disk.used / disk.total * 100, 1)
+    try:
+        meminfo = dict(line.split(":", 1) for line in
+                       Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(meminfo["MemTotal"].split()[0])
+        available = int(meminfo["MemAvailable"].split()[0])
+        data["mem_pct"] = round((total - available) / total * 100, 1)
+    except (OSError, KeyError, ValueError):
+        pass
+    return data
+
+
+class EdgeAgent:
+    """Runs one gateway until :meth:`stop`."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.boot = new_boot_id()
+        self.started = time.monotonic()
+        self.outbox = Outbox(config.data_dir / "outbox.db", gateway=config.gateway,
+                             boot=self.boot, max_events=config.max_events)
+        self.spool = SpoolInput(config.spool, self.outbox)
+        self.confirmed = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._connected = threading.Event()
+        self._conn = 0
+        self._client = make_client(client_id=f"careflow-gw-{config.gateway}", clean_session=True,
+                                   url=config.broker, username=config.username,
+                                   password=config.password)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._arm_will()
+
+    # -- presence -----------------------------------------------------------------------------
+
+    def _presence(self, state: str, reason: str | None = None) -> str:
+        body: dict[str, Any] = {"v": 1, "state": state, "conn": self._conn, "boot": self.boot}
+        if reason:
+            body["reason"] = reason
+        return json.dumps(body)
+
+    def _arm_will(self) -> None:
+        """Each connection gets a new counter, so its Will can never override a later online."""
+        self._conn = self.outbox.next_counter("connections")
+        self._client.will_set(state_topic(self.config.gateway),
+                              self._presence("offline", "connection lost"), qos=1, retain=True)
+
+    def _on_connect(self, client: paho.Client, _userdata: object, _flags: object,
+                    reason: Any, _props: object) -> None:  # noqa: ANN401 - paho ReasonCode
+        if reason.is_failure:
+            log.warning("broker refused the agent", extra={"reason": str(reason)})
+            return
+        client.subscribe(ack_topic(self.config.gateway), qos=1)
+        client.publish(state_topic(self.config.gateway), self._presence("online"), qos=1,
+                       retain=True)
+        self.outbox.resend_all()
+        self._connected.set()
+        self._wake.set()
+        log.info("agent connected", extra={"broker": str(self.config.broker), "conn": self._conn})
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object,
+                       reason: object, _props: object) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("agent lost the broker; events wait in the outbox",
+                        extra={"reason": str(reason), "waiting": self.outbox.size()})
+            self._arm_will()  # paho reconnects by itself, with the new Will
+
+    def _on_message(self, _client: paho.Client, _userdata: object,
+                    message: paho.MQTTMessage) -> None:
+        try:
+            ids = json.loads(message.payload)["ids"]
+            if isinstance(ids, list):
+                self.confirmed += self.outbox.confirm([str(i) for i in ids])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed confirmation", extra={"topic": message.topic})
+        except Exception:
+            log.exception("failed to apply a confirmation")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish: announce offline cleanly and disconnect; the outbox keeps what is unconfirmed."""
+        self._stop.set()
+        self._wake.set()
+
+    def add(self, device: str, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Queue an event from code on the gateway (inputs use this too)."""
+        envelope = self.outbox.add(device, event_type, data)
+        if event_type == "alert":
+            self._wake.set()
+        return envelope
+
+    def run(self) -> None:
+        """Connect (retrying in the background) and forward events until stopped."""
+        try:
+            self._client.connect_async(self.config.broker.host, self.config.broker.port,
+                                       keepalive=self.config.keepalive_s)
+        except OSError as exc:
+            msg = f"cannot reach the MQTT broker at {self.config.broker}: {exc}"
+            raise BrokerError(msg) from exc
+        self._client.loop_start()
+        next_heartbeat = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = now + self.config.heartbeat_interval_s
+                self.spool.scan(on_alert=self._wake.set)
+                if self._connected.is_set():
+                    self._report_drops()
+                    self._send_due()
+                self._wake.wait(self.config.batch_linger_s)
+                self._wake.clear()
+        finally:
+            self._shutdown()
+
+    def _heartbeat(self) -> None:
+        data = {"interval_s": self.config.heartbeat_interval_s,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "firmware": f"careflow-edge-{__version__}", **_system_health()}
+        self.outbox.add(self.config.gateway, "heartbeat", data)
+
+    def _report_drops(self) -> None:
+        dropped = self.outbox.take_dropped()
+        if dropped:
+            total = sum(dropped.values())
+            detail = ", ".join(f"{n} {t}" for t, n in sorted(dropped.items()))
+            log.error("outbox full: dropped events", extra={"dropped": dropped})
+            self.outbox.add(self.config.gateway, "error", {
+                "code": "E_OUTBOX_OVERFLOW", "severity": "error", "component": "edge-outbox",
+                "message": f"the outbox was full and dropped {total} events ({detail}); "
+                           "care alarms are never dropped", "dropped": dropped})
+
+    def _send_due(self) -> None:
+        due = self.outbox.due(now_ms=time.time_ns() // 1_000_000,
+                              resend_after_ms=int(self.config.resend_after_s * 1000),
+                              limit=self.config.batch_max_events * 20)
+        alerts = [p for p in due if p.type == "alert"]
+        others = [p for p in due if p.type != "alert"]
+        for item in alerts:  # care alarms go at once, on their own topic
+            envelope = json.loads(item.body)
+            self._publish(event_topic(self.config.gateway, envelope["device"], "alert"),
+                          item.body, [item])
+        size = self.config.batch_max_events
+        for start in range(0, len(others), size):
+            chunk = others[start:start + size]
+            payload = "[" + ",".join(p.body for p in chunk) + "]"
+            self._publish(batch_topic(self.config.gateway), payload, chunk)
+
+    def _publish(self, topic: str, payload: str, items: list[Pending]) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            self.outbox.mark_sent(items, now_ms=time.time_ns() // 1_000_000)
+
+    def _shutdown(self) -> None:
+        if self._connected.is_set():
+            info = self._client.publish(state_topic(self.config.gateway),
+                                        self._presence("offline", "agent stopped"), qos=1,
+                                        retain=True)
+            info.wait_for_publish(2)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.outbox.close()
+        log.info("agent stopped", extra={"waiting": "see outbox"})

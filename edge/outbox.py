@@ -1,0 +1,230 @@
+"""The gateway's durable outbox: every event waits on disk until the hub confirms it stored it.
+
+Not the broker's PUBACK: a broker that crashes loses its queues, so only the hub's confirmation
+(``careflow/v1/{gateway}/ack``) lets an event go. Stamping (id, boot, seq) and enqueueing happen
+in one transaction, so an event is stamped exactly once and keeps its identity through resends.
+
+The bound: when the outbox holds ``max_events`` events, the oldest heartbeats are dropped first,
+then the oldest status, error and provision events; care alarms (``alert``) are never dropped.
+Drops are counted by type and reported once connected (an ``error`` event, E_OUTBOX_OVERFLOW).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from careflow.edge.stamper import new_event_id
+from careflow.errors import StoreError
+from careflow.schemas import CONTRACT_VERSION, format_rfc3339, parse_event
+
+__all__ = ["DROP_ORDER", "Outbox", "Pending"]
+
+# Which events make room when the outbox is full, in order; alerts are never dropped.
+DROP_ORDER = ("heartbeat", "status", "provision", "error")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sent_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS outbox_by_type ON outbox (type, n);
+CREATE TABLE IF NOT EXISTS sequences (
+    device TEXT PRIMARY KEY,
+    boot TEXT NOT NULL,
+    next_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event waiting for the hub's confirmation."""
+
+    n: int
+    id: str
+    type: str
+    body: str
+    sent_ms: int | None
+
+
+class Outbox:
+    """SQLite-backed outbox of one gateway (one agent process owns it)."""
+
+    def __init__(self, path: Path, *, gateway: str, boot: str, max_events: int = 100_000) -> None:
+        self.gateway = gateway
+        self.boot = boot
+        self.max_events = max_events
+        self._lock = threading.Lock()  # the agent's threads share one connection
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+            # Messages "in flight" before a restart are not known to have arrived: resend them.
+            self._conn.execute("UPDATE outbox SET sent_ms = NULL")
+        except (sqlite3.Error, OSError) as exc:
+            msg = f"cannot open the outbox at {path}: {exc}"
+            raise StoreError(msg) from exc
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One writer at a time, all-or-nothing; sqlite3 errors become StoreError."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                yield
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    msg = f"the gateway outbox cannot be written: {exc}"
+                    raise StoreError(msg) from exc
+                raise
+
+    # -- adding -------------------------------------------------------------------------------
+
+    def add(self, device: str, event_type: str, data: dict[str, Any], *,
+            at_ms: int | None = None, mark: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Stamp an event and keep it durably, in one transaction; return the envelope.
+
+        ``mark`` (name, value) is saved in the same transaction, so an input can remember how far
+        it got (a spool file's line) without ever enqueueing a line twice.
+
+        Raises:
+            ContractError: the event would break the contract (nothing is stored).
+        """
+        with self._transaction():
+            row = self._conn.execute("SELECT boot, next_seq FROM sequences WHERE device = ?",
+                                     (device,)).fetchone()
+            seq = row[1] if row and row[0] == self.boot else 1
+            moment = time.time() if at_ms is None else at_ms / 1000
+            envelope = {
+                "v": CONTRACT_VERSION, "id": new_event_id(), "type": event_type,
+                "gateway": self.gateway, "device": device,
+                "time": format_rfc3339(datetime.fromtimestamp(moment, tz=UTC)), "boot": self.boot, "seq": seq,
+                "data": data,
+            }
+            parse_event(envelope)  # never queue what the hub would refuse
+            self._conn.execute(
+                "INSERT INTO sequences (device, boot, next_seq) VALUES (?, ?, ?) "
+                "ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, "
+                "next_seq = excluded.next_seq", (device, self.boot, seq + 1))
+            self._conn.execute("INSERT INTO outbox (id, type, body) VALUES (?, ?, ?)",
+                               (envelope["id"], event_type, json.dumps(envelope)))
+            if mark is not None:
+                self._conn.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", mark)
+            self._enforce_bound()
+        return envelope
+
+    def _enforce_bound(self) -> None:
+        over = self._count() - self.max_events
+        for event_type in DROP_ORDER:
+            if over <= 0:
+                return
+            victims = self._conn.execute(
+                "SELECT n FROM outbox WHERE type = ? ORDER BY n LIMIT ?", (event_type, over)
+            ).fetchall()
+            if victims:
+                self._conn.executemany("DELETE FROM outbox WHERE n = ?", victims)
+                self._conn.execute(
+                    "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+                    "value = value + excluded.value", (f"dropped.{event_type}", len(victims)))
+                over -= len(victims)
+
+    def _count(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    # -- sending and confirming ---------------------------------------------------------------
+
+    def due(self, *, now_ms: int, resend_after_ms: int, limit: int) -> list[Pending]:
+        """Unconfirmed events never sent, or sent longer ago than ``resend_after_ms``, in order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT n, id, type, body, sent_ms FROM outbox "
+                "WHERE sent_ms IS NULL OR sent_ms <= ? ORDER BY n LIMIT ?",
+                (now_ms - resend_after_ms, limit)).fetchall()
+        return [Pending(*row) for row in rows]
+
+    def mark_sent(self, items: Iterable[Pending], *, now_ms: int) -> None:
+        """Remember when these were handed to the broker."""
+        with self._transaction():
+            self._conn.executemany("UPDATE outbox SET sent_ms = ? WHERE n = ?",
+                                   [(now_ms, item.n) for item in items])
+
+    def resend_all(self) -> None:
+        """After a reconnect nothing in flight is known to have arrived: send it again."""
+        with self._transaction():
+            self._conn.execute("UPDATE outbox SET sent_ms = NULL")
+
+    def confirm(self, ids: Sequence[str]) -> int:
+        """The hub has these durably: let them go. Returns how many were still here."""
+        with self._transaction():
+            before = self._conn.total_changes
+            self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+            return self._conn.total_changes - before
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Events waiting for confirmation."""
+        with self._lock:
+            return self._count()
+
+    def take_dropped(self) -> dict[str, int]:
+        """Counts of events dropped for room since the last call (and reset them)."""
+        with self._transaction():
+            rows = self._conn.execute(
+                "SELECT name, value FROM counters WHERE name LIKE 'dropped.%' AND value > 0"
+            ).fetchall()
+            self._conn.execute("UPDATE counters SET value = 0 WHERE name LIKE 'dropped.%'")
+        return {name.removeprefix("dropped."): int(value) for name, value in rows}
+
+    def mark(self, name: str) -> str | None:
+        """A value saved with :meth:`add`."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def marks(self, prefix: str) -> dict[str, str]:
+        """Every saved mark whose name starts with ``prefix``."""
+        with self._lock:
+            rows = self._conn.execute("SELECT name, value FROM marks WHERE name LIKE ?",
+                                      (prefix + "%",)).fetchall()
+        return {str(name): str(value) for name, value in rows}
+
+    def clear_mark(self, name: str) -> None:
+        """Forget a mark (its input is finished)."""
+        with self._transaction():
+            self._conn.execute("DELETE FROM marks WHERE name = ?", (name,))
+
+    def next_counter(self, name: str) -> int:
+        """Increment and return a durable counter (the connection counter of presence)."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT INTO counters VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET "
+                "value = value + 1", (name,))
+            return int(self._conn.execute("SELECT value FROM counters WHERE name = ?",
+                                          (name,)).fetchone()[0])
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._conn.close()
+
+
