@@ -1,0 +1,131 @@
+"""Agent → real Mosquitto → hub: confirmations, a broker crash, an agent restart, the Last Will."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from careflow.config import parse_broker_url
+from careflow.edge.agent import AgentConfig, EdgeAgent
+from careflow.hub.store import EventFilter
+from tests.conftest import Mosquitto, RunningHub, careflow_cmd, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+class AgentThread:
+    def __init__(self, config: AgentConfig) -> None:
+        self.agent = EdgeAgent(config)
+        self.thread = threading.Thread(target=self.agent.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.agent.stop()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def agents(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
+    started: list[AgentThread] = []
+
+    def start(gateway: str = "gw-e2e", **kw: object) -> AgentThread:
+        config = AgentConfig(gateway=gateway, broker=parse_broker_url(mosquitto.url),
+                             data_dir=tmp_path / gateway, heartbeat_interval_s=3600,
+                             keepalive_s=5, batch_linger_s=0.1, resend_after_s=3, **kw)
+        runner = AgentThread(config)
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        if runner.thread.is_alive():
+            runner.stop()
+
+
+def spool(agent_dir: Path, name: str, readings: list[dict[str, object]]) -> None:
+    target = agent_dir / "spool"
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f"{name}.tmp"
+    tmp.write_text("\n".join(json.dumps(r) for r in readings) + "\n")
+    tmp.rename(target / f"{name}.jsonl")
+
+
+def readings(count: int, start: int = 0) -> list[dict[str, object]]:
+    return [{"device": f"sensor-{i % 5}", "type": "status",
+             "data": {"state": "ok", "battery_pct": 90, "n": start + i}} for i in range(count)]
+
+
+def test_it_forwards_spooled_events_and_lets_them_go_once_confirmed(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub],
+    agents: Callable[..., AgentThread], tmp_path: Path,
+) -> None:
+    hub = hub_factory(mosquitto.url)
+    agent = agents()
+    spool(tmp_path / "gw-e2e", "first", readings(200))
+    spool(tmp_path / "gw-e2e", "alarm", [{"device": "fall-1", "type": "alert",
+                                          "data": {"kind": "fall", "state": "raised"}}])
+    wait_until(lambda: hub.store.count(EventFilter(type="status")) == 200, what="200 stored")
+    wait_until(lambda: hub.store.count(EventFilter(type="alert")) == 1, what="care alarm")
+    wait_until(lambda: agent.agent.outbox.size() == 0, what="outbox drained by confirmations")
+    assert hub.store.total_gaps() == 0
+    presence = hub.store.presence()["gw-e2e"]
+    assert presence.state == "online"
+
+
+def test_it_loses_nothing_when_the_broker_crashes_and_the_agent_restarts(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub],
+    agents: Callable[..., AgentThread], tmp_path: Path,
+) -> None:
+    hub = hub_factory(mosquitto.url)
+    agent = agents()
+    spool(tmp_path / "gw-e2e", "a", readings(300))
+    wait_until(lambda: hub.store.count(EventFilter()) > 0, what="ingest under way")
+    mosquitto.stop(signal.SIGKILL)  # the broker forgets its sessions and queues
+    spool(tmp_path / "gw-e2e", "b", readings(300, start=300))  # written while the broker is dead
+    time.sleep(1.0)
+    agent.stop()  # and the agent restarts mid-outage
+    spool(tmp_path / "gw-e2e", "c", readings(100, start=600))
+    agent = agents()
+    time.sleep(1.0)
+    mosquitto.start()
+    wait_until(lambda: hub.store.count(EventFilter(type="status")) == 700, timeout_s=60,
+               what="all 700 readings after the outage")
+    wait_until(lambda: agent.agent.outbox.size() == 0, timeout_s=30, what="outbox drained")
+    assert hub.store.total_gaps() == 0
+    assert hub.store.dead_letter_count() == 0
+    numbers = sorted(ev.data["n"] for ev in hub.store.query(EventFilter(type="status"),
+                                                              limit=1000))
+    assert numbers == list(range(700))
+
+
+def test_it_marks_a_killed_gateway_offline_within_one_and_a_half_keepalives(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub], tmp_path: Path,
+) -> None:
+    hub = hub_factory(mosquitto.url)
+    keepalive = 2
+    agent = subprocess.Popen(
+        careflow_cmd("edge", "run", "--gateway", "gw-lwt", "--broker", mosquitto.url,
+                     "--data-dir", str(tmp_path / "gw-lwt"), "--keepalive", str(keepalive)),
+        env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (p := hub.store.presence().get("gw-lwt")) is not None
+                   and p.state == "online", what="gateway online")
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(timeout=5)
+        killed = time.monotonic()
+        wait_until(lambda: hub.store.presence()["gw-lwt"].state == "offline",
+                   timeout_s=keepalive * 3, what="Last Will delivered")
+        assert time.monotonic() - killed <= keepalive * 1.5 + 0.5  # + the hub's commit cycle
+        assert hub.store.presence()["gw-lwt"].reason == "connection lost"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
