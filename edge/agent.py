@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,21 @@ import yaml
 
 from careflow import __version__
 from careflow.config import BrokerUrl, parse_broker_url
+from careflow.edge.commands import CommandHandler, handle_command
 from careflow.edge.outbox import Outbox, Pending
 from careflow.edge.spool import SpoolInput
 from careflow.edge.stamper import new_boot_id
 from careflow.errors import BrokerError, ConfigError
 from careflow.mqtt import make_client
-from careflow.schemas import ack_topic, batch_topic, event_topic, state_topic
+from careflow.schemas import (
+    ack_topic,
+    batch_topic,
+    command_topic,
+    event_topic,
+    format_rfc3339,
+    reply_topic,
+    state_topic,
+)
 
 __all__ = ["AgentConfig", "EdgeAgent", "load_agent_config"]
 
@@ -137,6 +147,34 @@ class EdgeAgent:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._arm_will()
+        self.restart_requested = False
+        self._handlers: dict[str, CommandHandler] = {
+            "ping": self._cmd_ping, "diagnostics": self._cmd_diagnostics,
+            "resend": self._cmd_resend, "restart-agent": self._cmd_restart}
+
+    # -- remote commands (allowlisted in careflow.edge.commands) ----------------------------------
+
+    def _cmd_ping(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "gateway": self.config.gateway, "boot": self.boot,
+                "time": format_rfc3339(datetime.now(UTC)),
+                "uptime_s": round(time.monotonic() - self.started, 1)}
+
+    def _cmd_diagnostics(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        return {"outbox_waiting": self.outbox.size(), "confirmed": self.confirmed,
+                "connection": self._conn, "boot": self.boot,
+                "spool_files": len(list(self.config.spool.glob("*.jsonl"))),
+                "heartbeat_interval_s": self.config.heartbeat_interval_s,
+                "keepalive_s": self.config.keepalive_s, **_system_health()}
+
+    def _cmd_resend(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        self.outbox.resend_all()
+        self._wake.set()
+        return {"resending": self.outbox.size()}
+
+    def _cmd_restart(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        self.restart_requested = True  # `careflow edge run` exits 75; the supervisor restarts it
+        threading.Timer(0.5, self.stop).start()
+        return {"restarting": True}
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -157,7 +195,8 @@ class EdgeAgent:
         if reason.is_failure:
             log.warning("broker refused the agent", extra={"reason": str(reason)})
             return
-        client.subscribe(ack_topic(self.config.gateway), qos=1)
+        client.subscribe([(ack_topic(self.config.gateway), 1),
+                          (command_topic(self.config.gateway), 1)])
         client.publish(state_topic(self.config.gateway), self._presence("online"), qos=1,
                        retain=True)
         self.outbox.resend_all()
@@ -173,8 +212,13 @@ class EdgeAgent:
                         extra={"reason": str(reason), "waiting": self.outbox.size()})
             self._arm_will()  # paho reconnects by itself, with the new Will
 
-    def _on_message(self, _client: paho.Client, _userdata: object,
+    def _on_message(self, client: paho.Client, _userdata: object,
                     message: paho.MQTTMessage) -> None:
+        if message.topic == command_topic(self.config.gateway):
+            reply = handle_command(bytes(message.payload), self._handlers)
+            log.info("remote command", extra={"command": reply.get("name"), "ok": reply["ok"]})
+            client.publish(reply_topic(self.config.gateway), json.dumps(reply), qos=1)
+            return
         try:
             ids = json.loads(message.payload)["ids"]
             if isinstance(ids, list):

@@ -16,8 +16,10 @@ from careflow.schemas.topics import (
     StateTopic,
     ack_topic,
     batch_topic,
+    command_topic,
     event_topic,
     parse_topic,
+    reply_topic,
     state_topic,
 )
 
@@ -32,6 +34,7 @@ __all__ = [
     "StateTopic",
     "ack_topic",
     "batch_topic",
+    "command_topic",
     "decode_batch",
     "decode_json",
     "event_adapter",
@@ -41,6 +44,7 @@ __all__ = [
     "parse_presence",
     "parse_rfc3339",
     "parse_topic",
+    "reply_topic",
     "state_topic",
     "validate_event",
 ]

@@ -3,7 +3,9 @@
 ``careflow/v1/{gateway}/{device}/{type}`` carries one event; ``careflow/v1/{gateway}/batch`` a JSON
 array of events from one gateway; ``careflow/v1/{gateway}/state`` the gateway's retained presence
 (``online``, or ``offline`` as its Last Will); ``careflow/v1/{gateway}/ack`` the hub's confirmations
-of what it stored. Topics never start with ``$`` (brokers reserve those).
+of what it stored; ``careflow/v1/{gateway}/cmd`` and ``.../reply`` carry remote commands and their
+answers (one level, with the command name in the payload, so they can never be mistaken for an
+event topic ``careflow/v1/{gateway}/{device}/{type}``). Topics never start with ``$``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ __all__ = [
     "StateTopic",
     "ack_topic",
     "batch_topic",
+    "command_topic",
     "event_topic",
     "parse_topic",
+    "reply_topic",
     "state_topic",
 ]
 
@@ -85,3 +89,13 @@ def state_topic(gateway: str) -> str:
 def ack_topic(gateway: str) -> str:
     """Where the hub confirms to a gateway which events it has durably stored."""
     return f"{PREFIX}/{gateway}/ack"
+
+
+def command_topic(gateway: str) -> str:
+    """Where a gateway receives remote commands."""
+    return f"{PREFIX}/{gateway}/cmd"
+
+
+def reply_topic(gateway: str) -> str:
+    """Where a gateway answers remote commands (the payload carries the correlation id)."""
+    return f"{PREFIX}/{gateway}/reply"

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from careflow.cli import edgecmd, hubcmd, ops, schemascmd
+from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, schemascmd
 from careflow.cli.common import err_console
 from careflow.errors import CareflowError
 
@@ -29,6 +29,7 @@ app.add_typer(ops.devices_app, name="devices")
 app.add_typer(ops.deadletter_app, name="deadletter")
 app.add_typer(schemascmd.schemas_app, name="schemas")
 app.add_typer(edgecmd.edge_app, name="edge")
+app.add_typer(gatewaycmd.gateway_app, name="gateway")
 
 
 def main() -> None:

@@ -54,3 +54,6 @@ def run(
                       f"{settings.data_dir}, spool {settings.spool}; Ctrl-C stops",
                       highlight=False)
     agent.run()
+    if agent.restart_requested:
+        err_console.print("restart requested by a remote command; exiting 75 for the supervisor")
+        raise typer.Exit(75)

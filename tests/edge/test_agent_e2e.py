@@ -129,3 +129,25 @@ def test_it_marks_a_killed_gateway_offline_within_one_and_a_half_keepalives(
     finally:
         if agent.poll() is None:
             agent.kill()
+
+
+def test_it_answers_allowlisted_commands_and_refuses_others(
+    mosquitto: Mosquitto, agents: Callable[..., AgentThread],
+) -> None:
+    agent = agents(gateway="gw-cmd")
+    wait_until(agent.agent._connected.is_set, what="agent connected")
+    env = {**os.environ, "CAREFLOW_BROKER_URL": mosquitto.url}
+    ping = subprocess.run(careflow_cmd("gateway", "cmd", "gw-cmd", "ping", "--timeout", "5"),
+                          env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert ping.returncode == 0, ping.stderr
+    answer = json.loads(ping.stdout)
+    assert answer["ok"] is True and answer["result"]["boot"] == agent.agent.boot
+    refused = subprocess.run(careflow_cmd("gateway", "cmd", "gw-cmd", "rm-rf", "--timeout", "5"),
+                             env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode == 1
+    answer = json.loads(refused.stdout)
+    assert answer["ok"] is False and "not allowed" in answer["error"]
+    assert "ping" in answer["error"]
+    silent = subprocess.run(careflow_cmd("gateway", "cmd", "gw-nobody", "ping", "--timeout", "1"),
+                            env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert silent.returncode == 2 and "no reply from gw-nobody" in silent.stderr
