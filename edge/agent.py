@@ -60,6 +60,7 @@ class AgentConfig:
     batch_linger_s: float = 1.0
     resend_after_s: float = 30.0
     max_events: int = 100_000
+    outbox_sync: str = "full"
     username: str | None = None
     password: str | None = field(default=None, repr=False)
 
@@ -133,7 +134,8 @@ class EdgeAgent:
         self.boot = new_boot_id()
         self.started = time.monotonic()
         self.outbox = Outbox(config.data_dir / "outbox.db", gateway=config.gateway,
-                             boot=self.boot, max_events=config.max_events)
+                             boot=self.boot, max_events=config.max_events,
+                             synchronous=config.outbox_sync)
         self.spool = SpoolInput(config.spool, self.outbox)
         self.confirmed = 0
         self._stop = threading.Event()
@@ -148,6 +150,7 @@ class EdgeAgent:
         self._client.on_message = self._on_message
         self._arm_will()
         self.restart_requested = False
+        self._next_heartbeat = 0.0
         self._handlers: dict[str, CommandHandler] = {
             "ping": self._cmd_ping, "diagnostics": self._cmd_diagnostics,
             "resend": self._cmd_resend, "restart-agent": self._cmd_restart}
@@ -242,8 +245,8 @@ class EdgeAgent:
             self._wake.set()
         return envelope
 
-    def run(self) -> None:
-        """Connect (retrying in the background) and forward events until stopped."""
+    def start(self) -> None:
+        """Connect in the background (paho retries until the broker answers)."""
         try:
             self._client.connect_async(self.config.broker.host, self.config.broker.port,
                                        keepalive=self.config.keepalive_s)
@@ -251,26 +254,58 @@ class EdgeAgent:
             msg = f"cannot reach the MQTT broker at {self.config.broker}: {exc}"
             raise BrokerError(msg) from exc
         self._client.loop_start()
-        next_heartbeat = 0.0
+
+    def tick(self, *, with_host_health: bool = True) -> None:
+        """One round of work: heartbeat if due, read the spool, send what is due."""
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._heartbeat(with_host_health=with_host_health)
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+        self.spool.scan(on_alert=self._wake.set)
+        if self._connected.is_set():
+            self._report_drops()
+            self._send_due()
+
+    def run(self) -> None:
+        """Connect and forward events until stopped."""
+        self.start()
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = now + self.config.heartbeat_interval_s
-                self.spool.scan(on_alert=self._wake.set)
-                if self._connected.is_set():
-                    self._report_drops()
-                    self._send_due()
+                self.tick()
                 self._wake.wait(self.config.batch_linger_s)
                 self._wake.clear()
         finally:
-            self._shutdown()
+            self.shutdown()
 
-    def _heartbeat(self) -> None:
-        data = {"interval_s": self.config.heartbeat_interval_s,
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "firmware": f"careflow-edge-{__version__}", **_system_health()}
+    @property
+    def connected(self) -> bool:
+        """Whether the broker session is up."""
+        return self._connected.is_set()
+
+    def cut_network(self) -> None:
+        """Drop the connection without a goodbye, as a dead link or power cut would (tests,
+        simulator): the broker publishes the Last Will once the keepalive runs out."""
+        self._client.loop_stop()
+        sock = self._client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._connected.clear()
+        self._arm_will()
+
+    def restore_network(self) -> None:
+        """Reconnect after :meth:`cut_network`."""
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        with contextlib.suppress(OSError):
+            self._client.reconnect()
+        self._client.loop_start()
+
+    def _heartbeat(self, *, with_host_health: bool = True) -> None:
+        data: dict[str, Any] = {"interval_s": self.config.heartbeat_interval_s,
+                                "uptime_s": round(time.monotonic() - self.started, 1),
+                                "firmware": f"careflow-edge-{__version__}"}
+        if with_host_health:
+            data.update(_system_health())
         self.outbox.add(self.config.gateway, "heartbeat", data)
 
     def _report_drops(self) -> None:
@@ -305,7 +340,8 @@ class EdgeAgent:
         if info.rc == paho.MQTT_ERR_SUCCESS:
             self.outbox.mark_sent(items, now_ms=time.time_ns() // 1_000_000)
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
+        """Say offline (retained), disconnect, close the outbox."""
         if self._connected.is_set():
             info = self._client.publish(state_topic(self.config.gateway),
                                         self._presence("offline", "agent stopped"), qos=1,

@@ -64,7 +64,8 @@ class Pending:
 class Outbox:
     """SQLite-backed outbox of one gateway (one agent process owns it)."""
 
-    def __init__(self, path: Path, *, gateway: str, boot: str, max_events: int = 100_000) -> None:
+    def __init__(self, path: Path, *, gateway: str, boot: str, max_events: int = 100_000,
+                 synchronous: str = "full") -> None:
         self.gateway = gateway
         self.boot = boot
         self.max_events = max_events
@@ -73,7 +74,8 @@ class Outbox:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
+            # FULL: a queued event survives power loss. The simulator uses NORMAL (crash-safe).
+            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
             self._conn.executescript(_SCHEMA)
             # Messages "in flight" before a restart are not known to have arrived: resend them.
             self._conn.execute("UPDATE outbox SET sent_ms = NULL")

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, schemascmd
+from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, schemascmd, simcmd
 from careflow.cli.common import err_console
 from careflow.errors import CareflowError
 
@@ -24,6 +24,8 @@ app = typer.Typer(
 app.command("hub")(hubcmd.hub)
 app.command("status")(ops.status)
 app.command("replay")(ops.replay_command)
+app.command("simulate")(simcmd.simulate)
+app.command("demo")(simcmd.demo)
 app.add_typer(ops.events_app, name="events")
 app.add_typer(ops.devices_app, name="devices")
 app.add_typer(ops.deadletter_app, name="deadletter")
