@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-import yaml
 
 from careflow import __version__
 from careflow.config import BrokerUrl, parse_broker_url
@@ -76,6 +75,8 @@ def load_agent_config(path: Path | None, overrides: Mapping[str, Any] | None = N
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if path is not None:
+        import yaml  # noqa: PLC0415 - only when a file is given; saves RSS on the gateway
+
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as exc:

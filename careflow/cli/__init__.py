@@ -1,43 +1,31 @@
-"""The ``careflow`` command: one CLI for operators and technicians."""
+"""The ``careflow`` command: one CLI for operators and technicians.
+
+The command tree lives in :mod:`careflow.cli.app`; this module stays small so that
+``careflow edge run`` on a gateway loads only what the agent needs.
+"""
 
 from __future__ import annotations
 
 import sys
 
-import typer
-
-from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, schemascmd, simcmd
-from careflow.cli.common import err_console
 from careflow.errors import CareflowError
 
-__all__ = ["app", "main"]
-
-app = typer.Typer(
-    name="careflow",
-    help="Watch, alert on and provision a fleet of care devices over MQTT.\n\n"
-    "Start with `careflow hub` (runs an embedded broker when CAREFLOW_BROKER_URL is unset), "
-    "then `careflow events publish` and `careflow events query` to see events flow.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-)
-app.command("hub")(hubcmd.hub)
-app.command("status")(ops.status)
-app.command("replay")(ops.replay_command)
-app.command("simulate")(simcmd.simulate)
-app.command("demo")(simcmd.demo)
-app.add_typer(ops.events_app, name="events")
-app.add_typer(ops.devices_app, name="devices")
-app.add_typer(ops.deadletter_app, name="deadletter")
-app.add_typer(schemascmd.schemas_app, name="schemas")
-app.add_typer(edgecmd.edge_app, name="edge")
-app.add_typer(gatewaycmd.gateway_app, name="gateway")
+__all__ = ["main"]
 
 
 def main() -> None:
     """Entry point: careflow's own errors become one clear line and exit code 2."""
     try:
+        if sys.argv[1:3] == ["edge", "run"]:
+            # On a gateway only the agent runs: skip the hub, amqtt and jsonschema, which the
+            # full command tree would load (about 10 MB of RSS).
+            from careflow.cli.edgecmd import edge_app  # noqa: PLC0415
+
+            edge_app(args=sys.argv[3:], prog_name="careflow edge run")
+            return
+        from careflow.cli.app import app  # noqa: PLC0415
+
         app()
     except CareflowError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)

@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from careflow.cli.common import err_console
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.log import setup_logging
 
@@ -50,10 +49,10 @@ def run(
     agent = EdgeAgent(settings)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: agent.stop())
-    err_console.print(f"careflow edge: gateway {settings.gateway} → {settings.broker}, outbox in "
-                      f"{settings.data_dir}, spool {settings.spool}; Ctrl-C stops",
-                      highlight=False)
+    typer.echo(f"careflow edge: gateway {settings.gateway} → {settings.broker}, outbox in "
+               f"{settings.data_dir}, spool {settings.spool}; Ctrl-C stops", err=True)
     agent.run()
     if agent.restart_requested:
-        err_console.print("restart requested by a remote command; exiting 75 for the supervisor")
+        typer.echo("restart requested by a remote command; exiting 75 for the supervisor",
+                   err=True)
         raise typer.Exit(75)

@@ -1,0 +1,30 @@
+"""The full ``careflow`` command tree (typer)."""
+
+from __future__ import annotations
+
+import typer
+
+from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, schemascmd, simcmd
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="careflow",
+    help="Watch, alert on and provision a fleet of care devices over MQTT.\n\n"
+    "Start with `careflow hub` (runs an embedded broker when CAREFLOW_BROKER_URL is unset), "
+    "then `careflow events publish` and `careflow events query` to see events flow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+app.command("hub")(hubcmd.hub)
+app.command("status")(ops.status)
+app.command("replay")(ops.replay_command)
+app.command("simulate")(simcmd.simulate)
+app.command("demo")(simcmd.demo)
+app.add_typer(ops.events_app, name="events")
+app.add_typer(ops.devices_app, name="devices")
+app.add_typer(ops.deadletter_app, name="deadletter")
+app.add_typer(schemascmd.schemas_app, name="schemas")
+app.add_typer(edgecmd.edge_app, name="edge")
+app.add_typer(gatewaycmd.gateway_app, name="gateway")
