@@ -343,6 +343,7 @@ class EdgeAgent:
 
     def shutdown(self) -> None:
         """Say offline (retained), disconnect, close the outbox."""
+        self._stop.set()
         if self._connected.is_set():
             info = self._client.publish(state_topic(self.config.gateway),
                                         self._presence("offline", "agent stopped"), qos=1,

@@ -10,6 +10,7 @@ gateway's clock runs ten minutes fast), ``duplicates`` (gateways resend everythi
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import shutil
@@ -23,7 +24,13 @@ from careflow.config import BrokerUrl
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.errors import ConfigError
 
-__all__ = ["FAULT_KINDS", "Fault", "FleetSimulator", "parse_fault"]
+__all__ = ["FAULT_KINDS", "GATEWAYS_PER_PROCESS", "Fault", "FleetSimulator", "parse_fault",
+           "run_fleet_process"]
+
+# paho's network loop uses select(), which cannot watch file descriptors above 1023; each agent
+# holds about six (socket, wake-up pair, outbox database and journal), so a large fleet is split
+# into processes of this many gateways.
+GATEWAYS_PER_PROCESS = 100
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,8 @@ class FleetSimulator:
 
     def __init__(self, *, broker: BrokerUrl, gateways: int, devices_per_gateway: int,
                  interval_s: int = 60, faults: tuple[Fault, ...] = (), keepalive_s: int = 30,
-                 data_dir: Path | None = None, seed: int = 1, prefix: str = "sim") -> None:
+                 data_dir: Path | None = None, seed: int = 1, prefix: str = "sim",
+                 first_index: int = 0) -> None:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="careflow-sim-"))
         self.interval_s = interval_s
@@ -85,7 +93,7 @@ class FleetSimulator:
         self._stop = threading.Event()
         self.started = time.monotonic()
         self.gateways: list[_Gateway] = []
-        for g in range(gateways):
+        for g in range(first_index, first_index + gateways):
             name = f"{prefix}-gw-{g:04d}"
             config = AgentConfig(gateway=name, broker=broker, data_dir=self.data_dir / name,
                                  heartbeat_interval_s=interval_s, keepalive_s=keepalive_s,
@@ -183,7 +191,9 @@ class FleetSimulator:
     # -- figures ------------------------------------------------------------------------------
 
     def summary(self) -> dict[str, int]:
-        """Totals across the fleet."""
+        """Totals across the fleet (empty once the fleet is shutting down)."""
+        if self._stop.is_set():
+            return {}
         return {
             "gateways": len(self.gateways),
             "connected": sum(g.agent.connected for g in self.gateways),
@@ -191,3 +201,22 @@ class FleetSimulator:
             "waiting": sum(g.agent.outbox.size() for g in self.gateways),
             "confirmed": sum(g.agent.confirmed for g in self.gateways),
         }
+
+
+def run_fleet_process(kwargs: dict[str, object], stop: object, reports: object) -> None:
+    """Body of one simulator process: run a slice of the fleet, report its summary every 5 s.
+
+    ``stop`` is a multiprocessing Event and ``reports`` a multiprocessing Queue (typed loosely
+    because they come from a multiprocessing context).
+    """
+    import signal  # noqa: PLC0415
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    parent = os.getppid()
+    simulator = FleetSimulator(**kwargs)  # type: ignore[arg-type]
+    runner = threading.Thread(target=simulator.run, daemon=True)
+    runner.start()
+    while not stop.wait(5) and os.getppid() == parent:  # type: ignore[attr-defined]
+        reports.put((kwargs["first_index"], simulator.summary()))  # type: ignore[attr-defined]
+    simulator.stop()
+    runner.join(timeout=60)

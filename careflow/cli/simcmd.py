@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -15,7 +17,14 @@ from rich.panel import Panel
 from rich.table import Table
 
 from careflow.cli.common import console, err_console, format_age, settings_from
-from careflow.edge.simulator import FAULT_KINDS, Fault, FleetSimulator, parse_fault
+from careflow.edge.simulator import (
+    FAULT_KINDS,
+    GATEWAYS_PER_PROCESS,
+    Fault,
+    FleetSimulator,
+    parse_fault,
+    run_fleet_process,
+)
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.presence import device_state
 from careflow.hub.service import HubService
@@ -30,7 +39,7 @@ FaultOption = Annotated[list[str] | None, typer.Option(
     "repeatable. Example: --fault outage:3@20+30 --fault alarm@15.")]
 
 
-def _run_until_stopped(simulator: FleetSimulator, duration: float | None) -> threading.Thread:
+def _run_in_thread(simulator: FleetSimulator, duration: float | None) -> threading.Thread:
     runner = threading.Thread(target=simulator.run, name="simulator", daemon=True)
     runner.start()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -53,23 +62,52 @@ def simulate(
         "--duration", help="Stop after this many seconds [default: until Ctrl-C].")] = None,
     keepalive: Annotated[int, typer.Option("--keepalive", min=2)] = 30,
 ) -> None:
-    """Run a simulated fleet: real agent code per gateway, made-up sensors, injected faults."""
+    """Run a simulated fleet: real agent code per gateway, made-up sensors, injected faults.
+
+    Large fleets run in several processes of up to 100 gateways each; faults hit the first one.
+    """
     settings = settings_from(broker=broker)
     setup_logging("warning")
-    simulator = FleetSimulator(broker=settings.effective_broker_url, gateways=gateways,
-                               devices_per_gateway=devices_per_gateway, interval_s=interval,
-                               faults=tuple(parse_fault(f) for f in fault or []),
-                               keepalive_s=keepalive)
-    err_console.print(f"simulating {gateways} gateways x {devices_per_gateway} devices against "
-                      f"{settings.effective_broker_url}; Ctrl-C stops", highlight=False)
-    runner = _run_until_stopped(simulator, duration)
-    while runner.is_alive():
-        runner.join(timeout=10)
-        s = simulator.summary() if runner.is_alive() else {}
-        if s:
-            console.print(f"{s['connected']}/{s['gateways']} gateways connected, "
-                          f"{s['devices']} devices, {s['confirmed']} events confirmed, "
-                          f"{s['waiting']} waiting", highlight=False)
+    faults = tuple(parse_fault(f) for f in fault or [])
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    reports: Any = context.Queue()
+    children = []
+    for first in range(0, gateways, GATEWAYS_PER_PROCESS):
+        kwargs = {"broker": settings.effective_broker_url, "interval_s": interval,
+                  "gateways": min(GATEWAYS_PER_PROCESS, gateways - first),
+                  "devices_per_gateway": devices_per_gateway, "keepalive_s": keepalive,
+                  "faults": faults if first == 0 else (), "first_index": first, "seed": first + 1}
+        child = context.Process(target=run_fleet_process, args=(kwargs, stop, reports),
+                                name=f"simulator-{first}", daemon=True)
+        child.start()
+        children.append(child)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    err_console.print(f"simulating {gateways} gateways x {devices_per_gateway} devices in "
+                      f"{len(children)} process(es) against {settings.effective_broker_url}; "
+                      "Ctrl-C stops", highlight=False)
+    deadline = None if duration is None else time.monotonic() + duration
+    latest: dict[int, dict[str, int]] = {}
+    next_print = time.monotonic() + 10
+    while not stop.is_set():
+        if deadline is not None and time.monotonic() >= deadline:
+            stop.set()
+            break
+        try:
+            first, summary = reports.get(timeout=1)
+            if summary:
+                latest[first] = summary
+        except queue.Empty:
+            pass
+        if time.monotonic() >= next_print and latest:
+            next_print = time.monotonic() + 10
+            total = {k: sum(s[k] for s in latest.values()) for k in next(iter(latest.values()))}
+            console.print(f"{total['connected']}/{gateways} gateways connected, "
+                          f"{total['devices']} devices, {total['confirmed']} events confirmed, "
+                          f"{total['waiting']} waiting", highlight=False)
+    for child in children:
+        child.join(timeout=90)
 
 
 def _view(store: SqliteStore, simulator: FleetSimulator) -> Group:
@@ -136,7 +174,7 @@ def demo(
     simulator = FleetSimulator(broker=settings.effective_broker_url, gateways=gateways,
                                devices_per_gateway=devices_per_gateway, interval_s=interval,
                                faults=faults, keepalive_s=5, prefix="demo")
-    runner = _run_until_stopped(simulator, duration)
+    runner = _run_in_thread(simulator, duration)
     viewer = SqliteStore(settings.db_path)
     try:
         with Live(_view(viewer, simulator), console=console, refresh_per_second=2) as live:
