@@ -19,7 +19,7 @@ FACTS: dict[str, tuple[str | None, str]] = {
     "battery_pct": (None, "battery_pct"),
     "firmware": (None, "firmware"),
     "interval_s": ("heartbeat", "interval_s"),
-    "state": ("status", "state"),
+    "condition": ("status", "state"),  # what the device says of itself: ok, degraded, fault
     "kind": ("provision", "kind"),
 }
 

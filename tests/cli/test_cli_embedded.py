@@ -58,7 +58,10 @@ def test_it_ingests_published_events_and_shows_them(env: dict[str, str],
     devices = [json.loads(line) for line in
                cli(env, "devices", "list", "--json").stdout.splitlines()]
     door = next(d for d in devices if d["device"] == "door-1")
-    assert door["battery_pct"] == 12 and door["state"] == "degraded" and door["gaps"] == 0
+    assert door["battery_pct"] == 12 and door["condition"] == "degraded" and door["gaps"] == 0
+    assert door["state"] == "online"  # the registry's word; "condition" is the device's own
+    gateway = next(d for d in devices if d["device"] == "gw-7")
+    assert gateway["state"] == "online" and gateway["interval_s"] == 60
     status = json.loads(cli(env, "status", "--json").stdout)
     assert status["connected"] and status["embedded_broker"] and status["events_kept"] == 6
     replayed = cli(env, "replay", "--target", "registry")

@@ -151,3 +151,45 @@ def test_it_answers_allowlisted_commands_and_refuses_others(
     silent = subprocess.run(careflow_cmd("gateway", "cmd", "gw-nobody", "ping", "--timeout", "1"),
                             env=env, capture_output=True, text=True, timeout=30, check=False)
     assert silent.returncode == 2 and "no reply from gw-nobody" in silent.stderr
+
+
+def test_it_keeps_a_reconnected_gateway_online_when_a_stale_will_arrives_late(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub],
+    agents: Callable[..., AgentThread],
+) -> None:
+    hub = hub_factory(mosquitto.url)
+    agent = agents(gateway="gw-flap")
+    wait_until(lambda: (p := hub.store.presence().get("gw-flap")) is not None
+               and p.state == "online", what="online")
+    first_conn = hub.store.presence()["gw-flap"].conn
+    agent.agent.cut_network()
+    wait_until(lambda: hub.store.presence()["gw-flap"].state == "offline", what="will")
+    agent.agent.restore_network()
+    wait_until(lambda: hub.store.presence()["gw-flap"].state == "online"
+               and hub.store.presence()["gw-flap"].conn > first_conn, what="back online")
+    # The Will of the first connection, delivered late (as after a broker-side takeover):
+    stale = json.dumps({"v": 1, "state": "offline", "conn": first_conn, "boot": agent.agent.boot,
+                        "reason": "connection lost"}).encode()
+    from tests.hub.test_hub_mosquitto import publish_raw  # noqa: PLC0415
+
+    publish_raw(mosquitto, [("careflow/v1/gw-flap/state", stale)])
+    publish_raw(mosquitto, [("careflow/v1/gw-flap/gw-flap/status",
+                             json.dumps(agent.agent.outbox.add("gw-flap", "status",
+                                                               {"state": "ok"})).encode())])
+    wait_until(lambda: hub.store.count(EventFilter(type="status")) == 1, what="marker event")
+    assert hub.store.presence()["gw-flap"].state == "online"
+
+
+def test_it_reports_outbox_overflow_as_an_error_event(tmp_path: Path) -> None:
+    agent = EdgeAgent(AgentConfig(gateway="gw-full", broker=parse_broker_url("mqtt://127.0.0.1:9"),
+                                  data_dir=tmp_path, max_events=3))
+    for _ in range(5):
+        agent.add("gw-full", "heartbeat", {"interval_s": 60})
+    agent.add("gw-full", "alert", {"kind": "sos", "state": "raised"})
+    agent._report_drops()
+    kept = [json.loads(p.body) for p in agent.outbox.due(now_ms=0, resend_after_ms=0, limit=10)]
+    errors = [e for e in kept if e["type"] == "error"]
+    assert [e["data"]["code"] for e in errors] == ["E_OUTBOX_OVERFLOW"]
+    assert "heartbeat" in errors[0]["data"]["message"]
+    assert any(e["type"] == "alert" for e in kept)
+    agent.outbox.close()

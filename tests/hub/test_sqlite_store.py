@@ -88,7 +88,7 @@ def test_it_tracks_registry_facts_newest_by_event_time(tmp_path: Path) -> None:
     store.append(batch_of([older]))  # replayed late from the gateway's buffer
     record = store.device("gw-1", "door-1")
     assert record is not None
-    assert record.facts == {"battery_pct": 40, "firmware": "2.0", "state": "ok"}
+    assert record.facts == {"battery_pct": 40, "firmware": "2.0", "condition": "ok"}
     assert record.events == 2 and record.seq == 1  # seq 1 is the newer event's
 
 
