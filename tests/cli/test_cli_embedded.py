@@ -96,3 +96,14 @@ def test_it_explains_a_dead_broker(env: dict[str, str]) -> None:
     done = cli(env, "events", "publish", "--broker", f"mqtt://127.0.0.1:{free_port()}",
                check=False)
     assert done.returncode == 2 and "cannot reach the MQTT broker" in done.stderr
+
+
+def test_it_runs_the_demo_and_stops_cleanly(env: dict[str, str]) -> None:
+    done = subprocess.run(careflow_cmd("demo", "--duration", "12", "--gateways", "2",
+                                       "--devices-per-gateway", "2", "--interval", "2"),
+                          env=env, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "demo stopped" in done.stdout
+    assert "CARE ALARM" in done.stdout  # the scripted alarm at 8 s reached the live view
+    count = cli(env, "events", "count", "--type", "alert")
+    assert count.stdout.strip() == "1"
