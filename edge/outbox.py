@@ -25,6 +25,7 @@ from typing import Any
 from careflow.edge.stamper import new_event_id
 from careflow.errors import StoreError
 from careflow.schemas import CONTRACT_VERSION, format_rfc3339, parse_event
+from careflow.sqlite import immediate_transaction
 
 __all__ = ["DROP_ORDER", "Outbox", "Pending"]
 
@@ -86,18 +87,8 @@ class Outbox:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """One writer at a time, all-or-nothing; sqlite3 errors become StoreError."""
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                yield
-                self._conn.execute("COMMIT")
-            except BaseException as exc:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    msg = f"the gateway outbox cannot be written: {exc}"
-                    raise StoreError(msg) from exc
-                raise
+        with self._lock, immediate_transaction(self._conn, "the gateway outbox cannot be written"):
+            yield
 
     # -- adding -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from careflow.hub.store import (
     IncomingBatch,
     StoredEvent,
 )
+from careflow.sqlite import immediate_transaction
 
 __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "SqliteStore"]
 
@@ -213,20 +214,8 @@ class SqliteStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; any failure rolls back, sqlite3 errors become StoreError."""
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                msg = f"cannot {action} in the event store at {self.path}: {exc}"
-                raise StoreError(msg) from exc
-            raise
+    def _transaction(self, action: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._conn, f"cannot {action} in the event store at {self.path}")
 
     def append(self, batch: IncomingBatch) -> AppendResult:
         """Commit events, dead letters and registry updates in one transaction."""
