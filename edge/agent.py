@@ -170,10 +170,15 @@ class EdgeAgent:
                 "heartbeat_interval_s": self.config.heartbeat_interval_s,
                 "keepalive_s": self.config.keepalive_s, **_system_health()}
 
-    def _cmd_resend(self, _args: Mapping[str, Any]) -> dict[str, Any]:
-        self.outbox.resend_all()
+    def _cmd_resend(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Resend unconfirmed events now; optional device, boot, from_seq, to_seq narrow it."""
+        def number(key: str) -> int | None:
+            return None if args.get(key) is None else int(args[key])
+
+        count = self.outbox.resend(device=args.get("device"), boot=args.get("boot"),
+                                   from_seq=number("from_seq"), to_seq=number("to_seq"))
         self._wake.set()
-        return {"resending": self.outbox.size()}
+        return {"resending": count}
 
     def _cmd_restart(self, _args: Mapping[str, Any]) -> dict[str, Any]:
         self.restart_requested = True  # `careflow edge run` exits 75; the supervisor restarts it

@@ -37,6 +37,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     n INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     type TEXT NOT NULL,
+    device TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER NOT NULL,
     body TEXT NOT NULL,
     sent_ms INTEGER
 );
@@ -118,8 +121,9 @@ class Outbox:
                 "INSERT INTO sequences (device, boot, next_seq) VALUES (?, ?, ?) "
                 "ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, "
                 "next_seq = excluded.next_seq", (device, self.boot, seq + 1))
-            self._conn.execute("INSERT INTO outbox (id, type, body) VALUES (?, ?, ?)",
-                               (envelope["id"], event_type, json.dumps(envelope)))
+            self._conn.execute(
+                "INSERT INTO outbox (id, type, device, boot, seq, body) VALUES (?, ?, ?, ?, ?, ?)",
+                (envelope["id"], event_type, device, self.boot, seq, json.dumps(envelope)))
             if mark is not None:
                 self._conn.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", mark)
             self._enforce_bound()
@@ -162,8 +166,22 @@ class Outbox:
 
     def resend_all(self) -> None:
         """After a reconnect nothing in flight is known to have arrived: send it again."""
+        self.resend()
+
+    def resend(self, *, device: str | None = None, boot: str | None = None,
+               from_seq: int | None = None, to_seq: int | None = None) -> int:
+        """Send again, at once, the unconfirmed events that match (the hub saw a gap there)."""
+        clauses = ["1 = 1"]
+        params: list[Any] = []
+        for column, value, op in (("device", device, "="), ("boot", boot, "="),
+                                  ("seq", from_seq, ">="), ("seq", to_seq, "<=")):
+            if value is not None:
+                clauses.append(f"{column} {op} ?")
+                params.append(value)
         with self._transaction():
-            self._conn.execute("UPDATE outbox SET sent_ms = NULL")
+            cursor = self._conn.execute(
+                f"UPDATE outbox SET sent_ms = NULL WHERE {' AND '.join(clauses)}", params)
+            return cursor.rowcount
 
     def confirm(self, ids: Sequence[str]) -> int:
         """The hub has these durably: let them go. Returns how many were still here."""

@@ -23,7 +23,7 @@ from careflow.errors import StoreError
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, decode_message
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
-from careflow.schemas import ack_topic
+from careflow.schemas import ack_topic, command_topic
 
 __all__ = ["HubCounters", "HubService", "decode_safely", "tune_gc_for_ingest"]
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 QUEUE_BOUND = 20_000
 MAX_MESSAGES_PER_COMMIT = 2_000
 HEALTH_INTERVAL_S = 1.0
+# How often the hub may ask one source to resend what it is missing.
+RESEND_REQUEST_INTERVAL_S = 10.0
 # A commit costs one fsync; waiting this long for more messages lets a burst share it.
 LINGER_S = 0.002
 _RATE_WINDOW_S = 10.0
@@ -70,6 +72,7 @@ class HubCounters:
     conflicts: int = 0
     dead_lettered: int = 0
     store_errors: int = 0
+    resend_requests: int = 0
     last_error: str | None = None
     commit_latency_ms: float = 0.0
     event_age_ms: int | None = None
@@ -101,6 +104,7 @@ class HubService:
         self._stop = threading.Event()
         self._started_ms = time.time_ns() // 1_000_000
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._resend_requested: dict[tuple[str, str, str], float] = {}
 
     def stop(self) -> None:
         """Ask the service to finish what it holds and return from :meth:`run`."""
@@ -168,6 +172,7 @@ class HubService:
         for message in messages:
             self.ingress.ack(message)
         self._confirm_to_gateways(accepted)
+        self._ask_for_missing(result)
         now_ms = time.time_ns() // 1_000_000
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
@@ -194,6 +199,24 @@ class HubService:
             by_gateway.setdefault(item.event.gateway, []).append(item.event.id)
         for gateway, ids in by_gateway.items():
             self.ingress.publish(ack_topic(gateway), json.dumps({"ids": ids}))
+
+    def _ask_for_missing(self, result: AppendResult) -> None:
+        """Sequence gaps: ask the gateway to resend what it has not had confirmed, at most every
+        RESEND_REQUEST_INTERVAL_S per source. Events still in flight may look missing for a
+        moment; a resend of those is harmless, dedupe absorbs it."""
+        now = time.monotonic()
+        for gap in result.gaps:
+            key = (gap.gateway, gap.device, gap.boot)
+            if now - self._resend_requested.get(key, -1e9) < RESEND_REQUEST_INTERVAL_S:
+                continue
+            self._resend_requested[key] = now
+            self.counters.resend_requests += 1
+            request = {"id": f"hub-{time.time_ns()}", "name": "resend",
+                       "args": {"device": gap.device, "boot": gap.boot}}
+            self.ingress.publish(command_topic(gap.gateway), json.dumps(request))
+            log.info("asked a gateway to resend", extra={"gateway": gap.gateway,
+                                                          "device": gap.device, "boot": gap.boot,
+                                                          "missing": gap.missing})
 
     def _commit(self, batch: IncomingBatch) -> AppendResult:
         """Commit, retrying with backoff until it works or the hub is told to stop.
@@ -242,6 +265,7 @@ class HubService:
             "commit_latency_ms": c.commit_latency_ms,
             "event_age_ms": c.event_age_ms,
             "store_errors": c.store_errors,
+            "resend_requests": c.resend_requests,
             "last_error": c.last_error,
         }
 

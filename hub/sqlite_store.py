@@ -26,6 +26,7 @@ from careflow.hub.store import (
     DeviceRecord,
     EventFilter,
     IncomingBatch,
+    SourceGap,
     StoredEvent,
 )
 from careflow.sqlite import immediate_transaction
@@ -142,6 +143,7 @@ ON CONFLICT (gateway, device, boot) DO UPDATE SET
     received = received + excluded.received,
     first_seen_ms = MIN(first_seen_ms, excluded.first_seen_ms)
 """
+_GAP_QUERY_CHUNK = 2000  # sources per gap query (3 bound values each, well under SQLite's limit)
 _GAPS_BY_DEVICE = (
     "SELECT COALESCE(SUM(max_seq - received), 0) FROM sources WHERE gateway = ? AND device = ?"
 )
@@ -245,9 +247,9 @@ class SqliteStore:
                     dead.append(_dead_letter_row(conflict, received_ms))
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
-        self._fold(stored)
+        gaps = self._fold(stored)
         self._apply_presence(batch)
-        return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead))
+        return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead), gaps)
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]
@@ -298,12 +300,24 @@ class SqliteStore:
         row = self._conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events {where}", params).fetchone()
         return _stored(row) if row else None
 
-    def _fold(self, events: Sequence[tuple[StoredEvent, Mapping[str, Any]]]) -> None:
+    def _fold(self, events: Sequence[tuple[StoredEvent, Mapping[str, Any]]]
+              ) -> tuple[SourceGap, ...]:
+        """Update the registry; return the touched sources that still miss events."""
         if not events:
-            return
+            return ()
         devices, sources = summarize(events)
         self._conn.executemany(_UPSERT_DEVICE, [_device_params(d) for d in devices])
         self._conn.executemany(_UPSERT_SOURCE, [_source_params(s) for s in sources])
+        gaps: list[SourceGap] = []
+        for start in range(0, len(sources), _GAP_QUERY_CHUNK):
+            chunk = sources[start:start + _GAP_QUERY_CHUNK]
+            rows = self._conn.execute(
+                "SELECT gateway, device, boot, max_seq - received FROM sources "
+                "WHERE max_seq > received AND (gateway, device, boot) IN (VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(chunk)) + ")",
+                [value for s in chunk for value in (s.gateway, s.device, s.boot)]).fetchall()
+            gaps += [SourceGap(*row) for row in rows]
+        return tuple(gaps)
 
     def reset_registry(self) -> int:
         """Empty the registry; return the log position it must be rebuilt up to.

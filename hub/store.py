@@ -21,6 +21,7 @@ __all__ = [
     "EventFilter",
     "EventStore",
     "IncomingBatch",
+    "SourceGap",
     "StoredEvent",
 ]
 
@@ -66,13 +67,25 @@ class StoredEvent(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class SourceGap:
+    """A source (one boot of one device) with events missing below its highest seq."""
+
+    gateway: str
+    device: str
+    boot: str
+    missing: int
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
-    """What a commit did: events stored, repeats skipped, conflicts and rejections dead-lettered."""
+    """What a commit did: events stored, repeats skipped, conflicts and rejections dead-lettered,
+    and the sources it touched that still miss events."""
 
     stored: tuple[StoredEvent, ...]
     duplicates: int
     conflicts: int
     dead_lettered: int
+    gaps: tuple[SourceGap, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,3 +193,32 @@ def test_it_reports_outbox_overflow_as_an_error_event(tmp_path: Path) -> None:
     assert "heartbeat" in errors[0]["data"]["message"]
     assert any(e["type"] == "alert" for e in kept)
     agent.outbox.close()
+
+
+def test_it_asks_the_gateway_to_resend_what_never_arrived(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub], tmp_path: Path,
+) -> None:
+    hub = hub_factory(mosquitto.url)
+    config = AgentConfig(gateway="gw-gap", broker=parse_broker_url(mosquitto.url),
+                         data_dir=tmp_path / "gw-gap", heartbeat_interval_s=3600,
+                         batch_linger_s=0.1, resend_after_s=3600)  # no timed resend in this test
+    agent = EdgeAgent(config)
+    agent.start()
+    try:
+        wait_until(lambda: agent.connected, what="agent connected")
+        events = [agent.add("door-1", "status", {"state": "ok", "n": n}) for n in range(5)]
+        lost = [p for p in agent.outbox.due(now_ms=0, resend_after_ms=0, limit=10)
+                if json.loads(p.body)["seq"] == 3]
+        agent.outbox.mark_sent(lost, now_ms=time.time_ns() // 1_000_000)  # "sent", never arrived
+        agent.tick()
+        deadline = time.monotonic() + 20
+        while hub.store.count(EventFilter(device="door-1")) < 5 and time.monotonic() < deadline:
+            agent.tick()  # the hub's resend request arrives as a remote command
+            time.sleep(0.2)
+        assert hub.store.count(EventFilter(device="door-1")) == 5
+        assert hub.service.counters.resend_requests >= 1
+        assert hub.store.total_gaps() == 0
+        assert {ev.id for ev in hub.store.query(EventFilter(device="door-1"))} == {
+            e["id"] for e in events}
+    finally:
+        agent.shutdown()
