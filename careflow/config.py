@@ -20,11 +20,13 @@ __all__ = [
     "BrokerUrl",
     "HostPort",
     "Settings",
+    "TlsFiles",
     "default_data_dir",
     "load_settings",
     "parse_broker_url",
     "parse_host_port",
     "read_secret",
+    "tls_files",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:1883"
@@ -41,6 +43,16 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """For mqtts://: the CA that signed the broker's certificate (None: the system's), and this
+    client's certificate and key for mutual TLS (None: no client certificate)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,7 @@ class Settings:
     broker_username: str | None = None
     broker_password: str | None = field(default=None, repr=False)
     sqlite_synchronous: Literal["full", "normal"] = "full"
+    broker_tls: TlsFiles = TlsFiles()
 
     @property
     def embedded(self) -> bool:
@@ -170,4 +183,21 @@ def load_settings(
         broker_username=env.get("CAREFLOW_BROKER_USERNAME") or None,
         broker_password=read_secret(env, "CAREFLOW_BROKER_PASSWORD"),
         sqlite_synchronous="normal" if sync == "normal" else "full",
+        broker_tls=tls_files(env.get("CAREFLOW_BROKER_CA"), env.get("CAREFLOW_BROKER_CERT"),
+                             env.get("CAREFLOW_BROKER_KEY")),
     )
+
+
+def tls_files(ca: str | os.PathLike[str] | None, cert: str | os.PathLike[str] | None,
+              key: str | os.PathLike[str] | None) -> TlsFiles:
+    """TLS file settings; each named file must exist, and a certificate needs its key."""
+    paths = {name: Path(value) if value else None
+             for name, value in (("CA", ca), ("certificate", cert), ("key", key))}
+    for name, path in paths.items():
+        if path is not None and not path.is_file():
+            msg = f"the TLS {name} file {path} does not exist"
+            raise ConfigError(msg)
+    if (paths["certificate"] is None) != (paths["key"] is None):
+        msg = "a client certificate and its key go together: set both or neither"
+        raise ConfigError(msg)
+    return TlsFiles(paths["CA"], paths["certificate"], paths["key"])

@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from careflow.config import BrokerUrl
+from careflow.config import BrokerUrl, TlsFiles
 from careflow.errors import BrokerError
 
 __all__ = ["KEEPALIVE_S", "check", "connect_blocking", "make_client"]
@@ -30,6 +30,7 @@ def make_client(
     url: BrokerUrl,
     username: str | None = None,
     password: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> paho.Client:
     """A paho client speaking MQTT 3.1.1 (what both Mosquitto and amqtt serve)."""
     client = paho.Client(
@@ -42,7 +43,11 @@ def make_client(
     if username is not None:
         client.username_pw_set(username, password)
     if url.tls:
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        files = tls or TlsFiles()
+        client.tls_set(ca_certs=str(files.ca) if files.ca else None,
+                       certfile=str(files.cert) if files.cert else None,
+                       keyfile=str(files.key) if files.key else None,
+                       cert_reqs=ssl.CERT_REQUIRED)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
     return client
 

@@ -23,7 +23,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from careflow import __version__
-from careflow.config import BrokerUrl, parse_broker_url
+from careflow.config import BrokerUrl, parse_broker_url, tls_files
 from careflow.edge.commands import CommandHandler, handle_command
 from careflow.edge.outbox import Outbox, Pending
 from careflow.edge.spool import SpoolInput
@@ -60,6 +60,9 @@ class AgentConfig:
     resend_after_s: float = 30.0
     max_events: int = 100_000
     outbox_sync: str = "full"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
 
@@ -100,7 +103,9 @@ def load_agent_config(path: Path | None, overrides: Mapping[str, Any] | None = N
         return AgentConfig(
             **{**values, "broker": parse_broker_url(str(values["broker"])),
                "data_dir": Path(values["data_dir"]),
-               "spool_dir": Path(values["spool_dir"]) if values.get("spool_dir") else None},
+               "spool_dir": Path(values["spool_dir"]) if values.get("spool_dir") else None,
+               **{name: Path(values[name]) for name in ("ca_file", "cert_file", "key_file")
+                  if values.get(name)}},
             username=env.get("CAREFLOW_EDGE_USERNAME") or None,
             password=env.get("CAREFLOW_EDGE_PASSWORD") or None,
         )
@@ -145,7 +150,9 @@ class EdgeAgent:
         self._conn = 0
         self._client = make_client(client_id=f"careflow-gw-{config.gateway}", clean_session=True,
                                    url=config.broker, username=config.username,
-                                   password=config.password)
+                                   password=config.password,
+                                   tls=tls_files(config.ca_file, config.cert_file,
+                                                 config.key_file))
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

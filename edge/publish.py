@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from careflow.config import BrokerUrl
+from careflow.config import BrokerUrl, TlsFiles
 from careflow.errors import BrokerError
 from careflow.mqtt import check, connect_blocking, make_client
 from careflow.schemas import batch_topic, event_topic
@@ -23,10 +23,11 @@ def publish_events(
     timeout_s: float = 10.0,
     username: str | None = None,
     password: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Publish events (one message each, or one batch message) and wait for every PUBACK."""
     client = make_client(client_id=client_id, clean_session=True, url=url, username=username,
-                         password=password)
+                         password=password, tls=tls)
     connect_blocking(client, url, timeout_s=timeout_s)
     try:
         if batch:

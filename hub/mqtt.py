@@ -49,6 +49,7 @@ class MqttIngress:
             url=settings.effective_broker_url,
             username=settings.broker_username,
             password=settings.broker_password,
+            tls=settings.broker_tls,
         )
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect

@@ -34,6 +34,13 @@ def run(
     keepalive: Annotated[int | None, typer.Option(
         "--keepalive", min=2, help="MQTT keepalive; the hub learns of a dead gateway within "
         "1.5x this [default: 30].")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        "--ca-file", help="CA of the broker's certificate, for mqtts:// [default: system CAs].")
+    ] = None,
+    cert_file: Annotated[Path | None, typer.Option(
+        "--cert-file", help="This gateway's client certificate (mutual TLS).")] = None,
+    key_file: Annotated[Path | None, typer.Option(
+        "--key-file", help="The private key of --cert-file (keep it 0600).")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the agent: every event waits on disk until the hub confirms it stored it.
@@ -44,7 +51,8 @@ def run(
     """
     settings = load_agent_config(config, {
         "gateway": gateway, "broker": broker, "data_dir": data_dir, "spool_dir": spool_dir,
-        "heartbeat_interval_s": heartbeat_interval, "keepalive_s": keepalive})
+        "heartbeat_interval_s": heartbeat_interval, "keepalive_s": keepalive,
+        "ca_file": ca_file, "cert_file": cert_file, "key_file": key_file})
     setup_logging(log_level)
     agent = EdgeAgent(settings)
     for signum in (signal.SIGINT, signal.SIGTERM):

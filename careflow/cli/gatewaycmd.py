@@ -60,7 +60,8 @@ def cmd(
 
     subscribed = threading.Event()
     client = make_client(client_id=f"careflow-cmd-{correlation}", clean_session=True, url=url,
-                         username=settings.broker_username, password=settings.broker_password)
+                         username=settings.broker_username, password=settings.broker_password,
+                         tls=settings.broker_tls)
     client.on_message = on_message
     client.on_subscribe = lambda *_: subscribed.set()
     def subscribe(connected: paho.Client) -> None:

@@ -118,7 +118,7 @@ def publish(
         raise ConfigError(msg) from exc
     publish_events(settings.effective_broker_url, events, client_id=f"careflow-cli-{boot or ''}"
                    f"{time.time_ns()}", batch=batch, username=settings.broker_username,
-                   password=settings.broker_password)
+                   password=settings.broker_password, tls=settings.broker_tls)
     console.print(f"published {count} {event_type} event(s) for {gateway}/{device or gateway} "
                   f"to {settings.effective_broker_url} (boot {stamper.boot}, seq {seq}.."
                   f"{seq + count - 1})", highlight=False)
