@@ -94,6 +94,13 @@ CREATE TABLE IF NOT EXISTS presence (
     changed_ms INTEGER NOT NULL,
     reason TEXT
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS maintenance (
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,  -- '*' pauses the whole gateway
+    until_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (gateway, device)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     written_ms INTEGER NOT NULL,
@@ -281,6 +288,25 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO presence VALUES (?, ?, ?, ?, ?, ?)",
                     (update.gateway, update.state, update.conn, update.boot, received_ms,
                      update.reason))
+
+    def pause(self, gateway: str, device: str | None, *, until_ms: int, reason: str) -> None:
+        """Put a gateway (device None: with all its devices) or one device in maintenance."""
+        with self._transaction("pause"):
+            self._conn.execute("INSERT OR REPLACE INTO maintenance VALUES (?, ?, ?, ?)",
+                               (gateway, device or "*", until_ms, reason))
+
+    def resume(self, gateway: str, device: str | None) -> bool:
+        """End a maintenance window early; False if there was none."""
+        with self._transaction("resume"):
+            cursor = self._conn.execute(
+                "DELETE FROM maintenance WHERE gateway = ? AND device = ?", (gateway, device or "*"))
+            return cursor.rowcount > 0
+
+    def paused(self, now_ms: int) -> dict[tuple[str, str], tuple[int, str]]:
+        """Active maintenance windows: (gateway, device or '*') -> (until_ms, reason)."""
+        rows = self._read("SELECT gateway, device, until_ms, reason FROM maintenance "
+                          "WHERE until_ms > ?", (now_ms,))
+        return {(row[0], row[1]): (int(row[2]), str(row[3])) for row in rows}
 
     def presence(self) -> dict[str, PresenceRecord]:
         """The last accepted presence of every gateway."""

@@ -176,6 +176,18 @@ class EventStore(Protocol):
         """The last accepted presence of every gateway that has announced itself."""
         ...
 
+    def pause(self, gateway: str, device: str | None, *, until_ms: int, reason: str) -> None:
+        """Start a maintenance window (device None: the whole gateway)."""
+        ...
+
+    def resume(self, gateway: str, device: str | None) -> bool:
+        """End a maintenance window."""
+        ...
+
+    def paused(self, now_ms: int) -> dict[tuple[str, str], tuple[int, str]]:
+        """Active maintenance windows."""
+        ...
+
     def dead_letters(self, *, limit: int = 50, code: str | None = None) -> list[DeadLetter]:
         """Newest dead letters first."""
         ...

@@ -174,10 +174,14 @@ def count_events(
 # -- devices ---------------------------------------------------------------------------------
 
 
-def _device_row(rec: Any, presence: dict[str, PresenceRecord]) -> dict[str, Any]:  # noqa: ANN401
+def _device_row(rec: Any, presence: dict[str, PresenceRecord],  # noqa: ANN401 - DeviceRecord
+                paused: dict[tuple[str, str], tuple[int, str]]) -> dict[str, Any]:
+    window = paused.get((rec.gateway, rec.device)) or paused.get((rec.gateway, "*"))
     state, why = device_state(now_ms=time.time_ns() // 1_000_000, last_seen_ms=rec.last_seen_ms,
                               interval_s=rec.facts.get("interval_s"),
-                              presence=presence.get(rec.gateway))
+                              presence=presence.get(rec.gateway), paused=window is not None)
+    if window is not None:
+        why = f"maintenance until {iso_ms(window[0])}: {window[1]}"
     return {
         "gateway": rec.gateway, "device": rec.device, "state": str(state), "state_reason": why,
         "first_seen": iso_ms(rec.first_seen_ms), "last_seen": iso_ms(rec.last_seen_ms),
@@ -196,13 +200,14 @@ def devices_list(
     store = _open(data_dir)
     records = store.devices(gateway=gateway)
     presence = store.presence()
-    rows = [_device_row(r, presence) for r in records]
+    paused = store.paused(time.time_ns() // 1_000_000)
+    rows = [_device_row(r, presence, paused) for r in records]
     if as_json:
         print_json_lines(rows)
         return
     table = Table("gateway", "device", "state", "last seen", "last", "battery", "firmware",
                   "events", "gaps")
-    colours = {"online": "green", "late": "yellow", "offline": "red"}
+    colours = {"online": "green", "late": "yellow", "offline": "red", "paused": "blue"}
     for r, row in zip(records, rows, strict=True):
         battery = r.facts.get("battery_pct")
         state = row["state"]
@@ -229,7 +234,7 @@ def devices_show(
         msg = (f"no device {gateway}/{device or gateway} in the registry; "
                "`careflow devices list` shows the known ones")
         raise ConfigError(msg)
-    row = _device_row(record, store.presence())
+    row = _device_row(record, store.presence(), store.paused(time.time_ns() // 1_000_000))
     if as_json:
         print_json_lines([row])
         return
@@ -237,6 +242,46 @@ def devices_show(
         console.print(f"[bold]{key:>14}[/]  {value}", highlight=False)
     if abs(record.skew_ms) > 300_000:
         console.print("[yellow]clock skew over 5 minutes: check the gateway's NTP[/]")
+
+
+@devices_app.command("pause")
+def devices_pause(
+    gateway: Annotated[str, typer.Argument(help="Gateway id.")],
+    device: Annotated[str | None, typer.Argument(
+        help="Device id [default: the whole gateway and its devices].")] = None,
+    duration: Annotated[str, typer.Option(
+        "--for", help="How long: 30m, 2h, 1d.")] = "2h",
+    reason: Annotated[str, typer.Option("--reason", help="Shown to everyone who looks.")] =
+        "maintenance visit",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Mark a gateway or device as in maintenance: its state reads `paused` until the window ends.
+
+    Example: `careflow devices pause gw-0042 --for 90m --reason "battery swap"`.
+    """
+    now_ms = time.time_ns() // 1_000_000
+    until_ms = 2 * now_ms - parse_when(duration, now_ms=now_ms)  # an age, counted forwards
+    if until_ms <= now_ms:
+        msg = f"--for {duration!r} must be a positive duration such as 30m or 2h"
+        raise ConfigError(msg)
+    _open(data_dir).pause(gateway, device, until_ms=until_ms, reason=reason)
+    console.print(f"paused {gateway}{'/' + device if device else ' (all devices)'} until "
+                  f"{iso_ms(until_ms)}: {reason}", highlight=False)
+
+
+@devices_app.command("resume")
+def devices_resume(
+    gateway: Annotated[str, typer.Argument(help="Gateway id.")],
+    device: Annotated[str | None, typer.Argument(help="Device id [default: the gateway].")] =
+        None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """End a maintenance window early."""
+    if not _open(data_dir).resume(gateway, device):
+        msg = (f"{gateway}{'/' + device if device else ''} is not paused; "
+               "`careflow devices list` shows states")
+        raise ConfigError(msg)
+    console.print(f"resumed {gateway}{'/' + device if device else ''}", highlight=False)
 
 
 # -- dead letters ----------------------------------------------------------------------------

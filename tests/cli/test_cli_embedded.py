@@ -62,6 +62,15 @@ def test_it_ingests_published_events_and_shows_them(env: dict[str, str],
     assert door["state"] == "online"  # the registry's word; "condition" is the device's own
     gateway = next(d for d in devices if d["device"] == "gw-7")
     assert gateway["state"] == "online" and gateway["interval_s"] == 60
+    cli(env, "devices", "pause", "gw-7", "--for", "30m", "--reason", "battery swap")
+    paused = {d["device"]: d for d in map(json.loads, cli(env, "devices", "list", "--json")
+                                          .stdout.splitlines())}
+    assert paused["door-1"]["state"] == "paused" and paused["gw-7"]["state"] == "paused"
+    assert "battery swap" in paused["door-1"]["state_reason"]
+    cli(env, "devices", "resume", "gw-7")
+    again = json.loads(cli(env, "devices", "show", "gw-7", "door-1", "--json").stdout)
+    assert again["state"] == "online"
+    assert cli(env, "devices", "resume", "gw-7", check=False).returncode == 2
     status = json.loads(cli(env, "status", "--json").stdout)
     assert status["connected"] and status["embedded_broker"] and status["events_kept"] == 6
     replayed = cli(env, "replay", "--target", "registry")
