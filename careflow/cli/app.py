@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, schemascmd, simcmd
+from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, rulescmd, schemascmd, simcmd
 
 __all__ = ["app"]
 
@@ -28,3 +28,4 @@ app.add_typer(ops.deadletter_app, name="deadletter")
 app.add_typer(schemascmd.schemas_app, name="schemas")
 app.add_typer(edgecmd.edge_app, name="edge")
 app.add_typer(gatewaycmd.gateway_app, name="gateway")
+app.add_typer(rulescmd.rules_app, name="rules")

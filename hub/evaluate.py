@@ -1,0 +1,203 @@
+"""Rule evaluation without I/O: observations and clock ticks in, alert transitions out.
+
+The caller passes ``now`` in (milliseconds). Liveness (absence rules) is judged by arrival time,
+so a gateway whose clock is wrong is still seen alive; values (threshold rules) by event time, so
+an old reading replayed late from a gateway's buffer can neither fire a stale alert nor resolve a
+current one.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from careflow.hub.rules import AbsenceRule, EventRule, RateRule, Rule, ThresholdRule
+
+__all__ = ["Evaluator", "Observation", "Transition"]
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+    "==": operator.eq, "!=": operator.ne,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One stored event, as rules see it."""
+
+    gateway: str
+    device: str
+    type: str
+    time_ms: int
+    received_ms: int
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A rule started or stopped firing for a source."""
+
+    rule: str
+    gateway: str
+    device: str
+    status: Literal["firing", "resolved"]
+    at_ms: int
+    severity: str
+    detail: str
+
+
+Subject = tuple[str, str]
+
+
+@dataclass(slots=True)
+class _Liveness:
+    last_seen_ms: int
+    interval_ms: int | None
+
+
+@dataclass(slots=True)
+class _Threshold:
+    value_time_ms: int = -(2**62)  # event time of the newest value seen
+    breached_since_ms: int | None = None
+
+
+@dataclass(slots=True)
+class Evaluator:
+    """The state of every rule for every source; feed it with :meth:`observe` and :meth:`tick`."""
+
+    rules: tuple[Rule, ...]
+    firing: dict[tuple[str, Subject], int] = field(default_factory=dict)  # -> since (ms)
+    _alive: dict[Subject, _Liveness] = field(default_factory=dict)
+    _thresholds: dict[tuple[str, Subject], _Threshold] = field(default_factory=dict)
+    _rates: dict[tuple[str, Subject], collections.deque[int]] = field(default_factory=dict)
+
+    def observe(self, obs: Observation, now_ms: int) -> list[Transition]:
+        """Account for one event; return what started or stopped firing."""
+        subject = (obs.gateway, obs.device)
+        out: list[Transition] = []
+        live = self._alive.setdefault(subject, _Liveness(obs.received_ms, None))
+        live.last_seen_ms = max(live.last_seen_ms, obs.received_ms)
+        if obs.type == "heartbeat" and isinstance(obs.data.get("interval_s"), int | float):
+            live.interval_ms = int(obs.data["interval_s"] * 1000)
+        for rule in self.rules:
+            if not rule.select.matches(*subject):
+                continue
+            if isinstance(rule, AbsenceRule):
+                out += self._resolve(rule, subject, now_ms, "heard from again")
+            elif isinstance(rule, ThresholdRule):
+                out += self._observe_threshold(rule, subject, obs, now_ms)
+            elif isinstance(rule, RateRule) and obs.type == rule.type:
+                window = self._rates.setdefault((rule.name, subject), collections.deque())
+                window.append(obs.time_ms)
+                out += self._judge_rate(rule, subject, window, now_ms)
+            elif isinstance(rule, EventRule):
+                out += self._observe_event(rule, subject, obs, now_ms)
+        return out
+
+    def tick(self, now_ms: int) -> list[Transition]:
+        """Let time pass: absences, threshold ``for`` windows and rate windows move on."""
+        out: list[Transition] = []
+        for rule in self.rules:
+            if isinstance(rule, AbsenceRule):
+                for subject, live in self._alive.items():
+                    out += self._judge_absence(rule, subject, live, now_ms)
+            elif isinstance(rule, ThresholdRule):
+                for (name, subject), state in self._thresholds.items():
+                    if name == rule.name:
+                        out += self._judge_threshold(rule, subject, state, now_ms)
+            elif isinstance(rule, RateRule):
+                for (name, subject), window in self._rates.items():
+                    if name == rule.name:
+                        out += self._judge_rate(rule, subject, window, now_ms)
+        return out
+
+    # -- kinds --------------------------------------------------------------------------------
+
+    def _judge_absence(self, rule: AbsenceRule, subject: Subject, live: _Liveness,
+                       now_ms: int) -> list[Transition]:
+        if not rule.select.matches(*subject) or (rule.only_gateways and subject[0] != subject[1]):
+            return []
+        allowed = rule.after if rule.after is not None else (
+            int(live.interval_ms * rule.grace) if live.interval_ms else None)
+        if allowed is None or now_ms - live.last_seen_ms <= allowed:
+            return []
+        silent_s = (now_ms - live.last_seen_ms) // 1000
+        return self._fire(rule, subject, now_ms, f"nothing heard for {silent_s}s "
+                                                 f"(allowed {allowed // 1000}s)")
+
+    def _observe_threshold(self, rule: ThresholdRule, subject: Subject, obs: Observation,
+                           now_ms: int) -> list[Transition]:
+        if rule.field not in obs.data:
+            return []
+        state = self._thresholds.setdefault((rule.name, subject), _Threshold())
+        if obs.time_ms < state.value_time_ms:
+            return []  # an older reading than one already seen: neither fires nor resolves
+        state.value_time_ms = obs.time_ms
+        value = obs.data[rule.field]
+        try:
+            breached = _OPS[rule.op](value, rule.value)
+        except TypeError:
+            breached = False  # a value of another type cannot breach a numeric limit
+        if not breached:
+            state.breached_since_ms = None
+            return self._resolve(rule, subject, now_ms, f"{rule.field} is {value!r} again")
+        if state.breached_since_ms is None:
+            state.breached_since_ms = obs.time_ms
+        return self._judge_threshold(rule, subject, state, now_ms, value)
+
+    def _judge_threshold(self, rule: ThresholdRule, subject: Subject, state: _Threshold,
+                         now_ms: int, value: object = None) -> list[Transition]:
+        since = state.breached_since_ms
+        if since is None or now_ms - since < rule.for_:
+            return []
+        shown = "" if value is None else f" (now {value!r})"
+        return self._fire(rule, subject, now_ms,
+                          f"{rule.field} {rule.op} {rule.value!r}{shown} for "
+                          f"{(now_ms - since) // 1000}s")
+
+    def _judge_rate(self, rule: RateRule, subject: Subject, window: collections.deque[int],
+                    now_ms: int) -> list[Transition]:
+        while window and window[0] <= now_ms - rule.within:
+            window.popleft()
+        if len(window) > rule.more_than:
+            return self._fire(rule, subject, now_ms, f"{len(window)} {rule.type} events in "
+                                                     f"{rule.within // 1000}s")
+        return self._resolve(rule, subject, now_ms, f"{len(window)} {rule.type} events in "
+                                                    f"{rule.within // 1000}s")
+
+    def _observe_event(self, rule: EventRule, subject: Subject, obs: Observation,
+                       now_ms: int) -> list[Transition]:
+        if obs.type != rule.type:
+            return []
+        if obs.type == "alert" and obs.data.get("state") == "cleared":
+            return self._resolve(rule, subject, now_ms, "cleared at the device")
+        if any(obs.data.get(key) != value for key, value in rule.where.items()):
+            return []
+        late = now_ms - obs.time_ms
+        detail = f"{obs.type} {dict(obs.data)}"
+        if late > 60_000:
+            detail += f" (happened {late // 1000}s ago, delivered late)"
+        self.firing.pop((rule.name, subject), None)  # every alarm is news, even a repeat
+        return self._fire(rule, subject, now_ms, detail)
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def _fire(self, rule: Rule, subject: Subject, now_ms: int, detail: str) -> list[Transition]:
+        key = (rule.name, subject)
+        if key in self.firing:
+            return []
+        self.firing[key] = now_ms
+        return [Transition(rule.name, *subject, "firing", now_ms, rule.severity, detail)]
+
+    def _resolve(self, rule: Rule, subject: Subject, now_ms: int,
+                 detail: str) -> list[Transition]:
+        if self.firing.pop((rule.name, subject), None) is None:
+            return []
+        return [Transition(rule.name, *subject, "resolved", now_ms, rule.severity, detail)]
+
+    def active(self) -> Iterable[tuple[str, Subject, int]]:
+        """What is firing now: (rule, subject, since)."""
+        return ((name, subject, since) for (name, subject), since in self.firing.items())
