@@ -15,11 +15,13 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from careflow.config import Settings
 from careflow.errors import StoreError
+from careflow.hub.alerting import AlertStage
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, decode_message
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
@@ -73,6 +75,7 @@ class HubCounters:
     dead_lettered: int = 0
     store_errors: int = 0
     resend_requests: int = 0
+    alert_errors: int = 0
     last_error: str | None = None
     commit_latency_ms: float = 0.0
     event_age_ms: int | None = None
@@ -95,9 +98,10 @@ class HubService:
     """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
 
     def __init__(self, settings: Settings, store: EventStore, *,
-                 queue_bound: int = QUEUE_BOUND) -> None:
+                 queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.alerts = alerts
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
@@ -120,6 +124,7 @@ class HubService:
             while not self._stop.is_set():
                 self._step(timeout_s=0.2)
                 if time.monotonic() >= next_health:
+                    self._alerting(lambda stage: stage.tick(time.time_ns() // 1_000_000))
                     self._report_health()
                     next_health = time.monotonic() + HEALTH_INTERVAL_S
             while not self.inbox.empty():  # finish what we hold before leaving
@@ -174,6 +179,8 @@ class HubService:
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
         now_ms = time.time_ns() // 1_000_000
+        if result.stored:
+            self._alerting(lambda stage: stage.handle(result.stored, now_ms))
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
@@ -187,6 +194,17 @@ class HubService:
                 "conflicts": result.conflicts,
                 "example": rejected[0][0].reason if rejected else None,
             })
+
+    def _alerting(self, work: Callable[[AlertStage], None]) -> None:
+        """Run alert evaluation; events are already stored and acknowledged, so a failure here
+        is logged and counted, never allowed to stop ingest."""
+        if self.alerts is None:
+            return
+        try:
+            work(self.alerts)
+        except Exception as exc:
+            self.counters.alert_errors += 1
+            log.exception("alert evaluation failed", extra={"error": str(exc)})
 
     def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
         """Tell each gateway which of its events are now durably here, so it can let them go.
@@ -266,6 +284,8 @@ class HubService:
             "event_age_ms": c.event_age_ms,
             "store_errors": c.store_errors,
             "resend_requests": c.resend_requests,
+            "alert_errors": c.alert_errors,
+            "incidents_opened": self.alerts.opened if self.alerts else None,
             "last_error": c.last_error,
         }
 

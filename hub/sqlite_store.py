@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from careflow.errors import StoreError
+from careflow.errors import ConfigError, StoreError
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
 from careflow.hub.presence import PresenceRecord, supersedes
@@ -25,6 +25,7 @@ from careflow.hub.store import (
     DeadLetter,
     DeviceRecord,
     EventFilter,
+    Incident,
     IncomingBatch,
     SourceGap,
     StoredEvent,
@@ -101,6 +102,24 @@ CREATE TABLE IF NOT EXISTS maintenance (
     reason TEXT NOT NULL,
     PRIMARY KEY (gateway, device)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY,
+    rule TEXT NOT NULL,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    state TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    triggered_ms INTEGER NOT NULL,
+    acknowledged_ms INTEGER,
+    acknowledged_by TEXT,
+    resolved_ms INTEGER,
+    resolved_by TEXT
+);
+-- at most one unresolved incident per rule and source
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
+    ON incidents (rule, gateway, device) WHERE state != 'resolved';
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     written_ms INTEGER NOT NULL,
@@ -307,6 +326,67 @@ class SqliteStore:
         rows = self._read("SELECT gateway, device, until_ms, reason FROM maintenance "
                           "WHERE until_ms > ?", (now_ms,))
         return {(row[0], row[1]): (int(row[2]), str(row[3])) for row in rows}
+
+    def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
+                      summary: str, detail: str, at_ms: int) -> int | None:
+        """Open an incident unless one is unresolved for this rule and source; its id or None."""
+        with self._transaction("open an incident") as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO incidents (rule, gateway, device, severity, state, "
+                "summary, detail, triggered_ms) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
+                (rule, gateway, device, severity, summary, detail, at_ms))
+            return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
+                          by: str) -> int:
+        """Resolve the unresolved incident of this rule and source (0 or 1)."""
+        with self._transaction("resolve an incident") as conn:
+            return conn.execute(
+                "UPDATE incidents SET state = 'resolved', resolved_ms = ?, resolved_by = ? "
+                "WHERE rule = ? AND gateway = ? AND device = ? AND state != 'resolved'",
+                (at_ms, by, rule, gateway, device)).rowcount
+
+    def _change_incident(self, incident_id: int, sql: str, params: Sequence[Any],
+                         action: str) -> Incident:
+        with self._transaction(action) as conn:
+            changed = conn.execute(sql, params).rowcount
+        current = self.incident(incident_id)
+        if current is None:
+            msg = f"there is no incident {incident_id}; `careflow incidents list` shows them"
+            raise ConfigError(msg)
+        if not changed:
+            msg = f"incident {incident_id} is {current.state}; nothing to {action}"
+            raise ConfigError(msg)
+        return current
+
+    def acknowledge_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:
+        """Mark an open incident acknowledged (compare-and-set: only from open)."""
+        return self._change_incident(
+            incident_id, "UPDATE incidents SET state = 'acknowledged', acknowledged_ms = ?, "
+            "acknowledged_by = ? WHERE id = ? AND state = 'open'", (at_ms, by, incident_id),
+            "acknowledge")
+
+    def resolve_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:
+        """Resolve an open or acknowledged incident by hand."""
+        return self._change_incident(
+            incident_id, "UPDATE incidents SET state = 'resolved', resolved_ms = ?, "
+            "resolved_by = ? WHERE id = ? AND state != 'resolved'", (at_ms, by, incident_id),
+            "resolve")
+
+    def incidents(self, *, states: Sequence[str] | None = None,
+                  limit: int = 50) -> list[Incident]:
+        """Newest first, optionally only in some states."""
+        sql, params = "SELECT * FROM incidents", []
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            params = list(states)
+        return [Incident(*row) for row in self._read(sql + " ORDER BY id DESC LIMIT ?",
+                                                      [*params, limit])]
+
+    def incident(self, incident_id: int) -> Incident | None:
+        """One incident."""
+        rows = self._read("SELECT * FROM incidents WHERE id = ?", (incident_id,))
+        return Incident(*rows[0]) if rows else None
 
     def presence(self) -> dict[str, PresenceRecord]:
         """The last accepted presence of every gateway."""

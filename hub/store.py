@@ -20,6 +20,7 @@ __all__ = [
     "DeviceRecord",
     "EventFilter",
     "EventStore",
+    "Incident",
     "IncomingBatch",
     "SourceGap",
     "StoredEvent",
@@ -120,6 +121,25 @@ class DeviceRecord:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """A rule fired for a source: who was told, who acknowledged, when it ended."""
+
+    id: int
+    rule: str
+    gateway: str
+    device: str
+    severity: str
+    state: str  # open | acknowledged | resolved
+    summary: str
+    detail: str
+    triggered_ms: int
+    acknowledged_ms: int | None
+    acknowledged_by: str | None
+    resolved_ms: int | None
+    resolved_by: str | None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EventFilter:
     """Which events a query selects; ``None`` means any."""
@@ -198,6 +218,33 @@ class EventStore(Protocol):
 
     def write_health(self, report: dict[str, Any]) -> None:
         """Publish the hub's own health for `careflow status`."""
+        ...
+
+    def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
+                      summary: str, detail: str, at_ms: int) -> int | None:
+        """Open an incident unless one is already open for this rule and source."""
+        ...
+
+    def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
+                          by: str) -> int:
+        """Resolve what is open for this rule and source."""
+        ...
+
+    def acknowledge_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:
+        """Someone has it; escalation stops."""
+        ...
+
+    def resolve_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:
+        """Close one incident by hand."""
+        ...
+
+    def incidents(self, *, states: Sequence[str] | None = None,
+                  limit: int = 50) -> list[Incident]:
+        """Newest first."""
+        ...
+
+    def incident(self, incident_id: int) -> Incident | None:
+        """One incident."""
         ...
 
     def read_health(self) -> tuple[int, dict[str, Any]] | None:

@@ -19,6 +19,8 @@ import pytest
 
 from careflow.config import Settings, load_settings
 from careflow.edge.stamper import Stamper
+from careflow.hub.alerting import AlertStage
+from careflow.hub.rules import RuleSet
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 
@@ -109,10 +111,11 @@ def make_settings(data_dir: Path, broker_url: str | None, **env: str) -> Setting
 class RunningHub:
     """A HubService in a background thread of the test process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, rules: RuleSet | None = None) -> None:
         self.settings = settings
         self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
-        self.service = HubService(settings, self.store)
+        alerts = AlertStage(self.store, rules) if rules is not None else None
+        self.service = HubService(settings, self.store, alerts=alerts)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -142,8 +145,8 @@ class RunningHub:
 def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
     hubs: list[RunningHub] = []
 
-    def start(broker_url: str, **env: str) -> RunningHub:
-        hub = RunningHub(make_settings(tmp_path / "data", broker_url, **env)).start()
+    def start(broker_url: str, rules: RuleSet | None = None, **env: str) -> RunningHub:
+        hub = RunningHub(make_settings(tmp_path / "data", broker_url, **env), rules).start()
         hubs.append(hub)
         return hub
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from careflow.cli import edgecmd, gatewaycmd, hubcmd, ops, rulescmd, schemascmd, simcmd
+from careflow.cli import (
+    edgecmd,
+    gatewaycmd,
+    hubcmd,
+    incidentscmd,
+    ops,
+    rulescmd,
+    schemascmd,
+    simcmd,
+)
 
 __all__ = ["app"]
 
@@ -29,3 +38,4 @@ app.add_typer(schemascmd.schemas_app, name="schemas")
 app.add_typer(edgecmd.edge_app, name="edge")
 app.add_typer(gatewaycmd.gateway_app, name="gateway")
 app.add_typer(rulescmd.rules_app, name="rules")
+app.add_typer(incidentscmd.incidents_app, name="incidents")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from careflow.cli.common import DataDirOption, err_console, settings_from
+from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
@@ -39,7 +40,8 @@ def hub(
     try:
         if embedded is not None:
             embedded.start()
-        service = HubService(settings, store)
+        alerts = AlertStage(store, default_rules())
+        service = HubService(settings, store, alerts=alerts)
         tune_gc_for_ingest()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: service.stop())

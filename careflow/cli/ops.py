@@ -30,7 +30,14 @@ from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
 from careflow.schemas import EVENT_TYPES, parse_event
 
-__all__ = ["deadletter_app", "devices_app", "events_app", "replay_command", "status"]
+__all__ = [
+    "deadletter_app",
+    "devices_app",
+    "events_app",
+    "open_store",
+    "replay_command",
+    "status",
+]
 
 events_app = typer.Typer(help="Publish, query and count events.", no_args_is_help=True)
 devices_app = typer.Typer(help="The device registry: what each gateway and device last said.",
@@ -55,7 +62,7 @@ UntilOption = Annotated[str | None, typer.Option(
     "--until", help="Event time before: an age or RFC 3339 time.")]
 
 
-def _open(data_dir: Any) -> SqliteStore:  # noqa: ANN401 - Path | None from typer
+def open_store(data_dir: Any) -> SqliteStore:  # noqa: ANN401 - Path | None from typer
     settings = settings_from(data_dir=data_dir)
     if not settings.db_path.exists():
         msg = (f"no event store at {settings.db_path}. Start `careflow hub` first, or point "
@@ -143,7 +150,7 @@ def query(
     data_dir: DataDirOption = None,
 ) -> None:
     """Show stored events, newest first (by event time)."""
-    store = _open(data_dir)
+    store = open_store(data_dir)
     events = store.query(_filter(gateway, device, event_type, since, until), limit=limit)
     if as_json:
         print_json_lines([_event_row(ev) for ev in events])
@@ -167,7 +174,7 @@ def count_events(
     data_dir: DataDirOption = None,
 ) -> None:
     """Print how many stored events match."""
-    store = _open(data_dir)
+    store = open_store(data_dir)
     typer.echo(store.count(_filter(gateway, device, event_type, since, until)))
 
 
@@ -197,7 +204,7 @@ def devices_list(
     data_dir: DataDirOption = None,
 ) -> None:
     """List every known gateway and device with when it was last heard from."""
-    store = _open(data_dir)
+    store = open_store(data_dir)
     records = store.devices(gateway=gateway)
     presence = store.presence()
     paused = store.paused(time.time_ns() // 1_000_000)
@@ -228,7 +235,7 @@ def devices_show(
     data_dir: DataDirOption = None,
 ) -> None:
     """Everything the registry knows about one device."""
-    store = _open(data_dir)
+    store = open_store(data_dir)
     record = store.device(gateway, device or gateway)
     if record is None:
         msg = (f"no device {gateway}/{device or gateway} in the registry; "
@@ -264,7 +271,7 @@ def devices_pause(
     if until_ms <= now_ms:
         msg = f"--for {duration!r} must be a positive duration such as 30m or 2h"
         raise ConfigError(msg)
-    _open(data_dir).pause(gateway, device, until_ms=until_ms, reason=reason)
+    open_store(data_dir).pause(gateway, device, until_ms=until_ms, reason=reason)
     console.print(f"paused {gateway}{'/' + device if device else ' (all devices)'} until "
                   f"{iso_ms(until_ms)}: {reason}", highlight=False)
 
@@ -277,7 +284,7 @@ def devices_resume(
     data_dir: DataDirOption = None,
 ) -> None:
     """End a maintenance window early."""
-    if not _open(data_dir).resume(gateway, device):
+    if not open_store(data_dir).resume(gateway, device):
         msg = (f"{gateway}{'/' + device if device else ''} is not paused; "
                "`careflow devices list` shows states")
         raise ConfigError(msg)
@@ -295,7 +302,7 @@ def deadletter_list(
     data_dir: DataDirOption = None,
 ) -> None:
     """Show refused input, newest first, with the reason and the raw payload."""
-    store = _open(data_dir)
+    store = open_store(data_dir)
     letters = store.dead_letters(limit=limit, code=code)
     rows: list[dict[str, Any]] = [{"pos": d.pos, "received": iso_ms(d.received_ms), "topic": d.topic,
              "code": d.code, "reason": d.reason, "batch_index": d.batch_index,
@@ -323,7 +330,7 @@ def status(
 
     Exits 0 when the hub is running and connected, 1 otherwise (for scripts and runbooks).
     """
-    store = _open(data_dir)
+    store = open_store(data_dir)
     health = store.read_health()
     now_ms = time.time_ns() // 1_000_000
     report: dict[str, Any] = {"running": False}
@@ -363,7 +370,7 @@ def replay_command(
 
     `careflow replay --target registry` rebuilds the device registry from the event log.
     """
-    store = _open(data_dir)
+    store = open_store(data_dir)
     flt = _filter(gateway, device, event_type, since, until)
     total = store.count(flt)
     with Progress(console=console, transient=True) as progress:

@@ -25,6 +25,7 @@ from careflow.edge.simulator import (
     parse_fault,
     run_fleet_process,
 )
+from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.presence import device_state
 from careflow.hub.service import HubService
@@ -167,7 +168,7 @@ def demo(
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
     broker = EmbeddedBroker(settings.listen.host, settings.listen.port)
     broker.start()
-    hub = HubService(settings, store)
+    hub = HubService(settings, store, alerts=AlertStage(store, default_rules()))
     hub_thread = threading.Thread(target=hub.run, name="hub", daemon=True)
     hub_thread.start()
     faults = (Fault("alarm", 1, 8.0), Fault("battery", 1, 12.0), Fault("outage", 1, 15.0, 30.0))

@@ -1,0 +1,99 @@
+"""`careflow incidents`: what fired, who has it, and closing it."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from careflow.cli.common import DataDirOption, JsonOption, console, format_age, iso_ms, print_json_lines
+from careflow.cli.ops import open_store
+from careflow.hub.store import Incident
+
+__all__ = ["incidents_app"]
+
+incidents_app = typer.Typer(help="Incidents opened by alert rules.", no_args_is_help=True)
+
+ByOption = Annotated[str | None, typer.Option("--by", help="Who [default: your login name].")]
+
+
+def _row(incident: Incident) -> dict[str, Any]:
+    row = asdict(incident)
+    for key in ("triggered_ms", "acknowledged_ms", "resolved_ms"):
+        value = row.pop(key)
+        row[key.removesuffix("_ms")] = iso_ms(value) if value is not None else None
+    if incident.acknowledged_ms is not None:
+        row["time_to_acknowledge_s"] = (incident.acknowledged_ms - incident.triggered_ms) / 1000
+    if incident.resolved_ms is not None:
+        row["time_to_resolve_s"] = (incident.resolved_ms - incident.triggered_ms) / 1000
+    return row
+
+
+@incidents_app.command("list")
+def list_incidents(
+    state: Annotated[str, typer.Option(
+        "--state", help="open, acknowledged, resolved, or active (open + acknowledged), all.")
+    ] = "active",
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 50,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Incidents, newest first."""
+    states = {"active": ("open", "acknowledged"), "all": None}.get(state, (state,))
+    incidents = open_store(data_dir).incidents(states=states, limit=limit)
+    if as_json:
+        print_json_lines([_row(i) for i in incidents])
+        return
+    table = Table("id", "state", "severity", "rule", "source", "since", "summary")
+    colours = {"critical": "red", "warning": "yellow"}
+    for i in incidents:
+        table.add_row(str(i.id), i.state, f"[{colours.get(i.severity, 'white')}]{i.severity}[/]",
+                      i.rule, f"{i.gateway}/{i.device}", format_age(i.triggered_ms) + " ago",
+                      i.summary)
+    console.print(table)
+    if not incidents:
+        console.print(f"no {state} incidents")
+
+
+def _show(incident: Incident, as_json: bool) -> None:
+    row = _row(incident)
+    if as_json:
+        print_json_lines([row])
+        return
+    for key, value in row.items():
+        console.print(f"[bold]{key:>22}[/]  {value}", highlight=False)
+
+
+@incidents_app.command("show")
+def show(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
+         as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
+    """One incident with its timeline (MTTA and MTTR are exact: times are recorded)."""
+    incident = open_store(data_dir).incident(incident_id)
+    if incident is None:
+        raise typer.BadParameter(f"no incident {incident_id}; see `careflow incidents list`")
+    _show(incident, as_json)
+
+
+@incidents_app.command("ack")
+def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: ByOption = None,
+        as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
+    """Acknowledge: you have it (escalation stops)."""
+    incident = open_store(data_dir).acknowledge_incident(
+        incident_id, by=by or getpass.getuser(), at_ms=time.time_ns() // 1_000_000)
+    _show(incident, as_json)
+
+
+@incidents_app.command("resolve")
+def resolve(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
+            by: ByOption = None, as_json: JsonOption = False,
+            data_dir: DataDirOption = None) -> None:
+    """Resolve by hand (incidents also resolve themselves when the condition clears)."""
+    incident = open_store(data_dir).resolve_incident(
+        incident_id, by=by or getpass.getuser(), at_ms=time.time_ns() // 1_000_000)
+    _show(incident, as_json)
+
+

@@ -1,0 +1,99 @@
+"""Alerting inside the hub: rules evaluated on every committed event and on a clock tick, and
+their transitions turned into incidents (open → acknowledged → resolved).
+
+Notifications (Apprise), escalation, silences and grouping build on the incidents recorded here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from careflow.hub.evaluate import Evaluator, Observation, Transition
+from careflow.hub.rules import Rule, RuleSet, load_rules
+from careflow.hub.store import EventStore, StoredEvent
+
+__all__ = ["AlertStage", "default_rules"]
+
+log = logging.getLogger(__name__)
+
+
+def default_rules() -> RuleSet:
+    """Rules from CAREFLOW_RULES_DIR, else the ones shipped in rules/."""
+    configured = os.environ.get("CAREFLOW_RULES_DIR")
+    if configured:
+        return load_rules([Path(configured)])
+    shipped = resources.files("careflow.rules")
+    with resources.as_file(shipped) as folder:
+        return load_rules([Path(folder)])
+
+
+def _summary(rule: Rule, transition: Transition) -> str:
+    fields = defaultdict(str, gateway=transition.gateway, device=transition.device,
+                         rule=rule.name)
+    text = rule.summary or f"{rule.name} on {transition.gateway}/{transition.device}"
+    try:
+        return text.format_map(fields)
+    except (ValueError, IndexError):
+        return text
+
+
+class AlertStage:
+    """Feeds the evaluator and records incidents; runs on the hub's writer thread."""
+
+    name = "alerts"
+
+    def __init__(self, store: EventStore, rules: RuleSet) -> None:
+        self.store = store
+        self.rules = {rule.name: rule for rule in rules.rules}
+        self.evaluator = Evaluator(rules.rules)
+        self.opened = 0
+        self._seed()
+
+    def _seed(self) -> None:
+        """After a restart: what is open stays open (no duplicate incident), and every known
+        source counts as heard from when it was last seen."""
+        for record in self.store.devices():
+            interval = record.facts.get("interval_s")
+            self.evaluator.observe(Observation(
+                record.gateway, record.device, "heartbeat" if interval else "status",
+                record.last_time_ms, record.last_seen_ms,
+                {"interval_s": interval} if interval else {}), record.last_seen_ms)
+        self.evaluator.firing.clear()  # seeding the clock must not resolve or open anything
+        for incident in self.store.incidents(states=("open", "acknowledged"), limit=100_000):
+            self.evaluator.firing[(incident.rule, (incident.gateway, incident.device))] = \
+                incident.triggered_ms
+
+    def handle(self, events: Sequence[StoredEvent], now_ms: int) -> None:
+        """Evaluate newly stored events."""
+        for event in events:
+            observation = Observation(event.gateway, event.device, event.type, event.time_ms,
+                                      event.received_ms, event.data)
+            self._record(self.evaluator.observe(observation, now_ms))
+
+    def tick(self, now_ms: int) -> None:
+        """Let the clock drive absences and windows."""
+        self._record(self.evaluator.tick(now_ms))
+
+    def _record(self, transitions: list[Transition]) -> None:
+        for transition in transitions:
+            rule = self.rules[transition.rule]
+            if transition.status == "firing":
+                opened = self.store.open_incident(
+                    rule=rule.name, gateway=transition.gateway, device=transition.device,
+                    severity=rule.severity, summary=_summary(rule, transition),
+                    detail=transition.detail, at_ms=transition.at_ms)
+                if opened:
+                    self.opened += 1
+                    log.warning("incident opened", extra={
+                        "rule": rule.name, "gateway": transition.gateway,
+                        "device": transition.device, "severity": rule.severity,
+                        "detail": transition.detail})
+            else:
+                self.store.resolve_incidents(rule=rule.name, gateway=transition.gateway,
+                                             device=transition.device, at_ms=transition.at_ms,
+                                             by="careflow (condition cleared)")
