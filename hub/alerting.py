@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from careflow.hub.evaluate import Evaluator, Observation, Transition
 from careflow.hub.rules import Rule, RuleSet, load_rules
@@ -68,11 +69,13 @@ class AlertStage:
             self.evaluator.firing[(incident.rule, (incident.gateway, incident.device))] = \
                 incident.triggered_ms
 
-    def handle(self, events: Sequence[StoredEvent], now_ms: int) -> None:
-        """Evaluate newly stored events."""
-        for event in events:
+    def handle(self, events: Sequence[StoredEvent], now_ms: int,
+               data: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Evaluate newly stored events (``data``: their decoded data, to skip re-parsing)."""
+        for index, event in enumerate(events):
             observation = Observation(event.gateway, event.device, event.type, event.time_ms,
-                                      event.received_ms, event.data)
+                                      event.received_ms,
+                                      data[index] if data is not None else event.data)
             self._record(self.evaluator.observe(observation, now_ms))
 
     def tick(self, now_ms: int) -> None:

@@ -180,7 +180,7 @@ class HubService:
         self._ask_for_missing(result)
         now_ms = time.time_ns() // 1_000_000
         if result.stored:
-            self._alerting(lambda stage: stage.handle(result.stored, now_ms))
+            self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data))
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:

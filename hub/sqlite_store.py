@@ -275,7 +275,8 @@ class SqliteStore:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
         gaps = self._fold(stored)
         self._apply_presence(batch)
-        return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead), gaps)
+        return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead), gaps,
+                            tuple(data for _, data in stored))
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]

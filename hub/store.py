@@ -7,7 +7,7 @@ instances can replace the SQLite one without touching ingest.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -87,6 +87,7 @@ class AppendResult:
     conflicts: int
     dead_lettered: int
     gaps: tuple[SourceGap, ...] = ()
+    data: tuple[Mapping[str, Any], ...] = ()  # each stored event's data, already decoded
 
 
 @dataclass(frozen=True, slots=True)
