@@ -14,9 +14,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from careflow.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
+from careflow.hub.notify import Channel, render, route
 from careflow.hub.rules import Rule, RuleSet, load_rules
-from careflow.hub.store import EventStore, StoredEvent
+from careflow.hub.store import EventStore, Outgoing, StoredEvent
 
 __all__ = ["AlertStage", "default_rules"]
 
@@ -48,9 +50,19 @@ class AlertStage:
 
     name = "alerts"
 
-    def __init__(self, store: EventStore, rules: RuleSet) -> None:
+    def __init__(self, store: EventStore, rules: RuleSet,
+                 channels: Mapping[str, Channel] | None = None) -> None:
         self.store = store
         self.rules = {rule.name: rule for rule in rules.rules}
+        self.channels = dict(channels or {})
+        if self.channels:
+            for rule in rules.rules:
+                missing = [c for c in route(rule.severity) if c not in self.channels]
+                if missing:
+                    msg = (f"rule {rule.name!r} ({rule.severity}) routes to channel "
+                           f"{missing[0]!r}, which has no URL: set "
+                           f"CAREFLOW_CHANNEL_{missing[0].upper()} (or ..._FILE)")
+                    raise ConfigError(msg)
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
         self._seed()
@@ -85,11 +97,13 @@ class AlertStage:
     def _record(self, transitions: list[Transition]) -> None:
         for transition in transitions:
             rule = self.rules[transition.rule]
+            summary = _summary(rule, transition)
             if transition.status == "firing":
                 opened = self.store.open_incident(
                     rule=rule.name, gateway=transition.gateway, device=transition.device,
-                    severity=rule.severity, summary=_summary(rule, transition),
-                    detail=transition.detail, at_ms=transition.at_ms)
+                    severity=rule.severity, summary=summary, detail=transition.detail,
+                    at_ms=transition.at_ms, notify=self._outgoing(rule, transition, summary,
+                                                                  "firing"))
                 if opened:
                     self.opened += 1
                     log.warning("incident opened", extra={
@@ -99,4 +113,14 @@ class AlertStage:
             else:
                 self.store.resolve_incidents(rule=rule.name, gateway=transition.gateway,
                                              device=transition.device, at_ms=transition.at_ms,
-                                             by="careflow (condition cleared)")
+                                             by="careflow (condition cleared)",
+                                             notify=self._outgoing(rule, transition, summary,
+                                                                   "resolved"))
+
+    def _outgoing(self, rule: Rule, transition: Transition, summary: str,
+                  kind: str) -> list[Outgoing]:
+        title, body = render(kind=kind, severity=rule.severity, summary=summary,
+                             detail=transition.detail, gateway=transition.gateway,
+                             device=transition.device, since_ms=transition.at_ms,
+                             runbook=rule.runbook)
+        return [(name, title, body) for name in route(rule.severity) if name in self.channels]

@@ -27,6 +27,8 @@ from careflow.hub.store import (
     EventFilter,
     Incident,
     IncomingBatch,
+    Notification,
+    Outgoing,
     SourceGap,
     StoredEvent,
 )
@@ -120,6 +122,21 @@ CREATE TABLE IF NOT EXISTS incidents (
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
     ON incidents (rule, gateway, device) WHERE state != 'resolved';
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error TEXT,
+    created_ms INTEGER NOT NULL,
+    sent_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     written_ms INTEGER NOT NULL,
@@ -329,23 +346,87 @@ class SqliteStore:
         return {(row[0], row[1]): (int(row[2]), str(row[3])) for row in rows}
 
     def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
-                      summary: str, detail: str, at_ms: int) -> int | None:
-        """Open an incident unless one is unresolved for this rule and source; its id or None."""
+                      summary: str, detail: str, at_ms: int,
+                      notify: Sequence[Outgoing] = ()) -> int | None:
+        """Open an incident unless one is unresolved for this rule and source; its id or None.
+
+        Its notifications are written in the same transaction: an incident is never recorded
+        without the messages that announce it.
+        """
         with self._transaction("open an incident") as conn:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO incidents (rule, gateway, device, severity, state, "
                 "summary, detail, triggered_ms) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
                 (rule, gateway, device, severity, summary, detail, at_ms))
-            return cursor.lastrowid if cursor.rowcount == 1 else None
+            if cursor.rowcount != 1:
+                return None
+            incident_id = cursor.lastrowid
+            assert incident_id is not None
+            self._queue(incident_id, "firing", notify, at_ms)
+            return incident_id
+
+    def _queue(self, incident_id: int, kind: str, notify: Sequence[Outgoing], at_ms: int) -> None:
+        self._conn.executemany(
+            "INSERT INTO notifications (incident_id, channel, kind, title, body, "
+            "next_attempt_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(incident_id, channel, kind, title, body, at_ms, at_ms)
+             for channel, title, body in notify])
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
-                          by: str) -> int:
+                          by: str, notify: Sequence[Outgoing] = ()) -> int:
         """Resolve the unresolved incident of this rule and source (0 or 1)."""
         with self._transaction("resolve an incident") as conn:
-            return conn.execute(
-                "UPDATE incidents SET state = 'resolved', resolved_ms = ?, resolved_by = ? "
-                "WHERE rule = ? AND gateway = ? AND device = ? AND state != 'resolved'",
-                (at_ms, by, rule, gateway, device)).rowcount
+            row = conn.execute(
+                "SELECT id FROM incidents WHERE rule = ? AND gateway = ? AND device = ? "
+                "AND state != 'resolved'", (rule, gateway, device)).fetchone()
+            if row is None:
+                return 0
+            conn.execute("UPDATE incidents SET state = 'resolved', resolved_ms = ?, "
+                         "resolved_by = ? WHERE id = ?", (at_ms, by, row[0]))
+            self._queue(int(row[0]), "resolved", notify, at_ms)
+            return 1
+
+    def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
+        """Due notifications, each claimed by compare-and-set so no one else sends it."""
+        claimed: list[Notification] = []
+        due = self._read("SELECT id FROM notifications WHERE state = 'pending' AND "
+                         "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
+        for (notification_id,) in due:
+            with self._transaction("claim a notification") as conn:
+                won = conn.execute("UPDATE notifications SET state = 'sending' "
+                                   "WHERE id = ? AND state = 'pending'",
+                                   (notification_id,)).rowcount == 1
+            if won:
+                row = self._read("SELECT * FROM notifications WHERE id = ?", (notification_id,))
+                claimed.append(Notification(*row[0]))
+        return claimed
+
+    def finish_notification(self, notification_id: int, *, ok: bool, now_ms: int,
+                            error: str | None, final: bool, retry_in_ms: int = 0) -> None:
+        """Sent, failed for good, or back to pending for a later attempt."""
+        state = "sent" if ok else ("failed" if final else "pending")
+        with self._transaction("record a notification") as conn:
+            conn.execute(
+                "UPDATE notifications SET state = ?, attempts = attempts + 1, last_error = ?, "
+                "sent_ms = CASE WHEN ? THEN ? ELSE sent_ms END, next_attempt_ms = ? "
+                "WHERE id = ? AND state = 'sending'",
+                (state, error, ok, now_ms, now_ms + retry_in_ms, notification_id))
+
+    def release_claimed_notifications(self) -> int:
+        """Claimed by a sender that died: pending again (it may go out twice, never zero)."""
+        with self._transaction("release notifications") as conn:
+            return conn.execute("UPDATE notifications SET state = 'pending' "
+                                "WHERE state = 'sending'").rowcount
+
+    def notifications(self, *, states: Sequence[str] | None = None,
+                      limit: int = 50) -> list[Notification]:
+        """Newest first."""
+        sql, params = "SELECT * FROM notifications", []
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            params = list(states)
+        return [Notification(*row) for row in self._read(sql + " ORDER BY id DESC LIMIT ?",
+                                                          [*params, limit])]
 
     def _change_incident(self, incident_id: int, sql: str, params: Sequence[Any],
                          action: str) -> Incident:

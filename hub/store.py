@@ -22,6 +22,8 @@ __all__ = [
     "EventStore",
     "Incident",
     "IncomingBatch",
+    "Notification",
+    "Outgoing",
     "SourceGap",
     "StoredEvent",
 ]
@@ -141,6 +143,28 @@ class Incident:
     resolved_by: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A message to one channel about one incident change, kept until delivered."""
+
+    id: int
+    incident_id: int
+    channel: str
+    kind: str  # firing | resolved
+    title: str
+    body: str
+    state: str  # pending | sending | sent | failed
+    attempts: int
+    next_attempt_ms: int
+    last_error: str | None
+    created_ms: int
+    sent_ms: int | None
+
+
+# (channel, title, body) of a notification to write with an incident change
+Outgoing = tuple[str, str, str]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EventFilter:
     """Which events a query selects; ``None`` means any."""
@@ -222,13 +246,32 @@ class EventStore(Protocol):
         ...
 
     def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
-                      summary: str, detail: str, at_ms: int) -> int | None:
-        """Open an incident unless one is already open for this rule and source."""
+                      summary: str, detail: str, at_ms: int,
+                      notify: Sequence[Outgoing] = ()) -> int | None:
+        """Open an incident (and queue its notifications) unless one is open already."""
         ...
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
-                          by: str) -> int:
-        """Resolve what is open for this rule and source."""
+                          by: str, notify: Sequence[Outgoing] = ()) -> int:
+        """Resolve what is open for this rule and source (and queue notifications)."""
+        ...
+
+    def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
+        """Due notifications, each claimed by compare-and-set (pending -> sending)."""
+        ...
+
+    def finish_notification(self, notification_id: int, *, ok: bool, now_ms: int,
+                            error: str | None, final: bool, retry_in_ms: int = 0) -> None:
+        """Record a delivery attempt."""
+        ...
+
+    def release_claimed_notifications(self) -> int:
+        """After a crash: claimed but unfinished notifications are pending again."""
+        ...
+
+    def notifications(self, *, states: Sequence[str] | None = None,
+                      limit: int = 50) -> list[Notification]:
+        """Newest first."""
         ...
 
     def acknowledge_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:

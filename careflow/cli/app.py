@@ -9,6 +9,7 @@ from careflow.cli import (
     gatewaycmd,
     hubcmd,
     incidentscmd,
+    notifycmd,
     ops,
     rulescmd,
     schemascmd,
@@ -39,3 +40,4 @@ app.add_typer(edgecmd.edge_app, name="edge")
 app.add_typer(gatewaycmd.gateway_app, name="gateway")
 app.add_typer(rulescmd.rules_app, name="rules")
 app.add_typer(incidentscmd.incidents_app, name="incidents")
+app.add_typer(notifycmd.notify_app, name="notify")

@@ -10,6 +10,7 @@ import typer
 from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.log import setup_logging
@@ -37,11 +38,21 @@ def hub(
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
     embedded = EmbeddedBroker(settings.listen.host, settings.listen.port) if settings.embedded \
         else None
+    sender: NotificationSender | None = None
     try:
         if embedded is not None:
             embedded.start()
-        alerts = AlertStage(store, default_rules())
+        channels = load_channels()
+        alerts = AlertStage(store, default_rules(), channels)
         service = HubService(settings, store, alerts=alerts)
+        if channels:
+            sender = NotificationSender(
+                SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
+            sender.start()
+        else:
+            err_console.print("notifications are off: set CAREFLOW_CHANNEL_ONCALL and "
+                              "CAREFLOW_CHANNEL_OPS to Apprise URLs to turn them on",
+                              highlight=False)
         tune_gc_for_ingest()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: service.stop())
@@ -51,6 +62,8 @@ def hub(
                           highlight=False)
         service.run()
     finally:
+        if sender is not None:
+            sender.stop()
         if embedded is not None:
             embedded.stop()
         store.close()

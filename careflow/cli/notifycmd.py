@@ -1,0 +1,62 @@
+"""`careflow notify`: test a channel, and see the notification outbox."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import apprise
+import typer
+from rich.table import Table
+
+from careflow.cli.common import DataDirOption, JsonOption, console, iso_ms, print_json_lines
+from careflow.cli.ops import open_store
+from careflow.errors import ConfigError
+from careflow.hub.notify import load_channels
+
+__all__ = ["notify_app"]
+
+notify_app = typer.Typer(help="Notification channels (Apprise URLs from CAREFLOW_CHANNEL_<NAME>).",
+                         no_args_is_help=True)
+
+
+@notify_app.command("test")
+def test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. oncall or ops.")]) -> None:
+    """Send a test message through a channel and say whether it was accepted."""
+    channels = load_channels()
+    if channel.lower() not in channels:
+        known = ", ".join(sorted(channels)) or "none"
+        msg = (f"no channel {channel!r} (configured: {known}); set "
+               f"CAREFLOW_CHANNEL_{channel.upper()} to an Apprise URL")
+        raise ConfigError(msg)
+    client = apprise.Apprise()
+    client.add(channels[channel.lower()].url)
+    if not client.notify(title="careflow test message",
+                         body=f"If you read this, careflow can reach you on '{channel}'."):
+        msg = f"channel {channel!r} did not accept the message; check its URL and credentials"
+        raise ConfigError(msg)
+    console.print(f"sent a test message through {channel}", highlight=False)
+
+
+@notify_app.command("list")
+def list_notifications(
+    state: Annotated[str | None, typer.Option(
+        "--state", help="pending, sending, sent or failed [default: all].")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 30,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """The notification outbox, newest first: what was sent, what waits, what failed."""
+    notes = open_store(data_dir).notifications(states=(state,) if state else None, limit=limit)
+    rows: list[dict[str, Any]] = [
+        {"id": n.id, "incident": n.incident_id, "channel": n.channel, "kind": n.kind,
+         "state": n.state, "attempts": n.attempts, "title": n.title,
+             "created": iso_ms(n.created_ms), "sent": iso_ms(n.sent_ms) if n.sent_ms else None,
+             "last_error": n.last_error} for n in notes]
+    if as_json:
+        print_json_lines(rows)
+        return
+    table = Table("id", "incident", "channel", "state", "attempts", "title", "last error")
+    for row in rows:
+        table.add_row(str(row["id"]), str(row["incident"]), row["channel"], row["state"],
+                      str(row["attempts"]), row["title"], row["last_error"] or "")
+    console.print(table)

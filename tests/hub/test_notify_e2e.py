@@ -1,0 +1,131 @@
+"""Incidents reach people: a real SMTP server (aiosmtpd) and a real HTTP webhook receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from careflow.edge.stamper import Stamper
+from careflow.hub.alerting import AlertStage
+from careflow.hub.notify import NotificationSender, load_channels, retry_delay_ms
+from careflow.hub.rules import load_rules
+from careflow.hub.sqlite_store import SqliteStore
+from tests.conftest import Mosquitto, RunningHub, free_port, make_settings, wait_until
+from tests.hub.test_alerting_e2e import RULES
+from tests.hub.test_hub_mosquitto import publish
+
+pytestmark = pytest.mark.broker
+
+
+class Mailbox:
+    """A real SMTP server on a free loopback port that keeps what it receives."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.messages: list[str] = []
+        mailbox = self
+
+        class Handler:
+            async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
+                mailbox.messages.append(envelope.content.decode("utf-8", "replace"))
+                return "250 OK"
+
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+
+    def start(self) -> None:
+        self.controller.start()
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"json://127.0.0.1:{server.server_address[1]}/careflow", received
+    server.shutdown()
+    server.server_close()
+
+
+def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
+    mosquitto: Mosquitto, tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]],
+) -> None:
+    hook_url, posts = webhook
+    mail_port = free_port()
+    mailbox = Mailbox(mail_port)  # not started yet: the SMTP server is down at first
+    channels = load_channels({
+        "CAREFLOW_CHANNEL_OPS": hook_url,
+        "CAREFLOW_CHANNEL_ONCALL": f"mailto://127.0.0.1:{mail_port}?from=careflow@example.org"
+                                   "&to=oncall@example.org",
+    })
+    (tmp_path / "rules.yaml").write_text(RULES.replace("kind: event\n", "kind: event\n"
+                                                       "    severity: critical\n"))
+    settings = make_settings(tmp_path / "data", mosquitto.url)
+    hub = RunningHub(settings, load_rules([tmp_path / "rules.yaml"]))
+    hub.service.alerts = AlertStage(hub.store, load_rules([tmp_path / "rules.yaml"]), channels)
+    hub.start()
+    sender = NotificationSender(SqliteStore(settings.db_path), channels)
+    sender.start()
+    try:
+        door = Stamper(gateway="gw-n", device="door-1")
+        fall = Stamper(gateway="gw-n", device="fall-1")
+        publish(mosquitto, [door.stamp("status", {"state": "degraded", "battery_pct": 9}),
+                            fall.stamp("alert", {"kind": "fall", "state": "raised"})])
+        wait_until(lambda: any("battery" in p["title"].lower() or "battery-low" in p["title"]
+                               for p in posts), what="the ops webhook")
+        wait_until(lambda: sender.store.notifications(states=("pending",))
+                   and sender.store.notifications(states=("pending",))[0].attempts >= 1,
+                   what="a failed email attempt while SMTP is down")
+        mailbox.start()
+        wait_until(lambda: len(mailbox.messages) == 1, timeout_s=20,
+                   what="the email once SMTP is back")
+        assert "CARE ALARM" in mailbox.messages[0] or "care-alarm" in mailbox.messages[0]
+        assert "fall-1" in mailbox.messages[0]
+        sent = sender.store.notifications(states=("sent",))
+        assert {n.channel for n in sent} == {"ops", "oncall"}
+        assert not sender.store.notifications(states=("pending", "sending", "failed"))
+    finally:
+        sender.stop()
+        hub.stop()
+        mailbox.stop()
+
+
+def test_it_backs_off_exponentially_with_a_cap() -> None:
+    assert [retry_delay_ms(n) for n in (1, 2, 3, 4)] == [1000, 2000, 4000, 8000]
+    assert retry_delay_ms(30) == 300_000
+
+
+def test_it_refuses_to_start_when_a_route_has_no_channel(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES)
+    store = SqliteStore(tmp_path / "db")
+    ops_only = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/x"})
+    rules = load_rules([tmp_path / "r.yaml"])
+    with pytest.raises(Exception, match="CAREFLOW_CHANNEL_ONCALL"):
+        AlertStage(store, rules, ops_only)
+
+
+def test_it_rejects_a_channel_url_apprise_cannot_use() -> None:
+    with pytest.raises(Exception, match="CAREFLOW_CHANNEL_OPS"):
+        load_channels({"CAREFLOW_CHANNEL_OPS": "bogus://nothing"})
+
+
