@@ -16,6 +16,7 @@ from typing import Any
 
 from careflow.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
+from careflow.hub.mute import inhibited_by, silenced_by
 from careflow.hub.notify import Channel, render, route
 from careflow.hub.rules import Rule, RuleSet, load_rules
 from careflow.hub.store import EventStore, Outgoing, StoredEvent
@@ -65,6 +66,7 @@ class AlertStage:
                     raise ConfigError(msg)
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
+        self.muted = 0
         self._seed()
 
     def _seed(self) -> None:
@@ -117,8 +119,28 @@ class AlertStage:
                                              notify=self._outgoing(rule, transition, summary,
                                                                    "resolved"))
 
+    def _muted(self, rule: Rule, transition: Transition) -> str | None:
+        """Why this change is recorded but not announced, if it is not announced."""
+        silence = silenced_by(self.store.silences(active_at_ms=transition.at_ms), rule.name,
+                              transition.gateway, transition.device, transition.at_ms)
+        if silence is not None:
+            return f"silenced by #{silence.id} ({silence.comment}, {silence.created_by})"
+        presence = self.store.presence().get(transition.gateway)
+        gateway_offline = (presence is not None and presence.state == "offline") or any(
+            subject == (transition.gateway, transition.gateway)
+            and self.rules[name].kind == "absence"
+            for name, subject, _ in self.evaluator.active())
+        return inhibited_by(rule_kind=rule.kind, gateway=transition.gateway,
+                            device=transition.device, gateway_offline=gateway_offline)
+
     def _outgoing(self, rule: Rule, transition: Transition, summary: str,
                   kind: str) -> list[Outgoing]:
+        reason = self._muted(rule, transition)
+        if reason is not None:
+            self.muted += 1
+            log.info("not announced", extra={"rule": rule.name, "gateway": transition.gateway,
+                                             "device": transition.device, "reason": reason})
+            return []
         title, body = render(kind=kind, severity=rule.severity, summary=summary,
                              detail=transition.detail, gateway=transition.gateway,
                              device=transition.device, since_ms=transition.at_ms,

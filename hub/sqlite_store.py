@@ -18,6 +18,7 @@ from typing import Any
 from careflow.errors import ConfigError, StoreError
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
+from careflow.hub.mute import Silence
 from careflow.hub.presence import PresenceRecord, supersedes
 from careflow.hub.registry import FACTS, DeviceUpdate, SourceUpdate, summarize
 from careflow.hub.store import (
@@ -137,6 +138,16 @@ CREATE TABLE IF NOT EXISTS notifications (
     sent_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
+CREATE TABLE IF NOT EXISTS silences (
+    id INTEGER PRIMARY KEY,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    starts_ms INTEGER NOT NULL,
+    ends_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    comment TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     written_ms INTEGER NOT NULL,
@@ -469,6 +480,32 @@ class SqliteStore:
         """One incident."""
         rows = self._read("SELECT * FROM incidents WHERE id = ?", (incident_id,))
         return Incident(*rows[0]) if rows else None
+
+    def add_silence(self, *, gateway: str, device: str, rule: str, starts_ms: int, ends_ms: int,
+                    created_by: str, comment: str) -> Silence:
+        """Record a silence."""
+        with self._transaction("add a silence") as conn:
+            cursor = conn.execute(
+                "INSERT INTO silences (gateway, device, rule, starts_ms, ends_ms, created_by, "
+                "comment) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (gateway, device, rule, starts_ms, ends_ms, created_by, comment))
+        assert cursor.lastrowid is not None
+        return Silence(cursor.lastrowid, gateway, device, rule, starts_ms, ends_ms, created_by,
+                       comment)
+
+    def silences(self, *, active_at_ms: int | None = None) -> list[Silence]:
+        """Silences, newest first; only those active at a moment when given."""
+        sql, params = "SELECT * FROM silences", []
+        if active_at_ms is not None:
+            sql += " WHERE starts_ms <= ? AND ends_ms > ?"
+            params = [active_at_ms, active_at_ms]
+        return [Silence(*row) for row in self._read(sql + " ORDER BY id DESC", params)]
+
+    def expire_silence(self, silence_id: int, *, now_ms: int) -> bool:
+        """End a silence now; False if there is no such active silence."""
+        with self._transaction("expire a silence") as conn:
+            return conn.execute("UPDATE silences SET ends_ms = ? WHERE id = ? AND ends_ms > ?",
+                                (now_ms, silence_id, now_ms)).rowcount == 1
 
     def presence(self) -> dict[str, PresenceRecord]:
         """The last accepted presence of every gateway."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from careflow.hub.ingest import Accepted, PresenceUpdate, Rejected
+from careflow.hub.mute import Silence
 from careflow.hub.presence import PresenceRecord
 
 __all__ = [
@@ -254,6 +255,19 @@ class EventStore(Protocol):
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
                           by: str, notify: Sequence[Outgoing] = ()) -> int:
         """Resolve what is open for this rule and source (and queue notifications)."""
+        ...
+
+    def add_silence(self, *, gateway: str, device: str, rule: str, starts_ms: int, ends_ms: int,
+                    created_by: str, comment: str) -> Silence:
+        """Record a silence."""
+        ...
+
+    def silences(self, *, active_at_ms: int | None = None) -> list[Silence]:
+        """Silences (active ones only, when a moment is given)."""
+        ...
+
+    def expire_silence(self, silence_id: int, *, now_ms: int) -> bool:
+        """End a silence now."""
         ...
 
     def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:

@@ -13,6 +13,7 @@ from careflow.cli import (
     ops,
     rulescmd,
     schemascmd,
+    silencescmd,
     simcmd,
 )
 
@@ -41,3 +42,4 @@ app.add_typer(gatewaycmd.gateway_app, name="gateway")
 app.add_typer(rulescmd.rules_app, name="rules")
 app.add_typer(incidentscmd.incidents_app, name="incidents")
 app.add_typer(notifycmd.notify_app, name="notify")
+app.add_typer(silencescmd.silences_app, name="silences")

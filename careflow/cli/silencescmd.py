@@ -1,0 +1,97 @@
+"""`careflow silences`: mute announcements for a maintenance visit (incidents are still kept)."""
+
+from __future__ import annotations
+
+import getpass
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from careflow.cli.common import (
+    DataDirOption,
+    JsonOption,
+    console,
+    iso_ms,
+    parse_when,
+    print_json_lines,
+)
+from careflow.cli.ops import open_store
+from careflow.errors import ConfigError
+from careflow.hub.mute import Silence
+
+__all__ = ["silences_app"]
+
+silences_app = typer.Typer(help="Silences: matching incidents are recorded but not announced.",
+                           no_args_is_help=True)
+
+
+def _row(s: Silence) -> dict[str, Any]:
+    return {"id": s.id, "gateway": s.gateway, "device": s.device, "rule": s.rule,
+            "starts": iso_ms(s.starts_ms), "ends": iso_ms(s.ends_ms), "created_by": s.created_by,
+            "comment": s.comment}
+
+
+@silences_app.command("add")
+def add(
+    gateway: Annotated[str, typer.Option("--gateway", "-g", help="Pattern, e.g. gw-0042.")] = "*",
+    device: Annotated[str, typer.Option("--device", "-d", help="Pattern.")] = "*",
+    rule: Annotated[str, typer.Option("--rule", "-r", help="Pattern, e.g. battery-*.")] = "*",
+    duration: Annotated[str, typer.Option("--for", help="How long: 30m, 2h, 1d.")] = "2h",
+    comment: Annotated[str, typer.Option("--comment", "-c", help="Why (shown to everyone).")] =
+        "maintenance",
+    by: Annotated[str | None, typer.Option("--by", help="Who [default: login name].")] = None,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Silence matching incidents from now on.
+
+    Example: `careflow silences add -g gw-0042 --for 90m -c "battery swap by Ola"`.
+    """
+    if (gateway, device, rule) == ("*", "*", "*"):
+        msg = "a silence for everything would hide care alarms: narrow it with -g, -d or -r"
+        raise ConfigError(msg)
+    now_ms = time.time_ns() // 1_000_000
+    ends_ms = 2 * now_ms - parse_when(duration, now_ms=now_ms)
+    if ends_ms <= now_ms:
+        msg = f"--for {duration!r} must be a positive duration such as 30m or 2h"
+        raise ConfigError(msg)
+    silence = open_store(data_dir).add_silence(gateway=gateway, device=device, rule=rule,
+                                               starts_ms=now_ms, ends_ms=ends_ms,
+                                               created_by=by or getpass.getuser(),
+                                               comment=comment)
+    if as_json:
+        print_json_lines([_row(silence)])
+    else:
+        console.print(f"silence #{silence.id} until {iso_ms(ends_ms)}", highlight=False)
+
+
+@silences_app.command("list")
+def list_silences(
+    include_expired: Annotated[bool, typer.Option("--all", help="Expired ones too.")] = False,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Active silences (or all with --all)."""
+    now_ms = time.time_ns() // 1_000_000
+    rows = [_row(s) for s in open_store(data_dir).silences(
+        active_at_ms=None if include_expired else now_ms)]
+    if as_json:
+        print_json_lines(rows)
+        return
+    table = Table("id", "gateway", "device", "rule", "ends", "by", "comment")
+    for r in rows:
+        table.add_row(str(r["id"]), r["gateway"], r["device"], r["rule"], r["ends"],
+                      r["created_by"], r["comment"])
+    console.print(table)
+
+
+@silences_app.command("expire")
+def expire(silence_id: Annotated[int, typer.Argument(help="Silence id.")],
+           data_dir: DataDirOption = None) -> None:
+    """End a silence now."""
+    if not open_store(data_dir).expire_silence(silence_id, now_ms=time.time_ns() // 1_000_000):
+        msg = f"no active silence #{silence_id}; `careflow silences list` shows them"
+        raise ConfigError(msg)
+    console.print(f"silence #{silence_id} expired", highlight=False)
