@@ -16,7 +16,7 @@ from typing import Any
 
 from careflow.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
-from careflow.hub.mute import inhibited_by, silenced_by
+from careflow.hub.mute import escalation_due, inhibited_by, silenced_by
 from careflow.hub.notify import Channel, render, route
 from careflow.hub.rules import Rule, RuleSet, load_rules
 from careflow.hub.store import EventStore, Outgoing, StoredEvent
@@ -56,7 +56,15 @@ class AlertStage:
         self.store = store
         self.rules = {rule.name: rule for rule in rules.rules}
         self.channels = dict(channels or {})
+        self.escalation = rules.escalation
         if self.channels:
+            for severity, steps in self.escalation.items():
+                for step in steps:
+                    for name in step.channels:
+                        if name not in self.channels:
+                            msg = (f"the {severity} escalation policy names channel {name!r}, "
+                                   f"which has no URL: set CAREFLOW_CHANNEL_{name.upper()}")
+                            raise ConfigError(msg)
             for rule in rules.rules:
                 missing = [c for c in route(rule.severity) if c not in self.channels]
                 if missing:
@@ -93,8 +101,32 @@ class AlertStage:
             self._record(self.evaluator.observe(observation, now_ms))
 
     def tick(self, now_ms: int) -> None:
-        """Let the clock drive absences and windows."""
+        """Let the clock drive absences, windows and escalation."""
         self._record(self.evaluator.tick(now_ms))
+        if self.escalation and self.channels:
+            self._escalate(now_ms)
+
+    def _escalate(self, now_ms: int) -> None:
+        for incident in self.store.incidents(states=("open",), limit=10_000):
+            steps = self.escalation.get(incident.severity, ())
+            step = escalation_due(tuple(s.after for s in steps), sent=incident.escalation_sent,
+                                  state=incident.state, triggered_ms=incident.triggered_ms,
+                                  now_ms=now_ms)
+            if step is None or silenced_by(self.store.silences(active_at_ms=now_ms), incident.rule,
+                                           incident.gateway, incident.device, now_ms):
+                continue
+            rule = self.rules.get(incident.rule)
+            title, body = render(kind="escalation", severity=incident.severity,
+                                 summary=incident.summary, detail=incident.detail,
+                                 gateway=incident.gateway, device=incident.device,
+                                 since_ms=incident.triggered_ms,
+                                 runbook=rule.runbook if rule else None)
+            notify = [(name, title, body) for name in steps[step].channels]
+            if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
+                                            notify=notify):
+                log.warning("incident escalated", extra={"incident": incident.id,
+                                                         "step": step + 1,
+                                                         "channels": list(steps[step].channels)})
 
     def _record(self, transitions: list[Transition]) -> None:
         for transition in transitions:

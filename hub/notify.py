@@ -89,6 +89,8 @@ def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str,
     if kind == "resolved":
         return f"[RESOLVED] {summary}", f"{summary} is over.\nWhere: {gateway} / {device}\n" \
                                         f"Started: {since}\n{detail}"
+    if kind == "escalation":
+        summary = f"NOT ACKNOWLEDGED: {summary}"
     todo = f"Runbook: {runbook}" if runbook else "Check the device and its gateway."
     return (f"[{severity.upper()}] {summary}",
             f"What: {summary}\nWhere: gateway {gateway}, device {device}\nSince: {since}\n"

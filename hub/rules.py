@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -27,6 +27,8 @@ from careflow.errors import ConfigError
 
 __all__ = [
     "AbsenceRule",
+    "EscalationPolicy",
+    "EscalationStep",
     "EventRule",
     "RateRule",
     "Rule",
@@ -119,15 +121,36 @@ Rule: TypeAlias = Annotated[AbsenceRule | ThresholdRule | RateRule | EventRule,
 _rule_adapter: TypeAdapter[Rule] = TypeAdapter(Rule)
 
 
+class EscalationStep(BaseModel):
+    """``after`` the trigger, if nobody has acknowledged, tell these ``channels``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    after: Duration
+    channels: Annotated[tuple[str, ...], Field(min_length=1)]
+
+
+class EscalationPolicy(BaseModel):
+    """The steps an unacknowledged incident of one severity walks (a capped list)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    severity: Literal["info", "warning", "critical"]
+    steps: Annotated[tuple[EscalationStep, ...], Field(max_length=20)]
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """Rules loaded from files, with where each came from."""
+    """Rules and escalation policies loaded from files, with where each came from."""
 
     rules: tuple[Rule, ...]
     origins: dict[str, str]  # rule name -> "file:line"
+    escalation: dict[str, tuple[EscalationStep, ...]] = field(default_factory=dict)
 
 
-def _items_with_lines(text: str, path: Path) -> list[tuple[Any, int]]:
+_SECTIONS = ("rules", "escalation")
+
+
+def _sections(text: str, path: Path) -> dict[str, list[tuple[Any, int]]]:
+    """The ``rules:`` and ``escalation:`` lists of a file, each item with its line number."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -135,23 +158,37 @@ def _items_with_lines(text: str, path: Path) -> list[tuple[Any, int]]:
         msg = f"{path}: not valid YAML: {exc}"
         raise ConfigError(msg) from exc
     if data is None:
-        return []
-    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
-        msg = f"{path}:1: expected a mapping with a `rules:` list"
+        return {}
+    if not isinstance(data, dict) or set(data) - set(_SECTIONS) or not all(
+            isinstance(value, list) for value in data.values()):
+        msg = f"{path}:1: expected a mapping with `rules:` and/or `escalation:` lists"
         raise ConfigError(msg)
     assert isinstance(node, yaml.MappingNode)
-    rules_node = next(v for k, v in node.value if k.value == "rules")
-    return [(item, rules_node.value[i].start_mark.line + 1)
-            for i, item in enumerate(data["rules"])]
+    out: dict[str, list[tuple[Any, int]]] = {}
+    for key, value in node.value:
+        out[key.value] = [(item, value.value[i].start_mark.line + 1)
+                          for i, item in enumerate(data[key.value])]
+    return out
 
 
 def load_rules(paths: Sequence[Path]) -> RuleSet:
     """Load and check every rule file; the first problem stops with ``file:line: what``."""
     rules: list[Rule] = []
     origins: dict[str, str] = {}
+    escalation: dict[str, tuple[EscalationStep, ...]] = {}
     files = sorted(p for path in paths for p in (path.glob("*.yaml") if path.is_dir() else [path]))
     for path in files:
-        for item, line in _items_with_lines(path.read_text(encoding="utf-8"), path):
+        sections = _sections(path.read_text(encoding="utf-8"), path)
+        for item, line in sections.get("escalation", []):
+            try:
+                policy = EscalationPolicy.model_validate(item)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                     for e in exc.errors()[:3])
+                msg = f"{path}:{line}: escalation policy: {problems}"
+                raise ConfigError(msg) from exc
+            escalation[policy.severity] = tuple(sorted(policy.steps, key=lambda s: s.after))
+        for item, line in sections.get("rules", []):
             where = f"{path}:{line}"
             name = item.get("name", "?") if isinstance(item, dict) else "?"
             try:
@@ -167,4 +204,4 @@ def load_rules(paths: Sequence[Path]) -> RuleSet:
                 raise ConfigError(msg)
             origins[rule.name] = where
             rules.append(rule)
-    return RuleSet(tuple(rules), origins)
+    return RuleSet(tuple(rules), origins, escalation)

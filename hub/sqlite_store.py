@@ -118,7 +118,8 @@ CREATE TABLE IF NOT EXISTS incidents (
     acknowledged_ms INTEGER,
     acknowledged_by TEXT,
     resolved_ms INTEGER,
-    resolved_by TEXT
+    resolved_by TEXT,
+    escalation_sent INTEGER NOT NULL DEFAULT 0
 );
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
@@ -382,6 +383,18 @@ class SqliteStore:
             "next_attempt_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(incident_id, channel, kind, title, body, at_ms, at_ms)
              for channel, title, body in notify])
+
+    def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
+                          notify: Sequence[Outgoing]) -> bool:
+        """Record that escalation step ``sent_before`` went out (compare-and-set: only while
+        the incident is still open and no one else sent it) with its notifications."""
+        with self._transaction("escalate an incident") as conn:
+            won = conn.execute(
+                "UPDATE incidents SET escalation_sent = escalation_sent + 1 WHERE id = ? AND "
+                "state = 'open' AND escalation_sent = ?", (incident_id, sent_before)).rowcount
+            if won:
+                self._queue(incident_id, "escalation", notify, at_ms)
+            return bool(won)
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
                           by: str, notify: Sequence[Outgoing] = ()) -> int:

@@ -142,6 +142,7 @@ class Incident:
     acknowledged_by: str | None
     resolved_ms: int | None
     resolved_by: str | None
+    escalation_sent: int = 0  # escalation steps already sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,11 @@ class EventStore(Protocol):
 
     def expire_silence(self, silence_id: int, *, now_ms: int) -> bool:
         """End a silence now."""
+        ...
+
+    def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
+                          notify: Sequence[Outgoing]) -> bool:
+        """Send the next escalation step of a still-open incident, once."""
         ...
 
     def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
