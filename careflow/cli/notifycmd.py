@@ -20,7 +20,7 @@ notify_app = typer.Typer(help="Notification channels (Apprise URLs from CAREFLOW
 
 
 @notify_app.command("test")
-def test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. oncall or ops.")]) -> None:
+def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. oncall or ops.")]) -> None:
     """Send a test message through a channel and say whether it was accepted."""
     channels = load_channels()
     if channel.lower() not in channels:

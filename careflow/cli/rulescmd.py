@@ -11,6 +11,7 @@ from rich.table import Table
 
 from careflow.cli.common import console
 from careflow.hub.rules import load_rules
+from careflow.hub.ruletests import run_rule_tests
 
 __all__ = ["rules_app"]
 
@@ -31,3 +32,27 @@ def check(
                       f"{rule.select.gateway}/{rule.select.device}", ruleset.origins[rule.name])
     console.print(table)
     console.print(f"{len(ruleset.rules)} rule(s) OK", highlight=False)
+
+
+@rules_app.command("test")
+def run_tests(
+    tests: Annotated[list[Path], typer.Argument(help="Test files or folders (YAML `tests:`).")],
+    rules: Annotated[list[Path] | None, typer.Option(
+        "--rules", help="Rule files or folders [default: CAREFLOW_RULES_DIR or ./rules].")] = None,
+) -> None:
+    """Run rule unit tests: events and ticks over time in, expected alerts out (exit 1 on a
+    failure, listing what was missing and what was unexpected)."""
+    ruleset = load_rules(rules or [Path(os.environ.get("CAREFLOW_RULES_DIR", "rules"))])
+    results = run_rule_tests(ruleset, tests)
+    for result in results:
+        mark = "[green]✓[/]" if result.passed else "[red]✗[/]"
+        console.print(f"{mark} {result.name}  [dim]{result.file}[/]", highlight=False)
+        for at, rule, gateway, device, status in result.missing:
+            console.print(f"    missing:    {status} {rule} {gateway}/{device} at {at / 1000:g}s",
+                          highlight=False)
+        for at, rule, gateway, device, status in result.unexpected:
+            console.print(f"    unexpected: {status} {rule} {gateway}/{device} at {at / 1000:g}s",
+                          highlight=False)
+    failed = sum(not r.passed for r in results)
+    console.print(f"{len(results) - failed} passed, {failed} failed", highlight=False)
+    raise typer.Exit(1 if failed else 0)
