@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,8 @@ class AlertStage:
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
         self.muted = 0
+        self.on_queued: Callable[[], None] = lambda: None  # wakes the notification sender
+        self._pending_wake = False
         self._seed()
 
     def _seed(self) -> None:
@@ -124,11 +126,18 @@ class AlertStage:
             notify = [(name, title, body) for name in steps[step].channels]
             if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
                                             notify=notify):
+                self.on_queued()
                 log.warning("incident escalated", extra={"incident": incident.id,
                                                          "step": step + 1,
                                                          "channels": list(steps[step].channels)})
 
     def _record(self, transitions: list[Transition]) -> None:
+        self._pending_wake = False
+        self._record_all(transitions)
+        if self._pending_wake:
+            self.on_queued()
+
+    def _record_all(self, transitions: list[Transition]) -> None:
         for transition in transitions:
             rule = self.rules[transition.rule]
             summary = _summary(rule, transition)
@@ -177,4 +186,7 @@ class AlertStage:
                              detail=transition.detail, gateway=transition.gateway,
                              device=transition.device, since_ms=transition.at_ms,
                              runbook=rule.runbook)
-        return [(name, title, body) for name in route(rule.severity) if name in self.channels]
+        outgoing = [(name, title, body) for name in route(rule.severity) if name in self.channels]
+        if outgoing:
+            self._pending_wake = True
+        return outgoing

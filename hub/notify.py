@@ -106,6 +106,7 @@ class NotificationSender:
         self.channels = dict(channels)
         self._apprise = {name: self._client(c) for name, c in self.channels.items()}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self.sent = 0
         self.failed = 0
         self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
@@ -121,16 +122,22 @@ class NotificationSender:
         self.store.release_claimed_notifications()
         self._thread.start()
 
+    def wake(self) -> None:
+        """Something was queued: deliver now rather than at the next poll."""
+        self._wake.set()
+
     def stop(self) -> None:
         """Stop after the notification in hand."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 if not self.deliver_due(time.time_ns() // 1_000_000):
-                    self._stop.wait(0.2)
+                    self._wake.wait(0.5)  # or sooner, when the hub queues something
+                    self._wake.clear()
             except Exception:
                 log.exception("notification delivery failed unexpectedly")
                 self._stop.wait(1.0)

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 QUEUE_BOUND = 20_000
 MAX_MESSAGES_PER_COMMIT = 2_000
 HEALTH_INTERVAL_S = 1.0
+# How often rules see the clock: an absence is noticed at most this long after its deadline.
+ALERT_TICK_S = 0.25
 # How often the hub may ask one source to resend what it is missing.
 RESEND_REQUEST_INTERVAL_S = 10.0
 # A commit costs one fsync; waiting this long for more messages lets a burst share it.
@@ -119,14 +121,17 @@ class HubService:
         self.ingress.start()
         log.info("hub ingesting", extra={"broker": str(self.settings.effective_broker_url),
                                          "store": str(self.settings.db_path)})
-        next_health = 0.0
+        next_health = next_tick = 0.0
         try:
             while not self._stop.is_set():
-                self._step(timeout_s=0.2)
-                if time.monotonic() >= next_health:
+                self._step(timeout_s=ALERT_TICK_S)
+                now = time.monotonic()
+                if now >= next_tick:  # absences are judged by the clock, not the next event
                     self._alerting(lambda stage: stage.tick(time.time_ns() // 1_000_000))
+                    next_tick = now + ALERT_TICK_S
+                if now >= next_health:
                     self._report_health()
-                    next_health = time.monotonic() + HEALTH_INTERVAL_S
+                    next_health = now + HEALTH_INTERVAL_S
             while not self.inbox.empty():  # finish what we hold before leaving
                 self._step(timeout_s=0.0)
             self._report_health()

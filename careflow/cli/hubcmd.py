@@ -49,6 +49,7 @@ def hub(
             sender = NotificationSender(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
             sender.start()
+            alerts.on_queued = sender.wake
         else:
             err_console.print("notifications are off: set CAREFLOW_CHANNEL_ONCALL and "
                               "CAREFLOW_CHANNEL_OPS to Apprise URLs to turn them on",

@@ -1,0 +1,132 @@
+"""Alert latency: from an event reaching the broker to its notification reaching the channel,
+and from a heartbeat deadline to the absence notification.
+
+    .venv/bin/python bench/alert_latency.py [--alarms 50] [--absences 10]
+
+A private Mosquitto, the hub (in this process, with its rules, alert stage and notification
+sender) and a real HTTP receiver as a json:// channel. Targets from the alerting issue:
+p99 <= 250 ms for care alarms, <= 1 s from a heartbeat deadline to the absence alert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from careflow.config import parse_broker_url
+from careflow.edge.publish import publish_events
+from careflow.edge.stamper import Stamper
+from careflow.hub.alerting import AlertStage
+from careflow.hub.notify import NotificationSender, load_channels
+from careflow.hub.rules import load_rules
+from careflow.hub.sqlite_store import SqliteStore
+from tests.conftest import Mosquitto, RunningHub, make_settings
+
+RULES = """
+rules:
+  - name: gateway-offline
+    kind: absence
+    only_gateways: true
+    grace: 2
+    severity: critical
+    summary: "Gateway {gateway} has gone silent"
+  - name: care-alarm
+    kind: event
+    type: alert
+    where: {state: raised}
+    summary: "CARE ALARM {device}"
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--alarms", type=int, default=50)
+    parser.add_argument("--absences", type=int, default=10)
+    args = parser.parse_args()
+    arrivals: dict[str, float] = {}
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            arrivals.setdefault(body["title"], time.time())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"json://127.0.0.1:{server.server_address[1]}/bench"
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": hook, "CAREFLOW_CHANNEL_OPS": hook})
+    tmp = Path(tempfile.mkdtemp(prefix="careflow-alert-bench-"))
+    (tmp / "rules.yaml").write_text(RULES)
+    broker = Mosquitto(tmp)
+    broker.start()
+    settings = make_settings(tmp / "data", broker.url, CAREFLOW_SQLITE_SYNC="full")
+    hub = RunningHub(settings)
+    hub.service.alerts = AlertStage(hub.store, load_rules([tmp / "rules.yaml"]), channels)
+    hub.start()
+    sender = NotificationSender(SqliteStore(settings.db_path), channels)
+    hub.service.alerts.on_queued = sender.wake
+    sender.start()
+    url = parse_broker_url(broker.url)
+    try:
+        alarm_ms: list[float] = []
+        for i in range(args.alarms):
+            device = Stamper(gateway="gw-bench", device=f"fall-{i}")
+            event = device.stamp("alert", {"kind": "fall", "state": "raised"})
+            start = time.time()
+            publish_events(url, [event], client_id=f"bench-{i}")
+            title = f"[CRITICAL] CARE ALARM fall-{i}"
+            while title not in arrivals and time.time() - start < 10:
+                time.sleep(0.002)
+            alarm_ms.append((arrivals.get(title, float("nan")) - start) * 1000)
+        absence_ms: list[float] = []
+        for i in range(args.absences):
+            gateway = Stamper(gateway=f"gw-silent-{i}")
+            publish_events(url, [gateway.stamp("heartbeat", {"interval_s": 1})],
+                           client_id=f"bench-hb-{i}")
+            stored = None
+            while stored is None:
+                record = hub.store.device(f"gw-silent-{i}", f"gw-silent-{i}")
+                stored = record.last_seen_ms if record else None
+                time.sleep(0.005)
+            deadline = stored / 1000 + 2.0
+            title = f"[CRITICAL] Gateway gw-silent-{i} has gone silent"
+            while title not in arrivals and time.time() - deadline < 10:
+                time.sleep(0.005)
+            absence_ms.append((arrivals.get(title, float("nan")) - deadline) * 1000)
+        result = {
+            "care_alarm_ms": {"p50": round(statistics.median(alarm_ms), 1),
+                              "p99": round(percentile(alarm_ms, 0.99), 1),
+                              "max": round(max(alarm_ms), 1), "n": len(alarm_ms)},
+            "absence_after_deadline_ms": {"p50": round(statistics.median(absence_ms), 1),
+                                          "max": round(max(absence_ms), 1),
+                                          "n": len(absence_ms)},
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        sender.stop()
+        hub.stop()
+        broker.stop()
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
