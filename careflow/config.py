@@ -124,6 +124,9 @@ class Settings:
     broker_password: str | None = field(default=None, repr=False)
     sqlite_synchronous: Literal["full", "normal"] = "full"
     broker_tls: TlsFiles = TlsFiles()
+    self_silence_ms: int = 600_000  # no event for this long: the hub alerts about itself
+    deadman_url: str | None = field(default=None, repr=False)
+    deadman_interval_s: int = 60
 
     @property
     def embedded(self) -> bool:
@@ -185,6 +188,9 @@ def load_settings(
         sqlite_synchronous="normal" if sync == "normal" else "full",
         broker_tls=tls_files(env.get("CAREFLOW_BROKER_CA"), env.get("CAREFLOW_BROKER_CERT"),
                              env.get("CAREFLOW_BROKER_KEY")),
+        self_silence_ms=_int_setting(env, "CAREFLOW_SELF_SILENCE_S", 600) * 1000,
+        deadman_url=read_secret(env, "CAREFLOW_DEADMAN_URL"),
+        deadman_interval_s=_int_setting(env, "CAREFLOW_DEADMAN_INTERVAL_S", 60),
     )
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,21 @@ from careflow.hub.evaluate import Evaluator, Observation, Transition
 from careflow.hub.mute import escalation_due, inhibited_by, silenced_by
 from careflow.hub.notify import Channel, render, route
 from careflow.hub.rules import Rule, RuleSet, load_rules
+from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES
 from careflow.hub.store import EventStore, Outgoing, StoredEvent
 
 __all__ = ["AlertStage", "default_rules"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _RuleStub:
+    name: str
+    severity: str
+
+
+_SELF_RULE_STUBS = tuple(_RuleStub(name, severity) for name, severity in SELF_RULES.items())
 
 
 def default_rules() -> RuleSet:
@@ -65,7 +76,8 @@ class AlertStage:
                             msg = (f"the {severity} escalation policy names channel {name!r}, "
                                    f"which has no URL: set CAREFLOW_CHANNEL_{name.upper()}")
                             raise ConfigError(msg)
-            for rule in rules.rules:
+            # the hub's own alerts are critical, so the critical route must exist in any case
+            for rule in (*rules.rules, *_SELF_RULE_STUBS):
                 missing = [c for c in route(rule.severity) if c not in self.channels]
                 if missing:
                     msg = (f"rule {rule.name!r} ({rule.severity}) routes to channel "
@@ -107,6 +119,27 @@ class AlertStage:
         self._record(self.evaluator.tick(now_ms))
         if self.escalation and self.channels:
             self._escalate(now_ms)
+
+    def check_self(self, problems: Mapping[str, str], now_ms: int) -> None:
+        """Open or resolve the hub's own incidents (careflow-hub/hub) from its self-checks."""
+        active = {i.rule for i in self.store.incidents(states=("open", "acknowledged"))
+                  if i.gateway == HUB_GATEWAY}
+        for rule, severity in SELF_RULES.items():
+            if rule in problems and rule not in active:
+                title, body = render(kind="firing", severity=severity,
+                                     summary=f"careflow hub: {rule}", detail=problems[rule],
+                                     gateway=HUB_GATEWAY, device=HUB_DEVICE, since_ms=now_ms,
+                                     runbook="runbooks/hub-unhealthy.md")
+                notify = [(c, title, body) for c in route(severity) if c in self.channels]
+                if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
+                                            severity=severity, summary=f"careflow hub: {rule}",
+                                            detail=problems[rule], at_ms=now_ms, notify=notify):
+                    log.error("the hub raised an alert about itself",
+                              extra={"rule": rule, "detail": problems[rule]})
+                    self.on_queued()
+            elif rule not in problems and rule in active:
+                self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
+                                             at_ms=now_ms, by="careflow (self-check passed)")
 
     def _escalate(self, now_ms: int) -> None:
         for incident in self.store.incidents(states=("open",), limit=10_000):

@@ -24,6 +24,7 @@ from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, decode_message
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
+from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
 from careflow.schemas import ack_topic, command_topic
 
@@ -111,6 +112,9 @@ class HubService:
         self._started_ms = time.time_ns() // 1_000_000
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
         self._resend_requested: dict[tuple[str, str, str], float] = {}
+        self._disconnected_since_ms: int | None = None
+        self._last_event_ms: int | None = None
+        self._store_errors_seen = 0
 
     def stop(self) -> None:
         """Ask the service to finish what it holds and return from :meth:`run`."""
@@ -131,6 +135,8 @@ class HubService:
                     next_tick = now + ALERT_TICK_S
                 if now >= next_health:
                     self._report_health()
+                    self._alerting(lambda stage: stage.check_self(
+                        self._self_problems(), time.time_ns() // 1_000_000))
                     next_health = now + HEALTH_INTERVAL_S
             while not self.inbox.empty():  # finish what we hold before leaving
                 self._step(timeout_s=0.0)
@@ -190,6 +196,7 @@ class HubService:
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
             self.counters.event_age_ms = now_ms - result.stored[-1].time_ms
+            self._last_event_ms = now_ms
         for item, _ in rejected:
             self.counters.rejects_by_code[item.code] += 1
         if rejected or result.conflicts:
@@ -210,6 +217,22 @@ class HubService:
         except Exception as exc:
             self.counters.alert_errors += 1
             log.exception("alert evaluation failed", extra={"error": str(exc)})
+
+    def _self_problems(self) -> dict[str, str]:
+        now_ms = time.time_ns() // 1_000_000
+        connected = self.ingress.connected
+        if connected:
+            self._disconnected_since_ms = None
+        elif self._disconnected_since_ms is None:
+            self._disconnected_since_ms = now_ms
+        recent_errors = self.counters.store_errors - self._store_errors_seen
+        self._store_errors_seen = self.counters.store_errors
+        failed = len(self.store.notifications(states=("failed",), limit=1000))
+        return self_problems(now_ms=now_ms, connected=connected,
+                             disconnected_since_ms=self._disconnected_since_ms,
+                             last_event_ms=self._last_event_ms, started_ms=self._started_ms,
+                             failed_notifications=failed, store_errors_recent=recent_errors,
+                             silence_ms=self.settings.self_silence_ms)
 
     def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
         """Tell each gateway which of its events are now durably here, so it can let them go.

@@ -11,6 +11,7 @@ from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.notify import NotificationSender, load_channels
+from careflow.hub.selfwatch import DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.log import setup_logging
@@ -39,6 +40,7 @@ def hub(
     embedded = EmbeddedBroker(settings.listen.host, settings.listen.port) if settings.embedded \
         else None
     sender: NotificationSender | None = None
+    deadman: DeadMansSwitch | None = None
     try:
         if embedded is not None:
             embedded.start()
@@ -50,6 +52,9 @@ def hub(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
             sender.start()
             alerts.on_queued = sender.wake
+        if settings.deadman_url:
+            deadman = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s)
+            deadman.start()
         else:
             err_console.print("notifications are off: set CAREFLOW_CHANNEL_ONCALL and "
                               "CAREFLOW_CHANNEL_OPS to Apprise URLs to turn them on",
@@ -63,6 +68,8 @@ def hub(
                           highlight=False)
         service.run()
     finally:
+        if deadman is not None:
+            deadman.stop()
         if sender is not None:
             sender.stop()
         if embedded is not None:

@@ -1,0 +1,79 @@
+"""The hub watches itself: if the alerting path breaks, someone must find out.
+
+``self_problems`` is pure: the hub's own health in, the problems it must raise out. Each problem
+becomes an incident on the source ``careflow-hub/hub`` through the same incident and notification
+path as device alerts. ``DeadMansSwitch`` pings an outside URL (Healthchecks, Cronitor, ...) on an
+interval, so a hub that is dead altogether is noticed from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.request
+
+__all__ = ["HUB_DEVICE", "HUB_GATEWAY", "SELF_RULES", "DeadMansSwitch", "self_problems"]
+
+log = logging.getLogger(__name__)
+
+HUB_GATEWAY = "careflow-hub"
+HUB_DEVICE = "hub"
+# rule name -> severity of the hub's own alerts
+SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
+              "hub-notifications-failing": "critical", "hub-store-failing": "critical"}
+
+
+def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | None,
+                  last_event_ms: int | None, started_ms: int, failed_notifications: int,
+                  store_errors_recent: int, broker_grace_ms: int = 60_000,
+                  silence_ms: int = 600_000) -> dict[str, str]:
+    """What is wrong with the hub itself, as rule name -> detail (empty when healthy)."""
+    problems: dict[str, str] = {}
+    if not connected and disconnected_since_ms is not None \
+            and now_ms - disconnected_since_ms >= broker_grace_ms:
+        problems["hub-broker-down"] = (f"the hub has been disconnected from its broker for "
+                                       f"{(now_ms - disconnected_since_ms) // 1000}s")
+    quiet_since = last_event_ms if last_event_ms is not None else started_ms
+    if connected and now_ms - quiet_since >= silence_ms:
+        problems["hub-no-events"] = (f"no event stored for {(now_ms - quiet_since) // 1000}s: "
+                                     "is the fleet, the broker or the network down?")
+    if failed_notifications:
+        problems["hub-notifications-failing"] = (
+            f"{failed_notifications} notification(s) failed for good: check the channels "
+            "(careflow notify list --state failed; careflow notify test CHANNEL)")
+    if store_errors_recent:
+        problems["hub-store-failing"] = (f"{store_errors_recent} store write failure(s) in the "
+                                         "last minute: check the disk")
+    return problems
+
+
+class DeadMansSwitch:
+    """GET ``url`` every ``interval_s`` while the hub is healthy enough to run this thread."""
+
+    def __init__(self, url: str, interval_s: float = 60.0) -> None:
+        self.url = url
+        self.interval_s = interval_s
+        self.pings = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dead-mans-switch", daemon=True)
+
+    def start(self) -> None:
+        """Begin pinging."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop pinging."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as answer:  # noqa: S310
+                    answer.read(1024)
+                self.pings += 1
+            except OSError as exc:
+                self.failures += 1
+                log.warning("dead man's switch ping failed", extra={"error": str(exc)})
+            self._stop.wait(self.interval_s)
