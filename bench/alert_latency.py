@@ -15,11 +15,8 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,7 +27,7 @@ from careflow.hub.alerting import AlertStage
 from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import Mosquitto, RunningHub, make_settings
+from tests.conftest import HttpReceiver, Mosquitto, RunningHub, make_settings
 
 RULES = """
 rules:
@@ -58,21 +55,13 @@ def main() -> None:
     parser.add_argument("--alarms", type=int, default=50)
     parser.add_argument("--absences", type=int, default=10)
     args = parser.parse_args()
-    arrivals: dict[str, float] = {}
+    receiver = HttpReceiver()
+    hook = f"json://127.0.0.1:{receiver.port}/bench"
 
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            arrivals.setdefault(body["title"], time.time())
-            self.send_response(200)
-            self.end_headers()
+    def arrived(title: str) -> float | None:
+        return next((at for _, _, body, at in receiver.requests
+                     if body and body.get("title") == title), None)
 
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    hook = f"json://127.0.0.1:{server.server_address[1]}/bench"
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": hook, "CAREFLOW_CHANNEL_OPS": hook})
     tmp = Path(tempfile.mkdtemp(prefix="careflow-alert-bench-"))
     (tmp / "rules.yaml").write_text(RULES)
@@ -94,9 +83,9 @@ def main() -> None:
             start = time.time()
             publish_events(url, [event], client_id=f"bench-{i}")
             title = f"[CRITICAL] CARE ALARM fall-{i}"
-            while title not in arrivals and time.time() - start < 10:
+            while arrived(title) is None and time.time() - start < 10:
                 time.sleep(0.002)
-            alarm_ms.append((arrivals.get(title, float("nan")) - start) * 1000)
+            alarm_ms.append(((arrived(title) or float("nan")) - start) * 1000)
         absence_ms: list[float] = []
         for i in range(args.absences):
             gateway = Stamper(gateway=f"gw-silent-{i}")
@@ -109,9 +98,9 @@ def main() -> None:
                 time.sleep(0.005)
             deadline = stored / 1000 + 2.0
             title = f"[CRITICAL] Gateway gw-silent-{i} has gone silent"
-            while title not in arrivals and time.time() - deadline < 10:
+            while arrived(title) is None and time.time() - deadline < 10:
                 time.sleep(0.005)
-            absence_ms.append((arrivals.get(title, float("nan")) - deadline) * 1000)
+            absence_ms.append(((arrived(title) or float("nan")) - deadline) * 1000)
         result = {
             "care_alarm_ms": {"p50": round(statistics.median(alarm_ms), 1),
                               "p99": round(percentile(alarm_ms, 0.99), 1),
@@ -125,7 +114,7 @@ def main() -> None:
         sender.stop()
         hub.stop()
         broker.stop()
-        server.shutdown()
+        receiver.close()
 
 
 if __name__ == "__main__":

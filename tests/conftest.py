@@ -172,3 +172,50 @@ def stamper() -> Callable[..., Stamper]:
 def heartbeat(stamper: Stamper, **data: Any) -> dict[str, Any]:
     """A valid heartbeat event from ``stamper``."""
     return stamper.stamp("heartbeat", {"interval_s": 60, **data})
+
+
+class HttpReceiver:
+    """A real HTTP server on a free loopback port that records what it is sent (webhooks,
+    dead man's switch pings): ``requests`` holds (method, path, JSON body or None, time)."""
+
+    def __init__(self) -> None:
+        import json  # noqa: PLC0415
+        from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: PLC0415
+
+        self.requests: list[tuple[str, str, Any, float]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else None
+                receiver.requests.append((self.command, self.path, body, time.time()))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            do_GET = do_POST = _record  # noqa: N815
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def bodies(self) -> list[Any]:
+        """The JSON bodies received, in order."""
+        return [body for _, _, body, _ in self.requests if body is not None]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def http_receiver() -> Iterator[HttpReceiver]:
+    receiver = HttpReceiver()
+    yield receiver
+    receiver.close()

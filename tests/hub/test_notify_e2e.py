@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +13,14 @@ from careflow.hub.alerting import AlertStage
 from careflow.hub.notify import NotificationSender, load_channels, retry_delay_ms
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import Mosquitto, RunningHub, free_port, make_settings, wait_until
+from tests.conftest import (
+    HttpReceiver,
+    Mosquitto,
+    RunningHub,
+    free_port,
+    make_settings,
+    wait_until,
+)
 from tests.hub.test_alerting_e2e import RULES
 from tests.hub.test_hub_mosquitto import publish
 
@@ -46,31 +49,10 @@ class Mailbox:
         self.controller.stop()
 
 
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    received: list[dict[str, Any]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            received.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"json://127.0.0.1:{server.server_address[1]}/careflow", received
-    server.shutdown()
-    server.server_close()
-
-
 def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
-    mosquitto: Mosquitto, tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]],
+    mosquitto: Mosquitto, tmp_path: Path, http_receiver: HttpReceiver,
 ) -> None:
-    hook_url, posts = webhook
+    hook_url = f"json://127.0.0.1:{http_receiver.port}/careflow"
     mail_port = free_port()
     mailbox = Mailbox(mail_port)  # not started yet: the SMTP server is down at first
     channels = load_channels({
@@ -91,8 +73,8 @@ def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
         fall = Stamper(gateway="gw-n", device="fall-1")
         publish(mosquitto, [door.stamp("status", {"state": "degraded", "battery_pct": 9}),
                             fall.stamp("alert", {"kind": "fall", "state": "raised"})])
-        wait_until(lambda: any("battery" in p["title"].lower() or "battery-low" in p["title"]
-                               for p in posts), what="the ops webhook")
+        wait_until(lambda: any("battery" in p["title"].lower() for p in http_receiver.bodies),
+                   what="the ops webhook")
         wait_until(lambda: sender.store.notifications(states=("pending",))
                    and sender.store.notifications(states=("pending",))[0].attempts >= 1,
                    what="a failed email attempt while SMTP is down")

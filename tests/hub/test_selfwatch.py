@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from careflow.hub.alerting import AlertStage
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.selfwatch import DeadMansSwitch, self_problems
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import wait_until
+from tests.conftest import HttpReceiver, wait_until
 
 ROOT = Path(__file__).parents[2]
 M = 60_000
@@ -51,33 +45,13 @@ def test_it_raises_and_clears_its_own_incidents_with_notifications(tmp_path: Pat
     assert store.incident(incident.id).state == "resolved"  # type: ignore[union-attr]
 
 
-@pytest.fixture
-def pings() -> Iterator[tuple[str, list[float]]]:
-    seen: list[float] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(1.0)
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"OK")
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/ping/abc", seen
-    server.shutdown()
-    server.server_close()
-
-
-def test_it_pings_a_dead_mans_switch_on_an_interval(pings: tuple[str, list[float]]) -> None:
-    url, seen = pings
-    switch = DeadMansSwitch(url, interval_s=0.2)
+def test_it_pings_a_dead_mans_switch_on_an_interval(http_receiver: HttpReceiver) -> None:
+    switch = DeadMansSwitch(f"http://127.0.0.1:{http_receiver.port}/ping/abc", interval_s=0.2)
     switch.start()
     try:
-        wait_until(lambda: len(seen) >= 3, timeout_s=5, what="three pings")
+        wait_until(lambda: len(http_receiver.requests) >= 3, timeout_s=5, what="three pings")
     finally:
         switch.stop()
     assert switch.failures == 0
+    assert {(method, path) for method, path, _, _ in http_receiver.requests} == {
+        ("GET", "/ping/abc")}
