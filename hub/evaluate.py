@@ -82,18 +82,20 @@ class Evaluator:
         live.last_seen_ms = max(live.last_seen_ms, obs.received_ms)
         if obs.type == "heartbeat" and isinstance(obs.data.get("interval_s"), int | float):
             live.interval_ms = int(obs.data["interval_s"] * 1000)
+        # Cheap tests first: most events concern few rules (the hub runs this per event).
         for rule in self.rules:
-            if not rule.select.matches(*subject):
-                continue
             if isinstance(rule, AbsenceRule):
-                out += self._resolve(rule, subject, now_ms, "heard from again")
+                if (rule.name, subject) in self.firing:
+                    out += self._resolve(rule, subject, now_ms, "heard from again")
             elif isinstance(rule, ThresholdRule):
-                out += self._observe_threshold(rule, subject, obs, now_ms)
-            elif isinstance(rule, RateRule) and obs.type == rule.type:
-                window = self._rates.setdefault((rule.name, subject), collections.deque())
-                window.append(obs.time_ms)
-                out += self._judge_rate(rule, subject, window, now_ms)
-            elif isinstance(rule, EventRule):
+                if rule.field in obs.data and rule.select.matches(*subject):
+                    out += self._observe_threshold(rule, subject, obs, now_ms)
+            elif isinstance(rule, RateRule):
+                if obs.type == rule.type and rule.select.matches(*subject):
+                    window = self._rates.setdefault((rule.name, subject), collections.deque())
+                    window.append(obs.time_ms)
+                    out += self._judge_rate(rule, subject, window, now_ms)
+            elif obs.type == rule.type and rule.select.matches(*subject):
                 out += self._observe_event(rule, subject, obs, now_ms)
         return out
 

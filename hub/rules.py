@@ -66,8 +66,8 @@ class Selector(BaseModel):
 
     def matches(self, gateway: str, device: str) -> bool:
         """Whether a source is watched by this rule."""
-        return fnmatch.fnmatchcase(gateway, self.gateway) and fnmatch.fnmatchcase(device,
-                                                                                  self.device)
+        return (self.gateway == "*" or fnmatch.fnmatchcase(gateway, self.gateway)) and (
+            self.device == "*" or fnmatch.fnmatchcase(device, self.device))
 
 
 class _Rule(BaseModel):
