@@ -373,14 +373,18 @@ def replay_command(
 ) -> None:
     """Re-run stored events, in arrival order, through the downstream stages.
 
-    `careflow replay --target registry` rebuilds the device registry from the event log.
+    `careflow replay --target registry` rebuilds the device registry from the event log;
+    `careflow replay --target rules --since 2h` shows what the alert rules would have fired
+    (a dry run: no incident, no notification).
     """
     store = open_store(data_dir)
     flt = _filter(gateway, device, event_type, since, until)
     total = store.count(flt)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("replaying", total=total)
-        report = replay(store, flt, target or list(STAGES),
+        report = replay(store, flt, target or [],
                         progress=lambda n: progress.advance(task, n))
     console.print(f"replayed {report.events} event(s) through {', '.join(report.stages)}",
                   highlight=False)
+    for line in report.notes:
+        console.print(line, highlight=False, soft_wrap=True)
