@@ -28,21 +28,7 @@ from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, RunningHub, make_settings
-
-RULES = """
-rules:
-  - name: gateway-offline
-    kind: absence
-    only_gateways: true
-    grace: 2
-    severity: critical
-    summary: "Gateway {gateway} has gone silent"
-  - name: care-alarm
-    kind: event
-    type: alert
-    where: {state: raised}
-    summary: "CARE ALARM {device}"
-"""
+from tests.hub.test_alerting_e2e import RULES  # the same rules the end-to-end test uses
 
 
 def percentile(values: list[float], q: float) -> float:

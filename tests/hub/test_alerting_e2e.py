@@ -36,6 +36,7 @@ rules:
     kind: event
     type: alert
     where: {state: raised}
+    summary: "CARE ALARM {device}"
 """
 
 
