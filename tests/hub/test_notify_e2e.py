@@ -111,3 +111,31 @@ def test_it_rejects_a_channel_url_apprise_cannot_use() -> None:
         load_channels({"CAREFLOW_CHANNEL_OPS": "bogus://nothing"})
 
 
+
+
+def test_it_delivers_once_what_a_killed_hub_had_written_or_claimed(
+    tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    """The crash windows of the outbox: written but not claimed, and claimed but not sent.
+
+    A hub process killed in either window leaves the row behind; the next hub's sender releases
+    what was claimed and delivers each notification once (tested on the real store and a real
+    HTTP receiver; a SIGKILL cannot be aimed between two statements reliably).
+    """
+    store = SqliteStore(tmp_path / "db")
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/x",
+                              "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/y"})
+    for n in range(2):
+        store.open_incident(rule="battery-low", gateway="gw", device=f"d{n}", severity="warning",
+                            summary=f"battery d{n}", detail="5 %", at_ms=1,
+                            notify=[("ops", f"battery d{n}", "body")])
+    (claimed,) = store.claim_notifications(now_ms=10, limit=1)  # then the hub "dies"
+    assert claimed.state == "sending"
+    restarted = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    restarted.start()
+    try:
+        wait_until(lambda: len(http_receiver.bodies) == 2, what="both delivered")
+        wait_until(lambda: len(store.notifications(states=("sent",))) == 2, what="recorded")
+    finally:
+        restarted.stop()
+    assert sorted(b["title"] for b in http_receiver.bodies) == ["battery d0", "battery d1"]
