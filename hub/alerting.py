@@ -28,6 +28,9 @@ __all__ = ["AlertStage", "default_rules"]
 log = logging.getLogger(__name__)
 
 
+GROUP_WAIT_MS = 30_000
+
+
 @dataclass(frozen=True, slots=True)
 class _RuleStub:
     name: str
@@ -87,6 +90,9 @@ class AlertStage:
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
         self.muted = 0
+        # Non-critical alerts wait this long so that a burst on one gateway becomes one message
+        # (Alertmanager's group_wait); critical ones, care alarms above all, never wait.
+        self.group_wait_ms = GROUP_WAIT_MS
         self.on_queued: Callable[[], None] = lambda: None  # wakes the notification sender
         self._pending_wake = False
         self._seed()
@@ -179,7 +185,8 @@ class AlertStage:
                     rule=rule.name, gateway=transition.gateway, device=transition.device,
                     severity=rule.severity, summary=summary, detail=transition.detail,
                     at_ms=transition.at_ms, notify=self._outgoing(rule, transition, summary,
-                                                                  "firing"))
+                                                                  "firing"),
+                    group_wait_ms=0 if rule.severity == "critical" else self.group_wait_ms)
                 if opened:
                     self.opened += 1
                     log.warning("incident opened", extra={

@@ -18,19 +18,20 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import apprise
 
 from careflow.config import read_secret
 from careflow.errors import ConfigError
-from careflow.hub.store import EventStore
+from careflow.hub.store import EventStore, Notification
 
 __all__ = [
     "MAX_ATTEMPTS",
     "Channel",
     "NotificationSender",
+    "combine",
     "load_channels",
     "render",
     "retry_delay_ms",
@@ -98,6 +99,18 @@ def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str,
             f"Acknowledge: careflow incidents list, then careflow incidents ack <id>")
 
 
+def combine(notes: Sequence[Notification]) -> tuple[str, str]:
+    """One message for several alerts of one gateway: a count in the title, each one below."""
+    if len(notes) == 1:
+        return notes[0].title, notes[0].body
+    gateway = notes[0].group_key or "several sources"
+    title = f"[{len(notes)} alerts] {gateway}: " + "; ".join(n.title for n in notes[:3])
+    if len(notes) > 3:
+        title += f"; and {len(notes) - 3} more"
+    body = "\n\n".join(f"--- {n.title}\n{n.body}" for n in notes)
+    return title, body
+
+
 class NotificationSender:
     """Delivers pending notifications from the store, on its own thread and connection."""
 
@@ -144,18 +157,29 @@ class NotificationSender:
 
     def deliver_due(self, now_ms: int) -> int:
         """Claim and send what is due; return how many were attempted."""
+        claimed = self.store.claim_notifications(now_ms=now_ms, limit=50)
+        groups: dict[tuple[str, str], list[Notification]] = {}
+        for note in claimed:
+            key = (note.channel, note.group_key if note.kind == "firing" else f"#{note.id}")
+            groups.setdefault(key, []).append(note)
+        for notes in groups.values():
+            self._send(notes, now_ms)
+        return len(claimed)
+
+    def _send(self, notes: list[Notification], now_ms: int) -> None:
+        """One message for a group of notifications to one channel; each row records it."""
         store = self.store
-        attempted = 0
-        for note in store.claim_notifications(now_ms=now_ms, limit=20):
-            attempted += 1
-            client = self._apprise.get(note.channel)
-            if client is None:
+        title, body = combine(notes)
+        client = self._apprise.get(notes[0].channel)
+        if client is None:
+            for note in notes:
                 store.finish_notification(note.id, ok=False, now_ms=now_ms,
                                           error=f"no channel {note.channel!r} configured",
                                           final=True)
-                self.failed += 1
-                continue
-            ok = bool(client.notify(title=note.title, body=note.body))
+            self.failed += len(notes)
+            return
+        ok = bool(client.notify(title=title, body=body))
+        for note in notes:
             final = not ok and note.attempts + 1 >= MAX_ATTEMPTS
             store.finish_notification(
                 note.id, ok=ok, now_ms=time.time_ns() // 1_000_000,
@@ -172,4 +196,3 @@ class NotificationSender:
                 log.warning("notification failed; will retry", extra={
                     "channel": note.channel, "incident": note.incident_id,
                     "retry_in_ms": retry_delay_ms(note.attempts + 1)})
-        return attempted

@@ -136,7 +136,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     next_attempt_ms INTEGER NOT NULL,
     last_error TEXT,
     created_ms INTEGER NOT NULL,
-    sent_ms INTEGER
+    sent_ms INTEGER,
+    group_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
 CREATE TABLE IF NOT EXISTS silences (
@@ -359,7 +360,7 @@ class SqliteStore:
 
     def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
                       summary: str, detail: str, at_ms: int,
-                      notify: Sequence[Outgoing] = ()) -> int | None:
+                      notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> int | None:
         """Open an incident unless one is unresolved for this rule and source; its id or None.
 
         Its notifications are written in the same transaction: an incident is never recorded
@@ -374,14 +375,16 @@ class SqliteStore:
                 return None
             incident_id = cursor.lastrowid
             assert incident_id is not None
-            self._queue(incident_id, "firing", notify, at_ms)
+            self._queue(incident_id, "firing", notify, at_ms, group_key=gateway,
+                        delay_ms=group_wait_ms)
             return incident_id
 
-    def _queue(self, incident_id: int, kind: str, notify: Sequence[Outgoing], at_ms: int) -> None:
+    def _queue(self, incident_id: int, kind: str, notify: Sequence[Outgoing], at_ms: int, *,
+               group_key: str = "", delay_ms: int = 0) -> None:
         self._conn.executemany(
             "INSERT INTO notifications (incident_id, channel, kind, title, body, "
-            "next_attempt_ms, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(incident_id, channel, kind, title, body, at_ms, at_ms)
+            "next_attempt_ms, created_ms, group_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(incident_id, channel, kind, title, body, at_ms + delay_ms, at_ms, group_key)
              for channel, title, body in notify])
 
     def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
@@ -413,8 +416,16 @@ class SqliteStore:
     def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
         """Due notifications, each claimed by compare-and-set so no one else sends it."""
         claimed: list[Notification] = []
-        due = self._read("SELECT id FROM notifications WHERE state = 'pending' AND "
-                         "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
+        rows = self._read(
+            "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
+            "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
+        # a due notification brings along the rest of its group (same channel and gateway)
+        groups = {(channel, key) for _, channel, key, kind in rows if key and kind == "firing"}
+        extra = [row[0] for channel, key in sorted(groups) for row in self._read(
+            "SELECT id FROM notifications WHERE state = 'pending' AND channel = ? AND "
+            "group_key = ? AND kind = 'firing' AND attempts = 0", (channel, key))]
+        due = [(notification_id,) for notification_id in
+               dict.fromkeys([row[0] for row in rows] + extra)]
         for (notification_id,) in due:
             with self._transaction("claim a notification") as conn:
                 won = conn.execute("UPDATE notifications SET state = 'sending' "

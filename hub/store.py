@@ -161,6 +161,7 @@ class Notification:
     last_error: str | None
     created_ms: int
     sent_ms: int | None
+    group_key: str = ""  # the gateway: firing notifications of one gateway go out together
 
 
 # (channel, title, body) of a notification to write with an incident change
@@ -249,7 +250,7 @@ class EventStore(Protocol):
 
     def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
                       summary: str, detail: str, at_ms: int,
-                      notify: Sequence[Outgoing] = ()) -> int | None:
+                      notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> int | None:
         """Open an incident (and queue its notifications) unless one is open already."""
         ...
 

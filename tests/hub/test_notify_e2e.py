@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +66,21 @@ def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
     settings = make_settings(tmp_path / "data", mosquitto.url)
     hub = RunningHub(settings, load_rules([tmp_path / "rules.yaml"]))
     hub.service.alerts = AlertStage(hub.store, load_rules([tmp_path / "rules.yaml"]), channels)
+    hub.service.alerts.group_wait_ms = 1500  # short, so the test need not wait 30 s
     hub.start()
     sender = NotificationSender(SqliteStore(settings.db_path), channels)
     sender.start()
     try:
-        door = Stamper(gateway="gw-n", device="door-1")
+        doors = [Stamper(gateway="gw-n", device=f"door-{n}") for n in range(3)]
         fall = Stamper(gateway="gw-n", device="fall-1")
-        publish(mosquitto, [door.stamp("status", {"state": "degraded", "battery_pct": 9}),
+        publish(mosquitto, [*(d.stamp("status", {"state": "degraded", "battery_pct": 9})
+                              for d in doors),
                             fall.stamp("alert", {"kind": "fall", "state": "raised"})])
-        wait_until(lambda: any("battery" in p["title"].lower() for p in http_receiver.bodies),
-                   what="the ops webhook")
+        wait_until(lambda: http_receiver.bodies, what="the ops webhook")
+        time.sleep(2)  # longer than the group wait: nothing else may follow
+        (grouped,) = http_receiver.bodies  # three battery alerts of gw-n, one message
+        assert grouped["title"].startswith("[3 alerts] gw-n")
+        assert all(f"door-{n}" in grouped["message"] for n in range(3))
         wait_until(lambda: sender.store.notifications(states=("pending",))
                    and sender.store.notifications(states=("pending",))[0].attempts >= 1,
                    what="a failed email attempt while SMTP is down")
@@ -126,7 +132,7 @@ def test_it_delivers_once_what_a_killed_hub_had_written_or_claimed(
     channels = load_channels({"CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/x",
                               "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/y"})
     for n in range(2):
-        store.open_incident(rule="battery-low", gateway="gw", device=f"d{n}", severity="warning",
+        store.open_incident(rule="battery-low", gateway=f"gw-{n}", device="d", severity="warning",
                             summary=f"battery d{n}", detail="5 %", at_ms=1,
                             notify=[("ops", f"battery d{n}", "body")])
     (claimed,) = store.claim_notifications(now_ms=10, limit=1)  # then the hub "dies"
