@@ -9,6 +9,7 @@ current one.
 from __future__ import annotations
 
 import collections
+import heapq
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,11 @@ class Evaluator:
     _alive: dict[Subject, _Liveness] = field(default_factory=dict)
     _thresholds: dict[tuple[str, Subject], _Threshold] = field(default_factory=dict)
     _rates: dict[tuple[str, Subject], collections.deque[int]] = field(default_factory=dict)
+    # Absence deadlines as a heap, so a tick looks only at what is due, not at every source;
+    # entries whose deadline moved on since are skipped when popped.
+    _deadlines: list[tuple[int, str, Subject]] = field(default_factory=list)
+    _deadline_of: dict[tuple[str, Subject], int] = field(default_factory=dict)
+    _pending: set[tuple[str, Subject]] = field(default_factory=set)  # thresholds breached
 
     def observe(self, obs: Observation, now_ms: int) -> list[Transition]:
         """Account for one event; return what started or stopped firing."""
@@ -87,6 +93,7 @@ class Evaluator:
             if isinstance(rule, AbsenceRule):
                 if (rule.name, subject) in self.firing:
                     out += self._resolve(rule, subject, now_ms, "heard from again")
+                self._schedule(rule, subject, live)
             elif isinstance(rule, ThresholdRule):
                 if rule.field in obs.data and rule.select.matches(*subject):
                     out += self._observe_threshold(rule, subject, obs, now_ms)
@@ -102,19 +109,39 @@ class Evaluator:
     def tick(self, now_ms: int) -> list[Transition]:
         """Let time pass: absences, threshold ``for`` windows and rate windows move on."""
         out: list[Transition] = []
-        for rule in self.rules:
-            if isinstance(rule, AbsenceRule):
-                for subject, live in self._alive.items():
-                    out += self._judge_absence(rule, subject, live, now_ms)
-            elif isinstance(rule, ThresholdRule):
-                for (name, subject), state in self._thresholds.items():
-                    if name == rule.name:
-                        out += self._judge_threshold(rule, subject, state, now_ms)
-            elif isinstance(rule, RateRule):
-                for (name, subject), window in self._rates.items():
-                    if name == rule.name:
-                        out += self._judge_rate(rule, subject, window, now_ms)
+        rules = {rule.name: rule for rule in self.rules}
+        while self._deadlines and self._deadlines[0][0] < now_ms:
+            deadline, name, subject = heapq.heappop(self._deadlines)
+            if self._deadline_of.get((name, subject)) != deadline:
+                continue  # heard from since: a later deadline is in the heap
+            del self._deadline_of[(name, subject)]
+            rule = rules[name]
+            assert isinstance(rule, AbsenceRule)
+            out += self._judge_absence(rule, subject, self._alive[subject], now_ms)
+        for name, subject in list(self._pending):
+            rule = rules[name]
+            assert isinstance(rule, ThresholdRule)
+            out += self._judge_threshold(rule, subject, self._thresholds[(name, subject)], now_ms)
+        for (name, subject), window in self._rates.items():
+            rule = rules[name]
+            if window or (name, subject) in self.firing:
+                assert isinstance(rule, RateRule)
+                out += self._judge_rate(rule, subject, window, now_ms)
         return out
+
+    def _schedule(self, rule: AbsenceRule, subject: Subject, live: _Liveness) -> None:
+        """(Re)set when this source's silence becomes an absence for ``rule``."""
+        if not rule.select.matches(*subject) or (rule.only_gateways and subject[0] != subject[1]):
+            return
+        allowed = rule.after if rule.after is not None else (
+            int(live.interval_ms * rule.grace) if live.interval_ms else None)
+        if allowed is None:
+            return
+        deadline = live.last_seen_ms + allowed
+        if self._deadline_of.get((rule.name, subject)) == deadline:
+            return
+        self._deadline_of[(rule.name, subject)] = deadline
+        heapq.heappush(self._deadlines, (deadline, rule.name, subject))
 
     # -- kinds --------------------------------------------------------------------------------
 
@@ -145,9 +172,11 @@ class Evaluator:
             breached = False  # a value of another type cannot breach a numeric limit
         if not breached:
             state.breached_since_ms = None
+            self._pending.discard((rule.name, subject))
             return self._resolve(rule, subject, now_ms, f"{rule.field} is {value!r} again")
         if state.breached_since_ms is None:
             state.breached_since_ms = obs.time_ms
+            self._pending.add((rule.name, subject))
         return self._judge_threshold(rule, subject, state, now_ms, value)
 
     def _judge_threshold(self, rule: ThresholdRule, subject: Subject, state: _Threshold,
@@ -155,6 +184,7 @@ class Evaluator:
         since = state.breached_since_ms
         if since is None or now_ms - since < rule.for_:
             return []
+        self._pending.discard((rule.name, subject))  # firing now; no more ticks needed
         shown = "" if value is None else f" (now {value!r})"
         return self._fire(rule, subject, now_ms,
                           f"{rule.field} {rule.op} {rule.value!r}{shown} for "
