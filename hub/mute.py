@@ -9,7 +9,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Silence", "escalation_due", "inhibited_by", "silenced_by"]
+__all__ = ["Silence", "escalation_due", "flapping", "inhibited_by", "silenced_by"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +57,14 @@ def escalation_due(steps_after_ms: tuple[int, ...], *, sent: int, state: str, tr
     if state != "open" or sent >= len(steps_after_ms):
         return None
     return sent if now_ms - triggered_ms >= steps_after_ms[sent] else None
+
+
+FLAP_WINDOW_MS = 30 * 60_000
+FLAP_TRIGGERS = 4
+
+
+def flapping(recent_triggers_ms: Iterable[int], *, now_ms: int, window_ms: int = FLAP_WINDOW_MS,
+             threshold: int = FLAP_TRIGGERS) -> bool:
+    """A condition that fired ``threshold`` times within ``window_ms`` (this time included) is
+    flapping: keep recording it, stop announcing every swing."""
+    return sum(1 for at in recent_triggers_ms if now_ms - at < window_ms) + 1 >= threshold

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
-from careflow.hub.mute import Silence, inhibited_by, silenced_by
+from careflow.hub.mute import Silence, flapping, inhibited_by, silenced_by
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
@@ -101,3 +101,29 @@ def test_it_announces_the_gateway_not_each_device_behind_it(tmp_path: Path) -> N
     assert len(incidents) == 51  # every silence is recorded...
     notes = store.notifications(limit=100)
     assert [store.incident(n.incident_id).device for n in notes] == ["gw-x"]  # type: ignore[union-attr]
+
+
+def test_it_stops_announcing_a_flapping_condition(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES)
+    store = SqliteStore(tmp_path / "db")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
+    door = Stamper(gateway="gw-f", device="door-1")
+    t = 10**13
+    for swing in range(6):  # low, ok, low, ok ... every minute
+        for battery in (5, 90):
+            stored = store.append(batch_of([door.stamp("status", {"state": "ok",
+                                                                   "battery_pct": battery})]))
+            stage.handle(stored.stored, now_ms=t + swing * 60_000)
+    assert len(store.incidents(limit=100)) == 6  # every swing is still recorded
+    firing = [n for n in store.notifications(limit=100) if n.kind == "firing"]
+    assert len(firing) == 3  # the fourth swing within 30 minutes is flapping
+    assert stage.muted >= 3
+
+
+@given(st.lists(st.integers(0, 3_600_000), max_size=10), st.integers(0, 3_600_000))
+def test_it_calls_flapping_only_with_enough_recent_triggers(triggers: list[int], now: int) -> None:
+    recent = [t for t in triggers if 0 <= now - t < 30 * 60_000]
+    assert flapping(triggers, now_ms=now) == (len([t for t in triggers
+                                                    if now - t < 30 * 60_000]) + 1 >= 4)
+    if len(recent) < 3:
+        assert not flapping(recent, now_ms=now)
