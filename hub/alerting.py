@@ -17,7 +17,13 @@ from typing import Any
 
 from careflow.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
-from careflow.hub.mute import escalation_due, flapping, inhibited_by, silenced_by
+from careflow.hub.mute import (
+    FLAP_WINDOW_MS,
+    escalation_due,
+    flapping,
+    inhibited_by,
+    silenced_by,
+)
 from careflow.hub.notify import Channel, render, route
 from careflow.hub.rules import Rule, RuleSet, load_rules
 from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES
@@ -203,7 +209,8 @@ class AlertStage:
     def _muted(self, rule: Rule, transition: Transition) -> str | None:
         """Why this change is recorded but not announced, if it is not announced."""
         if rule.kind != "event" and flapping(
-                self._recent_triggers(rule.name, transition.gateway, transition.device),
+                self._recent_triggers(rule.name, transition.gateway, transition.device,
+                                      transition.at_ms),
                 now_ms=transition.at_ms):
             return "flapping: it fired and cleared again and again; see careflow incidents list"
         silence = silenced_by(self.store.silences(active_at_ms=transition.at_ms), rule.name,
@@ -218,9 +225,10 @@ class AlertStage:
         return inhibited_by(rule_kind=rule.kind, gateway=transition.gateway,
                             device=transition.device, gateway_offline=gateway_offline)
 
-    def _recent_triggers(self, rule: str, gateway: str, device: str) -> list[int]:
-        return [i.triggered_ms for i in self.store.incidents(states=("resolved",), limit=50)
-                if (i.rule, i.gateway, i.device) == (rule, gateway, device)]
+    def _recent_triggers(self, rule: str, gateway: str, device: str, now_ms: int) -> list[int]:
+        """Earlier triggers of this rule for this source within the flapping window."""
+        return self.store.incident_triggers(rule=rule, gateway=gateway, device=device,
+                                            since_ms=now_ms - FLAP_WINDOW_MS)
 
     def _outgoing(self, rule: Rule, transition: Transition, summary: str,
                   kind: str) -> list[Outgoing]:

@@ -9,7 +9,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Silence", "escalation_due", "flapping", "inhibited_by", "silenced_by"]
+__all__ = ["FLAP_WINDOW_MS", "Silence", "escalation_due", "flapping", "inhibited_by", "silenced_by"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,7 +227,7 @@ class HubService:
             self._disconnected_since_ms = now_ms
         recent_errors = self.counters.store_errors - self._store_errors_seen
         self._store_errors_seen = self.counters.store_errors
-        failed = len(self.store.notifications(states=("failed",), limit=1000))
+        failed = self.store.count_notifications(states=("failed",))
         return self_problems(now_ms=now_ms, connected=connected,
                              disconnected_since_ms=self._disconnected_since_ms,
                              last_event_ms=self._last_event_ms, started_ms=self._started_ms,

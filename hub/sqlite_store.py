@@ -200,8 +200,11 @@ ON CONFLICT (gateway, device, boot) DO UPDATE SET
     first_seen_ms = MIN(first_seen_ms, excluded.first_seen_ms)
 """
 _GAP_QUERY_CHUNK = 2000  # sources per gap query (3 bound values each, well under SQLite's limit)
-_GAPS_BY_DEVICE = (
-    "SELECT COALESCE(SUM(max_seq - received), 0) FROM sources WHERE gateway = ? AND device = ?"
+# Registry rows with their sequence gaps, in one query rather than one query per device.
+_DEVICES_WITH_GAPS = (
+    "SELECT d.*, COALESCE(g.gaps, 0) FROM devices AS d LEFT JOIN ("
+    "SELECT gateway, device, SUM(max_seq - received) AS gaps FROM sources "
+    "GROUP BY gateway, device) AS g ON g.gateway = d.gateway AND g.device = d.device"
 )
 
 
@@ -453,15 +456,24 @@ class SqliteStore:
             return conn.execute("UPDATE notifications SET state = 'pending' "
                                 "WHERE state = 'sending'").rowcount
 
+    def _in_states(self, what: str, table: str, states: Sequence[str] | None,
+                   tail: str = "", params: Sequence[Any] = ()) -> list[Any]:
+        """Rows (or a count) of incidents/notifications, optionally only in some states."""
+        sql, bound = f"SELECT {what} FROM {table}", list(params)
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            bound = [*states, *bound]
+        return self._read(sql + tail, bound)
+
     def notifications(self, *, states: Sequence[str] | None = None,
                       limit: int = 50) -> list[Notification]:
         """Newest first."""
-        sql, params = "SELECT * FROM notifications", []
-        if states:
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
-            params = list(states)
-        return [Notification(*row) for row in self._read(sql + " ORDER BY id DESC LIMIT ?",
-                                                          [*params, limit])]
+        return [Notification(*row) for row in self._in_states(
+            "*", "notifications", states, " ORDER BY id DESC LIMIT ?", [limit])]
+
+    def count_notifications(self, *, states: Sequence[str] | None = None) -> int:
+        """How many notifications are in these states."""
+        return int(self._in_states("COUNT(*)", "notifications", states)[0][0])
 
     def _change_incident(self, incident_id: int, sql: str, params: Sequence[Any],
                          action: str) -> Incident:
@@ -493,12 +505,19 @@ class SqliteStore:
     def incidents(self, *, states: Sequence[str] | None = None,
                   limit: int = 50) -> list[Incident]:
         """Newest first, optionally only in some states."""
-        sql, params = "SELECT * FROM incidents", []
-        if states:
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
-            params = list(states)
-        return [Incident(*row) for row in self._read(sql + " ORDER BY id DESC LIMIT ?",
-                                                      [*params, limit])]
+        return [Incident(*row) for row in self._in_states(
+            "*", "incidents", states, " ORDER BY id DESC LIMIT ?", [limit])]
+
+    def count_incidents(self, *, states: Sequence[str] | None = None) -> int:
+        """How many incidents are in these states."""
+        return int(self._in_states("COUNT(*)", "incidents", states)[0][0])
+
+    def incident_triggers(self, *, rule: str, gateway: str, device: str,
+                          since_ms: int) -> list[int]:
+        """When this rule fired for this source since a moment (for flapping detection)."""
+        return [int(row[0]) for row in self._read(
+            "SELECT triggered_ms FROM incidents WHERE rule = ? AND gateway = ? AND device = ? "
+            "AND triggered_ms >= ?", (rule, gateway, device, since_ms))]
 
     def incident(self, incident_id: int) -> Incident | None:
         """One incident."""
@@ -647,7 +666,7 @@ class SqliteStore:
             value = row[10 + 2 * index]
             if value is not None:
                 facts[name] = value
-        gaps = int(self._read(_GAPS_BY_DEVICE, (row[0], row[1]))[0][0])
+        gaps = int(row[-1])
         return DeviceRecord(
             gateway=row[0], device=row[1], first_seen_ms=row[2], last_seen_ms=row[3],
             events=row[4], last_time_ms=row[5], last_type=row[6], boot=row[7], seq=row[8],
@@ -655,16 +674,17 @@ class SqliteStore:
 
     def devices(self, *, gateway: str | None = None) -> list[DeviceRecord]:
         """Registry entries, by gateway then device."""
-        sql = "SELECT * FROM devices"
+        sql = _DEVICES_WITH_GAPS
         params: list[Any] = []
         if gateway is not None:
-            sql += " WHERE gateway = ?"
+            sql += " WHERE d.gateway = ?"
             params.append(gateway)
-        return [self._device(row) for row in self._read(sql + " ORDER BY gateway, device", params)]
+        return [self._device(row)
+                for row in self._read(sql + " ORDER BY d.gateway, d.device", params)]
 
     def device(self, gateway: str, device: str) -> DeviceRecord | None:
         """One registry entry."""
-        rows = self._read("SELECT * FROM devices WHERE gateway = ? AND device = ?",
+        rows = self._read(_DEVICES_WITH_GAPS + " WHERE d.gateway = ? AND d.device = ?",
                           (gateway, device))
         return self._device(rows[0]) if rows else None
 

@@ -312,6 +312,19 @@ class EventStore(Protocol):
         """One incident."""
         ...
 
+    def count_incidents(self, *, states: Sequence[str] | None = None) -> int:
+        """How many incidents are in these states."""
+        ...
+
+    def incident_triggers(self, *, rule: str, gateway: str, device: str,
+                          since_ms: int) -> list[int]:
+        """When this rule fired for this source since a moment."""
+        ...
+
+    def count_notifications(self, *, states: Sequence[str] | None = None) -> int:
+        """How many notifications are in these states."""
+        ...
+
     def read_health(self) -> tuple[int, dict[str, Any]] | None:
         """The last health report and when it was written (ms)."""
         ...

@@ -341,11 +341,9 @@ def status(
     report["dead_letters_kept"] = store.dead_letter_count()
     report["sequence_gaps"] = store.total_gaps()
     report["events_kept"] = store.count(EventFilter())
-    report["incidents_active"] = len(store.incidents(states=("open", "acknowledged"),
-                                                     limit=100_000))
-    report["notifications_waiting"] = len(store.notifications(states=("pending", "sending"),
-                                                              limit=100_000))
-    report["notifications_failed"] = len(store.notifications(states=("failed",), limit=100_000))
+    report["incidents_active"] = store.count_incidents(states=("open", "acknowledged"))
+    report["notifications_waiting"] = store.count_notifications(states=("pending", "sending"))
+    report["notifications_failed"] = store.count_notifications(states=("failed",))
     healthy = bool(report["running"] and report.get("connected"))
     if as_json:
         print_json_lines([report])
