@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from careflow.config import BrokerUrl
@@ -71,11 +71,8 @@ class _Device:
 class _Gateway:
     agent: EdgeAgent
     devices: list[_Device]
-    skew_s: float = 0.0
     cut_until: float | None = None
     storm_until: float | None = None
-    alarms: int = 0
-    events: int = field(default=0)
 
 
 class FleetSimulator:
@@ -138,7 +135,6 @@ class FleetSimulator:
             device.battery = max(0.0, device.battery - self._random.uniform(0, 0.05))
             gateway.agent.add(device.name, "heartbeat", {
                 "interval_s": self.interval_s, "battery_pct": round(device.battery, 1)})
-            gateway.events += 1
         if gateway.storm_until is not None:
             if now < gateway.storm_until:
                 gateway.agent.outbox.resend_all()
@@ -177,12 +173,10 @@ class FleetSimulator:
                 agent.add(target, "error", {"code": "E_SENSOR_TIMEOUT", "severity": "warning",
                                             "message": f"sensor did not answer (#{n + 1})"})
         elif fault.kind == "alarm":
-            gateway.alarms += 1
             agent.add(target, "alert", {"kind": "fall", "state": "raised",
                                         "message": "simulated fall"})
         elif fault.kind == "skew":
-            gateway.skew_s = 600.0
-            skewed_ms = int((time.time() + gateway.skew_s) * 1000)
+            skewed_ms = int((time.time() + 600) * 1000)  # the gateway's clock runs 10 min fast
             agent.outbox.add(target, "status", {"state": "ok", "message": "clock 10 min fast"},
                              at_ms=skewed_ms)
         elif fault.kind == "duplicates":
