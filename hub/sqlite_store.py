@@ -30,6 +30,7 @@ from careflow.hub.store import (
     IncomingBatch,
     Notification,
     Outgoing,
+    PresenceChange,
     SourceGap,
     StoredEvent,
 )
@@ -98,6 +99,16 @@ CREATE TABLE IF NOT EXISTS presence (
     changed_ms INTEGER NOT NULL,
     reason TEXT
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS presence_log (  -- every accepted change, for charts and uptime
+    pos INTEGER PRIMARY KEY,
+    gateway TEXT NOT NULL,
+    state TEXT NOT NULL,
+    conn INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    changed_ms INTEGER NOT NULL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS maintenance (
     gateway TEXT NOT NULL,
     device TEXT NOT NULL,  -- '*' pauses the whole gateway
@@ -336,11 +347,38 @@ class SqliteStore:
         for update, received_ms in batch.presence:
             row = self._conn.execute("SELECT * FROM presence WHERE gateway = ?",
                                      (update.gateway,)).fetchone()
-            if supersedes(update.state, update.conn, PresenceRecord(*row) if row else None):
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO presence VALUES (?, ?, ?, ?, ?, ?)",
-                    (update.gateway, update.state, update.conn, update.boot, received_ms,
-                     update.reason))
+            old = PresenceRecord(*row) if row else None
+            if supersedes(update.state, update.conn, old):
+                values = (update.gateway, update.state, update.conn, update.boot, received_ms,
+                          update.reason)
+                self._conn.execute("INSERT OR REPLACE INTO presence VALUES (?, ?, ?, ?, ?, ?)",
+                                   values)
+                if old is None or (old.state, old.conn) != (update.state, update.conn):
+                    self._conn.execute(
+                        "INSERT INTO presence_log (gateway, state, conn, boot, changed_ms, reason)"
+                        " VALUES (?, ?, ?, ?, ?, ?)", values)
+
+    def presence_changes(self, *, after_pos: int = 0, limit: int = 1000) -> list[PresenceChange]:
+        """Accepted presence changes in the order they were recorded."""
+        rows = self._read("SELECT pos, gateway, state, conn, boot, changed_ms, reason "
+                          "FROM presence_log WHERE pos > ? ORDER BY pos LIMIT ?",
+                          (after_pos, limit))
+        return [PresenceChange(*row) for row in rows]
+
+    def last_pos(self) -> int:
+        """The newest event's place in the log (0 when empty)."""
+        row = self._read("SELECT COALESCE(MAX(pos), 0) FROM events")[0]
+        return int(row[0])
+
+    def cursor(self, name: str) -> int:
+        """A consumer's saved position (0 when it never saved one)."""
+        rows = self._read("SELECT value FROM cursors WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else 0
+
+    def set_cursor(self, name: str, value: int) -> None:
+        """Save a consumer's position once what it read is safely elsewhere."""
+        with self._transaction("save a cursor"):
+            self._conn.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (name, value))
 
     def pause(self, gateway: str, device: str | None, *, until_ms: int, reason: str) -> None:
         """Put a gateway (device None: with all its devices) or one device in maintenance."""
@@ -641,13 +679,13 @@ class SqliteStore:
         where, params = _where(flt)
         return int(self._read(f"SELECT COUNT(*) FROM events{where}", params)[0][0])
 
-    def iter_log(self, flt: EventFilter, *, chunk: int = 1000,
-                 up_to_pos: int | None = None) -> Iterator[list[StoredEvent]]:
+    def iter_log(self, flt: EventFilter, *, chunk: int = 1000, up_to_pos: int | None = None,
+                 after_pos: int = 0) -> Iterator[list[StoredEvent]]:
         """Matching events in arrival order, ``chunk`` at a time (keyset pagination on pos)."""
         where, params = _where(flt)
         joiner = " AND " if where else " WHERE "
         limit_pos = up_to_pos if up_to_pos is not None else 2**62
-        after = 0
+        after = after_pos
         while True:
             rows = self._read(
                 f"SELECT {_EVENT_COLUMNS} FROM events{where}{joiner}pos > ? AND pos <= ? "

@@ -25,6 +25,7 @@ __all__ = [
     "IncomingBatch",
     "Notification",
     "Outgoing",
+    "PresenceChange",
     "SourceGap",
     "StoredEvent",
 ]
@@ -68,6 +69,18 @@ class StoredEvent(NamedTuple):
         """The event's ``data`` object."""
         data: dict[str, Any] = self.envelope["data"]
         return data
+
+
+class PresenceChange(NamedTuple):
+    """One accepted change of a gateway's presence; ``pos`` orders the presence log."""
+
+    pos: int
+    gateway: str
+    state: str
+    conn: int
+    boot: str
+    changed_ms: int
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +208,8 @@ class EventStore(Protocol):
         """How many events match ``flt``."""
         ...
 
-    def iter_log(self, flt: EventFilter, *, chunk: int = 1000,
-                 up_to_pos: int | None = None) -> Iterator[list[StoredEvent]]:
+    def iter_log(self, flt: EventFilter, *, chunk: int = 1000, up_to_pos: int | None = None,
+                 after_pos: int = 0) -> Iterator[list[StoredEvent]]:
         """Matching events in log (arrival) order, in chunks, for replay."""
         ...
 
@@ -222,6 +235,22 @@ class EventStore(Protocol):
 
     def presence(self) -> dict[str, PresenceRecord]:
         """The last accepted presence of every gateway that has announced itself."""
+        ...
+
+    def presence_changes(self, *, after_pos: int = 0, limit: int = 1000) -> list[PresenceChange]:
+        """Accepted gateway presence changes after a position of the presence log."""
+        ...
+
+    def last_pos(self) -> int:
+        """The newest event's position in the log (0 when empty)."""
+        ...
+
+    def cursor(self, name: str) -> int:
+        """A consumer's saved position (0 if never saved)."""
+        ...
+
+    def set_cursor(self, name: str, value: int) -> None:
+        """Save a consumer's position."""
         ...
 
     def pause(self, gateway: str, device: str | None, *, until_ms: int, reason: str) -> None:

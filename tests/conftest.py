@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -219,3 +222,77 @@ def http_receiver() -> Iterator[HttpReceiver]:
     receiver = HttpReceiver()
     yield receiver
     receiver.close()
+
+
+INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"
+
+
+class Influxd:
+    """A real InfluxDB 1.x (Debian's influxd) on free loopback ports with temporary data/meta dirs.
+
+    It serves `/write` and InfluxQL `/query`; InfluxDB 1.6 has no `/api/v2/write`.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / "influxdb.conf"
+        self.conf.write_text(
+            "reporting-enabled = false\n"
+            f'bind-address = "127.0.0.1:{free_port()}"\n'
+            f'[meta]\n  dir = "{workdir}/meta"\n'
+            f'[data]\n  dir = "{workdir}/data"\n  wal-dir = "{workdir}/wal"\n'
+            "  query-log-enabled = false\n"
+            "[monitor]\n  store-enabled = false\n"
+            f'[http]\n  bind-address = "127.0.0.1:{self.port}"\n  log-enabled = false\n'
+            "[continuous_queries]\n  enabled = false\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if not os.path.exists(INFLUXD):
+            pytest.skip("influxd is not installed (apt-get install influxdb; .ci/run does)")
+        log = (self.workdir / "influxd.log").open("ab")
+        self.proc = subprocess.Popen([INFLUXD, "-config", str(self.conf)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._pings, timeout_s=20, what="influxd to answer /ping")
+
+    def _pings(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as response:
+                return int(response.status) == 204
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def query(self, q: str, db: str = "careflow") -> list[dict[str, Any]]:
+        """Run InfluxQL; the series of the first statement (raises on an error result)."""
+        body = urllib.parse.urlencode({"q": q, "db": db, "epoch": "ms"}).encode()
+        with urllib.request.urlopen(f"{self.url}/query", data=body, timeout=10) as response:
+            result = json.loads(response.read())["results"][0]
+        if "error" in result:
+            raise AssertionError(f"InfluxQL error for {q!r}: {result['error']}")
+        series: list[dict[str, Any]] = result.get("series", [])
+        return series
+
+    def create_database(self, db: str = "careflow") -> None:
+        self.query(f'CREATE DATABASE "{db}"', db=db)
+
+
+@pytest.fixture
+def influxd(tmp_path: Path) -> Iterator[Influxd]:
+    workdir = tmp_path / "influxd"
+    workdir.mkdir()
+    server = Influxd(workdir)
+    server.start()
+    yield server
+    server.stop()
