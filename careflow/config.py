@@ -111,6 +111,51 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "careflow"
 
 
+@dataclass(frozen=True, slots=True)
+class InfluxSettings:
+    """Where the time-series sink writes: the v1 API (database) or the v2 API (org + bucket)."""
+
+    url: str
+    database: str | None = None  # v1: /write?db=
+    retention_policy: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    org: str | None = None  # v2: /api/v2/write?org=&bucket=
+    bucket: str | None = None
+    token: str | None = field(default=None, repr=False)
+    backlog_warn: int = 100_000
+
+    @property
+    def api(self) -> Literal["v1", "v2"]:
+        """v2 when a bucket is named, else v1."""
+        return "v2" if self.bucket else "v1"
+
+
+def load_influx(env: Mapping[str, str]) -> InfluxSettings | None:
+    """The InfluxDB settings, or None when ``CAREFLOW_INFLUX_URL`` is unset (sink off)."""
+    url = (env.get("CAREFLOW_INFLUX_URL") or "").rstrip("/")
+    if not url:
+        return None
+    if not url.startswith(("http://", "https://")):
+        msg = f"CAREFLOW_INFLUX_URL must start with http:// or https://, not {url!r}"
+        raise ConfigError(msg)
+    database, bucket = env.get("CAREFLOW_INFLUX_DB"), env.get("CAREFLOW_INFLUX_BUCKET")
+    if bool(database) == bool(bucket):
+        msg = ("set CAREFLOW_INFLUX_DB (InfluxDB 1.x /write API) or CAREFLOW_INFLUX_BUCKET with "
+               "CAREFLOW_INFLUX_ORG and CAREFLOW_INFLUX_TOKEN (v2 API), exactly one of the two")
+        raise ConfigError(msg)
+    token = read_secret(env, "CAREFLOW_INFLUX_TOKEN")
+    if bucket and not (env.get("CAREFLOW_INFLUX_ORG") and token):
+        msg = "the v2 API (CAREFLOW_INFLUX_BUCKET) also needs CAREFLOW_INFLUX_ORG and CAREFLOW_INFLUX_TOKEN"
+        raise ConfigError(msg)
+    return InfluxSettings(
+        url=url, database=database or None, retention_policy=env.get("CAREFLOW_INFLUX_RP") or None,
+        username=env.get("CAREFLOW_INFLUX_USER") or None,
+        password=read_secret(env, "CAREFLOW_INFLUX_PASSWORD"),
+        org=env.get("CAREFLOW_INFLUX_ORG") or None, bucket=bucket or None, token=token,
+        backlog_warn=_int_setting(env, "CAREFLOW_INFLUX_BACKLOG_WARN", 100_000))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything a careflow command needs to find the broker and the data."""
@@ -127,6 +172,7 @@ class Settings:
     self_silence_ms: int = 600_000  # no event for this long: the hub alerts about itself
     deadman_url: str | None = field(default=None, repr=False)
     deadman_interval_s: int = 60
+    influx: InfluxSettings | None = None
 
     @property
     def embedded(self) -> bool:
@@ -191,6 +237,7 @@ def load_settings(
         self_silence_ms=_int_setting(env, "CAREFLOW_SELF_SILENCE_S", 600) * 1000,
         deadman_url=read_secret(env, "CAREFLOW_DEADMAN_URL"),
         deadman_interval_s=_int_setting(env, "CAREFLOW_DEADMAN_INTERVAL_S", 60),
+        influx=load_influx(env),
     )
 
 

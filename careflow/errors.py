@@ -6,12 +6,15 @@ The tree::
     ├── ConfigError               a setting is missing or malformed (says which and how to fix)
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
     ├── StoreError                the event store cannot be opened or written
-    └── ContractError             a payload breaks the event contract (carries a reason code)
+    ├── ContractError             a payload breaks the event contract (carries a reason code)
+    └── InfluxError               InfluxDB refused or could not take a write
 """
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "CareflowError", "ConfigError", "ContractError", "StoreError"]
+__all__ = [
+    "BrokerError", "CareflowError", "ConfigError", "ContractError", "InfluxError", "StoreError",
+]
 
 
 class CareflowError(Exception):
@@ -40,3 +43,16 @@ class ContractError(CareflowError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class InfluxError(CareflowError):
+    """InfluxDB did not take a write.
+
+    ``retry`` says whether sending the same points again can succeed (the server was down,
+    busy or refused our credentials) or not (it rejected the points themselves).
+    """
+
+    def __init__(self, message: str, *, retry: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retry = retry
+        self.status = status

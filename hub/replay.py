@@ -1,7 +1,7 @@
 """Replaying the event log through downstream stages.
 
-A stage is anything that consumes stored events: the device registry today; alert rules and the
-InfluxDB sink plug in here later. ``careflow replay`` drives them from the log in arrival order.
+A stage is anything that consumes stored events: the device registry, the alert rules (dry run)
+and the InfluxDB sink. ``careflow replay`` drives them from the log in arrival order.
 """
 
 from __future__ import annotations
@@ -89,7 +89,15 @@ class RulesDryRun:
         return self.lines or ["no rule would have fired"]
 
 
-STAGES: dict[str, Callable[[], Stage]] = {"registry": RegistryStage, "rules": RulesDryRun}
+def _influx() -> Stage:
+    from careflow.hub.influx import InfluxStage  # noqa: PLC0415 - only when asked for
+
+    return InfluxStage()
+
+
+STAGES: dict[str, Callable[[], Stage]] = {
+    "registry": RegistryStage, "rules": RulesDryRun, "influx": _influx}
+OPT_IN = frozenset({"influx"})  # run only when named: they need a server configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +121,8 @@ def replay(
                    (flt.gateway, flt.device, flt.type, flt.since_ms, flt.until_ms))
     if not stage_names:  # every stage that can take this range
         stage_names = [name for name, make in STAGES.items()
-                       if not (filtered and getattr(make, "needs_whole_log", False))]
+                       if name not in OPT_IN
+                       and not (filtered and getattr(make, "needs_whole_log", False))]
     unknown = [name for name in stage_names if name not in STAGES]
     if unknown:
         msg = f"unknown replay target {', '.join(unknown)}; choose from {', '.join(STAGES)}"

@@ -22,6 +22,7 @@ from typing import Any
 from careflow.config import Settings
 from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
+from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, decode_message
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.selfwatch import self_problems
@@ -101,10 +102,13 @@ class HubService:
     """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
 
     def __init__(self, settings: Settings, store: EventStore, *,
-                 queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None) -> None:
+                 queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
+                 sink: InfluxSink | None = None) -> None:
         self.settings = settings
         self.store = store
         self.alerts = alerts
+        self.sink = sink
+        self.last_health: dict[str, Any] = {}  # read by the sink thread: replaced, never mutated
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
@@ -123,6 +127,9 @@ class HubService:
     def run(self) -> None:
         """Connect, then commit and acknowledge messages until stopped."""
         self.ingress.start()
+        if self.sink is not None:
+            self.sink.health = lambda: self.last_health
+            self.sink.start()
         log.info("hub ingesting", extra={"broker": str(self.settings.effective_broker_url),
                                          "store": str(self.settings.db_path)})
         next_health = next_tick = 0.0
@@ -146,6 +153,8 @@ class HubService:
                       "for the next start", extra={"queued": self.inbox.qsize()})
         finally:
             self.ingress.stop()
+            if self.sink is not None:
+                self.sink.stop()
             log.info("hub stopped", extra={"events_stored": self.counters.events_stored})
 
     def _take(self, timeout_s: float) -> list[IncomingMessage]:
@@ -192,6 +201,8 @@ class HubService:
         now_ms = time.time_ns() // 1_000_000
         if result.stored:
             self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data))
+            if self.sink is not None:
+                self.sink.wake()
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
@@ -315,10 +326,12 @@ class HubService:
             "alert_errors": c.alert_errors,
             "incidents_opened": self.alerts.opened if self.alerts else None,
             "last_error": c.last_error,
+            "influx": self.sink.status() if self.sink is not None else None,
         }
 
     def _report_health(self) -> None:
         try:
-            self.store.write_health(self.health())
+            self.last_health = self.health()
+            self.store.write_health(self.last_health)
         except StoreError as exc:
             log.warning("cannot write health report", extra={"error": str(exc)})

@@ -109,6 +109,11 @@ CREATE TABLE IF NOT EXISTS presence_log (  -- every accepted change, for charts 
     reason TEXT
 );
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (  -- lines for an external sink that are in no other log
+    pos INTEGER PRIMARY KEY,
+    sink TEXT NOT NULL,
+    line TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS maintenance (
     gateway TEXT NOT NULL,
     device TEXT NOT NULL,  -- '*' pauses the whole gateway
@@ -369,6 +374,43 @@ class SqliteStore:
         """The newest event's place in the log (0 when empty)."""
         row = self._read("SELECT COALESCE(MAX(pos), 0) FROM events")[0]
         return int(row[0])
+
+    def incidents_changed(self, *, since_ms: int, after_id: int = 0,
+                          limit: int = 1000) -> list[Incident]:
+        """Incidents opened, acknowledged or resolved at or after a moment, by id."""
+        rows = self._read(
+            "SELECT * FROM incidents WHERE id > ? AND MAX(triggered_ms, "
+            "COALESCE(acknowledged_ms, 0), COALESCE(resolved_ms, 0)) >= ? ORDER BY id LIMIT ?",
+            (after_id, since_ms, limit))
+        return [Incident(*row) for row in rows]
+
+    def queue_lines(self, sink: str, lines: Sequence[str], *, max_rows: int) -> int:
+        """Keep lines for a sink until it confirms them; oldest dropped past ``max_rows``.
+
+        Returns how many were dropped, so the caller can say so loudly.
+        """
+        with self._transaction("queue lines for a sink"):
+            self._conn.executemany("INSERT INTO outbox (sink, line) VALUES (?, ?)",
+                                   [(sink, text) for text in lines])
+            count = int(self._conn.execute("SELECT COUNT(*) FROM outbox WHERE sink = ?",
+                                           (sink,)).fetchone()[0])
+            excess = count - max_rows
+            if excess > 0:
+                self._conn.execute(
+                    "DELETE FROM outbox WHERE pos IN (SELECT pos FROM outbox WHERE sink = ? "
+                    "ORDER BY pos LIMIT ?)", (sink, excess))
+            return max(excess, 0)
+
+    def queued_lines(self, sink: str, *, limit: int = 5000) -> list[tuple[int, str]]:
+        """The oldest lines waiting for a sink, with their positions."""
+        rows = self._read("SELECT pos, line FROM outbox WHERE sink = ? ORDER BY pos LIMIT ?",
+                          (sink, limit))
+        return [(int(row[0]), str(row[1])) for row in rows]
+
+    def forget_lines(self, sink: str, *, up_to_pos: int) -> None:
+        """Drop lines the sink has confirmed."""
+        with self._transaction("forget delivered sink lines"):
+            self._conn.execute("DELETE FROM outbox WHERE sink = ? AND pos <= ?", (sink, up_to_pos))
 
     def cursor(self, name: str) -> int:
         """A consumer's saved position (0 when it never saved one)."""

@@ -245,6 +245,23 @@ class EventStore(Protocol):
         """The newest event's position in the log (0 when empty)."""
         ...
 
+    def incidents_changed(self, *, since_ms: int, after_id: int = 0,
+                          limit: int = 1000) -> list[Incident]:
+        """Incidents with a phase (opened, acknowledged, resolved) at or after ``since_ms``."""
+        ...
+
+    def queue_lines(self, sink: str, lines: Sequence[str], *, max_rows: int) -> int:
+        """Keep lines for an external sink (bounded, oldest dropped); how many were dropped."""
+        ...
+
+    def queued_lines(self, sink: str, *, limit: int = 5000) -> list[tuple[int, str]]:
+        """The oldest lines waiting for a sink."""
+        ...
+
+    def forget_lines(self, sink: str, *, up_to_pos: int) -> None:
+        """Drop lines a sink has confirmed."""
+        ...
+
     def cursor(self, name: str) -> int:
         """A consumer's saved position (0 if never saved)."""
         ...

@@ -23,6 +23,7 @@ import pytest
 from careflow.config import Settings, load_settings
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
+from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, make_writer
 from careflow.hub.rules import RuleSet
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
@@ -118,7 +119,11 @@ class RunningHub:
         self.settings = settings
         self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
         alerts = AlertStage(self.store, rules) if rules is not None else None
-        self.service = HubService(settings, self.store, alerts=alerts)
+        sink = None
+        if settings.influx is not None:
+            sink = InfluxSink(SqliteStore(settings.db_path, synchronous="normal"),
+                              make_writer(settings.influx), snapshots=False)
+        self.service = HubService(settings, self.store, alerts=alerts, sink=sink)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -136,10 +141,16 @@ class RunningHub:
             raise self.error
         return self
 
+    def sink_backlog(self) -> int:
+        """Events stored but not yet confirmed by InfluxDB."""
+        return self.store.last_pos() - self.store.cursor(EVENTS_CURSOR)
+
     def stop(self) -> None:
         self.service.stop()
         self.thread.join(timeout=15)
         self.store.close()
+        if self.service.sink is not None:
+            self.service.sink.store.close()
         if self.error:
             raise self.error
 

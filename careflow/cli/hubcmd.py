@@ -8,8 +8,10 @@ from typing import Annotated
 import typer
 
 from careflow.cli.common import DataDirOption, err_console, settings_from
+from careflow.config import Settings
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.influx import InfluxSink, make_writer
 from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.selfwatch import DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
@@ -41,12 +43,14 @@ def hub(
         else None
     sender: NotificationSender | None = None
     deadman: DeadMansSwitch | None = None
+    sink: InfluxSink | None = None
     try:
         if embedded is not None:
             embedded.start()
         channels = load_channels()
         alerts = AlertStage(store, default_rules(), channels)
-        service = HubService(settings, store, alerts=alerts)
+        sink = build_sink(settings)
+        service = HubService(settings, store, alerts=alerts, sink=sink)
         if channels:
             sender = NotificationSender(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
@@ -68,6 +72,8 @@ def hub(
                           highlight=False)
         service.run()
     finally:
+        if sink is not None:
+            sink.store.close()
         if deadman is not None:
             deadman.stop()
         if sender is not None:
@@ -75,3 +81,15 @@ def hub(
         if embedded is not None:
             embedded.stop()
         store.close()
+
+
+def build_sink(settings: Settings) -> InfluxSink | None:
+    """The InfluxDB sink on its own store connection, or None (and say so once) when off."""
+    if settings.influx is None:
+        err_console.print("time series are off: set CAREFLOW_INFLUX_URL (and CAREFLOW_INFLUX_DB, "
+                          "or CAREFLOW_INFLUX_ORG/BUCKET/TOKEN) to write them to InfluxDB",
+                          highlight=False)
+        return None
+    return InfluxSink(SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous),
+                      make_writer(settings.influx), hub_name=settings.hub_client_id,
+                      backlog_warn=settings.influx.backlog_warn)

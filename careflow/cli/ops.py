@@ -25,7 +25,7 @@ from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
 from careflow.errors import ConfigError, ContractError
 from careflow.hub.presence import PresenceRecord, device_state
-from careflow.hub.replay import STAGES, replay
+from careflow.hub.replay import OPT_IN, STAGES, replay
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
 from careflow.schemas import EVENT_TYPES, parse_event
@@ -366,14 +366,16 @@ def replay_command(
     device: DeviceOption = None,
     event_type: TypeOption = None,
     target: Annotated[list[str] | None, typer.Option(
-        "--target", help=f"Stage to re-run: {', '.join(STAGES)} [default: all].")] = None,
+        "--target", help=f"Stage to re-run: {', '.join(STAGES)} [default: all but "
+        f"{', '.join(sorted(OPT_IN))}, which run only when named].")] = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Re-run stored events, in arrival order, through the downstream stages.
 
     `careflow replay --target registry` rebuilds the device registry from the event log;
     `careflow replay --target rules --since 2h` shows what the alert rules would have fired
-    (a dry run: no incident, no notification).
+    (a dry run: no incident, no notification); `careflow replay --target influx` rewrites
+    InfluxDB from the log (an emptied or new database ends up as if it had never been away).
     """
     store = open_store(data_dir)
     flt = _filter(gateway, device, event_type, since, until)

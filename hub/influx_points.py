@@ -1,0 +1,233 @@
+"""Pure translation of careflow's records into InfluxDB line protocol (design: docs/influxdb.md).
+
+Every timestamp and series key depends only on the record, so writing a record twice overwrites
+its point: replays and retries never duplicate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
+
+__all__ = [
+    "UNASSIGNED",
+    "DeviceSnapshot",
+    "SiteBook",
+    "device_online",
+    "device_status_points",
+    "event_points",
+    "event_timestamp_ns",
+    "hub_points",
+    "incident_points",
+    "line",
+    "presence_points",
+]
+
+UNASSIGNED = "unassigned"
+_NS_PER_MS = 1_000_000
+_HEARTBEAT_NUMBERS = ("interval_s", "uptime_s", "cpu_pct", "mem_pct", "disk_pct", "rssi_dbm")
+_DEFAULT_STALE_MS = 180_000  # a device that never declared an interval is late after 3 minutes
+
+FieldValue = str | int | float | bool
+
+
+def _escape_key(text: str) -> str:
+    """Tag keys, tag values and field keys: commas, equals signs and spaces are syntax.
+
+    A backslash is literal here in InfluxDB 1.x (it escapes only those three), so it stays.
+    """
+    for char in (",", "=", " "):
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _escape_measurement(text: str) -> str:
+    return text.replace(",", "\\,").replace(" ", "\\ ")
+
+
+def _field(value: FieldValue) -> str | None:
+    if isinstance(value, bool):
+        return f"{int(value)}i"
+    if isinstance(value, int):
+        return f"{value}i"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else None
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def line(measurement: str, tags: Mapping[str, str], fields: Mapping[str, FieldValue | None],
+         timestamp_ns: int) -> str | None:
+    """One point; None when no field has a value (InfluxDB refuses a point without fields).
+
+    Tags are sorted (InfluxDB's own order, cheapest to index) and empty tag values are left out,
+    since line protocol cannot express them.
+    """
+    rendered = [
+        f"{_escape_key(key)}={text}"
+        for key, value in fields.items()
+        if value is not None and (text := _field(value)) is not None
+    ]
+    if not rendered:
+        return None
+    tag_text = "".join(
+        f",{_escape_key(key)}={_escape_key(value)}"
+        for key, value in sorted(tags.items()) if value
+    )
+    return f"{_escape_measurement(measurement)}{tag_text} {','.join(rendered)} {timestamp_ns}"
+
+
+def _number(value: object) -> float | None:
+    """JSON numbers as floats, so a field never flips between integer and float types."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass(slots=True)
+class SiteBook:
+    """Which site each gateway belongs to, learned in log order so a replay reproduces it."""
+
+    sites: dict[str, str] = field(default_factory=dict)
+
+    def learn(self, event: StoredEvent, data: Mapping[str, Any]) -> None:
+        """A provision event naming a site places its gateway there (the newest one wins)."""
+        if event.type != "provision":
+            return
+        labels = data.get("labels")
+        if isinstance(labels, Mapping) and isinstance(site := labels.get("site"), str) and site:
+            self.sites[event.gateway] = site
+
+    def site_of(self, gateway: str) -> str:
+        """The gateway's site, or ``unassigned``."""
+        return self.sites.get(gateway, UNASSIGNED)
+
+
+def event_timestamp_ns(event: StoredEvent) -> int:
+    """The event's own time, plus seq mod 10^6 ns so one source's events never collide."""
+    return event.time_ms * _NS_PER_MS + event.seq % _NS_PER_MS
+
+
+def event_points(event: StoredEvent, data: Mapping[str, Any], site: str) -> list[str]:
+    """The points one event becomes: always ``events``, plus its type's own measurement."""
+    ts = event_timestamp_ns(event)
+    where = {"site": site, "gateway": event.gateway, "device": event.device}
+    points = [line("events", {**where, "type": event.type},
+                   {"seq": event.seq, "skew_ms": event.received_ms - event.time_ms}, ts)]
+    battery = _number(data.get("battery_pct"))
+    if battery is not None:
+        points.append(line("battery", where, {"pct": battery}, ts))
+    if event.type == "heartbeat":
+        numbers: dict[str, FieldValue | None] = {
+            key: _number(data.get(key)) for key in _HEARTBEAT_NUMBERS}
+        points.append(line("heartbeat", where,
+                           {**numbers, "firmware": _text(data.get("firmware"))}, ts))
+    elif event.type == "status":
+        state = str(data.get("state", ""))
+        points.append(line("status", {**where, "state": state},
+                           {"ok": int(state == "ok"), "message": _text(data.get("message")),
+                            "firmware": _text(data.get("firmware"))}, ts))
+    elif event.type == "error":
+        tags = {**where, "severity": str(data.get("severity") or "error"),
+                "component": str(data.get("component") or "")}
+        points.append(line("error", tags, {"code": _text(data.get("code")),
+                                           "message": _text(data.get("message")),
+                                           "seq": event.seq}, ts))
+    elif event.type == "alert":
+        tags = {**where, "kind": str(data.get("kind", "")), "state": str(data.get("state", ""))}
+        points.append(line("alarm", tags, {"location": _text(data.get("location")),
+                                           "seq": event.seq}, ts))
+    elif event.type == "provision":
+        tags = {**where, "action": str(data.get("action", "")), "kind": str(data.get("kind", ""))}
+        points.append(line("provision", tags, {"serial": _text(data.get("serial")),
+                                               "firmware": _text(data.get("firmware")),
+                                               "seq": event.seq}, ts))
+    return [point for point in points if point is not None]
+
+
+def presence_points(change: PresenceChange, site: str) -> list[str]:
+    """A gateway going online or offline (the connection counter keeps timestamps apart)."""
+    ts = change.changed_ms * _NS_PER_MS + change.conn % _NS_PER_MS
+    point = line("presence", {"site": site, "gateway": change.gateway},
+                 {"online": int(change.state == "online"), "state": change.state,
+                  "reason": change.reason}, ts)
+    return [point] if point else []
+
+
+def incident_points(incident: Incident, site: str) -> list[str]:
+    """One point per phase the incident has reached, with time-to-acknowledge/-resolve."""
+    tags = {"site": site, "gateway": incident.gateway, "rule": incident.rule,
+            "severity": incident.severity}
+    offset = incident.id % _NS_PER_MS
+    tta_s = ((incident.acknowledged_ms - incident.triggered_ms) / 1000
+             if incident.acknowledged_ms is not None else None)
+    phases: list[tuple[str, int, dict[str, FieldValue | None]]] = [
+        ("opened", incident.triggered_ms, {"id": incident.id, "summary": incident.summary})]
+    if incident.acknowledged_ms is not None:
+        phases.append(("acknowledged", incident.acknowledged_ms,
+                       {"id": incident.id, "tta_s": tta_s}))
+    if incident.resolved_ms is not None:
+        phases.append(("resolved", incident.resolved_ms,
+                       {"id": incident.id, "tta_s": tta_s,
+                        "ttr_s": (incident.resolved_ms - incident.triggered_ms) / 1000}))
+    points = [line("incident", {**tags, "phase": phase}, fields, at_ms * _NS_PER_MS + offset)
+              for phase, at_ms, fields in phases]
+    return [point for point in points if point is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    """One device as the minute snapshot sees it."""
+
+    gateway: str
+    device: str
+    online: bool
+    heartbeat_age_s: float
+    last_seen_ms: int
+
+
+def device_online(record: DeviceRecord, *, gateway_online: bool | None, now_ms: int) -> bool:
+    """Fresh enough (younger than twice its declared heartbeat interval) and reachable."""
+    interval_s = record.facts.get("interval_s")
+    stale_ms = (2 * int(interval_s) * 1000 if isinstance(interval_s, int | float) and interval_s
+                else _DEFAULT_STALE_MS)
+    return now_ms - record.last_seen_ms <= stale_ms and gateway_online is not False
+
+
+def device_status_points(snapshots: Iterable[DeviceSnapshot], sites: SiteBook,
+                         now_ms: int) -> list[str]:
+    """The minute snapshot: online and heartbeat age of every device, for uptime charts."""
+    points = []
+    for snap in snapshots:
+        role = "gateway" if snap.device == snap.gateway else "sensor"
+        point = line("device_status",
+                     {"site": sites.site_of(snap.gateway), "gateway": snap.gateway,
+                      "device": snap.device, "role": role},
+                     {"online": int(snap.online), "heartbeat_age_s": snap.heartbeat_age_s,
+                      "last_seen_ms": snap.last_seen_ms}, now_ms * _NS_PER_MS)
+        if point:
+            points.append(point)
+    return points
+
+
+def hub_points(health: Mapping[str, Any], *, hub: str, backlog_events: int,
+               open_incidents: int, now_ms: int) -> list[str]:
+    """The hub's own health, so dashboards show when the watcher itself struggles."""
+    point = line("hub", {"hub": hub}, {
+        "events_per_s": _number(health.get("events_per_s")),
+        "commit_latency_ms": _number(health.get("commit_latency_ms")),
+        "event_age_ms": _number(health.get("event_age_ms")),
+        "queue_depth": int(health.get("queue_depth") or 0),
+        "dead_lettered": int(health.get("dead_lettered") or 0),
+        "backlog_events": backlog_events,
+        "open_incidents": open_incidents,
+        "connected": int(bool(health.get("connected"))),
+    }, now_ms * _NS_PER_MS)
+    return [point] if point else []
