@@ -11,6 +11,7 @@ from careflow.cli import (
     incidentscmd,
     notifycmd,
     ops,
+    reportcmd,
     rulescmd,
     schemascmd,
     silencescmd,
@@ -33,6 +34,7 @@ app.command("status")(ops.status)
 app.command("replay")(ops.replay_command)
 app.command("simulate")(simcmd.simulate)
 app.command("demo")(simcmd.demo)
+app.command("report")(reportcmd.report)
 app.add_typer(ops.events_app, name="events")
 app.add_typer(ops.devices_app, name="devices")
 app.add_typer(ops.deadletter_app, name="deadletter")
