@@ -7,13 +7,14 @@ are SVG written here, and every text is escaped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 
 from careflow.hub.report import Report
 
-__all__ = ["format_duration", "format_pct", "render_html"]
+__all__ = ["format_duration", "format_pct", "nice_ceiling", "render_html"]
 
 _GREEN, _ORANGE, _RED, _GREY, _BLUE, _PURPLE = ("#2e7d32", "#ef6c00", "#c62828", "#9e9e9e",
                                                "#1565c0", "#6a1b9a")
@@ -24,12 +25,13 @@ main{max-width:960px;margin:0 auto;padding:24px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .sub{color:#616161;font-size:13px}
 .tiles{display:flex;flex-wrap:wrap;gap:12px;margin-top:18px}
-.tile{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:10px 14px;min-width:120px}
+.tile{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:10px 12px;flex:1 1 110px}
 .tile b{display:block;font-size:22px}.tile span{color:#616161;font-size:12px}
 table{border-collapse:collapse;background:#fff;font-size:13px;min-width:50%}
 th,td{border-bottom:1px solid #eee;padding:5px 10px;text-align:left}
 th{background:#f5f5f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .card{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px}
+.card svg{width:100%;height:auto;display:block}
 svg text{font-family:inherit;font-size:11px;fill:#424242}
 footer{color:#9e9e9e;font-size:11px;margin-top:28px}
 """
@@ -59,11 +61,33 @@ def format_duration(seconds: float | None) -> str:
 def _uptime_colour(pct: float | None) -> str:
     if pct is None:
         return _GREY
+    pct = round(pct, 2)  # the colour agrees with the figure printed next to it
     return _GREEN if pct >= 99.9 else _ORANGE if pct >= 99 else _RED
 
 
 def _date(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def nice_ceiling(value: float) -> float:
+    """The axis top for ``value``: the next 1, 2, 2.5 or 5 times a power of ten (384 -> 500)."""
+    if value <= 0:
+        return 1.0
+    magnitude = 10 ** math.floor(math.log10(value))
+    return next(step * magnitude for step in (1, 2, 2.5, 5, 10)
+                if step * magnitude >= value - 1e-9)
+
+
+def _runs(points: Sequence[tuple[float, float, str, float]],
+          slot: float) -> list[Sequence[tuple[float, float, str, float]]]:
+    """Points split where a day is missing, so a line never bridges days without a figure."""
+    runs: list[list[tuple[float, float, str, float]]] = []
+    for point in points:
+        if runs and point[0] - runs[-1][-1][0] < slot * 1.5:
+            runs[-1].append(point)
+        else:
+            runs.append([point])
+    return [run for run in runs if len(run) > 1]
 
 
 def _svg(width: int, height: int, body: Sequence[str], label: str) -> str:
@@ -92,12 +116,12 @@ def uptime_bars(report: Report) -> str:
             f'<text x="{label_w + width + 6:.1f}" y="{y + 14}">{format_pct(site.pct)}</text>')
     if not report.sites:
         parts.append(f'<text x="{label_w}" y="20">no gateway reported its presence</text>')
-    return _svg(label_w + bar_w + 80, height, parts, "uptime by site")
+    return _svg(label_w + bar_w + 90, height, parts, "uptime by site")
 
 
 def _day_axis(report: Report, x_of: dict[int, float], top: int, bottom: int) -> list[str]:
     step = max(1, len(report.per_day) // 10)  # at most ~10 labels, readable at 30 days
-    return [f'<text x="{x_of[d.day_ms]:.1f}" y="{bottom + 14}" text-anchor="middle">'
+    return [f'<text x="{x_of[d.day_ms]:.1f}" y="{bottom + 17}" text-anchor="middle">'
             f"{d.day[5:]}</text>" for n, d in enumerate(report.per_day) if n % step == 0] + [
         f'<line x1="40" y1="{bottom}" x2="{max(x_of.values(), default=40) + 20:.1f}" '
         f'y2="{bottom}" stroke="#9e9e9e"/>', f'<line x1="40" y1="{top}" x2="40" y2="{bottom}" '
@@ -106,18 +130,19 @@ def _day_axis(report: Report, x_of: dict[int, float], top: int, bottom: int) -> 
 
 def incidents_per_day(report: Report) -> str:
     """Vertical bars per UTC day: critical stacked under the rest."""
-    top, bottom, plot_w = 10, 170, 660
+    top, bottom, plot_w = 30, 190, 660
     days = report.per_day
     slot = plot_w / max(1, len(days))
     x_of = {d.day_ms: 40 + slot * (n + 0.5) for n, d in enumerate(days)}
-    peak = max([d.incidents for d in days] + [1])
+    peak = int(nice_ceiling(max([d.incidents for d in days] + [1])))
+    peak += peak % 2  # counts: the middle grid line stays a whole number
     scale = (bottom - top) / peak
     parts = []
-    for value in sorted({0, peak // 2, peak}):
+    for value in (0, peak / 2, peak):
         y = bottom - value * scale
         parts.append(f'<line x1="40" y1="{y:.1f}" x2="{40 + plot_w}" y2="{y:.1f}" '
                      f'stroke="#eeeeee"/><text x="34" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{value}</text>')
+                     f'text-anchor="end">{value:g}</text>')
     bar = max(2.0, slot * 0.7)
     for d in days:
         x = x_of[d.day_ms] - bar / 2
@@ -131,7 +156,7 @@ def incidents_per_day(report: Report) -> str:
                          f'width="{bar:.1f}" height="{other * scale:.1f}" fill="{_ORANGE}">'
                          f"<title>{d.day}: {other} other</title></rect>")
     parts += _day_axis(report, x_of, top, bottom)
-    parts.append(_legend(40 + plot_w - 170, top, [(_RED, "critical"), (_ORANGE, "other")]))
+    parts.append(_legend(40 + plot_w - 170, top - 24, [(_RED, "critical"), (_ORANGE, "other")]))
     return _svg(40 + plot_w + 20, bottom + 22, parts, "incidents per day")
 
 
@@ -142,33 +167,33 @@ def _legend(x: float, y: float, items: Sequence[tuple[str, str]]) -> str:
 
 
 def mean_times_trend(report: Report) -> str:
-    """MTTA and MTTR per day as two lines (minutes); days without incidents leave gaps."""
-    top, bottom, plot_w = 10, 170, 660
+    """MTTA and MTTR per day as lines (minutes); a day without a figure breaks the line."""
+    top, bottom, plot_w = 30, 190, 660
     days = report.per_day
     slot = plot_w / max(1, len(days))
     x_of = {d.day_ms: 40 + slot * (n + 0.5) for n, d in enumerate(days)}
     values = [v / 60 for d in days for v in (d.mtta_s, d.mttr_s) if v is not None]
-    peak = max([*values, 1.0])
+    peak = nice_ceiling(max([*values, 1.0]))
     scale = (bottom - top) / peak
     parts = []
     for value in (0.0, peak / 2, peak):
         y = bottom - value * scale
         parts.append(f'<line x1="40" y1="{y:.1f}" x2="{40 + plot_w}" y2="{y:.1f}" '
                      f'stroke="#eeeeee"/><text x="34" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{value:.0f}</text>')
-    parts.append(f'<text x="4" y="{top + 4}" text-anchor="start">min</text>')
+                     f'text-anchor="end">{value:g}</text>')
+    parts.append(f'<text x="4" y="{top - 14}" text-anchor="start">minutes</text>')
     for colour, name, pick in ((_BLUE, "MTTA", 0), (_PURPLE, "MTTR", 1)):
         points = [(x_of[d.day_ms], bottom - (v / 60) * scale, d.day, v) for d in days
                   if (v := (d.mtta_s, d.mttr_s)[pick]) is not None]
-        if len(points) > 1:
-            path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in points)
+        for run in _runs(points, slot):
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in run)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
                          'stroke-width="2"/>')
         parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}">'
                   f"<title>{day}: {name} {format_duration(v)}</title></circle>"
                   for x, y, day, v in points]
     parts += _day_axis(report, x_of, top, bottom)
-    parts.append(_legend(40 + plot_w - 170, top, [(_BLUE, "MTTA"), (_PURPLE, "MTTR")]))
+    parts.append(_legend(40 + plot_w - 170, top - 24, [(_BLUE, "MTTA"), (_PURPLE, "MTTR")]))
     return _svg(40 + plot_w + 20, bottom + 22, parts, "MTTA and MTTR per day")
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from careflow.hub.report import DAY_MS, build_report, day_starts, online_ms, sites_of
 from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.report import format_duration, nice_ceiling
 
 H = 3_600_000
 START, END = 10 * DAY_MS, 17 * DAY_MS  # a week, on UTC midnights
@@ -129,3 +130,17 @@ def test_it_counts_days_that_overlap_the_window() -> None:
     assert day_starts(START + H, START + H + 1) == [START]
     assert day_starts(START, END) == [START + n * DAY_MS for n in range(7)]
     assert day_starts(START + H, END + H) == [START + n * DAY_MS for n in range(8)]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (None, "-"), (42, "42 s"), (150, "2 min"), (3600, "1 h"), (3 * 3600 + 1200, "3 h 20 min"),
+    (50 * 3600, "2 d 2 h"), (3 * 86400, "3 d"),
+])
+def test_it_says_durations_the_way_people_do(seconds: float | None, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize(("value", "top"), [(0, 1), (0.3, 0.5), (1, 1), (4, 5), (384, 500),
+                                            (2100, 2500), (99, 100)])
+def test_it_rounds_axis_tops_up_to_nice_numbers(value: float, top: float) -> None:
+    assert nice_ceiling(value) == pytest.approx(top)

@@ -49,13 +49,16 @@ def _print(report: Report, days: int) -> None:
     console.print(f"[bold]careflow report[/] — last {days} days "
                   f"({format_ms(report.start_ms)} to {format_ms(report.end_ms)} UTC)",
                   highlight=False)
-    summary = Table("gateway uptime", "incidents", "MTTA", "MTTR", "provisioned",
-                    "active / known devices")
-    summary.add_row(format_pct(report.uptime_pct), str(report.incidents_total),
-                    f"{format_duration(report.mtta_s)} ({report.acknowledged})",
-                    f"{format_duration(report.mttr_s)} ({report.resolved})",
-                    str(sum(report.provisioned.values())),
-                    f"{report.devices_active} / {report.devices_total}")
+    summary = Table.grid(padding=(0, 2))
+    for name, value in (
+        ("gateway uptime", format_pct(report.uptime_pct)),
+        ("incidents opened", str(report.incidents_total)),
+        ("MTTA", f"{format_duration(report.mtta_s)} (over {report.acknowledged} acknowledged)"),
+        ("MTTR", f"{format_duration(report.mttr_s)} (over {report.resolved} resolved)"),
+        ("devices provisioned", str(sum(report.provisioned.values()))),
+        ("devices active / known", f"{report.devices_active} / {report.devices_total}"),
+    ):
+        summary.add_row(f"[bold]{name}[/]", value)
     console.print(summary)
 
     sites = Table("site", "gateways", "uptime", title="Uptime by site")
