@@ -20,13 +20,15 @@ HUB_GATEWAY = "careflow-hub"
 HUB_DEVICE = "hub"
 # rule name -> severity of the hub's own alerts
 SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
-              "hub-notifications-failing": "critical", "hub-store-failing": "critical"}
+              "hub-notifications-failing": "critical", "hub-store-failing": "critical",
+              "hub-influx-failing": "warning"}
 
 
 def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | None,
                   last_event_ms: int | None, started_ms: int, failed_notifications: int,
                   store_errors_recent: int, broker_grace_ms: int = 60_000,
-                  silence_ms: int = 600_000) -> dict[str, str]:
+                  silence_ms: int = 600_000, influx_failing_since_ms: int | None = None,
+                  influx_backlog: int = 0, influx_grace_ms: int = 300_000) -> dict[str, str]:
     """What is wrong with the hub itself, as rule name -> detail (empty when healthy)."""
     problems: dict[str, str] = {}
     if not connected and disconnected_since_ms is not None \
@@ -44,6 +46,11 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
     if store_errors_recent:
         problems["hub-store-failing"] = (f"{store_errors_recent} store write failure(s) in the "
                                          "last minute: check the disk")
+    if influx_failing_since_ms is not None and now_ms - influx_failing_since_ms >= influx_grace_ms:
+        problems["hub-influx-failing"] = (
+            f"InfluxDB writes have failed for {(now_ms - influx_failing_since_ms) // 1000}s; "
+            f"{influx_backlog} event(s) wait in the log and will follow (dashboards lag, "
+            "nothing is lost): check InfluxDB and `careflow status`")
     return problems
 
 

@@ -239,11 +239,14 @@ class HubService:
         recent_errors = self.counters.store_errors - self._store_errors_seen
         self._store_errors_seen = self.counters.store_errors
         failed = self.store.count_notifications(states=("failed",))
+        influx = self.sink.status() if self.sink is not None else {}
         return self_problems(now_ms=now_ms, connected=connected,
                              disconnected_since_ms=self._disconnected_since_ms,
                              last_event_ms=self._last_event_ms, started_ms=self._started_ms,
                              failed_notifications=failed, store_errors_recent=recent_errors,
-                             silence_ms=self.settings.self_silence_ms)
+                             silence_ms=self.settings.self_silence_ms,
+                             influx_failing_since_ms=influx.get("failing_since_ms"),
+                             influx_backlog=int(influx.get("backlog_events") or 0))
 
     def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
         """Tell each gateway which of its events are now durably here, so it can let them go.

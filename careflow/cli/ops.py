@@ -344,6 +344,9 @@ def status(
     report["incidents_active"] = store.count_incidents(states=("open", "acknowledged"))
     report["notifications_waiting"] = store.count_notifications(states=("pending", "sending"))
     report["notifications_failed"] = store.count_notifications(states=("failed",))
+    influx = report.pop("influx", None)
+    if isinstance(influx, dict):
+        report.update({f"influx_{key}": value for key, value in influx.items()})
     healthy = bool(report["running"] and report.get("connected"))
     if as_json:
         print_json_lines([report])
@@ -356,6 +359,10 @@ def status(
         elif not report.get("connected"):
             console.print("[red]the hub is running but not connected to its broker[/]: check "
                           "the broker and CAREFLOW_BROKER_URL", highlight=False)
+        if report.get("influx_failing_since_ms"):
+            console.print("[yellow]InfluxDB writes are failing[/]: events wait in the log and "
+                          "follow when it is back; check CAREFLOW_INFLUX_URL and the server",
+                          highlight=False)
     raise typer.Exit(0 if healthy else 1)
 
 

@@ -22,7 +22,7 @@ from careflow.edge.stamper import Stamper
 from careflow.errors import ConfigError, InfluxError
 from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer
 from careflow.hub.influx_points import line
-from careflow.hub.ingest import decode_message
+from careflow.hub.ingest import PresenceUpdate, decode_message
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter, IncomingBatch
 from tests.conftest import (
@@ -268,3 +268,55 @@ def test_influx_settings_say_what_is_missing() -> None:
         load_influx({"CAREFLOW_INFLUX_URL": "http://x:8086", "CAREFLOW_INFLUX_BUCKET": "b"})
     with pytest.raises(ConfigError, match="http"):
         load_influx({"CAREFLOW_INFLUX_URL": "x:8086", "CAREFLOW_INFLUX_DB": "d"})
+
+
+def test_presence_incidents_snapshots_and_hub_health_become_series(
+    shared_influxd: Influxd, tmp_path: Path
+) -> None:
+    """The derived series the dashboards chart: online/offline changes, incident phases with
+    time-to-acknowledge/-resolve, the per-minute device snapshot and the hub's own health."""
+    db = "derived"
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        now_ms = int(time.time() * 1000)
+        events = mixed_events("gw-d", "oslo-12", 3)
+        decoded = [a for e in events for a in decode_message(
+            f"careflow/v1/{e['gateway']}/{e['device']}/{e['type']}", json.dumps(e).encode(),
+            max_bytes=65536).accepted]
+        online = PresenceUpdate("gw-d", "online", 1, "b1", None)
+        offline = PresenceUpdate("gw-d", "offline", 1, "b1", "connection lost")
+        store.append(IncomingBatch([(a, now_ms - 60_000) for a in decoded], [],
+                                   [(online, now_ms - 60_000)]))
+        store.append(IncomingBatch([], [], [(offline, now_ms - 30_000)]))
+        incident_id = store.open_incident(rule="gateway_offline", gateway="gw-d", device="gw-d",
+                                          severity="critical", summary="gw-d offline",
+                                          detail="", at_ms=now_ms - 30_000)
+        assert incident_id is not None
+        store.acknowledge_incident(incident_id, by="nurse", at_ms=now_ms - 20_000)
+        store.resolve_incident(incident_id, by="nurse", at_ms=now_ms - 10_000)
+
+        writer = V1Writer(InfluxSettings(url=shared_influxd.url, database=db))
+        sink = InfluxSink(store, writer, health=lambda: {"events_per_s": 12.5, "connected": True,
+                                                         "queue_depth": 3})
+        sink.drain_once(now_ms=now_ms)
+
+        presence = shared_influxd.query('SELECT "online", "site" FROM "presence"', db=db)
+        assert [row[1:] for row in presence[0]["values"]] == [[1, "oslo-12"], [0, "oslo-12"]]
+        phases = shared_influxd.query(
+            'SELECT last("tta_s"), last("ttr_s") FROM "incident" GROUP BY "phase"', db=db)
+        by_phase = {s["tags"]["phase"]: s["values"][0][1:] for s in phases}
+        assert by_phase == {"acknowledged": [10, None], "resolved": [10, 20]}
+        opened = shared_influxd.query('SELECT count("id") FROM "incident" GROUP BY "phase"', db=db)
+        assert {s["tags"]["phase"]: s["values"][0][1] for s in opened} == {
+            "opened": 1, "acknowledged": 1, "resolved": 1}
+        snapshot = shared_influxd.query(
+            'SELECT "online", "role" FROM "device_status" GROUP BY "device"', db=db)
+        # the gateway is offline, so its sensor counts as unreachable too
+        assert {s["tags"]["device"]: s["values"][0][1:] for s in snapshot} == {
+            "gw-d": [0, "gateway"], "gw-d-fall": [0, "sensor"]}
+        hub = shared_influxd.query('SELECT "events_per_s", "connected", "backlog_events" '
+                                   'FROM "hub"', db=db)
+        assert hub[0]["values"][0][1:] == [12.5, 1, 0]
+        assert store.queued_lines("influx") == []  # delivered snapshots leave the outbox
+    finally:
+        store.close()

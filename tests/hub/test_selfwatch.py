@@ -28,6 +28,9 @@ def test_it_names_each_problem_of_the_hub_itself() -> None:
     assert set(self_problems(**{**healthy, "failed_notifications": 2})) == {
         "hub-notifications-failing"}
     assert set(self_problems(**{**healthy, "store_errors_recent": 1})) == {"hub-store-failing"}
+    assert set(self_problems(**{**healthy, "influx_failing_since_ms": 94 * M})) == {
+        "hub-influx-failing"}
+    assert self_problems(**{**healthy, "influx_failing_since_ms": 99 * M}) == {}  # grace
 
 
 def test_it_raises_and_clears_its_own_incidents_with_notifications(tmp_path: Path) -> None:
