@@ -73,7 +73,7 @@ def nice_ceiling(value: float) -> float:
     """The axis top for ``value``: the next 1, 2, 2.5 or 5 times a power of ten (384 -> 500)."""
     if value <= 0:
         return 1.0
-    magnitude = 10 ** math.floor(math.log10(value))
+    magnitude = 10.0 ** math.floor(math.log10(value))
     return next(step * magnitude for step in (1, 2, 2.5, 5, 10)
                 if step * magnitude >= value - 1e-9)
 
