@@ -89,8 +89,8 @@ def main() -> None:
             sink = InfluxSink(store, V1Writer(InfluxSettings(url=server.url, database="sink")),
                               chunk=args.chunk, snapshots=False)
             start = time.perf_counter()
-            while sink.write_events(sink._event_chunk(store.cursor("influx.events"))):  # noqa: SLF001
-                pass
+            for chunk in store.iter_log(EventFilter(), chunk=args.chunk):
+                sink.write_events(chunk)
             sink_s = time.perf_counter() - start
             written = sink.counters.points_written
         finally:
