@@ -21,6 +21,7 @@ from careflow.schemas import (
     parse_presence,
     parse_topic,
     validate_event,
+    validate_events,
 )
 
 __all__ = ["Accepted", "Decoded", "PresenceUpdate", "Rejected", "decode_message"]
@@ -83,9 +84,25 @@ def _decode_single(topic: str, parsed: EventTopic, payload: bytes, value: object
 
 
 def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
+    items = decode_batch(payload)
+    validated = validate_events([item for item, _ in items])
+    if validated is None:  # some item is invalid: find which, and why, one by one
+        return _decode_batch_items(topic, parsed, items)
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
-    for index, (item, body) in enumerate(decode_batch(payload)):
+    for index, ((item, body), (event, time_ms)) in enumerate(zip(items, validated, strict=True)):
+        if event.gateway != parsed.gateway:
+            rejected.append(Rejected(topic, "topic_mismatch", _spoof_reason(event, topic),
+                                     body.encode(), index))
+            continue
+        accepted.append(Accepted(event, body, topic, item["data"], time_ms))
+    return Decoded(tuple(accepted), tuple(rejected))
+
+
+def _decode_batch_items(topic: str, parsed: BatchTopic, items: list[tuple[Any, str]]) -> Decoded:
+    accepted: list[Accepted] = []
+    rejected: list[Rejected] = []
+    for index, (item, body) in enumerate(items):
         try:
             event, time_ms = validate_event(item)
         except ContractError as exc:
