@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from careflow.errors import ContractError
 from careflow.schemas import (
@@ -24,14 +24,35 @@ from careflow.schemas import (
     validate_events,
 )
 
-__all__ = ["Accepted", "Decoded", "PresenceUpdate", "Rejected", "decode_message"]
+__all__ = ["Accepted", "Decoded", "EventHead", "PresenceUpdate", "Rejected", "decode_message"]
+
+
+class EventHead(NamedTuple):
+    """The envelope fields the store and the service read, without pydantic.
+
+    A decode worker process sends events back as plain tuples (pickling pydantic models costs
+    more than validating them again) and the hub rebuilds them as this.
+    """
+
+    id: str
+    gateway: str
+    device: str
+    type: str
+    time: str
+    boot: str
+    seq: int
+
+    @property
+    def position(self) -> tuple[str, str, str, int]:
+        """Where this event sits in its source's sequence: (gateway, device, boot, seq)."""
+        return (self.gateway, self.device, self.boot, self.seq)
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """A valid event, with the JSON text to store for it."""
 
-    event: Event
+    event: Event | EventHead
     body: str
     topic: str
     data: Mapping[str, Any]  # the decoded ``data`` object, kept to avoid parsing twice

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Annotated
 
@@ -50,7 +51,9 @@ def hub(
         channels = load_channels()
         alerts = AlertStage(store, default_rules(), channels)
         sink = build_sink(settings)
-        service = HubService(settings, store, alerts=alerts, sink=sink)
+        # Decoding runs in a second process when there is a second core to run it on.
+        service = HubService(settings, store, alerts=alerts, sink=sink,
+                             decode_worker=(os.cpu_count() or 1) > 1)
         if channels:
             sender = NotificationSender(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
