@@ -247,7 +247,7 @@ def render_html(report: Report, *, title: str = "careflow report", generated_ms:
         f'<div class="card">{mean_times_trend(report)}</div>',
         "<h2>Incidents by rule and severity</h2>",
         incidents if report.incidents else "<p>no incidents in this period</p>",
-        "<h2>Gateways</h2>", gateways,
+        "<h2>Gateways</h2>", gateways if report.gateways else "<p>no gateways known yet</p>",
         "<h2>Devices provisioned</h2>",
         provisioned if report.provisioned else "<p>no devices added in this period</p>",
         f"<footer>careflow report, generated {_date(generated_ms)} from the hub's event store. "

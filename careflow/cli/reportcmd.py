@@ -65,7 +65,7 @@ def _print(report: Report, days: int) -> None:
     for site in report.sites:
         colour = "green" if (site.pct or 0) >= 99.9 else "yellow" if (site.pct or 0) >= 99 else "red"
         sites.add_row(site.site, str(site.gateways), f"[{colour}]{format_pct(site.pct)}[/]")
-    console.print(sites)
+    console.print(sites if report.sites else "no gateways known yet")
 
     incidents = Table("rule", "severity", "incidents", title="Incidents by rule and severity")
     colours = {"critical": "red", "warning": "yellow"}
