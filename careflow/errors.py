@@ -6,12 +6,22 @@ The tree::
     ├── ConfigError               a setting is missing or malformed (says which and how to fix)
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
     ├── StoreError                the event store cannot be opened or written
-    └── ContractError             a payload breaks the event contract (carries a reason code)
+    ├── ContractError             a payload breaks the event contract (carries a reason code)
+    └── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
+        └── CsrError              a gateway's certificate request is refused (carries a reason code)
 """
 
 from __future__ import annotations
 
-__all__ = ["BrokerError", "CareflowError", "ConfigError", "ContractError", "StoreError"]
+__all__ = [
+    "BrokerError",
+    "CareflowError",
+    "ConfigError",
+    "ContractError",
+    "CsrError",
+    "PkiError",
+    "StoreError",
+]
 
 
 class CareflowError(Exception):
@@ -35,6 +45,23 @@ class ContractError(CareflowError):
 
     ``code`` is a short stable word (``not_json``, ``schema``, ...) for counting and filtering;
     the message is for people.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PkiError(CareflowError):
+    """A certificate authority, certificate, CRL or the PKI directory is missing or unusable."""
+
+
+class CsrError(PkiError):
+    """A certificate signing request is refused.
+
+    ``code`` is a short stable word (``csr_invalid``, ``csr_bad_signature``, ``csr_weak_key``,
+    ``csr_identity_mismatch``, ...) that the claim flow sends back to the gateway; the message is
+    for people.
     """
 
     def __init__(self, code: str, message: str) -> None:
