@@ -7,8 +7,9 @@ The tree::
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
     ├── StoreError                the event store cannot be opened or written
     ├── ContractError             a payload breaks the event contract (carries a reason code)
-    └── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
-        └── CsrError              a gateway's certificate request is refused (carries a reason code)
+    ├── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
+    │   └── CsrError              a gateway's certificate request is refused (carries a reason code)
+    └── ClaimError                the hub refused a gateway's claim or renewal (code, retry_after_s)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerError",
     "CareflowError",
+    "ClaimError",
     "ConfigError",
     "ContractError",
     "CsrError",
@@ -67,3 +69,16 @@ class CsrError(PkiError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ClaimError(CareflowError):
+    """The hub refused a claim or a renewal.
+
+    ``code`` is the hub's stable word (``token_expired``, ``rate_limited``, ...);
+    ``retry_after_s`` says how long to wait when waiting helps.
+    """
+
+    def __init__(self, code: str, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.retry_after_s = retry_after_s

@@ -26,6 +26,7 @@ from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, dec
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
+from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 
 __all__ = ["HubCounters", "HubService", "decode_safely", "tune_gc_for_ingest"]
@@ -101,10 +102,12 @@ class HubService:
     """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
 
     def __init__(self, settings: Settings, store: EventStore, *,
-                 queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None) -> None:
+                 queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
+                 provisioning: Activation | None = None) -> None:
         self.settings = settings
         self.store = store
         self.alerts = alerts
+        self.provisioning = provisioning
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
@@ -192,6 +195,8 @@ class HubService:
         now_ms = time.time_ns() // 1_000_000
         if result.stored:
             self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data))
+        if self.provisioning is not None:
+            self._observe_provisioning(result, presence, now_ms)
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
@@ -218,6 +223,19 @@ class HubService:
             self.counters.alert_errors += 1
             log.exception("alert evaluation failed", extra={"error": str(exc)})
 
+    def _observe_provisioning(self, result: AppendResult,
+                              presence: list[tuple[PresenceUpdate, int]], now_ms: int) -> None:
+        """A provisioned gateway is active once its own heartbeat is stored (after the commit,
+        so `provision watch` never shows active for a heartbeat that could still be lost)."""
+        assert self.provisioning is not None
+        try:
+            self.provisioning.observe(
+                heartbeats=[e.gateway for e in result.stored
+                            if e.type == "heartbeat" and e.device == e.gateway],
+                online=[p.gateway for p, _ in presence if p.state == "online"], now_ms=now_ms)
+        except StoreError as exc:  # the next heartbeat tries again; ingest goes on
+            log.warning("cannot record a provisioning step", extra={"error": str(exc)})
+
     def _self_problems(self) -> dict[str, str]:
         now_ms = time.time_ns() // 1_000_000
         connected = self.ingress.connected
@@ -228,11 +246,15 @@ class HubService:
         recent_errors = self.counters.store_errors - self._store_errors_seen
         self._store_errors_seen = self.counters.store_errors
         failed = self.store.count_notifications(states=("failed",))
-        return self_problems(now_ms=now_ms, connected=connected,
-                             disconnected_since_ms=self._disconnected_since_ms,
-                             last_event_ms=self._last_event_ms, started_ms=self._started_ms,
-                             failed_notifications=failed, store_errors_recent=recent_errors,
-                             silence_ms=self.settings.self_silence_ms)
+        problems = self_problems(now_ms=now_ms, connected=connected,
+                                 disconnected_since_ms=self._disconnected_since_ms,
+                                 last_event_ms=self._last_event_ms, started_ms=self._started_ms,
+                                 failed_notifications=failed, store_errors_recent=recent_errors,
+                                 silence_ms=self.settings.self_silence_ms)
+        expiring = self.provisioning.expiry_problem(now_ms) if self.provisioning else None
+        if expiring:
+            problems["hub-certificates-expiring"] = expiring
+        return problems
 
     def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
         """Tell each gateway which of its events are now durably here, so it can let them go.

@@ -21,6 +21,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -53,10 +54,18 @@ from careflow.provisioning.protocol import (
     rejected_topic,
     renew_topic,
 )
-from careflow.provisioning.registry import ProvisioningRegistry
+from careflow.provisioning.registry import ProvisioningRegistry, SqliteProvisioningRegistry
 from careflow.schemas import ack_topic, batch_topic, command_topic, reply_topic, state_topic
 
-__all__ = ["Activation", "ProvisioningService", "key_fingerprint", "revoke_pending"]
+__all__ = [
+    "Activation",
+    "DeviceConfig",
+    "Provisioning",
+    "ProvisioningService",
+    "key_fingerprint",
+    "provisioning_for",
+    "revoke_pending",
+]
 
 log = logging.getLogger(__name__)
 
@@ -368,3 +377,51 @@ class ProvisioningService:
                             cert_pem=pem, now_ms=now_ms)
         log.info("certificate renewed", extra={"gateway": gateway_id, "cert_serial": cert_serial})
         return self._accept(gateway_id, request.request_id, record, pem)
+
+
+CERT_WARN_MS = 7 * 86_400_000  # renewal starts at day 20 of 30; a week left means it failed
+
+
+class Provisioning:
+    """Everything ``careflow hub`` runs for the claim flow: registry, activation hook, service."""
+
+    def __init__(self, settings: Settings, *, pki_dir: Path) -> None:
+        self.pki = pki_mod.load_pki(pki_dir)
+        self.registry = SqliteProvisioningRegistry(settings.db_path,
+                                                   synchronous=settings.sqlite_synchronous)
+        self.activation = Activation(self.registry, warn_within_ms=CERT_WARN_MS)
+        device_url = settings.device_broker_url or settings.effective_broker_url
+        self.service = ProvisioningService(settings, self.registry, self.pki,
+                                           device=DeviceConfig(broker_url=str(device_url)),
+                                           activation=self.activation,
+                                           cert_days=settings.cert_days)
+
+    def start(self) -> None:
+        """Carry out pending revocations, then answer claims."""
+        revoke_pending(self.registry, self.pki, now=datetime.now(UTC))
+        self.service.start()
+
+    def stop(self) -> None:
+        """Stop answering; close the registry."""
+        self.service.stop()
+        self.registry.close()
+
+
+def provisioning_for(settings: Settings) -> Provisioning | None:
+    """The claim flow for this hub: with ``CAREFLOW_PKI_DIR``, or on the embedded broker with a
+    demo PKI in the data directory (made on first use); otherwise off (None).
+
+    The demo PKI lets ``careflow demo`` and a laptop hub run the whole flow; its keys live next
+    to the event store and its broker has no TLS, so only the hub's own checks (serial, token,
+    CSR) protect it. Production sets CAREFLOW_PKI_DIR to a directory made by ``careflow ca init``.
+    """
+    if settings.pki_dir is not None:
+        return Provisioning(settings, pki_dir=settings.pki_dir)
+    if not settings.embedded:
+        return None
+    demo_dir = settings.data_dir / "demo-pki"
+    if not (demo_dir / f"{pki_mod.DEVICE_CA}.crt").exists():
+        pki_mod.init_pki(demo_dir, now=datetime.now(UTC), broker_hosts=[settings.listen.host],
+                         force=True)
+        log.info("made a demo PKI for the embedded broker", extra={"dir": str(demo_dir)})
+    return Provisioning(settings, pki_dir=demo_dir)

@@ -11,6 +11,7 @@ from careflow.cli import (
     incidentscmd,
     notifycmd,
     ops,
+    provisioncmd,
     rulescmd,
     schemascmd,
     silencescmd,
@@ -43,3 +44,4 @@ app.add_typer(rulescmd.rules_app, name="rules")
 app.add_typer(incidentscmd.incidents_app, name="incidents")
 app.add_typer(notifycmd.notify_app, name="notify")
 app.add_typer(silencescmd.silences_app, name="silences")
+app.add_typer(provisioncmd.provision_app, name="provision")
