@@ -279,6 +279,8 @@ class EdgeAgent:
             self.renewer.on_reply(answer)
             self._wake.set()
             return
+        if message.topic != ack_topic(self.config.gateway):
+            return  # amqtt may echo other topics to a client that reconnected; not ours to read
         try:
             ids = json.loads(message.payload)["ids"]
             if isinstance(ids, list):

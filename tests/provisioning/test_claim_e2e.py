@@ -24,7 +24,7 @@ from careflow.errors import ClaimError
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.store import EventFilter
 from careflow.provisioning import pki as pki_mod
-from careflow.provisioning.claims import hash_token
+from careflow.provisioning.claims import Reject, hash_token
 from careflow.provisioning.service import Provisioning
 from tests.conftest import RunningHub, careflow_cmd, free_port, make_settings, wait_until
 
@@ -73,13 +73,17 @@ def flow(tmp_path: Path) -> Iterator[Flow]:
 
 
 class Clock:
-    """The agent's clock, movable forwards to bring a renewal due."""
+    """The agent's clock, 21 days ahead (past two thirds of 30) until its first renewal."""
 
     def __init__(self) -> None:
-        self.offset_s = 0.0
+        self.agent: EdgeAgent | None = None
 
     def __call__(self) -> float:
-        return time.time() + self.offset_s
+        renewer = self.agent.renewer if self.agent is not None else None
+        ahead = self.ahead and renewer is not None and renewer.state.renewals == 0
+        return time.time() + (21 * DAY_S if ahead else 0)
+
+    ahead = False
 
 
 def run_agent(config_path: Path, clock: Clock | None = None) -> tuple[EdgeAgent, threading.Thread]:
@@ -112,6 +116,11 @@ def test_it_onboards_a_gateway_from_registration_to_active(flow: Flow, tmp_path:
     try:
         wait_until(lambda: (r := flow.provisioning.registry.get("SN-0042")) is not None
                    and r.state == "active", timeout_s=15, what="active")
+        # a sensor behind the gateway is onboarded by the gateway's provision event
+        agent.add("fall-1", "provision", {"action": "added", "kind": "fall-sensor",
+                                          "serial": "FS-77", "labels": {"room": "12"}})
+        wait_until(lambda: flow.hub.store.device("gw-sn-0042", "fall-1") is not None,
+                   what="child device in the registry")
     finally:
         agent.stop()
         thread.join(10)
@@ -123,12 +132,18 @@ def test_it_onboards_a_gateway_from_registration_to_active(flow: Flow, tmp_path:
                            timeout=30, check=False)
     assert watch.returncode == 0, watch.stderr
     assert json.loads(watch.stdout)["state"] == "active"
+    devices = subprocess.run(careflow_cmd("devices", "list", "--json"), env=flow.env,
+                             capture_output=True, text=True, timeout=30, check=True)
+    child = next(json.loads(line) for line in devices.stdout.splitlines()
+                 if json.loads(line)["device"] == "fall-1")
+    assert (child["site"], child["labels"], child["serial"], child["membership"]) == (
+        "berlin-3", {"room": "12"}, "FS-77", "added")
 
     # the same serial cannot silently get a second identity
-    again = subprocess.run(careflow_cmd("provision", "register", "--serial", "SN-0042",
-                                        "--site", "x"), env=flow.env, capture_output=True,
-                           text=True, timeout=30, check=False)
-    assert again.returncode == 2 and "--replace" in again.stderr
+    again = flow.provisioning.registry.register(
+        serial="SN-0042", site="x", gateway_id="gw-sn-0042", token_hash="h",
+        token_expires_ms=2**40, replace=False, now_ms=0)
+    assert isinstance(again, Reject) and "--replace" in again.message
     replaced = flow.register("SN-0042", replace=True)
     assert "revoked" in replaced["revocation"]
     assert pki_mod.is_revoked(pki_mod.load_pki(flow.provisioning.pki.dir), cert.serial_number)
@@ -146,7 +161,9 @@ def test_it_refuses_a_reused_token_over_mqtt(flow: Flow, tmp_path: Path) -> None
 
 
 def test_it_says_what_is_missing_when_watch_times_out(flow: Flow) -> None:
-    flow.register("SN-9")
+    flow.provisioning.registry.register(serial="SN-9", site="x", gateway_id="gw-sn-9",
+                                        token_hash="h", token_expires_ms=2**42, replace=False,
+                                        now_ms=0)
     watch = subprocess.run(careflow_cmd("provision", "watch", "SN-9", "--timeout", "0.5"),
                            env=flow.env, capture_output=True, text=True, timeout=30, check=False)
     assert watch.returncode == 1
@@ -167,16 +184,19 @@ def test_it_renews_the_certificate_with_no_gap_in_events(flow: Flow, tmp_path: P
                    and r.state == "active", timeout_s=15, what="active")
         for i in range(20):
             agent.add("door-1", "status", {"state": "ok", "n": i})
-        clock.offset_s = 21 * DAY_S  # past two thirds of 30 days
-        assert agent.renewer is not None
-        wait_until(lambda: agent.renewer is not None and agent.renewer.state.renewals == 1,
-                   timeout_s=15, what="renewal")
-        clock.offset_s = 0
-        for i in range(20, 40):
+        clock.agent, clock.ahead = agent, True
+        n = 20
+        deadline = time.monotonic() + 15
+        while agent.renewer is not None and agent.renewer.state.renewals == 0:  # events flow on
+            assert time.monotonic() < deadline, "no renewal within 15 s"
+            agent.add("door-1", "status", {"state": "ok", "n": n})
+            n += 1
+            time.sleep(0.05)
+        for i in range(n, n + 20):
             agent.add("door-1", "status", {"state": "ok", "n": i})
         wait_until(lambda: flow.hub.store.count(EventFilter(gateway="gw-sn-r",
-                                                            device="door-1")) == 40,
-                   timeout_s=15, what="all 40 events")
+                                                            device="door-1")) == n + 20,
+                   timeout_s=15, what="every event, before, during and after the swap")
         wait_until(lambda: agent.connected, what="agent reconnected under the new identity")
     finally:
         agent.stop()
