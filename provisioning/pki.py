@@ -40,6 +40,7 @@ __all__ = [
     "Pki",
     "PrivateKey",
     "cert_not_after",
+    "crl_needs_refresh",
     "crl_next_update",
     "current_certificate",
     "default_pki_dir",
@@ -58,6 +59,7 @@ __all__ = [
     "revoked_identities",
     "sign_device_csr",
     "write_atomic",
+    "write_device_acl",
 ]
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -473,7 +475,7 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
         write_atomic(pki.issued_path, b"")
     for path, text, what in (
         (pki.claim_acl_path, (TEMPLATE_DIR / "claim.acl").read_text(), "claim listener ACL"),
-        (pki.device_acl_path, render_device_acl(pki), "device listener ACL"),
+        (pki.device_acl_path, render_device_acl(pki), "device listener ACL (+ revoked gateways)"),
         (pki.broker_conf_path, render_broker_config(
             pki, device_port=device_port, claim_port=claim_port, bind=bind,
             persistence_dir=persistence_dir or directory / "mosquitto-data"),
@@ -659,7 +661,7 @@ def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *, now: dat
     finally:
         os.close(fd)
     if was_revoked:
-        write_atomic(pki.device_acl_path, render_device_acl(pki).encode())
+        write_device_acl(pki)
 
 
 def issued_certificates(pki: Pki) -> Iterator[IssuedCert]:
@@ -749,6 +751,11 @@ def crl_next_update(pki: Pki) -> datetime:
     return next_update
 
 
+def crl_needs_refresh(pki: Pki, *, now: datetime, within: timedelta = timedelta(days=7)) -> bool:
+    """True when the CRL's nextUpdate is less than ``within`` away (or passed): re-sign it."""
+    return crl_next_update(pki) - now < within
+
+
 def is_revoked(pki: Pki, serial: int) -> bool:
     """Whether a certificate serial is on the CRL."""
     return _load_crl(pki).get_revoked_certificate_by_serial_number(serial) is not None
@@ -757,9 +764,11 @@ def is_revoked(pki: Pki, serial: int) -> bool:
 def revoke(pki: Pki, cert_serial: int, *, now: datetime,
            reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation,
            days: int = CRL_DAYS) -> None:
-    """Add a serial to the CRL (idempotent), re-sign it, and regenerate the device ACL.
+    """Add a serial to the CRL (idempotent) and re-sign it; the file is replaced atomically.
 
-    Both files are replaced atomically; the broker reads them on its next SIGHUP.
+    The device ACL is regenerated separately (``write_device_acl``): ``careflow device revoke``
+    first reloads the CRL alone and ends the live session, so that the gateway's Will (its
+    retained ``offline``) is still allowed out, and only then denies the identity in the ACL.
     """
     revoked = list(_load_crl(pki)) if pki.crl_path.exists() else []
     if all(entry.serial_number != cert_serial for entry in revoked):
@@ -767,4 +776,12 @@ def revoke(pki: Pki, cert_serial: int, *, now: datetime,
             x509.RevokedCertificateBuilder().serial_number(cert_serial).revocation_date(now)
             .add_extension(x509.CRLReason(reason), critical=False).build())
     _write_crl(pki, revoked, now=now, days=days)
-    write_atomic(pki.device_acl_path, render_device_acl(pki).encode())
+
+
+def write_device_acl(pki: Pki) -> bool:
+    """Regenerate the device ACL (a deny block per revoked gateway); True if it changed."""
+    text = render_device_acl(pki)
+    if pki.device_acl_path.exists() and pki.device_acl_path.read_text() == text:
+        return False
+    write_atomic(pki.device_acl_path, text.encode())
+    return True

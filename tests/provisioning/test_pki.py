@@ -29,6 +29,7 @@ from careflow.provisioning.pki import (
     revoke,
     revoked_identities,
     sign_device_csr,
+    write_device_acl,
 )
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
@@ -226,6 +227,9 @@ def test_it_revokes_idempotently_and_denies_the_identity_in_the_acl(tmp_path: Pa
     revoke(pki, cert.serial_number, now=NOW)
     assert len(list(x509.load_pem_x509_crl(pki.crl_path.read_bytes()))) == 1
     assert revoked_identities(pki) == {"gw-9"}
+    assert "user gw-9" not in pki.device_acl_path.read_text()  # the ACL is a separate step
+    assert write_device_acl(pki)
+    assert not write_device_acl(pki)
     assert "user gw-9\ntopic deny #" in pki.device_acl_path.read_text()
     # A new certificate for the same gateway lifts the deny block.
     fresh = sign_device_csr(pki.device_ca, make_csr(new_device_key(), gateway_id="gw-9"),
