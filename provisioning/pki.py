@@ -474,7 +474,7 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
     if not pki.issued_path.exists():
         write_atomic(pki.issued_path, b"")
     for path, text, what in (
-        (pki.claim_acl_path, (TEMPLATE_DIR / "claim.acl").read_text(), "claim listener ACL"),
+        (pki.claim_acl_path, _template("claim.acl"), "claim listener ACL"),
         (pki.device_acl_path, render_device_acl(pki), "device listener ACL (+ revoked gateways)"),
         (pki.broker_conf_path, render_broker_config(
             pki, device_port=device_port, claim_port=claim_port, bind=bind,
@@ -488,10 +488,19 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
     return steps
 
 
+def _template(name: str) -> str:
+    try:
+        return (TEMPLATE_DIR / name).read_text()
+    except OSError as exc:
+        msg = (f"the shipped broker template {TEMPLATE_DIR / name} is missing: run careflow from "
+               "a source checkout (pip install -e .), which has the mosquitto/ folder")
+        raise PkiError(msg) from exc
+
+
 def render_broker_config(pki: Pki, *, device_port: int = 8883, claim_port: int = 8884,
                          bind: str = "0.0.0.0", persistence_dir: Path) -> str:  # noqa: S104
     """The shipped ``mosquitto/careflow-tls.conf`` with this PKI directory's absolute paths."""
-    template = (TEMPLATE_DIR / "careflow-tls.conf").read_text()
+    template = _template("careflow-tls.conf")
     persistence = str(persistence_dir.absolute()).rstrip("/") + "/"
     for placeholder, value in (("@PKI_DIR@", str(pki.dir.absolute())),
                                ("@PERSISTENCE_DIR@", persistence),
@@ -504,7 +513,7 @@ def render_broker_config(pki: Pki, *, device_port: int = 8883, claim_port: int =
 
 def render_device_acl(pki: Pki) -> str:
     """The shipped ``mosquitto/device.acl`` plus a deny-everything block per revoked gateway."""
-    text = (TEMPLATE_DIR / "device.acl").read_text()
+    text = _template("device.acl")
     revoked = sorted(revoked_identities(pki))
     if not revoked:
         return text
