@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 
+from careflow.config import parse_broker_url
+from careflow.edge.agent import AgentConfig, EdgeAgent
+from careflow.hub.store import EventFilter
 from careflow.provisioning.pki import write_atomic
-from tests.conftest import wait_until
+from tests.conftest import RunningHub, wait_until
 from tests.provisioning.conftest import TlsBroker, mqtt_handshake
 
 pytestmark = pytest.mark.broker
@@ -94,3 +98,27 @@ def test_it_honours_a_deny_block_over_the_gateway_pattern(tls_broker: TlsBroker,
     wait_until(lambda: "careflow/v1/gw-e/gw-e/heartbeat" in received, what="allowed gateway")
     assert "careflow/v1/gw-d/gw-d/heartbeat" not in received
     close(hub, denied, allowed)
+
+
+def test_it_carries_an_agents_events_to_the_hub_and_confirmations_back(
+        tls_broker: TlsBroker, tmp_path: Path, hub_factory: Callable[..., RunningHub]) -> None:
+    """The hub with its device-CA certificate, as `careflow ca init` tells operators to run it."""
+    hub = hub_factory(f"mqtts://127.0.0.1:{tls_broker.device_port}",
+                      CAREFLOW_BROKER_CA=str(tls_broker.pki.device_ca_path),
+                      CAREFLOW_BROKER_CERT=str(tls_broker.pki.cert_path("hub")),
+                      CAREFLOW_BROKER_KEY=str(tls_broker.pki.key_path("hub")))
+    tls = tls_broker.device_tls("gw-e2e", tmp_path)
+    agent = EdgeAgent(AgentConfig(
+        gateway="gw-e2e", broker=parse_broker_url(f"mqtts://127.0.0.1:{tls_broker.device_port}"),
+        data_dir=tmp_path / "edge", ca_file=tls.ca, cert_file=tls.cert, key_file=tls.key,
+        batch_linger_s=0.1))
+    agent.start()
+    try:
+        wait_until(lambda: agent.connected, what="the agent over mutual TLS")
+        agent.add("gw-e2e", "status", {"state": "ok"})
+        agent.tick()
+        wait_until(lambda: hub.store.count(EventFilter(gateway="gw-e2e", type="status")) == 1,
+                   what="the event stored by the hub")
+        wait_until(lambda: agent.outbox.size() == 0, what="the hub's confirmation (ack)")
+    finally:
+        agent.shutdown()
