@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -618,14 +618,14 @@ def sign_device_csr(ca: CertAuthority, csr_pem: bytes, *, gateway_id: str, seria
         raise CsrError("csr_invalid", "the request is not a PEM certificate signing request") from exc
     try:
         signature_ok = csr.is_signature_valid
-    except (ValueError, InvalidSignature, TypeError) as exc:
+    except (ValueError, InvalidSignature, TypeError, UnsupportedAlgorithm) as exc:
         raise CsrError("csr_bad_signature", "the CSR's signature cannot be checked") from exc
     if not signature_ok:
         msg = "the CSR's signature does not match its public key (corrupted or tampered with)"
         raise CsrError("csr_bad_signature", msg)
     try:
         public = _check_key(csr.public_key())
-    except (ValueError, TypeError) as exc:  # unsupported key algorithm
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # unsupported key algorithm
         raise CsrError("csr_weak_key", f"the CSR's key type is not supported: {exc}") from exc
     _check_identity(csr, gateway_id)
     subject = _name(gateway_id, x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
@@ -651,13 +651,15 @@ class IssuedCert:
     issued_at: datetime
 
 
-def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *, now: datetime) -> None:
+def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *,
+                  now: datetime | None = None) -> None:
     """Append a device certificate to the index ``careflow device revoke`` looks it up in.
 
     Call it right after ``sign_device_csr`` and before handing the certificate out. If the gateway
     had been revoked, its deny block is dropped from the device ACL (the broker needs a SIGHUP to
     see that; until then the new certificate connects but is denied every topic).
     """
+    now = datetime.now(UTC) if now is None else now
     was_revoked = gateway_id in revoked_identities(pki)
     line = json.dumps({"gateway": gateway_id, "serial": format(cert.serial_number, "x"),
                        "not_after": cert.not_valid_after_utc.isoformat(),
