@@ -377,7 +377,7 @@ class InitStep:
 
 
 def _ensure_ca(directory: Path, name: str, common_name: str, *, now: datetime,
-               steps: list[InitStep], what: str,
+               steps: list[InitStep], what: str, key_note: str,
                imported: tuple[Path, Path] | None = None) -> CertAuthority:
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     if cert_path.exists() or key_path.exists():
@@ -395,7 +395,7 @@ def _ensure_ca(directory: Path, name: str, common_name: str, *, now: datetime,
     write_atomic(cert_path, ca.cert_pem)
     steps.append(InitStep(cert_path, "imported" if imported else "created", what))
     steps.append(InitStep(key_path, "imported" if imported else "created",
-                          f"{what} private key (0600, keep offline if you can)"))
+                          f"{what} private key (0600; {key_note})"))
     return ca
 
 
@@ -411,6 +411,7 @@ def _ensure_leaf(directory: Path, name: str, ca: CertAuthority, subject: x509.Na
     write_atomic(key_path, _key_pem(key), mode=0o600)
     write_atomic(cert_path, _cert_pem(cert))
     steps.append(InitStep(cert_path, "created", what))
+    steps.append(InitStep(key_path, "created", "its private key (0600)"))
 
 
 def _broker_sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -454,9 +455,10 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     steps: list[InitStep] = []
     claim_ca = _ensure_ca(directory, CLAIM_CA, "careflow claim CA", now=now, steps=steps,
-                          what="claim CA")
+                          what="claim CA", key_note="back it up, then keep it offline")
     device_ca = _ensure_ca(directory, DEVICE_CA, "careflow device CA", now=now, steps=steps,
-                           what="device CA", imported=import_device_ca)
+                           what="device CA", key_note="the hub signs devices with it; back it up",
+                           imported=import_device_ca)
     client = ExtendedKeyUsageOID.CLIENT_AUTH
     _ensure_leaf(directory, CLAIM_CERT, claim_ca, _name(CLAIM_IDENTITY), now=now, eku=client,
                  sans=[], steps=steps, what="claim certificate (bake into gateway images)")
@@ -473,12 +475,14 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
         steps.append(InitStep(pki.crl_path, "created", "certificate revocation list (empty)"))
     if not pki.issued_path.exists():
         write_atomic(pki.issued_path, b"")
+    persistence = persistence_dir or directory / "mosquitto-data"
+    persistence.mkdir(parents=True, exist_ok=True, mode=0o700)  # Mosquitto does not create it
     for path, text, what in (
         (pki.claim_acl_path, _template("claim.acl"), "claim listener ACL"),
         (pki.device_acl_path, render_device_acl(pki), "device listener ACL (+ revoked gateways)"),
         (pki.broker_conf_path, render_broker_config(
             pki, device_port=device_port, claim_port=claim_port, bind=bind,
-            persistence_dir=persistence_dir or directory / "mosquitto-data"),
+            persistence_dir=persistence),
          "Mosquitto configuration"),
     ):
         action = "kept" if path.exists() and path.read_text() == text else "written"

@@ -106,7 +106,6 @@ def tls_broker(tmp_path: Path) -> Iterator[TlsBroker]:
     log = tmp_path / "mosquitto.log"
     # As root, Mosquitto would drop to the `mosquitto` user, who cannot read pytest's tmp dirs.
     text = "user root\n" + text.replace("log_dest stdout", f"log_dest file {log}")
-    (tmp_path / "data").mkdir()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(text)
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
