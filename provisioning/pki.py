@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -40,6 +40,7 @@ __all__ = [
     "Pki",
     "PrivateKey",
     "cert_not_after",
+    "crl_needs_refresh",
     "crl_next_update",
     "current_certificate",
     "default_pki_dir",
@@ -58,6 +59,7 @@ __all__ = [
     "revoked_identities",
     "sign_device_csr",
     "write_atomic",
+    "write_device_acl",
 ]
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -375,7 +377,7 @@ class InitStep:
 
 
 def _ensure_ca(directory: Path, name: str, common_name: str, *, now: datetime,
-               steps: list[InitStep], what: str,
+               steps: list[InitStep], what: str, key_note: str,
                imported: tuple[Path, Path] | None = None) -> CertAuthority:
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     if cert_path.exists() or key_path.exists():
@@ -393,7 +395,7 @@ def _ensure_ca(directory: Path, name: str, common_name: str, *, now: datetime,
     write_atomic(cert_path, ca.cert_pem)
     steps.append(InitStep(cert_path, "imported" if imported else "created", what))
     steps.append(InitStep(key_path, "imported" if imported else "created",
-                          f"{what} private key (0600, keep offline if you can)"))
+                          f"{what} private key (0600; {key_note})"))
     return ca
 
 
@@ -409,6 +411,7 @@ def _ensure_leaf(directory: Path, name: str, ca: CertAuthority, subject: x509.Na
     write_atomic(key_path, _key_pem(key), mode=0o600)
     write_atomic(cert_path, _cert_pem(cert))
     steps.append(InitStep(cert_path, "created", what))
+    steps.append(InitStep(key_path, "created", "its private key (0600)"))
 
 
 def _broker_sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -452,9 +455,10 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     steps: list[InitStep] = []
     claim_ca = _ensure_ca(directory, CLAIM_CA, "careflow claim CA", now=now, steps=steps,
-                          what="claim CA")
+                          what="claim CA", key_note="back it up, then keep it offline")
     device_ca = _ensure_ca(directory, DEVICE_CA, "careflow device CA", now=now, steps=steps,
-                           what="device CA", imported=import_device_ca)
+                           what="device CA", key_note="the hub signs devices with it; back it up",
+                           imported=import_device_ca)
     client = ExtendedKeyUsageOID.CLIENT_AUTH
     _ensure_leaf(directory, CLAIM_CERT, claim_ca, _name(CLAIM_IDENTITY), now=now, eku=client,
                  sans=[], steps=steps, what="claim certificate (bake into gateway images)")
@@ -471,12 +475,14 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
         steps.append(InitStep(pki.crl_path, "created", "certificate revocation list (empty)"))
     if not pki.issued_path.exists():
         write_atomic(pki.issued_path, b"")
+    persistence = persistence_dir or directory / "mosquitto-data"
+    persistence.mkdir(parents=True, exist_ok=True, mode=0o700)  # Mosquitto does not create it
     for path, text, what in (
-        (pki.claim_acl_path, (TEMPLATE_DIR / "claim.acl").read_text(), "claim listener ACL"),
-        (pki.device_acl_path, render_device_acl(pki), "device listener ACL"),
+        (pki.claim_acl_path, _template("claim.acl"), "claim listener ACL"),
+        (pki.device_acl_path, render_device_acl(pki), "device listener ACL (+ revoked gateways)"),
         (pki.broker_conf_path, render_broker_config(
             pki, device_port=device_port, claim_port=claim_port, bind=bind,
-            persistence_dir=persistence_dir or directory / "mosquitto-data"),
+            persistence_dir=persistence),
          "Mosquitto configuration"),
     ):
         action = "kept" if path.exists() and path.read_text() == text else "written"
@@ -486,10 +492,19 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
     return steps
 
 
+def _template(name: str) -> str:
+    try:
+        return (TEMPLATE_DIR / name).read_text()
+    except OSError as exc:
+        msg = (f"the shipped broker template {TEMPLATE_DIR / name} is missing: run careflow from "
+               "a source checkout (pip install -e .), which has the mosquitto/ folder")
+        raise PkiError(msg) from exc
+
+
 def render_broker_config(pki: Pki, *, device_port: int = 8883, claim_port: int = 8884,
                          bind: str = "0.0.0.0", persistence_dir: Path) -> str:  # noqa: S104
     """The shipped ``mosquitto/careflow-tls.conf`` with this PKI directory's absolute paths."""
-    template = (TEMPLATE_DIR / "careflow-tls.conf").read_text()
+    template = _template("careflow-tls.conf")
     persistence = str(persistence_dir.absolute()).rstrip("/") + "/"
     for placeholder, value in (("@PKI_DIR@", str(pki.dir.absolute())),
                                ("@PERSISTENCE_DIR@", persistence),
@@ -502,7 +517,7 @@ def render_broker_config(pki: Pki, *, device_port: int = 8883, claim_port: int =
 
 def render_device_acl(pki: Pki) -> str:
     """The shipped ``mosquitto/device.acl`` plus a deny-everything block per revoked gateway."""
-    text = (TEMPLATE_DIR / "device.acl").read_text()
+    text = _template("device.acl")
     revoked = sorted(revoked_identities(pki))
     if not revoked:
         return text
@@ -607,14 +622,14 @@ def sign_device_csr(ca: CertAuthority, csr_pem: bytes, *, gateway_id: str, seria
         raise CsrError("csr_invalid", "the request is not a PEM certificate signing request") from exc
     try:
         signature_ok = csr.is_signature_valid
-    except (ValueError, InvalidSignature, TypeError) as exc:
+    except (ValueError, InvalidSignature, TypeError, UnsupportedAlgorithm) as exc:
         raise CsrError("csr_bad_signature", "the CSR's signature cannot be checked") from exc
     if not signature_ok:
         msg = "the CSR's signature does not match its public key (corrupted or tampered with)"
         raise CsrError("csr_bad_signature", msg)
     try:
         public = _check_key(csr.public_key())
-    except (ValueError, TypeError) as exc:  # unsupported key algorithm
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # unsupported key algorithm
         raise CsrError("csr_weak_key", f"the CSR's key type is not supported: {exc}") from exc
     _check_identity(csr, gateway_id)
     subject = _name(gateway_id, x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
@@ -640,13 +655,15 @@ class IssuedCert:
     issued_at: datetime
 
 
-def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *, now: datetime) -> None:
+def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *,
+                  now: datetime | None = None) -> None:
     """Append a device certificate to the index ``careflow device revoke`` looks it up in.
 
     Call it right after ``sign_device_csr`` and before handing the certificate out. If the gateway
     had been revoked, its deny block is dropped from the device ACL (the broker needs a SIGHUP to
     see that; until then the new certificate connects but is denied every topic).
     """
+    now = datetime.now(UTC) if now is None else now
     was_revoked = gateway_id in revoked_identities(pki)
     line = json.dumps({"gateway": gateway_id, "serial": format(cert.serial_number, "x"),
                        "not_after": cert.not_valid_after_utc.isoformat(),
@@ -659,7 +676,7 @@ def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *, now: dat
     finally:
         os.close(fd)
     if was_revoked:
-        write_atomic(pki.device_acl_path, render_device_acl(pki).encode())
+        write_device_acl(pki)
 
 
 def issued_certificates(pki: Pki) -> Iterator[IssuedCert]:
@@ -749,6 +766,11 @@ def crl_next_update(pki: Pki) -> datetime:
     return next_update
 
 
+def crl_needs_refresh(pki: Pki, *, now: datetime, within: timedelta = timedelta(days=7)) -> bool:
+    """True when the CRL's nextUpdate is less than ``within`` away (or passed): re-sign it."""
+    return crl_next_update(pki) - now < within
+
+
 def is_revoked(pki: Pki, serial: int) -> bool:
     """Whether a certificate serial is on the CRL."""
     return _load_crl(pki).get_revoked_certificate_by_serial_number(serial) is not None
@@ -757,9 +779,11 @@ def is_revoked(pki: Pki, serial: int) -> bool:
 def revoke(pki: Pki, cert_serial: int, *, now: datetime,
            reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation,
            days: int = CRL_DAYS) -> None:
-    """Add a serial to the CRL (idempotent), re-sign it, and regenerate the device ACL.
+    """Add a serial to the CRL (idempotent) and re-sign it; the file is replaced atomically.
 
-    Both files are replaced atomically; the broker reads them on its next SIGHUP.
+    The device ACL is regenerated separately (``write_device_acl``): ``careflow device revoke``
+    first reloads the CRL alone and ends the live session, so that the gateway's Will (its
+    retained ``offline``) is still allowed out, and only then denies the identity in the ACL.
     """
     revoked = list(_load_crl(pki)) if pki.crl_path.exists() else []
     if all(entry.serial_number != cert_serial for entry in revoked):
@@ -767,4 +791,12 @@ def revoke(pki: Pki, cert_serial: int, *, now: datetime,
             x509.RevokedCertificateBuilder().serial_number(cert_serial).revocation_date(now)
             .add_extension(x509.CRLReason(reason), critical=False).build())
     _write_crl(pki, revoked, now=now, days=days)
-    write_atomic(pki.device_acl_path, render_device_acl(pki).encode())
+
+
+def write_device_acl(pki: Pki) -> bool:
+    """Regenerate the device ACL (a deny block per revoked gateway); True if it changed."""
+    text = render_device_acl(pki)
+    if pki.device_acl_path.exists() and pki.device_acl_path.read_text() == text:
+        return False
+    write_atomic(pki.device_acl_path, text.encode())
+    return True

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from careflow.cli import (
+    cacmd,
+    devicecmd,
     edgecmd,
     gatewaycmd,
     hubcmd,
@@ -45,3 +47,5 @@ app.add_typer(incidentscmd.incidents_app, name="incidents")
 app.add_typer(notifycmd.notify_app, name="notify")
 app.add_typer(silencescmd.silences_app, name="silences")
 app.add_typer(provisioncmd.provision_app, name="provision")
+app.add_typer(cacmd.ca_app, name="ca")
+app.add_typer(devicecmd.device_app, name="device")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from careflow.errors import CsrError, PkiError
@@ -29,6 +29,7 @@ from careflow.provisioning.pki import (
     revoke,
     revoked_identities,
     sign_device_csr,
+    write_device_acl,
 )
 
 NOW = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
@@ -226,6 +227,9 @@ def test_it_revokes_idempotently_and_denies_the_identity_in_the_acl(tmp_path: Pa
     revoke(pki, cert.serial_number, now=NOW)
     assert len(list(x509.load_pem_x509_crl(pki.crl_path.read_bytes()))) == 1
     assert revoked_identities(pki) == {"gw-9"}
+    assert "user gw-9" not in pki.device_acl_path.read_text()  # the ACL is a separate step
+    assert write_device_acl(pki)
+    assert not write_device_acl(pki)
     assert "user gw-9\ntopic deny #" in pki.device_acl_path.read_text()
     # A new certificate for the same gateway lifts the deny block.
     fresh = sign_device_csr(pki.device_ca, make_csr(new_device_key(), gateway_id="gw-9"),
@@ -238,3 +242,13 @@ def test_it_revokes_idempotently_and_denies_the_identity_in_the_acl(tmp_path: Pa
 def test_it_says_what_to_run_when_the_pki_is_missing(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="careflow ca init"):
         load_pki(tmp_path / "nowhere")
+
+
+def test_it_refuses_key_types_other_than_ec_and_rsa(pki: Pki) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-1")]))
+           .sign(key, None).public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(CsrError) as caught:
+        sign_device_csr(pki.device_ca, csr, gateway_id="gw-1", serial="S", now=NOW)
+    assert caught.value.code == "csr_weak_key"
