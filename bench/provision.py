@@ -20,16 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from careflow.config import load_settings, parse_broker_url  # noqa: E402
-from careflow.edge.agent import EdgeAgent, load_agent_config  # noqa: E402
-from careflow.edge.claim import claim_identity  # noqa: E402
-from careflow.hub.broker import EmbeddedBroker  # noqa: E402
-from careflow.hub.service import HubService  # noqa: E402
-from careflow.hub.sqlite_store import SqliteStore  # noqa: E402
-from careflow.provisioning import pki as pki_mod  # noqa: E402
-from careflow.provisioning.claims import hash_token, new_token  # noqa: E402
-from careflow.provisioning.service import Provisioning  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from careflow.config import load_settings, parse_broker_url
+from careflow.edge.agent import EdgeAgent, load_agent_config
+from careflow.edge.claim import claim_identity
+from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.service import HubService
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.provisioning import pki as pki_mod
+from careflow.provisioning.claims import hash_token, new_token
+from careflow.provisioning.service import Provisioning
+from tests.conftest import free_port
 
 
 def onboard(prov: Provisioning, broker: str, root: Path, count: int,
@@ -58,7 +58,7 @@ def onboard(prov: Provisioning, broker: str, root: Path, count: int,
             with lock:
                 agents.append(agent)
             threading.Thread(target=agent.run, daemon=True).start()
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(f"{serial}: {exc}")
 
     threads = [threading.Thread(target=gateway, args=(s,)) for s in tokens]
