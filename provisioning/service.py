@@ -408,8 +408,9 @@ class Provisioning:
 
 
 def provisioning_for(settings: Settings) -> Provisioning | None:
-    """The claim flow for this hub: with ``CAREFLOW_PKI_DIR``, or on the embedded broker with a
-    demo PKI in the data directory (made on first use); otherwise off (None).
+    """The claim flow for this hub: with ``CAREFLOW_PKI_DIR`` (or the default PKI directory of
+    ``careflow ca init`` if it exists), or on the embedded broker with a demo PKI in the data
+    directory (made on first use); otherwise off (None).
 
     The demo PKI lets ``careflow demo`` and a laptop hub run the whole flow; its keys live next
     to the event store and its broker has no TLS, so only the hub's own checks (serial, token,
@@ -417,6 +418,9 @@ def provisioning_for(settings: Settings) -> Provisioning | None:
     """
     if settings.pki_dir is not None:
         return Provisioning(settings, pki_dir=settings.pki_dir)
+    default = pki_mod.default_pki_dir({})  # where `careflow ca init` writes by default
+    if (default / f"{pki_mod.DEVICE_CA}.crt").exists():
+        return Provisioning(settings, pki_dir=default)
     if not settings.embedded:
         return None
     demo_dir = settings.data_dir / "demo-pki"

@@ -51,6 +51,9 @@ def _pki_dir(settings: Settings) -> Path | None:
     """CAREFLOW_PKI_DIR, or the embedded hub's demo PKI if it exists."""
     if settings.pki_dir is not None:
         return settings.pki_dir
+    default = pki_mod.default_pki_dir({})
+    if (default / f"{pki_mod.DEVICE_CA}.crt").exists():
+        return default
     demo = settings.data_dir / "demo-pki"
     return demo if demo.is_dir() else None
 
