@@ -21,7 +21,7 @@ HUB_DEVICE = "hub"
 # rule name -> severity of the hub's own alerts
 SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
               "hub-notifications-failing": "critical", "hub-store-failing": "critical",
-              "hub-influx-failing": "warning"}
+              "hub-influx-failing": "warning", "hub-certificates-expiring": "warning"}
 
 
 def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | None,
