@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -105,7 +106,10 @@ def init(
         "give it the file (README in mosquitto/).\n"
         f"2. Hub: CAREFLOW_BROKER_URL=mqtts://BROKER:{device_port} "
         f"CAREFLOW_BROKER_CA={target}/device-ca.crt CAREFLOW_BROKER_CERT={target}/hub.crt "
-        f"CAREFLOW_BROKER_KEY={target}/hub.key careflow hub\n"
+        f"CAREFLOW_BROKER_KEY={target}/hub.key "
+        f"CAREFLOW_HUB_CLIENT_ID=careflow-hub-{secrets.token_hex(8)} careflow hub\n"
+        "   (keep that client id to yourself: any broker client that knows it can take over "
+        "the hub's session; mosquitto/README.md, 'Known limitation')\n"
         "3. Gateway images: bake in claim.crt, claim.key and device-ca.crt (nothing else).\n"
         "4. Back up claim-ca.key and device-ca.key offline; whoever holds device-ca.key can "
         "mint devices.\n"
