@@ -20,7 +20,7 @@ import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +128,11 @@ class Activation:
     pays one set lookup per committed gateway and a write only on a first heartbeat.
     """
 
-    def __init__(self, registry: ProvisioningRegistry, *, warn_within_ms: int) -> None:
+    def __init__(self, registry: ProvisioningRegistry, *, warn_within_ms: int,
+                 pki: pki_mod.Pki | None = None) -> None:
         self._registry = registry
         self._warn_within_ms = warn_within_ms
+        self._pki = pki  # set: also watch the CRL, whose expiry locks every gateway out
         self._waiting = {r.gateway_id for r in registry.records() if r.state == "issued"}
         self._unconnected = {r.gateway_id for r in registry.records()
                              if r.state == "issued" and r.connected_ms is None}
@@ -177,8 +179,28 @@ class Activation:
             problem = (f"{len(soon)} device certificate(s) expire soon and were not renewed: "
                        f"{names}. Check that these gateways are online and that "
                        "`careflow provision list` shows no renewal error.")
+        crl = self._crl_problem(now_ms)
+        if crl:
+            problem = f"{crl} {problem}" if problem else crl
         self._expiry = (now_ms, problem)
         return problem
+
+
+    def _crl_problem(self, now_ms: int) -> str | None:
+        """The CRL must be re-signed (`careflow ca crl-refresh`, daily) well before nextUpdate:
+        Mosquitto refuses every device certificate once it has passed."""
+        if self._pki is None:
+            return None
+        now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+        try:
+            if not pki_mod.crl_needs_refresh(self._pki, now=now, within=CRL_WARN):
+                return None
+            next_update = pki_mod.crl_next_update(self._pki)
+        except PkiError as exc:
+            return f"the CRL cannot be read ({exc}): gateways may be locked out."
+        return (f"the CRL's nextUpdate is {next_update:%Y-%m-%d %H:%M} UTC: run "
+                "`careflow ca crl-refresh` (and schedule it daily), or every gateway is locked "
+                "out when it passes.")
 
 
 class ProvisioningService:
@@ -380,6 +402,7 @@ class ProvisioningService:
 
 
 CERT_WARN_MS = 7 * 86_400_000  # renewal starts at day 20 of 30; a week left means it failed
+CRL_WARN = timedelta(days=7)  # `careflow ca crl-refresh` runs daily and signs for 30 days
 
 
 class Provisioning:
@@ -389,7 +412,7 @@ class Provisioning:
         self.pki = pki_mod.load_pki(pki_dir)
         self.registry = SqliteProvisioningRegistry(settings.db_path,
                                                    synchronous=settings.sqlite_synchronous)
-        self.activation = Activation(self.registry, warn_within_ms=CERT_WARN_MS)
+        self.activation = Activation(self.registry, warn_within_ms=CERT_WARN_MS, pki=self.pki)
         device_url = settings.device_broker_url or settings.effective_broker_url
         self.service = ProvisioningService(settings, self.registry, self.pki,
                                            device=DeviceConfig(broker_url=str(device_url)),

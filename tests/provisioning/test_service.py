@@ -152,3 +152,24 @@ def test_it_warns_when_certificates_near_their_end(service: ProvisioningService)
     late_ms = int((T0 + timedelta(days=25)).timestamp() * 1000)
     problem = service.activation.expiry_problem(late_ms)
     assert problem is not None and "gw-sn-1" in problem
+
+
+def test_it_warns_before_the_crl_expires_and_stops_once_it_is_refreshed(
+        tmp_path: Path) -> None:
+    """An expired CRL locks every gateway out, so the hub raises it a week ahead."""
+    directory = tmp_path / "pki"
+    pki_mod.init_pki(directory, now=T0, force=True)  # CRL valid for 30 days
+    pki = pki_mod.load_pki(directory)
+    registry = SqliteProvisioningRegistry(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        activation = Activation(registry, warn_within_ms=7 * 86_400_000, pki=pki)
+        assert activation.expiry_problem(int((T0 + timedelta(days=20)).timestamp() * 1000)) \
+            is None
+        late = T0 + timedelta(days=25)
+        problem = activation.expiry_problem(int(late.timestamp() * 1000))
+        assert problem is not None and "crl-refresh" in problem
+        pki_mod.resign_crl(pki, now=late)
+        # cached for a minute, then clear
+        assert activation.expiry_problem(int(late.timestamp() * 1000) + 61_000) is None
+    finally:
+        registry.close()
