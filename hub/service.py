@@ -23,7 +23,14 @@ from careflow.config import Settings
 from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
 from careflow.hub.influx import InfluxSink
-from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, decode_message
+from careflow.hub.ingest import (
+    Accepted,
+    Decoded,
+    PresenceUpdate,
+    Rejected,
+    decode_message,
+    shut_out,
+)
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
@@ -195,6 +202,10 @@ class HubService:
             accepted.extend((a, message.received_ms) for a in decoded.accepted)
             rejected.extend((r, message.received_ms) for r in decoded.rejected)
             presence.extend((p, message.received_ms) for p in decoded.presence)
+        if self.provisioning is not None and accepted:
+            accepted, refused = shut_out(
+                accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
+            rejected.extend(refused)
         batch = IncomingBatch(accepted, rejected, presence)
         result = self._commit(batch)
         for message in messages:

@@ -138,6 +138,7 @@ class Activation:
                              if r.state == "issued" and r.connected_ms is None}
         self._lock = threading.Lock()
         self._expiry: tuple[int, str | None] = (-EXPIRY_CHECK_INTERVAL_MS, None)
+        self._revoked: tuple[int, frozenset[str]] = (-REVOKED_CHECK_INTERVAL_MS, frozenset())
 
     def expect(self, gateway_id: str) -> None:
         """A certificate was just issued: watch for this gateway's first heartbeat."""
@@ -185,6 +186,20 @@ class Activation:
         self._expiry = (now_ms, problem)
         return problem
 
+
+    def revoked(self, now_ms: int) -> frozenset[str]:
+        """Gateways whose current certificate is on the CRL (re-read every few seconds:
+        `careflow device revoke` runs in another process)."""
+        checked_ms, revoked = self._revoked
+        if self._pki is None or now_ms - checked_ms < REVOKED_CHECK_INTERVAL_MS:
+            return revoked
+        try:
+            revoked = frozenset(pki_mod.revoked_identities(self._pki))
+        except PkiError as exc:  # keep the last known set rather than let everyone in
+            log.warning("cannot read the CRL; keeping the last revoked set",
+                        extra={"error": str(exc)})
+        self._revoked = (now_ms, revoked)
+        return revoked
 
     def _crl_problem(self, now_ms: int) -> str | None:
         """The CRL must be re-signed (`careflow ca crl-refresh`, daily) well before nextUpdate:
@@ -402,6 +417,7 @@ class ProvisioningService:
 
 
 CERT_WARN_MS = 7 * 86_400_000  # renewal starts at day 20 of 30; a week left means it failed
+REVOKED_CHECK_INTERVAL_MS = 5_000
 CRL_WARN = timedelta(days=7)  # `careflow ca crl-refresh` runs daily and signs for 30 days
 
 
