@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -208,3 +209,33 @@ def test_it_renews_the_certificate_with_no_gap_in_events(flow: Flow, tmp_path: P
     assert current == "gen-0002"
     assert not (tmp_path / "gw" / "identity" / "gen-0001").exists()  # pruned once connected
     assert flow.hub.store.total_gaps() == 0
+
+
+def test_the_technicians_one_liner_passes_once_the_gateway_is_active(flow: Flow,
+                                                                     tmp_path: Path) -> None:
+    """scripts/provision-device.sh: register, print the claim command, watch until active."""
+    script = Path(__file__).parents[2] / "scripts" / "provision-device.sh"
+    careflow = Path(sys.executable).parent / "careflow"
+    proc = subprocess.Popen(["bash", str(script), "SN-TECH", "berlin-3", "--timeout", "30"],
+                            env={**flow.env, "CAREFLOW": str(careflow)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    token = None
+    for text in proc.stdout:  # read until the claim command with the one-time token is shown
+        lines.append(text)
+        if "--token" in text:
+            token = text.split("--token", 1)[1].split()[0]
+            break
+    assert token, "".join(lines)
+    result = claim_identity(serial="SN-TECH", token=token, broker=parse_broker_url(flow.broker),
+                            out=tmp_path / "gw", timeout_s=10)
+    agent, thread = run_agent(result.edge_config)
+    try:
+        rest, _ = proc.communicate(timeout=40)
+    finally:
+        agent.stop()
+        thread.join(10)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert "PASS: gw-sn-tech is active at berlin-3" in output
