@@ -34,7 +34,7 @@ from careflow.hub.store import (
     SourceGap,
     StoredEvent,
 )
-from careflow.sqlite import immediate_transaction
+from careflow.sqlite import immediate_transaction, open_wal
 
 __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "SqliteStore"]
 
@@ -276,12 +276,7 @@ class SqliteStore:
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                         timeout=30.0)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))

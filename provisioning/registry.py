@@ -24,7 +24,7 @@ from careflow.provisioning.claims import (
     State,
     decide_registration,
 )
-from careflow.sqlite import immediate_transaction
+from careflow.sqlite import immediate_transaction, open_wal
 
 __all__ = ["ProvisioningRegistry", "Revocation", "SqliteProvisioningRegistry"]
 
@@ -132,12 +132,7 @@ class SqliteProvisioningRegistry:
         self.path = path
         self._lock = threading.Lock()  # one connection, used from the service and hub threads
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                         timeout=30.0)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             msg = (f"cannot open the provisioning registry at {path}: {exc}. Check that the "
                    "directory is writable (CAREFLOW_DATA_DIR or --data-dir).")
