@@ -282,7 +282,8 @@ class AlertStage:
         rule = self.rules.get(incident.rule)
         return rule is not None and inhibited_by(
             rule_kind=rule.kind, gateway=incident.gateway, device=incident.device,
-            gateway_offline=self._gateway_offline(incident.gateway)) is not None
+            gateway_offline=self._gateway_offline(incident.gateway),
+            gateway_announced_by=self._gateway_rule_firing(rule, incident.gateway)) is not None
 
     def _gateway_offline(self, gateway: str) -> bool:
         presence = self.store.presence().get(gateway)
@@ -333,7 +334,17 @@ class AlertStage:
             return f"silenced by #{silence.id} ({silence.comment}, {silence.created_by})"
         return inhibited_by(rule_kind=rule.kind, gateway=transition.gateway,
                             device=transition.device,
-                            gateway_offline=self._gateway_offline(transition.gateway))
+                            gateway_offline=self._gateway_offline(transition.gateway),
+                            gateway_announced_by=self._gateway_rule_firing(rule,
+                                                                           transition.gateway))
+
+    def _gateway_rule_firing(self, rule: Rule, gateway: str) -> str | None:
+        """Another rule watching gateways themselves that fires for this gateway, if any."""
+        if rule.kind != "absence" or getattr(rule, "only_gateways", False):
+            return None
+        return next((name for name, subject, _ in self.evaluator.active()
+                     if subject == (gateway, gateway) and name != rule.name
+                     and getattr(self.rules[name], "only_gateways", False)), None)
 
     def _recent_triggers(self, rule: str, gateway: str, device: str, now_ms: int) -> list[int]:
         """Earlier triggers of this rule for this source within the flapping window."""

@@ -248,7 +248,7 @@ def _sections(text: str, path: Path) -> dict[str, list[tuple[Any, int]]]:
     out: dict[str, list[tuple[Any, int]]] = {}
     for key, value in node.value:
         if key.value == "routing":  # one mapping; its routes keep their own lines
-            out["routing"] = [(data["routing"], value.start_mark.line + 1)]
+            out["routing"] = [(data["routing"], key.start_mark.line + 1)]
             routes = next((v for k, v in value.value if k.value == "routes"), None)
             if isinstance(routes, yaml.SequenceNode):
                 out["routes"] = [(None, item.start_mark.line + 1) for item in routes.value]

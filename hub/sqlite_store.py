@@ -514,11 +514,12 @@ class SqliteStore:
         rows = self._read(
             "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
             "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
-        # a due notification brings along the rest of its group (same channel and gateway)
-        groups = {(channel, key) for _, channel, key, kind in rows if key and kind == "firing"}
-        extra = [row[0] for channel, key in sorted(groups) for row in self._read(
+        # a due notification brings along the rest of its group (same channel, gateway and
+        # kind: firing messages, or repeats, which escalation queues with a group key)
+        groups = {(channel, key, kind) for _, channel, key, kind in rows if key}
+        extra = [row[0] for channel, key, kind in sorted(groups) for row in self._read(
             "SELECT id FROM notifications WHERE state = 'pending' AND channel = ? AND "
-            "group_key = ? AND kind = 'firing' AND attempts = 0", (channel, key))]
+            "group_key = ? AND kind = ? AND attempts = 0", (channel, key, kind))]
         due = [(notification_id,) for notification_id in
                dict.fromkeys([row[0] for row in rows] + extra)]
         for (notification_id,) in due:
