@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -193,6 +194,13 @@ class AlertStage:
         self._record(self.evaluator.tick(now_ms))
         if self.channels:
             self._remind(now_ms)
+
+    def stalled_ms(self, now_ms: int | None = None) -> int:
+        """How long since the last clock tick (0 before the first): read by the dead man's
+        switch from its own thread, so a stuck evaluation loop stops its pings."""
+        last = self._last_tick_ms
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        return 0 if last is None else max(0, now - last)
 
     def lag(self, now_ms: int) -> tuple[int, int | None]:
         """The worst evaluation lag since the last call, and since when it has been beyond the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.request
+from collections.abc import Callable
 
 __all__ = [
     "ALERT_LAG_BOUND_MS",
@@ -18,6 +19,7 @@ __all__ = [
     "HUB_DEVICE",
     "HUB_GATEWAY",
     "SELF_RULES",
+    "STALL_LIMIT_MS",
     "DeadMansSwitch",
     "lagging_since",
     "self_problems",
@@ -35,6 +37,9 @@ SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
 # tick that comes late) for this long is an alert: a care alarm would be announced late.
 ALERT_LAG_BOUND_MS = 10_000
 ALERT_LAG_GRACE_MS = 30_000
+# A rule-evaluation loop that has not ticked for this long is stuck: it cannot report itself, so
+# the dead man's switch stops pinging and the outside service raises the alarm.
+STALL_LIMIT_MS = 60_000
 
 
 def lagging_since(since_ms: int | None, *, lag_ms: int, now_ms: int,
@@ -83,13 +88,17 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
 
 
 class DeadMansSwitch:
-    """GET ``url`` every ``interval_s`` while the hub is healthy enough to run this thread."""
+    """GET ``url`` every ``interval_s`` while the hub runs this thread and ``healthy()`` holds
+    (the hub passes "the alert loop still ticks": a stuck loop cannot alert about itself)."""
 
-    def __init__(self, url: str, interval_s: float = 60.0) -> None:
+    def __init__(self, url: str, interval_s: float = 60.0, *,
+                 healthy: Callable[[], bool] = lambda: True) -> None:
         self.url = url
         self.interval_s = interval_s
+        self.healthy = healthy
         self.pings = 0
         self.failures = 0
+        self.withheld = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dead-mans-switch", daemon=True)
 
@@ -104,6 +113,11 @@ class DeadMansSwitch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if not self.healthy():
+                self.withheld += 1
+                log.error("dead man's switch withheld: the hub's alert loop is stuck")
+                self._stop.wait(self.interval_s)
+                continue
             try:
                 with urllib.request.urlopen(self.url, timeout=10) as answer:  # noqa: S310
                     answer.read(1024)

@@ -120,3 +120,26 @@ def test_it_raises_an_alert_when_rule_evaluation_falls_behind_ingest(tmp_path: P
     assert store.incident(incident.id).state == "resolved"  # type: ignore[union-attr]
     stage.tick(now + 12_000)  # a tick 12 s late judges absences 12 s late: lagging again
     assert stage.lag(now + 12_000)[1] == now + 12_000
+
+
+def test_it_withholds_the_dead_mans_ping_while_the_alert_loop_is_stuck(
+    http_receiver: HttpReceiver,
+) -> None:
+    stuck = [True]
+    switch = DeadMansSwitch(f"http://127.0.0.1:{http_receiver.port}/ping/abc", interval_s=0.1,
+                            healthy=lambda: not stuck[0])
+    switch.start()
+    try:
+        wait_until(lambda: switch.withheld >= 3, timeout_s=5, what="withheld pings")
+        assert http_receiver.requests == []
+        stuck[0] = False
+        wait_until(lambda: len(http_receiver.requests) >= 1, timeout_s=5, what="pings again")
+    finally:
+        switch.stop()
+
+
+def test_it_reports_how_long_the_alert_loop_has_not_ticked(tmp_path: Path) -> None:
+    stage = AlertStage(SqliteStore(tmp_path / "db"), load_rules([ROOT / "rules"]))
+    assert stage.stalled_ms(5 * M) == 0  # not started
+    stage.tick(5 * M)
+    assert stage.stalled_ms(5 * M + 250) == 250
