@@ -19,6 +19,7 @@ from typing import Any
 
 from careflow.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
+from careflow.hub.influx_points import SiteBook
 from careflow.hub.mute import (
     FLAP_WINDOW_MS,
     flapping,
@@ -33,7 +34,6 @@ from careflow.hub.routing import (
     firing_send_at,
     reachable_channels,
     reminder_due,
-    site_label,
 )
 from careflow.hub.rules import Rule, RuleSet, load_rules
 from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES, lagging_since
@@ -99,7 +99,7 @@ class AlertStage:
         self.group_wait_ms = self.routing.group_wait
         self.on_queued: Callable[[], None] = lambda: None  # wakes the notification sender
         self._pending_wake = False
-        self._sites: dict[str, tuple[int, str]] = {}  # gateway -> (event time, labels.site)
+        self._sites = SiteBook()  # the same site rule as the InfluxDB sink and the report
         self._kinds: dict[tuple[str, str], str] = {}  # (gateway, device) -> kind
         # how far evaluation runs behind ingest (worst since the last self-check), and since
         # when it has been beyond the bound (watch the watcher)
@@ -157,16 +157,13 @@ class AlertStage:
         """A provision event names the device's kind and its gateway's site (newest wins)."""
         if isinstance(data.get("kind"), str):
             self._kinds[(event.gateway, event.device)] = data["kind"]
-        site = site_label(data)
-        known = self._sites.get(event.gateway)
-        if site is not None and (known is None or event.time_ms >= known[0]):
-            self._sites[event.gateway] = (event.time_ms, site)
+        self._sites.learn(event, data)
 
     def labels(self, *, rule: str, severity: str, gateway: str, device: str) -> dict[str, str]:
         """What routes match on: severity, rule, site, gateway, device, kind."""
-        site = self._sites.get(gateway)
         return {"severity": severity, "rule": rule, "gateway": gateway, "device": device,
-                "site": site[1] if site else "", "kind": self._kinds.get((gateway, device), "")}
+                "site": self._sites.site_of(gateway),
+                "kind": self._kinds.get((gateway, device), "")}
 
     def decision(self, *, rule: str, severity: str, gateway: str, device: str) -> Decision:
         """Where an incident goes and how it escalates (routing.py decides)."""

@@ -20,7 +20,6 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from careflow.hub.rules import EscalationStep, Routing
 
@@ -33,7 +32,6 @@ __all__ = [
     "firing_send_at",
     "reachable_channels",
     "reminder_due",
-    "site_label",
 ]
 
 DEFAULT_ROUTE = -1  # Decision.route of the built-in default
@@ -147,9 +145,3 @@ def reminder_due(steps_after_ms: tuple[int, ...], *, sent: int, state: str, trig
         return None
     return Reminder.REPEAT if done == slots - 1 else Reminder.SKIP
 
-
-def site_label(data: Mapping[str, Any]) -> str | None:
-    """``labels.site`` of a provision event's data, if it declares one."""
-    labels = data.get("labels")
-    site = labels.get("site") if isinstance(labels, Mapping) else None
-    return site if isinstance(site, str) and site else None

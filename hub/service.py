@@ -27,6 +27,7 @@ from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, dec
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
+from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 
 __all__ = ["HubCounters", "HubService", "decode_safely", "tune_gc_for_ingest"]
@@ -104,12 +105,14 @@ class HubService:
 
     def __init__(self, settings: Settings, store: EventStore, *,
                  queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
-                 sink: InfluxSink | None = None) -> None:
+                 sink: InfluxSink | None = None,
+                 provisioning: Activation | None = None) -> None:
         self.settings = settings
         self.store = store
         self.alerts = alerts
         self.sink = sink
         self.last_health: dict[str, Any] = {}  # read by the sink thread: replaced, never mutated
+        self.provisioning = provisioning
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
@@ -204,6 +207,8 @@ class HubService:
             self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data))
             if self.sink is not None:
                 self.sink.wake()
+        if self.provisioning is not None:
+            self._observe_provisioning(result, presence, now_ms)
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
@@ -230,6 +235,19 @@ class HubService:
             self.counters.alert_errors += 1
             log.exception("alert evaluation failed", extra={"error": str(exc)})
 
+    def _observe_provisioning(self, result: AppendResult,
+                              presence: list[tuple[PresenceUpdate, int]], now_ms: int) -> None:
+        """A provisioned gateway is active once its own heartbeat is stored (after the commit,
+        so `provision watch` never shows active for a heartbeat that could still be lost)."""
+        assert self.provisioning is not None
+        try:
+            self.provisioning.observe(
+                heartbeats=[e.gateway for e in result.stored
+                            if e.type == "heartbeat" and e.device == e.gateway],
+                online=[p.gateway for p, _ in presence if p.state == "online"], now_ms=now_ms)
+        except StoreError as exc:  # the next heartbeat tries again; ingest goes on
+            log.warning("cannot record a provisioning step", extra={"error": str(exc)})
+
     def _self_problems(self) -> dict[str, str]:
         now_ms = time.time_ns() // 1_000_000
         connected = self.ingress.connected
@@ -243,14 +261,18 @@ class HubService:
         influx = self.sink.status() if self.sink is not None else {}
         lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
         self.counters.alert_lag_ms = lag
-        return self_problems(now_ms=now_ms, connected=connected,
-                             disconnected_since_ms=self._disconnected_since_ms,
-                             last_event_ms=self._last_event_ms, started_ms=self._started_ms,
-                             failed_notifications=failed, store_errors_recent=recent_errors,
-                             silence_ms=self.settings.self_silence_ms,
-                             influx_failing_since_ms=influx.get("failing_since_ms"),
-                             influx_backlog=int(influx.get("backlog_events") or 0),
-                             alert_lag_ms=lag, alert_lagging_since_ms=lagging)
+        problems = self_problems(now_ms=now_ms, connected=connected,
+                                 disconnected_since_ms=self._disconnected_since_ms,
+                                 last_event_ms=self._last_event_ms, started_ms=self._started_ms,
+                                 failed_notifications=failed, store_errors_recent=recent_errors,
+                                 silence_ms=self.settings.self_silence_ms,
+                                 influx_failing_since_ms=influx.get("failing_since_ms"),
+                                 influx_backlog=int(influx.get("backlog_events") or 0),
+                                 alert_lag_ms=lag, alert_lagging_since_ms=lagging)
+        expiring = self.provisioning.expiry_problem(now_ms) if self.provisioning else None
+        if expiring:
+            problems["hub-certificates-expiring"] = expiring
+        return problems
 
     def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
         """Tell each gateway which of its events are now durably here, so it can let them go.

@@ -20,7 +20,7 @@ from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
 from careflow.hub.mute import Silence
 from careflow.hub.presence import PresenceRecord, supersedes
-from careflow.hub.registry import FACTS, DeviceUpdate, SourceUpdate, summarize
+from careflow.hub.registry import FACTS, JSON_FACTS, DeviceUpdate, SourceUpdate, summarize
 from careflow.hub.store import (
     AppendResult,
     DeadLetter,
@@ -284,12 +284,21 @@ class SqliteStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
             self._conn.executescript(_SCHEMA)
+            self._add_fact_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))
         except (sqlite3.Error, OSError) as exc:
             msg = (f"cannot open the event store at {path}: {exc}. Check that the directory is "
                    "writable (set CAREFLOW_DATA_DIR or --data-dir to choose another).")
             raise StoreError(msg) from exc
+
+    def _add_fact_columns(self) -> None:
+        """A database made before a fact existed gains its columns (facts only ever grow)."""
+        known = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        for name in FACTS:
+            for column in (name, f"{name}_ms"):
+                if column not in known:
+                    self._conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -758,7 +767,7 @@ class SqliteStore:
         for index, name in enumerate(FACTS):
             value = row[10 + 2 * index]
             if value is not None:
-                facts[name] = value
+                facts[name] = json.loads(value) if name in JSON_FACTS else value
         gaps = int(row[-1])
         return DeviceRecord(
             gateway=row[0], device=row[1], first_seen_ms=row[2], last_seen_ms=row[3],
@@ -817,6 +826,8 @@ def _device_params(update: DeviceUpdate) -> tuple[Any, ...]:
     facts: list[Any] = []
     for name in FACTS:
         value, at_ms = update.facts.get(name, (None, None))
+        if name in JSON_FACTS and value is not None:
+            value = json.dumps(value, sort_keys=True)
         facts.extend((value, at_ms))
     return (update.gateway, update.device, update.first_seen_ms, update.last_seen_ms,
             update.events, update.last_time_ms, update.last_type, update.boot, update.seq,

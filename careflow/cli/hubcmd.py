@@ -17,6 +17,7 @@ from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.log import setup_logging
+from careflow.provisioning.service import Provisioning, provisioning_for
 
 __all__ = ["hub"]
 
@@ -44,13 +45,18 @@ def hub(
     sender: NotificationSender | None = None
     deadman: DeadMansSwitch | None = None
     sink: InfluxSink | None = None
+    provisioning: Provisioning | None = None
     try:
         if embedded is not None:
             embedded.start()
         channels = load_channels()
         alerts = AlertStage(store, default_rules(), channels)
         sink = build_sink(settings)
-        service = HubService(settings, store, alerts=alerts, sink=sink)
+        provisioning = provisioning_for(settings)
+        if provisioning is not None:
+            provisioning.start()
+        service = HubService(settings, store, alerts=alerts, sink=sink,
+                             provisioning=provisioning.activation if provisioning else None)
         if channels:
             sender = NotificationSender(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
@@ -77,6 +83,8 @@ def hub(
     finally:
         if sink is not None:
             sink.store.close()
+        if provisioning is not None:
+            provisioning.stop()
         if deadman is not None:
             deadman.stop()
         if sender is not None:

@@ -17,7 +17,6 @@ from careflow.hub.routing import (
     firing_send_at,
     reachable_channels,
     reminder_due,
-    site_label,
 )
 from careflow.hub.rules import Route, RouteMatch, Routing, load_rules
 
@@ -93,13 +92,6 @@ def test_it_reminds_only_open_incidents_and_never_in_a_burst(
     else:
         assert due is None and (repeat == 0 or elapsed < (steps[-1] if steps else 0) + (
             sent - len(steps) + 1) * repeat)
-
-
-def test_it_reads_the_site_label_of_a_provision_event() -> None:
-    assert site_label({"labels": {"site": "oslo-12", "room": "b"}}) == "oslo-12"
-    assert site_label({"labels": {"room": "b"}}) is None
-    assert site_label({"labels": "oslo"}) is None
-    assert site_label({}) is None
 
 
 ROUTING = """
