@@ -88,6 +88,7 @@ class HubCounters:
     store_errors: int = 0
     resend_requests: int = 0
     alert_errors: int = 0
+    alert_lag_ms: int = 0  # how far rule evaluation ran behind ingest, worst of the last second
     last_error: str | None = None
     commit_latency_ms: float = 0.0
     event_age_ms: int | None = None
@@ -269,13 +270,16 @@ class HubService:
         self._store_errors_seen = self.counters.store_errors
         failed = self.store.count_notifications(states=("failed",))
         influx = self.sink.status() if self.sink is not None else {}
+        lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
+        self.counters.alert_lag_ms = lag
         problems = self_problems(now_ms=now_ms, connected=connected,
                                  disconnected_since_ms=self._disconnected_since_ms,
                                  last_event_ms=self._last_event_ms, started_ms=self._started_ms,
                                  failed_notifications=failed, store_errors_recent=recent_errors,
                                  silence_ms=self.settings.self_silence_ms,
                                  influx_failing_since_ms=influx.get("failing_since_ms"),
-                                 influx_backlog=int(influx.get("backlog_events") or 0))
+                                 influx_backlog=int(influx.get("backlog_events") or 0),
+                                 alert_lag_ms=lag, alert_lagging_since_ms=lagging)
         expiring = self.provisioning.expiry_problem(now_ms) if self.provisioning else None
         if expiring:
             problems["hub-certificates-expiring"] = expiring
@@ -360,6 +364,7 @@ class HubService:
             "store_errors": c.store_errors,
             "resend_requests": c.resend_requests,
             "alert_errors": c.alert_errors,
+            "alert_lag_ms": c.alert_lag_ms,
             "incidents_opened": self.alerts.opened if self.alerts else None,
             "last_error": c.last_error,
             "influx": self.sink.status() if self.sink is not None else None,

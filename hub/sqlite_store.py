@@ -156,6 +156,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     group_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS notifications_group
+    ON notifications (channel, group_key, kind, state);
 CREATE TABLE IF NOT EXISTS silences (
     id INTEGER PRIMARY KEY,
     gateway TEXT NOT NULL,
@@ -475,15 +477,16 @@ class SqliteStore:
              for channel, title, body in notify])
 
     def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
-                          notify: Sequence[Outgoing]) -> bool:
-        """Record that escalation step ``sent_before`` went out (compare-and-set: only while
-        the incident is still open and no one else sent it) with its notifications."""
+                          notify: Sequence[Outgoing], group_key: str = "") -> bool:
+        """Record that escalation step (or repeat) ``sent_before`` went out (compare-and-set:
+        only while the incident is still open and no one else sent it) with its notifications;
+        ``group_key`` lets the reminders of one gateway go out as one message."""
         with self._transaction("escalate an incident") as conn:
             won = conn.execute(
                 "UPDATE incidents SET escalation_sent = escalation_sent + 1 WHERE id = ? AND "
                 "state = 'open' AND escalation_sent = ?", (incident_id, sent_before)).rowcount
             if won:
-                self._queue(incident_id, "escalation", notify, at_ms)
+                self._queue(incident_id, "escalation", notify, at_ms, group_key=group_key)
             return bool(won)
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
@@ -500,17 +503,27 @@ class SqliteStore:
             self._queue(int(row[0]), "resolved", notify, at_ms)
             return 1
 
+    def group_timing(self, *, channel: str, group_key: str) -> tuple[int | None, int | None]:
+        """When the group's last firing message went out, and when its waiting batch goes."""
+        row = self._read(
+            "SELECT (SELECT MAX(sent_ms) FROM notifications WHERE channel = ?1 AND "
+            "group_key = ?2 AND kind = 'firing' AND state = 'sent'), (SELECT "
+            "MIN(next_attempt_ms) FROM notifications WHERE channel = ?1 AND group_key = ?2 AND "
+            "kind = 'firing' AND state = 'pending' AND attempts = 0)", (channel, group_key))[0]
+        return row[0], row[1]
+
     def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
         """Due notifications, each claimed by compare-and-set so no one else sends it."""
         claimed: list[Notification] = []
         rows = self._read(
             "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
             "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
-        # a due notification brings along the rest of its group (same channel and gateway)
-        groups = {(channel, key) for _, channel, key, kind in rows if key and kind == "firing"}
-        extra = [row[0] for channel, key in sorted(groups) for row in self._read(
+        # a due notification brings along the rest of its group (same channel, gateway and
+        # kind: firing messages, or repeats, which escalation queues with a group key)
+        groups = {(channel, key, kind) for _, channel, key, kind in rows if key}
+        extra = [row[0] for channel, key, kind in sorted(groups) for row in self._read(
             "SELECT id FROM notifications WHERE state = 'pending' AND channel = ? AND "
-            "group_key = ? AND kind = 'firing' AND attempts = 0", (channel, key))]
+            "group_key = ? AND kind = ? AND attempts = 0", (channel, key, kind))]
         due = [(notification_id,) for notification_id in
                dict.fromkeys([row[0] for row in rows] + extra)]
         for (notification_id,) in due:

@@ -13,7 +13,7 @@ from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.influx import InfluxSink, make_writer
 from careflow.hub.notify import NotificationSender, load_channels
-from careflow.hub.selfwatch import DeadMansSwitch
+from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.log import setup_logging
@@ -62,13 +62,16 @@ def hub(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
             sender.start()
             alerts.on_queued = sender.wake
-        if settings.deadman_url:
-            deadman = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s)
-            deadman.start()
         else:
             err_console.print("notifications are off: set CAREFLOW_CHANNEL_ONCALL and "
                               "CAREFLOW_CHANNEL_OPS to Apprise URLs to turn them on",
                               highlight=False)
+        if settings.deadman_url:
+            # a writer loop that stopped ticking cannot raise alerts about itself: stop the
+            # pings too, so the outside service notices
+            deadman = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
+                                     healthy=lambda: alerts.stalled_ms() < STALL_LIMIT_MS)
+            deadman.start()
         tune_gc_for_ingest()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: service.stop())
