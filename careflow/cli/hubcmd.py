@@ -11,7 +11,7 @@ from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.config import Settings
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
-from careflow.hub.influx import InfluxSink, make_writer
+from careflow.hub.influx import InfluxSink, sink_for
 from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
@@ -95,12 +95,10 @@ def hub(
 
 
 def build_sink(settings: Settings) -> InfluxSink | None:
-    """The InfluxDB sink on its own store connection, or None (and say so once) when off."""
-    if settings.influx is None:
+    """The InfluxDB sink, or None (and say so once) when it is off."""
+    sink = sink_for(settings)
+    if sink is None:
         err_console.print("time series are off: set CAREFLOW_INFLUX_URL (and CAREFLOW_INFLUX_DB, "
                           "or CAREFLOW_INFLUX_ORG/BUCKET/TOKEN) to write them to InfluxDB",
                           highlight=False)
-        return None
-    return InfluxSink(SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous),
-                      make_writer(settings.influx), hub_name=settings.hub_client_id,
-                      backlog_warn=settings.influx.backlog_warn)
+    return sink

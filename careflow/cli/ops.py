@@ -370,8 +370,9 @@ def status(
     if as_json:
         print_json_lines([report])
     else:
+        width = max(map(len, report))
         for key, value in report.items():
-            console.print(f"[bold]{key:>18}[/]  {value}", highlight=False)
+            console.print(f"[bold]{key:>{width}}[/]  {value}", highlight=False)
         if not report["running"]:
             console.print("[red]the hub is not running[/] (no health report in the last 5 s): "
                           "start it with `careflow hub`", highlight=False)

@@ -27,6 +27,7 @@ from careflow.edge.simulator import (
 )
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.influx import sink_for
 from careflow.hub.presence import device_state
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
@@ -172,7 +173,8 @@ def demo(
     provisioning = provisioning_for(settings)  # the claim flow works in the demo too
     if provisioning is not None:
         provisioning.start()
-    hub = HubService(settings, store, alerts=AlertStage(store, default_rules()),
+    sink = sink_for(settings)  # the demo feeds InfluxDB too when CAREFLOW_INFLUX_URL is set
+    hub = HubService(settings, store, alerts=AlertStage(store, default_rules()), sink=sink,
                      provisioning=provisioning.activation if provisioning else None)
     hub_thread = threading.Thread(target=hub.run, name="hub", daemon=True)
     hub_thread.start()
@@ -196,6 +198,8 @@ def demo(
             provisioning.stop()
         broker.stop()
         viewer.close()
+        if sink is not None:
+            sink.store.close()
         store.close()
     summary: dict[str, Any] = {"events_stored": hub.counters.events_stored,
                                "duplicates": hub.counters.duplicates,
