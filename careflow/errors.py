@@ -7,13 +7,24 @@ The tree::
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
     ├── StoreError                the event store cannot be opened or written
     ├── ContractError             a payload breaks the event contract (carries a reason code)
-    └── InfluxError               InfluxDB refused or could not take a write
+    ├── InfluxError               InfluxDB refused or could not take a write
+    ├── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
+    │   └── CsrError              a gateway's certificate request is refused (carries a reason code)
+    └── ClaimError                the hub refused a gateway's claim or renewal (code, retry_after_s)
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "BrokerError", "CareflowError", "ConfigError", "ContractError", "InfluxError", "StoreError",
+    "BrokerError",
+    "CareflowError",
+    "ClaimError",
+    "ConfigError",
+    "ContractError",
+    "CsrError",
+    "InfluxError",
+    "PkiError",
+    "StoreError",
 ]
 
 
@@ -56,3 +67,33 @@ class InfluxError(CareflowError):
         super().__init__(message)
         self.retry = retry
         self.status = status
+
+
+class PkiError(CareflowError):
+    """A certificate authority, certificate, CRL or the PKI directory is missing or unusable."""
+
+
+class CsrError(PkiError):
+    """A certificate signing request is refused.
+
+    ``code`` is a short stable word (``csr_invalid``, ``csr_bad_signature``, ``csr_weak_key``,
+    ``csr_identity_mismatch``, ...) that the claim flow sends back to the gateway; the message is
+    for people.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ClaimError(CareflowError):
+    """The hub refused a claim or a renewal.
+
+    ``code`` is the hub's stable word (``token_expired``, ``rate_limited``, ...);
+    ``retry_after_s`` says how long to wait when waiting helps.
+    """
+
+    def __init__(self, code: str, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.retry_after_s = retry_after_s

@@ -17,7 +17,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from careflow.config import BrokerUrl, TlsFiles
 from careflow.errors import BrokerError
 
-__all__ = ["KEEPALIVE_S", "check", "connect_blocking", "make_client"]
+__all__ = ["KEEPALIVE_S", "check", "connect_blocking", "make_client", "tls_context"]
 
 KEEPALIVE_S = 30
 
@@ -31,8 +31,13 @@ def make_client(
     username: str | None = None,
     password: str | None = None,
     tls: TlsFiles | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> paho.Client:
-    """A paho client speaking MQTT 3.1.1 (what both Mosquitto and amqtt serve)."""
+    """A paho client speaking MQTT 3.1.1 (what both Mosquitto and amqtt serve).
+
+    ``ssl_context`` (from :func:`tls_context`) replaces ``tls`` for a caller that must load a
+    new client certificate later: the gateway agent after renewing its identity.
+    """
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -43,13 +48,18 @@ def make_client(
     if username is not None:
         client.username_pw_set(username, password)
     if url.tls:
-        files = tls or TlsFiles()
-        client.tls_set(ca_certs=str(files.ca) if files.ca else None,
-                       certfile=str(files.cert) if files.cert else None,
-                       keyfile=str(files.key) if files.key else None,
-                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context(ssl_context or tls_context(tls or TlsFiles()))
     client.reconnect_delay_set(min_delay=1, max_delay=10)
     return client
+
+
+def tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """What paho's ``tls_set`` builds: verify the broker (``files.ca`` or the system CAs) and
+    present ``files.cert`` if given; ``load_cert_chain`` on it later swaps the identity."""
+    context = ssl.create_default_context(cafile=str(files.ca) if files.ca else None)
+    if files.cert is not None:
+        context.load_cert_chain(str(files.cert), str(files.key) if files.key else None)
+    return context
 
 
 def connect_blocking(

@@ -119,6 +119,17 @@ def uptime_bars(report: Report) -> str:
     return _svg(label_w + bar_w + 90, height, parts, "uptime by site")
 
 
+def _grid_lines(peak: float, *, bottom: float, scale: float, plot_w: float) -> list[str]:
+    """Horizontal grid lines with labels at zero, half and the top of the scale."""
+    parts = []
+    for value in (0.0, peak / 2, peak):
+        y = bottom - value * scale
+        parts.append(f'<line x1="40" y1="{y:.1f}" x2="{40 + plot_w}" y2="{y:.1f}" '
+                     f'stroke="#eeeeee"/><text x="34" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{value:g}</text>')
+    return parts
+
+
 def _day_axis(report: Report, x_of: dict[int, float], top: int, bottom: int) -> list[str]:
     step = max(1, len(report.per_day) // 10)  # at most ~10 labels, readable at 30 days
     return [f'<text x="{x_of[d.day_ms]:.1f}" y="{bottom + 17}" text-anchor="middle">'
@@ -137,12 +148,7 @@ def incidents_per_day(report: Report) -> str:
     peak = int(nice_ceiling(max([d.incidents for d in days] + [1])))
     peak += peak % 2  # counts: the middle grid line stays a whole number
     scale = (bottom - top) / peak
-    parts = []
-    for value in (0, peak / 2, peak):
-        y = bottom - value * scale
-        parts.append(f'<line x1="40" y1="{y:.1f}" x2="{40 + plot_w}" y2="{y:.1f}" '
-                     f'stroke="#eeeeee"/><text x="34" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{value:g}</text>')
+    parts = _grid_lines(float(peak), bottom=bottom, scale=scale, plot_w=plot_w)
     bar = max(2.0, slot * 0.7)
     for d in days:
         x = x_of[d.day_ms] - bar / 2
@@ -175,12 +181,7 @@ def mean_times_trend(report: Report) -> str:
     values = [v / 60 for d in days for v in (d.mtta_s, d.mttr_s) if v is not None]
     peak = nice_ceiling(max([*values, 1.0]))
     scale = (bottom - top) / peak
-    parts = []
-    for value in (0.0, peak / 2, peak):
-        y = bottom - value * scale
-        parts.append(f'<line x1="40" y1="{y:.1f}" x2="{40 + plot_w}" y2="{y:.1f}" '
-                     f'stroke="#eeeeee"/><text x="34" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{value:g}</text>')
+    parts = _grid_lines(float(peak), bottom=bottom, scale=scale, plot_w=plot_w)
     parts.append(f'<text x="4" y="{top - 14}" text-anchor="start">minutes</text>')
     for colour, name, pick in ((_BLUE, "MTTA", 0), (_PURPLE, "MTTR", 1)):
         points = [(x_of[d.day_ms], bottom - (v / 60) * scale, d.day, v) for d in days
@@ -247,7 +248,7 @@ def render_html(report: Report, *, title: str = "careflow report", generated_ms:
         f'<div class="card">{mean_times_trend(report)}</div>',
         "<h2>Incidents by rule and severity</h2>",
         incidents if report.incidents else "<p>no incidents in this period</p>",
-        "<h2>Gateways</h2>", gateways,
+        "<h2>Gateways</h2>", gateways if report.gateways else "<p>no gateways known yet</p>",
         "<h2>Devices provisioned</h2>",
         provisioned if report.provisioned else "<p>no devices added in this period</p>",
         f"<footer>careflow report, generated {_date(generated_ms)} from the hub's event store. "

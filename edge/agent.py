@@ -8,13 +8,15 @@ original id and time; the hub's dedupe makes resends harmless. Care alarms skip 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +25,22 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from careflow import __version__
-from careflow.config import BrokerUrl, parse_broker_url, tls_files
+from careflow.config import BrokerUrl, TlsFiles, parse_broker_url, tls_files
 from careflow.edge.commands import CommandHandler, handle_command
+from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.edge.outbox import Outbox, Pending
+from careflow.edge.renewal import Renewer
 from careflow.edge.spool import SpoolInput
 from careflow.edge.stamper import new_boot_id
 from careflow.errors import BrokerError, ConfigError
-from careflow.mqtt import make_client
+from careflow.mqtt import make_client, tls_context
+from careflow.provisioning.protocol import (
+    AcceptedReply,
+    RejectedReply,
+    accepted_topic,
+    rejected_topic,
+    renew_topic,
+)
 from careflow.schemas import (
     ack_topic,
     batch_topic,
@@ -63,6 +74,7 @@ class AgentConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    identity_dir: Path | None = None  # set by `careflow gateway claim`: renew the certificate
     username: str | None = None
     password: str | None = field(default=None, repr=False)
 
@@ -104,7 +116,8 @@ def load_agent_config(path: Path | None, overrides: Mapping[str, Any] | None = N
             **{**values, "broker": parse_broker_url(str(values["broker"])),
                "data_dir": Path(values["data_dir"]),
                "spool_dir": Path(values["spool_dir"]) if values.get("spool_dir") else None,
-               **{name: Path(values[name]) for name in ("ca_file", "cert_file", "key_file")
+               **{name: Path(values[name])
+                  for name in ("ca_file", "cert_file", "key_file", "identity_dir")
                   if values.get(name)}},
             username=env.get("CAREFLOW_EDGE_USERNAME") or None,
             password=env.get("CAREFLOW_EDGE_PASSWORD") or None,
@@ -135,7 +148,7 @@ def _system_health() -> dict[str, Any]:
 class EdgeAgent:
     """Runs one gateway until :meth:`stop`."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.boot = new_boot_id()
         self.started = time.monotonic()
@@ -148,11 +161,25 @@ class EdgeAgent:
         self._wake = threading.Event()
         self._connected = threading.Event()
         self._conn = 0
+        self.renewer: Renewer | None = None
+        if config.identity_dir is not None:
+            identity = IdentityStore(config.identity_dir)
+            self.renewer = Renewer(gateway=config.gateway, identity=identity,
+                                   broker=config.broker, clock=clock)
+            if config.broker.tls and config.cert_file is None:
+                config = dataclasses.replace(config, ca_file=identity.current / CA_FILE,
+                                             cert_file=identity.current / CERT_FILE,
+                                             key_file=identity.current / KEY_FILE)
+                self.config = config
+        self._tls: TlsFiles | None = None
+        self._ssl: ssl.SSLContext | None = None
+        if config.broker.tls:  # our own context, so a renewed certificate can be loaded into it
+            self._tls = tls_files(config.ca_file, config.cert_file, config.key_file)
+            self._ssl = tls_context(self._tls)
+        self._rotating = False
         self._client = make_client(client_id=f"careflow-gw-{config.gateway}", clean_session=True,
                                    url=config.broker, username=config.username,
-                                   password=config.password,
-                                   tls=tls_files(config.ca_file, config.cert_file,
-                                                 config.key_file))
+                                   password=config.password, ssl_context=self._ssl)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -211,19 +238,23 @@ class EdgeAgent:
         if reason.is_failure:
             log.warning("broker refused the agent", extra={"reason": str(reason)})
             return
-        client.subscribe([(ack_topic(self.config.gateway), 1),
-                          (command_topic(self.config.gateway), 1)])
+        topics = [ack_topic(self.config.gateway), command_topic(self.config.gateway)]
+        if self.renewer is not None:
+            topics += [accepted_topic(self.config.gateway), rejected_topic(self.config.gateway)]
+        client.subscribe([(topic, 1) for topic in topics])
         client.publish(state_topic(self.config.gateway), self._presence("online"), qos=1,
                        retain=True)
         self.outbox.resend_all()
         self._connected.set()
         self._wake.set()
+        if self.renewer is not None:
+            self.renewer.on_connected()
         log.info("agent connected", extra={"broker": str(self.config.broker), "conn": self._conn})
 
     def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object,
                        reason: object, _props: object) -> None:
         self._connected.clear()
-        if not self._stop.is_set():
+        if not self._stop.is_set() and not self._rotating:
             log.warning("agent lost the broker; events wait in the outbox",
                         extra={"reason": str(reason), "waiting": self.outbox.size()})
             self._arm_will()  # paho reconnects by itself, with the new Will
@@ -235,6 +266,21 @@ class EdgeAgent:
             log.info("remote command", extra={"command": reply.get("name"), "ok": reply["ok"]})
             client.publish(reply_topic(self.config.gateway), json.dumps(reply), qos=1)
             return
+        if self.renewer is not None and message.topic in (accepted_topic(self.config.gateway),
+                                                          rejected_topic(self.config.gateway)):
+            try:
+                answer: AcceptedReply | RejectedReply = (
+                    AcceptedReply.model_validate_json(message.payload)
+                    if message.topic.endswith("/accepted")
+                    else RejectedReply.model_validate_json(message.payload))
+            except ValueError:
+                log.warning("ignored a malformed renewal answer", extra={"topic": message.topic})
+                return
+            self.renewer.on_reply(answer)
+            self._wake.set()
+            return
+        if message.topic != ack_topic(self.config.gateway):
+            return  # amqtt may echo other topics to a client that reconnected; not ours to read
         try:
             ids = json.loads(message.payload)["ids"]
             if isinstance(ids, list):
@@ -278,6 +324,36 @@ class EdgeAgent:
         if self._connected.is_set():
             self._report_drops()
             self._send_due()
+            self._renew()
+
+    def _renew(self) -> None:
+        """Ask for a fresh certificate when due; install an answer and reconnect under it."""
+        if self.renewer is None:
+            return
+        request = self.renewer.request()
+        if request is not None:
+            self._client.publish(renew_topic(self.config.gateway), request.model_dump_json(),
+                                 qos=1)
+        if self.renewer.install(self._tls):
+            self._reconnect_with_new_identity()
+
+    def _reconnect_with_new_identity(self) -> None:
+        """A clean DISCONNECT (no Last Will: this is no outage), then connect under the new
+        certificate; unconfirmed events are resent from the outbox on connect."""
+        self._rotating = True
+        try:
+            self._client.disconnect()
+            self._client.loop_stop()
+            if self._ssl is not None and self.config.cert_file is not None:
+                self._ssl.load_cert_chain(str(self.config.cert_file),
+                                          str(self.config.key_file) if self.config.key_file
+                                          else None)
+            self._arm_will()
+            with contextlib.suppress(OSError):
+                self._client.reconnect()
+            self._client.loop_start()
+        finally:
+            self._rotating = False
 
     def run(self) -> None:
         """Connect and forward events until stopped."""

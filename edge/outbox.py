@@ -25,7 +25,7 @@ from typing import Any
 from careflow.edge.stamper import new_event_id
 from careflow.errors import StoreError
 from careflow.schemas import CONTRACT_VERSION, format_rfc3339, parse_event
-from careflow.sqlite import immediate_transaction
+from careflow.sqlite import immediate_transaction, open_wal
 
 __all__ = ["DROP_ORDER", "Outbox", "Pending"]
 
@@ -75,12 +75,8 @@ class Outbox:
         self.max_events = max_events
         self._lock = threading.Lock()  # the agent's threads share one connection
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a queued event survives power loss. The simulator uses NORMAL (crash-safe).
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA, timeout_s=5.0)
             # Messages "in flight" before a restart are not known to have arrived: resend them.
             self._conn.execute("UPDATE outbox SET sent_ms = NULL")
         except (sqlite3.Error, OSError) as exc:

@@ -1,13 +1,15 @@
 """Alerting inside the hub: rules evaluated on every committed event and on a clock tick, and
 their transitions turned into incidents (open → acknowledged → resolved).
 
-Notifications (Apprise), escalation, silences and grouping build on the incidents recorded here.
+Notifications (Apprise), escalation, silences and grouping build on the incidents recorded here;
+``routing.py`` decides channels, escalation policy and grouping times, this stage applies them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,24 +19,32 @@ from typing import Any
 
 from careflow.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
+from careflow.hub.influx_points import SiteBook
 from careflow.hub.mute import (
     FLAP_WINDOW_MS,
-    escalation_due,
     flapping,
     inhibited_by,
     silenced_by,
 )
-from careflow.hub.notify import Channel, render, route
+from careflow.hub.notify import Channel, render
+from careflow.hub.routing import (
+    Decision,
+    Reminder,
+    decide,
+    firing_send_at,
+    reachable_channels,
+    reminder_due,
+)
 from careflow.hub.rules import Rule, RuleSet, load_rules
-from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES
-from careflow.hub.store import EventStore, Outgoing, StoredEvent
+from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES, lagging_since
+from careflow.hub.store import EventFilter, EventStore, Incident, Outgoing, StoredEvent
 
 __all__ = ["AlertStage", "default_rules"]
 
 log = logging.getLogger(__name__)
 
 
-GROUP_WAIT_MS = 30_000
+GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets it
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,36 +87,59 @@ class AlertStage:
         self.rules = {rule.name: rule for rule in rules.rules}
         self.channels = dict(channels or {})
         self.escalation = rules.escalation
+        self.routing = rules.routing
         if self.channels:
-            for severity, steps in self.escalation.items():
-                for step in steps:
-                    for name in step.channels:
-                        if name not in self.channels:
-                            msg = (f"the {severity} escalation policy names channel {name!r}, "
-                                   f"which has no URL: set CAREFLOW_CHANNEL_{name.upper()}")
-                            raise ConfigError(msg)
-            # the hub's own alerts are critical, so the critical route must exist in any case
-            for rule in (*rules.rules, *_SELF_RULE_STUBS):
-                missing = [c for c in route(rule.severity) if c not in self.channels]
-                if missing:
-                    msg = (f"rule {rule.name!r} ({rule.severity}) routes to channel "
-                           f"{missing[0]!r}, which has no URL: set "
-                           f"CAREFLOW_CHANNEL_{missing[0].upper()} (or ..._FILE)")
-                    raise ConfigError(msg)
+            self._check_channels(rules)
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
         self.muted = 0
         # Non-critical alerts wait this long so that a burst on one gateway becomes one message
-        # (Alertmanager's group_wait); critical ones, care alarms above all, never wait.
-        self.group_wait_ms = GROUP_WAIT_MS
+        # (Alertmanager's group_wait); critical ones, care alarms above all, never wait. Set from
+        # the rules' `routing:` section; a route may set its own.
+        self.group_wait_ms = self.routing.group_wait
         self.on_queued: Callable[[], None] = lambda: None  # wakes the notification sender
         self._pending_wake = False
+        self._sites = SiteBook()  # the same site rule as the InfluxDB sink and the report
+        self._kinds: dict[tuple[str, str], str] = {}  # (gateway, device) -> kind
+        # how far evaluation runs behind ingest (worst since the last self-check), and since
+        # when it has been beyond the bound (watch the watcher)
+        self._lag_ms = 0
+        self._last_tick_ms: int | None = None
+        self._lagging_since_ms: int | None = None
         self._seed()
+
+    def _check_channels(self, rules: RuleSet) -> None:
+        """Every channel a route or escalation policy can reach needs a URL: say which variable
+        to set at start-up, not when an alarm has nowhere to go."""
+        for key, steps in self.escalation.items():
+            for step in steps:
+                for name in step.channels:
+                    if name not in self.channels:
+                        msg = (f"the {key} escalation policy names channel {name!r}, "
+                               f"which has no URL: set CAREFLOW_CHANNEL_{name.upper()}")
+                        raise ConfigError(msg)
+        for index, item in enumerate(rules.routing.routes):
+            for name in item.channels:
+                if name not in self.channels:
+                    msg = (f"route {index + 1} ({rules.route_origins[index]}) sends to channel "
+                           f"{name!r}, which has no URL: set CAREFLOW_CHANNEL_{name.upper()} "
+                           "(or ..._FILE)")
+                    raise ConfigError(msg)
+        # the hub's own alerts are critical, so the critical route must exist in any case
+        for rule in (*rules.rules, *_SELF_RULE_STUBS):
+            for name, why in reachable_channels(rules.routing, rule.severity).items():
+                if name not in self.channels:
+                    msg = (f"rule {rule.name!r} ({rule.severity}) routes to channel {name!r} "
+                           f"({why}), which has no URL: set CAREFLOW_CHANNEL_{name.upper()} "
+                           "(or ..._FILE)")
+                    raise ConfigError(msg)
 
     def _seed(self) -> None:
         """After a restart: what is open stays open (no duplicate incident), and every known
         source counts as heard from when it was last seen."""
         for record in self.store.devices():
+            if isinstance(record.facts.get("kind"), str):
+                self._kinds[(record.gateway, record.device)] = record.facts["kind"]
             interval = record.facts.get("interval_s")
             self.evaluator.observe(Observation(
                 record.gateway, record.device, "heartbeat" if interval else "status",
@@ -116,21 +149,65 @@ class AlertStage:
         for incident in self.store.incidents(states=("open", "acknowledged"), limit=100_000):
             self.evaluator.firing[(incident.rule, (incident.gateway, incident.device))] = \
                 incident.triggered_ms
+        for chunk in self.store.iter_log(EventFilter(type="provision")):
+            for event in chunk:
+                self._learn(event, event.data)
+
+    def _learn(self, event: StoredEvent, data: Mapping[str, Any]) -> None:
+        """A provision event names the device's kind and its gateway's site (newest wins)."""
+        if isinstance(data.get("kind"), str):
+            self._kinds[(event.gateway, event.device)] = data["kind"]
+        self._sites.learn(event, data)
+
+    def labels(self, *, rule: str, severity: str, gateway: str, device: str) -> dict[str, str]:
+        """What routes match on: severity, rule, site, gateway, device, kind."""
+        return {"severity": severity, "rule": rule, "gateway": gateway, "device": device,
+                "site": self._sites.site_of(gateway),
+                "kind": self._kinds.get((gateway, device), "")}
+
+    def decision(self, *, rule: str, severity: str, gateway: str, device: str) -> Decision:
+        """Where an incident goes and how it escalates (routing.py decides)."""
+        return decide(self.routing, self.labels(rule=rule, severity=severity, gateway=gateway,
+                                                device=device), self.escalation)
 
     def handle(self, events: Sequence[StoredEvent], now_ms: int,
                data: Sequence[Mapping[str, Any]] | None = None) -> None:
         """Evaluate newly stored events (``data``: their decoded data, to skip re-parsing)."""
         for index, event in enumerate(events):
+            values = data[index] if data is not None else event.data
+            if event.type == "provision":
+                self._learn(event, values)
             observation = Observation(event.gateway, event.device, event.type, event.time_ms,
-                                      event.received_ms,
-                                      data[index] if data is not None else event.data)
+                                      event.received_ms, values)
             self._record(self.evaluator.observe(observation, now_ms))
+        if events:  # how long the oldest of these waited between arrival and evaluation
+            self._lag_ms = max(self._lag_ms, now_ms - min(e.received_ms for e in events))
 
     def tick(self, now_ms: int) -> None:
-        """Let the clock drive absences, windows and escalation."""
+        """Let the clock drive absences, windows, escalation and repeats."""
+        if self._last_tick_ms is not None:  # a late tick judges absences late by as much
+            self._lag_ms = max(self._lag_ms, now_ms - self._last_tick_ms)
+        self._last_tick_ms = now_ms
         self._record(self.evaluator.tick(now_ms))
-        if self.escalation and self.channels:
-            self._escalate(now_ms)
+        if self.channels:
+            self._remind(now_ms)
+
+    def stalled_ms(self, now_ms: int | None = None) -> int:
+        """How long since the last clock tick (0 before the first): read by the dead man's
+        switch from its own thread, so a stuck evaluation loop stops its pings."""
+        last = self._last_tick_ms
+        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        return 0 if last is None else max(0, now - last)
+
+    def lag(self, now_ms: int) -> tuple[int, int | None]:
+        """The worst evaluation lag since the last call, and since when it has been beyond the
+        bound (None when it is not); read by the hub's self-check once a second."""
+        worst, self._lag_ms = self._lag_ms, 0
+        if self._last_tick_ms is not None:  # a tick that has not come yet is late too
+            worst = max(worst, now_ms - self._last_tick_ms)
+        self._lagging_since_ms = lagging_since(self._lagging_since_ms, lag_ms=worst,
+                                               now_ms=now_ms)
+        return worst, self._lagging_since_ms
 
     def check_self(self, problems: Mapping[str, str], now_ms: int) -> None:
         """Open or resolve the hub's own incidents (careflow-hub/hub) from its self-checks."""
@@ -142,7 +219,9 @@ class AlertStage:
                                      summary=f"careflow hub: {rule}", detail=problems[rule],
                                      gateway=HUB_GATEWAY, device=HUB_DEVICE, since_ms=now_ms,
                                      runbook="runbooks/hub-unhealthy.md")
-                notify = [(c, title, body) for c in route(severity) if c in self.channels]
+                channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
+                                         device=HUB_DEVICE).channels
+                notify = [(c, title, body) for c in channels if c in self.channels]
                 if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
                                             severity=severity, summary=f"careflow hub: {rule}",
                                             detail=problems[rule], at_ms=now_ms, notify=notify):
@@ -153,28 +232,69 @@ class AlertStage:
                 self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
                                              at_ms=now_ms, by="careflow (self-check passed)")
 
-    def _escalate(self, now_ms: int) -> None:
+    def _remind(self, now_ms: int) -> None:
+        """Escalation steps, then repeats every repeat_interval, for open incidents."""
         for incident in self.store.incidents(states=("open",), limit=10_000):
-            steps = self.escalation.get(incident.severity, ())
-            step = escalation_due(tuple(s.after for s in steps), sent=incident.escalation_sent,
-                                  state=incident.state, triggered_ms=incident.triggered_ms,
-                                  now_ms=now_ms)
-            if step is None or silenced_by(self.store.silences(active_at_ms=now_ms), incident.rule,
-                                           incident.gateway, incident.device, now_ms):
+            decision = self.decision(rule=incident.rule, severity=incident.severity,
+                                     gateway=incident.gateway, device=incident.device)
+            steps = self.escalation.get(decision.escalation or "", ())
+            due = reminder_due(tuple(s.after for s in steps), sent=incident.escalation_sent,
+                               state=incident.state, triggered_ms=incident.triggered_ms,
+                               now_ms=now_ms, repeat_interval_ms=decision.repeat_interval_ms)
+            if due is None:
                 continue
-            rule = self.rules.get(incident.rule)
-            title, body = render(kind="escalation", severity=incident.severity,
-                                 summary=incident.summary, detail=incident.detail,
-                                 gateway=incident.gateway, device=incident.device,
-                                 since_ms=incident.triggered_ms,
-                                 runbook=rule.runbook if rule else None)
-            notify = [(name, title, body) for name in steps[step].channels]
-            if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
-                                            notify=notify):
-                self.on_queued()
-                log.warning("incident escalated", extra={"incident": incident.id,
-                                                         "step": step + 1,
-                                                         "channels": list(steps[step].channels)})
+            silenced = silenced_by(self.store.silences(active_at_ms=now_ms), incident.rule,
+                                   incident.gateway, incident.device, now_ms)
+            if due is Reminder.ESCALATE:
+                if silenced is None:  # a silenced step waits for the silence to end
+                    self._escalate(incident, steps[incident.escalation_sent].channels, now_ms)
+                continue
+            muted = silenced is not None or self._inhibited(incident)
+            channels = () if due is Reminder.SKIP or muted else decision.channels
+            self._repeat(incident, channels, now_ms)
+
+    def _escalate(self, incident: Incident, channels: tuple[str, ...], now_ms: int) -> None:
+        step = incident.escalation_sent
+        rule = self.rules.get(incident.rule)
+        title, body = render(kind="escalation", severity=incident.severity,
+                             summary=incident.summary, detail=incident.detail,
+                             gateway=incident.gateway, device=incident.device,
+                             since_ms=incident.triggered_ms,
+                             runbook=rule.runbook if rule else None)
+        notify = [(name, title, body) for name in channels]
+        if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
+                                        notify=notify):
+            self.on_queued()
+            log.warning("incident escalated", extra={"incident": incident.id, "step": step + 1,
+                                                     "channels": list(channels)})
+
+    def _repeat(self, incident: Incident, channels: tuple[str, ...], now_ms: int) -> None:
+        """Announce a still-open, unacknowledged incident again (or only count the slot)."""
+        rule = self.rules.get(incident.rule)
+        title, body = render(kind="repeat", severity=incident.severity, summary=incident.summary,
+                             detail=incident.detail, gateway=incident.gateway,
+                             device=incident.device, since_ms=incident.triggered_ms,
+                             runbook=rule.runbook if rule else None)
+        notify = [(name, title, body) for name in channels if name in self.channels]
+        if self.store.escalate_incident(incident.id, sent_before=incident.escalation_sent,
+                                        at_ms=now_ms, notify=notify,
+                                        group_key=incident.gateway) and notify:
+            self.on_queued()
+            log.info("incident announced again", extra={"incident": incident.id,
+                                                        "channels": list(channels)})
+
+    def _inhibited(self, incident: Incident) -> bool:
+        rule = self.rules.get(incident.rule)
+        return rule is not None and inhibited_by(
+            rule_kind=rule.kind, gateway=incident.gateway, device=incident.device,
+            gateway_offline=self._gateway_offline(incident.gateway),
+            gateway_announced_by=self._gateway_rule_firing(rule, incident.gateway)) is not None
+
+    def _gateway_offline(self, gateway: str) -> bool:
+        presence = self.store.presence().get(gateway)
+        return (presence is not None and presence.state == "offline") or any(
+            subject == (gateway, gateway) and self.rules[name].kind == "absence"
+            for name, subject, _ in self.evaluator.active())
 
     def _record(self, transitions: list[Transition]) -> None:
         self._pending_wake = False
@@ -190,9 +310,9 @@ class AlertStage:
                 opened = self.store.open_incident(
                     rule=rule.name, gateway=transition.gateway, device=transition.device,
                     severity=rule.severity, summary=summary, detail=transition.detail,
-                    at_ms=transition.at_ms, notify=self._outgoing(rule, transition, summary,
-                                                                  "firing"),
-                    group_wait_ms=0 if rule.severity == "critical" else self.group_wait_ms)
+                    at_ms=transition.at_ms, notify=(notify := self._outgoing(
+                        rule, transition, summary, "firing")),
+                    group_wait_ms=self._hold_ms(rule, transition, [c for c, _, _ in notify]))
                 if opened:
                     self.opened += 1
                     log.warning("incident opened", extra={
@@ -217,13 +337,19 @@ class AlertStage:
                               transition.gateway, transition.device, transition.at_ms)
         if silence is not None:
             return f"silenced by #{silence.id} ({silence.comment}, {silence.created_by})"
-        presence = self.store.presence().get(transition.gateway)
-        gateway_offline = (presence is not None and presence.state == "offline") or any(
-            subject == (transition.gateway, transition.gateway)
-            and self.rules[name].kind == "absence"
-            for name, subject, _ in self.evaluator.active())
         return inhibited_by(rule_kind=rule.kind, gateway=transition.gateway,
-                            device=transition.device, gateway_offline=gateway_offline)
+                            device=transition.device,
+                            gateway_offline=self._gateway_offline(transition.gateway),
+                            gateway_announced_by=self._gateway_rule_firing(rule,
+                                                                           transition.gateway))
+
+    def _gateway_rule_firing(self, rule: Rule, gateway: str) -> str | None:
+        """Another rule watching gateways themselves that fires for this gateway, if any."""
+        if rule.kind != "absence" or getattr(rule, "only_gateways", False):
+            return None
+        return next((name for name, subject, _ in self.evaluator.active()
+                     if subject == (gateway, gateway) and name != rule.name
+                     and getattr(self.rules[name], "only_gateways", False)), None)
 
     def _recent_triggers(self, rule: str, gateway: str, device: str, now_ms: int) -> list[int]:
         """Earlier triggers of this rule for this source within the flapping window."""
@@ -242,7 +368,30 @@ class AlertStage:
                              detail=transition.detail, gateway=transition.gateway,
                              device=transition.device, since_ms=transition.at_ms,
                              runbook=rule.runbook)
-        outgoing = [(name, title, body) for name in route(rule.severity) if name in self.channels]
+        channels = self.decision(rule=rule.name, severity=rule.severity,
+                                 gateway=transition.gateway, device=transition.device).channels
+        outgoing = [(name, title, body) for name in channels if name in self.channels]
         if outgoing:
             self._pending_wake = True
         return outgoing
+
+    def _hold_ms(self, rule: Rule, transition: Transition, channels: list[str]) -> int:
+        """How long a new firing notification waits for its group (group_wait, group_interval);
+        with several channels, the longest of their holds, so no group goes out too often."""
+        if rule.severity == "critical" or not channels:
+            return 0
+        decision = self.decision(rule=rule.name, severity=rule.severity,
+                                 gateway=transition.gateway, device=transition.device)
+        # a route's own group_wait wins; otherwise the stage's (tests shorten it)
+        wait = self.group_wait_ms if decision.route < 0 or \
+            self.routing.routes[decision.route].group_wait is None else decision.group_wait_ms
+        hold = 0
+        for channel in channels:
+            last_sent, pending_at = self.store.group_timing(channel=channel,
+                                                            group_key=transition.gateway)
+            send_at = firing_send_at(now_ms=transition.at_ms, critical=False,
+                                     group_wait_ms=wait,
+                                     group_interval_ms=decision.group_interval_ms,
+                                     last_sent_ms=last_sent, pending_at_ms=pending_at)
+            hold = max(hold, send_at - transition.at_ms)
+        return hold

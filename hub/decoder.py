@@ -142,16 +142,18 @@ class DecodeWorker:
                 self._fail(f"the decode worker did not answer within {RESULT_TIMEOUT_S:.0f}s")
                 return None
             packed: list[_Packed] = self._results.recv()
-        except (EOFError, OSError) as exc:
-            self._fail(f"the decode worker is gone: {exc!r}")
+            if len(packed) != expected:
+                msg = f"answered {len(packed)} messages of {expected}"
+                raise ValueError(msg)  # handled with every other failure below
+            return [_unpack(item) for item in packed]
+        except Exception as exc:  # whatever it was, the hub still holds the messages
+            self._fail(f"the decode worker failed: {exc!r}")
             return None
-        if len(packed) != expected:
-            self._fail(f"the decode worker answered {len(packed)} messages of {expected}")
-            return None
-        return [_unpack(item) for item in packed]
 
     def _fail(self, why: str) -> None:
         log.error("%s; decoding in-process from now on, nothing is lost", why)
+        if self._process is not None:
+            self._process.kill()  # it failed once; it gets no second chance to hang the hub
         self.stop()
 
     def stop(self) -> None:

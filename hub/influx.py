@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from careflow.config import InfluxSettings
+from careflow.config import InfluxSettings, Settings
 from careflow.errors import CareflowError, ConfigError, InfluxError
 from careflow.hub.influx_points import (
     DeviceSnapshot,
@@ -36,7 +36,7 @@ from careflow.hub.store import EventFilter, EventStore, StoredEvent
 
 __all__ = [
     "InfluxSink", "InfluxStage", "PointWriter", "V1Writer", "V2Writer", "make_writer",
-    "reset_cursors",
+    "reset_cursors", "sink_for",
 ]
 
 log = logging.getLogger("careflow.hub.influx")
@@ -508,3 +508,15 @@ class InfluxStage:
         if c.points_rejected:
             lines.append(f"InfluxDB rejected {c.points_rejected} point(s); see the log")
         return lines
+
+
+def sink_for(settings: Settings) -> InfluxSink | None:
+    """The sink on its own store connection (it reads while ingest writes), or None when
+    CAREFLOW_INFLUX_URL is unset."""
+    if settings.influx is None:
+        return None
+    from careflow.hub.sqlite_store import SqliteStore  # noqa: PLC0415 - the adapter, not the API
+
+    return InfluxSink(SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous),
+                      make_writer(settings.influx), hub_name=settings.hub_client_id,
+                      backlog_warn=settings.influx.backlog_warn)

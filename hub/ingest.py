@@ -6,7 +6,8 @@ can be wrong ends as a :class:`Rejected` with a stable code and a reason a perso
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -24,7 +25,15 @@ from careflow.schemas import (
     validate_events,
 )
 
-__all__ = ["Accepted", "Decoded", "EventHead", "PresenceUpdate", "Rejected", "decode_message"]
+__all__ = [
+    "Accepted",
+    "Decoded",
+    "EventHead",
+    "PresenceUpdate",
+    "Rejected",
+    "decode_message",
+    "shut_out",
+]
 
 
 class EventHead(NamedTuple):
@@ -164,3 +173,26 @@ def decode_message(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
         return _decode_single(topic, parsed, payload, decode_json(payload))
     except ContractError as exc:
         return Decoded((), (Rejected(topic, exc.code, str(exc), payload),))
+
+
+def shut_out(accepted: Sequence[tuple[Accepted, int]], revoked: AbstractSet[str]
+             ) -> tuple[list[tuple[Accepted, int]], list[tuple[Rejected, int]]]:
+    """Events (with their arrival times) from gateways whose identity was revoked become dead
+    letters, never events.
+
+    The broker refuses a revoked certificate, but anything already queued for the hub (or a
+    broker without the CRL) must not slip through as if the gateway were still trusted.
+    """
+    if not revoked:
+        return list(accepted), []
+    kept: list[tuple[Accepted, int]] = []
+    refused: list[tuple[Rejected, int]] = []
+    for item, received_ms in accepted:
+        if item.event.gateway in revoked:
+            refused.append((Rejected(item.topic, "revoked",
+                                     f"gateway {item.event.gateway} has been revoked "
+                                     "(careflow device revoke); its events are not accepted",
+                                     item.body.encode()), received_ms))
+        else:
+            kept.append((item, received_ms))
+    return kept, refused

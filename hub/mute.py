@@ -39,11 +39,18 @@ def silenced_by(silences: Iterable[Silence], rule: str, gateway: str, device: st
     return next((s for s in silences if s.covers(rule, gateway, device, now_ms)), None)
 
 
-def inhibited_by(*, rule_kind: str, gateway: str, device: str, gateway_offline: bool) -> str | None:
+def inhibited_by(*, rule_kind: str, gateway: str, device: str, gateway_offline: bool,
+                 gateway_announced_by: str | None = None) -> str | None:
     """A gateway that is offline explains its devices going silent: announce the gateway once,
-    not every device behind it (Alertmanager's inhibition)."""
+    not every device behind it (Alertmanager's inhibition).
+
+    ``gateway_announced_by`` names a gateway rule (``only_gateways``) firing for this gateway:
+    the gateway's own silence under another absence rule is then said already.
+    """
     if rule_kind == "absence" and device != gateway and gateway_offline:
         return f"inhibited: gateway {gateway} is offline"
+    if rule_kind == "absence" and device == gateway and gateway_announced_by is not None:
+        return f"inhibited: {gateway_announced_by} announces gateway {gateway}"
     return None
 
 

@@ -2,7 +2,18 @@
 
 Channels are named; each one's Apprise URL (WhatsApp, mailto/mailtos, Discord, json://...) comes
 from ``CAREFLOW_CHANNEL_<NAME>`` or the file named by ``CAREFLOW_CHANNEL_<NAME>_FILE`` — never
-from YAML. Routing: critical incidents go to ``oncall``, everything else to ``ops``.
+from YAML. Routing (``routing.py``): by default critical incidents go to ``oncall``, everything
+else to ``ops``; routes in the rules' ``routing:`` section choose otherwise.
+
+WhatsApp business messages outside the 24-hour customer window must use an approved template:
+``CAREFLOW_CHANNEL_<NAME>_TEMPLATE`` (and ``..._LANGUAGE``, default ``en_US``) make Apprise send
+the template, with careflow's message as its body parameter ``{{1}}`` — flattened to one line,
+because WhatsApp refuses template parameters with line breaks.
+
+Every message ends with ``Ref: careflow-n<id>[+n<id>...]``: the ids of the notifications it
+carries. Delivery is at least once: a hub killed after a channel accepted a message but before
+recording it sends it again after the restart, with the same ref, so a receiver can drop the
+duplicate.
 
 A notification is written to the store in the same transaction as the incident change it
 announces; a sender thread claims it with a compare-and-set (so two senders or a restart never
@@ -18,6 +29,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,6 +37,7 @@ import apprise
 
 from careflow.config import read_secret
 from careflow.errors import ConfigError
+from careflow.hub.routing import default_channels
 from careflow.hub.store import EventStore, Notification
 
 __all__ = [
@@ -33,15 +46,20 @@ __all__ = [
     "NotificationSender",
     "combine",
     "load_channels",
+    "reference",
     "render",
     "retry_delay_ms",
     "route",
+    "template_text",
+    "with_template",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10
-_CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE)?$")
+_CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE)?$")
+_TEMPLATE_SCHEMES = ("whatsapp",)
+DEFAULT_TEMPLATE_LANGUAGE = "en_US"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +68,22 @@ class Channel:
 
     name: str
     url: str = field(repr=False)
+    template: str | None = None  # a WhatsApp message template, already in ``url``
+
+
+def with_template(url: str, template: str, language: str) -> str:
+    """The Apprise WhatsApp URL that sends ``template`` in ``language`` with the message as the
+    template's body parameter 1 (Apprise: ``?template=NAME&lang=CODE&:body=1``)."""
+    query = urllib.parse.urlencode({"template": template, "lang": language, ":body": "1"})
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def template_text(title: str, body: str, ref: str) -> str:
+    """One line for a template parameter: WhatsApp refuses line breaks, tabs and long runs of
+    spaces in one, and caps a message body at 1024 characters (the ref survives the cut)."""
+    text = re.sub(r"\s+", " ", f"{title} | {body}").strip()
+    tail = f" | Ref: {ref}"
+    return text[:1024 - len(tail)] + tail
 
 
 def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
@@ -60,22 +94,37 @@ def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
         match = _CHANNEL_VAR.match(key)
         if not match:
             continue
+        if match[2] in ("_TEMPLATE", "_LANGUAGE"):
+            continue  # a setting of the channel, read with it below
         name = match[1].lower()
         url = read_secret(env, f"CAREFLOW_CHANNEL_{match[1]}")
         if not url:
             continue
+        template = env.get(f"CAREFLOW_CHANNEL_{match[1]}_TEMPLATE") or None
+        if template is not None:
+            if url.split("://", 1)[0].lower() not in _TEMPLATE_SCHEMES:
+                msg = (f"CAREFLOW_CHANNEL_{match[1]}_TEMPLATE is set, but message templates "
+                       "are for WhatsApp channels (whatsapp://...) only")
+                raise ConfigError(msg)
+            url = with_template(url, template, env.get(f"CAREFLOW_CHANNEL_{match[1]}_LANGUAGE")
+                                or DEFAULT_TEMPLATE_LANGUAGE)
         if not apprise.Apprise().add(url):
             msg = (f"CAREFLOW_CHANNEL_{match[1]} is not an Apprise URL careflow can use "
                    "(e.g. mailtos://user:pass@smtp.example.org?to=oncall@example.org, "
                    "json://hooks.example.org/careflow)")
             raise ConfigError(msg)
-        channels[name] = Channel(name, url)
+        channels[name] = Channel(name, url, template)
     return channels
 
 
 def route(severity: str) -> tuple[str, ...]:
-    """Which channels hear about an incident of this severity."""
-    return ("oncall",) if severity == "critical" else ("ops",)
+    """Which channels hear about an incident of this severity by default (see routing.py)."""
+    return default_channels(severity)
+
+
+def reference(notes: Sequence[Notification]) -> str:
+    """The stable id of a message: the ids of the notifications it carries."""
+    return "careflow-" + "+".join(f"n{n.id}" for n in sorted(notes, key=lambda n: n.id))
 
 
 def retry_delay_ms(attempts: int) -> int:
@@ -92,6 +141,8 @@ def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str,
                                         f"Started: {since}\n{detail}"
     if kind == "escalation":
         summary = f"NOT ACKNOWLEDGED: {summary}"
+    elif kind == "repeat":
+        summary = f"STILL OPEN, NOT ACKNOWLEDGED: {summary}"
     todo = f"Runbook: {runbook}" if runbook else "Check the device and its gateway."
     return (f"[{severity.upper()}] {summary}",
             f"What: {summary}\nWhere: gateway {gateway}, device {device}\nSince: {since}\n"
@@ -118,6 +169,7 @@ class NotificationSender:
         self.store = store  # a second SqliteStore on the same file (its own connection)
         self.channels = dict(channels)
         self._apprise = {name: self._client(c) for name, c in self.channels.items()}
+        self._templated = {name for name, c in self.channels.items() if c.template}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.sent = 0
@@ -158,9 +210,10 @@ class NotificationSender:
     def deliver_due(self, now_ms: int) -> int:
         """Claim and send what is due; return how many were attempted."""
         claimed = self.store.claim_notifications(now_ms=now_ms, limit=50)
-        groups: dict[tuple[str, str], list[Notification]] = {}
+        groups: dict[tuple[str, str, str], list[Notification]] = {}
         for note in claimed:
-            key = (note.channel, note.group_key if note.kind == "firing" else f"#{note.id}")
+            # firing notifications of one gateway go out together, and so do its repeats
+            key = (note.channel, note.kind, note.group_key or f"#{note.id}")
             groups.setdefault(key, []).append(note)
         for notes in groups.values():
             self._send(notes, now_ms)
@@ -178,6 +231,11 @@ class NotificationSender:
                                           final=True)
             self.failed += len(notes)
             return
+        ref = reference(notes)
+        if notes[0].channel in self._templated:
+            title, body = "", template_text(title, body, ref)
+        else:
+            body = f"{body}\n\nRef: {ref}"
         ok = bool(client.notify(title=title, body=body))
         for note in notes:
             final = not ok and note.attempts + 1 >= MAX_ATTEMPTS

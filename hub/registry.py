@@ -12,7 +12,7 @@ from typing import Any
 
 from careflow.hub.store import StoredEvent
 
-__all__ = ["FACTS", "DeviceUpdate", "SourceUpdate", "summarize"]
+__all__ = ["FACTS", "JSON_FACTS", "DeviceUpdate", "SourceUpdate", "summarize"]
 
 # fact name -> (event type that carries it or None for any, key inside data)
 FACTS: dict[str, tuple[str | None, str]] = {
@@ -21,7 +21,13 @@ FACTS: dict[str, tuple[str | None, str]] = {
     "interval_s": ("heartbeat", "interval_s"),
     "condition": ("status", "state"),  # what the device says of itself: ok, degraded, fault
     "kind": ("provision", "kind"),
+    # a child device onboarded by its gateway: serial, labels {site, room, ...}, added/removed
+    "serial": ("provision", "serial"),
+    "labels": ("provision", "labels"),
+    "membership": ("provision", "action"),
 }
+# facts whose values are JSON objects; stored as JSON text
+JSON_FACTS = frozenset({"labels"})
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from careflow.hub.influx_points import SiteBook
 from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 __all__ = [
@@ -64,22 +65,21 @@ def online_ms(changes: Iterable[tuple[int, bool]], *, start_ms: int, end_ms: int
     return up, known
 
 
+def share_pct(online_ms: int, known_ms: int) -> float | None:
+    """Time online as a percentage of time known; None when nothing is known."""
+    return 100 * online_ms / known_ms if known_ms else None
+
+
 def sites_of(provisions: Iterable[StoredEvent]) -> dict[str, str]:
     """Each gateway's site: the newest ``labels.site`` a provision event of that gateway declared.
 
     The same rule the InfluxDB sink uses for its ``site`` tag, so report and dashboards group
     gateways the same way.
     """
-    newest: dict[str, tuple[int, int, str]] = {}
+    book = SiteBook()
     for event in provisions:
-        labels = event.data.get("labels")
-        site = labels.get("site") if isinstance(labels, Mapping) else None
-        if not isinstance(site, str) or not site:
-            continue
-        key = (event.time_ms, event.pos, site)
-        if event.gateway not in newest or key > newest[event.gateway]:
-            newest[event.gateway] = key
-    return {gateway: key[2] for gateway, key in newest.items()}
+        book.learn(event, event.data)
+    return dict(book.sites)
 
 
 def day_starts(start_ms: int, end_ms: int) -> list[int]:
@@ -105,7 +105,7 @@ class GatewayUptime:
     @property
     def pct(self) -> float | None:
         """Uptime in percent, None when nothing is known of the gateway in the window."""
-        return 100 * self.online_ms / self.known_ms if self.known_ms else None
+        return share_pct(self.online_ms, self.known_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ class SiteUptime:
     @property
     def pct(self) -> float | None:
         """Uptime in percent, None when none of its gateways reported presence."""
-        return 100 * self.online_ms / self.known_ms if self.known_ms else None
+        return share_pct(self.online_ms, self.known_ms)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,10 @@ Rules are structured YAML, never code: four kinds, each a small typed model.
 * ``event``     — an event fires at once (care alarms: ``type: alert``).
 
 ``select`` narrows a rule to sources by shell-style patterns on ``gateway`` and ``device``.
+
+Besides ``rules:``, a file may declare ``escalation:`` policies and (in one file only) a
+``routing:`` section: grouping intervals and ordered routes that pick channels and an escalation
+policy by severity, rule, site, gateway, device and kind (the decisions are in ``routing.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from careflow.errors import ConfigError
 
@@ -31,6 +43,9 @@ __all__ = [
     "EscalationStep",
     "EventRule",
     "RateRule",
+    "Route",
+    "RouteMatch",
+    "Routing",
     "Rule",
     "RuleSet",
     "Selector",
@@ -130,23 +145,88 @@ class EscalationStep(BaseModel):
 
 
 class EscalationPolicy(BaseModel):
-    """The steps an unacknowledged incident of one severity walks (a capped list)."""
+    """The steps an unacknowledged incident walks (a capped list).
+
+    A policy with a ``severity`` (and no ``name``) is the default for that severity; a named one
+    is used where a route names it (``routing: routes: - escalation: NAME``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    severity: Literal["info", "warning", "critical"]
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")] | None = None
+    severity: Literal["info", "warning", "critical"] | None = None
     steps: Annotated[tuple[EscalationStep, ...], Field(max_length=20)]
+
+    @model_validator(mode="after")
+    def _named_or_for_a_severity(self) -> EscalationPolicy:
+        if (self.name is None) == (self.severity is None):
+            msg = "give either `severity:` (the default policy for it) or `name:` (for routes)"
+            raise ValueError(msg)
+        if self.name == "none":
+            msg = "`none` is reserved: a route with `escalation: none` escalates nothing"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def key(self) -> str:
+        """How routes and the default lookup find this policy."""
+        return self.name or str(self.severity)
+
+
+ChannelName: TypeAlias = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]
+
+
+class RouteMatch(BaseModel):
+    """Shell-style patterns an incident's labels must all match (``*``: anything)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    severity: str = "*"
+    rule: str = "*"
+    site: str = "*"
+    gateway: str = "*"
+    device: str = "*"
+    kind: str = "*"
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Whether every pattern matches its label (an unknown label is the empty string)."""
+        return all(pattern == "*" or fnmatch.fnmatchcase(labels.get(name, ""), pattern)
+                   for name, pattern in self)
+
+
+class Route(BaseModel):
+    """Where matching incidents are announced, and how they escalate and are grouped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: RouteMatch = RouteMatch()
+    channels: Annotated[tuple[ChannelName, ...], Field(min_length=1)]
+    # a policy key from `escalation:`; None: the policy of the incident's severity; "none": none
+    escalation: str | None = None
+    group_wait: Duration | None = None
+    group_interval: Duration | None = None
+    repeat_interval: Duration | None = None
+
+
+class Routing(BaseModel):
+    """Grouping intervals (Alertmanager's defaults) and the ordered routes; first match wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    group_wait: Duration = 30_000
+    group_interval: Duration = 300_000
+    repeat_interval: Duration = 4 * 3_600_000  # 0 turns repeats off
+    routes: Annotated[tuple[Route, ...], Field(max_length=200)] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """Rules and escalation policies loaded from files, with where each came from."""
+    """Rules, escalation policies and routing loaded from files, with where each came from."""
 
     rules: tuple[Rule, ...]
     origins: dict[str, str]  # rule name -> "file:line"
     escalation: dict[str, tuple[EscalationStep, ...]] = field(default_factory=dict)
+    routing: Routing = field(default_factory=Routing)
+    route_origins: tuple[str, ...] = ()  # "file:line" of each route
 
 
-_SECTIONS = ("rules", "escalation")
+_SECTIONS = ("rules", "escalation", "routing")
 
 
 def _sections(text: str, path: Path) -> dict[str, list[tuple[Any, int]]]:
@@ -160,15 +240,27 @@ def _sections(text: str, path: Path) -> dict[str, list[tuple[Any, int]]]:
     if data is None:
         return {}
     if not isinstance(data, dict) or set(data) - set(_SECTIONS) or not all(
-            isinstance(value, list) for value in data.values()):
-        msg = f"{path}:1: expected a mapping with `rules:` and/or `escalation:` lists"
+            isinstance(value, dict if key == "routing" else list) for key, value in data.items()):
+        msg = (f"{path}:1: expected a mapping with `rules:` and/or `escalation:` lists and "
+               "an optional `routing:` mapping")
         raise ConfigError(msg)
     assert isinstance(node, yaml.MappingNode)
     out: dict[str, list[tuple[Any, int]]] = {}
     for key, value in node.value:
+        if key.value == "routing":  # one mapping; its routes keep their own lines
+            out["routing"] = [(data["routing"], key.start_mark.line + 1)]
+            routes = next((v for k, v in value.value if k.value == "routes"), None)
+            if isinstance(routes, yaml.SequenceNode):
+                out["routes"] = [(None, item.start_mark.line + 1) for item in routes.value]
+            continue
         out[key.value] = [(item, value.value[i].start_mark.line + 1)
                           for i, item in enumerate(data[key.value])]
     return out
+
+
+def _problems(exc: ValidationError, skip: int = 0) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'][skip:] or e['loc'])}: {e['msg']}"
+                     for e in exc.errors()[:3])
 
 
 def load_rules(paths: Sequence[Path]) -> RuleSet:
@@ -176,6 +268,8 @@ def load_rules(paths: Sequence[Path]) -> RuleSet:
     rules: list[Rule] = []
     origins: dict[str, str] = {}
     escalation: dict[str, tuple[EscalationStep, ...]] = {}
+    routing, routing_at = Routing(), ""
+    route_origins: tuple[str, ...] = ()
     files = sorted(p for path in paths for p in (path.glob("*.yaml") if path.is_dir() else [path]))
     for path in files:
         sections = _sections(path.read_text(encoding="utf-8"), path)
@@ -183,25 +277,40 @@ def load_rules(paths: Sequence[Path]) -> RuleSet:
             try:
                 policy = EscalationPolicy.model_validate(item)
             except ValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                     for e in exc.errors()[:3])
-                msg = f"{path}:{line}: escalation policy: {problems}"
+                msg = f"{path}:{line}: escalation policy: {_problems(exc)}"
                 raise ConfigError(msg) from exc
-            escalation[policy.severity] = tuple(sorted(policy.steps, key=lambda s: s.after))
+            escalation[policy.key] = tuple(sorted(policy.steps, key=lambda s: s.after))
+        for item, line in sections.get("routing", []):
+            if routing_at:
+                msg = f"{path}:{line}: `routing:` is already declared at {routing_at}"
+                raise ConfigError(msg)
+            try:
+                routing = Routing.model_validate(item)
+            except ValidationError as exc:
+                at = line
+                loc = exc.errors()[0]["loc"]
+                if len(loc) > 1 and loc[0] == "routes" and isinstance(loc[1], int):
+                    at = sections["routes"][loc[1]][1]  # the line of the offending route
+                msg = f"{path}:{at}: routing: {_problems(exc)}"
+                raise ConfigError(msg) from exc
+            routing_at = f"{path}:{line}"
+            route_origins = tuple(f"{path}:{n}" for _, n in sections.get("routes", []))
         for item, line in sections.get("rules", []):
             where = f"{path}:{line}"
             name = item.get("name", "?") if isinstance(item, dict) else "?"
             try:
                 rule = _rule_adapter.validate_python(item)
             except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc'][1:] or e['loc'])}: {e['msg']}"
-                    for e in exc.errors()[:3])
-                msg = f"{where}: rule {name!r}: {problems}"
+                msg = f"{where}: rule {name!r}: {_problems(exc, skip=1)}"
                 raise ConfigError(msg) from exc
             if rule.name in origins:
                 msg = f"{where}: rule name {rule.name!r} is already used at {origins[rule.name]}"
                 raise ConfigError(msg)
             origins[rule.name] = where
             rules.append(rule)
-    return RuleSet(tuple(rules), origins, escalation)
+    for route, origin in zip(routing.routes, route_origins, strict=True):
+        if route.escalation not in (None, "none", *escalation):
+            msg = (f"{origin}: route names escalation policy {route.escalation!r}, which no "
+                   f"`escalation:` entry declares (known: {', '.join(sorted(escalation)) or 'none'})")
+            raise ConfigError(msg)
+    return RuleSet(tuple(rules), origins, escalation, routing, route_origins)

@@ -11,8 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.request
+from collections.abc import Callable
 
-__all__ = ["HUB_DEVICE", "HUB_GATEWAY", "SELF_RULES", "DeadMansSwitch", "self_problems"]
+__all__ = [
+    "ALERT_LAG_BOUND_MS",
+    "ALERT_LAG_GRACE_MS",
+    "HUB_DEVICE",
+    "HUB_GATEWAY",
+    "SELF_RULES",
+    "STALL_LIMIT_MS",
+    "DeadMansSwitch",
+    "lagging_since",
+    "self_problems",
+]
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +32,32 @@ HUB_DEVICE = "hub"
 # rule name -> severity of the hub's own alerts
 SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
               "hub-notifications-failing": "critical", "hub-store-failing": "critical",
-              "hub-influx-failing": "warning"}
+              "hub-influx-failing": "warning", "hub-certificates-expiring": "warning",
+              "hub-alerts-lagging": "critical"}
+# Rule evaluation that runs this far behind ingest (an event stored but judged late, or a clock
+# tick that comes late) for this long is an alert: a care alarm would be announced late.
+ALERT_LAG_BOUND_MS = 10_000
+ALERT_LAG_GRACE_MS = 30_000
+# A rule-evaluation loop that has not ticked for this long is stuck: it cannot report itself, so
+# the dead man's switch stops pinging and the outside service raises the alarm.
+STALL_LIMIT_MS = 60_000
+
+
+def lagging_since(since_ms: int | None, *, lag_ms: int, now_ms: int,
+                  bound_ms: int = ALERT_LAG_BOUND_MS) -> int | None:
+    """Since when evaluation has lagged beyond ``bound_ms`` without a break (None: it has not)."""
+    if lag_ms <= bound_ms:
+        return None
+    return now_ms if since_ms is None else since_ms
 
 
 def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | None,
                   last_event_ms: int | None, started_ms: int, failed_notifications: int,
                   store_errors_recent: int, broker_grace_ms: int = 60_000,
                   silence_ms: int = 600_000, influx_failing_since_ms: int | None = None,
-                  influx_backlog: int = 0, influx_grace_ms: int = 300_000) -> dict[str, str]:
+                  influx_backlog: int = 0, influx_grace_ms: int = 300_000,
+                  alert_lag_ms: int = 0, alert_lagging_since_ms: int | None = None,
+                  alert_lag_grace_ms: int = ALERT_LAG_GRACE_MS) -> dict[str, str]:
     """What is wrong with the hub itself, as rule name -> detail (empty when healthy)."""
     problems: dict[str, str] = {}
     if not connected and disconnected_since_ms is not None \
@@ -51,17 +80,26 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
             f"InfluxDB writes have failed for {(now_ms - influx_failing_since_ms) // 1000}s; "
             f"{influx_backlog} event(s) wait in the log and will follow (dashboards lag, "
             "nothing is lost): check InfluxDB and `careflow status`")
+    if alert_lagging_since_ms is not None and now_ms - alert_lagging_since_ms >= alert_lag_grace_ms:
+        problems["hub-alerts-lagging"] = (
+            f"rule evaluation has run more than {ALERT_LAG_BOUND_MS // 1000}s behind ingest for "
+            f"{(now_ms - alert_lagging_since_ms) // 1000}s (now {alert_lag_ms // 1000}s): "
+            "alarms are announced late; check CPU, disk and `careflow status`")
     return problems
 
 
 class DeadMansSwitch:
-    """GET ``url`` every ``interval_s`` while the hub is healthy enough to run this thread."""
+    """GET ``url`` every ``interval_s`` while the hub runs this thread and ``healthy()`` holds
+    (the hub passes "the alert loop still ticks": a stuck loop cannot alert about itself)."""
 
-    def __init__(self, url: str, interval_s: float = 60.0) -> None:
+    def __init__(self, url: str, interval_s: float = 60.0, *,
+                 healthy: Callable[[], bool] = lambda: True) -> None:
         self.url = url
         self.interval_s = interval_s
+        self.healthy = healthy
         self.pings = 0
         self.failures = 0
+        self.withheld = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dead-mans-switch", daemon=True)
 
@@ -76,6 +114,11 @@ class DeadMansSwitch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if not self.healthy():
+                self.withheld += 1
+                log.error("dead man's switch withheld: the hub's alert loop is stuck")
+                self._stop.wait(self.interval_s)
+                continue
             try:
                 with urllib.request.urlopen(self.url, timeout=10) as answer:  # noqa: S310
                     answer.read(1024)

@@ -25,10 +25,11 @@ from careflow.hub.alerting import AlertStage
 from careflow.hub.decoder import DecodeWorker
 from careflow.hub.decoder import decode_safely as _decode_safely
 from careflow.hub.influx import InfluxSink
-from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected
+from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
+from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 
 __all__ = ["HubCounters", "HubService", "decode_safely", "tune_gc_for_ingest"]
@@ -76,6 +77,7 @@ class HubCounters:
     store_errors: int = 0
     resend_requests: int = 0
     alert_errors: int = 0
+    alert_lag_ms: int = 0  # how far rule evaluation ran behind ingest, worst of the last second
     last_error: str | None = None
     commit_latency_ms: float = 0.0
     event_age_ms: int | None = None
@@ -99,12 +101,14 @@ class HubService:
 
     def __init__(self, settings: Settings, store: EventStore, *,
                  queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
-                 sink: InfluxSink | None = None, decode_worker: bool = False) -> None:
+                 sink: InfluxSink | None = None,
+                 provisioning: Activation | None = None, decode_worker: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.alerts = alerts
         self.sink = sink
         self.last_health: dict[str, Any] = {}  # read by the sink thread: replaced, never mutated
+        self.provisioning = provisioning
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
@@ -217,6 +221,10 @@ class HubService:
             accepted.extend((a, message.received_ms) for a in one.accepted)
             rejected.extend((r, message.received_ms) for r in one.rejected)
             presence.extend((p, message.received_ms) for p in one.presence)
+        if self.provisioning is not None and accepted:
+            accepted, refused = shut_out(
+                accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
+            rejected.extend(refused)
         batch = IncomingBatch(accepted, rejected, presence)
         result = self._commit(batch)
         for message in messages:
@@ -228,6 +236,8 @@ class HubService:
             self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data))
             if self.sink is not None:
                 self.sink.wake()
+        if self.provisioning is not None:
+            self._observe_provisioning(result, presence, now_ms)
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
@@ -254,6 +264,19 @@ class HubService:
             self.counters.alert_errors += 1
             log.exception("alert evaluation failed", extra={"error": str(exc)})
 
+    def _observe_provisioning(self, result: AppendResult,
+                              presence: list[tuple[PresenceUpdate, int]], now_ms: int) -> None:
+        """A provisioned gateway is active once its own heartbeat is stored (after the commit,
+        so `provision watch` never shows active for a heartbeat that could still be lost)."""
+        assert self.provisioning is not None
+        try:
+            self.provisioning.observe(
+                heartbeats=[e.gateway for e in result.stored
+                            if e.type == "heartbeat" and e.device == e.gateway],
+                online=[p.gateway for p, _ in presence if p.state == "online"], now_ms=now_ms)
+        except StoreError as exc:  # the next heartbeat tries again; ingest goes on
+            log.warning("cannot record a provisioning step", extra={"error": str(exc)})
+
     def _self_problems(self) -> dict[str, str]:
         now_ms = time.time_ns() // 1_000_000
         connected = self.ingress.connected
@@ -265,13 +288,20 @@ class HubService:
         self._store_errors_seen = self.counters.store_errors
         failed = self.store.count_notifications(states=("failed",))
         influx = self.sink.status() if self.sink is not None else {}
-        return self_problems(now_ms=now_ms, connected=connected,
-                             disconnected_since_ms=self._disconnected_since_ms,
-                             last_event_ms=self._last_event_ms, started_ms=self._started_ms,
-                             failed_notifications=failed, store_errors_recent=recent_errors,
-                             silence_ms=self.settings.self_silence_ms,
-                             influx_failing_since_ms=influx.get("failing_since_ms"),
-                             influx_backlog=int(influx.get("backlog_events") or 0))
+        lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
+        self.counters.alert_lag_ms = lag
+        problems = self_problems(now_ms=now_ms, connected=connected,
+                                 disconnected_since_ms=self._disconnected_since_ms,
+                                 last_event_ms=self._last_event_ms, started_ms=self._started_ms,
+                                 failed_notifications=failed, store_errors_recent=recent_errors,
+                                 silence_ms=self.settings.self_silence_ms,
+                                 influx_failing_since_ms=influx.get("failing_since_ms"),
+                                 influx_backlog=int(influx.get("backlog_events") or 0),
+                                 alert_lag_ms=lag, alert_lagging_since_ms=lagging)
+        expiring = self.provisioning.expiry_problem(now_ms) if self.provisioning else None
+        if expiring:
+            problems["hub-certificates-expiring"] = expiring
+        return problems
 
     def _confirm_to_gateways(self, accepted: list[tuple[Accepted, int]]) -> None:
         """Tell each gateway which of its events are now durably here, so it can let them go.
@@ -352,6 +382,7 @@ class HubService:
             "store_errors": c.store_errors,
             "resend_requests": c.resend_requests,
             "alert_errors": c.alert_errors,
+            "alert_lag_ms": c.alert_lag_ms,
             "incidents_opened": self.alerts.opened if self.alerts else None,
             "last_error": c.last_error,
             "influx": self.sink.status() if self.sink is not None else None,

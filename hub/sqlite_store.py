@@ -20,7 +20,7 @@ from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
 from careflow.hub.mute import Silence
 from careflow.hub.presence import PresenceRecord, supersedes
-from careflow.hub.registry import FACTS, DeviceUpdate, SourceUpdate, summarize
+from careflow.hub.registry import FACTS, JSON_FACTS, DeviceUpdate, SourceUpdate, summarize
 from careflow.hub.store import (
     AppendResult,
     DeadLetter,
@@ -34,7 +34,7 @@ from careflow.hub.store import (
     SourceGap,
     StoredEvent,
 )
-from careflow.sqlite import immediate_transaction
+from careflow.sqlite import immediate_transaction, open_wal
 
 __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "SqliteStore"]
 
@@ -156,6 +156,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     group_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS notifications_group
+    ON notifications (channel, group_key, kind, state);
 CREATE TABLE IF NOT EXISTS silences (
     id INTEGER PRIMARY KEY,
     gateway TEXT NOT NULL,
@@ -276,18 +278,22 @@ class SqliteStore:
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                         timeout=30.0)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-            self._conn.executescript(_SCHEMA)
+            self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
+            self._add_fact_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))
         except (sqlite3.Error, OSError) as exc:
             msg = (f"cannot open the event store at {path}: {exc}. Check that the directory is "
                    "writable (set CAREFLOW_DATA_DIR or --data-dir to choose another).")
             raise StoreError(msg) from exc
+
+    def _add_fact_columns(self) -> None:
+        """A database made before a fact existed gains its columns (facts only ever grow)."""
+        known = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        for name in FACTS:
+            for column in (name, f"{name}_ms"):
+                if column not in known:
+                    self._conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -471,15 +477,16 @@ class SqliteStore:
              for channel, title, body in notify])
 
     def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
-                          notify: Sequence[Outgoing]) -> bool:
-        """Record that escalation step ``sent_before`` went out (compare-and-set: only while
-        the incident is still open and no one else sent it) with its notifications."""
+                          notify: Sequence[Outgoing], group_key: str = "") -> bool:
+        """Record that escalation step (or repeat) ``sent_before`` went out (compare-and-set:
+        only while the incident is still open and no one else sent it) with its notifications;
+        ``group_key`` lets the reminders of one gateway go out as one message."""
         with self._transaction("escalate an incident") as conn:
             won = conn.execute(
                 "UPDATE incidents SET escalation_sent = escalation_sent + 1 WHERE id = ? AND "
                 "state = 'open' AND escalation_sent = ?", (incident_id, sent_before)).rowcount
             if won:
-                self._queue(incident_id, "escalation", notify, at_ms)
+                self._queue(incident_id, "escalation", notify, at_ms, group_key=group_key)
             return bool(won)
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
@@ -496,17 +503,27 @@ class SqliteStore:
             self._queue(int(row[0]), "resolved", notify, at_ms)
             return 1
 
+    def group_timing(self, *, channel: str, group_key: str) -> tuple[int | None, int | None]:
+        """When the group's last firing message went out, and when its waiting batch goes."""
+        row = self._read(
+            "SELECT (SELECT MAX(sent_ms) FROM notifications WHERE channel = ?1 AND "
+            "group_key = ?2 AND kind = 'firing' AND state = 'sent'), (SELECT "
+            "MIN(next_attempt_ms) FROM notifications WHERE channel = ?1 AND group_key = ?2 AND "
+            "kind = 'firing' AND state = 'pending' AND attempts = 0)", (channel, group_key))[0]
+        return row[0], row[1]
+
     def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
         """Due notifications, each claimed by compare-and-set so no one else sends it."""
         claimed: list[Notification] = []
         rows = self._read(
             "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
             "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
-        # a due notification brings along the rest of its group (same channel and gateway)
-        groups = {(channel, key) for _, channel, key, kind in rows if key and kind == "firing"}
-        extra = [row[0] for channel, key in sorted(groups) for row in self._read(
+        # a due notification brings along the rest of its group (same channel, gateway and
+        # kind: firing messages, or repeats, which escalation queues with a group key)
+        groups = {(channel, key, kind) for _, channel, key, kind in rows if key}
+        extra = [row[0] for channel, key, kind in sorted(groups) for row in self._read(
             "SELECT id FROM notifications WHERE state = 'pending' AND channel = ? AND "
-            "group_key = ? AND kind = 'firing' AND attempts = 0", (channel, key))]
+            "group_key = ? AND kind = ? AND attempts = 0", (channel, key, kind))]
         due = [(notification_id,) for notification_id in
                dict.fromkeys([row[0] for row in rows] + extra)]
         for (notification_id,) in due:
@@ -745,7 +762,7 @@ class SqliteStore:
         for index, name in enumerate(FACTS):
             value = row[10 + 2 * index]
             if value is not None:
-                facts[name] = value
+                facts[name] = json.loads(value) if name in JSON_FACTS else value
         gaps = int(row[-1])
         return DeviceRecord(
             gateway=row[0], device=row[1], first_seen_ms=row[2], last_seen_ms=row[3],
@@ -804,6 +821,8 @@ def _device_params(update: DeviceUpdate) -> tuple[Any, ...]:
     facts: list[Any] = []
     for name in FACTS:
         value, at_ms = update.facts.get(name, (None, None))
+        if name in JSON_FACTS and value is not None:
+            value = json.dumps(value, sort_keys=True)
         facts.extend((value, at_ms))
     return (update.gateway, update.device, update.first_seen_ms, update.last_seen_ms,
             update.events, update.last_time_ms, update.last_type, update.boot, update.seq,

@@ -319,8 +319,13 @@ class EventStore(Protocol):
         ...
 
     def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
-                          notify: Sequence[Outgoing]) -> bool:
+                          notify: Sequence[Outgoing], group_key: str = "") -> bool:
         """Send the next escalation step of a still-open incident, once."""
+        ...
+
+    def group_timing(self, *, channel: str, group_key: str) -> tuple[int | None, int | None]:
+        """For the firing messages of one group (channel, gateway): when the last one went out,
+        and when the batch that waits goes out (each None when there is none)."""
         ...
 
     def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:

@@ -27,6 +27,7 @@ from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, make_writer
 from careflow.hub.rules import RuleSet
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
+from careflow.provisioning.service import Activation
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -115,7 +116,8 @@ def make_settings(data_dir: Path, broker_url: str | None, **env: str) -> Setting
 class RunningHub:
     """A HubService in a background thread of the test process."""
 
-    def __init__(self, settings: Settings, rules: RuleSet | None = None) -> None:
+    def __init__(self, settings: Settings, rules: RuleSet | None = None,
+                 provisioning: Activation | None = None) -> None:
         self.settings = settings
         self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
         alerts = AlertStage(self.store, rules) if rules is not None else None
@@ -123,7 +125,8 @@ class RunningHub:
         if settings.influx is not None:
             sink = InfluxSink(SqliteStore(settings.db_path, synchronous="normal"),
                               make_writer(settings.influx), snapshots=False)
-        self.service = HubService(settings, self.store, alerts=alerts, sink=sink)
+        self.service = HubService(settings, self.store, alerts=alerts, sink=sink,
+                                  provisioning=provisioning)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

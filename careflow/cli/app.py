@@ -5,12 +5,15 @@ from __future__ import annotations
 import typer
 
 from careflow.cli import (
+    cacmd,
+    devicecmd,
     edgecmd,
     gatewaycmd,
     hubcmd,
     incidentscmd,
     notifycmd,
     ops,
+    provisioncmd,
     reportcmd,
     rulescmd,
     schemascmd,
@@ -45,3 +48,6 @@ app.add_typer(rulescmd.rules_app, name="rules")
 app.add_typer(incidentscmd.incidents_app, name="incidents")
 app.add_typer(notifycmd.notify_app, name="notify")
 app.add_typer(silencescmd.silences_app, name="silences")
+app.add_typer(provisioncmd.provision_app, name="provision")
+app.add_typer(cacmd.ca_app, name="ca")
+app.add_typer(devicecmd.device_app, name="device")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import paho.mqtt.client as paho
 import typer
 
-from careflow.cli.common import console, settings_from
+from careflow.cli.common import console, err_console, settings_from
+from careflow.config import TlsFiles, parse_broker_url, tls_files
 from careflow.edge.commands import ALLOWED
 from careflow.edge.stamper import new_event_id
 from careflow.errors import BrokerError, ConfigError
@@ -19,7 +22,8 @@ from careflow.schemas import command_topic, reply_topic
 
 __all__ = ["gateway_app"]
 
-gateway_app = typer.Typer(help="Talk to a gateway's agent.", no_args_is_help=True)
+gateway_app = typer.Typer(help="Talk to a gateway's agent; claim a gateway's identity.",
+                          no_args_is_help=True)
 
 
 @gateway_app.command("cmd")
@@ -83,3 +87,58 @@ def cmd(
         client.loop_stop()
     console.print_json(json.dumps(reply))
     raise typer.Exit(0 if reply.get("ok") else 1)
+
+
+@gateway_app.command("claim")
+def claim(
+    serial: Annotated[str, typer.Option("--serial", help="This gateway's hardware serial.")],
+    token: Annotated[str, typer.Option(
+        "--token", envvar="CAREFLOW_CLAIM_TOKEN",
+        help="The one-time claim token [env: CAREFLOW_CLAIM_TOKEN, kept out of `ps`].")],
+    broker: Annotated[str, typer.Option(
+        "--broker", help="The claim listener, e.g. mqtts://hub.example:8884 (mqtt:// on the "
+        "embedded broker).")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Where the identity and edge.yaml go (persistent storage).")],
+    claim_cert: Annotated[Path | None, typer.Option(
+        "--claim-cert", help="The shared claim certificate baked into the image.")] = None,
+    claim_key: Annotated[Path | None, typer.Option("--claim-key", help="Its key.")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        "--ca-file", help="CA of the broker's certificate [default: system CAs].")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 30.0,
+    run: Annotated[bool, typer.Option(
+        "--run", help="Then run the agent under the new identity (as `careflow edge run`).")]
+        = False,
+) -> None:
+    """Claim this gateway's own identity: a key made here (never sent), a certificate from the hub.
+
+    Example: `careflow gateway claim --serial SN-0042 --token ... --claim-cert claim.crt
+    --claim-key claim.key --ca-file device-ca.crt --broker mqtts://hub:8884 --out
+    /var/lib/careflow-edge --run`. Exit 0: installed; 1: refused (the code says why); 2: no
+    broker or no answer (safe to run again: the key is reused, so the token is not lost).
+    """
+    from careflow.edge.agent import EdgeAgent, load_agent_config  # noqa: PLC0415
+    from careflow.edge.claim import claim_identity  # noqa: PLC0415
+    from careflow.errors import ClaimError  # noqa: PLC0415
+
+    url = parse_broker_url(broker)
+    tls: TlsFiles | None = tls_files(ca_file, claim_cert, claim_key) if url.tls else None
+    try:
+        result = claim_identity(serial=serial, token=token, broker=url, out=out, tls=tls,
+                                timeout_s=timeout)
+    except ClaimError as exc:
+        wait = f" (retry after {exc.retry_after_s}s)" if exc.retry_after_s else ""
+        err_console.print(f"[red]claim refused[/]: {exc}{wait}", highlight=False)
+        raise typer.Exit(1) from exc
+    console.print(f"claimed: gateway [bold]{result.gateway_id}[/] in {result.elapsed_ms:.0f} ms; "
+                  f"identity in {result.identity_dir}; agent config {result.edge_config}",
+                  highlight=False)
+    if not run:
+        console.print(f"next: careflow edge run --config {result.edge_config}", highlight=False)
+        return
+    agent = EdgeAgent(load_agent_config(result.edge_config))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: agent.stop())
+    console.print(f"running the agent as {result.gateway_id} → {result.broker_url}; Ctrl-C stops",
+                  highlight=False)
+    agent.run()

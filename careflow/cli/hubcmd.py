@@ -12,12 +12,13 @@ from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.config import Settings
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
-from careflow.hub.influx import InfluxSink, make_writer
+from careflow.hub.influx import InfluxSink, sink_for
 from careflow.hub.notify import NotificationSender, load_channels
-from careflow.hub.selfwatch import DeadMansSwitch
+from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.log import setup_logging
+from careflow.provisioning.service import Provisioning, provisioning_for
 
 __all__ = ["hub"]
 
@@ -45,27 +46,35 @@ def hub(
     sender: NotificationSender | None = None
     deadman: DeadMansSwitch | None = None
     sink: InfluxSink | None = None
+    provisioning: Provisioning | None = None
     try:
         if embedded is not None:
             embedded.start()
         channels = load_channels()
         alerts = AlertStage(store, default_rules(), channels)
         sink = build_sink(settings)
+        provisioning = provisioning_for(settings)
+        if provisioning is not None:
+            provisioning.start()
         # Decoding runs in a second process when there is a second core to run it on.
         service = HubService(settings, store, alerts=alerts, sink=sink,
+                             provisioning=provisioning.activation if provisioning else None,
                              decode_worker=(os.cpu_count() or 1) > 1)
         if channels:
             sender = NotificationSender(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
             sender.start()
             alerts.on_queued = sender.wake
-        if settings.deadman_url:
-            deadman = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s)
-            deadman.start()
         else:
             err_console.print("notifications are off: set CAREFLOW_CHANNEL_ONCALL and "
                               "CAREFLOW_CHANNEL_OPS to Apprise URLs to turn them on",
                               highlight=False)
+        if settings.deadman_url:
+            # a writer loop that stopped ticking cannot raise alerts about itself: stop the
+            # pings too, so the outside service notices
+            deadman = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
+                                     healthy=lambda: alerts.stalled_ms() < STALL_LIMIT_MS)
+            deadman.start()
         tune_gc_for_ingest()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: service.stop())
@@ -77,6 +86,8 @@ def hub(
     finally:
         if sink is not None:
             sink.store.close()
+        if provisioning is not None:
+            provisioning.stop()
         if deadman is not None:
             deadman.stop()
         if sender is not None:
@@ -87,12 +98,10 @@ def hub(
 
 
 def build_sink(settings: Settings) -> InfluxSink | None:
-    """The InfluxDB sink on its own store connection, or None (and say so once) when off."""
-    if settings.influx is None:
+    """The InfluxDB sink, or None (and say so once) when it is off."""
+    sink = sink_for(settings)
+    if sink is None:
         err_console.print("time series are off: set CAREFLOW_INFLUX_URL (and CAREFLOW_INFLUX_DB, "
                           "or CAREFLOW_INFLUX_ORG/BUCKET/TOKEN) to write them to InfluxDB",
                           highlight=False)
-        return None
-    return InfluxSink(SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous),
-                      make_writer(settings.influx), hub_name=settings.hub_client_id,
-                      backlog_warn=settings.influx.backlog_warn)
+    return sink

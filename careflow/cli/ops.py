@@ -28,6 +28,7 @@ from careflow.hub.presence import PresenceRecord, device_state
 from careflow.hub.replay import OPT_IN, STAGES, replay
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
+from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.schemas import EVENT_TYPES, parse_event
 
 __all__ = [
@@ -182,7 +183,8 @@ def count_events(
 
 
 def _device_row(rec: Any, presence: dict[str, PresenceRecord],  # noqa: ANN401 - DeviceRecord
-                paused: dict[tuple[str, str], tuple[int, str]]) -> dict[str, Any]:
+                paused: dict[tuple[str, str], tuple[int, str]],
+                sites: dict[str, str] | None = None) -> dict[str, Any]:
     window = paused.get((rec.gateway, rec.device)) or paused.get((rec.gateway, "*"))
     state, why = device_state(now_ms=time.time_ns() // 1_000_000, last_seen_ms=rec.last_seen_ms,
                               interval_s=rec.facts.get("interval_s"),
@@ -193,8 +195,22 @@ def _device_row(rec: Any, presence: dict[str, PresenceRecord],  # noqa: ANN401 -
         "gateway": rec.gateway, "device": rec.device, "state": str(state), "state_reason": why,
         "first_seen": iso_ms(rec.first_seen_ms), "last_seen": iso_ms(rec.last_seen_ms),
         "last_type": rec.last_type, "events": rec.events, "boot": rec.boot, "seq": rec.seq,
-        "gaps": rec.gaps, "clock_skew_s": round(rec.skew_ms / 1000, 1), **rec.facts,
+        "gaps": rec.gaps, "clock_skew_s": round(rec.skew_ms / 1000, 1),
+        # a child's own label first, else the site its gateway was provisioned for
+        "site": (rec.facts.get("labels") or {}).get("site") or (sites or {}).get(rec.gateway),
+        **rec.facts,
     }
+
+
+def _sites(settings_dir: Any) -> dict[str, str]:  # noqa: ANN401 - Path | None from typer
+    """Gateway id → site from the provisioning registry (empty before any registration)."""
+    settings = settings_from(data_dir=settings_dir)
+    registry = SqliteProvisioningRegistry(settings.db_path,
+                                          synchronous=settings.sqlite_synchronous)
+    try:
+        return {r.gateway_id: r.site for r in registry.records()}
+    finally:
+        registry.close()
 
 
 @devices_app.command("list")
@@ -208,17 +224,19 @@ def devices_list(
     records = store.devices(gateway=gateway)
     presence = store.presence()
     paused = store.paused(time.time_ns() // 1_000_000)
-    rows = [_device_row(r, presence, paused) for r in records]
+    sites = _sites(data_dir)
+    rows = [_device_row(r, presence, paused, sites) for r in records]
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("gateway", "device", "state", "last seen", "last", "battery", "firmware",
-                  "events", "gaps")
+    table = Table("gateway", "device", "site", "state", "last seen", "last", "battery",
+                  "firmware", "events", "gaps")
     colours = {"online": "green", "late": "yellow", "offline": "red", "paused": "blue"}
     for r, row in zip(records, rows, strict=True):
         battery = r.facts.get("battery_pct")
         state = row["state"]
-        table.add_row(r.gateway, r.device, f"[{colours.get(state, 'white')}]{state}[/]",
+        table.add_row(r.gateway, r.device, row["site"] or "-",
+                      f"[{colours.get(state, 'white')}]{state}[/]",
                       format_age(r.last_seen_ms) + " ago", r.last_type,
                       "-" if battery is None else f"{battery:g}%", str(r.facts.get("firmware", "-")),
                       str(r.events), f"[red]{r.gaps}[/]" if r.gaps else "0")
@@ -241,7 +259,8 @@ def devices_show(
         msg = (f"no device {gateway}/{device or gateway} in the registry; "
                "`careflow devices list` shows the known ones")
         raise ConfigError(msg)
-    row = _device_row(record, store.presence(), store.paused(time.time_ns() // 1_000_000))
+    row = _device_row(record, store.presence(), store.paused(time.time_ns() // 1_000_000),
+                      _sites(data_dir))
     if as_json:
         print_json_lines([row])
         return
@@ -351,8 +370,9 @@ def status(
     if as_json:
         print_json_lines([report])
     else:
+        width = max(map(len, report))
         for key, value in report.items():
-            console.print(f"[bold]{key:>18}[/]  {value}", highlight=False)
+            console.print(f"[bold]{key:>{width}}[/]  {value}", highlight=False)
         if not report["running"]:
             console.print("[red]the hub is not running[/] (no health report in the last 5 s): "
                           "start it with `careflow hub`", highlight=False)

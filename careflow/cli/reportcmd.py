@@ -16,19 +16,18 @@ from careflow.cli.ops import open_store
 from careflow.errors import ConfigError
 from careflow.hub.report import DAY_MS, Report, build_report
 from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter, PresenceChange
+from careflow.hub.store import EventFilter, Incident, PresenceChange
 from careflow.report import format_duration, format_pct, render_html
 
 __all__ = ["report"]
 
-_ALL_INCIDENTS = 10**9  # the store pages newest first; a report needs every one in the window
-_PRESENCE_PAGE = 10_000
+_PAGE = 10_000
 
 
 def _presence_log(store: SqliteStore) -> list[PresenceChange]:
     changes: list[PresenceChange] = []
     while page := store.presence_changes(after_pos=changes[-1].pos if changes else 0,
-                                         limit=_PRESENCE_PAGE):
+                                         limit=_PAGE):
         changes += page
     return changes
 
@@ -36,8 +35,11 @@ def _presence_log(store: SqliteStore) -> list[PresenceChange]:
 def collect(store: SqliteStore, *, days: int, now_ms: int) -> Report:
     """Read what the report needs from the store and compute it."""
     start_ms = now_ms - days * DAY_MS
-    incidents = [i for i in store.incidents(limit=_ALL_INCIDENTS)
-                 if max(i.triggered_ms, i.acknowledged_ms or 0, i.resolved_ms or 0) >= start_ms]
+    incidents: list[Incident] = []
+    while page := store.incidents_changed(since_ms=start_ms,
+                                          after_id=incidents[-1].id if incidents else 0,
+                                          limit=_PAGE):
+        incidents += page
     return build_report(
         start_ms=start_ms, end_ms=now_ms, changes=_presence_log(store), incidents=incidents,
         provisions=store.query(EventFilter(type="provision", until_ms=now_ms),
@@ -65,7 +67,7 @@ def _print(report: Report, days: int) -> None:
     for site in report.sites:
         colour = "green" if (site.pct or 0) >= 99.9 else "yellow" if (site.pct or 0) >= 99 else "red"
         sites.add_row(site.site, str(site.gateways), f"[{colour}]{format_pct(site.pct)}[/]")
-    console.print(sites)
+    console.print(sites if report.sites else "no gateways known yet")
 
     incidents = Table("rule", "severity", "incidents", title="Incidents by rule and severity")
     colours = {"critical": "red", "warning": "yellow"}

@@ -27,11 +27,13 @@ from careflow.edge.simulator import (
 )
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.influx import sink_for
 from careflow.hub.presence import device_state
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
 from careflow.log import setup_logging
+from careflow.provisioning.service import provisioning_for
 
 __all__ = ["demo", "simulate"]
 
@@ -168,7 +170,12 @@ def demo(
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
     broker = EmbeddedBroker(settings.listen.host, settings.listen.port)
     broker.start()
-    hub = HubService(settings, store, alerts=AlertStage(store, default_rules()))
+    provisioning = provisioning_for(settings)  # the claim flow works in the demo too
+    if provisioning is not None:
+        provisioning.start()
+    sink = sink_for(settings)  # the demo feeds InfluxDB too when CAREFLOW_INFLUX_URL is set
+    hub = HubService(settings, store, alerts=AlertStage(store, default_rules()), sink=sink,
+                     provisioning=provisioning.activation if provisioning else None)
     hub_thread = threading.Thread(target=hub.run, name="hub", daemon=True)
     hub_thread.start()
     faults = (Fault("alarm", 1, 8.0), Fault("battery", 1, 12.0), Fault("outage", 1, 15.0, 30.0))
@@ -187,8 +194,12 @@ def demo(
         runner.join(timeout=15)
         hub.stop()
         hub_thread.join(timeout=15)
+        if provisioning is not None:
+            provisioning.stop()
         broker.stop()
         viewer.close()
+        if sink is not None:
+            sink.store.close()
         store.close()
     summary: dict[str, Any] = {"events_stored": hub.counters.events_stored,
                                "duplicates": hub.counters.duplicates,

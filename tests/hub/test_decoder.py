@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from careflow.edge.stamper import Stamper
+from careflow.hub import decoder as decoder_module
 from careflow.hub.decoder import DecodeWorker, decode_safely
 from careflow.hub.ingest import Decoded
 from careflow.hub.service import HubService
@@ -76,6 +79,19 @@ def test_it_gives_up_on_a_dead_worker_for_good(worker: DecodeWorker) -> None:
     assert not worker.alive
     assert not worker.submit(messages())
     assert submitted or worker.result() is None
+
+
+def test_it_gives_up_on_a_worker_that_hangs(worker: DecodeWorker,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    small = messages()[:3]  # fits in the pipe buffer of a worker that reads nothing
+    assert worker.submit(small)
+    assert worker.result() is not None  # started and idle
+    monkeypatch.setattr(decoder_module, "RESULT_TIMEOUT_S", 0.3)
+    assert worker._process is not None  # the test freezes the real process
+    os.kill(worker._process.pid, signal.SIGSTOP)
+    assert worker.submit(small)
+    assert worker.result() is None
+    assert not worker.alive
 
 
 @pytest.mark.broker

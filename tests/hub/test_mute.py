@@ -64,6 +64,9 @@ def test_it_inhibits_device_silence_behind_an_offline_gateway_only() -> None:
     assert not inhibited_by(rule_kind="threshold", gateway="gw", device="d",
                             gateway_offline=True)
     assert not inhibited_by(rule_kind="absence", gateway="gw", device="d", gateway_offline=False)
+    # the gateway's own silence under a device rule: said already by the gateway rule
+    assert inhibited_by(rule_kind="absence", gateway="gw", device="gw", gateway_offline=True,
+                        gateway_announced_by="gateway-offline")
 
 
 def test_it_records_a_silenced_incident_without_announcing_it(tmp_path: Path) -> None:

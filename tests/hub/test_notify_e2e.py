@@ -89,8 +89,9 @@ def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
                    what="the email once SMTP is back")
         assert "CARE ALARM" in mailbox.messages[0] or "care-alarm" in mailbox.messages[0]
         assert "fall-1" in mailbox.messages[0]
-        sent = sender.store.notifications(states=("sent",))
-        assert {n.channel for n in sent} == {"ops", "oncall"}
+        # the sender records the delivery just after the SMTP server took it
+        wait_until(lambda: {n.channel for n in sender.store.notifications(states=("sent",))}
+                   == {"ops", "oncall"}, what="both deliveries recorded")
         assert not sender.store.notifications(states=("pending", "sending", "failed"))
     finally:
         sender.stop()

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
-from careflow.hub.selfwatch import DeadMansSwitch, self_problems
+from careflow.hub.selfwatch import (
+    ALERT_LAG_BOUND_MS,
+    ALERT_LAG_GRACE_MS,
+    DeadMansSwitch,
+    lagging_since,
+    self_problems,
+)
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import HttpReceiver, wait_until
+from tests.conftest import HttpReceiver, heartbeat, wait_until
+from tests.hub.test_sqlite_store import batch_of
 
 ROOT = Path(__file__).parents[2]
 M = 60_000
@@ -58,3 +69,77 @@ def test_it_pings_a_dead_mans_switch_on_an_interval(http_receiver: HttpReceiver)
     assert switch.failures == 0
     assert {(method, path) for method, path, _, _ in http_receiver.requests} == {
         ("GET", "/ping/abc")}
+
+
+@given(st.lists(st.integers(0, 60_000), min_size=1, max_size=20))
+def test_it_counts_lagging_time_only_while_every_check_lags(lags: list[int]) -> None:
+    since: int | None = None
+    for second, lag in enumerate(lags):
+        since = lagging_since(since, lag_ms=lag, now_ms=second * 1000)
+        run = 0
+        while run <= second and lags[second - run] > ALERT_LAG_BOUND_MS:
+            run += 1
+        assert since == (None if run == 0 else (second - run + 1) * 1000)
+
+
+def test_it_raises_an_alert_when_rule_evaluation_falls_behind_ingest(tmp_path: Path) -> None:
+    """The stage measures how late it judges events (arrival to evaluation) and clock ticks; a
+    lag beyond the bound for longer than the grace becomes `hub-alerts-lagging`."""
+    store = SqliteStore(tmp_path / "db")
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
+                              "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"})
+    stage = AlertStage(store, load_rules([ROOT / "rules"]), channels)
+    healthy = dict(connected=True, disconnected_since_ms=None, started_ms=0,
+                   failed_notifications=0, store_errors_recent=0)
+
+    def check(now_ms: int) -> dict[str, str]:
+        lag, since = stage.lag(now_ms)
+        problems = self_problems(now_ms=now_ms, last_event_ms=now_ms, alert_lag_ms=lag,
+                                 alert_lagging_since_ms=since, **healthy)  # type: ignore[arg-type]
+        stage.check_self(problems, now_ms)
+        return problems
+
+    t0 = 100 * M
+    door = Stamper(gateway="gw", device="door")
+    for second in range(0, 41):  # events judged 15 s after they arrived, for 40 s
+        now = t0 + second * 1000
+        stored = store.append(batch_of([heartbeat(door)], received_ms=now - 15_000)).stored
+        stage.handle(stored, now_ms=now)
+        stage.tick(now)
+        problems = check(now)
+        if second < ALERT_LAG_GRACE_MS // 1000:
+            assert problems == {}
+    assert "15s" in problems["hub-alerts-lagging"]
+    (incident,) = store.incidents()
+    assert (incident.rule, incident.severity) == ("hub-alerts-lagging", "critical")
+    assert [n.channel for n in store.notifications()] == ["oncall"]
+
+    now = t0 + 41_000
+    stage.tick(now)
+    assert check(now) == {}  # caught up: resolved
+    assert store.incident(incident.id).state == "resolved"  # type: ignore[union-attr]
+    stage.tick(now + 12_000)  # a tick 12 s late judges absences 12 s late: lagging again
+    assert stage.lag(now + 12_000)[1] == now + 12_000
+
+
+def test_it_withholds_the_dead_mans_ping_while_the_alert_loop_is_stuck(
+    http_receiver: HttpReceiver,
+) -> None:
+    stuck = [True]
+    switch = DeadMansSwitch(f"http://127.0.0.1:{http_receiver.port}/ping/abc", interval_s=0.1,
+                            healthy=lambda: not stuck[0])
+    switch.start()
+    try:
+        wait_until(lambda: switch.withheld >= 3, timeout_s=5, what="withheld pings")
+        assert http_receiver.requests == []
+        stuck[0] = False
+        wait_until(lambda: len(http_receiver.requests) >= 1, timeout_s=5, what="pings again")
+    finally:
+        switch.stop()
+
+
+def test_it_reports_how_long_the_alert_loop_has_not_ticked(tmp_path: Path) -> None:
+    stage = AlertStage(SqliteStore(tmp_path / "db"), load_rules([ROOT / "rules"]))
+    assert stage.stalled_ms(5 * M) == 0  # not started
+    stage.tick(5 * M)
+    assert stage.stalled_ms(5 * M + 250) == 250

@@ -166,3 +166,14 @@ def test_it_dry_runs_the_rules_over_the_log_without_touching_incidents(tmp_path:
     assert any("firing" in line and "care-alarm" in line and "gw-1/fall-1" in line
                for line in report.notes)
     assert store.incidents() == []
+
+
+def test_it_adds_fact_columns_to_a_database_made_before_them(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "old.db")
+    store._conn.execute("ALTER TABLE devices DROP COLUMN labels")
+    store._conn.execute("ALTER TABLE devices DROP COLUMN labels_ms")
+    store.close()
+    reopened = SqliteStore(tmp_path / "old.db")
+    columns = {row[1] for row in reopened._conn.execute("PRAGMA table_info(devices)")}
+    reopened.close()
+    assert {"labels", "labels_ms"} <= columns

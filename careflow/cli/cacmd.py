@@ -1,0 +1,195 @@
+"""`careflow ca`: create the provisioning CAs, check their expiry, keep the CRL fresh."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from careflow.cli.common import JsonOption, console, err_console
+from careflow.provisioning.pki import (
+    BROKER_CONF_FILE,
+    cert_not_after,
+    crl_needs_refresh,
+    crl_next_update,
+    default_pki_dir,
+    init_pki,
+    issued_certificates,
+    load_pki,
+    resign_crl,
+    revoked_identities,
+)
+from careflow.provisioning.revocation import reload_from_options
+
+__all__ = [
+    "BrokerPidFileOption",
+    "BrokerPidOption",
+    "PkiDirOption",
+    "ReloadCommandOption",
+    "ca_app",
+    "resolve_pki_dir",
+]
+
+ca_app = typer.Typer(help="Certificate authorities for provisioning: claim CA, device CA, CRL.",
+                     no_args_is_help=True)
+
+PkiDirOption = Annotated[
+    Path | None,
+    typer.Option("--dir", "--pki-dir", help="The PKI directory [env: CAREFLOW_PKI_DIR; default: "
+                 "~/.config/careflow/pki]. Keep it outside any repository.", show_default=False),
+]
+BrokerPidOption = Annotated[
+    int | None, typer.Option("--broker-pid", help="Mosquitto's process id, to SIGHUP it.")]
+BrokerPidFileOption = Annotated[
+    Path | None, typer.Option("--broker-pidfile", help="Mosquitto's pid_file, to SIGHUP it.")]
+ReloadCommandOption = Annotated[
+    str | None, typer.Option("--reload-command", help="A command that reloads Mosquitto, e.g. "
+                             "'docker kill -s HUP mosquitto' or 'systemctl reload mosquitto'.")]
+
+_WARN_BEFORE = timedelta(days=7)
+
+
+def resolve_pki_dir(directory: Path | None) -> Path:
+    """``--dir`` over ``$CAREFLOW_PKI_DIR`` over ``~/.config/careflow/pki``."""
+    return (directory or default_pki_dir()).expanduser()
+
+
+@ca_app.command("init")
+def init(
+    directory: PkiDirOption = None,
+    broker_host: Annotated[list[str] | None, typer.Option(
+        "--broker-host", help="A DNS name or IP gateways use to reach the broker (repeatable); "
+        "localhost and 127.0.0.1 are always in the certificate.")] = None,
+    import_device_ca: Annotated[tuple[Path, Path] | None, typer.Option(
+        "--import-device-ca", help="CERT KEY of an existing device CA to use instead of a new "
+        "one.", show_default=False)] = None,
+    device_port: Annotated[int, typer.Option(help="The broker's device listener port.")] = 8883,
+    claim_port: Annotated[int, typer.Option(help="The broker's claim listener port.")] = 8884,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Allow a directory inside a git work tree (keys could get committed).")
+    ] = False,
+) -> None:
+    """Create the claim CA, device CA, claim/hub/broker certificates, an empty CRL, and a
+    ready-to-run Mosquitto configuration. Safe to re-run: nothing that exists is overwritten.
+
+    Examples:
+
+    `careflow ca init --broker-host broker.example.org`
+
+    `careflow ca init --dir /srv/careflow/pki --import-device-ca device-ca.crt device-ca.key`
+    """
+    target = resolve_pki_dir(directory)
+    steps = init_pki(target, now=datetime.now(UTC), broker_hosts=broker_host or [],
+                     import_device_ca=import_device_ca, force=force, device_port=device_port,
+                     claim_port=claim_port)
+    table = Table(title=f"PKI in {target}", title_justify="left")
+    for column in ("file", "", "what"):
+        table.add_column(column)
+    styles = {"created": "green", "imported": "green", "written": "green", "kept": "dim"}
+    for step in steps:
+        table.add_row(step.path.name, f"[{styles.get(step.action, '')}]{step.action}[/]",
+                      step.what)
+    console.print(table)
+    if all(step.action == "kept" for step in steps):
+        console.print("Everything was already there; nothing was overwritten.")
+    conf = target / BROKER_CONF_FILE
+    console.print(
+        "\n[bold]Next[/bold]\n"
+        f"1. Broker: `mosquitto -c {conf}` (device listener :{device_port}, claim listener "
+        f":{claim_port}). Mosquitto must be able to read broker.key: run it as this user or "
+        "give it the file (README in mosquitto/).\n"
+        f"2. Hub: CAREFLOW_BROKER_URL=mqtts://BROKER:{device_port} "
+        f"CAREFLOW_BROKER_CA={target}/device-ca.crt CAREFLOW_BROKER_CERT={target}/hub.crt "
+        f"CAREFLOW_BROKER_KEY={target}/hub.key "
+        f"CAREFLOW_HUB_CLIENT_ID=careflow-hub-{secrets.token_hex(8)} careflow hub\n"
+        "   (keep that client id to yourself: any broker client that knows it can take over "
+        "the hub's session; mosquitto/README.md, 'Known limitation')\n"
+        "3. Gateway images: bake in claim.crt, claim.key and device-ca.crt (nothing else).\n"
+        "4. Back up claim-ca.key and device-ca.key offline; whoever holds device-ca.key can "
+        "mint devices.\n"
+        "5. Daily: `careflow ca crl-refresh --broker-pidfile ...` (the CRL expires in 30 days; "
+        "an expired CRL locks every device out). Check with `careflow ca status`.")
+
+
+def _days_left(when: datetime, now: datetime) -> str:
+    return f"{(when - now).total_seconds() / 86400:.1f}"
+
+
+@ca_app.command("status")
+def status(directory: PkiDirOption = None, as_json: JsonOption = False) -> None:
+    """Show when the CAs, certificates and the CRL expire; exit 1 if something needs action
+    (the CRL's nextUpdate is less than 7 days away, or a certificate expires within 30 days).
+
+    Example: `careflow ca status` or, from cron, `careflow ca status --json`.
+    """
+    target = resolve_pki_dir(directory)
+    pki = load_pki(target)
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for name in ("claim-ca", "device-ca", "claim", "hub", "broker"):
+        path = target / f"{name}.crt"
+        if not path.exists():
+            warnings.append(f"{path} is missing: re-run `careflow ca init --dir {target}`")
+            continue
+        not_after = cert_not_after(path.read_bytes())
+        rows.append({"file": path.name, "expires": not_after.isoformat(),
+                     "days_left": float(_days_left(not_after, now))})
+        if not_after - now < timedelta(days=30):
+            warnings.append(f"{path.name} expires {not_after:%Y-%m-%d}: renew it")
+    next_update = crl_next_update(pki)
+    rows.append({"file": pki.crl_path.name, "expires": next_update.isoformat(),
+                 "days_left": float(_days_left(next_update, now))})
+    if crl_needs_refresh(pki, now=now, within=_WARN_BEFORE):
+        warnings.append(f"the CRL's nextUpdate is {next_update:%Y-%m-%d %H:%M} UTC: run "
+                        "`careflow ca crl-refresh` and reload Mosquitto, or every device will be "
+                        "refused once it passes")
+    issued = list(issued_certificates(pki))
+    revoked = sorted(revoked_identities(pki))
+    if as_json:
+        sys.stdout.write(json.dumps({"dir": str(target), "files": rows, "issued": len(issued),
+                                     "revoked": revoked, "warnings": warnings}) + "\n")
+    else:
+        table = Table(title=f"PKI in {target}", title_justify="left")
+        for column in ("file", "expires (UTC)", "days left"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["file"], row["expires"][:16].replace("T", " "), f"{row['days_left']:g}")
+        console.print(table)
+        console.print(f"{len(issued)} device certificates issued; revoked gateways: "
+                      f"{', '.join(revoked) or 'none'}")
+        for warning in warnings:
+            err_console.print(f"[yellow]warning:[/yellow] {warning}")
+    raise typer.Exit(1 if warnings else 0)
+
+
+@ca_app.command("crl-refresh")
+def crl_refresh(
+    directory: PkiDirOption = None,
+    days: Annotated[int, typer.Option(min=2, help="Validity of the new CRL.")] = 30,
+    broker_pid: BrokerPidOption = None,
+    broker_pidfile: BrokerPidFileOption = None,
+    reload_command: ReloadCommandOption = None,
+) -> None:
+    """Sign the CRL again with a fresh nextUpdate (same entries) and reload Mosquitto.
+
+    Mosquitto reads the CRL only at start and on SIGHUP, so without a reload option the new
+    file waits for the next reload. Run daily from cron or a systemd timer.
+
+    Example: `careflow ca crl-refresh --broker-pidfile /run/mosquitto/mosquitto.pid`
+    """
+    pki = load_pki(resolve_pki_dir(directory))
+    resign_crl(pki, now=datetime.now(UTC), days=days)
+    console.print(f"CRL re-signed: {pki.crl_path}, next update {crl_next_update(pki):%Y-%m-%d %H:%M} UTC")
+    if broker_pid is None and broker_pidfile is None and not reload_command:
+        console.print("[yellow]Mosquitto was not reloaded[/yellow]: send it a SIGHUP (or pass "
+                      "--broker-pid / --broker-pidfile / --reload-command).")
+        return
+    how = reload_from_options(pid=broker_pid, pidfile=broker_pidfile, command=reload_command)
+    console.print(f"Mosquitto reloaded ({how}).")

@@ -1,0 +1,1 @@
+"""Provisioning: certificate authorities, device certificates, revocation (and the claim flow)."""

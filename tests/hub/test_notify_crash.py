@@ -1,0 +1,146 @@
+"""SIGKILL the `careflow hub` process (not a thread) in both crash windows of the outbox.
+
+What careflow guarantees, and this test proves on a real hub process, a real Mosquitto and a
+real HTTP receiver:
+
+* Killed after a notification is written but before it is sent (here: a warning held by
+  group_wait): the restarted hub sends it exactly once.
+* Killed while a channel is receiving it (the receiver holds its answer, so the kill lands
+  mid-send): nothing is lost, and the restarted hub sends it again — at least once, because no
+  sender can know whether a request it never saw answered was acted on. The duplicate carries
+  the same ``Ref: careflow-n<id>``, so a receiver that remembers refs drops it. Only this window
+  can produce a duplicate, and only one per kill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from careflow.edge.stamper import Stamper
+from careflow.hub.sqlite_store import SqliteStore
+from tests.conftest import Mosquitto, careflow_cmd, wait_until
+from tests.hub.test_hub_mosquitto import publish
+
+pytestmark = [pytest.mark.broker]
+
+RULES = """
+rules:
+  - name: battery-low
+    kind: threshold
+    field: battery_pct
+    op: "<"
+    value: 20
+  - name: care-alarm
+    kind: event
+    type: alert
+    where: {state: raised}
+routing:
+  group_wait: 3s
+"""
+
+
+class HoldingReceiver:
+    """Records each request when it arrives; holds the answer to the first /oncall request
+    until released (a channel that is slow to answer)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.requests.append((self.path, body))
+                if self.path == "/oncall" and len(
+                        [p for p, _ in receiver.requests if p == "/oncall"]) == 1:
+                    receiver.release.wait(30)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def to(self, path: str) -> list[dict[str, Any]]:
+        return [body for p, body in self.requests if p == path]
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def ref(body: dict[str, Any]) -> str:
+    match = re.search(r"Ref: (careflow-n[\d+n]+)", body["message"])
+    assert match is not None, body
+    return match[1]
+
+
+def test_it_loses_nothing_and_marks_the_only_possible_duplicate_when_killed_mid_send(
+    mosquitto: Mosquitto, tmp_path: Path,
+) -> None:
+    receiver = HoldingReceiver()
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(RULES)
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data_dir),
+           "CAREFLOW_BROKER_URL": mosquitto.url, "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
+           "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{receiver.port}/oncall",
+           "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{receiver.port}/ops"}
+    log = tmp_path / "hub.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as sink:
+            return subprocess.Popen(careflow_cmd("hub"), env=env, stdout=sink, stderr=sink)
+
+    hub = start()
+    try:
+        wait_until((data_dir / "careflow.db").exists, what="store created")
+        store = SqliteStore(data_dir / "careflow.db")
+        wait_until(lambda: (store.read_health() or (0, {}))[1].get("connected") is True,
+                   what="hub connected")
+        publish(mosquitto, [
+            Stamper(gateway="gw-1", device="fall-1").stamp("alert", {"kind": "fall",
+                                                                     "state": "raised"}),
+            Stamper(gateway="gw-1", device="door-1").stamp("status", {"state": "ok",
+                                                                      "battery_pct": 5}),
+        ])
+        wait_until(lambda: receiver.to("/oncall") and store.count_notifications() == 2,
+                   what="the care alarm mid-send, the battery warning written and held")
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(timeout=10)
+        states = {n.channel: n.state for n in store.notifications()}
+        assert states == {"oncall": "sending", "ops": "pending"}, log.read_text()[-2000:]
+        assert receiver.to("/ops") == []
+        receiver.release.set()  # the held answer goes to a dead socket
+
+        hub = start()
+        wait_until(lambda: len(store.notifications(states=("sent",))) == 2, timeout_s=30,
+                   what="both notifications recorded as sent after the restart")
+        wait_until(lambda: len(receiver.to("/oncall")) == 2, what="the resent care alarm")
+        (battery,) = receiver.to("/ops")  # written, not sent, when killed: exactly once
+        assert "door-1" in battery["message"]
+        first, again = receiver.to("/oncall")  # in flight when killed: at least once,
+        assert ref(first) == ref(again)  # and the duplicate says so
+        assert "fall-1" in first["message"]
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout=20) == 0, log.read_text()[-2000:]
+        receiver.close()
+    assert len(receiver.requests) == 3  # nothing else arrived while the hub shut down

@@ -1,0 +1,175 @@
+"""The provisioning service's answers, with requests injected as decoded MQTT messages (no broker)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from careflow.edge.claim import claim_csr
+from careflow.provisioning import pki as pki_mod
+from careflow.provisioning.claims import hash_token
+from careflow.provisioning.protocol import request_topic
+from careflow.provisioning.registry import SqliteProvisioningRegistry
+from careflow.provisioning.service import Activation, DeviceConfig, ProvisioningService
+from tests.conftest import make_settings
+
+T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> pki_mod.Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    pki_mod.init_pki(directory, now=T0, force=True)
+    return pki_mod.load_pki(directory)
+
+
+@pytest.fixture
+def service(tmp_path: Path, pki: pki_mod.Pki) -> Iterator[ProvisioningService]:
+    settings = make_settings(tmp_path, "mqtt://127.0.0.1:1")
+    registry = SqliteProvisioningRegistry(settings.db_path, synchronous="normal")
+    svc = ProvisioningService(settings, registry, pki,
+                              device=DeviceConfig(broker_url="mqtts://hub:8883"),
+                              activation=Activation(registry, warn_within_ms=7 * 86_400_000),
+                              clock=Clock())
+    yield svc
+    registry.close()
+
+
+def register(svc: ProvisioningService, serial: str, token: str = "tok",
+             ttl: timedelta = timedelta(hours=1)) -> None:
+    now_ms = int(svc.clock().timestamp() * 1000)
+    svc.registry.register(serial=serial, site="berlin", gateway_id=f"gw-{serial.lower()}",
+                          token_hash=hash_token(token),
+                          token_expires_ms=now_ms + int(ttl.total_seconds() * 1000),
+                          replace=False, now_ms=now_ms)
+
+
+def ask(svc: ProvisioningService, serial: str, token: str = "tok", csr: bytes | None = None,
+        client: str = "claim-x") -> tuple[str, dict[str, object]]:
+    body = {"serial": serial, "token": token, "request_id": "r1",
+            "csr": (csr or claim_csr(pki_mod.new_device_key())).decode()}
+    [(topic, payload)] = svc.handle(request_topic(client), json.dumps(body).encode())
+    return topic.rsplit("/", 1)[1], json.loads(payload)
+
+
+def test_it_accepts_a_good_claim_with_certificate_chain_and_config(
+        service: ProvisioningService) -> None:
+    register(service, "SN-1")
+    kind, body = ask(service, "SN-1")
+    assert kind == "accepted", body
+    assert body["gateway_id"] == "gw-sn-1"
+    assert "BEGIN CERTIFICATE" in str(body["certificate"]) and body["ca_chain"]
+    config = body["config"]
+    assert isinstance(config, dict) and config["broker_url"] == "mqtts://hub:8883"
+    assert config["topics"]["renew"] == "careflow/provision/gw-sn-1/renew"
+    record = service.registry.get("SN-1")
+    assert record is not None and record.state == "issued" and record.cert_not_after_ms
+
+
+def test_it_answers_a_repeated_claim_with_the_same_certificate(
+        service: ProvisioningService) -> None:
+    register(service, "SN-1")
+    csr = claim_csr(pki_mod.new_device_key())
+    _, first = ask(service, "SN-1", csr=csr)
+    kind, again = ask(service, "SN-1", csr=csr)
+    assert kind == "accepted" and again["certificate"] == first["certificate"]
+
+
+@pytest.mark.parametrize(("setup", "request_", "code"), [
+    ("none", {}, "unknown_serial"),
+    ("registered", {"token": "wrong"}, "token_invalid"),
+    ("expired", {}, "token_expired"),
+    ("used", {}, "token_used"),
+    ("registered", {"csr": b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"
+                           b"-----END CERTIFICATE REQUEST-----\n"}, "csr_invalid"),
+    ("registered", {"csr": pki_mod.make_csr(pki_mod.new_device_key(), gateway_id="gw-other")},
+     "csr_identity_mismatch"),
+])
+def test_it_rejects_with_a_code(service: ProvisioningService, setup: str,
+                                request_: dict[str, object], code: str) -> None:
+    if setup != "none":
+        register(service, "SN-1")
+    if setup == "expired":
+        service.clock.now = T0 + timedelta(hours=2)  # type: ignore[attr-defined]
+    if setup == "used":
+        ask(service, "SN-1")
+    kind, body = ask(service, "SN-1", **request_)  # type: ignore[arg-type]
+    assert (kind, body["code"]) == ("rejected", code), body
+    assert body["request_id"] == "r1"
+    record = service.registry.get("SN-1")
+    if record is not None and code != "token_used":
+        assert record.last_error and code in record.last_error
+
+
+def test_it_rate_limits_claims_per_serial_with_retry_after(service: ProvisioningService) -> None:
+    register(service, "SN-1")
+    codes = [ask(service, "SN-1", token="guess")[1]["code"] for _ in range(5)]
+    assert codes == ["token_invalid"] * 5
+    kind, body = ask(service, "SN-1")  # even the right token waits
+    assert (kind, body["code"]) == ("rejected", "rate_limited")
+    assert body["retry_after_s"] == 600
+    service.clock.now = T0 + timedelta(minutes=10, seconds=1)  # type: ignore[attr-defined]
+    assert ask(service, "SN-1")[0] == "accepted"
+
+
+def test_it_refuses_malformed_requests_without_crashing(service: ProvisioningService) -> None:
+    [(topic, payload)] = service.handle(request_topic("claim-x"), b"not json")
+    assert topic.endswith("/rejected") and json.loads(payload)["code"] == "bad_request"
+    [(_, payload)] = service.handle(request_topic("claim-x"), b'{"serial": "SN-1"}')
+    assert json.loads(payload)["code"] == "bad_request"
+    assert service.handle("careflow/provision/a/b/request", b"{}") == []
+
+
+def test_it_renews_only_known_gateways(service: ProvisioningService) -> None:
+    register(service, "SN-1")
+    ask(service, "SN-1")
+    csr = pki_mod.make_csr(pki_mod.new_device_key(), gateway_id="gw-sn-1").decode()
+    [(topic, payload)] = service.handle("careflow/provision/gw-sn-1/renew",
+                                        json.dumps({"csr": csr, "request_id": "r2"}).encode())
+    assert topic == "careflow/provision/gw-sn-1/accepted", payload
+    [(topic, payload)] = service.handle("careflow/provision/gw-nobody/renew",
+                                        json.dumps({"csr": csr, "request_id": "r3"}).encode())
+    assert json.loads(payload)["code"] == "unknown_gateway"
+
+
+def test_it_warns_when_certificates_near_their_end(service: ProvisioningService) -> None:
+    register(service, "SN-1")
+    ask(service, "SN-1")
+    assert service.activation is not None
+    assert service.activation.expiry_problem(int(T0.timestamp() * 1000)) is None
+    late_ms = int((T0 + timedelta(days=25)).timestamp() * 1000)
+    problem = service.activation.expiry_problem(late_ms)
+    assert problem is not None and "gw-sn-1" in problem
+
+
+def test_it_warns_before_the_crl_expires_and_stops_once_it_is_refreshed(
+        tmp_path: Path) -> None:
+    """An expired CRL locks every gateway out, so the hub raises it a week ahead."""
+    directory = tmp_path / "pki"
+    pki_mod.init_pki(directory, now=T0, force=True)  # CRL valid for 30 days
+    pki = pki_mod.load_pki(directory)
+    registry = SqliteProvisioningRegistry(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        activation = Activation(registry, warn_within_ms=7 * 86_400_000, pki=pki)
+        assert activation.expiry_problem(int((T0 + timedelta(days=20)).timestamp() * 1000)) \
+            is None
+        late = T0 + timedelta(days=25)
+        problem = activation.expiry_problem(int(late.timestamp() * 1000))
+        assert problem is not None and "crl-refresh" in problem
+        pki_mod.resign_crl(pki, now=late)
+        # cached for a minute, then clear
+        assert activation.expiry_problem(int(late.timestamp() * 1000) + 61_000) is None
+    finally:
+        registry.close()
