@@ -57,9 +57,12 @@ class EventHead(NamedTuple):
         return (self.gateway, self.device, self.boot, self.seq)
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """A valid event, with the JSON text to store for it."""
+class Accepted(NamedTuple):
+    """A valid event, with the JSON text to store for it.
+
+    A NamedTuple rather than a frozen dataclass: one is built per event on the hot path, and
+    the frozen dataclass cost 1.9 us to build against 0.8 us.
+    """
 
     event: Event | EventHead
     body: str
