@@ -59,39 +59,51 @@ class SourceUpdate:
     first_seen_ms: int
 
 
-def _newer(time_ms: int, seq: int, than_time_ms: int, than_seq: int) -> bool:
-    return (time_ms, seq) >= (than_time_ms, than_seq)
+def _facts_for(event_type: str) -> tuple[tuple[str, str], ...]:
+    """(fact name, data key) of every fact an event of this type may carry."""
+    return tuple((name, key) for name, (only_type, key) in FACTS.items()
+                 if only_type is None or only_type == event_type)
 
 
 def summarize(
     events: Iterable[tuple[StoredEvent, Mapping[str, Any]]],
 ) -> tuple[list[DeviceUpdate], list[SourceUpdate]]:
     """Fold (event, its data) pairs into one update per device and one per (device, boot)."""
+    # This loop runs once per stored event on the commit path: plain comparisons instead of
+    # min()/max() calls, and only the facts the event's type can carry.
     devices: dict[tuple[str, str], DeviceUpdate] = {}
     sources: dict[tuple[str, str, str], SourceUpdate] = {}
+    facts_by_type: dict[str, tuple[tuple[str, str], ...]] = {}
     for ev, data in events:
+        received_ms, time_ms, seq = ev.received_ms, ev.time_ms, ev.seq
         update = devices.get((ev.gateway, ev.device))
         if update is None:
-            update = DeviceUpdate(ev.gateway, ev.device, ev.received_ms, ev.received_ms, 0,
-                                  ev.time_ms, ev.type, ev.boot, ev.seq,
-                                  ev.received_ms - ev.time_ms)
+            update = DeviceUpdate(ev.gateway, ev.device, received_ms, received_ms, 0,
+                                  time_ms, ev.type, ev.boot, seq, received_ms - time_ms)
             devices[(ev.gateway, ev.device)] = update
         update.events += 1
-        update.first_seen_ms = min(update.first_seen_ms, ev.received_ms)
-        update.last_seen_ms = max(update.last_seen_ms, ev.received_ms)
-        if _newer(ev.time_ms, ev.seq, update.last_time_ms, update.seq):
-            update.last_time_ms, update.last_type = ev.time_ms, ev.type
-            update.boot, update.seq = ev.boot, ev.seq
-            update.skew_ms = ev.received_ms - ev.time_ms
-        for name, (only_type, key) in FACTS.items():
-            if key in data and (only_type is None or only_type == ev.type):
-                known = update.facts.get(name)
-                if known is None or ev.time_ms >= known[1]:
-                    update.facts[name] = (data[key], ev.time_ms)
+        if received_ms < update.first_seen_ms:  # noqa: PLR1730 - no call per event
+            update.first_seen_ms = received_ms
+        if received_ms > update.last_seen_ms:  # noqa: PLR1730
+            update.last_seen_ms = received_ms
+        if (time_ms, seq) >= (update.last_time_ms, update.seq):  # newest wins, by event time
+            update.last_time_ms, update.last_type = time_ms, ev.type
+            update.boot, update.seq = ev.boot, seq
+            update.skew_ms = received_ms - time_ms
+        fact_keys = facts_by_type.get(ev.type)
+        if fact_keys is None:
+            fact_keys = facts_by_type[ev.type] = _facts_for(ev.type)
+        facts = update.facts
+        for name, key in fact_keys:
+            if key in data:
+                known = facts.get(name)
+                if known is None or time_ms >= known[1]:
+                    facts[name] = (data[key], time_ms)
         source = sources.get((ev.gateway, ev.device, ev.boot))
         if source is None:
-            source = SourceUpdate(ev.gateway, ev.device, ev.boot, ev.seq, 0, ev.received_ms)
+            source = SourceUpdate(ev.gateway, ev.device, ev.boot, seq, 0, received_ms)
             sources[(ev.gateway, ev.device, ev.boot)] = source
-        source.max_seq = max(source.max_seq, ev.seq)
+        if seq > source.max_seq:  # noqa: PLR1730
+            source.max_seq = seq
         source.received += 1
     return list(devices.values()), list(sources.values())

@@ -22,15 +22,10 @@ from typing import Any
 from careflow.config import Settings
 from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
+from careflow.hub.decoder import DecodeWorker
+from careflow.hub.decoder import decode_safely as _decode_safely
 from careflow.hub.influx import InfluxSink
-from careflow.hub.ingest import (
-    Accepted,
-    Decoded,
-    PresenceUpdate,
-    Rejected,
-    decode_message,
-    shut_out,
-)
+from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
@@ -67,13 +62,7 @@ def tune_gc_for_ingest() -> None:
 
 def decode_safely(message: IncomingMessage, *, max_bytes: int) -> Decoded:
     """Decode a message; even a bug in decoding becomes a dead letter, never a crash."""
-    try:
-        return decode_message(message.topic, message.payload, max_bytes=max_bytes)
-    except Exception as exc:
-        log.exception("decoding failed unexpectedly", extra={"topic": message.topic})
-        reason = f"internal error while decoding ({type(exc).__name__}: {exc}); report this bug"
-        return Decoded((), (Rejected(message.topic, "internal_error", reason,
-                                     message.payload),))
+    return _decode_safely(message.topic, message.payload, max_bytes=max_bytes)
 
 
 @dataclass(slots=True)
@@ -113,7 +102,7 @@ class HubService:
     def __init__(self, settings: Settings, store: EventStore, *,
                  queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
                  sink: InfluxSink | None = None,
-                 provisioning: Activation | None = None) -> None:
+                 provisioning: Activation | None = None, decode_worker: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.alerts = alerts
@@ -130,6 +119,10 @@ class HubService:
         self._disconnected_since_ms: int | None = None
         self._last_event_ms: int | None = None
         self._store_errors_seen = 0
+        # With a decode worker, the messages it is decoding while this thread commits the last.
+        self._decoder = DecodeWorker(max_bytes=settings.max_message_bytes) if decode_worker \
+            else None
+        self._held: list[IncomingMessage] = []
 
     def stop(self) -> None:
         """Ask the service to finish what it holds and return from :meth:`run`."""
@@ -137,6 +130,8 @@ class HubService:
 
     def run(self) -> None:
         """Connect, then commit and acknowledge messages until stopped."""
+        if self._decoder is not None:
+            self._decoder.start()
         self.ingress.start()
         if self.sink is not None:
             self.sink.health = lambda: self.last_health
@@ -156,7 +151,7 @@ class HubService:
                     self._alerting(lambda stage: stage.check_self(
                         self._self_problems(), time.time_ns() // 1_000_000))
                     next_health = now + HEALTH_INTERVAL_S
-            while not self.inbox.empty():  # finish what we hold before leaving
+            while self._held or not self.inbox.empty():  # finish what we hold before leaving
                 self._step(timeout_s=0.0)
             self._report_health()
         except _AbandonedError:
@@ -164,6 +159,8 @@ class HubService:
                       "for the next start", extra={"queued": self.inbox.qsize()})
         finally:
             self.ingress.stop()
+            if self._decoder is not None:
+                self._decoder.stop()
             if self.sink is not None:
                 self.sink.stop()
             log.info("hub stopped", extra={"events_stored": self.counters.events_stored})
@@ -192,17 +189,38 @@ class HubService:
         return messages
 
     def _step(self, *, timeout_s: float) -> None:
-        messages = self._take(timeout_s)
-        if not messages:
-            return
+        """Take messages, then commit and acknowledge them.
+
+        With a decode worker this is a two-stage pipeline: the worker decodes what was just
+        taken while this thread commits what it decoded before. Messages are still committed
+        in the order taken, each acknowledged only after its own commit.
+        """
+        held, self._held = self._held, []
+        messages = self._take(0.0 if held else timeout_s)
+        decoded_held = self._decoder.result() if held and self._decoder is not None else None
+        if held and decoded_held is None:  # the worker failed: nothing lost, decode here
+            decoded_held = self._decode_here(held)
+        if messages and self._decoder is not None and self._decoder.submit(
+                [(m.topic, m.payload) for m in messages]):
+            self._held, messages = messages, []
+        if held:
+            assert decoded_held is not None
+            self._commit_messages(held, decoded_held)
+        if messages:
+            self._commit_messages(messages, self._decode_here(messages))
+
+    def _decode_here(self, messages: list[IncomingMessage]) -> list[Decoded]:
+        max_bytes = self.settings.max_message_bytes
+        return [decode_safely(message, max_bytes=max_bytes) for message in messages]
+
+    def _commit_messages(self, messages: list[IncomingMessage], decoded: list[Decoded]) -> None:
         accepted: list[tuple[Accepted, int]] = []
         rejected: list[tuple[Rejected, int]] = []
         presence: list[tuple[PresenceUpdate, int]] = []
-        for message in messages:
-            decoded = decode_safely(message, max_bytes=self.settings.max_message_bytes)
-            accepted.extend((a, message.received_ms) for a in decoded.accepted)
-            rejected.extend((r, message.received_ms) for r in decoded.rejected)
-            presence.extend((p, message.received_ms) for p in decoded.presence)
+        for message, one in zip(messages, decoded, strict=True):
+            accepted.extend((a, message.received_ms) for a in one.accepted)
+            rejected.extend((r, message.received_ms) for r in one.rejected)
+            presence.extend((p, message.received_ms) for p in one.presence)
         if self.provisioning is not None and accepted:
             accepted, refused = shut_out(
                 accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))

@@ -8,6 +8,7 @@ power loss, and is faster.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import time
@@ -186,15 +187,15 @@ _INSERT_DEAD_LETTER = (
     "batch_index) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 # Newest-wins merge: a fact only replaces the stored one when it is at least as new.
-_FACT_MERGE = "".join(
-    f", {n} = CASE WHEN excluded.{n}_ms >= COALESCE({n}_ms, -9e18) THEN excluded.{n} ELSE {n} END"
-    f", {n}_ms = MAX(COALESCE({n}_ms, -9e18), COALESCE(excluded.{n}_ms, -9e18))"
-    for n in FACTS
-)
-_UPSERT_DEVICE = f"""
+def _fact_merge(names: Sequence[str]) -> str:
+    return "".join(
+        f", {n} = CASE WHEN excluded.{n}_ms >= COALESCE({n}_ms, -9e18) THEN excluded.{n} "
+        f"ELSE {n} END, {n}_ms = MAX(COALESCE({n}_ms, -9e18), excluded.{n}_ms)"
+        for n in names)
+_UPSERT_DEVICE = """
 INSERT INTO devices (gateway, device, first_seen_ms, last_seen_ms, events, last_time_ms, last_type,
-    boot, seq, skew_ms{_FACT_COLUMNS})
-VALUES ({", ".join("?" * (10 + 2 * len(FACTS)))})
+    boot, seq, skew_ms{columns})
+VALUES ({values})
 ON CONFLICT (gateway, device) DO UPDATE SET
     first_seen_ms = MIN(first_seen_ms, excluded.first_seen_ms),
     last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms),
@@ -207,8 +208,18 @@ ON CONFLICT (gateway, device) DO UPDATE SET
         THEN excluded.skew_ms ELSE skew_ms END,
     seq = CASE WHEN (excluded.last_time_ms, excluded.seq) >= (last_time_ms, seq)
         THEN excluded.seq ELSE seq END,
-    last_time_ms = MAX(last_time_ms, excluded.last_time_ms){_FACT_MERGE}
+    last_time_ms = MAX(last_time_ms, excluded.last_time_ms){merge}
 """
+
+
+@functools.cache
+def _upsert_device(names: tuple[str, ...]) -> str:
+    """The device UPSERT for rows that carry these facts (and leave the others alone)."""
+    return _UPSERT_DEVICE.format(columns="".join(f", {n}, {n}_ms" for n in names),
+                                 values=", ".join("?" * (10 + 2 * len(names))),
+                                 merge=_fact_merge(names))
+
+
 _UPSERT_SOURCE = """
 INSERT INTO sources (gateway, device, boot, max_seq, received, first_seen_ms)
 VALUES (?, ?, ?, ?, ?, ?)
@@ -671,7 +682,14 @@ class SqliteStore:
         if not events:
             return ()
         devices, sources = summarize(events)
-        self._conn.executemany(_UPSERT_DEVICE, [_device_params(d) for d in devices])
+        # One UPSERT per set of facts carried: a device row merges only the facts its events
+        # had (a heartbeat carries 1-3 of the 8), not 8 CASE/MAX pairs of NULLs.
+        by_facts: dict[tuple[str, ...], list[DeviceUpdate]] = {}
+        for update in devices:
+            by_facts.setdefault(tuple(n for n in FACTS if n in update.facts), []).append(update)
+        for names, group in by_facts.items():
+            self._conn.executemany(_upsert_device(names),
+                                   [_device_params(d, names) for d in group])
         self._conn.executemany(_UPSERT_SOURCE, [_source_params(s) for s in sources])
         gaps: list[SourceGap] = []
         for start in range(0, len(sources), _GAP_QUERY_CHUNK):
@@ -817,10 +835,10 @@ class SqliteStore:
         self._conn.close()
 
 
-def _device_params(update: DeviceUpdate) -> tuple[Any, ...]:
+def _device_params(update: DeviceUpdate, names: Sequence[str]) -> tuple[Any, ...]:
     facts: list[Any] = []
-    for name in FACTS:
-        value, at_ms = update.facts.get(name, (None, None))
+    for name in names:
+        value, at_ms = update.facts[name]
         if name in JSON_FACTS and value is not None:
             value = json.dumps(value, sort_keys=True)
         facts.extend((value, at_ms))

@@ -6,6 +6,7 @@ from careflow.schemas.codec import (
     parse_event,
     parse_presence,
     validate_event,
+    validate_events,
 )
 from careflow.schemas.models import CONTRACT_VERSION, EVENT_TYPES, Event, Presence, event_adapter
 from careflow.schemas.timefmt import format_rfc3339, parse_rfc3339
@@ -47,4 +48,5 @@ __all__ = [
     "reply_topic",
     "state_topic",
     "validate_event",
+    "validate_events",
 ]

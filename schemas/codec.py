@@ -23,6 +23,7 @@ from careflow.schemas.models import (
     Event,
     Presence,
     event_adapter,
+    event_list_adapter,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "parse_event",
     "parse_presence",
     "validate_event",
+    "validate_events",
 ]
 
 _MAX_REPORTED_ERRORS = 5
@@ -49,6 +51,7 @@ def _reject_constant(name: str) -> float:
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_WHITESPACE_CHARS = " \t\n\r"
 
 
 def _skip(text: str, pos: int) -> int:
@@ -64,20 +67,30 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
         raise ValueError
     pos = _skip(text, pos + 1)
     items: list[tuple[Any, str]] = []
+    append, raw_decode = items.append, _DECODER.raw_decode
     if text.startswith("]", pos):
         pos = _skip(text, pos + 1)
     else:
         while True:
-            value, end = _DECODER.raw_decode(text, pos)
-            items.append((value, text[pos:end]))
-            pos = _skip(text, end)
-            if text.startswith(",", pos):
-                pos = _skip(text, pos + 1)
-                continue
-            if text.startswith("]", pos):
-                pos = _skip(text, pos + 1)
-                break
-            raise ValueError
+            value, end = raw_decode(text, pos)
+            append((value, text[pos:end]))
+            # Most senders separate items with ", " (json.dumps) or ","; test those before the
+            # regex, which costs a call per item (this loop runs once per event of a batch).
+            if text.startswith(", ", end):
+                pos = end + 2
+            elif text.startswith(",", end):
+                pos = end + 1
+            else:
+                pos = _skip(text, end)
+                if text.startswith(",", pos):
+                    pos += 1
+                elif text.startswith("]", pos):
+                    pos = _skip(text, pos + 1)
+                    break
+                else:
+                    raise ValueError
+            if text[pos:pos + 1] in _WHITESPACE_CHARS:  # "" (end of text) too: raw_decode fails
+                pos = _skip(text, pos)
     if pos != len(text):
         raise ValueError
     return items
@@ -142,6 +155,25 @@ def parse_event(obj: object) -> Event:
     return validate_event(obj)[0]
 
 
+def _epoch_ms(event: Event) -> int:
+    """The event time in epoch milliseconds; ValueError for a date the calendar lacks."""
+    return int(datetime.fromisoformat(event.time).timestamp() * 1000)  # pattern checked shape
+
+
+def validate_events(objs: list[Any]) -> list[tuple[Event, int]] | None:
+    """Validate a whole batch in one call; None if any item fails, whatever the reason.
+
+    The fast path for batches: the same pydantic validator as :func:`validate_event`, on the same
+    decoded values, but one call for all items. On None the caller validates item by item, which
+    gives each rejected item its own code and reason, so a bad item never costs a good one.
+    """
+    try:
+        events = event_list_adapter.validate_python(objs)
+        return [(event, _epoch_ms(event)) for event in events]
+    except (ValidationError, ValueError):
+        return None
+
+
 def validate_event(obj: object) -> tuple[Event, int]:
     """Validate one decoded JSON value; return the event and its time in epoch milliseconds."""
     if not isinstance(obj, dict):
@@ -158,8 +190,7 @@ def validate_event(obj: object) -> tuple[Event, int]:
     except ValidationError as exc:
         raise ContractError("schema", describe_validation_error(exc)) from exc
     try:
-        moment = datetime.fromisoformat(event.time)  # the pattern checked its shape
+        return event, _epoch_ms(event)
     except ValueError as exc:
         raise ContractError("schema", f"time: {event.time!r} is not a real date-time ({exc})") \
             from exc
-    return event, int(moment.timestamp() * 1000)

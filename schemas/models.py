@@ -33,6 +33,7 @@ __all__ = [
     "StatusData",
     "StatusEvent",
     "event_adapter",
+    "event_list_adapter",
 ]
 
 CONTRACT_VERSION = 1
@@ -193,6 +194,8 @@ Event: TypeAlias = Annotated[
 ]
 
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+# A whole batch in one call into the Rust core (the same validator per item as event_adapter).
+event_list_adapter: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Annotated
 
@@ -55,8 +56,10 @@ def hub(
         provisioning = provisioning_for(settings)
         if provisioning is not None:
             provisioning.start()
+        # Decoding runs in a second process when there is a second core to run it on.
         service = HubService(settings, store, alerts=alerts, sink=sink,
-                             provisioning=provisioning.activation if provisioning else None)
+                             provisioning=provisioning.activation if provisioning else None,
+                             decode_worker=(os.cpu_count() or 1) > 1)
         if channels:
             sender = NotificationSender(
                 SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)

@@ -45,11 +45,12 @@ class FailingStore(SqliteStore):
         return super().append(batch)
 
 
-def test_it_acknowledges_nothing_while_the_store_fails(mosquitto: Mosquitto,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode_worker", [False, True], ids=["in-process", "decode-worker"])
+def test_it_acknowledges_nothing_while_the_store_fails(mosquitto: Mosquitto, tmp_path: Path,
+                                                       decode_worker: bool) -> None:
     settings = make_settings(tmp_path / "data", mosquitto.url)
     broken = FailingStore(settings.db_path)
-    service = HubService(settings, broken)
+    service = HubService(settings, broken, decode_worker=decode_worker)
     runner = threading.Thread(target=service.run, daemon=True)
     runner.start()
     wait_until(lambda: service.ingress.connected, what="hub connected")

@@ -56,6 +56,15 @@ def test_it_rejects_batch_members_from_another_gateway_one_by_one() -> None:
     assert json.loads(decoded.rejected[0].payload)["gateway"] == "gw-2"
 
 
+def test_it_rejects_a_foreign_member_of_an_otherwise_valid_batch_alone() -> None:
+    mine = [heartbeat(Stamper(gateway="gw-1", device=f"s{i}", boot="b")) for i in range(2)]
+    theirs = heartbeat(Stamper(gateway="gw-2", boot="b"))
+    payload = json.dumps([mine[0], theirs, mine[1]]).encode()
+    decoded = decode_message("careflow/v1/gw-1/batch", payload, max_bytes=LIMIT)
+    assert [a.body for a in decoded.accepted] == [json.dumps(mine[0]), json.dumps(mine[1])]
+    assert [(r.index, r.code) for r in decoded.rejected] == [(1, "topic_mismatch")]
+
+
 def test_it_rejects_each_kind_of_malformed_payload_with_its_code() -> None:
     topic = "careflow/v1/gw-1/gw-1/heartbeat"
     cases = {

@@ -92,6 +92,20 @@ def test_it_tracks_registry_facts_newest_by_event_time(tmp_path: Path) -> None:
     assert record.events == 2 and record.seq == 1  # seq 1 is the newer event's
 
 
+def test_it_keeps_facts_that_later_commits_do_not_carry(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    gateway = Stamper(gateway="gw-1", boot="b1")
+    sensor = Stamper(gateway="gw-1", device="door-1", boot="b1")
+    store.append(batch_of([gateway.stamp("status", {"state": "ok", "battery_pct": 40}),
+                           heartbeat(sensor, firmware="1.0")]))
+    store.append(batch_of([heartbeat(gateway), heartbeat(sensor, battery_pct=70)]))
+    store.append(batch_of([heartbeat(gateway, battery_pct=None)]))  # a fact can be cleared
+    assert store.device("gw-1", "gw-1").facts == {  # type: ignore[union-attr]
+        "condition": "ok", "interval_s": 60}
+    assert store.device("gw-1", "door-1").facts == {  # type: ignore[union-attr]
+        "interval_s": 60, "firmware": "1.0", "battery_pct": 70}
+
+
 def test_it_counts_sequence_gaps_and_fills_them_when_late_events_arrive(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db")
     source = Stamper(gateway="gw-1", boot="b1")

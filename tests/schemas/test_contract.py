@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.errors import ContractError
-from careflow.schemas import parse_event
+from careflow.schemas import parse_event, validate_event, validate_events
 from careflow.schemas.published import schema_errors
 
 EXAMPLES = Path(__file__).parents[2] / "schemas" / "examples"
@@ -187,6 +187,19 @@ def events(draw: st.DrawFn) -> Any:
 @given(events())
 def test_it_never_lets_the_two_validators_drift(obj: Any) -> None:
     assert jsonschema_accepts(obj) == pydantic_accepts(obj)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(events(), min_size=1, max_size=4))
+def test_it_validates_a_batch_in_one_call_exactly_as_item_by_item(objs: list[Any]) -> None:
+    one_by_one = []
+    for obj in objs:
+        try:
+            one_by_one.append(validate_event(obj))
+        except ContractError:
+            assert validate_events(objs) is None
+            return
+    assert validate_events(objs) == one_by_one
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
