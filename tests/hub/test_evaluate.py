@@ -51,6 +51,26 @@ def test_it_fires_an_absence_after_grace_times_the_declared_interval_and_resolve
     assert statuses(ev.observe(obs(201 * S, "status", state="ok"), 201 * S)) == ["silent:resolved"]
 
 
+def test_absence_keeps_one_deadline_per_source_however_many_events_arrive() -> None:
+    """Memory stays proportional to the fleet, not to the event rate."""
+    ev = Evaluator((ABSENCE,))
+    for i in range(5000):  # a heartbeat every 10 ms for 50 s, ticking along
+        ev.observe(obs(i * 10, interval_s=60), now_ms=i * 10)
+        if i % 100 == 0:
+            assert ev.tick(i * 10) == []
+    assert len(ev._deadlines) == 1
+    last = 4999 * 10
+    assert ev.tick(last + 120 * S) == []  # exactly at the deadline: not yet
+    assert statuses(ev.tick(last + 120 * S + 1)) == ["silent:firing"]
+
+
+def test_a_shorter_interval_brings_the_absence_deadline_forward() -> None:
+    ev = Evaluator((ABSENCE,))
+    ev.observe(obs(0, interval_s=600), now_ms=0)  # deadline 1200 s
+    ev.observe(obs(10 * S, interval_s=60), now_ms=10 * S)  # now 130 s
+    assert statuses(ev.tick(131 * S)) == ["silent:firing"]
+
+
 def test_it_judges_liveness_by_arrival_not_by_a_skewed_device_clock() -> None:
     ev = Evaluator((ABSENCE,))
     ev.observe(obs(-3600 * S, interval_s=60, received_ms=0), now_ms=0)  # clock an hour behind
