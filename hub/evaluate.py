@@ -82,32 +82,56 @@ class Evaluator:
     _deadline_of: dict[tuple[str, Subject], int] = field(default_factory=dict)
     _queued_at: dict[tuple[str, Subject], int] = field(default_factory=dict)  # its heap entry
     _pending: set[tuple[str, Subject]] = field(default_factory=set)  # thresholds breached
+    # Per event type, the rules that can react to it, in rule order (observe runs per event).
+    _for_type: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
+    _watches: dict[tuple[str, Subject], bool] = field(default_factory=dict)  # selector results
 
     def observe(self, obs: Observation, now_ms: int) -> list[Transition]:
         """Account for one event; return what started or stopped firing."""
         subject = (obs.gateway, obs.device)
         out: list[Transition] = []
-        live = self._alive.setdefault(subject, _Liveness(obs.received_ms, None))
-        live.last_seen_ms = max(live.last_seen_ms, obs.received_ms)
+        live = self._alive.get(subject)
+        if live is None:
+            live = self._alive[subject] = _Liveness(obs.received_ms, None)
+        elif obs.received_ms > live.last_seen_ms:
+            live.last_seen_ms = obs.received_ms
         if obs.type == "heartbeat" and isinstance(obs.data.get("interval_s"), int | float):
             live.interval_ms = int(obs.data["interval_s"] * 1000)
-        # Cheap tests first: most events concern few rules (the hub runs this per event).
-        for rule in self.rules:
+        for rule in self._rules_for(obs.type):
             if isinstance(rule, AbsenceRule):
                 if (rule.name, subject) in self.firing:
                     out += self._resolve(rule, subject, now_ms, "heard from again")
                 self._schedule(rule, subject, live)
             elif isinstance(rule, ThresholdRule):
-                if rule.field in obs.data and rule.select.matches(*subject):
+                if rule.field in obs.data and self._watched(rule, subject):
                     out += self._observe_threshold(rule, subject, obs, now_ms)
             elif isinstance(rule, RateRule):
-                if obs.type == rule.type and rule.select.matches(*subject):
+                if self._watched(rule, subject):
                     window = self._rates.setdefault((rule.name, subject), collections.deque())
                     window.append(obs.time_ms)
                     out += self._judge_rate(rule, subject, window, now_ms)
-            elif obs.type == rule.type and rule.select.matches(*subject):
+            elif self._watched(rule, subject):
                 out += self._observe_event(rule, subject, obs, now_ms)
         return out
+
+    def _rules_for(self, event_type: str) -> tuple[Rule, ...]:
+        """The rules an event of this type can concern: absences and thresholds always, rate
+        and event rules only for their own type."""
+        rules = self._for_type.get(event_type)
+        if rules is None:
+            rules = tuple(rule for rule in self.rules
+                          if isinstance(rule, AbsenceRule | ThresholdRule)
+                          or rule.type == event_type)
+            self._for_type[event_type] = rules
+        return rules
+
+    def _watched(self, rule: Rule, subject: Subject) -> bool:
+        """Whether the rule's selector takes this source (remembered: patterns do not change)."""
+        key = (rule.name, subject)
+        watched = self._watches.get(key)
+        if watched is None:
+            watched = self._watches[key] = rule.select.matches(*subject)
+        return watched
 
     def tick(self, now_ms: int) -> list[Transition]:
         """Let time pass: absences, threshold ``for`` windows and rate windows move on."""
@@ -143,7 +167,7 @@ class Evaluator:
 
     def _schedule(self, rule: AbsenceRule, subject: Subject, live: _Liveness) -> None:
         """(Re)set when this source's silence becomes an absence for ``rule``."""
-        if not rule.select.matches(*subject) or (rule.only_gateways and subject[0] != subject[1]):
+        if not self._watched(rule, subject) or (rule.only_gateways and subject[0] != subject[1]):
             return
         allowed = rule.after if rule.after is not None else (
             int(live.interval_ms * rule.grace) if live.interval_ms else None)
@@ -175,7 +199,10 @@ class Evaluator:
                            now_ms: int) -> list[Transition]:
         if rule.field not in obs.data:
             return []
-        state = self._thresholds.setdefault((rule.name, subject), _Threshold())
+        key = (rule.name, subject)
+        state = self._thresholds.get(key)
+        if state is None:
+            state = self._thresholds[key] = _Threshold()
         if obs.time_ms < state.value_time_ms:
             return []  # an older reading than one already seen: neither fires nor resolves
         state.value_time_ms = obs.time_ms
@@ -184,9 +211,11 @@ class Evaluator:
             breached = _OPS[rule.op](value, rule.value)
         except TypeError:
             breached = False  # a value of another type cannot breach a numeric limit
-        if not breached:
+        if not breached:  # the common case: say nothing unless it was firing
             state.breached_since_ms = None
-            self._pending.discard((rule.name, subject))
+            self._pending.discard(key)
+            if key not in self.firing:
+                return []
             return self._resolve(rule, subject, now_ms, f"{rule.field} is {value!r} again")
         if state.breached_since_ms is None:
             state.breached_since_ms = obs.time_ms
