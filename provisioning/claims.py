@@ -213,8 +213,16 @@ def decide_claim(record: ClaimRecord | None, *, serial: str, token: str,  # noqa
     return Proceed()
 
 
-def decide_renewal(record: ClaimRecord | None, *, gateway_id: str) -> Proceed | Reject:
-    """May the gateway that the broker authenticated as ``gateway_id`` renew its certificate?"""
+def decide_renewal(record: ClaimRecord | None, *, gateway_id: str,
+                   revoked: bool = False) -> Proceed | Reject:
+    """May the gateway that the broker authenticated as ``gateway_id`` renew its certificate?
+
+    Never once revoked: a stolen gateway must not mint itself a certificate that is not on the
+    CRL (only a new registration with a new token brings the id back).
+    """
+    if revoked:
+        return Reject("revoked", f"gateway {gateway_id} has been revoked; register it again "
+                      "(careflow provision register --replace) to bring it back")
     if record is None:
         return Reject("unknown_gateway", f"gateway {gateway_id} was not provisioned by claim")
     if record.state not in (State.ISSUED, State.ACTIVE):

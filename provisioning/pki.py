@@ -56,6 +56,7 @@ __all__ = [
     "render_device_acl",
     "resign_crl",
     "revoke",
+    "revoke_identity",
     "revoked_identities",
     "sign_device_csr",
     "write_atomic",
@@ -785,12 +786,41 @@ def revoke(pki: Pki, cert_serial: int, *, now: datetime,
     first reloads the CRL alone and ends the live session, so that the gateway's Will (its
     retained ``offline``) is still allowed out, and only then denies the identity in the ACL.
     """
+    _revoke_serials(pki, [cert_serial], now=now, reason=reason, days=days)
+
+
+def _revoke_serials(pki: Pki, serials: Sequence[int], *, now: datetime,
+                    reason: x509.ReasonFlags = x509.ReasonFlags.cessation_of_operation,
+                    days: int = CRL_DAYS) -> None:
     revoked = list(_load_crl(pki)) if pki.crl_path.exists() else []
-    if all(entry.serial_number != cert_serial for entry in revoked):
-        revoked.append(
-            x509.RevokedCertificateBuilder().serial_number(cert_serial).revocation_date(now)
-            .add_extension(x509.CRLReason(reason), critical=False).build())
+    known = {entry.serial_number for entry in revoked}
+    for serial in serials:
+        if serial not in known:
+            known.add(serial)
+            revoked.append(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+                .add_extension(x509.CRLReason(reason), critical=False).build())
     _write_crl(pki, revoked, now=now, days=days)
+
+
+def revoke_identity(pki: Pki, gateway_id: str, *, now: datetime,
+                    up_to_serial: int | None = None) -> list[int]:
+    """Put every still-valid certificate recorded for a gateway on the CRL, in one re-signing.
+
+    ``up_to_serial``: only that certificate and those issued before it (a replaced device's
+    identity, when its successor may already hold a newer certificate for the same id).
+    Returns the serials revoked.
+    """
+    issued = [cert for cert in issued_certificates(pki) if cert.gateway_id == gateway_id]
+    if up_to_serial is not None:
+        cutoff = next((cert.issued_at for cert in issued if cert.serial == up_to_serial), None)
+        issued = [cert for cert in issued if cutoff is not None and cert.issued_at <= cutoff]
+    serials = {cert.serial for cert in issued if cert.not_after > now}
+    if up_to_serial is not None:
+        serials.add(up_to_serial)  # named explicitly: revoked even if the index lacks it
+    if serials:
+        _revoke_serials(pki, sorted(serials), now=now)
+    return sorted(serials)
 
 
 def write_device_acl(pki: Pki) -> bool:

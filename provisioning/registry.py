@@ -115,6 +115,9 @@ class ProvisioningRegistry(Protocol):
     def record_error(self, serial: str, message: str, *, now_ms: int) -> None:
         """Remember the last refusal or failure for `provision watch` to explain."""
 
+    def withdraw(self, gateway_id: str, *, now_ms: int) -> bool:
+        """`careflow device revoke`: the identity is withdrawn (no claim, no renewal)."""
+
     def pending_revocations(self) -> list[Revocation]:
         """Identities withdrawn but not yet revoked by the CA."""
 
@@ -254,6 +257,13 @@ class SqliteProvisioningRegistry:
         with self._transaction("record an error") as conn:
             conn.execute("UPDATE provision_serials SET last_error = ?, last_error_ms = ? "
                          "WHERE serial = ?", (message, now_ms, serial))
+
+    def withdraw(self, gateway_id: str, *, now_ms: int) -> bool:
+        """`careflow device revoke`: the identity is withdrawn (no claim, no renewal)."""
+        return self._change(
+            "record a revocation",
+            "UPDATE provision_serials SET state = 'revoked', revoked_ms = ? "
+            "WHERE gateway_id = ? AND state != 'revoked'", (now_ms, gateway_id))
 
     def pending_revocations(self) -> list[Revocation]:
         """Identities withdrawn by ``--replace`` that the CA has not revoked yet."""

@@ -26,7 +26,7 @@ import paho.mqtt.client as paho
 from careflow.config import BrokerUrl, TlsFiles
 from careflow.errors import BrokerError, ConfigError, PkiError
 from careflow.mqtt import connect_blocking, make_client
-from careflow.provisioning.pki import IssuedCert, Pki, current_certificate, revoke
+from careflow.provisioning.pki import IssuedCert, Pki, current_certificate, revoke_identity
 from careflow.schemas import state_topic
 
 __all__ = [
@@ -59,7 +59,12 @@ class RevocationReport:
 
 
 def revoke_gateway(pki: Pki, gateway_id: str, *, now: datetime) -> IssuedCert:
-    """Put the gateway's current certificate on the CRL (the ACL follows: ``write_device_acl``).
+    """Put every unexpired certificate of the gateway on the CRL; return the current one.
+
+    Every one, not just the newest: a gateway renews at two thirds of a certificate's life, so
+    an older certificate may still be valid for days, and a stolen gateway that kept one (or
+    renewed twice on purpose) would otherwise walk back in with it. The ACL follows
+    (``write_device_acl``).
 
     Raises:
         PkiError: no certificate was ever recorded for this gateway.
@@ -69,7 +74,7 @@ def revoke_gateway(pki: Pki, gateway_id: str, *, now: datetime) -> IssuedCert:
         msg = (f"no certificate recorded for {gateway_id!r} in {pki.issued_path}. Check the id "
                "(`careflow devices list`) and --pki-dir.")
         raise PkiError(msg)
-    revoke(pki, current.serial, now=now)
+    revoke_identity(pki, gateway_id, now=now)
     return current
 
 

@@ -97,7 +97,9 @@ def revoke_pending(registry: ProvisioningRegistry, pki: pki_mod.Pki, *, now: dat
     """Revoke, on the CA's CRL, the identities that ``register --replace`` withdrew."""
     done = 0
     for revocation_id, _serial, gateway_id, cert_serial in registry.pending_revocations():
-        pki_mod.revoke(pki, int(cert_serial, 16), now=now)
+        # that certificate and every earlier one of the old device (renewals leave older ones
+        # valid for days); the successor's newer certificates stay valid
+        pki_mod.revoke_identity(pki, gateway_id, now=now, up_to_serial=int(cert_serial, 16))
         registry.revoked(revocation_id, now_ms=_ms(now))
         log.warning("revoked a replaced identity", extra={"gateway": gateway_id,
                                                           "cert_serial": cert_serial})
@@ -400,7 +402,8 @@ class ProvisioningService:
         if limited:
             return self._reject(gateway_id, request.request_id, limited)
         record = self.registry.by_gateway(gateway_id)
-        verdict = decide_renewal(record, gateway_id=gateway_id)
+        verdict = decide_renewal(record, gateway_id=gateway_id,
+                                 revoked=gateway_id in pki_mod.revoked_identities(self.pki))
         if isinstance(verdict, Reject):
             return self._reject(gateway_id, request.request_id, verdict)
         assert record is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,7 @@ from careflow.cli.common import console, err_console, settings_from
 from careflow.config import TlsFiles
 from careflow.errors import ConfigError
 from careflow.provisioning.pki import crl_next_update, load_pki, write_device_acl
+from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.provisioning.revocation import (
     agent_client_id,
     reload_from_options,
@@ -84,8 +86,10 @@ def revoke(
             raise ConfigError(msg)
     pki = load_pki(resolve_pki_dir(pki_dir))
     issued = revoke_gateway(pki, gateway, now=datetime.now(UTC))
-    console.print(f"Revoked {gateway}: certificate serial {issued.serial:x} is on the CRL "
-                  f"({pki.crl_path}, next update {crl_next_update(pki):%Y-%m-%d} UTC).")
+    console.print(f"Revoked {gateway}: certificate serial {issued.serial:x} and any older "
+                  f"still-valid ones are on the CRL ({pki.crl_path}, next update "
+                  f"{crl_next_update(pki):%Y-%m-%d} UTC).")
+    _withdraw_in_registry(settings.db_path, gateway)
     if no_reload or url is None:
         write_device_acl(pki)
         console.print(f"Denied in {pki.device_acl_path}. [yellow]The broker was not reloaded"
@@ -115,3 +119,19 @@ def revoke(
         raise typer.Exit(1)
     console.print(f"Session {session} ended; {gateway} did not reconnect within {watch:g}s "
                   f"(presence seen: {seen}).")
+
+
+def _withdraw_in_registry(db_path: Path, gateway: str) -> None:
+    """Mark the identity revoked in the hub's provisioning registry, when it is on this machine
+    (the CRL is what keeps the gateway out; the registry is what operators read)."""
+    if not db_path.exists():
+        console.print(f"[yellow]The hub's database ({db_path}) is not here[/yellow]: "
+                      "`careflow provision list` will show the gateway as revoked once the hub "
+                      "refuses it; the CRL already does.")
+        return
+    registry = SqliteProvisioningRegistry(db_path)
+    try:
+        if registry.withdraw(gateway, now_ms=time.time_ns() // 1_000_000):
+            console.print("Marked revoked in the provisioning registry.")
+    finally:
+        registry.close()

@@ -8,12 +8,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from careflow.edge.claim import claim_csr
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.protocol import request_topic
 from careflow.provisioning.registry import SqliteProvisioningRegistry
+from careflow.provisioning.revocation import revoke_gateway
 from careflow.provisioning.service import Activation, DeviceConfig, ProvisioningService
 from tests.conftest import make_settings
 
@@ -173,3 +175,50 @@ def test_it_warns_before_the_crl_expires_and_stops_once_it_is_refreshed(
         assert activation.expiry_problem(int(late.timestamp() * 1000) + 61_000) is None
     finally:
         registry.close()
+
+
+def test_a_revoked_gateway_cannot_keep_an_older_certificate_or_renew_its_way_back(
+        service: ProvisioningService) -> None:
+    """A stolen gateway that renewed twice before the operator acted: revocation takes every
+    certificate it holds, and the hub refuses to sign it a fresh one."""
+    register(service, "SN-REV")
+    _, first = ask(service, "SN-REV")
+    held = [str(first["certificate"])]
+    for request_id in ("r2", "r3"):
+        csr = pki_mod.make_csr(pki_mod.new_device_key(), gateway_id="gw-sn-rev").decode()
+        [(topic, payload)] = service.handle("careflow/provision/gw-sn-rev/renew",
+                                            json.dumps({"csr": csr, "request_id": request_id}
+                                                       ).encode())
+        assert topic.endswith("/accepted"), payload
+        held.append(json.loads(payload)["certificate"])
+    serials = [x509.load_pem_x509_certificate(pem.encode()).serial_number for pem in held]
+
+    revoke_gateway(service.pki, "gw-sn-rev", now=service.clock())
+    assert all(pki_mod.is_revoked(service.pki, serial) for serial in serials)
+    assert "gw-sn-rev" in pki_mod.revoked_identities(service.pki)
+
+    csr = pki_mod.make_csr(pki_mod.new_device_key(), gateway_id="gw-sn-rev").decode()
+    [(topic, payload)] = service.handle("careflow/provision/gw-sn-rev/renew",
+                                        json.dumps({"csr": csr, "request_id": "r4"}).encode())
+    assert topic.endswith("/rejected") and json.loads(payload)["code"] == "revoked"
+    assert "gw-sn-rev" in pki_mod.revoked_identities(service.pki)  # still out
+
+
+def test_replacing_a_device_revokes_its_certificates_but_not_its_successors(
+        tmp_path: Path) -> None:
+    pki_mod.init_pki(tmp_path / "pki", now=T0, force=True)
+    pki = pki_mod.load_pki(tmp_path / "pki")
+
+    def issue(at: datetime) -> int:
+        cert = pki_mod.sign_device_csr(
+            pki.device_ca, pki_mod.make_csr(pki_mod.new_device_key(), gateway_id="gw-r"),
+            gateway_id="gw-r", serial="SN-R", now=at)
+        pki_mod.record_issued(pki, "gw-r", cert, now=at)
+        return int(cert.serial_number)
+
+    old_first, old_renewed = issue(T0), issue(T0 + timedelta(days=20))
+    successor = issue(T0 + timedelta(days=21))
+    pki_mod.revoke_identity(pki, "gw-r", now=T0 + timedelta(days=22), up_to_serial=old_renewed)
+    assert pki_mod.is_revoked(pki, old_first) and pki_mod.is_revoked(pki, old_renewed)
+    assert not pki_mod.is_revoked(pki, successor)
+    assert "gw-r" not in pki_mod.revoked_identities(pki)
