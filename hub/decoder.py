@@ -16,11 +16,14 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import pickle
+import select
 import signal
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import Any, TypeAlias
 
 from careflow.hub.ingest import (
@@ -36,8 +39,50 @@ __all__ = ["DecodeWorker", "decode_safely"]
 
 log = logging.getLogger(__name__)
 
-# The worker answers in milliseconds; this only bounds a hung worker, which is then dropped.
-RESULT_TIMEOUT_S = 30.0
+# The worker answers in milliseconds. These bound a hung or stopped worker, which is then
+# dropped: the writer thread (and with it acks and the alert clock) never waits longer than
+# this plus the time decoding the request's bytes can honestly take.
+RESULT_TIMEOUT_S = 2.0
+SEND_TIMEOUT_S = 2.0
+DECODE_BYTES_PER_S = 2_000_000  # far below the worker's real rate (tens of MB/s)
+_HEADER = struct.Struct("!Q")  # each pickle travels with its length
+
+
+def _write_frame(fd: int, data: bytes, deadline: float | None) -> None:
+    """Write one length-prefixed frame; with a deadline, never block past it."""
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
+                raise TimeoutError("the decode worker does not take requests")
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            continue
+
+
+def _read_exact(fd: int, size: int, deadline: float | None) -> bytes:
+    chunks: list[bytes] = []
+    while size:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError("the decode worker did not answer in time")
+        try:
+            chunk = os.read(fd, min(size, 1 << 20))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            raise EOFError("the decode worker closed its pipe")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int, deadline: float | None) -> bytes:
+    (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
+    return _read_exact(fd, size, deadline)
 
 _Row: TypeAlias = tuple[str, str, str, str, str, str, int, str, str, Any, int]
 _Packed: TypeAlias = tuple[list[_Row], tuple[Rejected, ...], tuple[PresenceUpdate, ...]]
@@ -67,16 +112,19 @@ def _unpack(packed: _Packed) -> Decoded:
     return Decoded(accepted, rejected, presence)
 
 
-def _serve(requests: Connection, results: Connection, max_bytes: int) -> None:
+def _serve(requests: int, results: int, max_bytes: int) -> None:
     """The worker: decode each request in order until the hub closes its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the hub, which stops us
     gc.freeze()  # as service.tune_gc_for_ingest: decoding allocates many short-lived objects
     gc.set_threshold(100_000, 50, 100)
     try:
         while True:
-            request: list[tuple[str, bytes]] = requests.recv()
-            results.send([_pack(decode_safely(topic, payload, max_bytes=max_bytes))
-                          for topic, payload in request])
+            # a private pipe between the hub and its own child: no one else writes to it
+            request: list[tuple[str, bytes]] = pickle.loads(  # noqa: S301
+                _read_frame(requests, None))
+            answer = [_pack(decode_safely(topic, payload, max_bytes=max_bytes))
+                      for topic, payload in request]
+            _write_frame(results, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL), None)
     except (EOFError, OSError):  # the hub stopped or died: nothing of ours is lost
         return
 
@@ -86,10 +134,11 @@ class DecodeWorker:
 
     def __init__(self, *, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._requests: Connection | None = None
-        self._results: Connection | None = None
+        self._requests: int | None = None  # our pipe ends, non-blocking
+        self._results: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._outstanding = 0
+        self._deadline = 0.0  # when the outstanding request's answer is overdue
 
     @property
     def alive(self) -> bool:
@@ -117,31 +166,35 @@ class DecodeWorker:
         finally:
             os.close(request_r)  # the worker has its own copies of its ends
             os.close(result_w)
-        self._requests = Connection(request_w, readable=False)
-        self._results = Connection(result_r, writable=False)
+        os.set_blocking(request_w, False)
+        os.set_blocking(result_r, False)
+        self._requests, self._results = request_w, result_r
 
     def submit(self, messages: Sequence[tuple[str, bytes]]) -> bool:
-        """Send messages to decode; False (decode them in-process) if the worker is gone."""
+        """Send messages to decode; False (decode them in-process) if the worker is gone or
+        does not take them within SEND_TIMEOUT_S."""
         if self._requests is None or self._outstanding:
             return False
+        request = [(topic, payload) for topic, payload in messages]
         try:
-            self._requests.send([(topic, payload) for topic, payload in messages])
-        except (OSError, ValueError) as exc:
-            self._fail(f"cannot reach the decode worker: {exc}")
+            _write_frame(self._requests, pickle.dumps(request, pickle.HIGHEST_PROTOCOL),
+                         time.monotonic() + SEND_TIMEOUT_S)
+        except (OSError, ValueError, TimeoutError) as exc:
+            self._fail(f"cannot hand messages to the decode worker: {exc}")
             return False
         self._outstanding = len(messages)
+        size = sum(len(payload) for _, payload in request)
+        self._deadline = time.monotonic() + RESULT_TIMEOUT_S + size / DECODE_BYTES_PER_S
         return True
 
     def result(self) -> list[Decoded] | None:
-        """What the worker made of the last submitted messages; None if it failed."""
+        """What the worker made of the last submitted messages; None if it failed or is late."""
         if self._results is None or not self._outstanding:
             return None
         expected, self._outstanding = self._outstanding, 0
         try:
-            if not self._results.poll(RESULT_TIMEOUT_S):
-                self._fail(f"the decode worker did not answer within {RESULT_TIMEOUT_S:.0f}s")
-                return None
-            packed: list[_Packed] = self._results.recv()
+            packed: list[_Packed] = pickle.loads(  # noqa: S301 - our own child's pipe
+                _read_frame(self._results, self._deadline))
             if len(packed) != expected:
                 msg = f"answered {len(packed)} messages of {expected}"
                 raise ValueError(msg)  # handled with every other failure below
@@ -159,9 +212,9 @@ class DecodeWorker:
     def stop(self) -> None:
         """Close the pipes (the worker exits on it) and reap the process."""
         self._outstanding = 0
-        for conn in (self._requests, self._results):
-            if conn is not None:
-                conn.close()
+        for fd in (self._requests, self._results):
+            if fd is not None:
+                os.close(fd)
         self._requests = self._results = None
         process, self._process = self._process, None
         if process is not None:
@@ -173,5 +226,4 @@ class DecodeWorker:
 
 
 if __name__ == "__main__":
-    _serve(Connection(int(sys.argv[1]), writable=False),
-           Connection(int(sys.argv[2]), readable=False), int(sys.argv[3]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

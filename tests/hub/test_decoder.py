@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,19 @@ def test_it_gives_up_on_a_worker_that_hangs(worker: DecodeWorker,
     os.kill(worker._process.pid, signal.SIGSTOP)
     assert worker.submit(small)
     assert worker.result() is None
+    assert not worker.alive
+
+
+def test_a_stopped_worker_cannot_block_the_hub_with_a_full_pipe(
+        worker: DecodeWorker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than a pipe buffer to a worker that reads nothing: the send gives up in time."""
+    assert worker._process is not None  # the test freezes the real process
+    os.kill(worker._process.pid, signal.SIGSTOP)
+    monkeypatch.setattr(decoder_module, "SEND_TIMEOUT_S", 0.3)
+    big = [(f"careflow/v1/gw-{i}/gw-{i}/heartbeat", b"x" * 1024) for i in range(2000)]
+    started = time.monotonic()
+    assert not worker.submit(big)  # the caller decodes these in-process
+    assert time.monotonic() - started < 5
     assert not worker.alive
 
 
