@@ -9,6 +9,7 @@ the cursor moves, and a re-sent chunk overwrites identical points, so nothing is
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -264,9 +265,10 @@ class InfluxSink:
         while not self._stop.is_set():
             try:
                 moved = self.drain_once()
+                self._recovered()
+                delay = 1.0
             except InfluxError as exc:
                 self._failed(exc)
-                self._last_backlog = self.backlog()
                 self._stop.wait(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
@@ -274,12 +276,10 @@ class InfluxSink:
                 log.warning("InfluxDB sink cannot read the store", extra={"error": str(exc)})
                 self._stop.wait(delay)
                 continue
-            except Exception:  # never let the sink thread die silently
+            except Exception:  # nothing may end this thread: the backlog would grow unseen
                 log.exception("InfluxDB sink failed unexpectedly; retrying")
                 self._stop.wait(delay)
                 continue
-            self._recovered()
-            delay = 1.0
             if not moved:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -291,9 +291,11 @@ class InfluxSink:
         first = c.failing_since_ms is None
         if first:
             c.failing_since_ms = now_ms
+        with contextlib.suppress(CareflowError):  # a busy store keeps the last known figure
+            self._last_backlog = self.backlog()
         if first or str(exc) != c.last_error:
             log.warning("InfluxDB write failed; events wait in the backlog and will be sent in "
-                        "order", extra={"error": str(exc), "backlog_events": self.backlog()})
+                        "order", extra={"error": str(exc), "backlog_events": self._last_backlog})
         c.last_error = str(exc)
 
     def _recovered(self) -> None:
@@ -301,7 +303,7 @@ class InfluxSink:
         if c.failing_since_ms is not None:
             log.info("InfluxDB writes work again", extra={
                 "down_s": round((time.time_ns() // 1_000_000 - c.failing_since_ms) / 1000, 1),
-                "backlog_events": self.backlog()})
+                "backlog_events": self._last_backlog})
             c.failing_since_ms = None
 
     # -- draining --------------------------------------------------------------------------
@@ -348,7 +350,7 @@ class InfluxSink:
                 self._send(lines[:half])
                 self._send(lines[half:])
                 return
-            if exc.retry:
+            if exc.retry and exc.status != 413:  # one point too large for the server: skip it
                 raise
             self.counters.points_rejected += len(lines)
             log.error("InfluxDB rejected points; skipping them (they stay in the event log)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,8 +129,15 @@ class SiteBook:
 
 
 def event_timestamp_ns(event: StoredEvent) -> int:
-    """The event's own time, plus seq mod 10^6 ns so one source's events never collide."""
-    return event.time_ms * _NS_PER_MS + event.seq % _NS_PER_MS
+    """The event's own time, plus up to a millisecond of offset from (boot, seq).
+
+    InfluxDB keeps one point per series and timestamp. The offset keeps one source's events in
+    the same millisecond apart (seq rises by one within a boot), and a device without a clock
+    that restarts at the same time with seq 1 again apart from its earlier boot (the boot's
+    CRC32 shifts the offset). It depends on nothing but the event, so replays overwrite.
+    """
+    offset = (zlib.crc32(event.boot.encode()) + event.seq) % _NS_PER_MS
+    return event.time_ms * _NS_PER_MS + offset
 
 
 def event_points(event: StoredEvent, data: Mapping[str, Any], site: str) -> list[str]:

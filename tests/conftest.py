@@ -247,7 +247,7 @@ class Influxd:
     It serves `/write` and InfluxQL `/query`; InfluxDB 1.6 has no `/api/v2/write`.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, max_body_size: int = 25_000_000) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -260,6 +260,7 @@ class Influxd:
             "  query-log-enabled = false\n"
             "[monitor]\n  store-enabled = false\n"
             f'[http]\n  bind-address = "127.0.0.1:{self.port}"\n  log-enabled = false\n'
+            f"  max-body-size = {max_body_size}\n"
             "[continuous_queries]\n  enabled = false\n"
         )
 

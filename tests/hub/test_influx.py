@@ -320,3 +320,34 @@ def test_presence_incidents_snapshots_and_hub_health_become_series(
         assert store.queued_lines("influx") == []  # delivered snapshots leave the outbox
     finally:
         store.close()
+
+
+def test_requests_over_the_servers_body_limit_are_split_and_a_lone_giant_is_skipped(
+        tmp_path: Path) -> None:
+    """InfluxDB answers 413 past its max-body-size: the sink halves the chunk until it fits,
+    and a single point that can never fit is counted and skipped instead of blocking the log."""
+    workdir = tmp_path / "small-influxd"
+    workdir.mkdir()
+    server = Influxd(workdir, max_body_size=4000)
+    server.start()
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        source = Stamper(gateway="gw-s", device="gw-s", boot="b1")
+        events = [heartbeat(source) for _ in range(60)]
+        events.append(source.stamp("status", {"state": "degraded", "message": "x" * 1000}))
+        # an error message may hold 4,096 characters: its point alone is over the limit
+        events.append(source.stamp("error", {"code": "DUMP", "message": "y" * 4096}))
+        store.append(IncomingBatch([(a, 1) for e in events for a in decode_message(
+            f"careflow/v1/gw-s/gw-s/{e['type']}", json.dumps(e).encode(),
+            max_bytes=65536).accepted], []))
+        sink = InfluxSink(store, V1Writer(InfluxSettings(url=server.url, database="small")),
+                          snapshots=False)
+        sink.drain_once()
+        assert count(server, "events", "small") == 62  # every event's small point, split up
+        assert count(server, "status", "small", "ok") == 1
+        assert count(server, "error", "small") == 0  # the giant alone: skipped, not retried
+        assert sink.counters.points_rejected == 1
+        assert store.cursor(EVENTS_CURSOR) == store.last_pos()  # the log moved on past it
+    finally:
+        store.close()
+        server.stop()
