@@ -234,7 +234,7 @@ class ProvisioningService:
         self.cert_days = cert_days
         self.clock = clock or (lambda: datetime.now(UTC))
         self.answered: dict[str, int] = defaultdict(int)  # status or code -> count
-        self._attempts: dict[str, deque[int]] = defaultdict(deque)
+        self._attempts: dict[str, deque[int]] = {}
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="provisioning", daemon=True)
@@ -332,15 +332,29 @@ class ProvisioningService:
         return accepted_topic(client_id), reply.model_dump_json()
 
     def _rate_limited(self, key: str, now_ms: int) -> Reject | None:
-        attempts = self._attempts[key]
+        """Whether ``key`` has had too many attempts lately (the attempts are noted apart)."""
+        attempts = self._attempts.get(key)
+        if attempts is None:
+            return None
         while attempts and now_ms - attempts[0] >= 3_600_000:  # forget what no window needs
             attempts.popleft()
+        if not attempts:
+            del self._attempts[key]
+            return None
         wait_s = rate_limit(attempts, now_ms)
-        if wait_s is not None:
-            return Reject("rate_limited", f"too many attempts for {key}; wait {wait_s}s",
-                          retry_after_s=wait_s)
-        attempts.append(now_ms)
-        return None
+        if wait_s is None:
+            return None
+        return Reject("rate_limited", f"too many attempts for {key}; wait {wait_s}s",
+                      retry_after_s=wait_s)
+
+    def _note_attempt(self, key: str, now_ms: int) -> None:
+        """Count an attempt; the map is bounded, since anyone holding the claim certificate
+        chooses the serials it names (the longest-known keys are forgotten first)."""
+        self._attempts.setdefault(key, deque()).append(now_ms)
+        excess = len(self._attempts) - MAX_TRACKED_KEYS
+        if excess > 0:
+            for old in list(self._attempts)[:excess]:
+                del self._attempts[old]
 
     def _sign(self, record: ClaimRecord, csr: bytes, now: datetime) -> tuple[str, str, int]:
         """(PEM, hex serial, not_after ms) of a new certificate, recorded in the PKI's index."""
@@ -353,21 +367,30 @@ class ProvisioningService:
     def _claim(self, client_id: str, request: ClaimRequest) -> Reply:  # noqa: PLR0911
         now = self.clock()
         now_ms = _ms(now)
-        limited = self._rate_limited(f"serial {request.serial}", now_ms)
-        if limited:
-            return self._reject(client_id, request.request_id, limited)
+        # Only refused claims count, and only they are throttled: someone spamming a serial
+        # printed on a device's label must not lock out the technician holding the real token
+        # (192 random bits: guessing is hopeless anyway; the limit spares the hub's work).
+        key = f"serial {request.serial}"
+        limited = self._rate_limited(key, now_ms)
         record = self.registry.get(request.serial)
         csr = request.csr.encode()
         try:
             fingerprint = key_fingerprint(csr)
         except CsrError as exc:
-            return self._refuse(client_id, request, Reject(exc.code, str(exc)), now_ms)
+            self._note_attempt(key, now_ms)
+            return self._refuse(client_id, request, limited or Reject(exc.code, str(exc)),
+                                now_ms)
         verdict = decide_claim(record, serial=request.serial, token=request.token,
                                key_fingerprint=fingerprint, now_ms=now_ms)
         if isinstance(verdict, Reject):
-            return self._refuse(client_id, request, verdict, now_ms)
+            self._note_attempt(key, now_ms)
+            return self._refuse(client_id, request, limited or verdict, now_ms)
         assert record is not None  # decide_claim refuses unknown serials
         if verdict == Proceed(replay=True) and record.cert_pem is not None:
+            if record.renewed_ms is not None:  # the stored certificate is for a newer key now
+                return self._refuse(client_id, request, Reject(
+                    "token_used", "this claim token was used and the identity has since been "
+                    "renewed; the gateway already holds its certificate"), now_ms)
             log.info("claim answered again", extra={"serial": record.serial})
             return self._accept(client_id, request.request_id, record, record.cert_pem)
         try:
@@ -401,6 +424,7 @@ class ProvisioningService:
         limited = self._rate_limited(f"gateway {gateway_id}", now_ms)
         if limited:
             return self._reject(gateway_id, request.request_id, limited)
+        self._note_attempt(f"gateway {gateway_id}", now_ms)
         record = self.registry.by_gateway(gateway_id)
         verdict = decide_renewal(record, gateway_id=gateway_id,
                                  revoked=gateway_id in pki_mod.revoked_identities(self.pki))
@@ -421,6 +445,7 @@ class ProvisioningService:
 
 CERT_WARN_MS = 7 * 86_400_000  # renewal starts at day 20 of 30; a week left means it failed
 REVOKED_CHECK_INTERVAL_MS = 5_000
+MAX_TRACKED_KEYS = 10_000  # rate-limit memory: serials and gateways seen in the last hour
 CRL_WARN = timedelta(days=7)  # `careflow ca crl-refresh` runs daily and signs for 30 days
 
 

@@ -12,6 +12,7 @@ from cryptography import x509
 
 from careflow.edge.claim import claim_csr
 from careflow.provisioning import pki as pki_mod
+from careflow.provisioning import service as service_module
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.protocol import request_topic
 from careflow.provisioning.registry import SqliteProvisioningRegistry
@@ -119,11 +120,13 @@ def test_it_rate_limits_claims_per_serial_with_retry_after(service: Provisioning
     register(service, "SN-1")
     codes = [ask(service, "SN-1", token="guess")[1]["code"] for _ in range(5)]
     assert codes == ["token_invalid"] * 5
-    kind, body = ask(service, "SN-1")  # even the right token waits
+    kind, body = ask(service, "SN-1", token="guess")  # the sixth wrong guess waits
     assert (kind, body["code"]) == ("rejected", "rate_limited")
     assert body["retry_after_s"] == 600
-    service.clock.now = T0 + timedelta(minutes=10, seconds=1)  # type: ignore[attr-defined]
+    # the technician's real token is never locked out by someone spamming the serial
     assert ask(service, "SN-1")[0] == "accepted"
+    service.clock.now = T0 + timedelta(minutes=10, seconds=1)  # type: ignore[attr-defined]
+    assert ask(service, "SN-1", token="guess")[1]["code"] == "token_invalid"  # window over
 
 
 def test_it_refuses_malformed_requests_without_crashing(service: ProvisioningService) -> None:
@@ -222,3 +225,11 @@ def test_replacing_a_device_revokes_its_certificates_but_not_its_successors(
     assert pki_mod.is_revoked(pki, old_first) and pki_mod.is_revoked(pki, old_renewed)
     assert not pki_mod.is_revoked(pki, successor)
     assert "gw-r" not in pki_mod.revoked_identities(pki)
+
+
+def test_the_rate_limit_memory_is_bounded_whatever_serials_are_named(
+        service: ProvisioningService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "MAX_TRACKED_KEYS", 50)
+    for i in range(200):
+        ask(service, f"SN-SPAM-{i}")
+    assert len(service._attempts) == 50
