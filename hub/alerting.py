@@ -7,6 +7,7 @@ Notifications (Apprise), escalation, silences and grouping build on the incident
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from careflow.errors import ConfigError
+from careflow.errors import ConfigError, StoreError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
 from careflow.hub.influx_points import SiteBook
 from careflow.hub.mute import (
@@ -42,6 +43,8 @@ from careflow.hub.store import EventFilter, EventStore, Incident, Outgoing, Stor
 __all__ = ["AlertStage", "default_rules"]
 
 log = logging.getLogger(__name__)
+
+MAX_UNRECORDED = 100_000  # alert changes held while the store refuses writes
 
 
 GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets it
@@ -92,6 +95,10 @@ class AlertStage:
             self._check_channels(rules)
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
+        self.record_errors = 0  # store failures while recording; each is retried
+        # changes the store did not take yet, oldest first: retried before anything newer,
+        # because the evaluator already counts them as done and would not report them again
+        self._unrecorded: collections.deque[Transition] = collections.deque()
         self.muted = 0
         # Non-critical alerts wait this long so that a burst on one gateway becomes one message
         # (Alertmanager's group_wait); critical ones, care alarms above all, never wait. Set from
@@ -296,6 +303,11 @@ class AlertStage:
             subject == (gateway, gateway) and self.rules[name].kind == "absence"
             for name, subject, _ in self.evaluator.active())
 
+    @property
+    def unrecorded(self) -> int:
+        """Alert changes waiting for the store to take them (0 when healthy)."""
+        return len(self._unrecorded)
+
     def _record(self, transitions: list[Transition]) -> None:
         self._pending_wake = False
         self._record_all(transitions)
@@ -303,28 +315,49 @@ class AlertStage:
             self.on_queued()
 
     def _record_all(self, transitions: list[Transition]) -> None:
-        for transition in transitions:
-            rule = self.rules[transition.rule]
-            summary = _summary(rule, transition)
-            if transition.status == "firing":
-                opened = self.store.open_incident(
-                    rule=rule.name, gateway=transition.gateway, device=transition.device,
-                    severity=rule.severity, summary=summary, detail=transition.detail,
-                    at_ms=transition.at_ms, notify=(notify := self._outgoing(
-                        rule, transition, summary, "firing")),
-                    group_wait_ms=self._hold_ms(rule, transition, [c for c, _, _ in notify]))
-                if opened:
-                    self.opened += 1
-                    log.warning("incident opened", extra={
-                        "rule": rule.name, "gateway": transition.gateway,
-                        "device": transition.device, "severity": rule.severity,
-                        "detail": transition.detail})
-            else:
-                self.store.resolve_incidents(rule=rule.name, gateway=transition.gateway,
-                                             device=transition.device, at_ms=transition.at_ms,
-                                             by="careflow (condition cleared)",
-                                             notify=self._outgoing(rule, transition, summary,
-                                                                   "resolved"))
+        """Record in order; on a store failure keep this change and every later one for the
+        next call (the next event or the next 250 ms tick), so none is lost or reordered."""
+        if self._unrecorded:
+            transitions = [*self._unrecorded, *transitions]
+            self._unrecorded.clear()
+        for index, transition in enumerate(transitions):
+            try:
+                self._record_one(transition)
+            except StoreError as exc:
+                self.record_errors += 1
+                waiting = transitions[index:]
+                if len(waiting) > MAX_UNRECORDED:
+                    log.error("alert changes waiting for the store exceed the bound; the oldest "
+                              "are dropped", extra={"dropped": len(waiting) - MAX_UNRECORDED})
+                    waiting = waiting[-MAX_UNRECORDED:]
+                self._unrecorded.extend(waiting)
+                log.error("cannot record alert changes; they are kept and retried",
+                          extra={"error": str(exc), "waiting": len(self._unrecorded)})
+                return
+
+    def _record_one(self, transition: Transition) -> None:
+        """Open or resolve one incident (with its notifications) in one transaction."""
+        rule = self.rules[transition.rule]
+        summary = _summary(rule, transition)
+        if transition.status == "firing":
+            opened = self.store.open_incident(
+                rule=rule.name, gateway=transition.gateway, device=transition.device,
+                severity=rule.severity, summary=summary, detail=transition.detail,
+                at_ms=transition.at_ms, notify=(notify := self._outgoing(
+                    rule, transition, summary, "firing")),
+                group_wait_ms=self._hold_ms(rule, transition, [c for c, _, _ in notify]))
+            if opened:
+                self.opened += 1
+                log.warning("incident opened", extra={
+                    "rule": rule.name, "gateway": transition.gateway,
+                    "device": transition.device, "severity": rule.severity,
+                    "detail": transition.detail})
+        else:
+            self.store.resolve_incidents(rule=rule.name, gateway=transition.gateway,
+                                         device=transition.device, at_ms=transition.at_ms,
+                                         by="careflow (condition cleared)",
+                                         notify=self._outgoing(rule, transition, summary,
+                                                               "resolved"))
 
     def _muted(self, rule: Rule, transition: Transition) -> str | None:
         """Why this change is recorded but not announced, if it is not announced."""

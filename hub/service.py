@@ -384,6 +384,7 @@ class HubService:
             "alert_errors": c.alert_errors,
             "alert_lag_ms": c.alert_lag_ms,
             "incidents_opened": self.alerts.opened if self.alerts else None,
+            "alerts_unrecorded": self.alerts.unrecorded if self.alerts else None,
             "last_error": c.last_error,
             "influx": self.sink.status() if self.sink is not None else None,
         }
