@@ -93,8 +93,21 @@ def mean_seconds(durations_ms: Sequence[int]) -> float | None:
     return sum(durations_ms) / len(durations_ms) / 1000 if durations_ms else None
 
 
+class _Uptime:
+    """Time online out of time known; ``pct`` is None when nothing is known in the window."""
+
+    __slots__ = ()
+    online_ms: int
+    known_ms: int
+
+    @property
+    def pct(self) -> float | None:
+        """Uptime in percent, None when nothing is known in the window."""
+        return share_pct(self.online_ms, self.known_ms)
+
+
 @dataclass(frozen=True, slots=True)
-class GatewayUptime:
+class GatewayUptime(_Uptime):
     """One gateway's time online in the window."""
 
     gateway: str
@@ -102,25 +115,15 @@ class GatewayUptime:
     online_ms: int
     known_ms: int
 
-    @property
-    def pct(self) -> float | None:
-        """Uptime in percent, None when nothing is known of the gateway in the window."""
-        return share_pct(self.online_ms, self.known_ms)
-
 
 @dataclass(frozen=True, slots=True)
-class SiteUptime:
+class SiteUptime(_Uptime):
     """A site's gateways together, weighted by time (as a mean over minute snapshots is)."""
 
     site: str
     gateways: int
     online_ms: int
     known_ms: int
-
-    @property
-    def pct(self) -> float | None:
-        """Uptime in percent, None when none of its gateways reported presence."""
-        return share_pct(self.online_ms, self.known_ms)
 
 
 @dataclass(frozen=True, slots=True)
