@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -227,6 +228,7 @@ class InfluxSink:
         self._next_snapshot = self._next_hub = self._next_incidents = 0.0
         self._warned_backlog = False
         self._last_backlog = 0  # what status() reports: other threads never touch the store
+        self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="influx-write")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -242,6 +244,7 @@ class InfluxSink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
+        self._write_pool.shutdown(wait=False)
 
     def wake(self) -> None:
         """New events are stored: drain now rather than at the next poll."""
@@ -375,18 +378,47 @@ class InfluxSink:
             EventFilter(), chunk=self.chunk, after_pos=after)
         return next(iterator, [])
 
-    def _drain_events(self) -> int:
-        return self.write_events(self._event_chunk(self.store.cursor(EVENTS_CURSOR)))
+    def _drain_events(self, max_chunks: int = 20) -> int:
+        """Catch up on the log, rendering the next chunk while the previous one is written:
+        the POST waits on InfluxDB, the rendering on Python, so they overlap. Each cursor move
+        still follows its own chunk's confirmation, in order."""
+        after = self.store.cursor(EVENTS_CURSOR)
+        written = 0
+        in_flight: tuple[Future[None], int, int] | None = None  # (write, last pos, points)
+        try:
+            for _ in range(max_chunks):
+                events = self._event_chunk(after)
+                if not events:
+                    break
+                lines = self._render(events)
+                after = events[-1].pos
+                if in_flight is not None:
+                    pending, in_flight = in_flight, None
+                    written += self._confirm(*pending)
+                in_flight = (self._write_pool.submit(self._send, lines), after, len(lines))
+        finally:
+            if in_flight is not None:  # also when rendering failed: the write is finished first
+                written += self._confirm(*in_flight)
+        return written
 
-    def write_events(self, events: Sequence[StoredEvent]) -> int:
-        """Write a chunk of the log, then move the cursor past it; how many points."""
-        if not events:
-            return 0
+    def _confirm(self, write: Future[None], last_pos: int, points: int) -> int:
+        write.result()  # raises the write's InfluxError: the cursor stays before this chunk
+        self.store.set_cursor(EVENTS_CURSOR, last_pos)
+        return points
+
+    def _render(self, events: Sequence[StoredEvent]) -> list[str]:
         lines: list[str] = []
         for event in events:
             data = json.loads(event.body).get("data", {})
             self.sites.learn(event, data)
             lines.extend(event_points(event, data, self.sites.site_of(event.gateway)))
+        return lines
+
+    def write_events(self, events: Sequence[StoredEvent]) -> int:
+        """Write a chunk of the log, then move the cursor past it; how many points."""
+        if not events:
+            return 0
+        lines = self._render(events)
         self._send(lines)
         self.store.set_cursor(EVENTS_CURSOR, events[-1].pos)
         return len(lines)

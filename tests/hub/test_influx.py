@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -351,3 +351,40 @@ def test_requests_over_the_servers_body_limit_are_split_and_a_lone_giant_is_skip
     finally:
         store.close()
         server.stop()
+
+
+def test_catching_up_moves_the_cursor_only_past_confirmed_chunks(
+        shared_influxd: Influxd, tmp_path: Path) -> None:
+    """Chunks are rendered while the previous one is written; a write that fails leaves the
+    cursor after the last confirmed chunk, and the next drain resends from there."""
+
+    class FailingOnce(V1Writer):
+        calls = 0
+
+        def write(self, lines: Sequence[str]) -> None:
+            self.calls += 1
+            if self.calls == 3:
+                msg = "InfluxDB went away"
+                raise InfluxError(msg, retry=True)
+            super().write(lines)
+
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        source = Stamper(gateway="gw-c", device="gw-c", boot="b1")
+        events = [heartbeat(source) for _ in range(100)]
+        store.append(IncomingBatch([(a, 1) for e in events for a in decode_message(
+            "careflow/v1/gw-c/gw-c/heartbeat", json.dumps(e).encode(),
+            max_bytes=65536).accepted], []))
+        first_pos = store.query(EventFilter(), limit=1, newest_first=False)[0].pos
+        sink = InfluxSink(store, FailingOnce(InfluxSettings(url=shared_influxd.url,
+                                                            database="catchup")),
+                          chunk=10, snapshots=False)
+        with pytest.raises(InfluxError):
+            sink.drain_once()
+        assert store.cursor(EVENTS_CURSOR) == first_pos + 19  # two chunks confirmed, no more
+        while sink.drain_once():
+            pass
+        assert store.cursor(EVENTS_CURSOR) == store.last_pos()
+        assert count(shared_influxd, "events", "catchup") == 100
+    finally:
+        store.close()
