@@ -18,8 +18,17 @@ from tests.provisioning.conftest import TlsBroker, mqtt_handshake
 pytestmark = pytest.mark.broker
 
 
+@pytest.mark.parametrize("reload_how", ["pid", "pidfile", "command"])
 def test_it_disconnects_a_connected_gateway_and_refuses_its_reconnect(
-        tls_broker: TlsBroker, tmp_path: Path) -> None:
+        tls_broker: TlsBroker, tmp_path: Path, reload_how: str) -> None:
+    """With each way of reaching the broker: its pid, its pidfile, or a reload command (as
+    `docker kill -s HUP mosquitto` would be in a container deployment)."""
+    pid = tls_broker.proc.pid
+    pidfile = tmp_path / "mosquitto.pid"
+    pidfile.write_text(f"{pid}\n")
+    reload_args = {"pid": ["--broker-pid", str(pid)],
+                   "pidfile": ["--broker-pidfile", str(pidfile)],
+                   "command": ["--reload-command", f"kill -HUP {pid}"]}[reload_how]
     tls = tls_broker.device_tls("gw-r", tmp_path)
     other = tls_broker.device_tls("gw-ok", tmp_path)
     agent = EdgeAgent(AgentConfig(
@@ -32,8 +41,7 @@ def test_it_disconnects_a_connected_gateway_and_refuses_its_reconnect(
         started = time.monotonic()
         result = subprocess.run(
             careflow_cmd("device", "revoke", "gw-r", "--pki-dir", str(tls_broker.pki.dir),
-                         "--broker-pid", str(tls_broker.proc.pid),
-                         "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}", "--watch", "2.5"),
+                         *reload_args, "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}", "--watch", "2.5"),
             capture_output=True, text=True, env=env, timeout=60, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "did not reconnect" in result.stdout
