@@ -41,7 +41,8 @@ def test_it_disconnects_a_connected_gateway_and_refuses_its_reconnect(
         started = time.monotonic()
         result = subprocess.run(
             careflow_cmd("device", "revoke", "gw-r", "--pki-dir", str(tls_broker.pki.dir),
-                         *reload_args, "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}", "--watch", "2.5"),
+                         *reload_args, "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}",
+                         "--watch", "2.5"),
             capture_output=True, text=True, env=env, timeout=60, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "did not reconnect" in result.stdout
