@@ -186,7 +186,9 @@ class AlertStage:
                 self._learn(event, values)
             observation = Observation(event.gateway, event.device, event.type, event.time_ms,
                                       event.received_ms, values)
-            self._record(self.evaluator.observe(observation, now_ms))
+            transitions = self.evaluator.observe(observation, now_ms)
+            if transitions or self._unrecorded:  # most events change nothing: skip the work
+                self._record(transitions)
         if events:  # how long the oldest of these waited between arrival and evaluation
             self._lag_ms = max(self._lag_ms, now_ms - min(e.received_ms for e in events))
 
