@@ -173,6 +173,7 @@ class Settings:
     deadman_url: str | None = field(default=None, repr=False)
     deadman_interval_s: int = 60
     influx: InfluxSettings | None = None
+    runbook_url: str | None = None  # e.g. https://git.example.org/careflow/blob/main/
     pki_dir: Path | None = None  # set: the hub answers claims (see provisioning/README.md)
     device_broker_url: BrokerUrl | None = None  # where provisioned gateways connect
     cert_days: int = 30  # lifetime of device certificates issued by claim or renewal
@@ -241,6 +242,7 @@ def load_settings(
         deadman_url=read_secret(env, "CAREFLOW_DEADMAN_URL"),
         deadman_interval_s=_int_setting(env, "CAREFLOW_DEADMAN_INTERVAL_S", 60),
         influx=load_influx(env),
+        runbook_url=env.get("CAREFLOW_RUNBOOK_URL") or None,
         pki_dir=Path(env["CAREFLOW_PKI_DIR"]) if env.get("CAREFLOW_PKI_DIR") else None,
         device_broker_url=parse_broker_url(env["CAREFLOW_DEVICE_BROKER_URL"])
         if env.get("CAREFLOW_DEVICE_BROKER_URL") else None,

@@ -85,8 +85,10 @@ class AlertStage:
     name = "alerts"
 
     def __init__(self, store: EventStore, rules: RuleSet,
-                 channels: Mapping[str, Channel] | None = None) -> None:
+                 channels: Mapping[str, Channel] | None = None, *,
+                 runbook_url: str | None = None) -> None:
         self.store = store
+        self.runbook_url = runbook_url  # base that turns a rule's runbook path into a link
         self.rules = {rule.name: rule for rule in rules.rules}
         self.channels = dict(channels or {})
         self.escalation = rules.escalation
@@ -227,7 +229,7 @@ class AlertStage:
                 title, body = render(kind="firing", severity=severity,
                                      summary=f"careflow hub: {rule}", detail=problems[rule],
                                      gateway=HUB_GATEWAY, device=HUB_DEVICE, since_ms=now_ms,
-                                     runbook="runbooks/hub-unhealthy.md")
+                                     runbook=self._runbook("runbooks/hub-unhealthy.md"))
                 channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
                                          device=HUB_DEVICE).channels
                 notify = [(c, title, body) for c in channels if c in self.channels]
@@ -269,7 +271,7 @@ class AlertStage:
                              summary=incident.summary, detail=incident.detail,
                              gateway=incident.gateway, device=incident.device,
                              since_ms=incident.triggered_ms,
-                             runbook=rule.runbook if rule else None)
+                             runbook=self._runbook(rule.runbook if rule else None))
         notify = [(name, title, body) for name in channels]
         if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
                                         notify=notify):
@@ -283,7 +285,7 @@ class AlertStage:
         title, body = render(kind="repeat", severity=incident.severity, summary=incident.summary,
                              detail=incident.detail, gateway=incident.gateway,
                              device=incident.device, since_ms=incident.triggered_ms,
-                             runbook=rule.runbook if rule else None)
+                             runbook=self._runbook(rule.runbook if rule else None))
         notify = [(name, title, body) for name in channels if name in self.channels]
         if self.store.escalate_incident(incident.id, sent_before=incident.escalation_sent,
                                         at_ms=now_ms, notify=notify,
@@ -304,6 +306,12 @@ class AlertStage:
         return (presence is not None and presence.state == "offline") or any(
             subject == (gateway, gateway) and self.rules[name].kind == "absence"
             for name, subject, _ in self.evaluator.active())
+
+    def _runbook(self, path: str | None) -> str | None:
+        """A rule's runbook as people should get it: a link when a base URL is configured."""
+        if path is None or self.runbook_url is None or "://" in path:
+            return path
+        return self.runbook_url.rstrip("/") + "/" + path.lstrip("/")
 
     @property
     def unrecorded(self) -> int:
@@ -402,7 +410,7 @@ class AlertStage:
         title, body = render(kind=kind, severity=rule.severity, summary=summary,
                              detail=transition.detail, gateway=transition.gateway,
                              device=transition.device, since_ms=transition.at_ms,
-                             runbook=rule.runbook)
+                             runbook=self._runbook(rule.runbook))
         channels = self.decision(rule=rule.name, severity=rule.severity,
                                  gateway=transition.gateway, device=transition.device).channels
         outgoing = [(name, title, body) for name in channels if name in self.channels]

@@ -51,7 +51,7 @@ def hub(
         if embedded is not None:
             embedded.start()
         channels = load_channels()
-        alerts = AlertStage(store, default_rules(), channels)
+        alerts = AlertStage(store, default_rules(), channels, runbook_url=settings.runbook_url)
         sink = build_sink(settings)
         provisioning = provisioning_for(settings)
         if provisioning is not None:

@@ -174,7 +174,8 @@ def demo(
     if provisioning is not None:
         provisioning.start()
     sink = sink_for(settings)  # the demo feeds InfluxDB too when CAREFLOW_INFLUX_URL is set
-    hub = HubService(settings, store, alerts=AlertStage(store, default_rules()), sink=sink,
+    alerts = AlertStage(store, default_rules(), runbook_url=settings.runbook_url)
+    hub = HubService(settings, store, alerts=alerts, sink=sink,
                      provisioning=provisioning.activation if provisioning else None)
     hub_thread = threading.Thread(target=hub.run, name="hub", daemon=True)
     hub_thread.start()

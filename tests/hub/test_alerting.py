@@ -8,6 +8,7 @@ from typing import Any
 from careflow.edge.stamper import Stamper
 from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
+from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
@@ -79,3 +80,19 @@ def test_an_alert_the_store_refused_is_recorded_at_the_next_tick_and_later_ones_
     assert store.incidents() == [] and stage.record_errors == 2
     stage.tick(10**13 + 250)
     assert [i.rule for i in reversed(store.incidents())] == ["battery-low", "care-alarm"]
+
+
+def test_messages_link_the_runbook_when_a_base_url_is_configured(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(ALARM_RULE.replace(
+        "    where: {state: raised}", "    where: {state: raised}\n    runbook: runbooks/care-alarm.md"
+    ).replace("\n  - name", "rules:\n  - name", 1))
+    store = SqliteStore(tmp_path / "db")
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
+                              "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"})
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]), channels,
+                       runbook_url="https://git.example.org/careflow/blob/main/")
+    sos = Stamper(gateway="gw", device="sos")
+    stored = store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    stage.handle(stored.stored, now_ms=10**13)
+    (notification,) = store.notifications()
+    assert "https://git.example.org/careflow/blob/main/runbooks/care-alarm.md" in notification.body
