@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from careflow.config import InfluxSettings, Settings
@@ -198,7 +198,6 @@ class SinkCounters:
     last_error: str | None = None
     last_write_ms: int | None = None
     failing_since_ms: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class InfluxSink:
