@@ -98,9 +98,9 @@ class MqttIngress:
         if message.qos:
             self._client.ack(message.mid, message.qos)
 
-    def publish(self, topic: str, payload: str) -> None:
-        """Publish at QoS 1 (paho queues it while the broker is away)."""
-        self._client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
+        """Publish; at QoS 1 paho queues it while the broker is away, QoS 0 is fire and forget."""
+        self._client.publish(topic, payload, qos=qos)
 
     def stop(self) -> None:
         """Disconnect cleanly; unacknowledged messages stay with the broker."""

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 QUEUE_BOUND = 20_000
 MAX_MESSAGES_PER_COMMIT = 2_000
+# Payload bytes per commit: a few thousand events of batches. Bigger commits stop the decode
+# worker and the writer from overlapping (one waits while the other handles a huge group) and
+# make every message of the group wait longer for its PUBACK.
+MAX_BYTES_PER_COMMIT = 512 * 1024
 HEALTH_INTERVAL_S = 1.0
 # How often rules see the clock: an absence is noticed at most this long after its deadline.
 ALERT_TICK_S = 0.25
@@ -172,10 +176,13 @@ class HubService:
         except queue.Empty:
             return []
         messages = [first]
+        size = len(first.payload)
         deadline = time.monotonic() + LINGER_S
-        while len(messages) < MAX_MESSAGES_PER_COMMIT:
+        while len(messages) < MAX_MESSAGES_PER_COMMIT and size < MAX_BYTES_PER_COMMIT:
             try:
-                messages.append(self.inbox.get_nowait())
+                message = self.inbox.get_nowait()
+                messages.append(message)
+                size += len(message.payload)
                 continue
             except queue.Empty:
                 pass
@@ -183,9 +190,11 @@ class HubService:
             if remaining <= 0 or self._stop.is_set():
                 break
             try:
-                messages.append(self.inbox.get(timeout=remaining))
+                message = self.inbox.get(timeout=remaining)
             except queue.Empty:
                 break
+            messages.append(message)
+            size += len(message.payload)
         return messages
 
     def _step(self, *, timeout_s: float) -> None:
@@ -307,13 +316,15 @@ class HubService:
         """Tell each gateway which of its events are now durably here, so it can let them go.
 
         Stored, already stored and dead-lettered conflicts alike: resending any of them cannot
-        change the outcome. A lost confirmation only costs a resend, which dedupe absorbs.
+        change the outcome. A lost confirmation only costs a resend, which dedupe absorbs, so
+        they go at QoS 0: at QoS 1 the broker's PUBACK for each one doubled the packets the
+        hub's network thread handles when events arrive one per message.
         """
         by_gateway: dict[str, list[str]] = {}
         for item, _ in accepted:
             by_gateway.setdefault(item.event.gateway, []).append(item.event.id)
         for gateway, ids in by_gateway.items():
-            self.ingress.publish(ack_topic(gateway), json.dumps({"ids": ids}))
+            self.ingress.publish(ack_topic(gateway), json.dumps({"ids": ids}), qos=0)
 
     def _ask_for_missing(self, result: AppendResult) -> None:
         """Sequence gaps: ask the gateway to resend what it has not had confirmed, at most every
