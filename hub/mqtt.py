@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import paho.mqtt.client as paho
@@ -93,10 +94,12 @@ class MqttIngress:
         self._inbox.put(IncomingMessage(topic, bytes(message.payload), message.mid, message.qos,
                                         time.time_ns() // 1_000_000))
 
-    def ack(self, message: IncomingMessage) -> None:
-        """PUBACK a message whose events are durably stored."""
-        if message.qos:
-            self._client.ack(message.mid, message.qos)
+    def ack(self, messages: Sequence[IncomingMessage]) -> None:
+        """PUBACK messages whose events are durably stored (QoS 0 ones need none)."""
+        self._client.ack_all([message.mid for message in messages if message.qos == 1])
+        for message in messages:  # never at our QoS 1 subscriptions; correct all the same
+            if message.qos == 2:  # noqa: PLR2004 - the MQTT level
+                self._client.ack(message.mid, message.qos)
 
     def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
         """Publish; at QoS 1 paho queues it while the broker is away, QoS 0 is fire and forget."""

@@ -236,8 +236,7 @@ class HubService:
             rejected.extend(refused)
         batch = IncomingBatch(accepted, rejected, presence)
         result = self._commit(batch)
-        for message in messages:
-            self.ingress.ack(message)
+        self.ingress.ack(messages)
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
         now_ms = time.time_ns() // 1_000_000

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from careflow.config import parse_broker_url
-from careflow.mqtt import _BufferedSocket, connect_blocking, make_client
+from careflow.mqtt import Client, _BufferedSocket, connect_blocking, make_client
 from tests.conftest import Mosquitto, wait_until
 
 
@@ -73,3 +73,45 @@ def test_a_burst_arrives_whole_without_waiting_on_buffered_bytes(mosquitto: Mosq
         for client in (publisher, subscriber):
             client.disconnect()
             client.loop_stop()
+
+
+@pytest.mark.broker
+def test_ack_all_acknowledges_exactly_the_messages_it_names(mosquitto: Mosquitto) -> None:
+    """Acknowledged messages are gone from the persistent session; the others are redelivered
+    when the same client id comes back."""
+    url = parse_broker_url(mosquitto.url)
+    total = 300
+    inbox: list[tuple[int, bytes]] = []
+
+    def session() -> Client:
+        client = make_client(client_id="acker", clean_session=False, manual_ack=True, url=url)
+        client.on_message = lambda _c, _u, m: inbox.append((m.mid, m.payload))
+        return client
+
+    subscriber = session()
+    connect_blocking(subscriber, url)
+    subscriber.subscribe("acks/#", qos=1)
+    time.sleep(0.2)
+    publisher = make_client(client_id="acks-pub", clean_session=True, url=url)
+    connect_blocking(publisher, url)
+    for info in [publisher.publish("acks/x", f"{i}".encode(), qos=1) for i in range(total)]:
+        info.wait_for_publish(10)
+    publisher.disconnect()
+    publisher.loop_stop()
+    wait_until(lambda: len(inbox) == total, what="every message delivered")
+    odd = [mid for mid, payload in inbox if int(payload) % 2]
+    subscriber.ack_all(odd)
+    time.sleep(0.5)  # the acks leave with the next pass of paho's loop
+    subscriber.disconnect()
+    subscriber.loop_stop()
+
+    inbox.clear()
+    again = session()
+    connect_blocking(again, url)
+    try:
+        wait_until(lambda: len(inbox) >= total // 2, what="the unacknowledged half redelivered")
+        time.sleep(0.5)  # nothing more may come
+        assert sorted(int(payload) for _, payload in inbox) == list(range(0, total, 2))
+    finally:
+        again.disconnect()
+        again.loop_stop()
