@@ -98,7 +98,7 @@ class MqttIngress:
         """PUBACK messages whose events are durably stored (QoS 0 ones need none)."""
         self._client.ack_all([message.mid for message in messages if message.qos == 1])
         for message in messages:  # never at our QoS 1 subscriptions; correct all the same
-            if message.qos == 2:  # noqa: PLR2004 - the MQTT level
+            if message.qos == 2:
                 self._client.ack(message.mid, message.qos)
 
     def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
