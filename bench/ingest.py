@@ -1,6 +1,6 @@
 """Hub ingest throughput against a raw broker pipe, measured in the same run.
 
-    .venv/bin/python bench/ingest.py [--events 20000] [--batch-events 200000]
+    .venv/bin/python bench/ingest.py [--events 20000] [--batch-events 200000] [--repeat 3]
 
 Starts a private Mosquitto on a free port, then for single-event messages and for 100-event
 batches measures (a) a raw pipe: one subscriber process that only decodes JSON, with QoS 1, and
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,9 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record each hub run with py-spy (pip install py-spy) into DIR as "
                              "collapsed stacks, one file per mode")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run each mode N times, raw and hub alternating, and add a median "
+                             "row (the machine's noise is ±30%% run to run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp))
@@ -164,14 +168,11 @@ def main() -> None:
             rows: list[dict[str, Any]] = []
             for label, total, per in (("single", args.events, 1),
                                       ("batch100", args.batch_events, 100)):
-                messages = make_messages(total, per)
-                raw = run_raw(broker.port, messages, total)
-                messages = make_messages(total, per)  # fresh ids for the hub run
-                profile = args.profile / f"hub-{label}.txt" if args.profile else None
-                hub, per_cpu = run_hub(broker.port, messages, total, args.sync, profile)
-                rows.append({"mode": label, "events": total, "raw_events_per_s": round(raw),
-                             "hub_events_per_s": round(hub), "ratio": round(hub / raw, 2),
-                             "hub_events_per_cpu_s": round(per_cpu)})
+                runs = [measure(broker.port, label, total, per, args, run)
+                        for run in range(args.repeat)]
+                rows += runs
+                if args.repeat > 1:
+                    rows.append(median_row(runs))
         finally:
             broker.stop()
     print(f"{'mode':<10}{'events':>9}{'raw ev/s':>11}{'hub ev/s':>11}{'hub/raw':>9}"
@@ -181,6 +182,24 @@ def main() -> None:
               f"{r['hub_events_per_s']:>11}{r['ratio']:>9}{r['hub_events_per_cpu_s']:>14}")
     print(json.dumps({"sync": args.sync, "results": rows}))
 
+
+def measure(port: int, label: str, total: int, per: int, args: argparse.Namespace,
+            run: int) -> dict[str, Any]:
+    """One raw run, then one hub run, of the same messages (the hub's with fresh ids)."""
+    raw = run_raw(port, make_messages(total, per), total)
+    profile = args.profile / f"hub-{label}-{run}.txt" if args.profile else None
+    hub, per_cpu = run_hub(port, make_messages(total, per), total, args.sync, profile)
+    return {"mode": label, "events": total, "raw_events_per_s": round(raw),
+            "hub_events_per_s": round(hub), "ratio": round(hub / raw, 2),
+            "hub_events_per_cpu_s": round(per_cpu)}
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each column over repeated runs of one mode."""
+    row: dict[str, Any] = {"mode": f"{runs[0]['mode']} med", "events": runs[0]["events"]}
+    for key in ("raw_events_per_s", "hub_events_per_s", "ratio", "hub_events_per_cpu_s"):
+        row[key] = statistics.median(r[key] for r in runs)
+    return row
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,14 @@ from careflow.schemas.codec import (
     validate_event,
     validate_events,
 )
-from careflow.schemas.models import CONTRACT_VERSION, EVENT_TYPES, Event, Presence, event_adapter
+from careflow.schemas.models import (
+    CONTRACT_VERSION,
+    EVENT_TYPES,
+    Event,
+    EventHead,
+    Presence,
+    event_adapter,
+)
 from careflow.schemas.timefmt import format_rfc3339, parse_rfc3339
 from careflow.schemas.topics import (
     EVENT_SUBSCRIPTIONS,
@@ -30,6 +37,7 @@ __all__ = [
     "EVENT_TYPES",
     "BatchTopic",
     "Event",
+    "EventHead",
     "EventTopic",
     "Presence",
     "StateTopic",

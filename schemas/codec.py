@@ -1,4 +1,4 @@
-"""Bytes to validated events: the only way a payload becomes an :class:`Event`.
+"""Bytes to validated events: the only way a payload becomes an :class:`EventHead`.
 
 Each step raises :class:`ContractError` with a stable ``code`` and a message that says what is
 wrong and, where it helps, what the sender should do instead.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from careflow.schemas.models import (
     NAME_PATTERN,
     RFC3339_SHAPE,
     UUID7_PATTERN,
-    Event,
+    EventHead,
     Presence,
     event_adapter,
     event_list_adapter,
@@ -150,17 +151,22 @@ def parse_presence(payload: bytes) -> Presence:
         raise ContractError("schema", describe_validation_error(exc)) from exc
 
 
-def parse_event(obj: object) -> Event:
+def parse_event(obj: object) -> EventHead:
     """Validate one decoded JSON value against contract v1."""
     return validate_event(obj)[0]
 
 
-def _epoch_ms(event: Event) -> int:
-    """The event time in epoch milliseconds; ValueError for a date the calendar lacks."""
-    return int(datetime.fromisoformat(event.time).timestamp() * 1000)  # pattern checked shape
+def _head(event: Mapping[str, Any]) -> EventHead:
+    return EventHead(event["id"], event["gateway"], event["device"], event["type"],
+                     event["time"], event["boot"], int(event["seq"]))
 
 
-def validate_events(objs: list[Any]) -> list[tuple[Event, int]] | None:
+def _epoch_ms(time_text: str) -> int:
+    """An event time in epoch milliseconds; ValueError for a date the calendar lacks."""
+    return int(datetime.fromisoformat(time_text).timestamp() * 1000)  # pattern checked shape
+
+
+def validate_events(objs: list[Any]) -> list[tuple[EventHead, int]] | None:
     """Validate a whole batch in one call; None if any item fails, whatever the reason.
 
     The fast path for batches: the same pydantic validator as :func:`validate_event`, on the same
@@ -169,13 +175,13 @@ def validate_events(objs: list[Any]) -> list[tuple[Event, int]] | None:
     """
     try:
         events = event_list_adapter.validate_python(objs)
-        return [(event, _epoch_ms(event)) for event in events]
+        return [(_head(event), _epoch_ms(event["time"])) for event in events]
     except (ValidationError, ValueError):
         return None
 
 
-def validate_event(obj: object) -> tuple[Event, int]:
-    """Validate one decoded JSON value; return the event and its time in epoch milliseconds."""
+def validate_event(obj: object) -> tuple[EventHead, int]:
+    """Validate one decoded JSON value; return its envelope and its time in epoch milliseconds."""
     if not isinstance(obj, dict):
         raise ContractError("schema", f"an event must be a JSON object, not {type(obj).__name__}")
     version = obj.get("v")
@@ -190,7 +196,7 @@ def validate_event(obj: object) -> tuple[Event, int]:
     except ValidationError as exc:
         raise ContractError("schema", describe_validation_error(exc)) from exc
     try:
-        return event, _epoch_ms(event)
+        return _head(event), _epoch_ms(event["time"])
     except ValueError as exc:
-        raise ContractError("schema", f"time: {event.time!r} is not a real date-time ({exc})") \
-            from exc
+        raise ContractError("schema", f"time: {event['time']!r} is not a real date-time "
+                                      f"({exc})") from exc

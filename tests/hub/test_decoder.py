@@ -101,7 +101,9 @@ def test_a_stopped_worker_cannot_block_the_hub_with_a_full_pipe(
     assert worker._process is not None  # the test freezes the real process
     os.kill(worker._process.pid, signal.SIGSTOP)
     monkeypatch.setattr(decoder_module, "SEND_TIMEOUT_S", 0.3)
-    big = [(f"careflow/v1/gw-{i}/gw-{i}/heartbeat", b"x" * 1024) for i in range(2000)]
+    count = 2 * decoder_module.PIPE_BYTES // 1024  # twice what the widened pipe holds
+    big = [(f"careflow/v1/gw-{i}/gw-{i}/heartbeat", (f"{i:08d}" * 128).encode())
+           for i in range(count)]  # distinct payloads: pickle would send one shared object once
     started = time.monotonic()
     assert not worker.submit(big)  # the caller decodes these in-process
     assert time.monotonic() - started < 5
