@@ -227,9 +227,14 @@ class HubService:
         rejected: list[tuple[Rejected, int]] = []
         presence: list[tuple[PresenceUpdate, int]] = []
         for message, one in zip(messages, decoded, strict=True):
-            accepted.extend((a, message.received_ms) for a in one.accepted)
-            rejected.extend((r, message.received_ms) for r in one.rejected)
-            presence.extend((p, message.received_ms) for p in one.presence)
+            received_ms = message.received_ms
+            # the loop runs once per message: test before building generators for nothing
+            if one.accepted:
+                accepted.extend([(a, received_ms) for a in one.accepted])
+            if one.rejected:
+                rejected.extend([(r, received_ms) for r in one.rejected])
+            if one.presence:
+                presence.extend([(p, received_ms) for p in one.presence])
         if self.provisioning is not None and accepted:
             accepted, refused = shut_out(
                 accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
