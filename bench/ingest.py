@@ -123,10 +123,14 @@ def run_hub(port: int, messages: list[tuple[str, bytes]], events: int,
            "CAREFLOW_HUB_CLIENT_ID": f"bench-hub-{time.time_ns()}"}
     command = careflow_cmd("hub", "--log-level", "warning")
     if profile is not None:  # sample the hub and its decode worker; see --profile
-        command = ["py-spy", "record", "--subprocesses", "--threads", "--format", "raw", "--rate", "250",
-                   "--output", str(profile), "--", *command]
-    hub = subprocess.Popen(command, env=env)
+        command = ["py-spy", "record", "--subprocesses", "--threads", "--format", "raw",
+                   "--rate", "250", "--output", str(profile), "--", *command]
+    log = data / "hub.log"  # the hub's own output, out of the table's way
+    with log.open("wb") as out:
+        hub = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     while not (data / "careflow.db").exists():
+        if hub.poll() is not None:
+            raise SystemExit(f"the hub exited with {hub.returncode}; see {log}")
         time.sleep(0.05)
     store = SqliteStore(data / "careflow.db")
     while not (store.read_health() or (0, {}))[1].get("connected"):
