@@ -146,11 +146,8 @@ class AlertData(TypedDict):
     location: NotRequired[Annotated[str, Field(max_length=256)] | None]
 
 
-# A TypedDict does not pass its pydantic config on to subclasses, so each event type names the
-# envelope's fields itself.
-@with_config(_STRICT_DICT)
-class HeartbeatEvent(TypedDict):
-    """A heartbeat event."""
+class _Envelope(TypedDict):
+    """What every event carries besides its type and data."""
 
     v: VersionInt
     id: Uuid7
@@ -159,66 +156,45 @@ class HeartbeatEvent(TypedDict):
     time: Timestamp
     boot: Name
     seq: SeqInt
+
+
+# A TypedDict does not pass its pydantic config on to subclasses: each event type sets it.
+@with_config(_STRICT_DICT)
+class HeartbeatEvent(_Envelope):
+    """A heartbeat event."""
+
     type: Literal["heartbeat"]
     data: HeartbeatData
 
 
 @with_config(_STRICT_DICT)
-class StatusEvent(TypedDict):
+class StatusEvent(_Envelope):
     """A status event."""
 
-    v: VersionInt
-    id: Uuid7
-    gateway: Name
-    device: Name
-    time: Timestamp
-    boot: Name
-    seq: SeqInt
     type: Literal["status"]
     data: StatusData
 
 
 @with_config(_STRICT_DICT)
-class ErrorEvent(TypedDict):
+class ErrorEvent(_Envelope):
     """An error event."""
 
-    v: VersionInt
-    id: Uuid7
-    gateway: Name
-    device: Name
-    time: Timestamp
-    boot: Name
-    seq: SeqInt
     type: Literal["error"]
     data: ErrorData
 
 
 @with_config(_STRICT_DICT)
-class ProvisionEvent(TypedDict):
+class ProvisionEvent(_Envelope):
     """A provision event."""
 
-    v: VersionInt
-    id: Uuid7
-    gateway: Name
-    device: Name
-    time: Timestamp
-    boot: Name
-    seq: SeqInt
     type: Literal["provision"]
     data: ProvisionData
 
 
 @with_config(_STRICT_DICT)
-class AlertEvent(TypedDict):
+class AlertEvent(_Envelope):
     """A care alarm event."""
 
-    v: VersionInt
-    id: Uuid7
-    gateway: Name
-    device: Name
-    time: Timestamp
-    boot: Name
-    seq: SeqInt
     type: Literal["alert"]
     data: AlertData
 
