@@ -24,7 +24,7 @@ __all__ = ["KEEPALIVE_S", "Client", "check", "connect_blocking", "make_client", 
 KEEPALIVE_S = 30
 _READ_CHUNK = 65536
 _PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, message id
-_MAX_BUFFERED_READS = 1000  # packets read per pass of paho's loop, at most
+_MAX_BUFFERED_READS = 1000  # extra reads of buffered packets per pass of paho's loop
 
 
 class _BufferedSocket:
@@ -79,7 +79,10 @@ class Client(paho.Client):
         and a ``send()`` each, thousands per commit. The PUBACKs are the same bytes (MQTT 3.1.1,
         which :func:`make_client` always speaks), queued as one packet.
         """
-        if mids:
+        # While paho reconnects, a queued PUBACK would go out before CONNECT and the broker
+        # would close the new connection for a protocol error. Not acknowledging is always
+        # safe: the broker delivers the messages again, and dedupe absorbs them.
+        if mids and self.is_connected():
             packet = b"".join(_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids)
             self._packet_queue(paho.PUBACK, packet, 0, 0)
 

@@ -132,7 +132,8 @@ def _decode_presence(parsed: StateTopic, payload: bytes) -> Decoded:
     if not payload:  # a retained presence being cleared
         return Decoded((), ())
     state = parse_presence(payload)
-    update = PresenceUpdate(parsed.gateway, state.state, int(state.conn), state.boot, state.reason)
+    update = PresenceUpdate(parsed.gateway, state["state"], int(state["conn"]), state["boot"],
+                            state.get("reason"))
     return Decoded((), (), (update,))
 
 

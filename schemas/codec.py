@@ -25,6 +25,7 @@ from careflow.schemas.models import (
     Presence,
     event_adapter,
     event_list_adapter,
+    presence_adapter,
 )
 
 __all__ = [
@@ -146,7 +147,7 @@ def parse_presence(payload: bytes) -> Presence:
     if not isinstance(value, dict):
         raise ContractError("schema", "presence must be a JSON object")
     try:
-        return Presence.model_validate(value)
+        return presence_adapter.validate_python(value)
     except ValidationError as exc:
         raise ContractError("schema", describe_validation_error(exc)) from exc
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple, NotRequired, TypeAlias
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -37,6 +36,7 @@ __all__ = [
     "StatusEvent",
     "event_adapter",
     "event_list_adapter",
+    "presence_adapter",
 ]
 
 CONTRACT_VERSION = 1
@@ -81,7 +81,6 @@ Rssi = Annotated[float, Field(ge=-200, le=0)]
 Text64 = Annotated[str, Field(min_length=1, max_length=64)]
 LabelValue = Annotated[str, Field(max_length=256)]
 
-_OPEN = ConfigDict(strict=True, frozen=True, extra="allow")
 # The events are TypedDicts, not BaseModels: validating into plain dicts measured 2-3 us per
 # event against 8-10 us for building frozen model instances (bench/ingest.py's heartbeats),
 # and the hub never needed the instances: it keeps the envelope as an EventHead and the data
@@ -95,13 +94,13 @@ class HeartbeatData(TypedDict):
     """The source is alive; ``interval_s`` says when the next heartbeat is due."""
 
     interval_s: IntervalInt
-    uptime_s: NotRequired[Annotated[float, Field(ge=0)] | None]
-    battery_pct: NotRequired[Percent | None]
-    cpu_pct: NotRequired[Percent | None]
-    mem_pct: NotRequired[Percent | None]
-    disk_pct: NotRequired[Percent | None]
-    rssi_dbm: NotRequired[Rssi | None]
-    firmware: NotRequired[Text64 | None]
+    uptime_s: NotRequired[Annotated[float, Field(ge=0)]]
+    battery_pct: NotRequired[Percent]
+    cpu_pct: NotRequired[Percent]
+    mem_pct: NotRequired[Percent]
+    disk_pct: NotRequired[Percent]
+    rssi_dbm: NotRequired[Rssi]
+    firmware: NotRequired[Text64]
 
 
 @with_config(_OPEN_DICT)
@@ -109,10 +108,10 @@ class StatusData(TypedDict):
     """A device reports its condition."""
 
     state: Literal["ok", "degraded", "fault"]
-    battery_pct: NotRequired[Percent | None]
-    rssi_dbm: NotRequired[Rssi | None]
-    firmware: NotRequired[Text64 | None]
-    message: NotRequired[Annotated[str, Field(max_length=1024)] | None]
+    battery_pct: NotRequired[Percent]
+    rssi_dbm: NotRequired[Rssi]
+    firmware: NotRequired[Text64]
+    message: NotRequired[Annotated[str, Field(max_length=1024)]]
 
 
 @with_config(_OPEN_DICT)
@@ -121,8 +120,8 @@ class ErrorData(TypedDict):
 
     code: Text64
     message: Annotated[str, Field(min_length=1, max_length=4096)]
-    severity: NotRequired[Literal["info", "warning", "error", "critical"] | None]
-    component: NotRequired[Text64 | None]
+    severity: NotRequired[Literal["info", "warning", "error", "critical"]]
+    component: NotRequired[Text64]
 
 
 @with_config(_OPEN_DICT)
@@ -131,9 +130,9 @@ class ProvisionData(TypedDict):
 
     action: Literal["added", "updated", "removed"]
     kind: Text64
-    serial: NotRequired[Text64 | None]
-    firmware: NotRequired[Text64 | None]
-    labels: NotRequired[Annotated[dict[Name, LabelValue], Field(max_length=32)] | None]
+    serial: NotRequired[Text64]
+    firmware: NotRequired[Text64]
+    labels: NotRequired[Annotated[dict[Name, LabelValue], Field(max_length=32)]]
 
 
 @with_config(_OPEN_DICT)
@@ -142,8 +141,8 @@ class AlertData(TypedDict):
 
     kind: Literal["sos", "fall", "door", "wander", "inactivity", "smoke", "medical", "other"]
     state: Literal["raised", "cleared"]
-    message: NotRequired[Annotated[str, Field(max_length=1024)] | None]
-    location: NotRequired[Annotated[str, Field(max_length=256)] | None]
+    message: NotRequired[Annotated[str, Field(max_length=1024)]]
+    location: NotRequired[Annotated[str, Field(max_length=256)]]
 
 
 class _Envelope(TypedDict):
@@ -229,12 +228,15 @@ class EventHead(NamedTuple):
         return (self.gateway, self.device, self.boot, self.seq)
 
 
-class Presence(BaseModel):
+@with_config(_OPEN_DICT)
+class Presence(TypedDict):
     """A gateway's retained presence: ``online`` on connect, ``offline`` as Last Will or on stop."""
 
-    model_config = _OPEN
     v: VersionInt
     state: Literal["online", "offline"]
     conn: SeqInt
     boot: Name
-    reason: Annotated[str, Field(max_length=256)] | None = None
+    reason: NotRequired[Annotated[str, Field(max_length=256)]]
+
+
+presence_adapter: TypeAdapter[Presence] = TypeAdapter(Presence)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
+from paho.mqtt.client import MQTTv311
+from paho.mqtt.enums import CallbackAPIVersion
 
 from careflow.config import parse_broker_url
 from careflow.mqtt import Client, _BufferedSocket, connect_blocking, make_client
@@ -115,3 +118,27 @@ def test_ack_all_acknowledges_exactly_the_messages_it_names(mosquitto: Mosquitto
     finally:
         again.disconnect()
         again.loop_stop()
+
+
+@pytest.mark.broker
+def test_ack_all_while_reconnecting_never_goes_out_before_connect(mosquitto: Mosquitto) -> None:
+    """A commit can finish while paho opens a new connection; its PUBACKs must not precede
+    CONNECT, or the broker closes the connection for a protocol error on every attempt."""
+    url = parse_broker_url(mosquitto.url)
+
+    class AckingWhileConnecting(Client):
+        def _create_socket(self) -> Any:
+            sock = super()._create_socket()
+            self.ack_all([1, 2, 3])  # as the hub's writer thread could, at this moment
+            return sock
+
+    client = AckingWhileConnecting(callback_api_version=CallbackAPIVersion.VERSION2,
+                                   client_id="acks-racing", clean_session=True,
+                                   protocol=MQTTv311, manual_ack=True)
+    connect_blocking(client, url)  # raises BrokerError if the broker refused the connection
+    try:
+        time.sleep(0.5)
+        assert client.is_connected()
+    finally:
+        client.disconnect()
+        client.loop_stop()

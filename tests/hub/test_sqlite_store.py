@@ -99,9 +99,13 @@ def test_it_keeps_facts_that_later_commits_do_not_carry(tmp_path: Path) -> None:
     store.append(batch_of([gateway.stamp("status", {"state": "ok", "battery_pct": 40}),
                            heartbeat(sensor, firmware="1.0")]))
     store.append(batch_of([heartbeat(gateway), heartbeat(sensor, battery_pct=70)]))
-    store.append(batch_of([heartbeat(gateway, battery_pct=None)]))  # a fact can be cleared
+    # null is not "unknown" in the contract, it breaks it: the event is refused, facts stay
+    refused = batch_of([heartbeat(gateway, battery_pct=None)])
+    assert not refused.accepted
+    assert "data.battery_pct" in refused.rejected[0][0].reason
+    store.append(refused)
     assert store.device("gw-1", "gw-1").facts == {  # type: ignore[union-attr]
-        "condition": "ok", "interval_s": 60}
+        "condition": "ok", "battery_pct": 40, "interval_s": 60}
     assert store.device("gw-1", "door-1").facts == {  # type: ignore[union-attr]
         "interval_s": 60, "firmware": "1.0", "battery_pct": 70}
 
