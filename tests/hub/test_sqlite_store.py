@@ -195,3 +195,79 @@ def test_it_adds_fact_columns_to_a_database_made_before_them(tmp_path: Path) -> 
     columns = {row[1] for row in reopened._conn.execute("PRAGMA table_info(devices)")}
     reopened.close()
     assert {"labels", "labels_ms"} <= columns
+
+
+# -- the registry folded behind the log ------------------------------------------------------
+
+SOURCES = [("gw-1", "gw-1"), ("gw-1", "s-1"), ("gw-2", "gw-2")]
+BASE = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
+
+
+def registry_event(source: int, seq: int, minute: int, battery: int | None, boot: str
+                   ) -> dict[str, Any]:
+    gateway, device = SOURCES[source]
+    data: dict[str, Any] = {"interval_s": 60}
+    if battery is not None:
+        data["battery_pct"] = battery
+    return {"v": 1, "id": new_event_id(), "type": "heartbeat", "gateway": gateway,
+            "device": device, "boot": boot, "seq": seq,
+            "time": (BASE + timedelta(minutes=minute)).isoformat(), "data": data}
+
+
+registry_events = st.builds(registry_event, st.integers(0, 2), st.integers(1, 12),
+                            st.integers(0, 30), st.none() | st.integers(0, 100),
+                            st.sampled_from(["b1", "b2"]))
+# (events of one commit, whether that commit folds the registry)
+commits = st.lists(st.tuples(st.lists(registry_events, min_size=1, max_size=6), st.booleans()),
+                   min_size=1, max_size=8)
+
+
+def registry_of(store: SqliteStore) -> list[Any]:
+    return [(d.gateway, d.device, d.first_seen_ms, d.last_seen_ms, d.events, d.last_time_ms,
+             d.boot, d.seq, d.skew_ms, d.gaps, d.facts) for d in store.devices()]
+
+
+def fill(store: SqliteStore, plan: list[tuple[list[dict[str, Any]], bool]],
+         *, folding: bool | None = None) -> None:
+    for number, (events, fold) in enumerate(plan):
+        store.append(batch_of(events, received_ms=1_000 + number),
+                     fold_registry=fold if folding is None else folding)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          deadline=None)
+@given(plan=commits, ending=st.sampled_from(["fold", "restart"]))
+def test_a_registry_folded_later_equals_one_folded_every_commit(
+        tmp_path_factory: Any, plan: list[tuple[list[dict[str, Any]], bool]], ending: str
+) -> None:
+    """Whatever commits skip the fold (repeats, gaps, late events, new boots included), the
+    registry ends as if each had folded: at the next commit that folds, or after a restart."""
+    folder = tmp_path_factory.mktemp("registry")
+    every = SqliteStore(folder / "every.db")
+    fill(every, plan, folding=True)
+    later = SqliteStore(folder / "later.db")
+    fill(later, plan)
+    if ending == "fold":
+        later.append(IncomingBatch([], []), fold_registry=True)
+    else:  # the hub died with events unfolded: a new hub catches up from the log
+        later = SqliteStore(folder / "later.db")
+        later.catch_up_registry()
+    assert registry_of(later) == registry_of(every)
+    assert later.catch_up_registry() == 0  # and nothing is folded twice
+
+
+def test_a_rebuild_during_ingest_never_counts_an_event_twice(tmp_path: Path) -> None:
+    """`careflow replay --target registry` (another process) rebuilds the registry while the
+    hub still holds events it has not folded: the hub folds only what came after the rebuild."""
+    plan = [([registry_event(i % 3, 1 + i // 3, i, 50 + i, "b1")], False) for i in range(9)]
+    reference = SqliteStore(tmp_path / "reference.db")
+    hub = SqliteStore(tmp_path / "hub.db")
+    fill(hub, plan[:6])  # stored, not folded
+    fill(reference, plan[:6], folding=True)
+    rebuild = replay(SqliteStore(tmp_path / "hub.db"), EventFilter(), ["registry"])
+    assert rebuild.events == 6
+    fill(hub, plan[6:])  # more events arrive, then a commit folds
+    fill(reference, plan[6:], folding=True)
+    hub.append(IncomingBatch([], []), fold_registry=True)
+    assert registry_of(hub) == registry_of(reference)
+    assert sum(d.events for d in hub.devices()) == 9
