@@ -112,16 +112,15 @@ def decode_safely(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
 
 
 def _pack(decoded: Decoded) -> _Packed:
-    rows = [(a.event.id, a.event.gateway, a.event.device, a.event.type, a.event.time,
-             a.event.boot, int(a.event.seq), a.body, a.topic, a.data, a.time_ms)
-            for a in decoded.accepted]
+    # *a.event: the seven envelope fields in EventHead's order, without seven attribute lookups
+    rows = [(*a.event, a.body, a.topic, a.data, a.time_ms) for a in decoded.accepted]
     return rows, decoded.rejected, decoded.presence
 
 
 def _unpack(packed: _Packed) -> Decoded:
     rows, rejected, presence = packed
-    accepted = tuple(Accepted(EventHead(r[0], r[1], r[2], r[3], r[4], r[5], r[6]),
-                              r[7], r[8], r[9], r[10]) for r in rows)
+    accepted = tuple([Accepted(EventHead(r[0], r[1], r[2], r[3], r[4], r[5], r[6]),
+                               r[7], r[8], r[9], r[10]) for r in rows])
     return Decoded(accepted, rejected, presence)
 
 

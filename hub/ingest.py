@@ -72,9 +72,9 @@ class PresenceUpdate:
     reason: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """What one MQTT message turned into."""
+class Decoded(NamedTuple):
+    """What one MQTT message turned into (a NamedTuple: one is built per message, twice with
+    a decode worker)."""
 
     accepted: tuple[Accepted, ...]
     rejected: tuple[Rejected, ...]
