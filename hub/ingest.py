@@ -97,35 +97,28 @@ def _decode_single(topic: str, parsed: EventTopic, payload: bytes, value: object
 
 def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
     items = decode_batch(payload)
-    validated = validate_events([item for item, _ in items])
-    if validated is None:  # some item is invalid: find which, and why, one by one
-        return _decode_batch_items(topic, parsed, items)
+    outcomes: list[tuple[EventHead, int]] | list[tuple[EventHead, int] | ContractError]
+    outcomes = validate_events([item for item, _ in items]) or [
+        _validate_item(item) for item, _ in items]  # some item is invalid: find which, and why
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
-    for index, ((item, body), (event, time_ms)) in enumerate(zip(items, validated, strict=True)):
-        if event.gateway != parsed.gateway:
-            rejected.append(Rejected(topic, "topic_mismatch", _spoof_reason(event, topic),
+    for index, ((item, body), outcome) in enumerate(zip(items, outcomes, strict=True)):
+        if isinstance(outcome, ContractError):
+            rejected.append(Rejected(topic, outcome.code, str(outcome), body.encode(), index))
+        elif outcome[0].gateway != parsed.gateway:
+            rejected.append(Rejected(topic, "topic_mismatch", _spoof_reason(outcome[0], topic),
                                      body.encode(), index))
-            continue
-        accepted.append(Accepted(event, body, topic, item["data"], time_ms))
+        else:
+            accepted.append(Accepted(outcome[0], body, topic, item["data"], outcome[1]))
     return Decoded(tuple(accepted), tuple(rejected))
 
 
-def _decode_batch_items(topic: str, parsed: BatchTopic, items: list[tuple[Any, str]]) -> Decoded:
-    accepted: list[Accepted] = []
-    rejected: list[Rejected] = []
-    for index, (item, body) in enumerate(items):
-        try:
-            event, time_ms = validate_event(item)
-        except ContractError as exc:
-            rejected.append(Rejected(topic, exc.code, str(exc), body.encode(), index))
-            continue
-        if event.gateway != parsed.gateway:
-            rejected.append(Rejected(topic, "topic_mismatch", _spoof_reason(event, topic),
-                                     body.encode(), index))
-            continue
-        accepted.append(Accepted(event, body, topic, item["data"], time_ms))
-    return Decoded(tuple(accepted), tuple(rejected))
+def _validate_item(item: object) -> tuple[EventHead, int] | ContractError:
+    """One item of a batch that failed as a whole: its event, or why it is refused."""
+    try:
+        return validate_event(item)
+    except ContractError as exc:
+        return exc
 
 
 def _decode_presence(parsed: StateTopic, payload: bytes) -> Decoded:
