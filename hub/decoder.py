@@ -4,9 +4,9 @@ The hub is CPU-bound in one Python process: about a third of its time goes to de
 validating, the rest to the commit and rule evaluation. A second process decodes the next
 messages while the hub commits the previous ones.
 
-Messages go to the worker as (topic, payload) pairs and come back as plain tuples: pickling
-pydantic models costs more than validating them again (38 us against 2 us per event), so the
-hub rebuilds each event as an :class:`EventHead`. Nothing depends on the worker for safety: the
+Messages go to the worker as (topic, payload) pairs and come back as plain tuples, from which
+the hub rebuilds each event's :class:`EventHead` (pickling richer objects cost more than the
+validation they saved). Nothing depends on the worker for safety: the
 hub keeps every message until it is committed and acknowledges it only then, so a worker that
 dies or hangs costs a moment: its messages, and all later ones, are decoded in-process.
 """

@@ -1,4 +1,4 @@
-"""The event contract, shared by edge and hub: JSON Schema files, pydantic models, topics, codec."""
+"""The event contract, shared by edge and hub: JSON Schema files, pydantic types, topics, codec."""
 
 from careflow.schemas.codec import (
     decode_batch,

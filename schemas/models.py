@@ -1,6 +1,6 @@
 """Event contract v1 as pydantic types: the hub's hot-path validator.
 
-Together with ``codec.validate_event`` (which adds the calendar check), these models accept and
+Together with ``codec.validate_event`` (which adds the calendar check), these types accept and
 reject exactly what the JSON Schema files in this folder do;
 ``tests/schemas/test_contract.py`` proves it on every example and on generated events.
 """

@@ -1,7 +1,7 @@
 """The published JSON Schema contract, loaded from the files beside this module.
 
 Integrators validate with these files; careflow uses them in ``careflow schemas validate`` and in the
-drift tests that keep the pydantic models honest.
+drift tests that keep the pydantic types honest.
 """
 
 from __future__ import annotations

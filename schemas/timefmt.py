@@ -1,4 +1,4 @@
-"""RFC 3339 timestamps: one parser shared by the pydantic models and the JSON Schema format check."""
+"""RFC 3339 timestamps: one parser shared by the pydantic layer and the JSON Schema format check."""
 
 from __future__ import annotations
 
