@@ -366,9 +366,7 @@ class SqliteStore:
         Events at or before the cursor are already in the registry: ``careflow replay`` rebuilt
         it (reset_registry moves the cursor to the end of the log) while these were pending.
         """
-        row = self._conn.execute("SELECT value FROM cursors WHERE name = ?",
-                                 (REGISTRY_CURSOR,)).fetchone()
-        after = int(row[0]) if row else 0
+        after = self._registry_end()
         fresh = [item for item in events if item[0].pos > after]
         if not fresh:
             return ()
@@ -377,16 +375,20 @@ class SqliteStore:
                            (REGISTRY_CURSOR, max(ev.pos for ev, _ in fresh)))
         return gaps
 
+    def _registry_end(self) -> int:
+        """The log position the registry holds everything up to (read inside a transaction)."""
+        row = self._conn.execute("SELECT value FROM cursors WHERE name = ?",
+                                 (REGISTRY_CURSOR,)).fetchone()
+        return int(row[0]) if row else 0
+
     def catch_up_registry(self, *, chunk: int = 5000) -> int:
         """Fold what the log holds past the registry cursor: events a hub stored, without
         folding them yet, before it stopped or died. Returns how many were folded."""
         total = 0
         while True:
             with self._transaction("catch up the registry") as conn:
-                row = conn.execute("SELECT value FROM cursors WHERE name = ?",
-                                   (REGISTRY_CURSOR,)).fetchone()
                 rows = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE pos > ? "
-                                    "ORDER BY pos LIMIT ?", (int(row[0]) if row else 0, chunk)
+                                    "ORDER BY pos LIMIT ?", (self._registry_end(), chunk)
                                     ).fetchall()
                 if not rows:
                     return total
