@@ -67,7 +67,12 @@ class _BufferedSocket:
 
 
 class Client(paho.Client):
-    """paho's client on a buffered socket (see :class:`_BufferedSocket`), with batched acks."""
+    """paho's client on a buffered socket (see :class:`_BufferedSocket`), with batched acks.
+
+    It leans on three private parts of paho 2.x: ``_create_socket()``, ``_sock`` and
+    ``_packet_queue(command, packet, mid, qos)``. tests/test_mqtt.py exercises each against
+    Mosquitto, so a paho release that changes them fails there first.
+    """
 
     def _create_socket(self) -> Any:  # noqa: ANN401 - paho's SocketLike
         return _BufferedSocket(super()._create_socket())
