@@ -54,7 +54,8 @@ def test_it_acknowledges_nothing_while_the_store_fails(mosquitto: Mosquitto, tmp
     runner = threading.Thread(target=service.run, daemon=True)
     runner.start()
     wait_until(lambda: service.ingress.connected, what="hub connected")
-    publish(mosquitto, fleet_events(gateways=1, devices=1, per_device=20))
+    # the worker takes batches only; single-event messages are decoded in-process
+    publish(mosquitto, fleet_events(gateways=1, devices=1, per_device=20), batch=decode_worker)
     wait_until(lambda: service.counters.store_errors >= 3, what="store failures retried")
     assert service.counters.events_stored == 0
     service.stop()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from careflow.hub import service as service_module
 from careflow.hub.mqtt import IncomingMessage
-from careflow.hub.service import HubService
+from careflow.hub.service import HubService, _worth_a_worker
 from careflow.hub.sqlite_store import SqliteStore
 from tests.conftest import make_settings
 
@@ -38,3 +38,15 @@ def test_one_message_over_the_bound_is_still_a_commit_of_its_own(tmp_path: Path)
     assert [m.mid for m in service._take(0.0)] == [1]
     assert [m.mid for m in service._take(0.0)] == [2, 3]
     store.close()
+
+
+def test_the_decode_worker_takes_batches_and_leaves_single_events_here() -> None:
+    def messages(size: int, count: int) -> list[IncomingMessage]:
+        return [IncomingMessage("careflow/v1/gw-1/batch", b"x" * size, mid, 1, 0)
+                for mid in range(1, count + 1)]
+
+    bound = service_module.WORKER_MIN_MESSAGE_BYTES
+    assert not _worth_a_worker(messages(210, 500))  # one heartbeat per message
+    assert _worth_a_worker(messages(21_000, 20))  # batches of a hundred
+    assert _worth_a_worker(messages(bound, 3))
+    assert not _worth_a_worker(messages(bound - 1, 3))
