@@ -52,11 +52,6 @@ ALERT_TICK_S = 0.25
 RESEND_REQUEST_INTERVAL_S = 10.0
 # A commit costs one fsync; waiting this long for more messages lets a burst share it.
 LINGER_S = 0.002
-# Under load the registry (last seen, facts, gaps) is folded once per this interval instead of
-# in every commit: one UPSERT per device for many commits. Whenever nothing else is waiting it
-# is folded in the same commit as the events, so a quiet hub's registry is never behind.
-REGISTRY_FOLD_INTERVAL_S = 0.5
-MAX_UNFOLDED_EVENTS = 50_000
 _RATE_WINDOW_S = 10.0
 
 
@@ -160,8 +155,6 @@ class HubService:
         self._decoder = DecodeWorker(max_bytes=settings.max_message_bytes) if decode_worker \
             else None
         self._held: list[IncomingMessage] = []
-        self._unfolded = 0  # events committed since the registry was last folded
-        self._folded_at = time.monotonic()
 
     def stop(self) -> None:
         """Ask the service to finish what it holds and return from :meth:`run`."""
@@ -169,9 +162,6 @@ class HubService:
 
     def run(self) -> None:
         """Connect, then commit and acknowledge messages until stopped."""
-        caught_up = self.store.catch_up_registry()
-        if caught_up:
-            log.info("folded events the registry had not seen", extra={"events": caught_up})
         if self._decoder is not None:
             self._decoder.start()
         self.ingress.start()
@@ -267,12 +257,7 @@ class HubService:
                 accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
             rejected.extend(refused)
         batch = IncomingBatch(accepted, rejected, presence)
-        fold = self._fold_now(len(accepted))
-        result = self._commit(batch, fold_registry=fold)
-        if fold:
-            self._unfolded, self._folded_at = 0, time.monotonic()
-        else:
-            self._unfolded += len(result.stored)
+        result = self._commit(batch)
         self.ingress.ack(messages)
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
@@ -380,14 +365,7 @@ class HubService:
                                                           "device": gap.device, "boot": gap.boot,
                                                           "missing": gap.missing})
 
-    def _fold_now(self, events: int) -> bool:
-        """Whether this commit also folds the registry: when nothing else is waiting, or it
-        has waited REGISTRY_FOLD_INTERVAL_S or MAX_UNFOLDED_EVENTS."""
-        return (not self._held and self.inbox.empty()) \
-            or self._unfolded + events >= MAX_UNFOLDED_EVENTS \
-            or time.monotonic() - self._folded_at >= REGISTRY_FOLD_INTERVAL_S
-
-    def _commit(self, batch: IncomingBatch, *, fold_registry: bool = True) -> AppendResult:
+    def _commit(self, batch: IncomingBatch) -> AppendResult:
         """Commit, retrying with backoff until it works or the hub is told to stop.
 
         Unstored input is never acknowledged: a hub stopped while its store fails leaves the
@@ -396,7 +374,7 @@ class HubService:
         delay = 0.1
         while True:
             try:
-                return self.store.append(batch, fold_registry=fold_registry)
+                return self.store.append(batch)
             except StoreError as exc:
                 if self._stop.is_set():
                     raise _AbandonedError from exc

@@ -40,7 +40,6 @@ from careflow.sqlite import immediate_transaction, open_wal
 __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "SqliteStore"]
 
 MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
-REGISTRY_CURSOR = "registry"  # the registry holds every event up to this log position
 SCHEMA_VERSION = "1"
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
@@ -289,18 +288,11 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
-        # Stored events this object has not folded into the registry yet (append with
-        # fold_registry=False); the registry cursor says where the registry ends.
-        self._unfolded: list[tuple[StoredEvent, Mapping[str, Any]]] = []
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))
-            # A store without the cursor was written by a hub that folded every commit: its
-            # registry holds the whole log. (New and empty: the cursor is 0.)
-            self._conn.execute("INSERT OR IGNORE INTO cursors SELECT ?, COALESCE(MAX(pos), 0) "
-                               "FROM events", (REGISTRY_CURSOR,))
         except (sqlite3.Error, OSError) as exc:
             msg = (f"cannot open the event store at {path}: {exc}. Check that the directory is "
                    "writable (set CAREFLOW_DATA_DIR or --data-dir to choose another).")
@@ -319,19 +311,12 @@ class SqliteStore:
     def _transaction(self, action: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return immediate_transaction(self._conn, f"cannot {action} in the event store at {self.path}")
 
-    def append(self, batch: IncomingBatch, *, fold_registry: bool = True) -> AppendResult:
-        """Commit events and dead letters in one transaction, with the registry updates for
-        them and for any events appended earlier without ``fold_registry``."""
+    def append(self, batch: IncomingBatch) -> AppendResult:
+        """Commit events, dead letters and registry updates in one transaction."""
         with self._transaction("write"):
-            result, stored = self._append(batch, fold_registry=fold_registry)
-        if fold_registry:  # committed: only now is what was pending really folded
-            self._unfolded = []
-        else:
-            self._unfolded += stored
-        return result
+            return self._append(batch)
 
-    def _append(self, batch: IncomingBatch, *, fold_registry: bool
-                ) -> tuple[AppendResult, list[tuple[StoredEvent, Mapping[str, Any]]]]:
+    def _append(self, batch: IncomingBatch) -> AppendResult:
         conn = self._conn
         dead = [_dead_letter_row(r, received) for r, received in batch.rejected]
         rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
@@ -354,47 +339,10 @@ class SqliteStore:
                     dead.append(_dead_letter_row(conflict, received_ms))
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
-        gaps = self._fold_after_cursor(self._unfolded + stored) if fold_registry else ()
+        gaps = self._fold(stored)
         self._apply_presence(batch)
         return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead), gaps,
-                            tuple(data for _, data in stored)), stored
-
-    def _fold_after_cursor(self, events: Sequence[tuple[StoredEvent, Mapping[str, Any]]]
-                           ) -> tuple[SourceGap, ...]:
-        """Fold the events the registry does not hold yet and move its cursor past them.
-
-        Events at or before the cursor are already in the registry: ``careflow replay`` rebuilt
-        it (reset_registry moves the cursor to the end of the log) while these were pending.
-        """
-        after = self._registry_end()
-        fresh = [item for item in events if item[0].pos > after]
-        if not fresh:
-            return ()
-        gaps = self._fold(fresh)
-        self._conn.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)",
-                           (REGISTRY_CURSOR, max(ev.pos for ev, _ in fresh)))
-        return gaps
-
-    def _registry_end(self) -> int:
-        """The log position the registry holds everything up to (read inside a transaction)."""
-        row = self._conn.execute("SELECT value FROM cursors WHERE name = ?",
-                                 (REGISTRY_CURSOR,)).fetchone()
-        return int(row[0]) if row else 0
-
-    def catch_up_registry(self, *, chunk: int = 5000) -> int:
-        """Fold what the log holds past the registry cursor: events a hub stored, without
-        folding them yet, before it stopped or died. Returns how many were folded."""
-        total = 0
-        while True:
-            with self._transaction("catch up the registry") as conn:
-                rows = conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE pos > ? "
-                                    "ORDER BY pos LIMIT ?", (self._registry_end(), chunk)
-                                    ).fetchall()
-                if not rows:
-                    return total
-                events = [_stored(r) for r in rows]
-                self._fold_after_cursor([(ev, ev.data) for ev in events])
-            total += len(rows)
+                            tuple(data for _, data in stored))
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]
@@ -764,8 +712,6 @@ class SqliteStore:
             conn.execute("DELETE FROM devices")
             conn.execute("DELETE FROM sources")
             last = conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0]
-            # the rebuild owns everything up to here; a live hub folds only what comes after
-            conn.execute("INSERT OR REPLACE INTO cursors VALUES (?, ?)", (REGISTRY_CURSOR, last))
         return int(last)
 
     def fold_registry(self, events: Sequence[StoredEvent]) -> None:

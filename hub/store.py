@@ -195,18 +195,8 @@ class EventFilter:
 class EventStore(Protocol):
     """Durable event log, device registry, dead-letter store and hub health."""
 
-    def append(self, batch: IncomingBatch, *, fold_registry: bool = True) -> AppendResult:
-        """Commit a batch atomically; return only once it is durable.
-
-        With ``fold_registry`` False the registry update for these events waits for a later
-        append that folds (one UPSERT per device for many commits instead of one each); the
-        events themselves are durable either way, and :meth:`catch_up_registry` folds what a
-        stopped hub left unfolded.
-        """
-        ...
-
-    def catch_up_registry(self) -> int:
-        """Fold the logged events the registry does not hold yet; return how many."""
+    def append(self, batch: IncomingBatch) -> AppendResult:
+        """Commit a batch atomically; return only once it is durable."""
         ...
 
     def query(self, flt: EventFilter, *, limit: int | None = None,

@@ -74,5 +74,5 @@ def test_it_loses_and_doubles_nothing_when_killed_mid_ingest(
     assert stored_ids == {e["id"] for e in events}
     assert store.total_gaps() == 0
     assert store.dead_letter_count() == 0
-    # the registry, folded behind the log under load, counts each event once across the kill
+    # the registry, folded in the same commit as the events, counts each of them once
     assert sum(device.events for device in store.devices()) == TOTAL

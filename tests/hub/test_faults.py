@@ -39,10 +39,10 @@ class FailingStore(SqliteStore):
 
     failing = True
 
-    def append(self, batch: IncomingBatch, *, fold_registry: bool = True) -> AppendResult:
+    def append(self, batch: IncomingBatch) -> AppendResult:
         if self.failing:
             raise StoreError("disk I/O error (injected by the test)")
-        return super().append(batch, fold_registry=fold_registry)
+        return super().append(batch)
 
 
 @pytest.mark.parametrize("decode_worker", [False, True], ids=["in-process", "decode-worker"])

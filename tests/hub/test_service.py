@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from careflow.edge.stamper import Stamper
 from careflow.hub import service as service_module
 from careflow.hub.mqtt import IncomingMessage
 from careflow.hub.service import HubService, _worth_a_worker
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import make_settings
+from careflow.hub.store import EventFilter
+from tests.conftest import heartbeat, make_settings
 
 
 def waiting(service: HubService, sizes: list[int]) -> None:
@@ -50,3 +53,58 @@ def test_the_decode_worker_takes_batches_and_leaves_single_events_here() -> None
     assert _worth_a_worker(messages(21_000, 20))  # batches of a hundred
     assert _worth_a_worker(messages(bound, 3))
     assert not _worth_a_worker(messages(bound - 1, 3))
+
+
+class RecordingIngress:
+    """Stands in for the MQTT ingress: records acks, and checks each against the store."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.acks: list[int] = []
+        self.connected = True
+
+    def ack(self, messages: list[IncomingMessage]) -> None:
+        stored = {event.id for event in self.store.query(EventFilter(), limit=10**6)}
+        for message in messages:
+            ids = {event["id"] for event in json.loads(message.payload)}
+            assert ids <= stored, f"message {message.mid} acknowledged before its commit"
+            self.acks.append(message.mid)
+
+    def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
+        """Confirmations to gateways are not what this test looks at."""
+
+
+def test_worker_and_in_process_groups_commit_and_ack_in_the_order_taken(tmp_path: Path) -> None:
+    """Batches go to the decode worker and small messages are decoded here, group by group;
+    the log keeps arrival order and each message is acknowledged only after its commit."""
+    settings = make_settings(tmp_path / "data", "mqtt://127.0.0.1:1")
+    store = SqliteStore(settings.db_path)
+    service = HubService(settings, store, decode_worker=True)
+    ingress = RecordingIngress(store)
+    service.ingress = ingress  # type: ignore[assignment]
+    decoder = service._decoder
+    assert decoder is not None
+    decoder.start()
+    handed_over: list[int] = []
+    submit = decoder.submit
+    decoder.submit = lambda items: (handed_over.append(len(items)), submit(items))[1]  # type: ignore[method-assign]
+    source = Stamper(gateway="gw-1", device="s-1", boot="b1")
+    mid, order = 0, []
+    try:
+        for step in range(30):
+            per_message = 20 if step % 2 == 0 else 1  # a batch (worker), then single events
+            for _ in range(1 + step % 3):
+                mid += 1
+                events = [heartbeat(source) for _ in range(per_message)]
+                order += [event["id"] for event in events]
+                service.inbox.put(IncomingMessage("careflow/v1/gw-1/batch",
+                                                  json.dumps(events).encode(), mid, 1, 0))
+            service._step(timeout_s=0.0)
+        while service._held or not service.inbox.empty():
+            service._step(timeout_s=0.0)
+    finally:
+        decoder.stop()
+    assert [event.id for chunk in store.iter_log(EventFilter()) for event in chunk] == order
+    assert 0 < len(handed_over) < 30  # both paths were taken
+    assert ingress.acks == list(range(1, mid + 1))
+    store.close()
