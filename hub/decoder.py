@@ -1,8 +1,9 @@
 """Decoding in a worker process, so that it runs on another core while the hub commits.
 
-The hub is CPU-bound in one Python process: about a third of its time goes to decoding and
-validating, the rest to the commit and rule evaluation. A second process decodes the next
-messages while the hub commits the previous ones.
+The hub is CPU-bound in one Python process: with batches, about a third of its time goes to
+decoding and validating, the rest to the commit and rule evaluation. A second process decodes
+the next batches while the hub commits the previous ones (single-event messages cost less to
+decode in the hub than to hand over; the service decides which groups come here).
 
 Messages go to the worker as (topic, payload) pairs and come back as plain tuples, from which
 the hub rebuilds each event's :class:`EventHead` (pickling richer objects cost more than the

@@ -95,11 +95,9 @@ class MqttIngress:
                                         time.time_ns() // 1_000_000))
 
     def ack(self, messages: Sequence[IncomingMessage]) -> None:
-        """PUBACK messages whose events are durably stored (QoS 0 ones need none)."""
-        self._client.ack_all([message.mid for message in messages if message.qos == 1])
-        for message in messages:  # never at our QoS 1 subscriptions; correct all the same
-            if message.qos == 2:
-                self._client.ack(message.mid, message.qos)
+        """PUBACK messages whose events are durably stored. The hub subscribes at QoS 1, so a
+        message arrives at QoS 1 or, when its publisher used 0, at QoS 0 and needs no ack."""
+        self._client.ack_all([message.mid for message in messages if message.qos])
 
     def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
         """Publish; at QoS 1 paho queues it while the broker is away, QoS 0 is fire and forget."""

@@ -99,11 +99,12 @@ class HubCounters:
         self.dead_lettered += result.dead_lettered
 
 
-def _worth_a_worker(messages: list[IncomingMessage]) -> bool:
-    """Whether the decode worker saves this thread time on these messages: batches, yes; one
-    event per message, no, since handing a small message over and taking its result back cost
-    this thread half of decoding it here, and the machine twice as much CPU in all."""
-    return sum(len(m.payload) for m in messages) >= WORKER_MIN_MESSAGE_BYTES * len(messages)
+def _worth_a_worker(count: int, payload_bytes: int) -> bool:
+    """Whether the decode worker saves this thread time on ``count`` messages of
+    ``payload_bytes`` in all: batches, yes; one event per message, no, since handing a small
+    message over and taking its result back cost this thread half of decoding it here, and the
+    machine twice as much CPU in all."""
+    return payload_bytes >= WORKER_MIN_MESSAGE_BYTES * count
 
 
 def _gather(messages: list[IncomingMessage], decoded: list[Decoded]) -> tuple[
@@ -197,12 +198,13 @@ class HubService:
                 self.sink.stop()
             log.info("hub stopped", extra={"events_stored": self.counters.events_stored})
 
-    def _take(self, timeout_s: float) -> list[IncomingMessage]:
-        """What is waiting, up to a bound; lingers briefly when little is, to share one fsync."""
+    def _take(self, timeout_s: float) -> tuple[list[IncomingMessage], int]:
+        """What is waiting, up to a bound, and its payload bytes; lingers briefly when little
+        is, to share one fsync."""
         try:
             first = self.inbox.get(timeout=timeout_s) if timeout_s else self.inbox.get_nowait()
         except queue.Empty:
-            return []
+            return [], 0
         messages = [first]
         size = len(first.payload)
         deadline = time.monotonic() + LINGER_S
@@ -223,7 +225,7 @@ class HubService:
                 break
             messages.append(message)
             size += len(message.payload)
-        return messages
+        return messages, size
 
     def _step(self, *, timeout_s: float) -> None:
         """Take messages, then commit and acknowledge them.
@@ -233,11 +235,11 @@ class HubService:
         committed in the order taken, each acknowledged only after its own commit.
         """
         held, self._held = self._held, []
-        messages = self._take(0.0 if held else timeout_s)
+        messages, size = self._take(0.0 if held else timeout_s)
         decoded_held = self._decoder.result() if held and self._decoder is not None else None
         if held and decoded_held is None:  # the worker failed: nothing lost, decode here
             decoded_held = self._decode_here(held)
-        if messages and self._decoder is not None and _worth_a_worker(messages) \
+        if messages and self._decoder is not None and _worth_a_worker(len(messages), size) \
                 and self._decoder.submit([(m.topic, m.payload) for m in messages]):
             self._held, messages = messages, []
         if held:
