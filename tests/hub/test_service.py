@@ -53,7 +53,11 @@ def test_the_decode_worker_takes_batches_and_leaves_single_events_here() -> None
 
 
 class RecordingIngress:
-    """Stands in for the MQTT ingress: records acks, and checks each against the store."""
+    """Stands in for the MQTT ingress: records acks, and checks each against the store.
+
+    A fake, not Mosquitto: what this test needs is the moment of each ack relative to the
+    commit, which a broker does not show (the end-to-end tests against Mosquitto cover the rest).
+    """
 
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
