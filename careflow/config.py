@@ -13,6 +13,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from careflow.errors import ConfigError
+from careflow.schemas.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:1883"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the contract's limit
 _SYNC_MODES = ("full", "normal")
 
 
