@@ -18,10 +18,14 @@ sends the request, so an answer cannot be missed.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from careflow.errors import ContractError
+from careflow.schemas.limits import MAX_PAYLOAD_DEPTH
 
 __all__ = [
     "PROVISION_PREFIX",
@@ -32,6 +36,7 @@ __all__ = [
     "RenewRequest",
     "accepted_topic",
     "claim_client_id",
+    "decode_request",
     "parse_provision_topic",
     "rejected_topic",
     "renew_topic",
@@ -41,6 +46,12 @@ __all__ = [
 PROVISION_PREFIX = "careflow/provision"
 PROVISION_SUBSCRIPTIONS = (f"{PROVISION_PREFIX}/+/request", f"{PROVISION_PREFIX}/+/renew")
 MAX_REQUEST_BYTES = 16 * 1024  # a P-256 CSR is under 1 KiB; anything far larger is refused
+# A whole request: the CSR at its largest, its JSON escapes and the other fields fit well below.
+MAX_REQUEST_MESSAGE_BYTES = 4 * MAX_REQUEST_BYTES
+# A request is one flat object; the contract's payload depth is a generous ceiling, checked
+# before decoding, because a decoder that recurses is what deep nesting attacks.
+MAX_REQUEST_DEPTH = MAX_PAYLOAD_DEPTH
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 _TOPIC = re.compile(r"^careflow/provision/(?P<client>[^/+#]+)/(?P<kind>request|renew)\Z")
 
 
@@ -75,6 +86,51 @@ def parse_provision_topic(topic: str) -> tuple[str, Literal["request", "renew"]]
     if match is None:
         return None
     return match["client"], "request" if match["kind"] == "request" else "renew"
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in ``payload``, without decoding it (strings skipped).
+
+    Meant to run before a recursive decoder: its cost is one regex pass, whatever the nesting.
+    Malformed JSON gets some number; the decoder refuses it afterwards. The text, not bytes:
+    ``json.loads`` would also read UTF-16, whose bytes a byte-level scan misreads.
+    """
+    depth = deepest = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        token = match[0]
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+def decode_request(payload: bytes) -> dict[str, Any]:
+    """A claim or renewal request's JSON object, bounded in size and depth.
+
+    Raises:
+        ContractError: ``bad_request`` with what is wrong (too large, too deep, not JSON, not
+            an object); never anything else, whatever the bytes.
+    """
+    if len(payload) > MAX_REQUEST_MESSAGE_BYTES:
+        msg = (f"the request is {len(payload)} bytes; at most {MAX_REQUEST_MESSAGE_BYTES} "
+               "are read")
+        raise ContractError("bad_request", msg)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ContractError("bad_request", "the request is not UTF-8 JSON") from exc
+    if json_depth(text) > MAX_REQUEST_DEPTH:
+        msg = f"the request nests deeper than {MAX_REQUEST_DEPTH} levels; it is one flat object"
+        raise ContractError("bad_request", msg)
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: belt and braces
+        raise ContractError("bad_request", "the request is not JSON") from exc
+    if not isinstance(body, dict):
+        raise ContractError("bad_request", "the request must be a JSON object")
+    return body
 
 
 class _Message(BaseModel):

@@ -13,7 +13,6 @@ or came online after each commit, and it moves an issued identity to ``active``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import threading
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
 from careflow.config import Settings
-from careflow.errors import CsrError, PkiError, StoreError
+from careflow.errors import ContractError, CsrError, PkiError, StoreError
 from careflow.mqtt import check, connect_blocking, make_client
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import (
@@ -50,6 +49,7 @@ from careflow.provisioning.protocol import (
     RejectedReply,
     RenewRequest,
     accepted_topic,
+    decode_request,
     parse_provision_topic,
     rejected_topic,
     renew_topic,
@@ -234,6 +234,7 @@ class ProvisioningService:
         self.cert_days = cert_days
         self.clock = clock or (lambda: datetime.now(UTC))
         self.answered: dict[str, int] = defaultdict(int)  # status or code -> count
+        self.failures = 0  # requests whose serving raised (a bug): logged, answered, survived
         self._attempts: dict[str, deque[int]] = {}
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
@@ -283,8 +284,26 @@ class ProvisioningService:
                 topic, payload = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            for reply_to, body in self.handle(topic, payload):
-                self._client.publish(reply_to, body, qos=1)
+            try:
+                for reply_to, body in self.handle(topic, payload):
+                    self._client.publish(reply_to, body, qos=1)
+            except Exception:
+                self._failed(topic)
+
+    def _failed(self, topic: str) -> None:
+        """Serving one request raised: log it, count it, tell the requester if we can."""
+        self.failures += 1
+        log.exception("provisioning request failed; serving the next",
+                      extra={"topic": topic[:200], "failures": self.failures})
+        parsed = parse_provision_topic(topic)
+        if parsed is None:
+            return
+        try:
+            reply_to, body = self._reject(parsed[0], None, Reject(
+                "internal_error", "the hub could not answer this request; try again later"))
+            self._client.publish(reply_to, body, qos=1)
+        except Exception:
+            log.exception("cannot tell the requester", extra={"topic": topic[:200]})
 
     # -- decisions and effects (no MQTT: tests call this directly) -----------------------------
 
@@ -295,10 +314,10 @@ class ProvisioningService:
             return []
         client_id, kind = parsed
         try:
-            body = json.loads(payload)
-        except ValueError:
-            return [self._reject(client_id, None, Reject("bad_request", "the request is not JSON"))]
-        request_id = body.get("request_id") if isinstance(body, dict) else None
+            body = decode_request(payload)
+        except ContractError as exc:
+            return [self._reject(client_id, None, Reject(exc.code, str(exc)))]
+        request_id = body.get("request_id")
         request_id = request_id if isinstance(request_id, str) else None
         try:
             if kind == "request":
