@@ -8,6 +8,7 @@ The tree::
     ├── StoreError                the event store cannot be opened or written
     ├── ContractError             a payload breaks the event contract (carries a reason code)
     ├── InfluxError               InfluxDB refused or could not take a write
+    │   └── InfluxRefusedError    InfluxDB refused points themselves (malformed, too old, type)
     ├── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
     │   └── CsrError              a gateway's certificate request is refused (carries a reason code)
     └── ClaimError                the hub refused a gateway's claim or renewal (code, retry_after_s)
@@ -23,6 +24,7 @@ __all__ = [
     "ContractError",
     "CsrError",
     "InfluxError",
+    "InfluxRefusedError",
     "PkiError",
     "StoreError",
 ]
@@ -67,6 +69,20 @@ class InfluxError(CareflowError):
         super().__init__(message)
         self.retry = retry
         self.status = status
+
+
+class InfluxRefusedError(InfluxError):
+    """InfluxDB refused points themselves; sending them again cannot help.
+
+    ``partial``: the server stored the request's other points (a partial write: InfluxDB 1.x
+    answers 400 "partial write", 2.x answers 422) and refused ``dropped`` of them (0 when it did
+    not say how many). Otherwise it refused the whole request (2.x: one malformed line).
+    """
+
+    def __init__(self, message: str, *, status: int, partial: bool, dropped: int) -> None:
+        super().__init__(message, retry=False, status=status)
+        self.partial = partial
+        self.dropped = dropped
 
 
 class PkiError(CareflowError):

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from careflow.config import InfluxSettings, Settings
-from careflow.errors import CareflowError, ConfigError, InfluxError
+from careflow.errors import CareflowError, ConfigError, InfluxError, InfluxRefusedError
 from careflow.hub.influx_points import (
     DeviceSnapshot,
     SiteBook,
@@ -38,7 +39,7 @@ from careflow.hub.store import EventFilter, EventStore, StoredEvent
 
 __all__ = [
     "InfluxSink", "InfluxStage", "PointWriter", "V1Writer", "V2Writer", "make_writer",
-    "reset_cursors", "sink_for",
+    "read_refusal", "reset_cursors", "sink_for",
 ]
 
 log = logging.getLogger("careflow.hub.influx")
@@ -68,6 +69,38 @@ class PointWriter(Protocol):
         ...
 
 
+_DROPPED = re.compile(r"dropped=(\d+)\s*$")
+_UNPARSABLE = re.compile(r"^(?:partial write: )?unable to parse '", re.MULTILINE)
+
+
+def _error_text(body: str) -> str:
+    """The error message of an answer: 1.x sends {"error": ...}, 2.x {"code", "message"}."""
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(body)
+        if isinstance(parsed, dict):
+            text = parsed.get("error") or parsed.get("message")
+            if isinstance(text, str):
+                return text.strip()
+    return body.strip()
+
+
+def read_refusal(status: int, body: str, where: str) -> InfluxRefusedError:
+    """What InfluxDB refused, from its answer to a write (400 or 422).
+
+    InfluxDB 1.x answers 400 both for a partial write (its other points are stored: "partial
+    write: points beyond retention policy dropped=1", "...: field type conflict ... dropped=1",
+    or lines it could not parse, listed one "unable to parse '...'" each) and for a request it
+    refused whole. 2.x answers 422 for a partial write and 400 when one malformed line made it
+    refuse the whole request.
+    """
+    text = _error_text(body)
+    partial = status == 422 or "partial write" in text
+    tail = _DROPPED.search(text)
+    dropped = (int(tail[1]) if tail else 0) + len(_UNPARSABLE.findall(text))
+    return InfluxRefusedError(f"{where} refused points ({status}): {text[:500]}", status=status,
+                              partial=partial, dropped=dropped)
+
+
 def _translate_status(status: int, body: str, where: str) -> InfluxError:
     """One careflow error per HTTP answer, saying whether to retry and what to do next."""
     detail = body.strip()[:300]
@@ -77,9 +110,15 @@ def _translate_status(status: int, body: str, where: str) -> InfluxError:
                            "the events wait in the backlog", retry=True, status=status)
     if status == 413:
         return InfluxError(f"{where}: request too large", retry=True, status=status)
-    if status == 400:
-        return InfluxError(f"{where} rejected points: {detail}", retry=False, status=status)
+    if status in (400, 422):
+        return read_refusal(status, body, where)
     return InfluxError(f"{where} answered {status}: {detail}", retry=True, status=status)
+
+
+def _body(lines: Sequence[str]) -> bytes:
+    """The request body; a lone surrogate (which UTF-8 cannot carry) becomes "?" rather than an
+    error that would stop the sink at the same chunk forever."""
+    return "\n".join(lines).encode("utf-8", "replace")
 
 
 class V1Writer:
@@ -104,11 +143,11 @@ class V1Writer:
 
     def write(self, lines: Sequence[str]) -> None:
         try:
-            self._post(self._write_url, "\n".join(lines).encode())
+            self._post(self._write_url, _body(lines))
         except InfluxError as exc:
             if exc.status == 404 and not self._created:  # as Telegraf does: make the database
                 self._create_database()
-                self._post(self._write_url, "\n".join(lines).encode())
+                self._post(self._write_url, _body(lines))
             else:
                 raise
 
@@ -169,7 +208,7 @@ class V2Writer:
 
         try:
             self._api.write(bucket=self.settings.bucket or "", org=self.settings.org or "",
-                            record="\n".join(lines),
+                            record=_body(lines),
                             write_precision=WritePrecision.NS)  # type: ignore[arg-type]
         except ApiException as exc:
             body = exc.body.decode("utf-8", "replace") if isinstance(exc.body, bytes) else str(
@@ -192,7 +231,8 @@ class SinkCounters:
     """What the sink has done, for `careflow status` and the `hub` measurement."""
 
     points_written: int = 0
-    points_rejected: int = 0  # refused by InfluxDB as malformed; the events stay in the log
+    points_rejected: int = 0  # refused by InfluxDB (malformed, too old...); stay in the log
+    last_rejection: str | None = None  # why InfluxDB refused the last points it refused
     snapshots_dropped: int = 0
     write_errors: int = 0
     last_error: str | None = None
@@ -258,6 +298,7 @@ class InfluxSink:
         c = self.counters
         return {"target": self.writer.describe(), "backlog_events": self._last_backlog,
                 "points_written": c.points_written, "points_rejected": c.points_rejected,
+                "last_rejection": c.last_rejection,
                 "snapshots_dropped": c.snapshots_dropped, "write_errors": c.write_errors,
                 "last_error": c.last_error, "last_write_ms": c.last_write_ms,
                 "failing_since_ms": c.failing_since_ms}
@@ -340,26 +381,54 @@ class InfluxSink:
         return written + self._drain_incidents(None)
 
     def _send(self, lines: list[str]) -> None:
-        """Write, halving on 'too large'; points InfluxDB calls malformed are counted, not
-        retried forever (the events stay in the log for a replay once the cause is fixed)."""
+        """Write, halving on 'too large'. Points InfluxDB refuses are counted, logged and
+        skipped, never retried forever, and never cost the points beside them (the events stay
+        in the log for a replay once the cause is fixed)."""
         if not lines:
             return
         try:
             self.writer.write(lines)
+        except InfluxRefusedError as exc:
+            self._refused(lines, exc)
+            return
         except InfluxError as exc:
-            if exc.status == 413 and len(lines) > 1:
+            if exc.status != 413:
+                raise
+            if len(lines) > 1:
                 half = len(lines) // 2
                 self._send(lines[:half])
                 self._send(lines[half:])
-                return
-            if exc.retry and exc.status != 413:  # one point too large for the server: skip it
-                raise
-            self.counters.points_rejected += len(lines)
-            log.error("InfluxDB rejected points; skipping them (they stay in the event log)",
-                      extra={"error": str(exc), "points": len(lines)})
+            else:  # one point too large for the server: skip it
+                self._skipped(1, str(exc), lines[0])
             return
-        self.counters.points_written += len(lines)
+        self._written(len(lines))
+
+    def _refused(self, lines: list[str], exc: InfluxRefusedError) -> None:
+        """Skip exactly what InfluxDB refused. After a partial write that says how many it
+        dropped, the rest is stored; otherwise halve until the refused lines stand alone
+        (rewriting stored points is harmless: they overwrite themselves)."""
+        if exc.partial and exc.dropped:
+            dropped = min(exc.dropped, len(lines))
+            self._written(len(lines) - dropped)
+            self._skipped(dropped, str(exc), None)
+        elif len(lines) > 1:
+            half = len(lines) // 2
+            self._send(lines[:half])
+            self._send(lines[half:])
+        else:
+            self._skipped(1, str(exc), lines[0])
+
+    def _written(self, points: int) -> None:
+        self.counters.points_written += points
         self.counters.last_write_ms = time.time_ns() // 1_000_000
+
+    def _skipped(self, points: int, reason: str, example: str | None) -> None:
+        c = self.counters
+        c.points_rejected += points
+        c.last_rejection = reason
+        log.error("InfluxDB refused points; skipped them (they stay in the event log)",
+                  extra={"points": points, "reason": reason,
+                         "point": example[:300] if example is not None else None})
 
     def _seed_sites(self) -> None:
         """Learn the sites declared before the cursor, so resumed points keep their site."""

@@ -18,6 +18,7 @@ from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEve
 
 __all__ = [
     "UNASSIGNED",
+    "UNREPRESENTABLE",
     "DeviceSnapshot",
     "SiteBook",
     "device_online",
@@ -28,6 +29,7 @@ __all__ = [
     "incident_points",
     "line",
     "presence_points",
+    "tag_value_as_stored",
 ]
 
 UNASSIGNED = "unassigned"
@@ -38,18 +40,42 @@ _DEFAULT_STALE_MS = 180_000  # a device that never declared an interval is late 
 FieldValue = str | int | float | bool
 
 
-_KEY_SPECIALS = re.compile(r"[,= \n\r]")
-_KEY_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\r": "\\r"})
+_KEY_SPECIALS = re.compile(r"[,= ]")
+_KEY_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
+_LINE_BREAKS = re.compile(r"[\r\n]")
+_UNSAFE_TAG = re.compile(r"[,= \r\n]|\\$")
+UNREPRESENTABLE = "\ufffd"
+
+
+def tag_value_as_stored(text: str) -> str:
+    """What InfluxDB will hold for the tag value ``text``: the same text where line protocol can
+    carry it (that is, nearly always).
+
+    Two things a tag cannot carry, decided here and documented in docs/influxdb.md:
+    a line break ends the point, so CR and LF become spaces; and a tag value cannot end in a
+    backslash (InfluxDB reads it as escaping the separator after it and refuses the whole line,
+    whatever escaping is tried), so a final backslash is kept and U+FFFD is added after it.
+    """
+    if "\n" in text or "\r" in text:
+        text = _LINE_BREAKS.sub(" ", text)
+    return text + UNREPRESENTABLE if text.endswith("\\") else text
 
 
 def _escape_key(text: str) -> str:
-    """Tag keys, tag values and field keys: commas, equals signs and spaces are syntax.
-
-    A backslash is literal here in InfluxDB 1.x (it escapes only those three), so it stays.
-    Most ids need no escaping, so one regex search decides (this runs for every tag of every
-    point).
-    """
+    """Tag keys and field keys (careflow's own names): commas, equals signs and spaces."""
     return text.translate(_KEY_ESCAPES) if _KEY_SPECIALS.search(text) else text
+
+
+def _escape_tag_value(text: str) -> str:
+    """A tag value as line protocol: commas, equals signs and spaces escaped.
+
+    A backslash is literal in InfluxDB 1.x and 2.x tag values (they unescape only ``\\,``,
+    ``\\=`` and ``\\ ``), so it stays as it is; :func:`tag_value_as_stored` first makes the
+    value representable. Most ids need no escaping, so one regex search decides.
+    """
+    if not _UNSAFE_TAG.search(text):
+        return text
+    return tag_value_as_stored(text).translate(_KEY_ESCAPES)
 
 
 def _escape_measurement(text: str) -> str:
@@ -69,7 +95,8 @@ def _field(value: FieldValue) -> str | None:
 @functools.lru_cache(maxsize=65_536)
 def _series(measurement: str, tags: tuple[tuple[str, str], ...]) -> str:
     """Measurement and escaped tags; a fleet repeats a few thousand of these endlessly."""
-    tag_text = "".join(f",{_escape_key(key)}={_escape_key(value)}" for key, value in tags if value)
+    tag_text = "".join(f",{_escape_key(key)}={_escape_tag_value(value)}"
+                       for key, value in tags if value)
     return _escape_measurement(measurement) + tag_text
 
 

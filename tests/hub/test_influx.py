@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,8 @@ from hypothesis import strategies as st
 from careflow.config import InfluxSettings, load_influx
 from careflow.edge.stamper import Stamper
 from careflow.errors import ConfigError, InfluxError
-from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer
-from careflow.hub.influx_points import line
+from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer, read_refusal
+from careflow.hub.influx_points import line, tag_value_as_stored
 from careflow.hub.ingest import PresenceUpdate, decode_message
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter, IncomingBatch
@@ -158,24 +160,113 @@ def test_replay_rebuilds_an_emptied_database_to_the_same_results(
     assert [shared_influxd.query(q, db=db) for q in queries] == before
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tag=st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30)
-       .filter(lambda t: t.strip() == t and not t.endswith("\\")),
-       text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=60))
-def test_tags_and_strings_survive_line_protocol_escaping(shared_influxd: Influxd, tag: str,
-                                                         text: str) -> None:
-    """Whatever a device puts in its labels and messages, InfluxDB reads back exactly that.
+_HOSTILE = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
 
-    Tags exclude control characters, which line protocol cannot carry in a tag (careflow's ids
-    cannot contain them: the contract's id patterns forbid them)."""
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(site=st.one_of(_HOSTILE, _HOSTILE.map(lambda t: t + "\\"),
+                      st.sampled_from(["oslo\\", "a\\\\", "\\", "x\\ y", "a\\,b=c",
+                                       "line\nbreak", "cr\r", " lead", "trail ", "é漢😀\\"])),
+       text=st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=60),
+                      st.text(max_size=20).map(lambda t: t + "\\")))
+def test_tags_and_strings_survive_line_protocol_escaping(shared_influxd: Influxd, site: str,
+                                                         text: str) -> None:
+    """Whatever a gateway puts in ``labels.site`` or a message, the real InfluxDB reads back
+    exactly that; the two things a tag value cannot carry (a line break, a final backslash)
+    become what ``tag_value_as_stored`` says, and nothing else ever changes."""
     stamp = time.time_ns()
-    point = line("escaping", {"gateway": tag}, {"message": text}, stamp)
+    point = line("escaping", {"site": site, "gateway": "gw-1"}, {"message": text}, stamp)
     assert point is not None
     V1Writer(InfluxSettings(url=shared_influxd.url, database="escaping")).write([point])
-    rows = shared_influxd.query(f'SELECT "gateway", "message" FROM "escaping" WHERE time = {stamp}',
-                                db="escaping")
-    assert rows[0]["values"][0][1:] == [tag, text]
+    rows = shared_influxd.query(
+        f'SELECT "site", "message" FROM "escaping" WHERE time = {stamp}', db="escaping")
+    assert rows, f"InfluxDB stored nothing for {point!r}"
+    assert rows[0]["values"][0][1:] == [tag_value_as_stored(site), text]
+    if "\n" not in site and "\r" not in site and not site.endswith("\\"):
+        assert tag_value_as_stored(site) == site
+
+
+def test_a_site_ending_in_a_backslash_costs_no_points(shared_influxd: Influxd,
+                                                      tmp_path: Path) -> None:
+    """A gateway declaring ``labels.site = "oslo\\"`` used to make InfluxDB refuse every
+    point carrying that tag; its points and its neighbours' are all stored now."""
+    db = "backslash_site"
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        events = mixed_events("gw-bs", "oslo\\", 5) + mixed_events("gw-ok", "bergen", 5)
+        store.append(IncomingBatch([(a, 1) for e in events for a in decode_message(
+            f"careflow/v1/{e['gateway']}/{e['device']}/{e['type']}", json.dumps(e).encode(),
+            max_bytes=65536).accepted], []))
+        sink = InfluxSink(store, V1Writer(InfluxSettings(url=shared_influxd.url, database=db)),
+                          snapshots=False)
+        sink.drain_once()
+        assert sink.counters.points_rejected == 0
+        assert count(shared_influxd, "events", db) == len(events)
+        by_site = shared_influxd.query('SELECT count("seq") FROM "events" GROUP BY "site"', db=db)
+        assert {s["tags"]["site"]: s["values"][0][1] for s in by_site} == {
+            "oslo\\\ufffd": 9, "bergen": 9}
+    finally:
+        store.close()
+
+
+def stored_events(store: SqliteStore, events: list[dict[str, Any]]) -> None:
+    """Append valid events to the store, as the hub would after decoding them."""
+    store.append(IncomingBatch([(a, 1) for e in events for a in decode_message(
+        f"careflow/v1/{e['gateway']}/{e['device']}/{e['type']}", json.dumps(e).encode(),
+        max_bytes=65536).accepted], []))
+
+
+def test_points_beyond_retention_are_skipped_and_the_rest_of_the_chunk_is_stored(
+        shared_influxd: Influxd, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A gateway whose clock reset sends events older than the retention policy: InfluxDB
+    stores the chunk's other points and refuses those ("partial write"). The sink counts and
+    logs exactly the refused ones, with the reason, and moves on."""
+    db = "short_retention"
+    shared_influxd.query(f'CREATE DATABASE "{db}" WITH DURATION 1h', db=db)
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        old_clock = Stamper(gateway="gw-old", device="gw-old", boot="b1")
+        long_ago = datetime.now(UTC) - timedelta(hours=3)
+        old = [old_clock.stamp("heartbeat", {"interval_s": 60},
+                               at=long_ago + timedelta(seconds=i)) for i in range(7)]
+        fresh = Stamper(gateway="gw-new", device="gw-new", boot="b1")
+        new = [heartbeat(fresh) for _ in range(20)]
+        stored_events(store, old[:3] + new[:10] + old[3:] + new[10:])
+        writer = V1Writer(InfluxSettings(url=shared_influxd.url, database=db))
+        sink = InfluxSink(store, writer, snapshots=False)
+        with caplog.at_level(logging.ERROR, logger="careflow.hub.influx"):
+            sink.drain_once()
+        assert store.cursor(EVENTS_CURSOR) == store.last_pos()
+        assert count(shared_influxd, "events", db) == 20
+        assert count(shared_influxd, "heartbeat", db, "interval_s") == 20
+        assert sink.counters.points_rejected == 14  # 7 events x (events + heartbeat)
+        assert sink.counters.points_written == 40
+        assert "beyond retention" in (sink.counters.last_rejection or "")
+        refused = [r for r in caplog.records if r.getMessage().startswith("InfluxDB refused")]
+        assert refused and refused[0].points == 14  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("status", "body", "partial", "dropped"), [
+    (400, '{"error":"partial write: points beyond retention policy dropped=3"}', True, 3),
+    (400, '{"error":"partial write: field type conflict: input field \\"seq\\" on '
+          'measurement \\"events\\" is type string, already exists as type integer dropped=1"}',
+     True, 1),
+    (400, '{"error":"partial write: unable to parse \'m,site=a\\\\ f=1i 1\': invalid tag '
+          'format\\nunable to parse \'m,site=dropped=9 f=1i 2\': bad dropped=0"}', True, 2),
+    (400, '{"error":"unable to parse \'m,site=x\\\\ f=1i 1\': invalid tag format"}', False, 1),
+    (422, '{"code":"unprocessable entity","message":"failure writing points to database: '
+          'partial write: points beyond retention policy dropped=2"}', True, 2),
+    (422, '{"code":"unprocessable entity","message":"some points were refused"}', True, 0),
+    (400, '{"code":"invalid","message":"unable to parse \'x y\': missing fields"}', False, 1),
+])
+def test_it_reads_what_influxdb_refused(status: int, body: str, partial: bool,
+                                        dropped: int) -> None:
+    refusal = read_refusal(status, body, "InfluxDB")
+    assert (refusal.partial, refusal.dropped, refusal.retry) == (partial, dropped, False)
 
 
 def test_a_point_influxdb_rejects_is_counted_and_skipped_not_retried_forever(
@@ -207,17 +298,22 @@ class V2Receiver:
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.answer = 204
+        self.answer_body = b'{"code":"unauthorized","message":"unauthorized access"}'
+        # when set: decides the answer from the request body, as InfluxDB would
+        self.decide: Callable[[bytes], tuple[int, bytes]] | None = None
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.requests.append((self.path, dict(self.headers), body))
-                self.send_response(receiver.answer)
+                status, text = (receiver.decide(body) if receiver.decide is not None
+                                else (receiver.answer, receiver.answer_body))
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
-                if receiver.answer != 204:
-                    self.wfile.write(b'{"code":"unauthorized","message":"unauthorized access"}')
+                if status != 204:
+                    self.wfile.write(text)
 
             def log_message(self, *_args: Any) -> None:
                 pass
@@ -257,6 +353,74 @@ def test_the_v2_api_gets_org_bucket_token_and_exact_line_protocol() -> None:
         assert refused.value.retry
         writer.close()
     finally:
+        receiver.close()
+
+
+def v2_settings(receiver: V2Receiver) -> InfluxSettings:
+    settings_v2 = load_influx({"CAREFLOW_INFLUX_URL": receiver.url, "CAREFLOW_INFLUX_ORG": "o",
+                               "CAREFLOW_INFLUX_BUCKET": "fleet", "CAREFLOW_INFLUX_TOKEN": "t"})
+    assert settings_v2 is not None
+    return settings_v2
+
+
+def test_a_partial_write_on_the_v2_api_is_skipped_not_retried_forever(tmp_path: Path) -> None:
+    """InfluxDB 2.x answers 422 when it stored a request but refused some points (older than
+    the bucket's retention). The sink counts what was refused and moves on, once."""
+    receiver = V2Receiver()
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        receiver.answer = 422
+        receiver.answer_body = (b'{"code":"unprocessable entity","message":"failure writing '
+                                b'points to database: partial write: points beyond retention '
+                                b'policy dropped=2"}')
+        source = Stamper(gateway="gw-v", device="gw-v", boot="b1")
+        stored_events(store, [heartbeat(source) for _ in range(5)])
+        writer = V2Writer(v2_settings(receiver))
+        sink = InfluxSink(store, writer, snapshots=False)
+        sink.drain_once()
+        assert store.cursor(EVENTS_CURSOR) == store.last_pos()
+        assert sink.counters.points_rejected == 2
+        assert sink.counters.points_written == 8
+        assert len(receiver.requests) == 1
+        writer.close()
+    finally:
+        store.close()
+        receiver.close()
+
+
+def test_one_refused_point_never_costs_the_points_beside_it(tmp_path: Path) -> None:
+    """InfluxDB 2.x refuses a whole request (400) for one line it cannot take. The sink halves
+    the chunk until that line stands alone: every other gateway's points are stored, only the
+    refused line is skipped. The receiver is a real HTTP server answering as 2.x does (no 2.x
+    can run here); it stores the lines of the requests it accepts."""
+    receiver = V2Receiver()
+    stored: list[str] = []
+
+    def as_influxdb_2(body: bytes) -> tuple[int, bytes]:
+        lines = body.decode().split("\n")
+        bad = [text for text in lines if text.startswith("alarm,")]
+        if bad:
+            message = f"unable to parse '{bad[0]}': pretend it is malformed"
+            return 400, json.dumps({"code": "invalid", "message": message}).encode()
+        stored.extend(lines)
+        return 204, b""
+
+    receiver.decide = as_influxdb_2
+    store = SqliteStore(tmp_path / "careflow.db", synchronous="normal")
+    try:
+        events = mixed_events("gw-a", "oslo", 30) + mixed_events("gw-b", "bergen", 30)
+        stored_events(store, events)
+        writer = V2Writer(v2_settings(receiver))
+        sink = InfluxSink(store, writer, snapshots=False)
+        sink.drain_once()
+        assert store.cursor(EVENTS_CURSOR) == store.last_pos()
+        assert sink.counters.points_rejected == 2  # the two alarm points, one per gateway
+        assert sum(text.startswith("events,") for text in stored) == len(events)
+        assert not any(text.startswith("alarm,") for text in stored)
+        assert sink.counters.points_written == len(stored)
+        writer.close()
+    finally:
+        store.close()
         receiver.close()
 
 
