@@ -27,7 +27,7 @@ from careflow.hub.mute import (
     inhibited_by,
     silenced_by,
 )
-from careflow.hub.notify import Channel, render
+from careflow.hub.notify import Channel, raised_again_text, render
 from careflow.hub.routing import (
     Decision,
     Reminder,
@@ -350,6 +350,8 @@ class AlertStage:
         rule = self.rules[transition.rule]
         summary = _summary(rule, transition)
         if transition.status == "firing":
+            if rule.kind == "event" and self._raise_again(rule, transition, summary):
+                return
             opened = self.store.open_incident(
                 rule=rule.name, gateway=transition.gateway, device=transition.device,
                 severity=rule.severity, summary=summary, detail=transition.detail,
@@ -368,6 +370,45 @@ class AlertStage:
                                          by="careflow (condition cleared)",
                                          notify=self._outgoing(rule, transition, summary,
                                                                "resolved"))
+
+    def _raise_again(self, rule: Rule, transition: Transition, summary: str) -> bool:
+        """An event rule (a care alarm) raised while its incident is unresolved: every raise is
+        a new emergency. Still open: count it and announce it again at once (the escalation
+        walk goes on: nobody answered yet). Acknowledged: someone had the last raise, so a new
+        incident follows it, announced at once, and its escalation starts from this raise.
+        False when nothing is unresolved (open a new incident as usual)."""
+        # Someone may acknowledge or resolve it between the read and the write (the CLI is
+        # another process): each move is compare-and-set, and each state is left at most once.
+        for _ in range(3):
+            existing = self.store.unresolved_incident(rule=rule.name, gateway=transition.gateway,
+                                                      device=transition.device)
+            if existing is None:
+                return False
+            acknowledged = existing.state == "acknowledged"
+            again = raised_again_text(
+                raises=existing.raises + 1,
+                first_raised_ms=existing.first_raised_ms or existing.triggered_ms,
+                acknowledged_by=existing.acknowledged_by if acknowledged else None,
+                acknowledged_ms=existing.acknowledged_ms if acknowledged else None)
+            notify = self._outgoing(rule, transition, summary, "raised-again", again=again)
+            hold = self._hold_ms(rule, transition, [c for c, _, _ in notify])
+            if acknowledged:
+                carried_by = self.store.supersede_incident(
+                    existing.id, at_ms=transition.at_ms, detail=transition.detail,
+                    notify=notify, group_wait_ms=hold)
+            else:
+                carried_by = existing.id if self.store.raise_again(
+                    existing.id, at_ms=transition.at_ms, detail=transition.detail,
+                    notify=notify, group_wait_ms=hold) else None
+            if carried_by is not None:
+                self.opened += carried_by != existing.id
+                log.warning("alarm raised again", extra={
+                    "rule": rule.name, "gateway": transition.gateway,
+                    "device": transition.device, "incident": carried_by,
+                    "follows": existing.id if carried_by != existing.id else None,
+                    "raises": existing.raises + 1})
+                return True
+        return False
 
     def _muted(self, rule: Rule, transition: Transition) -> str | None:
         """Why this change is recorded but not announced, if it is not announced."""
@@ -400,7 +441,7 @@ class AlertStage:
                                             since_ms=now_ms - FLAP_WINDOW_MS)
 
     def _outgoing(self, rule: Rule, transition: Transition, summary: str,
-                  kind: str) -> list[Outgoing]:
+                  kind: str, *, again: str | None = None) -> list[Outgoing]:
         reason = self._muted(rule, transition)
         if reason is not None:
             self.muted += 1
@@ -410,7 +451,7 @@ class AlertStage:
         title, body = render(kind=kind, severity=rule.severity, summary=summary,
                              detail=transition.detail, gateway=transition.gateway,
                              device=transition.device, since_ms=transition.at_ms,
-                             runbook=self._runbook(rule.runbook))
+                             runbook=self._runbook(rule.runbook), again=again)
         channels = self.decision(rule=rule.name, severity=rule.severity,
                                  gateway=transition.gateway, device=transition.device).channels
         outgoing = [(name, title, body) for name in channels if name in self.channels]

@@ -46,6 +46,7 @@ __all__ = [
     "NotificationSender",
     "combine",
     "load_channels",
+    "raised_again_text",
     "reference",
     "render",
     "retry_delay_ms",
@@ -132,10 +133,26 @@ def retry_delay_ms(attempts: int) -> int:
     return int(min(300_000, 1000 * 2 ** max(0, attempts - 1)))
 
 
+def _utc(at_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at_ms / 1000))
+
+
+def raised_again_text(*, raises: int, first_raised_ms: int, acknowledged_by: str | None = None,
+                      acknowledged_ms: int | None = None) -> str:
+    """What a person needs to know about an alarm raised again: how often, since when, and who
+    had the last raise (that raise being acknowledged does not cover this one)."""
+    text = f"raised {raises} times, first raised {_utc(first_raised_ms)}"
+    if acknowledged_by is not None and acknowledged_ms is not None:
+        text += (f"; the previous raise was acknowledged by {acknowledged_by} at "
+                 f"{_utc(acknowledged_ms)}, this one is a new emergency")
+    return text
+
+
 def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str, device: str,
-           since_ms: int, runbook: str | None) -> tuple[str, str]:
-    """Title and body a person can act on: what, where, since when, what to do."""
-    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since_ms / 1000))
+           since_ms: int, runbook: str | None, again: str | None = None) -> tuple[str, str]:
+    """Title and body a person can act on: what, where, since when, what to do (``again``: an
+    alarm raised again, with its count and first raise, see :func:`raised_again_text`)."""
+    since = _utc(since_ms)
     if kind == "resolved":
         return f"[RESOLVED] {summary}", f"{summary} is over.\nWhere: {gateway} / {device}\n" \
                                         f"Started: {since}\n{detail}"
@@ -143,10 +160,13 @@ def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str,
         summary = f"NOT ACKNOWLEDGED: {summary}"
     elif kind == "repeat":
         summary = f"STILL OPEN, NOT ACKNOWLEDGED: {summary}"
+    elif kind == "raised-again":
+        summary = f"RAISED AGAIN: {summary}"
     todo = f"Runbook: {runbook}" if runbook else "Check the device and its gateway."
+    raised = f"Raised again: {again}\n" if again else ""
     return (f"[{severity.upper()}] {summary}",
             f"What: {summary}\nWhere: gateway {gateway}, device {device}\nSince: {since}\n"
-            f"Detail: {detail}\nWhat to do: {todo}\n"
+            f"{raised}Detail: {detail}\nWhat to do: {todo}\n"
             f"Acknowledge: careflow incidents list, then careflow incidents ack <id>")
 
 

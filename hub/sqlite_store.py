@@ -136,7 +136,11 @@ CREATE TABLE IF NOT EXISTS incidents (
     acknowledged_by TEXT,
     resolved_ms INTEGER,
     resolved_by TEXT,
-    escalation_sent INTEGER NOT NULL DEFAULT 0
+    escalation_sent INTEGER NOT NULL DEFAULT 0,
+    raises INTEGER NOT NULL DEFAULT 1,
+    first_raised_ms INTEGER,
+    last_raised_ms INTEGER,
+    follows_id INTEGER
 );
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
@@ -176,6 +180,17 @@ CREATE TABLE IF NOT EXISTS health (
 );
 """
 
+# Named, not *: a database made before a column existed has its columns in another order.
+_INCIDENT_COLUMNS = ("id, rule, gateway, device, severity, state, summary, detail, triggered_ms, "
+                     "acknowledged_ms, acknowledged_by, resolved_ms, resolved_by, escalation_sent, "
+                     "raises, first_raised_ms, last_raised_ms, follows_id")
+# Columns added to incidents after the first release: (name, declaration, backfill or None).
+_INCIDENT_ADDED = (
+    ("raises", "INTEGER NOT NULL DEFAULT 1", None),
+    ("first_raised_ms", "INTEGER", "triggered_ms"),
+    ("last_raised_ms", "INTEGER", "triggered_ms"),
+    ("follows_id", "INTEGER", None),
+)
 _EVENT_COLUMNS = "pos, id, gateway, device, type, time, time_ms, received_ms, boot, seq, body"
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events "
@@ -291,6 +306,7 @@ class SqliteStore:
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
+            self._add_incident_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))
         except (sqlite3.Error, OSError) as exc:
@@ -305,6 +321,16 @@ class SqliteStore:
             for column in (name, f"{name}_ms"):
                 if column not in known:
                     self._conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
+
+    def _add_incident_columns(self) -> None:
+        """A database made before an incident column existed gains it, filled in."""
+        known = {row[1] for row in self._conn.execute("PRAGMA table_info(incidents)")}
+        for name, declaration, backfill in _INCIDENT_ADDED:
+            if name not in known:
+                with immediate_transaction(self._conn, "add an incident column") as conn:
+                    conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {declaration}")
+                    if backfill is not None:
+                        conn.execute(f"UPDATE incidents SET {name} = {backfill}")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -396,7 +422,7 @@ class SqliteStore:
                           limit: int = 1000) -> list[Incident]:
         """Incidents opened, acknowledged or resolved at or after a moment, by id."""
         rows = self._read(
-            "SELECT * FROM incidents WHERE id > ? AND MAX(triggered_ms, "
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id > ? AND MAX(triggered_ms, "
             "COALESCE(acknowledged_ms, 0), COALESCE(resolved_ms, 0)) >= ? ORDER BY id LIMIT ?",
             (after_id, since_ms, limit))
         return [Incident(*row) for row in rows]
@@ -469,8 +495,9 @@ class SqliteStore:
         with self._transaction("open an incident") as conn:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO incidents (rule, gateway, device, severity, state, "
-                "summary, detail, triggered_ms) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
-                (rule, gateway, device, severity, summary, detail, at_ms))
+                "summary, detail, triggered_ms, first_raised_ms, last_raised_ms) "
+                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
+                (rule, gateway, device, severity, summary, detail, at_ms, at_ms, at_ms))
             if cursor.rowcount != 1:
                 return None
             incident_id = cursor.lastrowid
@@ -513,6 +540,61 @@ class SqliteStore:
                          "resolved_by = ? WHERE id = ?", (at_ms, by, row[0]))
             self._queue(int(row[0]), "resolved", notify, at_ms)
             return 1
+
+    def unresolved_incident(self, *, rule: str, gateway: str, device: str) -> Incident | None:
+        """The open or acknowledged incident of this rule and source (the unique index holds
+        at most one)."""
+        rows = self._read(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE rule = ? AND "
+                          "gateway = ? AND device = ? AND state != 'resolved'",
+                          (rule, gateway, device))
+        return Incident(*rows[0]) if rows else None
+
+    def raise_again(self, incident_id: int, *, at_ms: int, detail: str,
+                    notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> bool:
+        """Count a new raise on a still-open incident, with its messages, in one transaction
+        (compare-and-set: False when someone acknowledged or resolved it meanwhile)."""
+        with self._transaction("record a raise of an incident") as conn:
+            row = conn.execute("SELECT gateway FROM incidents WHERE id = ? AND state = 'open'",
+                               (incident_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE incidents SET raises = raises + 1, last_raised_ms = ?, "
+                         "detail = ? WHERE id = ?", (at_ms, detail, incident_id))
+            self._queue(incident_id, "firing", notify, at_ms, group_key=row[0],
+                        delay_ms=group_wait_ms)
+            return True
+
+    def supersede_incident(self, incident_id: int, *, at_ms: int, detail: str,
+                           notify: Sequence[Outgoing] = (),
+                           group_wait_ms: int = 0) -> int | None:
+        """A new raise of an acknowledged incident opens a new one that follows it.
+
+        The acknowledged one is resolved without a message (a "resolved" message would read as
+        "it is over" while a new emergency starts); the new one carries the raise count and
+        the first raise's time, and its messages are written in the same transaction.
+        Compare-and-set: None when the incident is no longer acknowledged.
+        """
+        with self._transaction("open an incident for a new raise") as conn:
+            row = conn.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ? AND "
+                               "state = 'acknowledged'", (incident_id,)).fetchone()
+            if row is None:
+                return None
+            old = Incident(*row)
+            conn.execute("UPDATE incidents SET state = 'resolved', resolved_ms = ? WHERE id = ?",
+                         (at_ms, incident_id))
+            cursor = conn.execute(
+                "INSERT INTO incidents (rule, gateway, device, severity, state, summary, detail, "
+                "triggered_ms, raises, first_raised_ms, last_raised_ms, follows_id) "
+                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
+                (old.rule, old.gateway, old.device, old.severity, old.summary, detail, at_ms,
+                 old.raises + 1, old.first_raised_ms or old.triggered_ms, at_ms, incident_id))
+            new_id = cursor.lastrowid
+            assert new_id is not None
+            conn.execute("UPDATE incidents SET resolved_by = ? WHERE id = ?",
+                         (f"careflow (raised again: incident {new_id})", incident_id))
+            self._queue(new_id, "firing", notify, at_ms, group_key=old.gateway,
+                        delay_ms=group_wait_ms)
+            return new_id
 
     def group_timing(self, *, channel: str, group_key: str) -> tuple[int | None, int | None]:
         """When the group's last firing message went out, and when its waiting batch goes."""
@@ -614,7 +696,7 @@ class SqliteStore:
                   limit: int = 50) -> list[Incident]:
         """Newest first, optionally only in some states."""
         return [Incident(*row) for row in self._in_states(
-            "*", "incidents", states, " ORDER BY id DESC LIMIT ?", [limit])]
+            _INCIDENT_COLUMNS, "incidents", states, " ORDER BY id DESC LIMIT ?", [limit])]
 
     def count_incidents(self, *, states: Sequence[str] | None = None) -> int:
         """How many incidents are in these states."""
@@ -629,7 +711,8 @@ class SqliteStore:
 
     def incident(self, incident_id: int) -> Incident | None:
         """One incident."""
-        rows = self._read("SELECT * FROM incidents WHERE id = ?", (incident_id,))
+        rows = self._read(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?",
+                          (incident_id,))
         return Incident(*rows[0]) if rows else None
 
     def add_silence(self, *, gateway: str, device: str, rule: str, starts_ms: int, ends_ms: int,

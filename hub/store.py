@@ -156,6 +156,12 @@ class Incident:
     resolved_ms: int | None
     resolved_by: str | None
     escalation_sent: int = 0  # escalation steps already sent
+    # A care alarm raised again while this incident was unresolved: how many raises it carries
+    # (with those of the acknowledged incidents it follows), the first and the newest.
+    raises: int = 1
+    first_raised_ms: int | None = None
+    last_raised_ms: int | None = None
+    follows_id: int | None = None  # the acknowledged incident this raise superseded
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +309,24 @@ class EventStore(Protocol):
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
                           by: str, notify: Sequence[Outgoing] = ()) -> int:
         """Resolve what is open for this rule and source (and queue notifications)."""
+        ...
+
+    def unresolved_incident(self, *, rule: str, gateway: str, device: str) -> Incident | None:
+        """The open or acknowledged incident of this rule and source, if there is one."""
+        ...
+
+    def raise_again(self, incident_id: int, *, at_ms: int, detail: str,
+                    notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> bool:
+        """Count a new raise on a still-open incident and queue its messages (compare-and-set:
+        False when it is no longer open)."""
+        ...
+
+    def supersede_incident(self, incident_id: int, *, at_ms: int, detail: str,
+                           notify: Sequence[Outgoing] = (),
+                           group_wait_ms: int = 0) -> int | None:
+        """A new raise of an acknowledged incident: resolve it (without messages) and open a new
+        one that follows it, with its messages; the new id, or None when it is no longer
+        acknowledged (compare-and-set)."""
         ...
 
     def add_silence(self, *, gateway: str, device: str, rule: str, starts_ms: int, ends_ms: int,

@@ -23,7 +23,8 @@ ByOption = Annotated[str | None, typer.Option("--by", help="Who [default: your l
 
 def _row(incident: Incident) -> dict[str, Any]:
     row = asdict(incident)
-    for key in ("triggered_ms", "acknowledged_ms", "resolved_ms"):
+    for key in ("triggered_ms", "acknowledged_ms", "resolved_ms", "first_raised_ms",
+                "last_raised_ms"):
         value = row.pop(key)
         row[key.removesuffix("_ms")] = iso_ms(value) if value is not None else None
     if incident.acknowledged_ms is not None:
