@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from careflow import __version__
-from careflow.config import BrokerUrl, TlsFiles, parse_broker_url, tls_files
+from careflow.config import BrokerUrl, TlsFiles, parse_broker_url, read_secret, tls_files
 from careflow.edge.commands import CommandHandler, handle_command
 from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.edge.outbox import Outbox, Pending
@@ -86,7 +86,8 @@ class AgentConfig:
 
 def load_agent_config(path: Path | None, overrides: Mapping[str, Any] | None = None,
                       env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read edge.yaml (if given), then apply flag overrides; secrets come from the environment."""
+    """Read edge.yaml (if given), then apply flag overrides; secrets come from the environment
+    (``CAREFLOW_EDGE_PASSWORD``, or the file ``CAREFLOW_EDGE_PASSWORD_FILE`` names)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if path is not None:
@@ -120,7 +121,7 @@ def load_agent_config(path: Path | None, overrides: Mapping[str, Any] | None = N
                   for name in ("ca_file", "cert_file", "key_file", "identity_dir")
                   if values.get(name)}},
             username=env.get("CAREFLOW_EDGE_USERNAME") or None,
-            password=env.get("CAREFLOW_EDGE_PASSWORD") or None,
+            password=read_secret(env, "CAREFLOW_EDGE_PASSWORD") or None,
         )
     except TypeError as exc:
         msg = f"invalid agent settings: {exc}"

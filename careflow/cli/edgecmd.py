@@ -47,7 +47,7 @@ def run(
 
     Example: `careflow edge run --gateway gw-0001 --broker mqtt://hub.local:1883 --data-dir
     /var/lib/careflow-edge`. Broker credentials come from CAREFLOW_EDGE_USERNAME and
-    CAREFLOW_EDGE_PASSWORD.
+    CAREFLOW_EDGE_PASSWORD (or CAREFLOW_EDGE_PASSWORD_FILE, a file holding it).
     """
     settings = load_agent_config(config, {
         "gateway": gateway, "broker": broker, "data_dir": data_dir, "spool_dir": spool_dir,
