@@ -25,6 +25,8 @@ from careflow.provisioning.protocol import (
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.provisioning.service import DeviceConfig, ProvisioningService
 from tests.conftest import make_settings
+from tests.hostile import hostile_payloads as hostile_event_payloads
+from tests.hostile import nested_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
@@ -50,6 +52,10 @@ def _reference_depth(value: Any) -> int:
 
 
 hostile_payloads = st.one_of(
+    hostile_event_payloads(),  # the shared ones (tests/hostile.py), built for event topics
+    st.builds(lambda d, shape: ('{"serial":"SN-1","x":' + nested_json(d, shape=shape) + "}"
+                                ).encode(),
+              st.integers(MAX_REQUEST_DEPTH - 2, 20_000), st.sampled_from(["array", "mixed"])),
     st.binary(max_size=2000),
     st.text(max_size=500).map(str.encode),
     json_values.map(lambda v: json.dumps(v).encode()),
