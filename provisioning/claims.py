@@ -13,6 +13,7 @@ States of one serial::
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import re
 import secrets
@@ -26,6 +27,8 @@ __all__ = [
     "ID_PATTERN",
     "ClaimRecord",
     "Proceed",
+    "Refusal",
+    "RefusalLog",
     "Registration",
     "Reject",
     "State",
@@ -143,16 +146,70 @@ def rate_limit(attempts_ms: Sequence[int], now_ms: int, *, limit: int = CLAIM_RA
                window_ms: int = CLAIM_RATE_WINDOW_MS) -> int | None:
     """Seconds to wait before another attempt is allowed, or None to allow it now.
 
-    ``attempts_ms`` are the earlier attempts that were allowed. An attempt is allowed while
-    fewer than ``limit`` of them lie in the window ending now; otherwise the wait is until the
-    oldest of those leaves the window (rounded up, at least 1 s).
+    ``attempts_ms`` are the earlier attempts that were allowed (the caller keeps only the last
+    ``limit``: no more matter). An attempt is allowed while fewer than ``limit`` of them lie in
+    the window ending now; otherwise the wait is until the oldest of the newest ``limit`` leaves
+    the window (rounded up, at least 1 s). Nothing is sorted: the cost stays O(n log limit).
     """
-    recent = sorted(t for t in attempts_ms if now_ms - window_ms < t <= now_ms)
+    recent = [t for t in attempts_ms if now_ms - window_ms < t <= now_ms]
     if len(recent) < limit:
         return None
-    oldest_that_matters = recent[-limit]
+    oldest_that_matters = min(heapq.nlargest(limit, recent))
     wait_ms = oldest_that_matters + window_ms - now_ms
     return max(1, -(-wait_ms // 1000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """Refused requests of one (source, serial, code): how many, first and last."""
+
+    source: str  # the client id (claims) or gateway id (renewals) of the topic
+    serial: str  # the serial the request named; "" when it named none
+    code: str
+    first_ms: int
+    last_ms: int
+    count: int
+
+
+class RefusalLog:
+    """Refused requests folded in memory by (source, serial, code) until they are taken.
+
+    A flood of refusals costs one dict update each, and the store one transaction per flush,
+    not one per refusal. Bounded: beyond ``max_keys`` distinct keys, new ones are folded into
+    ``("*", "*", code)``, so the counts stay true while the names are lost.
+    """
+
+    OVERFLOW = "*"
+    SOURCE_CHARS = 128  # a topic level can be 64 KiB; the name is for people, the start suffices
+
+    def __init__(self, *, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self._pending: dict[tuple[str, str, str], list[int]] = {}  # key -> [first, last, count]
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def note(self, *, source: str, serial: str, code: str, now_ms: int) -> bool:
+        """Count one refusal; True when it is the first of its key since the last take."""
+        key = (source[:self.SOURCE_CHARS], serial, code)
+        tally = self._pending.get(key)
+        if tally is None and len(self._pending) >= self.max_keys:
+            key = (self.OVERFLOW, self.OVERFLOW, code)
+            tally = self._pending.get(key)
+        if tally is None:
+            self._pending[key] = [now_ms, now_ms, 1]
+            return True
+        tally[0] = min(tally[0], now_ms)
+        tally[1] = max(tally[1], now_ms)
+        tally[2] += 1
+        return False
+
+    def take(self) -> list[Refusal]:
+        """Everything counted since the last take (and forget it)."""
+        pending, self._pending = self._pending, {}
+        return [Refusal(source=source, serial=serial, code=code, first_ms=first, last_ms=last,
+                        count=count)
+                for (source, serial, code), (first, last, count) in pending.items()]
 
 
 def decide_registration(existing: ClaimRecord | None, *, serial: str, site: str,

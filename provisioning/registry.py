@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from careflow.errors import StoreError
 from careflow.provisioning.claims import (
     ClaimRecord,
+    Refusal,
     Registration,
     Reject,
     State,
@@ -60,7 +61,21 @@ CREATE TABLE IF NOT EXISTS provision_revocations (
     requested_ms INTEGER NOT NULL,
     done_ms INTEGER
 );
+-- refused claims and renewals, folded by (source, serial, code) and written in batches: for
+-- operators to see who knocks, never touching a serial's own row; pruned to a bound
+CREATE TABLE IF NOT EXISTS provision_refusals (
+    source TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    code TEXT NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (source, serial, code)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS provision_refusals_by_time ON provision_refusals (last_ms);
+CREATE INDEX IF NOT EXISTS provision_refusals_by_serial ON provision_refusals (serial, last_ms);
 """
+_REFUSAL_COLUMNS = "source, serial, code, first_ms, last_ms, count"
 _COLUMNS = ("serial, site, gateway_id, state, token_hash, token_expires_ms, key_fingerprint, "
             "cert_serial, cert_not_after_ms, cert_pem, registered_ms, claimed_ms, issued_ms, "
             "connected_ms, active_ms, renewed_ms, revoked_ms, last_error, last_error_ms")
@@ -113,10 +128,17 @@ class ProvisioningRegistry(Protocol):
         """issued → active on the first stored heartbeat; returns the gateways that changed."""
 
     def record_error(self, serial: str, message: str, *, now_ms: int) -> None:
-        """Remember the last refusal or failure for `provision watch` to explain."""
+        """Remember the last refusal or failure for `provision watch` to explain (only of a
+        requester that proved it holds the serial: a stranger never changes its row)."""
 
     def withdraw(self, gateway_id: str, *, now_ms: int) -> bool:
         """`careflow device revoke`: the identity is withdrawn (no claim, no renewal)."""
+
+    def record_refusals(self, refusals: Sequence[Refusal], *, max_rows: int) -> None:
+        """Add folded refusals (one transaction), keeping at most ``max_rows``, newest."""
+
+    def refusals(self, *, limit: int, serial: str | None = None) -> list[Refusal]:
+        """The most recently refused (source, serial, code), newest first."""
 
     def pending_revocations(self) -> list[Revocation]:
         """Identities withdrawn but not yet revoked by the CA."""
@@ -264,6 +286,34 @@ class SqliteProvisioningRegistry:
             "record a revocation",
             "UPDATE provision_serials SET state = 'revoked', revoked_ms = ? "
             "WHERE gateway_id = ? AND state != 'revoked'", (now_ms, gateway_id))
+
+    def record_refusals(self, refusals: Sequence[Refusal], *, max_rows: int) -> None:
+        """Fold ``refusals`` into the table in one transaction, then drop the stalest rows
+        beyond ``max_rows`` (found through the time index, never by sorting the table)."""
+        if not refusals:
+            return
+        with self._transaction("record refused requests") as conn:
+            conn.executemany(
+                f"INSERT INTO provision_refusals ({_REFUSAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (source, serial, code) DO UPDATE SET "
+                "first_ms = min(first_ms, excluded.first_ms), "
+                "last_ms = max(last_ms, excluded.last_ms), count = count + excluded.count",
+                [(r.source, r.serial, r.code, r.first_ms, r.last_ms, r.count) for r in refusals])
+            (rows,) = conn.execute("SELECT count(*) FROM provision_refusals").fetchone()
+            if rows > max_rows:
+                conn.execute(
+                    "DELETE FROM provision_refusals WHERE (source, serial, code) IN ("
+                    "SELECT source, serial, code FROM provision_refusals "
+                    "ORDER BY last_ms LIMIT ?)", (rows - max_rows,))
+
+    def refusals(self, *, limit: int, serial: str | None = None) -> list[Refusal]:
+        """The most recently refused (source, serial, code), newest first, through an index."""
+        where, params = ("WHERE serial = ? ", (serial, limit)) if serial is not None \
+            else ("", (limit,))
+        rows = self._read(f"SELECT {_REFUSAL_COLUMNS} FROM provision_refusals {where}"
+                          "ORDER BY last_ms DESC LIMIT ?", params)
+        return [Refusal(source=row[0], serial=row[1], code=row[2], first_ms=row[3],
+                        last_ms=row[4], count=row[5]) for row in rows]
 
     def pending_revocations(self) -> list[Revocation]:
         """Identities withdrawn by ``--replace`` that the CA has not revoked yet."""

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,14 +34,17 @@ from careflow.errors import ContractError, CsrError, PkiError, StoreError
 from careflow.mqtt import check, connect_blocking, make_client
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import (
+    CLAIM_RATE_LIMIT,
     ClaimRecord,
     Proceed,
+    RefusalLog,
     Reject,
     decide_claim,
     decide_renewal,
     expiring,
     hash_token,
     rate_limit,
+    tokens_match,
 )
 from careflow.provisioning.protocol import (
     PROVISION_SUBSCRIPTIONS,
@@ -236,6 +240,9 @@ class ProvisioningService:
         self.answered: dict[str, int] = defaultdict(int)  # status or code -> count
         self.failures = 0  # requests whose serving raised (a bug): logged, answered, survived
         self._attempts: dict[str, deque[int]] = {}
+        # refusals are counted here and written in one transaction every few seconds: a flood
+        # of refused claims must not cost a synced write each
+        self.refusals = RefusalLog(max_keys=MAX_PENDING_REFUSALS)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="provisioning", daemon=True)
@@ -267,6 +274,8 @@ class ProvisioningService:
         self._client.loop_stop()
         if self._worker.is_alive():
             self._worker.join(timeout=10)
+        if not self._worker.is_alive():
+            self.flush_refusals()
 
     def _on_message(self, _client: paho.Client, _userdata: object,
                     message: paho.MQTTMessage) -> None:
@@ -279,7 +288,11 @@ class ProvisioningService:
             pass
 
     def _work(self) -> None:
+        flush_at = time.monotonic() + REFUSAL_FLUSH_S
         while not self._stop.is_set():
+            if time.monotonic() >= flush_at:
+                flush_at = time.monotonic() + REFUSAL_FLUSH_S
+                self.flush_refusals()
             try:
                 topic, payload = self._inbox.get(timeout=0.2)
             except queue.Empty:
@@ -287,8 +300,18 @@ class ProvisioningService:
             try:
                 for reply_to, body in self.handle(topic, payload):
                     self._client.publish(reply_to, body, qos=1)
-            except Exception:
+            except Exception:  # one request must never end the service
                 self._failed(topic)
+
+    def flush_refusals(self) -> None:
+        """Write the refusals counted since the last flush (one transaction); never raises:
+        they are for operators to read, and answering goes on if the store refuses them."""
+        taken = self.refusals.take()
+        try:
+            self.registry.record_refusals(taken, max_rows=MAX_REFUSAL_ROWS)
+        except Exception:  # StoreError, or a bug: either way, keep serving
+            log.exception("cannot record refused provisioning requests; their counts are lost",
+                          extra={"refusals": sum(r.count for r in taken)})
 
     def _failed(self, topic: str) -> None:
         """Serving one request raised: log it, count it, tell the requester if we can."""
@@ -326,7 +349,9 @@ class ProvisioningService:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors()[:3])
-            return [self._reject(client_id, request_id, Reject("bad_request", problems))]
+            serial = body.get("serial")
+            return [self._reject(client_id, request_id, Reject("bad_request", problems),
+                                 serial=serial[:64] if isinstance(serial, str) else "")]
         except (StoreError, PkiError) as exc:
             log.error("provisioning failed", extra={"error": str(exc), "topic": topic})
             return [self._reject(client_id, request_id, Reject(
@@ -336,8 +361,16 @@ class ProvisioningService:
             return [self._reject(client_id, request_id, Reject(
                 "internal_error", "the hub hit a bug; try again later and report it"))]
 
-    def _reject(self, client_id: str, request_id: str | None, reject: Reject) -> Reply:
+    def _reject(self, client_id: str, request_id: str | None, reject: Reject, *,
+                serial: str = "") -> Reply:
+        """A refusal: counted, folded into the refusal log (logged once per source, serial and
+        code per flush), answered."""
         self.answered[reject.code] += 1
+        if self.refusals.note(source=client_id, serial=serial, code=reject.code,
+                              now_ms=_ms(self.clock())):
+            log.warning("provisioning request refused", extra={
+                "source": client_id[:RefusalLog.SOURCE_CHARS], "serial": serial,
+                "code": reject.code})
         reply = RejectedReply(request_id=request_id, code=reject.code, message=reject.message,
                               retry_after_s=reject.retry_after_s)
         return rejected_topic(client_id), reply.model_dump_json(exclude_none=True)
@@ -367,13 +400,12 @@ class ProvisioningService:
                       retry_after_s=wait_s)
 
     def _note_attempt(self, key: str, now_ms: int) -> None:
-        """Count an attempt; the map is bounded, since anyone holding the claim certificate
-        chooses the serials it names (the longest-known keys are forgotten first)."""
-        self._attempts.setdefault(key, deque()).append(now_ms)
-        excess = len(self._attempts) - MAX_TRACKED_KEYS
-        if excess > 0:
-            for old in list(self._attempts)[:excess]:
-                del self._attempts[old]
+        """Count an allowed attempt. Bounded both ways: per key only the last few matter to
+        the limit, and anyone holding the claim certificate chooses the serials it names (the
+        longest-known keys are forgotten first)."""
+        self._attempts.setdefault(key, deque(maxlen=CLAIM_RATE_LIMIT)).append(now_ms)
+        while len(self._attempts) > MAX_TRACKED_KEYS:
+            del self._attempts[next(iter(self._attempts))]
 
     def _sign(self, record: ClaimRecord, csr: bytes, now: datetime) -> tuple[str, str, int]:
         """(PEM, hex serial, not_after ms) of a new certificate, recorded in the PKI's index."""
@@ -392,35 +424,42 @@ class ProvisioningService:
         key = f"serial {request.serial}"
         limited = self._rate_limited(key, now_ms)
         record = self.registry.get(request.serial)
+        # Only a requester holding the serial's token may leave a mark on its row; a stranger's
+        # refusals go to the refusal log alone.
+        proven = record is not None and tokens_match(request.token, record.token_hash)
         csr = request.csr.encode()
         try:
             fingerprint = key_fingerprint(csr)
         except CsrError as exc:
-            self._note_attempt(key, now_ms)
+            if limited is None:
+                self._note_attempt(key, now_ms)
             return self._refuse(client_id, request, limited or Reject(exc.code, str(exc)),
-                                now_ms)
+                                now_ms, proven=proven)
         verdict = decide_claim(record, serial=request.serial, token=request.token,
                                key_fingerprint=fingerprint, now_ms=now_ms)
         if isinstance(verdict, Reject):
-            self._note_attempt(key, now_ms)
-            return self._refuse(client_id, request, limited or verdict, now_ms)
+            if limited is None:
+                self._note_attempt(key, now_ms)
+            return self._refuse(client_id, request, limited or verdict, now_ms, proven=proven)
         assert record is not None  # decide_claim refuses unknown serials
         if verdict == Proceed(replay=True) and record.cert_pem is not None:
             if record.renewed_ms is not None:  # the stored certificate is for a newer key now
                 return self._refuse(client_id, request, Reject(
                     "token_used", "this claim token was used and the identity has since been "
-                    "renewed; the gateway already holds its certificate"), now_ms)
+                    "renewed; the gateway already holds its certificate"), now_ms, proven=True)
             log.info("claim answered again", extra={"serial": record.serial})
             return self._accept(client_id, request.request_id, record, record.cert_pem)
         try:
             pem, cert_serial, not_after_ms = self._sign(record, csr, now)
         except CsrError as exc:
-            return self._refuse(client_id, request, Reject(exc.code, str(exc)), now_ms)
+            return self._refuse(client_id, request, Reject(exc.code, str(exc)), now_ms,
+                                proven=True)
         if record.state == "registered" and not self.registry.claim(
                 record.serial, token_hash=hash_token(request.token), key_fingerprint=fingerprint,
                 now_ms=now_ms):
             return self._refuse(client_id, request, Reject(
-                "token_used", "this claim token was used by a concurrent claim"), now_ms)
+                "token_used", "this claim token was used by a concurrent claim"), now_ms,
+                proven=True)
         self.registry.issue(record.serial, cert_serial=cert_serial, not_after_ms=not_after_ms,
                             cert_pem=pem, now_ms=_ms(self.clock()))
         if self.activation is not None:
@@ -430,12 +469,13 @@ class ProvisioningService:
                                                         "cert_serial": cert_serial})
         return self._accept(client_id, request.request_id, record, pem)
 
-    def _refuse(self, client_id: str, request: ClaimRequest, reject: Reject,
-                now_ms: int) -> Reply:
-        log.warning("claim refused", extra={"serial": request.serial, "code": reject.code})
-        self.registry.record_error(request.serial, f"claim refused: {reject.code}: "
-                                   f"{reject.message}", now_ms=now_ms)
-        return self._reject(client_id, request.request_id, reject)
+    def _refuse(self, client_id: str, request: ClaimRequest, reject: Reject, now_ms: int, *,
+                proven: bool) -> Reply:
+        """Refuse a claim; the serial's own row learns of it only if the token was right."""
+        if proven:
+            self.registry.record_error(request.serial, f"claim refused: {reject.code}: "
+                                       f"{reject.message}", now_ms=now_ms)
+        return self._reject(client_id, request.request_id, reject, serial=request.serial)
 
     def _renew(self, gateway_id: str, request: RenewRequest) -> Reply:
         now = self.clock()
@@ -465,6 +505,9 @@ class ProvisioningService:
 CERT_WARN_MS = 7 * 86_400_000  # renewal starts at day 20 of 30; a week left means it failed
 REVOKED_CHECK_INTERVAL_MS = 5_000
 MAX_TRACKED_KEYS = 10_000  # rate-limit memory: serials and gateways seen in the last hour
+REFUSAL_FLUSH_S = 5.0  # refusals reach the registry at most this late (and so often)
+MAX_PENDING_REFUSALS = 10_000  # distinct (source, serial, code) held between two flushes
+MAX_REFUSAL_ROWS = 10_000  # the refusal table keeps the most recently active this many
 CRL_WARN = timedelta(days=7)  # `careflow ca crl-refresh` runs daily and signs for 30 days
 
 

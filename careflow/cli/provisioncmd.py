@@ -11,12 +11,14 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from careflow.cli.common import (
     DataDirOption,
     JsonOption,
     console,
     err_console,
+    format_age,
     format_ms,
     iso_ms,
     parse_when,
@@ -154,6 +156,38 @@ def list_serials(as_json: JsonOption = False, data_dir: DataDirOption = None) ->
         console.print("nothing registered: `careflow provision register --serial SN --site S`")
 
 
+@provision_app.command("refusals")
+def list_refusals(
+    serial: Annotated[str | None, typer.Option("--serial", help="Only those naming it.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 30,
+    as_json: JsonOption = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Refused claims and renewals, most recent first, counted by who sent them (the client
+    id or gateway of the topic), the serial they named and the reason.
+
+    A stranger's attempts are kept here only: they never change a registered serial's state or
+    last error. The hub writes them every few seconds and keeps the 10,000 most recent.
+    """
+    registry = _registry(settings_from(data_dir=data_dir))
+    try:
+        refusals = registry.refusals(limit=limit, serial=serial)
+    finally:
+        registry.close()
+    if as_json:
+        print_json_lines([{"source": r.source, "serial": r.serial, "code": r.code,
+                           "count": r.count, "first": iso_ms(r.first_ms),
+                           "last": iso_ms(r.last_ms)} for r in refusals])
+        return
+    table = Table("last", "source", "serial", "code", "count", "first (UTC)")
+    for r in refusals:  # device-supplied names: Text, never markup
+        table.add_row(format_age(r.last_ms) + " ago", Text(r.source), Text(r.serial or "-"),
+                      r.code, str(r.count), format_ms(r.first_ms))
+    console.print(table)
+    if not refusals:
+        console.print("no refused claims or renewals recorded")
+
+
 @dataclass(frozen=True, slots=True)
 class _Step:
     name: str
@@ -203,6 +237,18 @@ def _watch_table(r: ClaimRecord, now_ms: int, started_ms: int) -> Table:
     return table
 
 
+def _print_refusals_of(settings: Settings, serial: str) -> None:
+    """Refused claims naming ``serial`` (a mistyped token leaves no mark on the serial itself)."""
+    registry = _registry(settings)
+    try:
+        refusals = registry.refusals(limit=5, serial=serial)
+    finally:
+        registry.close()
+    for r in refusals:
+        err_console.print(Text(f"refused claim naming {serial}: {r.code} x{r.count} from "
+                               f"{r.source}, last {format_age(r.last_ms)} ago"))
+
+
 @provision_app.command("watch")
 def watch(
     serial: Annotated[str, typer.Argument(help="The serial to watch.")],
@@ -248,6 +294,7 @@ def watch(
         err_console.print(f"check: {missing.hint}", highlight=False)
         if record.last_error:
             err_console.print(f"last error: {record.last_error}", highlight=False)
+        _print_refusals_of(settings, serial)
         raise typer.Exit(1)
     total = (record.active_ms or 0) - record.registered_ms
     err_console.print(f"[green]{serial} is active[/] as {record.gateway_id} "

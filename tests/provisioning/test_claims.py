@@ -12,6 +12,7 @@ from careflow.provisioning.claims import (
     ID_PATTERN,
     ClaimRecord,
     Proceed,
+    RefusalLog,
     Registration,
     Reject,
     State,
@@ -156,3 +157,30 @@ def test_it_finds_certificates_near_their_end() -> None:
     later = record(State.ACTIVE, serial="SN-2", cert_not_after_ms=NOW + 30 * 86_400_000)
     gone = record(State.REVOKED, serial="SN-3", cert_not_after_ms=NOW)
     assert expiring([soon, later, gone], now_ms=NOW, within_ms=7 * 86_400_000) == [soon]
+
+
+@given(st.lists(st.integers(NOW - 2_000_000, NOW + 1000), max_size=40), st.integers(1, 8))
+def test_rate_limit_without_sorting_says_what_sorting_said(attempts: list[int],
+                                                           limit: int) -> None:
+    window = 600_000
+    recent = sorted(t for t in attempts if NOW - window < t <= NOW)
+    expected = None if len(recent) < limit else max(1, -(-(recent[-limit] + window - NOW)
+                                                        // 1000))
+    assert rate_limit(attempts, NOW, limit=limit, window_ms=window) == expected
+
+
+def test_the_refusal_log_folds_by_source_serial_and_code_and_stays_bounded() -> None:
+    refusals = RefusalLog(max_keys=2)
+    assert refusals.note(source="claim-a", serial="SN-1", code="token_invalid", now_ms=NOW)
+    assert not refusals.note(source="claim-a", serial="SN-1", code="token_invalid",
+                             now_ms=NOW + 5)
+    assert refusals.note(source="claim-b", serial="SN-2", code="unknown_serial", now_ms=NOW)
+    for i in range(100):  # beyond the bound: counted under "*", never a new key each
+        refusals.note(source=f"claim-{i}", serial=f"SN-{i}", code="unknown_serial",
+                      now_ms=NOW + i)
+    taken = {(r.source, r.serial, r.code): (r.first_ms, r.last_ms, r.count)
+             for r in refusals.take()}
+    assert taken == {("claim-a", "SN-1", "token_invalid"): (NOW, NOW + 5, 2),
+                     ("claim-b", "SN-2", "unknown_serial"): (NOW, NOW, 1),
+                     ("*", "*", "unknown_serial"): (NOW, NOW + 99, 100)}
+    assert len(refusals) == 0 and refusals.take() == []

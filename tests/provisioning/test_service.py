@@ -112,8 +112,12 @@ def test_it_rejects_with_a_code(service: ProvisioningService, setup: str,
     assert (kind, body["code"]) == ("rejected", code), body
     assert body["request_id"] == "r1"
     record = service.registry.get("SN-1")
-    if record is not None and code != "token_used":
+    if record is not None and code == "token_invalid":  # a stranger: the row stays as it was
+        assert record.last_error is None
+    elif record is not None and code != "token_used":
         assert record.last_error and code in record.last_error
+    service.flush_refusals()
+    assert service.registry.refusals(limit=1, serial="SN-1")[0].code == code
 
 
 def test_it_rate_limits_claims_per_serial_with_retry_after(service: ProvisioningService) -> None:
@@ -233,3 +237,69 @@ def test_the_rate_limit_memory_is_bounded_whatever_serials_are_named(
     for i in range(200):
         ask(service, f"SN-SPAM-{i}")
     assert len(service._attempts) == 50
+
+
+def test_a_strangers_refused_claims_leave_a_real_serials_row_unchanged(
+        service: ProvisioningService) -> None:
+    register(service, "SN-1")
+    before = service.registry.get("SN-1")
+    bad_csr = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+    for i in range(20):  # wrong tokens, with good and bad CSRs, past the rate limit
+        ask(service, "SN-1", token=f"guess-{i}", csr=bad_csr if i % 2 else None,
+            client=f"claim-evil-{i % 3}")
+    assert service.registry.get("SN-1") == before
+    service.flush_refusals()
+    assert service.registry.get("SN-1") == before
+    refused = service.registry.refusals(limit=100, serial="SN-1")
+    assert sum(r.count for r in refused) == 20
+    assert {r.source for r in refused} == {"claim-evil-0", "claim-evil-1", "claim-evil-2"}
+    assert ask(service, "SN-1")[0] == "accepted"  # the technician is not locked out
+
+
+def test_refused_claims_are_written_in_one_transaction_per_flush_not_one_each(
+        service: ProvisioningService) -> None:
+    """A flood of refusals costs the store nothing until the flush, then one commit."""
+    register(service, "SN-1")
+    statements: list[str] = []
+    service.registry._conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    csr = claim_csr(pki_mod.new_device_key())
+    for i in range(100):
+        ask(service, "SN-1" if i % 2 else f"SN-NOBODY-{i}", token="guess", csr=csr)
+    assert [s for s in statements if s.startswith(("BEGIN", "COMMIT", "UPDATE", "INSERT"))] == []
+    service.flush_refusals()
+    assert sum(s == "COMMIT" for s in statements) == 1
+    assert sum(r.count for r in service.registry.refusals(limit=1000)) == 100
+
+
+def test_the_refusal_table_and_memory_stay_bounded(
+        service: ProvisioningService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "MAX_REFUSAL_ROWS", 40)
+    service.refusals.max_keys = 25
+    for round_ in range(4):
+        for i in range(60):
+            ask(service, f"SN-SPAM-{round_}-{i}")
+        assert len(service.refusals) <= 25 + 1  # the overflow key keeps the count
+        service.clock.now += timedelta(seconds=1)  # type: ignore[attr-defined]
+        service.flush_refusals()
+    rows = service.registry.refusals(limit=1000)
+    assert len(rows) == 40
+    assert rows[0].last_ms >= rows[-1].last_ms  # newest first
+    assert any(r.source == "*" for r in rows)  # beyond the memory bound, counted, not named
+    # one serial hammered: its rate-limit memory holds the few attempts that matter, not all
+    for _ in range(300):
+        ask(service, "SN-HAMMERED", token="guess")
+    assert len(service._attempts["serial SN-HAMMERED"]) <= 5
+
+
+def test_listing_refusals_reads_through_an_index_not_a_sort(
+        service: ProvisioningService) -> None:
+    conn = service.registry._conn  # type: ignore[attr-defined]
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    service.registry.refusals(limit=10)
+    service.registry.refusals(limit=10, serial="SN-1")
+    conn.set_trace_callback(None)
+    assert len(statements) == 2
+    for sql in statements:  # as run, with the parameters bound
+        plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "INDEX" in plan and "TEMP B-TREE" not in plan, plan
