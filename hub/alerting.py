@@ -33,6 +33,7 @@ from careflow.hub.routing import (
     Reminder,
     decide,
     firing_send_at,
+    next_reminder_ms,
     reachable_channels,
     reminder_due,
 )
@@ -48,6 +49,11 @@ MAX_UNRECORDED = 100_000  # alert changes held while the store refuses writes
 
 
 GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets it
+# Due incidents the escalation walk looks at per clock tick (4 ticks a second); more wait for the
+# next tick, the longest due first, and each one looked at is moved on to its next due time.
+REMIND_PER_TICK = 1_000
+# A silenced escalation step is looked at again this often, in case the silence is expired early.
+SILENCED_RECHECK_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,7 @@ class AlertStage:
         self._lag_ms = 0
         self._last_tick_ms: int | None = None
         self._lagging_since_ms: int | None = None
+        self._rescheduled = False  # open incidents' due times recomputed since start
         self._seed()
 
     def _check_channels(self, rules: RuleSet) -> None:
@@ -222,8 +229,10 @@ class AlertStage:
 
     def check_self(self, problems: Mapping[str, str], now_ms: int) -> None:
         """Open or resolve the hub's own incidents (careflow-hub/hub) from its self-checks."""
-        active = {i.rule for i in self.store.incidents(states=("open", "acknowledged"))
-                  if i.gateway == HUB_GATEWAY}
+        # one lookup per rule on the unresolved-incident index: a page of the newest incidents
+        # missed the hub's own behind a busy fleet's, so a passed check never resolved it
+        active = {rule for rule in SELF_RULES if self.store.unresolved_incident(
+            rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE) is not None}
         for rule, severity in SELF_RULES.items():
             if rule in problems and rule not in active:
                 title, body = render(kind="firing", severity=severity,
@@ -235,7 +244,9 @@ class AlertStage:
                 notify = [(c, title, body) for c in channels if c in self.channels]
                 if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
                                             severity=severity, summary=f"careflow hub: {rule}",
-                                            detail=problems[rule], at_ms=now_ms, notify=notify):
+                                            detail=problems[rule], at_ms=now_ms, notify=notify,
+                                            next_due_ms=self._first_due_ms(
+                                                rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
                     log.error("the hub raised an alert about itself",
                               extra={"rule": rule, "detail": problems[rule]})
                     self.on_queued()
@@ -244,27 +255,45 @@ class AlertStage:
                                              at_ms=now_ms, by="careflow (self-check passed)")
 
     def _remind(self, now_ms: int) -> None:
-        """Escalation steps, then repeats every repeat_interval, for open incidents."""
-        for incident in self.store.incidents(states=("open",), limit=10_000):
+        """Escalation steps, then repeats every repeat_interval, for open incidents whose
+        reminder is due: by due time, the longest due first, at most REMIND_PER_TICK per tick,
+        so no number of newer incidents can hold back an older care alarm's escalation."""
+        if not self._rescheduled:  # the policies may have changed since the last run
+            self.store.make_open_incidents_due()
+            self._rescheduled = True
+        for incident in self.store.due_incidents(now_ms=now_ms, limit=REMIND_PER_TICK):
             decision = self.decision(rule=incident.rule, severity=incident.severity,
                                      gateway=incident.gateway, device=incident.device)
             steps = self.escalation.get(decision.escalation or "", ())
-            due = reminder_due(tuple(s.after for s in steps), sent=incident.escalation_sent,
-                               state=incident.state, triggered_ms=incident.triggered_ms,
-                               now_ms=now_ms, repeat_interval_ms=decision.repeat_interval_ms)
-            if due is None:
+            after_ms = tuple(s.after for s in steps)
+            due = reminder_due(after_ms, sent=incident.escalation_sent, state=incident.state,
+                               triggered_ms=incident.triggered_ms, now_ms=now_ms,
+                               repeat_interval_ms=decision.repeat_interval_ms)
+            if due is None:  # not yet (or never): look again when it will be
+                self.store.set_incident_due(incident.id, next_due_ms=next_reminder_ms(
+                    after_ms, sent=incident.escalation_sent, state=incident.state,
+                    triggered_ms=incident.triggered_ms,
+                    repeat_interval_ms=decision.repeat_interval_ms))
                 continue
+            after = next_reminder_ms(after_ms, sent=incident.escalation_sent + 1,
+                                     state=incident.state, triggered_ms=incident.triggered_ms,
+                                     repeat_interval_ms=decision.repeat_interval_ms)
             silenced = silenced_by(self.store.silences(active_at_ms=now_ms), incident.rule,
                                    incident.gateway, incident.device, now_ms)
             if due is Reminder.ESCALATE:
-                if silenced is None:  # a silenced step waits for the silence to end
-                    self._escalate(incident, steps[incident.escalation_sent].channels, now_ms)
+                if silenced is None:
+                    self._escalate(incident, steps[incident.escalation_sent].channels, now_ms,
+                                   after)
+                else:  # a silenced step waits for the silence to end (or to be expired early)
+                    self.store.set_incident_due(incident.id, next_due_ms=min(
+                        silenced.ends_ms, now_ms + SILENCED_RECHECK_MS))
                 continue
             muted = silenced is not None or self._inhibited(incident)
             channels = () if due is Reminder.SKIP or muted else decision.channels
-            self._repeat(incident, channels, now_ms)
+            self._repeat(incident, channels, now_ms, after)
 
-    def _escalate(self, incident: Incident, channels: tuple[str, ...], now_ms: int) -> None:
+    def _escalate(self, incident: Incident, channels: tuple[str, ...], now_ms: int,
+                  next_due_ms: int | None) -> None:
         step = incident.escalation_sent
         rule = self.rules.get(incident.rule)
         title, body = render(kind="escalation", severity=incident.severity,
@@ -274,12 +303,13 @@ class AlertStage:
                              runbook=self._runbook(rule.runbook if rule else None))
         notify = [(name, title, body) for name in channels]
         if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
-                                        notify=notify):
+                                        notify=notify, next_due_ms=next_due_ms):
             self.on_queued()
             log.warning("incident escalated", extra={"incident": incident.id, "step": step + 1,
                                                      "channels": list(channels)})
 
-    def _repeat(self, incident: Incident, channels: tuple[str, ...], now_ms: int) -> None:
+    def _repeat(self, incident: Incident, channels: tuple[str, ...], now_ms: int,
+                next_due_ms: int | None) -> None:
         """Announce a still-open, unacknowledged incident again (or only count the slot)."""
         rule = self.rules.get(incident.rule)
         title, body = render(kind="repeat", severity=incident.severity, summary=incident.summary,
@@ -288,8 +318,8 @@ class AlertStage:
                              runbook=self._runbook(rule.runbook if rule else None))
         notify = [(name, title, body) for name in channels if name in self.channels]
         if self.store.escalate_incident(incident.id, sent_before=incident.escalation_sent,
-                                        at_ms=now_ms, notify=notify,
-                                        group_key=incident.gateway) and notify:
+                                        at_ms=now_ms, notify=notify, group_key=incident.gateway,
+                                        next_due_ms=next_due_ms) and notify:
             self.on_queued()
             log.info("incident announced again", extra={"incident": incident.id,
                                                         "channels": list(channels)})
@@ -357,7 +387,9 @@ class AlertStage:
                 severity=rule.severity, summary=summary, detail=transition.detail,
                 at_ms=transition.at_ms, notify=(notify := self._outgoing(
                     rule, transition, summary, "firing")),
-                group_wait_ms=self._hold_ms(rule, transition, [c for c, _, _ in notify]))
+                group_wait_ms=self._hold_ms(rule, transition, [c for c, _, _ in notify]),
+                next_due_ms=self._first_due_ms(rule.name, rule.severity, transition.gateway,
+                                               transition.device, transition.at_ms))
             if opened:
                 self.opened += 1
                 log.warning("incident opened", extra={
@@ -395,7 +427,9 @@ class AlertStage:
             if acknowledged:
                 carried_by = self.store.supersede_incident(
                     existing.id, at_ms=transition.at_ms, detail=transition.detail,
-                    notify=notify, group_wait_ms=hold)
+                    notify=notify, group_wait_ms=hold,
+                    next_due_ms=self._first_due_ms(rule.name, rule.severity, transition.gateway,
+                                               transition.device, transition.at_ms))
             else:
                 carried_by = existing.id if self.store.raise_again(
                     existing.id, at_ms=transition.at_ms, detail=transition.detail,
@@ -409,6 +443,14 @@ class AlertStage:
                     "raises": existing.raises + 1})
                 return True
         return False
+
+    def _first_due_ms(self, rule: str, severity: str, gateway: str, device: str,
+                      at_ms: int) -> int | None:
+        """When a new incident's first escalation step or repeat is due (None: never)."""
+        decision = self.decision(rule=rule, severity=severity, gateway=gateway, device=device)
+        steps = self.escalation.get(decision.escalation or "", ())
+        return next_reminder_ms(tuple(s.after for s in steps), sent=0, state="open",
+                                triggered_ms=at_ms, repeat_interval_ms=decision.repeat_interval_ms)
 
     def _muted(self, rule: Rule, transition: Transition) -> str | None:
         """Why this change is recorded but not announced, if it is not announced."""

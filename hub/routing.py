@@ -30,6 +30,7 @@ __all__ = [
     "decide",
     "default_channels",
     "firing_send_at",
+    "next_reminder_ms",
     "reachable_channels",
     "reminder_due",
 ]
@@ -145,3 +146,22 @@ def reminder_due(steps_after_ms: tuple[int, ...], *, sent: int, state: str, trig
         return None
     return Reminder.REPEAT if done == slots - 1 else Reminder.SKIP
 
+
+
+def next_reminder_ms(steps_after_ms: tuple[int, ...], *, sent: int, state: str,
+                     triggered_ms: int, repeat_interval_ms: int) -> int | None:
+    """When :func:`reminder_due` will next ask for something (None: never, as things stand).
+
+    The store keeps this per open incident, so a clock tick walks only what is due, oldest due
+    first, however many incidents are open. ``reminder_due(now)`` is not None exactly when
+    ``now`` has reached it.
+    """
+    if state != "open":
+        return None
+    if sent < len(steps_after_ms):
+        return triggered_ms + steps_after_ms[sent]
+    if repeat_interval_ms <= 0:
+        return None
+    base = steps_after_ms[-1] if steps_after_ms else 0
+    done = sent - len(steps_after_ms)
+    return triggered_ms + base + (done + 1) * repeat_interval_ms

@@ -140,7 +140,8 @@ CREATE TABLE IF NOT EXISTS incidents (
     raises INTEGER NOT NULL DEFAULT 1,
     first_raised_ms INTEGER,
     last_raised_ms INTEGER,
-    follows_id INTEGER
+    follows_id INTEGER,
+    next_due_ms INTEGER  -- when the escalation walk must look at it next (NULL: never)
 );
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
@@ -183,13 +184,14 @@ CREATE TABLE IF NOT EXISTS health (
 # Named, not *: a database made before a column existed has its columns in another order.
 _INCIDENT_COLUMNS = ("id, rule, gateway, device, severity, state, summary, detail, triggered_ms, "
                      "acknowledged_ms, acknowledged_by, resolved_ms, resolved_by, escalation_sent, "
-                     "raises, first_raised_ms, last_raised_ms, follows_id")
+                     "raises, first_raised_ms, last_raised_ms, follows_id, next_due_ms")
 # Columns added to incidents after the first release: (name, declaration, backfill or None).
 _INCIDENT_ADDED = (
     ("raises", "INTEGER NOT NULL DEFAULT 1", None),
     ("first_raised_ms", "INTEGER", "triggered_ms"),
     ("last_raised_ms", "INTEGER", "triggered_ms"),
     ("follows_id", "INTEGER", None),
+    ("next_due_ms", "INTEGER", "triggered_ms"),  # due at once: the walk computes the real one
 )
 _EVENT_COLUMNS = "pos, id, gateway, device, type, time, time_ms, received_ms, boot, seq, body"
 _INSERT_EVENT = (
@@ -331,6 +333,9 @@ class SqliteStore:
                     conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {declaration}")
                     if backfill is not None:
                         conn.execute(f"UPDATE incidents SET {name} = {backfill}")
+        # after the columns: a database from before next_due_ms has no such column until now
+        self._conn.execute("CREATE INDEX IF NOT EXISTS incidents_due ON incidents (next_due_ms) "
+                           "WHERE state = 'open'")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -486,18 +491,21 @@ class SqliteStore:
 
     def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
                       summary: str, detail: str, at_ms: int,
-                      notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> int | None:
+                      notify: Sequence[Outgoing] = (), group_wait_ms: int = 0,
+                      next_due_ms: int | None = 0) -> int | None:
         """Open an incident unless one is unresolved for this rule and source; its id or None.
 
         Its notifications are written in the same transaction: an incident is never recorded
-        without the messages that announce it.
+        without the messages that announce it. ``next_due_ms``: when the escalation walk first
+        looks at it (None: never; the default 0: at once, and the walk works out the rest).
         """
         with self._transaction("open an incident") as conn:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO incidents (rule, gateway, device, severity, state, "
-                "summary, detail, triggered_ms, first_raised_ms, last_raised_ms) "
-                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
-                (rule, gateway, device, severity, summary, detail, at_ms, at_ms, at_ms))
+                "summary, detail, triggered_ms, first_raised_ms, last_raised_ms, next_due_ms) "
+                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
+                (rule, gateway, device, severity, summary, detail, at_ms, at_ms, at_ms,
+                 next_due_ms))
             if cursor.rowcount != 1:
                 return None
             incident_id = cursor.lastrowid
@@ -515,17 +523,39 @@ class SqliteStore:
              for channel, title, body in notify])
 
     def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
-                          notify: Sequence[Outgoing], group_key: str = "") -> bool:
+                          notify: Sequence[Outgoing], group_key: str = "",
+                          next_due_ms: int | None = None) -> bool:
         """Record that escalation step (or repeat) ``sent_before`` went out (compare-and-set:
         only while the incident is still open and no one else sent it) with its notifications;
-        ``group_key`` lets the reminders of one gateway go out as one message."""
+        ``group_key`` lets the reminders of one gateway go out as one message; ``next_due_ms``:
+        when the walk must look at it again (None: never)."""
         with self._transaction("escalate an incident") as conn:
             won = conn.execute(
-                "UPDATE incidents SET escalation_sent = escalation_sent + 1 WHERE id = ? AND "
-                "state = 'open' AND escalation_sent = ?", (incident_id, sent_before)).rowcount
+                "UPDATE incidents SET escalation_sent = escalation_sent + 1, next_due_ms = ? "
+                "WHERE id = ? AND state = 'open' AND escalation_sent = ?",
+                (next_due_ms, incident_id, sent_before)).rowcount
             if won:
                 self._queue(incident_id, "escalation", notify, at_ms, group_key=group_key)
             return bool(won)
+
+    def due_incidents(self, *, now_ms: int, limit: int) -> list[Incident]:
+        """Open incidents whose reminder is due, the longest due first."""
+        return [Incident(*row) for row in self._read(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE state = 'open' AND "
+            "next_due_ms <= ? ORDER BY next_due_ms, id LIMIT ?", (now_ms, limit))]
+
+    def set_incident_due(self, incident_id: int, *, next_due_ms: int | None) -> None:
+        """When the walk must look at an open incident again (None: never)."""
+        with self._transaction("schedule an incident's reminder") as conn:
+            conn.execute("UPDATE incidents SET next_due_ms = ? WHERE id = ? AND state = 'open'",
+                         (next_due_ms, incident_id))
+
+    def make_open_incidents_due(self) -> int:
+        """Every open incident due now, so the walk recomputes each one's due time (after a
+        start: the escalation policies may have changed); how many."""
+        with self._transaction("reschedule open incidents") as conn:
+            return conn.execute("UPDATE incidents SET next_due_ms = triggered_ms "
+                                "WHERE state = 'open'").rowcount
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
                           by: str, notify: Sequence[Outgoing] = ()) -> int:
@@ -565,14 +595,15 @@ class SqliteStore:
             return True
 
     def supersede_incident(self, incident_id: int, *, at_ms: int, detail: str,
-                           notify: Sequence[Outgoing] = (),
-                           group_wait_ms: int = 0) -> int | None:
+                           notify: Sequence[Outgoing] = (), group_wait_ms: int = 0,
+                           next_due_ms: int | None = 0) -> int | None:
         """A new raise of an acknowledged incident opens a new one that follows it.
 
         The acknowledged one is resolved without a message (a "resolved" message would read as
         "it is over" while a new emergency starts); the new one carries the raise count and
-        the first raise's time, and its messages are written in the same transaction.
-        Compare-and-set: None when the incident is no longer acknowledged.
+        the first raise's time, and its messages are written in the same transaction
+        (``next_due_ms`` as for :meth:`open_incident`). Compare-and-set: None when the
+        incident is no longer acknowledged.
         """
         with self._transaction("open an incident for a new raise") as conn:
             row = conn.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ? AND "
@@ -584,10 +615,11 @@ class SqliteStore:
                          (at_ms, incident_id))
             cursor = conn.execute(
                 "INSERT INTO incidents (rule, gateway, device, severity, state, summary, detail, "
-                "triggered_ms, raises, first_raised_ms, last_raised_ms, follows_id) "
-                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)",
+                "triggered_ms, raises, first_raised_ms, last_raised_ms, follows_id, next_due_ms) "
+                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (old.rule, old.gateway, old.device, old.severity, old.summary, detail, at_ms,
-                 old.raises + 1, old.first_raised_ms or old.triggered_ms, at_ms, incident_id))
+                 old.raises + 1, old.first_raised_ms or old.triggered_ms, at_ms, incident_id,
+                 next_due_ms))
             new_id = cursor.lastrowid
             assert new_id is not None
             conn.execute("UPDATE incidents SET resolved_by = ? WHERE id = ?",

@@ -162,6 +162,7 @@ class Incident:
     first_raised_ms: int | None = None
     last_raised_ms: int | None = None
     follows_id: int | None = None  # the acknowledged incident this raise superseded
+    next_due_ms: int | None = None  # when the escalation walk looks at it next (None: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,8 +303,10 @@ class EventStore(Protocol):
 
     def open_incident(self, *, rule: str, gateway: str, device: str, severity: str,
                       summary: str, detail: str, at_ms: int,
-                      notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> int | None:
-        """Open an incident (and queue its notifications) unless one is open already."""
+                      notify: Sequence[Outgoing] = (), group_wait_ms: int = 0,
+                      next_due_ms: int | None = 0) -> int | None:
+        """Open an incident (and queue its notifications) unless one is open already;
+        ``next_due_ms``: its first escalation reminder (None: never; 0: look at once)."""
         ...
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
@@ -322,8 +325,8 @@ class EventStore(Protocol):
         ...
 
     def supersede_incident(self, incident_id: int, *, at_ms: int, detail: str,
-                           notify: Sequence[Outgoing] = (),
-                           group_wait_ms: int = 0) -> int | None:
+                           notify: Sequence[Outgoing] = (), group_wait_ms: int = 0,
+                           next_due_ms: int | None = 0) -> int | None:
         """A new raise of an acknowledged incident: resolve it (without messages) and open a new
         one that follows it, with its messages; the new id, or None when it is no longer
         acknowledged (compare-and-set)."""
@@ -343,8 +346,22 @@ class EventStore(Protocol):
         ...
 
     def escalate_incident(self, incident_id: int, *, sent_before: int, at_ms: int,
-                          notify: Sequence[Outgoing], group_key: str = "") -> bool:
-        """Send the next escalation step of a still-open incident, once."""
+                          notify: Sequence[Outgoing], group_key: str = "",
+                          next_due_ms: int | None = None) -> bool:
+        """Send the next escalation step of a still-open incident, once; ``next_due_ms``: when
+        its next reminder is due (None: never)."""
+        ...
+
+    def due_incidents(self, *, now_ms: int, limit: int) -> list[Incident]:
+        """Open incidents whose next reminder is due at ``now_ms``, the longest due first."""
+        ...
+
+    def set_incident_due(self, incident_id: int, *, next_due_ms: int | None) -> None:
+        """When the escalation walk must look at an open incident again (None: never)."""
+        ...
+
+    def make_open_incidents_due(self) -> int:
+        """Every open incident due now (its due time is recomputed by the walk)."""
         ...
 
     def group_timing(self, *, channel: str, group_key: str) -> tuple[int | None, int | None]:

@@ -202,17 +202,20 @@ def test_on_call_hears_an_acknowledged_sos_raised_again_through_a_live_hub(
         hub.stop()
 
 
-def test_a_database_from_before_raises_were_counted_gains_the_columns(tmp_path: Path) -> None:
+def test_a_database_from_before_raises_and_due_times_gains_the_columns(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db")
     incident_id = store.open_incident(rule="care-alarm", gateway="gw", device="sos-1",
                                       severity="critical", summary="s", detail="d", at_ms=T0)
     store.close()
     with sqlite3.connect(tmp_path / "db") as conn:  # as the previous release left it
-        for column in ("raises", "first_raised_ms", "last_raised_ms", "follows_id"):
+        conn.execute("DROP INDEX incidents_due")
+        for column in ("raises", "first_raised_ms", "last_raised_ms", "follows_id",
+                       "next_due_ms"):
             conn.execute(f"ALTER TABLE incidents DROP COLUMN {column}")
     reopened = SqliteStore(tmp_path / "db")
     assert incident_id is not None
     incident = reopened.incident(incident_id)
     assert incident is not None
     assert (incident.raises, incident.first_raised_ms, incident.last_raised_ms,
-            incident.follows_id) == (1, T0, T0, None)
+            incident.follows_id, incident.next_due_ms) == (1, T0, T0, None, T0)
+    assert reopened.due_incidents(now_ms=T0, limit=10) == [incident]

@@ -1,0 +1,134 @@
+"""The escalation walk and the hub's self-checks see every open incident, however many.
+
+Escalation used to walk only the newest 10,000 open incidents, and the self-check only the
+newest 50: a gateway that opened many incidents could stop an older care alarm's escalation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from careflow.edge.stamper import Stamper
+from careflow.hub.alerting import REMIND_PER_TICK, AlertStage
+from careflow.hub.notify import load_channels
+from careflow.hub.routing import next_reminder_ms, reminder_due
+from careflow.hub.rules import load_rules
+from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY
+from careflow.hub.sqlite_store import SqliteStore
+from tests.hub.test_sqlite_store import batch_of
+
+RULES = """
+rules:
+  - name: care-alarm
+    kind: event
+    type: alert
+    severity: critical
+    where: {state: raised}
+  - name: battery-low
+    kind: threshold
+    field: battery_pct
+    op: "<"
+    value: 20
+escalation:
+  - severity: critical
+    steps:
+      - after: 5m
+        channels: [oncall]
+"""
+CHANNELS = {"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
+            "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"}
+T0 = 1_800_000_000_000
+MINUTE = 60_000
+
+
+@given(steps=st.lists(st.integers(0, 50_000), max_size=4).map(lambda s: tuple(sorted(s))),
+       state=st.sampled_from(["open", "acknowledged", "resolved"]), sent=st.integers(0, 8),
+       repeat=st.integers(0, 30_000), triggered=st.integers(-10**6, 10**6),
+       now=st.integers(-10**6, 10**6))
+def test_the_stored_due_time_is_exactly_when_a_reminder_becomes_due(
+    steps: tuple[int, ...], state: str, sent: int, repeat: int, triggered: int, now: int,
+) -> None:
+    due_at = next_reminder_ms(steps, sent=sent, state=state, triggered_ms=triggered,
+                              repeat_interval_ms=repeat)
+    due = reminder_due(steps, sent=sent, state=state, triggered_ms=triggered, now_ms=now,
+                       repeat_interval_ms=repeat)
+    assert (due is not None) == (due_at is not None and now >= due_at)
+
+
+def _stage(tmp_path: Path) -> tuple[SqliteStore, AlertStage]:
+    (tmp_path / "r.yaml").write_text(RULES)
+    store = SqliteStore(tmp_path / "db", synchronous="normal")
+    return store, AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
+
+
+def _open_many(store: SqliteStore, count: int, at_ms: int, *, due_after_ms: int = 0) -> None:
+    """Newer open incidents, fast, straight through the store; due ``due_after_ms`` after
+    opening (0: due at once, never looked at)."""
+    for n in range(count):
+        store.open_incident(rule="battery-low", gateway=f"gw-{n // 1000}", device=f"d-{n}",
+                            severity="warning", summary="battery", detail="5", at_ms=at_ms + n,
+                            next_due_ms=at_ms + n + due_after_ms if due_after_ms else 0)
+
+
+def test_an_older_care_alarm_escalates_behind_ten_thousand_newer_open_incidents(
+    tmp_path: Path,
+) -> None:
+    store, stage = _stage(tmp_path)
+    button = Stamper(gateway="gw-care", device="sos-1")
+    stored = store.append(batch_of([button.stamp("alert", {"kind": "sos", "state": "raised"})],
+                                   received_ms=T0))
+    stage.handle(stored.stored, now_ms=T0)
+    stage.tick(T0 + 1)  # looked at once: due again at its first step
+    # as the stage opens them: a warning without a policy is due at its repeat, 4 h on
+    _open_many(store, 10_001, T0 + MINUTE, due_after_ms=240 * MINUTE)
+
+    stage.tick(T0 + 5 * MINUTE)
+    (alarm,) = [i for i in store.incidents(states=("open",), limit=20_000)
+                if i.rule == "care-alarm"]
+    assert alarm.escalation_sent == 1
+    escalations = [n for n in store.notifications(limit=20_000) if n.kind == "escalation"]
+    assert [(n.incident_id, n.channel) for n in escalations] == [(alarm.id, "oncall")]
+
+
+def test_more_due_than_one_tick_takes_are_all_walked_the_longest_due_first(
+    tmp_path: Path,
+) -> None:
+    store, stage = _stage(tmp_path)
+    count = 2 * REMIND_PER_TICK + 10
+    _open_many(store, count, T0)
+    now = T0 + 10 * MINUTE
+    stage.tick(now)
+    left = store.due_incidents(now_ms=now, limit=count)
+    assert len(left) == count - REMIND_PER_TICK
+    assert min(i.triggered_ms for i in left) == T0 + REMIND_PER_TICK  # the oldest went first
+    stage.tick(now + 1)
+    stage.tick(now + 2)
+    assert store.due_incidents(now_ms=now + 2, limit=count) == []
+    # a warning without a policy is due again at its repeat (4 h), not at every tick
+    (one,) = store.incidents(limit=1)
+    assert one.next_due_ms == one.triggered_ms + 4 * 60 * MINUTE
+
+
+def test_the_self_check_resolves_its_own_incident_behind_many_newer_ones(tmp_path: Path) -> None:
+    store, stage = _stage(tmp_path)
+    stage.check_self({"hub-store-failing": "1 store write failure(s)"}, T0)
+    _open_many(store, 60, T0 + 1)  # more than a page of the newest 50
+    stage.check_self({}, T0 + 1000)
+    assert store.unresolved_incident(rule="hub-store-failing", gateway=HUB_GATEWAY,
+                                     device=HUB_DEVICE) is None
+
+
+def test_a_restart_recomputes_when_open_incidents_are_due(tmp_path: Path) -> None:
+    store, stage = _stage(tmp_path)
+    button = Stamper(gateway="gw-care", device="sos-1")
+    stored = store.append(batch_of([button.stamp("alert", {"kind": "sos", "state": "raised"})],
+                                   received_ms=T0))
+    stage.handle(stored.stored, now_ms=T0)
+    stage.tick(T0 + 1)
+    store.set_incident_due(store.incidents()[0].id, next_due_ms=None)  # as if by older rules
+    _, restarted = _stage(tmp_path)
+    restarted.tick(T0 + 5 * MINUTE)
+    assert store.incidents()[0].escalation_sent == 1
