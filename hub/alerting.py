@@ -7,18 +7,18 @@ Notifications (Apprise), escalation, silences and grouping build on the incident
 
 from __future__ import annotations
 
-import collections
+import json
 import logging
 import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from careflow.errors import ConfigError, StoreError
+from careflow.errors import ConfigError, ContractError, StoreError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
 from careflow.hub.influx_points import SiteBook
 from careflow.hub.mute import (
@@ -39,13 +39,33 @@ from careflow.hub.routing import (
 )
 from careflow.hub.rules import Rule, RuleSet, load_rules
 from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES, lagging_since
-from careflow.hub.store import EventFilter, EventStore, Incident, Outgoing, StoredEvent
+from careflow.hub.store import (
+    DeadLetter,
+    EventFilter,
+    EventStore,
+    Incident,
+    Outgoing,
+    StoredEvent,
+)
+from careflow.schemas import validate_event
 
-__all__ = ["AlertStage", "default_rules"]
+__all__ = [
+    "ALERTS_CURSOR",
+    "CONFLICTS_CURSOR",
+    "AlertStage",
+    "conflicting_alarm",
+    "default_rules",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_UNRECORDED = 100_000  # alert changes held while the store refuses writes
+ALERTS_CURSOR = "alerts"  # the newest log position whose evaluation is recorded
+CONFLICTS_CURSOR = "alerts-conflicts"  # the same over the conflict dead letters
+# Progress without incident changes is saved at most this often (a crash evaluates at most
+# this much again); changes are always saved with the cursors, in the same transaction.
+CURSOR_SAVE_INTERVAL_MS = 1_000
+RETRY_INTERVAL_MS = 1_000  # after a refused write, how soon evaluation resumes from the log
+CATCH_UP_CHUNK = 1_000  # events read from the log per step when catching up
 
 
 GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets it
@@ -85,6 +105,20 @@ def _summary(rule: Rule, transition: Transition) -> str:
         return text
 
 
+def conflicting_alarm(letter: DeadLetter) -> Observation | None:
+    """The alarm a conflict dead letter holds, as the rules see events; None when it holds
+    another type of event (or, from before conflicts were kept whole, a cut-off payload)."""
+    try:
+        value = json.loads(letter.payload)
+        head, time_ms = validate_event(value)
+    except (ValueError, ContractError):  # UnicodeDecodeError and JSONDecodeError included
+        return None
+    if head.type != "alert":
+        return None
+    return Observation(head.gateway, head.device, head.type, time_ms, letter.received_ms,
+                       value["data"])
+
+
 class AlertStage:
     """Feeds the evaluator and records incidents; runs on the hub's writer thread."""
 
@@ -101,12 +135,22 @@ class AlertStage:
         self.routing = rules.routing
         if self.channels:
             self._check_channels(rules)
+        self._rule_list = rules.rules
         self.evaluator = Evaluator(rules.rules)
         self.opened = 0
-        self.record_errors = 0  # store failures while recording; each is retried
-        # changes the store did not take yet, oldest first: retried before anything newer,
-        # because the evaluator already counts them as done and would not report them again
-        self._unrecorded: collections.deque[Transition] = collections.deque()
+        self.record_errors = 0  # store failures while recording; each is retried from the log
+        # Evaluation follows the log: everything up to these positions (events; conflict dead
+        # letters) is evaluated and its incident changes recorded. The store's cursors of the
+        # same names trail them by at most CURSOR_SAVE_INTERVAL_MS of change-free events.
+        self._evaluated = self._conflicts_evaluated = 0
+        self._saved = (0, 0)  # the cursors as the store holds them
+        self._saved_at_ms: int | None = None
+        self._log_end = 0  # the newest log position known to be committed
+        self._conflicts_due = True  # conflict dead letters may wait after the cursor
+        # set when the store refused a write: the evaluator then counts changes as done that
+        # the store does not hold, so it is rebuilt and evaluation resumes from the cursors
+        self._stale_since_ms: int | None = None
+        self._retry_at_ms = 0
         self.muted = 0
         # Non-critical alerts wait this long so that a burst on one gateway becomes one message
         # (Alertmanager's group_wait); critical ones, care alarms above all, never wait. Set from
@@ -122,7 +166,10 @@ class AlertStage:
         self._last_tick_ms: int | None = None
         self._lagging_since_ms: int | None = None
         self._rescheduled = False  # open incidents' due times recomputed since start
-        self._seed()
+        for chunk in self.store.iter_log(EventFilter(type="provision")):
+            for event in chunk:  # kinds and sites only grow: learned once, then from events
+                self._learn(event, event.data)
+        self._resume()
 
     def _check_channels(self, rules: RuleSet) -> None:
         """Every channel a route or escalation policy can reach needs a URL: say which variable
@@ -150,24 +197,45 @@ class AlertStage:
                            "(or ..._FILE)")
                     raise ConfigError(msg)
 
-    def _seed(self) -> None:
-        """After a restart: what is open stays open (no duplicate incident), and every known
-        source counts as heard from when it was last seen."""
+    def _resume(self) -> None:
+        """Rebuild the evaluator from what the store holds and go back to the saved cursors:
+        what a restarted hub does, and what follows a write the store refused.
+
+        What is open stays open (no duplicate incident), and every known source counts as
+        heard from when it was last seen; then evaluation catches up from the cursors.
+        """
+        evaluator = Evaluator(self._rule_list)
         for record in self.store.devices():
             if isinstance(record.facts.get("kind"), str):
                 self._kinds[(record.gateway, record.device)] = record.facts["kind"]
             interval = record.facts.get("interval_s")
-            self.evaluator.observe(Observation(
+            evaluator.observe(Observation(
                 record.gateway, record.device, "heartbeat" if interval else "status",
                 record.last_time_ms, record.last_seen_ms,
                 {"interval_s": interval} if interval else {}), record.last_seen_ms)
-        self.evaluator.firing.clear()  # seeding the clock must not resolve or open anything
+        evaluator.firing.clear()  # seeding the clock must not resolve or open anything
         for incident in self.store.incidents(states=("open", "acknowledged"), limit=100_000):
-            self.evaluator.firing[(incident.rule, (incident.gateway, incident.device))] = \
+            evaluator.firing[(incident.rule, (incident.gateway, incident.device))] = \
                 incident.triggered_ms
-        for chunk in self.store.iter_log(EventFilter(type="provision")):
-            for event in chunk:
-                self._learn(event, event.data)
+        log_end = self.store.last_pos()
+        events = self.store.cursor(ALERTS_CURSOR, missing=-1)
+        conflicts = self.store.cursor(CONFLICTS_CURSOR, missing=-1)
+        if events < 0 or conflicts < 0:
+            # a new database, or one from before the cursors: start at the end of the logs,
+            # as evaluation always started, rather than raise every alarm of the past again
+            events = log_end if events < 0 else events
+            if conflicts < 0:
+                newest = self.store.dead_letters(limit=1)
+                conflicts = newest[0].pos if newest else 0
+            with self.store.atomically("start the alert cursors"):
+                self.store.set_cursor(ALERTS_CURSOR, events)
+                self.store.set_cursor(CONFLICTS_CURSOR, conflicts)
+        self.evaluator = evaluator
+        self._evaluated, self._conflicts_evaluated = events, conflicts
+        self._saved = (events, conflicts)
+        self._log_end = max(self._log_end, log_end)
+        self._conflicts_due = True
+        self._stale_since_ms = None
 
     def _learn(self, event: StoredEvent, data: Mapping[str, Any]) -> None:
         """A provision event names the device's kind and its gateway's site (newest wins)."""
@@ -187,28 +255,146 @@ class AlertStage:
                                                 device=device), self.escalation)
 
     def handle(self, events: Sequence[StoredEvent], now_ms: int,
-               data: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """Evaluate newly stored events (``data``: their decoded data, to skip re-parsing)."""
-        for index, event in enumerate(events):
-            values = data[index] if data is not None else event.data
-            if event.type == "provision":
-                self._learn(event, values)
-            observation = Observation(event.gateway, event.device, event.type, event.time_ms,
-                                      event.received_ms, values)
-            transitions = self.evaluator.observe(observation, now_ms)
-            if transitions or self._unrecorded:  # most events change nothing: skip the work
-                self._record(transitions)
-        if events:  # how long the oldest of these waited between arrival and evaluation
+               data: Sequence[Mapping[str, Any]] | None = None, *, conflicts: int = 0) -> None:
+        """Evaluate newly stored events (``data``: their decoded data, to skip re-parsing);
+        ``conflicts``: how many events the same commit dead-lettered as conflicts.
+
+        Caught up, the events are evaluated from memory; behind (after a restart or a refused
+        write), evaluation first catches up from the log, and these are read back with it.
+        """
+        if events:
+            self._log_end = max(self._log_end, events[-1].pos)
+            # how long the oldest of these waited between arrival and evaluation
             self._lag_ms = max(self._lag_ms, now_ms - min(e.received_ms for e in events))
+        if conflicts:
+            self._conflicts_due = True
+        if events and self._stale_since_ms is None and events[0].pos == self._evaluated + 1 \
+                and events[-1].pos == self._log_end:
+            self._guarded(now_ms, lambda: self._step(self._observe(events, data, now_ms),
+                                                     events[-1].pos, self._conflicts_evaluated,
+                                                     now_ms))
+        self._catch_up(now_ms)
 
     def tick(self, now_ms: int) -> None:
         """Let the clock drive absences, windows, escalation and repeats."""
         if self._last_tick_ms is not None:  # a late tick judges absences late by as much
             self._lag_ms = max(self._lag_ms, now_ms - self._last_tick_ms)
         self._last_tick_ms = now_ms
-        self._record(self.evaluator.tick(now_ms))
+        # the clock is judged only once the rules have seen everything stored
+        if self._catch_up(now_ms) and self._guarded(now_ms, lambda: self._step(
+                self.evaluator.tick(now_ms), self._evaluated, self._conflicts_evaluated,
+                now_ms)):
+            self._save_progress(now_ms)
         if self.channels:
             self._remind(now_ms)
+
+    def _catch_up(self, now_ms: int) -> bool:
+        """Evaluate from the log whatever is stored and not yet evaluated (events, then
+        conflicting alarms), recording each chunk with the cursors; False while the store
+        refuses (evaluation resumes from the cursors at the next chance)."""
+        if self._stale_since_ms is not None:
+            if now_ms < self._retry_at_ms:
+                return False
+            if not self._guarded(now_ms, self._resume):
+                return False
+        return self._guarded(now_ms, lambda: self._read_and_evaluate(now_ms))
+
+    def _read_and_evaluate(self, now_ms: int) -> None:
+        while self._evaluated < self._log_end:
+            chunk: list[StoredEvent] = next(self.store.iter_log(
+                EventFilter(), after_pos=self._evaluated, up_to_pos=self._log_end,
+                chunk=CATCH_UP_CHUNK), [])
+            end = chunk[-1].pos if chunk else self._log_end
+            self._step(self._observe(chunk, None, now_ms), end, self._conflicts_evaluated,
+                       now_ms)
+        while self._conflicts_due:
+            letters = self.store.dead_letters_after(self._conflicts_evaluated, code="conflict",
+                                                    limit=CATCH_UP_CHUNK)
+            if not letters:
+                self._conflicts_due = False
+                break
+            transitions = [t for letter in letters
+                           for t in self._observe_conflict(letter, now_ms)]
+            self._step(transitions, self._evaluated, letters[-1].pos, now_ms)
+
+    def _observe(self, events: Sequence[StoredEvent],
+                 data: Sequence[Mapping[str, Any]] | None, now_ms: int) -> list[Transition]:
+        transitions: list[Transition] = []
+        for index, event in enumerate(events):
+            values = data[index] if data is not None else event.data
+            if event.type == "provision":
+                self._learn(event, values)
+            observation = Observation(event.gateway, event.device, event.type, event.time_ms,
+                                      event.received_ms, values)
+            found = self.evaluator.observe(observation, now_ms)
+            if found:  # most events change nothing
+                transitions += found
+        return transitions
+
+    def _observe_conflict(self, letter: DeadLetter, now_ms: int) -> list[Transition]:
+        """An alarm refused as a conflict (its position holds another event) is still an
+        alarm: the rules see it as if it were stored, and its incident says why it was not."""
+        alarm = conflicting_alarm(letter)
+        if alarm is None:
+            return []
+        note = f"; not stored: {letter.reason} (dead letter #{letter.pos})"
+        return [replace(t, detail=t.detail + note) if t.status == "firing" else t
+                for t in self.evaluator.observe(alarm, now_ms)]
+
+    def _guarded(self, now_ms: int, work: Callable[[], None]) -> bool:
+        """Run one step of evaluation; if it fails, the evaluator may count changes as done
+        that the store does not hold: mark it for a rebuild from the store and the cursors."""
+        try:
+            work()
+        except StoreError as exc:
+            self._went_stale(now_ms)
+            log.error("cannot record alert changes; evaluation resumes from the log",
+                      extra={"error": str(exc), "cursor": self._saved[0],
+                             "waiting": self.unrecorded})
+            return False
+        except Exception:
+            self._went_stale(now_ms)  # a bug: stay consistent with the store, and say so
+            raise
+        return True
+
+    def _went_stale(self, now_ms: int) -> None:
+        self.record_errors += 1
+        if self._stale_since_ms is None:
+            self._stale_since_ms = now_ms
+        self._retry_at_ms = now_ms + RETRY_INTERVAL_MS
+
+    def _step(self, transitions: list[Transition], events_pos: int, conflicts_pos: int,
+              now_ms: int) -> None:
+        """Record the changes found up to these positions together with the cursors (one
+        transaction); with no changes, only move on in memory (see _save_progress)."""
+        if transitions:
+            self._pending_wake = False
+            with self.store.atomically("record alert changes"):
+                for transition in transitions:
+                    self._record_one(transition)
+                self.store.set_cursor(ALERTS_CURSOR, events_pos)
+                self.store.set_cursor(CONFLICTS_CURSOR, conflicts_pos)
+            self._saved, self._saved_at_ms = (events_pos, conflicts_pos), now_ms
+            if self._pending_wake:
+                self.on_queued()
+        self._evaluated, self._conflicts_evaluated = events_pos, conflicts_pos
+
+    def _save_progress(self, now_ms: int) -> None:
+        """Save change-free progress, at most every CURSOR_SAVE_INTERVAL_MS (not one fsync per
+        commit). A crash loses at most that much: those events are evaluated again after the
+        restart, which is harmless (README, "How the hub keeps its promises")."""
+        current = (self._evaluated, self._conflicts_evaluated)
+        since = now_ms - (self._saved_at_ms if self._saved_at_ms is not None else -2**62)
+        if current == self._saved or 0 <= since < CURSOR_SAVE_INTERVAL_MS:
+            return
+        try:
+            with self.store.atomically("save the alert cursors"):
+                self.store.set_cursor(ALERTS_CURSOR, current[0])
+                self.store.set_cursor(CONFLICTS_CURSOR, current[1])
+        except StoreError as exc:  # nothing is lost: the cursors only trail a little longer
+            log.warning("cannot save the alert cursors", extra={"error": str(exc)})
+            return
+        self._saved, self._saved_at_ms = current, now_ms
 
     def stalled_ms(self, now_ms: int | None = None) -> int:
         """How long since the last clock tick (0 before the first): read by the dead man's
@@ -223,6 +409,8 @@ class AlertStage:
         worst, self._lag_ms = self._lag_ms, 0
         if self._last_tick_ms is not None:  # a tick that has not come yet is late too
             worst = max(worst, now_ms - self._last_tick_ms)
+        if self._stale_since_ms is not None:  # the store refuses: evaluation waits
+            worst = max(worst, now_ms - self._stale_since_ms)
         self._lagging_since_ms = lagging_since(self._lagging_since_ms, lag_ms=worst,
                                                now_ms=now_ms)
         return worst, self._lagging_since_ms
@@ -345,35 +533,8 @@ class AlertStage:
 
     @property
     def unrecorded(self) -> int:
-        """Alert changes waiting for the store to take them (0 when healthy)."""
-        return len(self._unrecorded)
-
-    def _record(self, transitions: list[Transition]) -> None:
-        self._pending_wake = False
-        self._record_all(transitions)
-        if self._pending_wake:
-            self.on_queued()
-
-    def _record_all(self, transitions: list[Transition]) -> None:
-        """Record in order; on a store failure keep this change and every later one for the
-        next call (the next event or the next 250 ms tick), so none is lost or reordered."""
-        if self._unrecorded:
-            transitions = [*self._unrecorded, *transitions]
-            self._unrecorded.clear()
-        for index, transition in enumerate(transitions):
-            try:
-                self._record_one(transition)
-            except StoreError as exc:
-                self.record_errors += 1
-                waiting = transitions[index:]
-                if len(waiting) > MAX_UNRECORDED:
-                    log.error("alert changes waiting for the store exceed the bound; the oldest "
-                              "are dropped", extra={"dropped": len(waiting) - MAX_UNRECORDED})
-                    waiting = waiting[-MAX_UNRECORDED:]
-                self._unrecorded.extend(waiting)
-                log.error("cannot record alert changes; they are kept and retried",
-                          extra={"error": str(exc), "waiting": len(self._unrecorded)})
-                return
+        """Stored events whose evaluation is not recorded yet (0 when caught up)."""
+        return max(self._log_end - self._evaluated, 0)
 
     def _record_one(self, transition: Transition) -> None:
         """Open or resolve one incident (with its notifications) in one transaction."""

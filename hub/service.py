@@ -264,10 +264,13 @@ class HubService:
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
         now_ms = time.time_ns() // 1_000_000
-        if result.stored:
-            self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data))
-            if self.sink is not None:
-                self.sink.wake()
+        # After the acknowledgements: the alert stage follows the log with a cursor of its own,
+        # so what a crash leaves unevaluated here is evaluated from the log after the restart.
+        if result.stored or result.conflicts:
+            self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data,
+                                                      conflicts=result.conflicts))
+        if result.stored and self.sink is not None:
+            self.sink.wake()
         if self.provisioning is not None:
             self._observe_provisioning(result, presence, now_ms)
         self.counters.add(result, len(messages))
@@ -339,9 +342,10 @@ class HubService:
         """Tell each gateway which of its events are now durably here, so it can let them go.
 
         Stored, already stored and dead-lettered conflicts alike: resending any of them cannot
-        change the outcome. A lost confirmation only costs a resend, which dedupe absorbs, so
-        they go at QoS 0: at QoS 1 the broker's PUBACK for each one doubled the packets the
-        hub's network thread handles when events arrive one per message.
+        change the outcome (a conflicting alarm is still evaluated, from the dead letters). A
+        lost confirmation only costs a resend, which dedupe absorbs, so they go at QoS 0: at
+        QoS 1 the broker's PUBACK for each one doubled the packets the hub's network thread
+        handles when events arrive one per message.
         """
         by_gateway: dict[str, list[str]] = {}
         for item, _ in accepted:

@@ -254,6 +254,17 @@ _DEVICES_WITH_GAPS = (
 )
 
 
+@contextlib.contextmanager
+def _joined(conn: sqlite3.Connection, failure: str) -> Iterator[sqlite3.Connection]:
+    """A write inside a transaction someone else opened: errors translated, no commit (the
+    owner of the transaction rolls it all back)."""
+    try:
+        yield conn
+    except sqlite3.Error as exc:
+        msg = f"{failure}: {exc}"
+        raise StoreError(msg) from exc
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -295,7 +306,10 @@ def _event_row(accepted: Accepted, received_ms: int) -> tuple[Any, ...]:
 
 
 def _dead_letter_row(rejected: Rejected, received_ms: int) -> tuple[Any, ...]:
-    payload = rejected.payload[:MAX_DEAD_LETTER_PAYLOAD]
+    # A conflict is a valid event (bounded by the message limit, like any stored one) that the
+    # alert stage reads back from here: kept whole. Other refusals keep their first 64 KiB.
+    payload = rejected.payload if rejected.code == "conflict" else \
+        rejected.payload[:MAX_DEAD_LETTER_PAYLOAD]
     return (received_ms, rejected.topic, rejected.code, rejected.reason, payload,
             len(rejected.payload), rejected.index)
 
@@ -305,6 +319,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
+        self._atomic = False  # inside atomically()
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
@@ -340,7 +355,27 @@ class SqliteStore:
     # -- writing ----------------------------------------------------------------------------
 
     def _transaction(self, action: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return immediate_transaction(self._conn, f"cannot {action} in the event store at {self.path}")
+        failure = f"cannot {action} in the event store at {self.path}"
+        if self._atomic:  # inside atomically(): join its transaction, commit nothing yet
+            return _joined(self._conn, failure)
+        return immediate_transaction(self._conn, failure)
+
+    @contextlib.contextmanager
+    def atomically(self, action: str) -> Iterator[None]:
+        """Every write inside commits together (one transaction, one fsync), or none does.
+
+        The alert stage records incident changes, their notifications and its cursor this way,
+        so a crash or a refused write never leaves one without the others. One thread only.
+        """
+        if self._atomic:
+            yield
+            return
+        with self._transaction(action):
+            self._atomic = True
+            try:
+                yield
+            finally:
+                self._atomic = False
 
     def append(self, batch: IncomingBatch) -> AppendResult:
         """Commit events, dead letters and registry updates in one transaction."""
@@ -460,10 +495,10 @@ class SqliteStore:
         with self._transaction("forget delivered sink lines"):
             self._conn.execute("DELETE FROM outbox WHERE sink = ? AND pos <= ?", (sink, up_to_pos))
 
-    def cursor(self, name: str) -> int:
-        """A consumer's saved position (0 when it never saved one)."""
+    def cursor(self, name: str, *, missing: int = 0) -> int:
+        """A consumer's saved position (``missing`` when it never saved one)."""
         rows = self._read("SELECT value FROM cursors WHERE name = ?", (name,))
-        return int(rows[0][0]) if rows else 0
+        return int(rows[0][0]) if rows else missing
 
     def set_cursor(self, name: str, value: int) -> None:
         """Save a consumer's position once what it read is safely elsewhere."""
@@ -933,6 +968,15 @@ class SqliteStore:
         sql += " ORDER BY pos DESC LIMIT ?"
         params.append(limit)
         return [DeadLetter(*row) for row in self._read(sql, params)]
+
+    def dead_letters_after(self, after_pos: int, *, code: str,
+                           limit: int = 1000) -> list[DeadLetter]:
+        """Dead letters of one code after a position, oldest first (a consumer's cursor)."""
+        rows = self._read(
+            "SELECT pos, received_ms, topic, code, reason, payload, payload_size, batch_index "
+            "FROM dead_letters WHERE pos > ? AND code = ? ORDER BY pos LIMIT ?",
+            (after_pos, code, limit))
+        return [DeadLetter(*row) for row in rows]
 
     def dead_letter_count(self) -> int:
         """How many dead letters are kept."""

@@ -6,6 +6,7 @@ instances can replace the SQLite one without touching ingest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -269,8 +270,8 @@ class EventStore(Protocol):
         """Drop lines a sink has confirmed."""
         ...
 
-    def cursor(self, name: str) -> int:
-        """A consumer's saved position (0 if never saved)."""
+    def cursor(self, name: str, *, missing: int = 0) -> int:
+        """A consumer's saved position (``missing`` if never saved)."""
         ...
 
     def set_cursor(self, name: str, value: int) -> None:
@@ -293,8 +294,18 @@ class EventStore(Protocol):
         """Newest dead letters first."""
         ...
 
+    def dead_letters_after(self, after_pos: int, *, code: str,
+                           limit: int = 1000) -> list[DeadLetter]:
+        """Dead letters of one code after a position, oldest first (a consumer's cursor)."""
+        ...
+
     def dead_letter_count(self) -> int:
         """How many dead letters are kept."""
+        ...
+
+    def atomically(self, action: str) -> contextlib.AbstractContextManager[None]:
+        """A unit of work: every write inside commits together, or none does (``action`` names
+        it in the error)."""
         ...
 
     def write_health(self, report: dict[str, Any]) -> None:

@@ -7,11 +7,11 @@ from typing import Any
 
 from careflow.edge.stamper import Stamper
 from careflow.errors import StoreError
-from careflow.hub.alerting import AlertStage
+from careflow.hub.alerting import ALERTS_CURSOR, AlertStage
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter
+from careflow.hub.store import EventFilter, IncomingBatch
 from tests.hub.test_sqlite_store import batch_of
 
 RULES = """
@@ -64,22 +64,159 @@ class FlakyStore(SqliteStore):
         return super().open_incident(**kwargs)
 
 
-def test_an_alert_the_store_refused_is_recorded_at_the_next_tick_and_later_ones_wait(
+CHANNELS = {"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/oncall",
+            "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/ops"}
+T0 = 10**13
+
+
+def stage_on(store: SqliteStore, tmp_path: Path) -> AlertStage:
+    """A stage as a (re)started hub builds it: rules, channels, the store as it is."""
+    return AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
+
+
+def announced(store: SqliteStore) -> list[tuple[str, str, str]]:
+    """(rule, device, kind) of every notification written, oldest first."""
+    incidents = {i.id: i for i in store.incidents(limit=1000)}
+    return [(incidents[n.incident_id].rule, incidents[n.incident_id].device, n.kind)
+            for n in reversed(store.notifications(limit=1000))]
+
+
+def test_a_change_the_store_refused_is_evaluated_again_from_the_log_in_order(
         tmp_path: Path) -> None:
     """The evaluator counts a change as done once reported; if the store refuses it, the stage
-    must keep it (and everything after it, in order), never drop it."""
+    rebuilds the evaluator and evaluates again from its cursor: nothing dropped or reordered."""
     (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
     store = FlakyStore(tmp_path / "db")
     stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]))
     door, sos = Stamper(gateway="gw", device="door"), Stamper(gateway="gw", device="sos")
-    store.failures = 2  # the battery change, then its retry with the alarm behind it
+    store.failures = 2  # the first attempt, then the first retry
     stored = store.append(batch_of([
         door.stamp("status", {"state": "ok", "battery_pct": 5}),
         sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
-    stage.handle(stored.stored, now_ms=10**13)  # must not raise, nor skip the alarm
+    stage.handle(stored.stored, now_ms=T0)  # must not raise, nor skip the alarm
+    assert store.incidents() == [] and stage.record_errors == 1
+    assert stage.unrecorded == 2 and store.cursor(ALERTS_CURSOR) < stored.stored[0].pos
+    stage.tick(T0 + 1_000)  # resumes from the log; refused again
     assert store.incidents() == [] and stage.record_errors == 2
-    stage.tick(10**13 + 250)
+    assert stage.lag(T0 + 1_500)[0] >= 1_500  # the wait shows as evaluation lag
+    stage.tick(T0 + 2_000)
     assert [i.rule for i in reversed(store.incidents())] == ["battery-low", "care-alarm"]
+    assert stage.unrecorded == 0 and store.cursor(ALERTS_CURSOR) == stored.stored[-1].pos
+
+
+def test_it_evaluates_after_a_restart_what_a_crash_left_unevaluated(tmp_path: Path) -> None:
+    """Committed and acknowledged, then the hub died before the rules saw it: the restarted
+    stage catches up from its cursor, and announces the alarm exactly once."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage_on(store, tmp_path)
+    sos = Stamper(gateway="gw", device="sos")
+    store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    # the hub is killed here: no handle()
+    restarted = stage_on(store, tmp_path)
+    restarted.tick(T0)
+    assert announced(store) == [("care-alarm", "sos", "firing")]
+    again = stage_on(store, tmp_path)  # killed and restarted once more: nothing twice
+    again.tick(T0 + 1)
+    assert announced(store) == [("care-alarm", "sos", "firing")]
+
+
+def test_a_change_the_store_refused_survives_a_crash(tmp_path: Path) -> None:
+    """Refused changes are not held in memory only: the log and the cursor keep them."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = FlakyStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    store.failures = 1_000  # the disk stays full until the hub is killed
+    sos = Stamper(gateway="gw", device="sos")
+    stored = store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    stage.handle(stored.stored, now_ms=T0)
+    stage.tick(T0 + 1_000)
+    assert store.incidents() == []
+    healthy = SqliteStore(tmp_path / "db")  # restarted on a disk with room again
+    stage_on(healthy, tmp_path).tick(T0 + 2_000)
+    assert announced(healthy) == [("care-alarm", "sos", "firing")]
+
+
+def test_events_evaluated_again_after_a_crash_change_nothing(tmp_path: Path) -> None:
+    """Change-free progress is saved at most once a second; what a crash makes the stage
+    evaluate again had no changes the first time, and has none the second."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    door, sos = Stamper(gateway="gw", device="door"), Stamper(gateway="gw", device="sos")
+    first = store.append(batch_of([door.stamp("status", {"state": "ok", "battery_pct": 5}),
+                                   sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    stage.handle(first.stored, now_ms=T0)  # two incidents, saved with the cursor
+    assert store.cursor(ALERTS_CURSOR) == first.stored[-1].pos
+    calm = store.append(batch_of([door.stamp("status", {"state": "ok", "battery_pct": 4}),
+                                  sos.stamp("alert", {"kind": "sos", "state": "ended"})]))
+    stage.handle(calm.stored, now_ms=T0 + 10)
+    assert store.cursor(ALERTS_CURSOR) == first.stored[-1].pos  # no fsync for no change
+    before = announced(store)
+    stage_on(store, tmp_path).tick(T0 + 20)  # killed before the cursor was saved
+    assert announced(store) == before and len(before) == 2
+    stage.tick(T0 + 2_000)  # a live stage saves its progress within a second
+    assert store.cursor(ALERTS_CURSOR) == calm.stored[-1].pos
+
+
+def conflicting_alarm_batch(boot: str) -> tuple[IncomingBatch, IncomingBatch]:
+    """A heartbeat at seq 1, then, after a reboot that kept the boot id, an alarm at seq 1."""
+    before = Stamper(gateway="gw", device="fall", boot=boot)
+    after = Stamper(gateway="gw", device="fall", boot=boot)
+    return (batch_of([before.stamp("heartbeat", {"interval_s": 60})]),
+            batch_of([after.stamp("alert", {"kind": "fall", "state": "raised"})]))
+
+
+def test_an_alarm_refused_as_a_conflict_still_opens_its_incident(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    heartbeat, alarm = conflicting_alarm_batch("boot-kept")
+    stage.handle(store.append(heartbeat).stored, now_ms=T0)
+    result = store.append(alarm)
+    assert result.stored == () and result.conflicts == 1
+    stage.handle(result.stored, now_ms=T0 + 1, conflicts=result.conflicts)
+    assert announced(store) == [("care-alarm", "fall", "firing")]
+    (incident,) = store.incidents()
+    (letter,) = store.dead_letters(code="conflict")  # and the conflict stays visible
+    assert f"dead letter #{letter.pos}" in incident.detail and "boot-kept" in incident.detail
+
+
+def test_a_conflicting_alarm_left_unevaluated_by_a_crash_is_evaluated_after_it(
+        tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    heartbeat, alarm = conflicting_alarm_batch("boot-kept")
+    stage.handle(store.append(heartbeat).stored, now_ms=T0)
+    assert store.append(alarm).conflicts == 1  # confirmed to the gateway; then killed
+    stage_on(store, tmp_path).tick(T0 + 1)
+    assert announced(store) == [("care-alarm", "fall", "firing")]
+    stage_on(store, tmp_path).tick(T0 + 2)  # and only once
+    assert len(announced(store)) == 1
+
+
+def test_a_conflict_of_another_event_type_opens_nothing(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    before = Stamper(gateway="gw", device="door", boot="b")
+    after = Stamper(gateway="gw", device="door", boot="b")
+    stage.handle(store.append(batch_of([before.stamp("status", {"state": "ok"})])).stored,
+                 now_ms=T0)
+    result = store.append(batch_of([after.stamp("status", {"state": "ok", "battery_pct": 3})]))
+    stage.handle(result.stored, now_ms=T0 + 1, conflicts=result.conflicts)
+    assert result.conflicts == 1 and store.incidents() == []
+
+
+def test_a_new_database_starts_evaluation_at_the_end_of_its_log(tmp_path: Path) -> None:
+    """A database from before the cursor: its past is not raised again at the upgrade."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    sos = Stamper(gateway="gw", device="sos")
+    old = store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    stage_on(store, tmp_path).tick(T0)
+    assert store.incidents() == [] and store.cursor(ALERTS_CURSOR) == old.stored[-1].pos
 
 
 def test_messages_link_the_runbook_when_a_base_url_is_configured(tmp_path: Path) -> None:

@@ -1,0 +1,121 @@
+"""SIGKILL the `careflow hub` process between committing a care alarm and evaluating it.
+
+The window: the alarm is committed, acknowledged to the broker and confirmed to the gateway
+(which deletes it from its outbox), but its incident is not recorded yet. The broker will not
+deliver it again, nor will the gateway send it again, so only the hub's own log can bring it
+back. To hold the hub in that window without a debugger or a test hook, the test makes the
+real database refuse incident writes (a SQLite trigger, as a full disk would refuse them) while
+events are still stored; then it kills the hub, lets the database accept writes again, and
+restarts it. Real Mosquitto, real hub processes, a real HTTP receiver behind an Apprise json://
+channel.
+
+The same run covers an alarm refused as a conflict: a device that kept its boot id across a
+reboot sends an alarm at a position that already holds its earlier heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from careflow.config import parse_broker_url
+from careflow.edge.stamper import Stamper
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.mqtt import connect_blocking, make_client
+from careflow.schemas import ack_topic
+from tests.conftest import HttpReceiver, Mosquitto, careflow_cmd, wait_until
+from tests.hub.test_hub_mosquitto import publish
+
+pytestmark = [pytest.mark.broker]
+
+RULES = """
+rules:
+  - name: care-alarm
+    kind: event
+    type: alert
+    severity: critical
+    where: {state: raised}
+"""
+REFUSE_INCIDENTS = ("CREATE TRIGGER refuse_incidents BEFORE INSERT ON incidents BEGIN "
+                    "SELECT RAISE(ABORT, 'database or disk is full'); END")
+
+
+def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once_after_restart(
+    mosquitto: Mosquitto, tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(RULES)
+    data_dir = tmp_path / "data"
+    db = data_dir / "careflow.db"
+    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data_dir),
+           "CAREFLOW_BROKER_URL": mosquitto.url, "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
+           "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/oncall",
+           "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/ops"}
+    log = tmp_path / "hub.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as sink:
+            return subprocess.Popen(careflow_cmd("hub"), env=env, stdout=sink, stderr=sink)
+
+    def health() -> dict[str, object]:
+        return (store.read_health() or (0, {}))[1]
+
+    confirmed: list[str] = []  # what the hub told gateway gw-1 it may delete
+    url = parse_broker_url(mosquitto.url)
+    gateway = make_client(client_id="gw-1-acks", clean_session=True, url=url)
+    gateway.on_message = lambda _c, _u, m: confirmed.extend(json.loads(m.payload)["ids"])
+    connect_blocking(gateway, url)
+    gateway.subscribe(ack_topic("gw-1"), qos=1)
+
+    hub = start()
+    try:
+        wait_until(db.exists, what="store created")
+        store = SqliteStore(db)
+        wait_until(lambda: health().get("connected") is True, what="hub connected")
+        boot = "boot-kept-across-reboots"
+        heartbeat = Stamper(gateway="gw-1", device="fall-2", boot=boot).stamp(
+            "heartbeat", {"interval_s": 60})
+        publish(mosquitto, [heartbeat])
+        wait_until(lambda: heartbeat["id"] in confirmed, what="the heartbeat confirmed")
+
+        with sqlite3.connect(db) as refuse:  # the disk fills up for incidents
+            refuse.execute(REFUSE_INCIDENTS)
+        alarm = Stamper(gateway="gw-1", device="fall-1").stamp(
+            "alert", {"kind": "fall", "state": "raised"})
+        rebooted = Stamper(gateway="gw-1", device="fall-2", boot=boot).stamp(  # seq 1 again
+            "alert", {"kind": "fall", "state": "raised"})
+        publish(mosquitto, [alarm, rebooted])
+        wait_until(lambda: {alarm["id"], rebooted["id"]} <= set(confirmed),
+                   what="both alarms confirmed to the gateway")
+        wait_until(lambda: int(health().get("alerts_unrecorded") or 0) >= 1,
+                   what="the hub saying an alarm waits for the store")
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(timeout=10)
+        assert store.count_incidents() == 0 and http_receiver.requests == []
+        assert [d.code for d in store.dead_letters()] == ["conflict"]
+
+        with sqlite3.connect(db) as room:  # room on the disk again
+            room.execute("DROP TRIGGER refuse_incidents")
+        hub = start()
+        wait_until(lambda: len(http_receiver.bodies) == 2, timeout_s=30,
+                   what="both alarms notified after the restart")
+        wait_until(lambda: len(store.notifications(states=("sent",))) == 2,
+                   what="both recorded as sent")
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout=20) == 0, log.read_text()[-3000:]
+        gateway.disconnect()
+        gateway.loop_stop()
+    messages = [body["message"] for body in http_receiver.bodies]
+    assert len(messages) == 2, messages  # exactly once each, nothing more after the restart
+    assert sorted("fall-1" in m for m in messages) == [False, True]
+    (conflict,) = [m for m in messages if "fall-2" in m]
+    assert "not stored" in conflict and boot in conflict
+    assert {path for _, path, _, _ in http_receiver.requests} == {"/oncall"}
+    assert store.count_incidents() == 2
