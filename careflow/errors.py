@@ -9,6 +9,7 @@ The tree::
     ├── ContractError             a payload breaks the event contract (carries a reason code)
     ├── InfluxError               InfluxDB refused or could not take a write
     │   └── InfluxRefusedError    InfluxDB refused points themselves (malformed, too old, type)
+    ├── TransportError            a notification channel refused a message (permanent or not)
     ├── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
     │   └── CsrError              a gateway's certificate request is refused (carries a reason code)
     └── ClaimError                the hub refused a gateway's claim or renewal (code, retry_after_s)
@@ -27,6 +28,7 @@ __all__ = [
     "InfluxRefusedError",
     "PkiError",
     "StoreError",
+    "TransportError",
 ]
 
 
@@ -83,6 +85,19 @@ class InfluxRefusedError(InfluxError):
         super().__init__(message, retry=False, status=status)
         self.partial = partial
         self.dropped = dropped
+
+
+class TransportError(CareflowError):
+    """A notification channel did not take a message; the message is the channel's own reason.
+
+    ``permanent``: sending again cannot help (bad credentials, unknown recipient, HTTP 401/404)
+    until someone fixes the channel; otherwise (timeouts, 5xx, 429, refused connections) a later
+    attempt can succeed.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class PkiError(CareflowError):

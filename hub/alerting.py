@@ -27,7 +27,7 @@ from careflow.hub.mute import (
     inhibited_by,
     silenced_by,
 )
-from careflow.hub.notify import Channel, raised_again_text, render
+from careflow.hub.notify import Channel, avoid_failing, raised_again_text, render
 from careflow.hub.routing import (
     Decision,
     Reminder,
@@ -429,6 +429,9 @@ class AlertStage:
                                      runbook=self._runbook("runbooks/hub-unhealthy.md"))
                 channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
                                          device=HUB_DEVICE).channels
+                if rule == "hub-notifications-failing":  # not (only) through the failing one
+                    channels = avoid_failing(channels, failing=self.store.failing_channels(),
+                                             configured=tuple(self.channels))
                 notify = [(c, title, body) for c in channels if c in self.channels]
                 if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
                                             severity=severity, summary=f"careflow hub: {rule}",

@@ -16,10 +16,18 @@ recording it sends it again after the restart, with the same ref, so a receiver 
 duplicate.
 
 A notification is written to the store in the same transaction as the incident change it
-announces; a sender thread claims it with a compare-and-set (so two senders or a restart never
-send it twice while it is claimed), hands it to the channel, and records the result. Failures
-are retried with exponential backoff; after ``MAX_ATTEMPTS`` the notification is marked failed,
-visibly (``careflow notifications``), and counted in the hub's health.
+announces. Each channel has its own sender thread, so a slow or failing channel never delays
+another; it claims its channel's due notifications with a compare-and-set (so two senders or a
+restart never send one twice while it is claimed), sends all that are due at once as one digest
+(critical first, each with its own ref), and records the result. At send time the incident is
+read again: a reminder of an incident acknowledged or resolved meanwhile is cancelled, visibly
+(``careflow notify list``), not sent.
+
+A failure records the channel's own reason (HTTP status, SMTP reply). A permanent one (bad
+credentials, unknown recipient) fails the notification at once; others are retried with
+exponential backoff, up to ``MAX_ATTEMPTS`` — except critical notifications of incidents still
+open, which are retried for as long as the incident is open. Failed notifications, and ones that
+keep failing, raise the hub's ``hub-notifications-failing`` alert, on a channel that works.
 """
 
 from __future__ import annotations
@@ -30,21 +38,28 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import apprise
 
 from careflow.config import read_secret
-from careflow.errors import ConfigError
+from careflow.errors import ConfigError, TransportError
+from careflow.hub.apprise_transport import AppriseTransport
 from careflow.hub.routing import default_channels
-from careflow.hub.store import EventStore, Notification
+from careflow.hub.store import EventStore, Incident, Notification
 
 __all__ = [
     "MAX_ATTEMPTS",
+    "MAX_CHANNELS",
+    "MAX_DIGEST",
     "Channel",
     "NotificationSender",
+    "avoid_failing",
+    "cancel_reason",
     "combine",
+    "digest_order",
+    "gives_up",
     "load_channels",
     "raised_again_text",
     "reference",
@@ -57,7 +72,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 10
+MAX_ATTEMPTS = 10  # for all but critical notifications of open incidents (see gives_up)
+MAX_CHANNELS = 32  # one sender thread each
+MAX_DIGEST = 50  # notifications claimed for one message (a gateway's held group may add more)
+UNROUTED_CHECK_S = 30.0
+_SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 _CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE)?$")
 _TEMPLATE_SCHEMES = ("whatsapp",)
 DEFAULT_TEMPLATE_LANGUAGE = "en_US"
@@ -171,106 +190,228 @@ def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str,
 
 
 def combine(notes: Sequence[Notification]) -> tuple[str, str]:
-    """One message for several alerts of one gateway: a count in the title, each one below."""
+    """One message for several notifications to one channel (a digest), in the order given:
+    a count in the title, then each one with its own ref so it can be acknowledged by itself."""
     if len(notes) == 1:
         return notes[0].title, notes[0].body
-    gateway = notes[0].group_key or "several sources"
+    gateways = {n.group_key for n in notes}
+    gateway = gateways.pop() if len(gateways) == 1 and notes[0].group_key else "several sources"
     title = f"[{len(notes)} alerts] {gateway}: " + "; ".join(n.title for n in notes[:3])
     if len(notes) > 3:
         title += f"; and {len(notes) - 3} more"
-    body = "\n\n".join(f"--- {n.title}\n{n.body}" for n in notes)
+    body = "\n\n".join(f"--- {n.title}\n{n.body}\nRef: {reference([n])}" for n in notes)
     return title, body
 
 
+def digest_order(notes: Sequence[Notification],
+                 severity: Mapping[int, str]) -> list[Notification]:
+    """Critical first (then warning, then the rest), oldest first within a severity;
+    ``severity`` maps incident id to its severity."""
+    return sorted(notes, key=lambda n: (_SEVERITY_RANK.get(severity.get(n.incident_id, ""), 9),
+                                        n.id))
+
+
+def cancel_reason(note: Notification, incident: Incident | None) -> str | None:
+    """Why a claimed reminder (escalation step or repeat) must not go out any more: its incident
+    was acknowledged or resolved after it was queued. None: it still goes out (announcements
+    and resolutions always do)."""
+    if note.kind != "escalation" or incident is None or incident.state == "open":
+        return None
+    if incident.state == "acknowledged":
+        return (f"not sent: incident {incident.id} was acknowledged by "
+                f"{incident.acknowledged_by or 'someone'} before this reminder went out")
+    return (f"not sent: incident {incident.id} was resolved by "
+            f"{incident.resolved_by or 'someone'} before this reminder went out")
+
+
+def gives_up(*, attempts: int, permanent: bool, critical_open: bool) -> bool:
+    """Whether a failed notification is failed for good: at once when the channel's error is
+    permanent (no retry can fix bad credentials or an unknown recipient); after ``MAX_ATTEMPTS``
+    otherwise, except a critical one whose incident is still open, which is retried (with the
+    capped backoff) for as long as it is."""
+    if permanent:
+        return True
+    return not critical_open and attempts >= MAX_ATTEMPTS
+
+
+def avoid_failing(preferred: Sequence[str], *, failing: Collection[str],
+                  configured: Sequence[str]) -> tuple[str, ...]:
+    """Where to say that notifications fail: the preferred channels that still work, else every
+    other configured channel that works, else the preferred ones all the same."""
+    working = tuple(c for c in preferred if c not in failing)
+    if working:
+        return working
+    others = tuple(c for c in sorted(configured) if c not in failing)
+    return others or tuple(preferred)
+
+
 class NotificationSender:
-    """Delivers pending notifications from the store, on its own thread and connection."""
+    """Delivers pending notifications from the store: one thread per channel, so a slow or
+    failing channel never holds up another.
+
+    Each channel's thread claims only its channel's due notifications and sends what is due at
+    once as one message (``combine``: critical first), at most one message per the channel's
+    pace (``AppriseTransport.pace_s``); what comes due meanwhile waits for the next digest.
+    The store's connection is shared by the threads, one call at a time.
+    """
 
     def __init__(self, store: EventStore, channels: Mapping[str, Channel]) -> None:
+        if len(channels) > MAX_CHANNELS:
+            msg = (f"{len(channels)} notification channels are configured; careflow runs one "
+                   f"thread per channel and takes at most {MAX_CHANNELS}")
+            raise ConfigError(msg)
         self.store = store  # a second SqliteStore on the same file (its own connection)
         self.channels = dict(channels)
-        self._apprise = {name: self._client(c) for name, c in self.channels.items()}
+        self._transports = {name: AppriseTransport(c.url) for name, c in self.channels.items()}
         self._templated = {name for name, c in self.channels.items() if c.template}
+        self._store_lock = threading.Lock()
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakes = {name: threading.Event() for name in self.channels}
         self.sent = 0
         self.failed = 0
-        self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
-
-    @staticmethod
-    def _client(channel: Channel) -> apprise.Apprise:
-        client = apprise.Apprise()
-        client.add(channel.url)
-        return client
+        self.cancelled = 0
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
+                                          name=f"notify-{name}") for name in self.channels]
+        self._threads.append(threading.Thread(target=self._sweep, name="notify-unrouted",
+                                              daemon=True))
 
     def start(self) -> None:
         """Start delivering; what a previous run had claimed but not finished is pending again."""
         self.store.release_claimed_notifications()
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def wake(self) -> None:
         """Something was queued: deliver now rather than at the next poll."""
-        self._wake.set()
+        for event in self._wakes.values():
+            event.set()
 
     def stop(self) -> None:
-        """Stop after the notification in hand."""
+        """Stop after the message in hand (each channel's)."""
         self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
+        self.wake()
+        deadline = time.monotonic() + 30
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
-    def _run(self) -> None:
+    def _run(self, channel: str) -> None:
+        wake = self._wakes[channel]
+        pace_s = self._transports[channel].pace_s
+        last_message: float | None = None
+        while not self._stop.is_set():
+            if last_message is not None:  # paced before claiming: what comes due meanwhile
+                rest = pace_s - (time.monotonic() - last_message)  # joins the next digest
+                if rest > 0 and self._stop.wait(rest):
+                    return
+            wake.clear()
+            try:
+                claimed, messages = self._deliver_channel(channel, time.time_ns() // 1_000_000)
+            except Exception:
+                log.exception("notification delivery failed unexpectedly",
+                              extra={"channel": channel})
+                self._stop.wait(1.0)
+                continue
+            if messages:
+                last_message = time.monotonic()
+            if not claimed:
+                wake.wait(0.5)  # or sooner, when the hub queues something
+
+    def _sweep(self) -> None:
         while not self._stop.is_set():
             try:
-                if not self.deliver_due(time.time_ns() // 1_000_000):
-                    self._wake.wait(0.5)  # or sooner, when the hub queues something
-                    self._wake.clear()
+                self._fail_unrouted(time.time_ns() // 1_000_000)
             except Exception:
-                log.exception("notification delivery failed unexpectedly")
-                self._stop.wait(1.0)
+                log.exception("cannot check for notifications to unknown channels")
+            self._stop.wait(UNROUTED_CHECK_S)
 
     def deliver_due(self, now_ms: int) -> int:
-        """Claim and send what is due; return how many were attempted."""
-        claimed = self.store.claim_notifications(now_ms=now_ms, limit=50)
-        groups: dict[tuple[str, str, str], list[Notification]] = {}
-        for note in claimed:
-            # firing notifications of one gateway go out together, and so do its repeats
-            key = (note.channel, note.kind, note.group_key or f"#{note.id}")
-            groups.setdefault(key, []).append(note)
-        for notes in groups.values():
-            self._send(notes, now_ms)
-        return len(claimed)
+        """Claim and send what is due on every channel, one after the other (the threads do it
+        concurrently); return how many notifications were claimed."""
+        claimed = self._fail_unrouted(now_ms)
+        for channel in self.channels:
+            claimed += self._deliver_channel(channel, now_ms)[0]
+        return claimed
 
-    def _send(self, notes: list[Notification], now_ms: int) -> None:
-        """One message for a group of notifications to one channel; each row records it."""
-        store = self.store
-        title, body = combine(notes)
-        client = self._apprise.get(notes[0].channel)
-        if client is None:
-            for note in notes:
-                store.finish_notification(note.id, ok=False, now_ms=now_ms,
-                                          error=f"no channel {note.channel!r} configured",
-                                          final=True)
-            self.failed += len(notes)
-            return
-        ref = reference(notes)
-        if notes[0].channel in self._templated:
+    def _fail_unrouted(self, now_ms: int) -> int:
+        """Notifications queued for a channel that is not configured (any more) fail for good."""
+        with self._store_lock:
+            pending = self.store.notifications(states=("pending",), limit=1000)
+        unknown = {n.channel for n in pending if n.channel not in self.channels}
+        claimed = 0
+        for channel in sorted(unknown):
+            with self._store_lock:
+                notes = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
+                                                       channel=channel)
+                for note in notes:
+                    self.store.finish_notification(
+                        note.id, ok=False, now_ms=now_ms, final=True,
+                        error=f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_"
+                              f"{channel.upper()} to an Apprise URL")
+                self.failed += len(notes)
+            claimed += len(notes)
+        return claimed
+
+    def _deliver_channel(self, channel: str, now_ms: int) -> tuple[int, int]:
+        """Claim what is due on one channel, drop reminders that are moot, send the rest as one
+        message; return (notifications claimed, messages sent or tried)."""
+        with self._store_lock:
+            claimed = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
+                                                     channel=channel)
+            incidents = {i: self.store.incident(i) for i in {n.incident_id for n in claimed}}
+            due: list[Notification] = []
+            for note in claimed:
+                reason = cancel_reason(note, incidents[note.incident_id])
+                if reason is None:
+                    due.append(note)
+                    continue
+                self.store.cancel_notification(note.id, now_ms=now_ms, reason=reason)
+                self.cancelled += 1
+                log.info("reminder cancelled", extra={"channel": channel, "reason": reason,
+                                                      "incident": note.incident_id})
+        if not due:
+            return len(claimed), 0
+        severity = {i: inc.severity for i, inc in incidents.items() if inc is not None}
+        due = digest_order(due, severity)
+        title, body = combine(due)
+        ref = reference(due)
+        if channel in self._templated:
             title, body = "", template_text(title, body, ref)
         else:
             body = f"{body}\n\nRef: {ref}"
-        ok = bool(client.notify(title=title, body=body))
-        for note in notes:
-            final = not ok and note.attempts + 1 >= MAX_ATTEMPTS
-            store.finish_notification(
-                note.id, ok=ok, now_ms=time.time_ns() // 1_000_000,
-                error=None if ok else "the channel refused or could not be reached",
-                final=final, retry_in_ms=retry_delay_ms(note.attempts + 1))
-            if ok:
-                self.sent += 1
-            elif final:
-                self.failed += 1
-                log.error("notification failed for good", extra={
-                    "channel": note.channel, "incident": note.incident_id,
-                    "attempts": note.attempts + 1})
-            else:
-                log.warning("notification failed; will retry", extra={
-                    "channel": note.channel, "incident": note.incident_id,
-                    "retry_in_ms": retry_delay_ms(note.attempts + 1)})
+        error: TransportError | None = None
+        try:
+            self._transports[channel].send(title, body)
+        except TransportError as exc:
+            error = exc
+        self._record(due, incidents, error)
+        return len(claimed), 1
+
+    def _record(self, notes: Sequence[Notification], incidents: Mapping[int, Incident | None],
+                error: TransportError | None) -> None:
+        """Each notification of a message records the outcome, with the channel's reason."""
+        now_ms = time.time_ns() // 1_000_000
+        with self._store_lock:
+            for note in notes:
+                attempts = note.attempts + 1
+                incident = incidents.get(note.incident_id)
+                critical_open = incident is not None and incident.severity == "critical" \
+                    and incident.state != "resolved"
+                final = error is not None and gives_up(
+                    attempts=attempts, permanent=error.permanent, critical_open=critical_open)
+                self.store.finish_notification(
+                    note.id, ok=error is None, now_ms=now_ms,
+                    error=None if error is None else str(error), final=final,
+                    retry_in_ms=retry_delay_ms(attempts))
+                context = {"channel": note.channel, "incident": note.incident_id,
+                           "notification": note.id, "attempts": attempts}
+                if error is None:
+                    self.sent += 1
+                elif final:
+                    self.failed += 1
+                    log.error("notification failed for good", extra={
+                        **context, "error": str(error), "permanent": error.permanent})
+                else:
+                    log.warning("notification failed; will retry", extra={
+                        **context, "error": str(error),
+                        "retry_in_ms": retry_delay_ms(attempts)})

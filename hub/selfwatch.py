@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 __all__ = [
     "ALERT_LAG_BOUND_MS",
@@ -57,7 +57,8 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
                   silence_ms: int = 600_000, influx_failing_since_ms: int | None = None,
                   influx_backlog: int = 0, influx_grace_ms: int = 300_000,
                   alert_lag_ms: int = 0, alert_lagging_since_ms: int | None = None,
-                  alert_lag_grace_ms: int = ALERT_LAG_GRACE_MS) -> dict[str, str]:
+                  alert_lag_grace_ms: int = ALERT_LAG_GRACE_MS,
+                  failing_channels: Mapping[str, str] | None = None) -> dict[str, str]:
     """What is wrong with the hub itself, as rule name -> detail (empty when healthy)."""
     problems: dict[str, str] = {}
     if not connected and disconnected_since_ms is not None \
@@ -70,8 +71,11 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
                                      "is the fleet, the broker or the network down?")
     if failed_notifications:
         problems["hub-notifications-failing"] = (
-            f"{failed_notifications} notification(s) failed for good: check the channels "
+            f"{failed_notifications} notification(s) failed for good or keep failing: check "
+            "the channels "
             "(careflow notify list --state failed; careflow notify test CHANNEL)")
+        for channel, reason in sorted((failing_channels or {}).items()):
+            problems["hub-notifications-failing"] += f"; {channel}: {reason[:200]}"
     if store_errors_recent:
         problems["hub-store-failing"] = (f"{store_errors_recent} store write failure(s) in the "
                                          "last minute: check the disk")

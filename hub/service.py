@@ -27,6 +27,7 @@ from careflow.hub.decoder import decode_safely as _decode_safely
 from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
+from careflow.hub.notify import MAX_ATTEMPTS
 from careflow.hub.selfwatch import self_problems
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
 from careflow.provisioning.service import Activation
@@ -321,7 +322,9 @@ class HubService:
             self._disconnected_since_ms = now_ms
         recent_errors = self.counters.store_errors - self._store_errors_seen
         self._store_errors_seen = self.counters.store_errors
-        failed = self.store.count_notifications(states=("failed",))
+        # failed for good, or still retried after MAX_ATTEMPTS (critical ones of open incidents)
+        failed = self.store.count_notifications(states=("failed",)) + \
+            self.store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS)
         influx = self.sink.status() if self.sink is not None else {}
         lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
         self.counters.alert_lag_ms = lag
@@ -329,6 +332,7 @@ class HubService:
                                  disconnected_since_ms=self._disconnected_since_ms,
                                  last_event_ms=self._last_event_ms, started_ms=self._started_ms,
                                  failed_notifications=failed, store_errors_recent=recent_errors,
+                                 failing_channels=self.store.failing_channels() if failed else {},
                                  silence_ms=self.settings.self_silence_ms,
                                  influx_failing_since_ms=influx.get("failing_since_ms"),
                                  influx_backlog=int(influx.get("backlog_events") or 0),

@@ -672,12 +672,16 @@ class SqliteStore:
             "kind = 'firing' AND state = 'pending' AND attempts = 0)", (channel, group_key))[0]
         return row[0], row[1]
 
-    def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
-        """Due notifications, each claimed by compare-and-set so no one else sends it."""
+    def claim_notifications(self, *, now_ms: int, limit: int,
+                            channel: str | None = None) -> list[Notification]:
+        """Due notifications (of one channel, or of all), each claimed by compare-and-set so no
+        one else sends it."""
         claimed: list[Notification] = []
+        only = "" if channel is None else "channel = ? AND "
         rows = self._read(
             "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
-            "next_attempt_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
+            f"{only}next_attempt_ms <= ? ORDER BY id LIMIT ?",
+            (now_ms, limit) if channel is None else (channel, now_ms, limit))
         # a due notification brings along the rest of its group (same channel, gateway and
         # kind: firing messages, or repeats, which escalation queues with a group key)
         groups = {(channel, key, kind) for _, channel, key, kind in rows if key}
@@ -707,6 +711,24 @@ class SqliteStore:
                 "WHERE id = ? AND state = 'sending'",
                 (state, error, ok, now_ms, now_ms + retry_in_ms, notification_id))
 
+    def cancel_notification(self, notification_id: int, *, now_ms: int, reason: str) -> bool:
+        """A claimed notification that must not go out any more (its incident was acknowledged
+        or resolved meanwhile): cancelled, with the reason, for `careflow notify list`."""
+        with self._transaction("cancel a notification") as conn:
+            return conn.execute(
+                "UPDATE notifications SET state = 'cancelled', last_error = ?, "
+                "next_attempt_ms = ? WHERE id = ? AND state = 'sending'",
+                (reason, now_ms, notification_id)).rowcount == 1
+
+    def failing_channels(self) -> dict[str, str]:
+        """Channels whose latest attempt failed, with that attempt's reason."""
+        rows = self._read(
+            "SELECT n.channel, n.last_error FROM notifications AS n JOIN (SELECT MAX(id) AS id "
+            "FROM notifications WHERE attempts > 0 AND state IN ('pending', 'sent', 'failed') "
+            "GROUP BY channel) AS latest ON n.id = latest.id "
+            "WHERE n.state != 'sent' AND n.last_error IS NOT NULL")
+        return {str(channel): str(error) for channel, error in rows}
+
     def release_claimed_notifications(self) -> int:
         """Claimed by a sender that died: pending again (it may go out twice, never zero)."""
         with self._transaction("release notifications") as conn:
@@ -728,8 +750,13 @@ class SqliteStore:
         return [Notification(*row) for row in self._in_states(
             "*", "notifications", states, " ORDER BY id DESC LIMIT ?", [limit])]
 
-    def count_notifications(self, *, states: Sequence[str] | None = None) -> int:
-        """How many notifications are in these states."""
+    def count_notifications(self, *, states: Sequence[str] | None = None,
+                            min_attempts: int = 0) -> int:
+        """How many notifications are in these states (tried at least ``min_attempts`` times)."""
+        if min_attempts:
+            return int(self._in_states("COUNT(*)", "notifications", states,
+                                       f" {'AND' if states else 'WHERE'} attempts >= ?",
+                                       [min_attempts])[0][0])
         return int(self._in_states("COUNT(*)", "notifications", states)[0][0])
 
     def _change_incident(self, incident_id: int, sql: str, params: Sequence[Any],

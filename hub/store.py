@@ -173,13 +173,13 @@ class Notification:
     id: int
     incident_id: int
     channel: str
-    kind: str  # firing | resolved
+    kind: str  # firing | escalation (steps and repeats) | resolved
     title: str
     body: str
-    state: str  # pending | sending | sent | failed
+    state: str  # pending | sending | sent | failed | cancelled
     attempts: int
     next_attempt_ms: int
-    last_error: str | None
+    last_error: str | None  # the channel's reason for the last failure, or why it was cancelled
     created_ms: int
     sent_ms: int | None
     group_key: str = ""  # the gateway: firing notifications of one gateway go out together
@@ -380,8 +380,18 @@ class EventStore(Protocol):
         and when the batch that waits goes out (each None when there is none)."""
         ...
 
-    def claim_notifications(self, *, now_ms: int, limit: int) -> list[Notification]:
-        """Due notifications, each claimed by compare-and-set (pending -> sending)."""
+    def claim_notifications(self, *, now_ms: int, limit: int,
+                            channel: str | None = None) -> list[Notification]:
+        """Due notifications (of one channel, or of all), each claimed by compare-and-set
+        (pending -> sending)."""
+        ...
+
+    def cancel_notification(self, notification_id: int, *, now_ms: int, reason: str) -> bool:
+        """A claimed notification that must not go out any more (sending -> cancelled)."""
+        ...
+
+    def failing_channels(self) -> dict[str, str]:
+        """Channels whose latest attempt failed, with that attempt's reason."""
         ...
 
     def finish_notification(self, notification_id: int, *, ok: bool, now_ms: int,
@@ -424,8 +434,9 @@ class EventStore(Protocol):
         """When this rule fired for this source since a moment."""
         ...
 
-    def count_notifications(self, *, states: Sequence[str] | None = None) -> int:
-        """How many notifications are in these states."""
+    def count_notifications(self, *, states: Sequence[str] | None = None,
+                            min_attempts: int = 0) -> int:
+        """How many notifications are in these states (tried at least ``min_attempts`` times)."""
         ...
 
     def read_health(self) -> tuple[int, dict[str, Any]] | None:

@@ -40,12 +40,13 @@ def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. on
 @notify_app.command("list")
 def list_notifications(
     state: Annotated[str | None, typer.Option(
-        "--state", help="pending, sending, sent or failed [default: all].")] = None,
+        "--state", help="pending, sending, sent, failed or cancelled [default: all].")] = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 30,
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """The notification outbox, newest first: what was sent, what waits, what failed."""
+    """The notification outbox, newest first: what was sent, what waits, what failed (with the
+    channel's reason) and which reminders were cancelled (and why)."""
     notes = open_store(data_dir).notifications(states=(state,) if state else None, limit=limit)
     rows: list[dict[str, Any]] = [
         {"id": n.id, "incident": n.incident_id, "channel": n.channel, "kind": n.kind,
@@ -55,7 +56,7 @@ def list_notifications(
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("id", "incident", "channel", "state", "attempts", "title", "last error")
+    table = Table("id", "incident", "channel", "state", "attempts", "title", "reason")
     for row in rows:
         table.add_row(str(row["id"]), str(row["incident"]), row["channel"], row["state"],
                       str(row["attempts"]), row["title"], row["last_error"] or "")

@@ -33,7 +33,7 @@ def test_it_sends_a_whatsapp_template_with_the_message_as_its_parameter(
                         notify=[("family", "[CRITICAL] CARE ALARM fall-1",
                                  "What: CARE ALARM\nWhere: gw-1 / fall-1\n\n\tSince: now")])
     sender = NotificationSender(store, channels)
-    plugin = sender._apprise["family"][0]  # the seam named in the docstring
+    plugin = sender._transports["family"].client[0]  # the seam named in the docstring
     plugin.notify_url = f"http://127.0.0.1:{http_receiver.port}/{{fb_ver}}/{{phone_id}}/messages"
     assert sender.deliver_due(now_ms=10) == 1
 

@@ -1,0 +1,387 @@
+"""Delivery under load and failure: per-channel senders, digests, cancelled reminders, the
+channel's own reason for a failure, and critical notifications that are never given up.
+
+Real peers throughout: an SMTP server (aiosmtpd) and HTTP receivers on loopback; the store is
+the real SQLite store.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import subprocess
+import threading
+from email.message import EmailMessage
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from hypothesis import given
+from hypothesis import strategies as st
+
+from careflow.hub.alerting import AlertStage
+from careflow.hub.apprise_transport import failure_from_log, url_secrets
+from careflow.hub.notify import (
+    MAX_ATTEMPTS,
+    NotificationSender,
+    avoid_failing,
+    cancel_reason,
+    combine,
+    digest_order,
+    gives_up,
+    load_channels,
+)
+from careflow.hub.rules import load_rules
+from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store import Incident, Notification
+from tests.conftest import careflow_cmd, free_port, wait_until
+from tests.hub.test_notify_e2e import Mailbox
+
+
+class Receiver:
+    """A real threaded HTTP server: records each request as it arrives, answers ``status``,
+    and holds the answer to requests on ``hold_path`` until ``release`` is set."""
+
+    def __init__(self, *, status: int = 200, hold_path: str | None = None) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.requests.append((self.path, body))
+                if self.path == hold_path:
+                    receiver.release.wait(60)
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"answer from the receiver")
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, path: str, query: str = "") -> str:
+        return f"json://127.0.0.1:{self.port}{path}{query}"
+
+    def to(self, path: str) -> list[dict[str, Any]]:
+        return [body for p, body in self.requests if p == path]
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class RefusingMailbox:
+    """A real SMTP server that refuses every recipient: 550 unknown user."""
+
+    def __init__(self) -> None:
+        class Handler:
+            async def handle_RCPT(self, _server: Any, _session: Any, _envelope: Any,  # noqa: N802
+                                  address: str, _options: Any) -> str:
+                return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def url(self) -> str:
+        return f"mailto://127.0.0.1:{self.port}?from=careflow@example.org&to=nobody@example.org"
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def receiver() -> Any:
+    peer = Receiver(hold_path="/slow")
+    yield peer
+    peer.close()
+
+
+def open_alarm(store: SqliteStore, n: int, channel: str, *, severity: str = "critical",
+               at_ms: int = 1) -> int:
+    incident = store.open_incident(
+        rule="care-alarm" if severity == "critical" else "battery-low", gateway=f"gw-{n}",
+        device=f"fall-{n}", severity=severity, summary=f"CARE ALARM fall-{n}", detail="fall",
+        at_ms=at_ms, notify=[(channel, f"[{severity.upper()}] CARE ALARM fall-{n}",
+                              f"What: fall\nWhere: gw-{n} / fall-{n}")])
+    assert incident is not None
+    return incident
+
+
+def the_note(store: SqliteStore, incident_id: int) -> Notification:
+    (note,) = [n for n in store.notifications(limit=1000) if n.incident_id == incident_id]
+    return note
+
+
+# -- 14: one channel never delays another; a burst is one digest ---------------------------------
+
+
+def test_it_delivers_on_one_channel_while_another_channel_holds_its_answer(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    channels = load_channels({
+        "CAREFLOW_CHANNEL_OPS": receiver.url("/slow", "?rto=60"),  # answers only when released
+        "CAREFLOW_CHANNEL_ONCALL": receiver.url("/fast"),
+    })
+    store = SqliteStore(tmp_path / "db")
+    sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    sender.start()
+    try:
+        warning = open_alarm(store, 1, "ops", severity="warning")
+        sender.wake()
+        wait_until(lambda: receiver.to("/slow"), what="the slow channel receiving")
+        alarm = open_alarm(store, 2, "oncall")
+        sender.wake()
+        wait_until(lambda: receiver.to("/fast"), timeout_s=10,
+                   what="the other channel's alarm while the slow one still holds its answer")
+        assert the_note(store, warning).state == "sending"  # still in the slow channel's hands
+        receiver.release.set()
+        wait_until(lambda: the_note(store, warning).state == "sent"
+                   and the_note(store, alarm).state == "sent", what="both recorded")
+    finally:
+        sender.stop()
+
+
+def test_it_mails_twelve_simultaneous_alarms_as_one_digest_critical_first(
+    tmp_path: Path,
+) -> None:
+    mailbox = Mailbox(free_port())
+    mailbox.start()
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": f"mailto://127.0.0.1:{mailbox.port}"
+                                                         "?from=careflow@example.org"
+                                                         "&to=oncall@example.org"})
+    store = SqliteStore(tmp_path / "db")
+    warning = open_alarm(store, 99, "oncall", severity="warning")  # queued first, sent last
+    alarms = [open_alarm(store, n, "oncall") for n in range(12)]
+    sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    sender.start()
+    try:
+        wait_until(lambda: len(store.notifications(states=("sent",))) == 13, timeout_s=15,
+                   what="all thirteen recorded as sent")
+    finally:
+        sender.stop()
+        mailbox.stop()
+    (raw,) = mailbox.messages
+    mail = mail_text(raw)
+    assert "[13 alerts] several sources" in mail
+    positions = [mail.index(f"Ref: careflow-n{the_note(store, i).id}\n") for i in alarms]
+    assert positions == sorted(positions)  # each alarm with its own ref, oldest first
+    assert mail.index("[WARNING] CARE ALARM fall-99") > positions[-1]
+    ids = sorted(the_note(store, i).id for i in [warning, *alarms])
+    assert "Ref: careflow-" + "+".join(f"n{i}" for i in ids) in mail
+
+
+def mail_text(raw: str) -> str:
+    """Subject and plain-text body of a mail as the SMTP server received it."""
+    message = email.message_from_string(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    body = message.get_body(preferencelist=("plain", "html"))
+    assert body is not None
+    return f"{message['subject']}\n{body.get_content()}".replace("\r\n", "\n")
+
+
+def note(n: int, *, incident: int | None = None, kind: str = "firing", group: str = "gw-1",
+         title: str | None = None) -> Notification:
+    return Notification(id=n, incident_id=incident or n, channel="oncall", kind=kind,
+                        title=title or f"t{n}", body=f"b{n}", state="sending", attempts=0,
+                        next_attempt_ms=0, last_error=None, created_ms=0, sent_ms=None,
+                        group_key=group)
+
+
+def test_it_orders_a_digest_critical_first_then_by_age() -> None:
+    notes = [note(1), note(2), note(3), note(4)]
+    severity = {1: "warning", 2: "critical", 3: "info", 4: "critical"}
+    assert [n.id for n in digest_order(notes, severity)] == [2, 4, 1, 3]
+
+
+def test_it_names_the_gateway_only_when_a_digest_has_one() -> None:
+    assert combine([note(1), note(2)])[0].startswith("[2 alerts] gw-1: t1; t2")
+    title, body = combine([note(1), note(2, group="gw-2")])
+    assert title.startswith("[2 alerts] several sources")
+    assert "--- t1\nb1\nRef: careflow-n1" in body and "--- t2\nb2\nRef: careflow-n2" in body
+    assert combine([note(1)]) == ("t1", "b1")
+
+
+# -- 15: a reminder of an incident acknowledged or resolved meanwhile is cancelled ---------------
+
+
+def test_it_cancels_a_reminder_whose_incident_was_acknowledged_before_it_went_out(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall"),
+                              "CAREFLOW_CHANNEL_OPS": receiver.url("/ops")})
+    store = SqliteStore(tmp_path / "careflow.db")  # where `careflow notify list` looks
+    sender = NotificationSender(SqliteStore(tmp_path / "careflow.db"), channels)
+    acked = open_alarm(store, 1, "oncall")
+    resolved = open_alarm(store, 2, "oncall")
+    assert sender.deliver_due(now_ms=10) == 2
+    for incident in (acked, resolved):  # the escalation step is queued ...
+        assert store.escalate_incident(incident, sent_before=0, at_ms=20, notify=[
+            ("ops", "[CRITICAL] NOT ACKNOWLEDGED: CARE ALARM", "escalated")])
+    store.acknowledge_incident(acked, by="kari", at_ms=30)  # ... then someone has it
+    store.resolve_incident(resolved, by="ola", at_ms=30)
+    assert sender.deliver_due(now_ms=40) == 2
+    assert receiver.to("/ops") == []
+    cancelled = store.notifications(states=("cancelled",))
+    assert {n.incident_id for n in cancelled} == {acked, resolved}
+    reasons = {n.incident_id: n.last_error or "" for n in cancelled}
+    assert "acknowledged by kari" in reasons[acked] and "resolved by ola" in reasons[resolved]
+    listed = subprocess.run(careflow_cmd("notify", "list", "--state", "cancelled", "--json",
+                                         "--data-dir", str(tmp_path)),
+                            check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in listed.splitlines() if line.strip()]
+    assert {row["state"] for row in rows} == {"cancelled"} and len(rows) == 2
+    assert any("acknowledged by kari" in row["last_error"] for row in rows)
+
+
+def incident(state: str) -> Incident:
+    return Incident(id=7, rule="r", gateway="g", device="d", severity="critical", state=state,
+                    summary="s", detail="d", triggered_ms=0, acknowledged_ms=None,
+                    acknowledged_by="kari" if state == "acknowledged" else None,
+                    resolved_ms=None, resolved_by="ola" if state == "resolved" else None)
+
+
+@pytest.mark.parametrize(("kind", "state", "cancelled"), [
+    ("escalation", "open", False), ("escalation", "acknowledged", True),
+    ("escalation", "resolved", True), ("firing", "acknowledged", False),
+    ("firing", "resolved", False), ("resolved", "resolved", False),
+])
+def test_it_cancels_only_reminders_of_incidents_someone_has(kind: str, state: str,
+                                                            cancelled: bool) -> None:
+    assert (cancel_reason(note(1, incident=7, kind=kind), incident(state)) is not None) \
+        == cancelled
+
+
+# -- 16: the channel's reason; permanent errors stop at once; criticals are never abandoned --------
+
+
+def test_it_fails_at_once_with_the_smtp_reply_and_alerts_on_another_channel(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    refusing = RefusingMailbox()
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": refusing.url(),
+                              "CAREFLOW_CHANNEL_OPS": receiver.url("/ops")})
+    (tmp_path / "r.yaml").write_text("rules: []\n")
+    store = SqliteStore(tmp_path / "db")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]), channels)
+    sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    try:
+        alarm = open_alarm(store, 1, "oncall")
+        assert sender.deliver_due(now_ms=10) == 1
+    finally:
+        refusing.stop()
+    failed = the_note(store, alarm)
+    assert (failed.state, failed.attempts) == ("failed", 1)  # permanent: no second attempt
+    assert "SMTP 550" in (failed.last_error or "")
+    assert "nobody@example.org" in (failed.last_error or "")
+    assert store.failing_channels().keys() == {"oncall"}
+    stage.check_self({"hub-notifications-failing": "1 notification failed"}, now_ms=20)
+    (self_alert,) = [n for n in store.notifications() if n.incident_id != alarm]
+    assert self_alert.channel == "ops"  # critical goes to oncall by default, which fails
+    assert sender.deliver_due(now_ms=30) == 1
+    (told,) = receiver.to("/ops")
+    assert "hub-notifications-failing" in told["title"]
+
+
+def test_it_fails_at_once_with_the_http_status_on_401(tmp_path: Path) -> None:
+    refusing = Receiver(status=401)
+    try:
+        channels = load_channels({"CAREFLOW_CHANNEL_OPS": refusing.url("/hook/s3cr3t-token")})
+        store = SqliteStore(tmp_path / "db")
+        warning = open_alarm(store, 1, "ops", severity="warning")
+        sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+        assert sender.deliver_due(now_ms=10) == 1
+    finally:
+        refusing.close()
+    failed = the_note(store, warning)
+    assert (failed.state, failed.attempts) == ("failed", 1)
+    assert (failed.last_error or "").startswith("HTTP 401")
+    assert "s3cr3t-token" not in (failed.last_error or "")  # a URL token stays out of the store
+
+
+def test_it_keeps_retrying_a_critical_notification_while_its_incident_is_open(
+    tmp_path: Path,
+) -> None:
+    nobody = f"json://127.0.0.1:{free_port()}/x"  # nothing listens: connection refused
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": nobody, "CAREFLOW_CHANNEL_OPS": nobody})
+    store = SqliteStore(tmp_path / "db")
+    alarm = open_alarm(store, 1, "oncall")
+    warning = open_alarm(store, 2, "ops", severity="warning")
+    sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    for _ in range(MAX_ATTEMPTS + 3):  # each time, when the latest retry is due
+        sender.deliver_due(now_ms=max(n.next_attempt_ms for n in store.notifications()))
+    kept = the_note(store, alarm)
+    assert (kept.state, kept.attempts) == ("pending", MAX_ATTEMPTS + 3)
+    assert "Connection refused" in (kept.last_error or "")
+    assert the_note(store, warning).state == "failed"
+    assert the_note(store, warning).attempts == MAX_ATTEMPTS
+    assert store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS) == 1
+    store.resolve_incident(alarm, by="ola", at_ms=20)
+    sender.deliver_due(now_ms=kept.next_attempt_ms)  # resolved: an ordinary notification again
+    assert the_note(store, alarm).state == "failed"
+
+
+@pytest.mark.parametrize(("attempts", "permanent", "critical_open", "final"), [
+    (1, True, True, True), (1, True, False, True), (MAX_ATTEMPTS - 1, False, False, False),
+    (MAX_ATTEMPTS, False, False, True), (MAX_ATTEMPTS * 100, False, True, False),
+])
+def test_it_gives_up_only_on_permanent_errors_or_spent_attempts(
+    attempts: int, permanent: bool, critical_open: bool, final: bool,
+) -> None:
+    assert gives_up(attempts=attempts, permanent=permanent, critical_open=critical_open) == final
+
+
+@pytest.mark.parametrize(("lines", "reason", "permanent"), [
+    (["Failed to send JSON POST notification: Unauthorized, error=401."], "HTTP 401", True),
+    (["Failed to send JSON POST notification: Not Found, error=404."], "HTTP 404", True),
+    (["Failed to send JSON POST notification: Too Many Requests, error=429."], "HTTP 429", False),
+    (["Failed to send JSON POST notification: Bad Gateway, error=502."], "HTTP 502", False),
+    (["Socket Exception: (535, b'5.7.8 Authentication credentials invalid')"],
+     "SMTP 535 5.7.8 Authentication credentials invalid", True),
+    (["SMTP recipient a@b.org was refused: 550 b'5.1.1 unknown'"], "SMTP 550 5.1.1 unknown", True),
+    (["Socket Exception: (421, b'4.7.0 Try again later')"], "SMTP 421 4.7.0 Try again later",
+     False),
+    (["Socket Exception: [Errno 111] Connection refused"], "the channel did not take", False),
+    (["Socket Exception: timed out"], "the channel did not take", False),
+    ([], "the channel did not take the message", False),
+])
+def test_it_reads_the_reason_and_its_permanence_from_apprise_log_lines(
+    lines: list[str], reason: str, permanent: bool,
+) -> None:
+    error = failure_from_log(lines)
+    assert str(error).startswith(reason) and error.permanent == permanent
+
+
+@given(st.lists(st.text(max_size=300), max_size=8),
+       st.text(st.characters(blacklist_characters="*"), min_size=6, max_size=40))
+def test_it_never_fails_on_any_log_and_never_keeps_a_secret(lines: list[str],
+                                                            secret: str) -> None:
+    error = failure_from_log([*lines, f"url: https://x.org/{secret}"], secrets=[secret])
+    assert len(str(error)) <= 600
+    assert secret not in str(error)
+
+
+def test_it_treats_url_tokens_and_passwords_as_secrets_but_not_hosts_or_recipients() -> None:
+    secrets = url_secrets("mailtos://user:hunter2pass@smtp.example.org?to=oncall@example.org")
+    assert "hunter2pass" in secrets and "smtp.example.org" not in secrets
+    assert "oncall" not in secrets
+    assert "abc123token" in url_secrets("discord://1234567/abc123token")
+
+
+def test_it_routes_the_self_alert_around_failing_channels() -> None:
+    assert avoid_failing(("oncall",), failing={"oncall"}, configured=("oncall", "ops")) == ("ops",)
+    assert avoid_failing(("oncall", "ops"), failing={"oncall"}, configured=("oncall", "ops")) \
+        == ("ops",)
+    assert avoid_failing(("oncall",), failing=set(), configured=("oncall", "ops")) == ("oncall",)
+    assert avoid_failing(("oncall",), failing={"oncall", "ops"},
+                         configured=("oncall", "ops")) == ("oncall",)
