@@ -9,7 +9,9 @@ Messages go to the worker as (topic, payload) pairs and come back as plain tuple
 the hub rebuilds each event's :class:`EventHead` (pickling richer objects cost more than the
 validation they saved). Nothing depends on the worker for safety: the
 hub keeps every message until it is committed and acknowledges it only then, so a worker that
-dies or hangs costs a moment: its messages, and all later ones, are decoded in-process.
+dies or hangs costs a moment: its messages are decoded in-process (a message that broke the
+worker ends there as accepted or as a dead letter, never sent to a worker again), and a new
+worker takes over after RESTART_DELAY_S, longer while replacements keep failing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from careflow.hub.ingest import (
     decode_message,
 )
 
-__all__ = ["DecodeWorker", "decode_safely"]
+__all__ = ["DecodeWorker", "decode_safely", "internal_error"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ RESULT_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 2.0
 DECODE_BYTES_PER_S = 2_000_000  # far below the worker's real rate (tens of MB/s)
 PIPE_BYTES = 1 << 20
+# A failed worker is replaced after this long, doubling while replacements keep failing (a
+# message that breaks the worker is decoded in-process meanwhile, and only once).
+RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
 _HEADER = struct.Struct("!Q")  # each pickle travels with its length
 
 
@@ -102,14 +108,19 @@ _Row: TypeAlias = tuple[str, str, str, str, str, str, int, str, str, Any, int]
 _Packed: TypeAlias = tuple[list[_Row], tuple[Rejected, ...], tuple[PresenceUpdate, ...]]
 
 
+def internal_error(topic: str, payload: bytes, exc: BaseException, *, where: str) -> Rejected:
+    """The dead letter of a message that made careflow itself fail: kept with the reason."""
+    return Rejected(topic, "internal_error", f"internal error while {where} "
+                    f"({type(exc).__name__}: {str(exc)[:500]}); report this bug", payload)
+
+
 def decode_safely(topic: str, payload: bytes, *, max_bytes: int) -> Decoded:
     """Decode a message; even a bug in decoding becomes a dead letter, never a crash."""
     try:
         return decode_message(topic, payload, max_bytes=max_bytes)
     except Exception as exc:
         log.exception("decoding failed unexpectedly", extra={"topic": topic})
-        reason = f"internal error while decoding ({type(exc).__name__}: {exc}); report this bug"
-        return Decoded((), (Rejected(topic, "internal_error", reason, payload),))
+        return Decoded((), (internal_error(topic, payload, exc, where="decoding"),))
 
 
 def _pack(decoded: Decoded) -> _Packed:
@@ -125,6 +136,25 @@ def _unpack(packed: _Packed) -> Decoded:
     return Decoded(accepted, rejected, presence)
 
 
+def _answer(request: list[tuple[str, bytes]], max_bytes: int) -> bytes:
+    """The pickled decodings of a request. A decoding that cannot be pickled (nothing the
+    contract accepts should be one) becomes that message's dead letter, not a dead worker."""
+    answer = [_pack(decode_safely(topic, payload, max_bytes=max_bytes))
+              for topic, payload in request]
+    try:
+        return pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # find the message at fault and refuse it alone
+        portable: list[_Packed] = []
+        for (topic, payload), packed in zip(request, answer, strict=True):
+            try:
+                pickle.dumps(packed, pickle.HIGHEST_PROTOCOL)
+                portable.append(packed)
+            except Exception as exc:  # whatever it is, it is this message's alone
+                portable.append(([], (internal_error(
+                    topic, payload, exc, where="handing over its decoding"),), ()))
+        return pickle.dumps(portable, pickle.HIGHEST_PROTOCOL)
+
+
 def _serve(requests: int, results: int, max_bytes: int) -> None:
     """The worker: decode each request in order until the hub closes its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the hub, which stops us
@@ -135,9 +165,7 @@ def _serve(requests: int, results: int, max_bytes: int) -> None:
             # a private pipe between the hub and its own child: no one else writes to it
             request: list[tuple[str, bytes]] = pickle.loads(  # noqa: S301
                 _read_frame(requests, None))
-            answer = [_pack(decode_safely(topic, payload, max_bytes=max_bytes))
-                      for topic, payload in request]
-            _write_frame(results, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL), None)
+            _write_frame(results, _answer(request, max_bytes), None)
     except (EOFError, OSError):  # the hub stopped or died: nothing of ours is lost
         return
 
@@ -152,10 +180,13 @@ class DecodeWorker:
         self._process: subprocess.Popen[bytes] | None = None
         self._outstanding = 0
         self._deadline = 0.0  # when the outstanding request's answer is overdue
+        self._restart_at: float | None = None  # after a failure: when to start a new worker
+        self._restart_delay = RESTART_DELAY_S
+        self.restarts = 0
 
     @property
     def alive(self) -> bool:
-        """Whether requests still go to the worker (False after any failure)."""
+        """Whether requests go to the worker now (False from a failure until its replacement)."""
         return self._requests is not None
 
     def start(self) -> None:
@@ -175,6 +206,8 @@ class DecodeWorker:
             os.close(request_w)
             os.close(result_r)
             log.error("cannot start the decode worker (%s); decoding in-process", exc)
+            self._restart_at = time.monotonic() + self._restart_delay
+            self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY_S)
             return
         finally:
             os.close(request_r)  # the worker has its own copies of its ends
@@ -188,6 +221,12 @@ class DecodeWorker:
     def submit(self, messages: Sequence[tuple[str, bytes]]) -> bool:
         """Send messages to decode; False (decode them in-process) if the worker is gone or
         does not take them within SEND_TIMEOUT_S."""
+        if self._requests is None and self._restart_at is not None \
+                and time.monotonic() >= self._restart_at:
+            self._restart_at = None
+            self.restarts += 1
+            log.warning("restarting the decode worker", extra={"restarts": self.restarts})
+            self.start()
         if self._requests is None or self._outstanding:
             return False
         request = [(topic, payload) for topic, payload in messages]
@@ -213,20 +252,26 @@ class DecodeWorker:
             if len(packed) != expected:
                 msg = f"answered {len(packed)} messages of {expected}"
                 raise ValueError(msg)  # handled with every other failure below
-            return [_unpack(item) for item in packed]
+            decoded = [_unpack(item) for item in packed]
         except Exception as exc:  # whatever it was, the hub still holds the messages
             self._fail(f"the decode worker failed: {exc!r}")
             return None
+        self._restart_delay = RESTART_DELAY_S  # it works: a later failure is replaced quickly
+        return decoded
 
     def _fail(self, why: str) -> None:
-        log.error("%s; decoding in-process from now on, nothing is lost", why)
+        log.error("%s; decoding in-process meanwhile, nothing is lost", why,
+                  extra={"restart_in_s": self._restart_delay})
         if self._process is not None:
-            self._process.kill()  # it failed once; it gets no second chance to hang the hub
+            self._process.kill()  # this one gets no second chance to hang the hub
         self.stop()
+        self._restart_at = time.monotonic() + self._restart_delay
+        self._restart_delay = min(self._restart_delay * 2, MAX_RESTART_DELAY_S)
 
     def stop(self) -> None:
-        """Close the pipes (the worker exits on it) and reap the process."""
+        """Close the pipes (the worker exits on it) and reap the process; no restart follows."""
         self._outstanding = 0
+        self._restart_at = None
         for fd in (self._requests, self._results):
             if fd is not None:
                 os.close(fd)

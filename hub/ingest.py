@@ -115,6 +115,8 @@ def _decode_batch(topic: str, parsed: BatchTopic, payload: bytes) -> Decoded:
 
 def _validate_item(item: object) -> tuple[EventHead, int] | ContractError:
     """One item of a batch that failed as a whole: its event, or why it is refused."""
+    if isinstance(item, ContractError):  # decode_batch refused it already (too deep)
+        return item
     try:
         return validate_event(item)
     except ContractError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 from careflow.config import Settings
 from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
-from careflow.hub.decoder import DecodeWorker
+from careflow.hub.decoder import DecodeWorker, internal_error
 from careflow.hub.decoder import decode_safely as _decode_safely
 from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
@@ -254,14 +254,43 @@ class HubService:
         return [decode_safely(message, max_bytes=max_bytes) for message in messages]
 
     def _commit_messages(self, messages: list[IncomingMessage], decoded: list[Decoded]) -> None:
-        accepted, rejected, presence = _gather(messages, decoded)
-        if self.provisioning is not None and accepted:
-            accepted, refused = shut_out(
-                accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
-            rejected.extend(refused)
-        batch = IncomingBatch(accepted, rejected, presence)
-        result = self._commit(batch)
+        """Commit, then acknowledge. Whatever one message makes fail (a bug, input no check
+        caught) costs only that message: it is stored as a dead letter with the reason, and this
+        thread, which every other message needs, goes on."""
+        try:
+            accepted, rejected, presence = _gather(messages, decoded)
+            if self.provisioning is not None and accepted:
+                accepted, refused = shut_out(
+                    accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
+                rejected.extend(refused)
+            result = self._commit(IncomingBatch(accepted, rejected, presence))
+        except _AbandonedError:
+            raise
+        except Exception as exc:  # not the store (retried in _commit): one of these messages
+            if len(messages) > 1:
+                log.exception("a commit failed for a reason other than the store; committing "
+                              "its messages one by one", extra={"messages": len(messages)})
+                for message, one in zip(messages, decoded, strict=True):
+                    self._commit_messages([message], [one])
+                return
+            (message,) = messages
+            log.exception("a message failed to commit; dead-lettered",
+                          extra={"topic": message.topic})
+            accepted, presence = [], []
+            rejected = [(internal_error(message.topic, message.payload, exc, where="storing"),
+                         message.received_ms)]
+            result = self._commit(IncomingBatch(accepted, rejected, presence))
         self.ingress.ack(messages)
+        try:
+            self._after_commit(messages, accepted, rejected, presence, result)
+        except Exception as exc:  # stored and acknowledged already: log it, keep ingesting
+            self.counters.last_error = f"after a commit: {type(exc).__name__}: {exc}"
+            log.exception("bookkeeping after a commit failed; its messages are stored")
+
+    def _after_commit(self, messages: list[IncomingMessage], accepted: list[tuple[Accepted, int]],
+                      rejected: list[tuple[Rejected, int]],
+                      presence: list[tuple[PresenceUpdate, int]], result: AppendResult) -> None:
+        """Confirmations, resend requests, alerting and counters for a committed group."""
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
         now_ms = time.time_ns() // 1_000_000

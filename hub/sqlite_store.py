@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from careflow.errors import ConfigError, StoreError
+from careflow.errors import ConfigError, ContractError, StoreError
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
 from careflow.hub.mute import Silence
@@ -35,6 +35,7 @@ from careflow.hub.store import (
     SourceGap,
     StoredEvent,
 )
+from careflow.schemas import check_depth
 from careflow.sqlite import immediate_transaction, open_wal
 
 __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "SqliteStore"]
@@ -295,6 +296,9 @@ def _candidate(event_id: str, key: tuple[str, str, str, int], type_: str, time_t
 
 
 def _stored_candidate(row: StoredEvent) -> Candidate:
+    """A stored event for judging; ContractError if it nests deeper than the contract allows
+    (stored by an older hub), so reading it back never recurses without bound."""
+    check_depth(row.body)
     return _candidate(row.id, (row.gateway, row.device, row.boot, row.seq), row.type, row.time,
                       row.data)
 
@@ -843,11 +847,20 @@ class SqliteStore:
         ev = accepted.event
         key = ev.position
         by_id = self._one("WHERE id = ?", (ev.id,))
+        if by_id is not None and by_id.body == accepted.body:  # the same text: nothing to read
+            return Verdict.DUPLICATE, "already stored"
         by_key = self._one("WHERE gateway = ? AND device = ? AND boot = ? AND seq = ?", key)
         candidate = _candidate(ev.id, key, ev.type, ev.time, accepted.data)
-        return judge(candidate,
-                     _stored_candidate(by_id) if by_id else None,
-                     _stored_candidate(by_key) if by_key else None)
+        try:
+            return judge(candidate,
+                         _stored_candidate(by_id) if by_id else None,
+                         _stored_candidate(by_key) if by_key else None)
+        except (ContractError, ValueError, RecursionError) as exc:
+            stored = by_id or by_key
+            assert stored is not None  # only a stored copy is read back
+            return Verdict.CONFLICT, (
+                f"the stored event {stored.id} at the same id or position cannot be read back to "
+                f"compare ({exc}); kept as a conflict rather than judged a repeat")
 
     def _one(self, where: str, params: Sequence[Any]) -> StoredEvent | None:
         row = self._conn.execute(f"SELECT {_EVENT_COLUMNS} FROM events {where}", params).fetchone()

@@ -1,6 +1,7 @@
 """The event contract, shared by edge and hub: JSON Schema files, pydantic types, topics, codec."""
 
 from careflow.schemas.codec import (
+    check_depth,
     decode_batch,
     decode_json,
     parse_event,
@@ -43,6 +44,7 @@ __all__ = [
     "StateTopic",
     "ack_topic",
     "batch_topic",
+    "check_depth",
     "command_topic",
     "decode_batch",
     "decode_json",

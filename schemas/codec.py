@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from careflow.errors import ContractError
+from careflow.schemas.limits import MAX_DATA_DEPTH
 from careflow.schemas.models import (
     CONTRACT_VERSION,
     EVENT_TYPES,
@@ -29,6 +30,8 @@ from careflow.schemas.models import (
 )
 
 __all__ = [
+    "EVENT_DEPTH",
+    "check_depth",
     "decode_batch",
     "decode_json",
     "describe_validation_error",
@@ -36,6 +39,7 @@ __all__ = [
     "parse_presence",
     "validate_event",
     "validate_events",
+    "value_depth",
 ]
 
 _MAX_REPORTED_ERRORS = 5
@@ -52,6 +56,78 @@ def _reject_constant(name: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+# The deepest an event may nest: the event object around a `data` of MAX_DATA_DEPTH levels.
+EVENT_DEPTH = MAX_DATA_DEPTH + 1
+# JSON strings (whose brackets do not count) and brackets, for measuring depth exactly.
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _too_deep(limit: int) -> ContractError:
+    return ContractError(
+        "too_deep", f"payload nests more than {limit} levels deep; an event's data may nest at "
+                    f"most {MAX_DATA_DEPTH} levels (MAX_DATA_DEPTH of the contract): flatten it")
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests more than ``limit`` objects/arrays deep.
+
+    Almost every event has a handful of brackets in all, so two C-speed counts settle it; only
+    text with more brackets than ``limit`` is measured, by a scan that skips strings.
+    """
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        char = text[match.start()]
+        if char in "{[":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "}]":
+            depth -= 1
+    return False
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value starting at ``pos`` ends, found without decoding it (used for a
+    batch item too deep to decode); ValueError if it never closes."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text, pos):
+        char = text[match.start()]
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        if depth == 0:
+            return match.end()
+    raise ValueError
+
+
+def check_depth(text: str, *, limit: int = EVENT_DEPTH) -> None:
+    """Raise ContractError ``too_deep`` if JSON ``text`` nests more than ``limit`` levels.
+
+    For senders that check an event before publishing it; the hub's decoding checks it anyway.
+    """
+    if _deeper_than(text, limit):
+        raise _too_deep(limit)
+
+
+def value_depth(value: Any, *, limit: int) -> int:  # noqa: ANN401 - any decoded JSON value
+    """How deep a decoded JSON value nests, counting at most to ``limit + 1`` (no recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            if level > deepest:
+                deepest = level
+                if deepest > limit:
+                    return deepest
+            stack.extend((child, level) for child in (
+                item.values() if isinstance(item, dict) else item))
+    return deepest
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _WHITESPACE_CHARS = " \t\n\r"
 
@@ -60,6 +136,17 @@ def _skip(text: str, pos: int) -> int:
     match = _WHITESPACE.match(text, pos)
     assert match is not None
     return match.end()
+
+
+def _after_item(text: str, end: int) -> tuple[int, bool]:
+    """After an array item: where the next item starts, or the end and True when the array
+    closes; ValueError for anything else."""
+    pos = _skip(text, end)
+    if text.startswith(",", pos):
+        return pos + 1, False
+    if text.startswith("]", pos):
+        return _skip(text, pos + 1), True
+    raise ValueError
 
 
 def _split_array(text: str) -> list[tuple[Any, str]]:
@@ -74,8 +161,15 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
         pos = _skip(text, pos + 1)
     else:
         while True:
-            value, end = raw_decode(text, pos)
-            append((value, text[pos:end]))
+            try:
+                value, end = raw_decode(text, pos)
+            except RecursionError:  # an item far too deep to decode: refuse it alone
+                value, end = _too_deep(EVENT_DEPTH), _value_end(text, pos)
+            item = text[pos:end]
+            # two C-speed counts per item; only an item with many brackets is measured
+            if item.count("{") + item.count("[") > EVENT_DEPTH and _deeper_than(item, EVENT_DEPTH):
+                value = _too_deep(EVENT_DEPTH)
+            append((value, item))
             # Most senders separate items with ", " (json.dumps) or ","; test those before the
             # regex, which costs a call per item (this loop runs once per event of a batch).
             if text.startswith(", ", end):
@@ -83,14 +177,9 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
             elif text.startswith(",", end):
                 pos = end + 1
             else:
-                pos = _skip(text, end)
-                if text.startswith(",", pos):
-                    pos += 1
-                elif text.startswith("]", pos):
-                    pos = _skip(text, pos + 1)
+                pos, closed = _after_item(text, end)
+                if closed:
                     break
-                else:
-                    raise ValueError
             if text[pos:pos + 1] in _WHITESPACE_CHARS:  # "" (end of text) too: raw_decode fails
                 pos = _skip(text, pos)
     if pos != len(text):
@@ -99,26 +188,37 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
 
 
 def decode_batch(payload: bytes) -> list[tuple[Any, str]]:
-    """Decode a batch: each event's value and its exact JSON text (stored as sent, no re-encoding)."""
+    """Decode a batch: each event's value and its exact JSON text (stored as sent, no re-encoding).
+
+    An item nesting deeper than an event may (EVENT_DEPTH) comes back with a ContractError
+    ``too_deep`` in place of its value, so that it alone is refused.
+    """
     try:
         return _split_array(payload.decode("utf-8"))
     except (ValueError, RecursionError):
-        value = decode_json(payload)  # raises the precise not_utf8 / not_json error
+        value = decode_json(payload, max_depth=EVENT_DEPTH + 1)  # the precise error, if any
         raise ContractError("schema", f"a batch must be a JSON array of events, not "
                                       f"{type(value).__name__}") from None
 
 
-def decode_json(payload: bytes) -> Any:  # noqa: ANN401 - JSON is Any until validated
-    """Decode UTF-8 JSON strictly: no NaN/Infinity, no byte-order mark."""
+def decode_json(payload: bytes, *, max_depth: int = EVENT_DEPTH) -> Any:  # noqa: ANN401
+    """Decode UTF-8 JSON strictly: no NaN/Infinity, no byte-order mark, at most ``max_depth``
+    levels of objects and arrays (an event's by default: deeper nesting is refused as
+    ``too_deep`` before any layer that walks values recursively can meet it)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ContractError("not_utf8", f"payload is not UTF-8 text ({exc.reason} at byte "
                                         f"{exc.start})") from exc
     try:
-        return _DECODER.decode(text)
-    except (ValueError, RecursionError) as exc:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except ValueError as exc:
         raise ContractError("not_json", f"payload is not JSON: {exc}") from exc
+    if _deeper_than(text, max_depth):  # valid JSON, so the scan is exact
+        raise _too_deep(max_depth)
+    return value
 
 
 def _is_union_member(part: str | int) -> bool:
@@ -153,7 +253,10 @@ def parse_presence(payload: bytes) -> Presence:
 
 
 def parse_event(obj: object) -> EventHead:
-    """Validate one decoded JSON value against contract v1."""
+    """Validate one decoded JSON value against contract v1, its depth included (the hub checks
+    the depth of what it receives as text, before decoding; this is for values built here)."""
+    if value_depth(obj, limit=EVENT_DEPTH) > EVENT_DEPTH:
+        raise _too_deep(EVENT_DEPTH)
     return validate_event(obj)[0]
 
 

@@ -71,15 +71,28 @@ def test_it_takes_one_request_at_a_time(worker: DecodeWorker) -> None:
     assert worker.result() is not None
 
 
-def test_it_gives_up_on_a_dead_worker_for_good(worker: DecodeWorker) -> None:
-    assert worker._process is not None  # the test kills the real process
-    worker._process.kill()
-    worker._process.wait()
-    submitted = worker.submit(messages())  # may still fit in the pipe buffer
-    assert worker.result() is None
-    assert not worker.alive
-    assert not worker.submit(messages())
-    assert submitted or worker.result() is None
+def test_it_replaces_a_dead_worker_after_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoder_module, "RESTART_DELAY_S", 0.5)
+    worker = DecodeWorker(max_bytes=LIMIT)
+    worker.start()
+    try:
+        assert worker._process is not None  # the test kills the real process
+        worker._process.kill()
+        worker._process.wait()
+        submitted = worker.submit(messages())  # may still fit in the pipe buffer
+        assert worker.result() is None
+        assert not worker.alive
+        assert not worker.submit(messages())  # the caller decodes these in-process meanwhile
+        assert submitted or worker.result() is None
+        items = messages()
+        wait_until(lambda: worker.submit(items), timeout_s=10, what="a new worker")
+        assert worker.alive and worker.restarts == 1
+        result = worker.result()
+        assert result is not None
+        assert [comparable(d) for d in result] == \
+            [comparable(decode_safely(t, p, max_bytes=LIMIT)) for t, p in items]
+    finally:
+        worker.stop()
 
 
 def test_it_gives_up_on_a_worker_that_hangs(worker: DecodeWorker,
@@ -112,8 +125,9 @@ def test_a_stopped_worker_cannot_block_the_hub_with_a_full_pipe(
 
 @pytest.mark.broker
 def test_it_stores_each_event_exactly_once_with_a_worker_that_dies_mid_ingest(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(decoder_module, "RESTART_DELAY_S", 0.0)  # replaced at the next batch
     hub = RunningHub(make_settings(tmp_path / "data", mosquitto.url))
     hub.service = HubService(hub.settings, hub.store, decode_worker=True)
     hub.start()
@@ -130,9 +144,13 @@ def test_it_stores_each_event_exactly_once_with_a_worker_that_dies_mid_ingest(
         publish(mosquitto, random.Random(3).sample(events, 100) + more, batch=True)
         wait_until(lambda: hub.store.count(EventFilter()) == 420, what="420 events stored")
         wait_until(lambda: hub.service.counters.duplicates == 100, what="the repeats seen")
-        assert not decoder.alive
+        source = Stamper(gateway="gw-0", device="dev-9", boot="boot-3")
+        last = [heartbeat(source) for _ in range(5)]
+        publish(mosquitto, last, batch=True)
+        wait_until(lambda: hub.store.count(EventFilter()) == 425, what="425 events stored")
+        assert decoder.alive and decoder.restarts == 1  # a new worker took over
         assert hub.store.dead_letter_count() == 0
         stored_ids = {ev.id for ev in hub.store.query(EventFilter(), limit=1000)}
-        assert stored_ids == {e["id"] for e in events + more}
+        assert stored_ids == {e["id"] for e in events + more + last}
     finally:
         hub.stop()

@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper, new_event_id
-from careflow.hub.ingest import decode_message
+from careflow.hub.ingest import Accepted, EventHead, decode_message
 from careflow.hub.replay import replay
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter, IncomingBatch
@@ -195,3 +196,33 @@ def test_it_adds_fact_columns_to_a_database_made_before_them(tmp_path: Path) -> 
     columns = {row[1] for row in reopened._conn.execute("PRAGMA table_info(devices)")}
     reopened.close()
     assert {"labels", "labels_ms"} <= columns
+
+
+def _legacy_deep_event(levels: int) -> tuple[dict[str, Any], Any]:
+    """A heartbeat whose data nests ``levels`` deep, as a hub before the depth limit stored it
+    (built without recursion: json.dumps could not write it)."""
+    event = heartbeat(Stamper(gateway="gw-1", device="s-1", boot="b1"))
+    deep: Any = 1
+    for _ in range(levels - 1):
+        deep = {"a": deep}
+    text = '{"a":' * (levels - 1) + "1" + "}" * (levels - 1)
+    body = json.dumps({**event, "data": "__DATA__"}).replace(
+        '"__DATA__"', '{"interval_s": 60, "x": ' + text + "}")
+    return {**event, "body": body}, {"interval_s": 60, "x": deep}
+
+
+@pytest.mark.parametrize("levels", [990, 3000])
+def test_it_judges_repeats_of_a_stored_copy_too_deep_to_read_back_without_recursing(
+        tmp_path: Path, levels: int) -> None:
+    store = SqliteStore(tmp_path / "db")
+    event, data = _legacy_deep_event(levels)
+    head = EventHead(event["id"], "gw-1", "s-1", "heartbeat", event["time"], "b1", 1)
+    legacy = Accepted(head, event["body"], "careflow/v1/gw-1/s-1/heartbeat", data, 1_000)
+    store.append(IncomingBatch([(legacy, 1_000)], []))
+    same = store.append(IncomingBatch([(legacy, 2_000)], []))  # the same text: a repeat
+    impostor = {k: v for k, v in event.items() if k != "body"} | {"id": new_event_id()}
+    other = store.append(batch_of([impostor]))  # same position, readable content
+    assert (same.duplicates, same.conflicts) == (1, 0)
+    assert (other.duplicates, other.conflicts) == (0, 1)
+    (letter,) = store.dead_letters()
+    assert letter.code == "conflict" and "cannot be read back" in letter.reason

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.errors import ContractError
-from careflow.schemas import parse_event, validate_event, validate_events
+from careflow.schemas import check_depth, decode_json, parse_event, validate_event, validate_events
+from careflow.schemas.limits import MAX_DATA_DEPTH
 from careflow.schemas.published import schema_errors
+from tests.hostile import nested_json
 
 EXAMPLES = Path(__file__).parents[2] / "schemas" / "examples"
 VALID = sorted(EXAMPLES.glob("*.json"))
@@ -252,3 +254,35 @@ def test_it_validates_presence_the_same_way_in_both_validators(change: dict[str,
     assert accepted == (schema_errors(obj, "state.json") == [])
     assert accepted == (change in ({}, {"state": "offline", "reason": "lost connection"},
                                    {"conn": 3.0}, {"extra": 1}))
+
+
+@pytest.mark.parametrize("levels", [MAX_DATA_DEPTH - 1, MAX_DATA_DEPTH, MAX_DATA_DEPTH + 1, 990,
+                                    5000])
+def test_it_refuses_data_nesting_deeper_than_the_limit_as_text_and_as_value(levels: int) -> None:
+    """Both ways a sender or the hub meets an event: its JSON text, or a value built in Python
+    (the gateway's outbox); neither may recurse on the way to saying no."""
+    event = json.loads((EXAMPLES / "heartbeat-gateway.json").read_text())
+    deep: Any = 1
+    for _ in range(levels - 1):
+        deep = {"a": deep}
+    text = json.dumps({**event, "data": "__DATA__"}).replace(
+        '"__DATA__"', '{"interval_s": 60, "x": ' + nested_json(levels - 1) + "}")
+    outcomes = []
+    for attempt in (lambda: check_depth(text), lambda: decode_json(text.encode()),
+                    lambda: parse_event({**event, "data": {"interval_s": 60, "x": deep}})):
+        try:
+            attempt()
+            outcomes.append("ok")
+        except ContractError as exc:
+            outcomes.append(f"{exc.code}: {exc}")
+    refused = (f"too_deep: payload nests more than {MAX_DATA_DEPTH + 1} levels deep; an event's "
+               f"data may nest at most {MAX_DATA_DEPTH} levels (MAX_DATA_DEPTH of the contract): "
+               "flatten it")
+    assert outcomes == 3 * ["ok" if levels <= MAX_DATA_DEPTH else refused]
+
+
+def test_it_counts_brackets_inside_strings_as_text_not_depth() -> None:
+    brackets = "[{" * 100
+    event = json.loads((EXAMPLES / "heartbeat-gateway.json").read_text())
+    event["data"]["note"] = brackets
+    assert validate_event(decode_json(json.dumps(event).encode()))[0].id == event["id"]
