@@ -7,6 +7,7 @@ original id and time; the hub's dedupe makes resends harmless. Care alarms skip 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -29,6 +30,7 @@ from careflow.config import BrokerUrl, TlsFiles, parse_broker_url, read_secret, 
 from careflow.edge.commands import CommandHandler, handle_command
 from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.edge.outbox import Outbox, Pending
+from careflow.edge.refusal import pack_batches, refusal_report, undeliverable_reason
 from careflow.edge.renewal import Renewer
 from careflow.edge.spool import SpoolInput
 from careflow.edge.stamper import new_boot_id
@@ -50,6 +52,7 @@ from careflow.schemas import (
     reply_topic,
     state_topic,
 )
+from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_MESSAGE_BYTES
 
 __all__ = ["AgentConfig", "EdgeAgent", "load_agent_config"]
 
@@ -184,6 +187,10 @@ class EdgeAgent:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        # batches handed to the MQTT client and not yet acknowledged: (info, bytes, when)
+        self._in_flight: collections.deque[tuple[paho.MQTTMessageInfo, int, float]] = (
+            collections.deque())
         self._arm_will()
         self.restart_requested = False
         self._next_heartbeat = 0.0
@@ -202,6 +209,8 @@ class EdgeAgent:
         return {"outbox_waiting": self.outbox.size(), "confirmed": self.confirmed,
                 "connection": self._conn, "boot": self.boot,
                 "spool_files": len(list(self.config.spool.glob("*.jsonl"))),
+                "spool_quarantined": (len(list(self.spool.quarantine.iterdir()))
+                                      if self.spool.quarantine.is_dir() else 0),
                 "heartbeat_interval_s": self.config.heartbeat_interval_s,
                 "keepalive_s": self.config.keepalive_s, **_system_health()}
 
@@ -361,7 +370,11 @@ class EdgeAgent:
         self.start()
         try:
             while not self._stop.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # a full disk, a bug: log it, keep the gateway on the air
+                    log.exception("a round of the agent's work failed; retrying")
+                    self._stop.wait(self.config.batch_linger_s)
                 self._wake.wait(self.config.batch_linger_s)
                 self._wake.clear()
         finally:
@@ -410,25 +423,63 @@ class EdgeAgent:
                            "care alarms are never dropped", "dropped": dropped})
 
     def _send_due(self) -> None:
+        """Care alarms at once, each on its own topic; then batches, packed to the contract's
+        limits, while the broker has acknowledged all but ``MAX_MESSAGE_BYTES`` of what went
+        before (so a new alarm never queues behind a backlog inside the MQTT client)."""
         due = self.outbox.due(now_ms=time.time_ns() // 1_000_000,
                               resend_after_ms=int(self.config.resend_after_s * 1000),
                               limit=self.config.batch_max_events * 20)
-        alerts = [p for p in due if p.type == "alert"]
-        others = [p for p in due if p.type != "alert"]
-        for item in alerts:  # care alarms go at once, on their own topic
-            envelope = json.loads(item.body)
-            self._publish(event_topic(self.config.gateway, envelope["device"], "alert"),
-                          item.body, [item])
-        size = self.config.batch_max_events
-        for start in range(0, len(others), size):
-            chunk = others[start:start + size]
+        deliverable = [item for item in due if self._deliverable(item)]
+        for item in deliverable:  # due() puts care alarms first
+            if item.type == "alert":
+                envelope = json.loads(item.body)
+                self._publish(event_topic(self.config.gateway, envelope["device"], "alert"),
+                              item.body, [item])
+        others = [p for p in deliverable if p.type != "alert"]
+        runs = pack_batches([len(p.body.encode("utf-8")) for p in others],
+                            max_events=min(self.config.batch_max_events, MAX_BATCH_EVENTS),
+                            max_bytes=MAX_MESSAGE_BYTES)
+        for run in runs:
+            if self._window_full():
+                break  # the rest is still due; a PUBACK wakes the loop for it
+            chunk = others[run.start:run.stop]
             payload = "[" + ",".join(p.body for p in chunk) + "]"
-            self._publish(batch_topic(self.config.gateway), payload, chunk)
+            info = self._publish(batch_topic(self.config.gateway), payload, chunk)
+            if info is not None:
+                self._in_flight.append((info, len(payload), time.monotonic()))
 
-    def _publish(self, topic: str, payload: str, items: list[Pending]) -> None:
+    def _deliverable(self, item: Pending) -> bool:
+        """False, after replacing it by a report, for a stored event the hub would refuse
+        (written by an older agent that knew no limits): it would poison every batch."""
+        problem = undeliverable_reason(item.body)
+        if problem is None:
+            return True
+        log.error("refused a stored event the hub could not take",
+                  extra={"id": item.id, "type": item.type, "code": problem.code})
+        self.outbox.replace_with_report(item, refusal_report(
+            text=item.body, size=len(item.body.encode("utf-8")), reason=problem,
+            source=f"outbox event {item.id}", refused_type=item.type))
+        self._wake.set()
+        return False
+
+    def _window_full(self) -> bool:
+        """Whether the broker still owes PUBACKs for a message's worth of batches."""
+        expired = time.monotonic() - self.config.resend_after_s  # the outbox resends those
+        self._in_flight = collections.deque(
+            entry for entry in self._in_flight
+            if not entry[0].is_published() and entry[2] >= expired)
+        return sum(size for _, size, _ in self._in_flight) >= MAX_MESSAGE_BYTES
+
+    def _publish(self, topic: str, payload: str,
+                 items: list[Pending]) -> paho.MQTTMessageInfo | None:
         info = self._client.publish(topic, payload, qos=1)
-        if info.rc == paho.MQTT_ERR_SUCCESS:
-            self.outbox.mark_sent(items, now_ms=time.time_ns() // 1_000_000)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return None
+        self.outbox.mark_sent(items, now_ms=time.time_ns() // 1_000_000)
+        return info
+
+    def _on_publish(self, *_args: object) -> None:
+        self._wake.set()  # the broker took a message: room for the next batch
 
     def shutdown(self) -> None:
         """Say offline (retained), disconnect, close the outbox."""

@@ -7,12 +7,14 @@ in one transaction, so an event is stamped exactly once and keeps its identity t
 The bound: when the outbox holds ``max_events`` events, the oldest heartbeats are dropped first,
 then the oldest status, error and provision events; care alarms (``alert``) are never dropped.
 Drops are counted by type and reported once connected (an ``error`` event, E_OUTBOX_OVERFLOW).
+
+Care alarms go first: :meth:`Outbox.due` returns every due alert before anything else, so a new
+alarm never waits behind a backlog (up to ``max_events`` heartbeats after an outage).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import sqlite3
 import threading
 import time
@@ -22,8 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from careflow.edge.refusal import check_data, encode_event
 from careflow.edge.stamper import new_event_id
-from careflow.errors import StoreError
+from careflow.errors import ContractError, StoreError
 from careflow.schemas import CONTRACT_VERSION, format_rfc3339, parse_event
 from careflow.sqlite import immediate_transaction, open_wal
 
@@ -99,31 +102,51 @@ class Outbox:
         it got (a spool file's line) without ever enqueueing a line twice.
 
         Raises:
-            ContractError: the event would break the contract (nothing is stored).
+            ContractError: the event would break the contract, its size or depth limits
+                (``oversized``, ``too_deep``) included; nothing is stored, no seq is used.
         """
         with self._transaction():
-            row = self._conn.execute("SELECT boot, next_seq FROM sequences WHERE device = ?",
-                                     (device,)).fetchone()
-            seq = row[1] if row and row[0] == self.boot else 1
-            moment = time.time() if at_ms is None else at_ms / 1000
-            envelope = {
-                "v": CONTRACT_VERSION, "id": new_event_id(), "type": event_type,
-                "gateway": self.gateway, "device": device,
-                "time": format_rfc3339(datetime.fromtimestamp(moment, tz=UTC)), "boot": self.boot, "seq": seq,
-                "data": data,
-            }
-            parse_event(envelope)  # never queue what the hub would refuse
-            self._conn.execute(
-                "INSERT INTO sequences (device, boot, next_seq) VALUES (?, ?, ?) "
-                "ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, "
-                "next_seq = excluded.next_seq", (device, self.boot, seq + 1))
-            self._conn.execute(
-                "INSERT INTO outbox (id, type, device, boot, seq, body) VALUES (?, ?, ?, ?, ?, ?)",
-                (envelope["id"], event_type, device, self.boot, seq, json.dumps(envelope)))
+            envelope = self._insert(device, event_type, data, at_ms=at_ms)
             if mark is not None:
                 self._conn.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", mark)
             self._enforce_bound()
         return envelope
+
+    def _insert(self, device: str, event_type: str, data: dict[str, Any], *,
+                at_ms: int | None) -> dict[str, Any]:
+        """Stamp and store one event; the caller holds the transaction."""
+        moment = time.time() if at_ms is None else at_ms / 1000
+        try:
+            at = format_rfc3339(datetime.fromtimestamp(moment, tz=UTC))
+        except (ValueError, OverflowError, OSError) as exc:
+            msg = f"time: {at_ms} ms is outside the calendar ({exc})"
+            raise ContractError("schema", msg) from exc
+        envelope: dict[str, Any] = {
+            "v": CONTRACT_VERSION, "id": new_event_id(), "type": event_type,
+            "gateway": self.gateway, "device": device, "time": at, "boot": self.boot,
+            "seq": 1, "data": data,
+        }
+        check_data(data)  # before anything walks it
+        parse_event(envelope)  # never queue what the hub would refuse (names checked here)
+        row = self._conn.execute("SELECT boot, next_seq FROM sequences WHERE device = ?",
+                                 (device,)).fetchone()
+        seq = envelope["seq"] = row[1] if row and row[0] == self.boot else 1
+        body = encode_event(envelope)  # size and NaN: never queue a poison pill
+        self._conn.execute(
+            "INSERT INTO sequences (device, boot, next_seq) VALUES (?, ?, ?) "
+            "ON CONFLICT (device) DO UPDATE SET boot = excluded.boot, "
+            "next_seq = excluded.next_seq", (device, self.boot, seq + 1))
+        self._conn.execute(
+            "INSERT INTO outbox (id, type, device, boot, seq, body) VALUES (?, ?, ?, ?, ?, ?)",
+            (envelope["id"], event_type, device, self.boot, seq, body))
+        return envelope
+
+    def replace_with_report(self, item: Pending, report: dict[str, Any]) -> dict[str, Any]:
+        """Take out a stored event that can never be delivered and queue the ``error`` event
+        that reports it, in one transaction (the report is the gateway's own event)."""
+        with self._transaction():
+            self._conn.execute("DELETE FROM outbox WHERE n = ?", (item.n,))
+            return self._insert(self.gateway, "error", report, at_ms=None)
 
     def _enforce_bound(self) -> None:
         over = self._count() - self.max_events
@@ -146,13 +169,18 @@ class Outbox:
     # -- sending and confirming ---------------------------------------------------------------
 
     def due(self, *, now_ms: int, resend_after_ms: int, limit: int) -> list[Pending]:
-        """Unconfirmed events never sent, or sent longer ago than ``resend_after_ms``, in order."""
+        """Unconfirmed events never sent, or sent longer ago than ``resend_after_ms``: care
+        alarms first, then the rest, each in order; at most ``limit`` of each."""
+        stale = now_ms - resend_after_ms
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT n, id, type, body, sent_ms FROM outbox "
-                "WHERE sent_ms IS NULL OR sent_ms <= ? ORDER BY n LIMIT ?",
-                (now_ms - resend_after_ms, limit)).fetchall()
-        return [Pending(*row) for row in rows]
+            alerts = self._conn.execute(
+                "SELECT n, id, type, body, sent_ms FROM outbox WHERE type = 'alert' "
+                "AND (sent_ms IS NULL OR sent_ms <= ?) ORDER BY n LIMIT ?", (stale, limit)).fetchall()
+            others = self._conn.execute(
+                "SELECT n, id, type, body, sent_ms FROM outbox WHERE type != 'alert' "
+                "AND (sent_ms IS NULL OR sent_ms <= ?) ORDER BY n LIMIT ?",
+                (stale, limit)).fetchall()
+        return [Pending(*row) for row in alerts + others]
 
     def mark_sent(self, items: Iterable[Pending], *, now_ms: int) -> None:
         """Remember when these were handed to the broker."""

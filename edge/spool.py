@@ -8,26 +8,47 @@ timestamp and a random part). Each line is one reading::
 
 with an optional ``"time"`` (RFC 3339; default: when the agent reads it). The agent stamps and
 queues each line exactly once: how far it got in a file is saved in the same transaction as the
-event, so a crash mid-file neither loses nor repeats a line. Finished files are deleted; lines
-that are not valid are logged, counted and skipped.
+event, so a crash mid-file neither loses nor repeats a line. Finished files are deleted.
+
+Nothing in the spool can stop the agent. A line the contract refuses (not JSON, a wrong field,
+over MAX_EVENT_BYTES, nested deeper than MAX_DATA_DEPTH) is replaced by an ``error`` event
+(``E_EVENT_REFUSED``, see :mod:`careflow.edge.refusal`) carrying its first characters and the
+reason, in the same transaction as the progress mark; a refused care alarm is reported
+``critical``. An entry that cannot be read at all (a directory, a dangling symlink, a FIFO, a read
+error) is reported (``E_SPOOL_UNREADABLE``), moved to ``quarantine/`` (or, if it cannot be moved,
+skipped until the agent restarts), and the next file is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import os
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from careflow.edge.outbox import Outbox
+from careflow.edge.refusal import E_EVENT_REFUSED, refusal_report, sniff_type, unreadable_report
 from careflow.errors import ContractError
 from careflow.schemas import EVENT_TYPES, parse_rfc3339
+from careflow.schemas.limits import MAX_EVENT_BYTES
 
-__all__ = ["SpoolInput", "SpoolReport"]
+__all__ = ["MAX_LINE_BYTES", "QUARANTINE", "REPORTS_PER_FILE", "SpoolInput", "SpoolReport"]
 
 log = logging.getLogger(__name__)
+
+# A line longer than this is refused unread (``oversized``): no stamped event could be under
+# MAX_EVENT_BYTES, bar whitespace and escapes, and the agent never holds more of it in memory.
+MAX_LINE_BYTES = 4 * MAX_EVENT_BYTES
+# Where unreadable entries are moved (inside the spool directory, never matched by ``*.jsonl``).
+QUARANTINE = "quarantine"
+# Refused lines reported one by one per file; past this only a count follows. Care alarms are
+# always reported one by one.
+REPORTS_PER_FILE = 20
 
 
 @dataclass(slots=True)
@@ -37,6 +58,11 @@ class SpoolReport:
     queued: int = 0
     alerts: int = 0
     invalid: int = 0
+    quarantined: int = 0
+
+
+class _UnreadableError(Exception):
+    """A spool entry that is not a regular file the agent can read."""
 
 
 class SpoolInput:
@@ -45,54 +71,215 @@ class SpoolInput:
     def __init__(self, directory: Path, outbox: Outbox) -> None:
         self.directory = directory
         self.outbox = outbox
+        self._skipped: set[str] = set()  # unreadable and could not be moved: not again
         directory.mkdir(parents=True, exist_ok=True)
         for name in outbox.marks("spool:"):  # files finished just before a crash
-            if not (directory / name.removeprefix("spool:")).exists():
+            if not os.path.lexists(directory / name.removeprefix("spool:")):
                 outbox.clear_mark(name)
+
+    @property
+    def quarantine(self) -> Path:
+        """Where entries the agent cannot read are moved."""
+        return self.directory / QUARANTINE
 
     def scan(self, on_alert: Callable[[], None] | None = None) -> SpoolReport:
         """Queue every new line of every complete file, oldest file first."""
         report = SpoolReport()
-        for path in sorted(self.directory.glob("*.jsonl")):
-            self._read_file(path, report, on_alert)
+        try:
+            paths = sorted(self.directory.glob("*.jsonl"))
+        except OSError as exc:
+            log.error("cannot list the spool directory", extra={"spool": str(self.directory),
+                                                                "reason": str(exc)})
+            return report
+        for path in paths:
+            if path.name in self._skipped:
+                continue
+            try:
+                self._read_file(path, report, on_alert)
+            except FileNotFoundError:  # gone meanwhile (a bridge took it back): nothing to read
+                if os.path.lexists(path):
+                    self._set_aside(path, "a symbolic link to nothing", report)
+                else:
+                    self.outbox.clear_mark(f"spool:{path.name}")
+            except (OSError, _UnreadableError) as exc:
+                self._set_aside(path, str(exc) or type(exc).__name__, report)
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # read to the end, every line marked: only skip it now
+                log.error("cannot delete a finished spool file; skipping it",
+                          extra={"file": path.name, "reason": str(exc)})
+                self._skipped.add(path.name)
+                continue
+            self.outbox.clear_mark(f"spool:{path.name}")
         return report
+
+    # -- one file ---------------------------------------------------------------------------
 
     def _read_file(self, path: Path, report: SpoolReport,
                    on_alert: Callable[[], None] | None) -> None:
+        """Queue (or refuse and report) every line not yet marked done; OSError if unreadable."""
         mark_name = f"spool:{path.name}"
         done = int(self.outbox.mark(mark_name) or 0)
-        with path.open(encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, start=1):
-                if number <= done or not line.strip():
+        reported = suppressed = last = 0
+        with _open_regular(path) as stream:
+            for number, (raw, size) in enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1):
+                last = number
+                if number <= done or not raw.strip():
                     continue
+                text = raw.decode("utf-8", errors="replace")
+                value: object = None
                 try:
-                    device, event_type, data, at_ms = _reading(line)
+                    if size > MAX_LINE_BYTES:
+                        raise ContractError("oversized", f"the line is {size} bytes, over the "
+                                                         f"spool's {MAX_LINE_BYTES}")
+                    value = _decode(text)
+                    device, event_type, data, at_ms = _reading(value)
                     self.outbox.add(device, event_type, data, at_ms=at_ms,
                                     mark=(mark_name, str(number)))
-                except (ValueError, ContractError) as exc:
+                except ContractError as exc:
                     report.invalid += 1
-                    log.warning("skipped an invalid spool line",
-                                extra={"file": path.name, "line": number, "reason": str(exc)})
+                    refused_type = sniff_type(value, text)
+                    log.warning("refused a spool line", extra={
+                        "file": path.name, "line": number, "code": exc.code, "reason": str(exc),
+                        "type": refused_type})
+                    if refused_type == "alert" or reported < REPORTS_PER_FILE:
+                        reported += 1
+                        self._report(refusal_report(
+                            text=text, size=size, reason=exc,
+                            source=f"spool {path.name} line {number}", refused_type=refused_type,
+                            refused_device=value.get("device") if isinstance(value, dict)
+                            else None), mark=(mark_name, str(number)))
+                    else:
+                        suppressed += 1
+                    if refused_type == "alert" and on_alert is not None:
+                        on_alert()  # the report of a refused alarm goes out at once too
                     continue
                 report.queued += 1
                 if event_type == "alert":
                     report.alerts += 1
                     if on_alert is not None:
                         on_alert()
-        path.unlink()
+        if suppressed:
+            self._report({
+                "code": E_EVENT_REFUSED, "severity": "error", "component": "edge-spool",
+                "message": f"the gateway refused {suppressed} more lines of spool {path.name} "
+                           f"than it reported one by one (the first {REPORTS_PER_FILE} were)",
+                "source": f"spool {path.name}", "more_refused": suppressed,
+            }, mark=(mark_name, str(last)))
+
+    def _report(self, data: dict[str, Any], *, mark: tuple[str, str] | None) -> None:
+        """Queue an error event of the gateway itself."""
+        self.outbox.add(self.outbox.gateway, "error", data, mark=mark)
+
+    # -- entries that cannot be read ---------------------------------------------------------
+
+    def _set_aside(self, path: Path, reason: str, report: SpoolReport) -> None:
+        """Report an unreadable entry, then move it to quarantine (or skip it from now on)."""
+        mark_name = f"spool:{path.name}"
+        lines_read = int(self.outbox.mark(mark_name) or 0)
+        target = self._quarantine_target(path.name)
+        shown = f"{QUARANTINE}/{target.name}"
+        log.error("cannot read a spool entry; setting it aside",
+                  extra={"file": path.name, "reason": reason, "to": shown})
+        self._report(unreadable_report(name=path.name, reason=reason, lines_read=lines_read,
+                                       quarantined_to=shown), mark=None)
+        report.quarantined += 1
+        try:
+            self.quarantine.mkdir(exist_ok=True)
+            path.rename(target)
+        except OSError as exc:
+            log.error("cannot move an unreadable spool entry aside; skipping it",
+                      extra={"file": path.name, "reason": str(exc)})
+            self._skipped.add(path.name)
+            return
         self.outbox.clear_mark(mark_name)
 
+    def _quarantine_target(self, name: str) -> Path:
+        target = self.quarantine / name
+        counter = 1
+        while os.path.lexists(target):
+            target = self.quarantine / f"{name}.{counter}"
+            counter += 1
+        return target
 
-def _reading(line: str) -> tuple[str, str, dict[str, Any], int | None]:
-    value = json.loads(line)
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[IO[bytes]]:
+    """Open a spool entry for reading only if it is a regular file.
+
+    Non-blocking, so a FIFO (which would block ``open`` until a writer comes) is seen and refused
+    rather than hanging the agent; a directory opens on Linux, and is refused by its type.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device or special file")
+            msg = f"{kind}, not a file of readings"
+            raise _UnreadableError(msg)
+        stream = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with stream:
+        yield stream
+
+
+def _bounded_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
+    """Each line without its newline, cut after ``limit`` + 1 bytes, with its full size.
+
+    A longer line is skipped through in chunks, so its size costs no memory.
+    """
+    while True:
+        chunk = stream.readline(limit + 1)
+        if not chunk:
+            return
+        if chunk.endswith(b"\n"):
+            yield chunk[:-1], len(chunk) - 1
+            continue
+        if len(chunk) <= limit:  # the last line, without a newline
+            yield chunk, len(chunk)
+            return
+        size = len(chunk)
+        while rest := stream.readline(65536):
+            if rest.endswith(b"\n"):
+                size += len(rest) - 1
+                break
+            size += len(rest)
+        yield chunk, size
+
+
+def _reject_constant(name: str) -> float:
+    msg = f"{name} is not JSON"
+    raise ValueError(msg)
+
+
+def _decode(text: str) -> object:
+    """A line as JSON, strictly: NaN and Infinity are not JSON (the hub refuses them)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise ContractError("too_deep", "the line nests too deep to parse") from exc
+    except ValueError as exc:
+        raise ContractError("not_json", f"the line is not JSON: {exc}") from exc
+
+
+def _reading(value: object) -> tuple[str, str, dict[str, Any], int | None]:
     if not isinstance(value, dict):
-        msg = "a spool line must be a JSON object"
-        raise ValueError(msg)
+        msg = f"a spool line must be a JSON object, not {type(value).__name__}"
+        raise ContractError("schema", msg)
     device, event_type, data = value.get("device"), value.get("type"), value.get("data", {})
     if not isinstance(device, str) or event_type not in EVENT_TYPES or not isinstance(data, dict):
         msg = (f"needs a device (string), a type ({', '.join(EVENT_TYPES)}) and a data object; "
-               f"got device={device!r} type={event_type!r}")
-        raise ValueError(msg)
+               f"got device={str(device)[:80]!r} type={str(event_type)[:32]!r}")
+        raise ContractError("schema", msg)
     at = value.get("time")
-    at_ms = int(parse_rfc3339(at).timestamp() * 1000) if isinstance(at, str) else None
+    try:
+        at_ms = int(parse_rfc3339(at).timestamp() * 1000) if isinstance(at, str) else None
+    except (ValueError, OverflowError) as exc:
+        raise ContractError("schema", f"time: {str(at)[:64]!r} is not an RFC 3339 time") from exc
     return device, str(event_type), data, at_ms

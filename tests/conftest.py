@@ -62,7 +62,7 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 20.0, what: str = "
 class Mosquitto:
     """A real Mosquitto on a free loopback port with its own config and persistence dir."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, max_packet_size: int = 1048576) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,7 +75,7 @@ class Mosquitto:
             f"persistence_location {workdir}/\n"
             "max_queued_messages 1000000\n"
             "max_inflight_messages 1000\n"
-            "max_packet_size 1048576\n"
+            f"max_packet_size {max_packet_size}\n"
             f"log_dest file {workdir}/mosquitto.log\n"
         )
 

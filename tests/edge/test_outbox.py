@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,9 +13,10 @@ from hypothesis import strategies as st
 from careflow.edge.outbox import Outbox
 from careflow.edge.spool import SpoolInput
 from careflow.errors import ContractError
+from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
 
 
-def outbox(tmp_path: Path, boot: str = "boot-a", **kw: int) -> Outbox:
+def outbox(tmp_path: Path, boot: str = "boot-a", **kw: Any) -> Outbox:
     return Outbox(tmp_path / "outbox.db", gateway="gw-1", boot=boot, **kw)
 
 
@@ -85,8 +87,56 @@ def test_it_reads_a_spool_file_once_even_across_a_crash(tmp_path: Path) -> None:
         box.add(reading["device"], "status", reading["data"], mark=("spool:a.jsonl", str(number)))
     report = SpoolInput(spool, box).scan()
     assert (report.queued, report.invalid) == (3, 1)
-    assert box.size() == 5
-    assert sorted(json.loads(p.body)["device"] for p in
-                  box.due(now_ms=0, resend_after_ms=0, limit=10)) == [f"s{i}" for i in range(5)]
+    assert box.size() == 6  # the five readings and the report of the refused line
+    events = [json.loads(p.body) for p in box.due(now_ms=0, resend_after_ms=0, limit=10)]
+    assert sorted(e["device"] for e in events if e["type"] == "status") == [
+        f"s{i}" for i in range(5)]
+    assert [e["data"]["source"] for e in events if e["type"] == "error"] == [
+        "spool a.jsonl line 4"]
     assert not (spool / "a.jsonl").exists()
     assert box.marks("spool:") == {}
+
+
+def test_it_gives_care_alarms_first_whatever_waits_before_them(tmp_path: Path) -> None:
+    box = outbox(tmp_path, synchronous="normal")
+    for _ in range(3_000):
+        box.add("gw-1", "heartbeat", {"interval_s": 60})
+    alarm = box.add("sos-1", "alert", {"kind": "sos", "state": "raised"})
+    due = box.due(now_ms=1_000_000, resend_after_ms=30_000, limit=100)
+    assert due[0].id == alarm["id"] and len(due) == 101
+    box.mark_sent(box.due(now_ms=1_000_000, resend_after_ms=30_000, limit=10_000),
+                  now_ms=1_000_000)
+    box.resend_all()  # after an outage everything is due again: the alarm still goes first
+    assert box.due(now_ms=1_000_001, resend_after_ms=30_000, limit=100)[0].id == alarm["id"]
+    later = box.add("fall-1", "alert", {"kind": "fall", "state": "raised"})
+    assert [p.id for p in box.due(now_ms=1_000_002, resend_after_ms=30_000, limit=5)[:2]] == [
+        alarm["id"], later["id"]]
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    ({"state": "ok", "blob": "x" * MAX_EVENT_BYTES}, "oversized"),
+    ({"state": "ok", "blob": "é" * (MAX_EVENT_BYTES // 5)}, "oversized"),  # \\u00e9 on the wire
+    ({"state": "ok", "deep": json.loads("[" * MAX_DATA_DEPTH + "]" * MAX_DATA_DEPTH)}, "too_deep"),
+    ({"state": "ok", "v": float("nan")}, "not_json"),
+    ({"state": "ok", "v": float("inf")}, "not_json"),
+])
+def test_it_refuses_events_over_the_contracts_limits(tmp_path: Path, data: dict[str, object],
+                                                    code: str) -> None:
+    box = outbox(tmp_path)
+    with pytest.raises(ContractError) as refused:
+        box.add("s1", "status", data)
+    assert refused.value.code == code
+    assert box.size() == 0
+    assert box.add("s1", "status", {"state": "ok"})["seq"] == 1  # no seq was burnt
+
+
+def test_it_takes_the_deepest_and_largest_event_the_contract_allows(tmp_path: Path) -> None:
+    box = outbox(tmp_path)
+    deep = json.loads("[" * (MAX_DATA_DEPTH - 1) + "]" * (MAX_DATA_DEPTH - 1))
+    box.add("s1", "status", {"state": "ok", "deep": deep})
+    event = box.add("s1", "status", {"state": "ok", "blob": ""})
+    room = MAX_EVENT_BYTES - len(json.dumps(event))
+    box.add("s1", "status", {"state": "ok", "blob": "x" * room})
+    assert box.size() == 3
+    assert max(len(p.body) for p in box.due(now_ms=0, resend_after_ms=0, limit=5)) == (
+        MAX_EVENT_BYTES)

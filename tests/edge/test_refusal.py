@@ -1,0 +1,91 @@
+"""The gateway's pure refusal decisions: depth, batch packing, stored bodies, report size."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from careflow.edge.refusal import (
+    data_depth,
+    pack_batches,
+    refusal_report,
+    sniff_type,
+    undeliverable_reason,
+)
+from careflow.edge.stamper import Stamper
+from careflow.errors import ContractError
+from careflow.schemas import parse_event
+from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
+
+
+@settings(max_examples=300)
+@given(sizes=st.lists(st.integers(min_value=1, max_value=MAX_EVENT_BYTES), max_size=400),
+       max_events=st.integers(min_value=1, max_value=MAX_BATCH_EVENTS))
+def test_it_packs_every_item_once_in_order_into_messages_within_the_limits(
+    sizes: list[int], max_events: int,
+) -> None:
+    runs = pack_batches(sizes, max_events=max_events, max_bytes=MAX_MESSAGE_BYTES)
+    assert [i for run in runs for i in run] == list(range(len(sizes)))
+    for run in runs:
+        assert 1 <= len(run) <= max_events
+        assert 2 + sum(sizes[i] for i in run) + len(run) - 1 <= MAX_MESSAGE_BYTES
+    for first, second in itertools.pairwise(runs):  # no run could have taken more
+        grown = 2 + sum(sizes[i] for i in first) + len(first) + sizes[second.start]
+        assert len(first) == max_events or grown > MAX_MESSAGE_BYTES
+
+
+def test_it_packs_by_bytes_not_only_by_count() -> None:
+    sizes = [20_000] * 100  # 100 events, 2 MB: one message by count, eleven by bytes
+    runs = pack_batches(sizes, max_events=100, max_bytes=MAX_MESSAGE_BYTES)
+    assert [len(run) for run in runs] == [13] * 7 + [9]
+
+
+def test_it_measures_depth_without_recursion_and_stops_early() -> None:
+    assert data_depth({}) == 1 and data_depth({"a": 1}) == 1 and data_depth(7) == 0
+    assert data_depth({"a": [1, {"b": []}]}) == 4  # every object and array counts
+    deep: object = 1
+    for _ in range(100_000):  # far beyond Python's recursion limit
+        deep = [deep]
+    assert data_depth(deep) == MAX_DATA_DEPTH + 1
+
+
+def test_it_finds_stored_bodies_the_hub_would_refuse() -> None:
+    event = Stamper(gateway="gw-1").stamp("heartbeat", {"interval_s": 60})
+    body = json.dumps(event)
+    assert undeliverable_reason(body) is None
+    assert _code(body.replace('"interval_s": 60', '"interval_s": NaN')) == "not_json"
+    assert _code(json.dumps({**event, "data": {"interval_s": 60, "x": "y" * MAX_EVENT_BYTES}})) == (
+        "oversized")
+    deep = "[" * 40 + "]" * 40
+    assert _code(body.replace('"interval_s": 60', f'"interval_s": 60, "d": {deep}')) == "too_deep"
+
+
+def _code(body: str) -> str | None:
+    problem = undeliverable_reason(body)
+    return None if problem is None else problem.code
+
+
+@settings(max_examples=200)
+@given(text=st.text(min_size=1, max_size=5_000), device=st.one_of(st.none(), st.text()),
+       refused_type=st.one_of(st.none(), st.sampled_from(["alert", "status"]), st.text()),
+       reason=st.text(max_size=10_000), size=st.integers(min_value=1, max_value=10**12))
+def test_a_refusal_report_is_always_a_small_valid_error_event(
+    text: str, device: str | None, refused_type: str | None, reason: str, size: int,
+) -> None:
+    data = refusal_report(text=text, size=size, reason=ContractError("schema", reason),
+                          source="spool a.jsonl line 1", refused_type=refused_type,
+                          refused_device=device)
+    event = Stamper(gateway="gw-1").stamp("error", data)
+    parse_event(event)
+    assert len(json.dumps(event)) < MAX_EVENT_BYTES
+    assert (data["severity"] == "critical") == (refused_type == "alert")
+
+
+def test_it_recognises_a_care_alarm_in_a_line_it_could_not_parse() -> None:
+    assert sniff_type(None, '{"device": "sos-1", "type": "alert", "data": {"x": "' + "y" * 10) == (
+        "alert")
+    assert sniff_type({"type": " ALERT "}, "") == "alert"
+    assert sniff_type(None, "garbage") is None

@@ -1,0 +1,289 @@
+"""The spool reader against a real directory and a real SQLite outbox: bad luck and hostile lines.
+
+Tests run as root, and root reads a file whatever its mode, so ``chmod 000`` cannot make an
+entry unreadable here; the unreadable entries are the kinds root cannot read as a file of
+readings either: a directory, a dangling symlink, a FIFO (which would block a plain ``open``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from careflow.edge.outbox import Outbox
+from careflow.edge.refusal import EXCERPT_CHARS
+from careflow.edge.spool import MAX_LINE_BYTES, REPORTS_PER_FILE, SpoolInput
+from careflow.schemas import parse_event
+from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
+
+ALARM = {"device": "sos-1", "type": "alert", "data": {"kind": "sos", "state": "raised"}}
+
+
+def outbox(tmp_path: Path) -> Outbox:
+    return Outbox(tmp_path / "outbox.db", gateway="gw-1", boot="boot-a", synchronous="normal")
+
+
+def queued(box: Outbox) -> list[dict[str, Any]]:
+    return [json.loads(p.body) for p in box.due(now_ms=0, resend_after_ms=0, limit=100_000)]
+
+
+def errors(box: Outbox, code: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in queued(box) if e["type"] == "error" and e["data"]["code"] == code]
+
+
+def write(spool: Path, name: str, content: bytes | str) -> None:
+    tmp = spool / f"{name}.tmp"
+    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
+    tmp.rename(spool / f"{name}.jsonl")
+
+
+def line(reading: object) -> str:
+    return json.dumps(reading) + "\n"
+
+
+def nested(depth: int) -> str:
+    return '{"n": ' * (depth - 1) + '{"leaf": 1}' + "}" * (depth - 1)
+
+
+def test_it_sets_aside_entries_it_cannot_read_and_goes_on_to_the_next_file(
+    tmp_path: Path,
+) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    (spool / "a-directory.jsonl").mkdir()
+    (spool / "b-dangling.jsonl").symlink_to(spool / "nowhere")
+    os.mkfifo(spool / "c-fifo.jsonl")  # a plain open() would block until a writer came
+    write(spool, "d-alarm", line(ALARM))
+
+    report = reader.scan()
+
+    assert (report.queued, report.alerts, report.quarantined) == (1, 1, 3)
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
+    unreadable = errors(box, "E_SPOOL_UNREADABLE")
+    assert sorted(d["file"] for d in unreadable) == [
+        "a-directory.jsonl", "b-dangling.jsonl", "c-fifo.jsonl"]
+    by_file = {d["file"]: d for d in unreadable}
+    assert "directory" in by_file["a-directory.jsonl"]["reason"]
+    assert "FIFO" in by_file["c-fifo.jsonl"]["reason"]
+    assert by_file["b-dangling.jsonl"]["quarantined_to"] == "quarantine/b-dangling.jsonl"
+    assert sorted(p.name for p in reader.quarantine.iterdir()) == [
+        "a-directory.jsonl", "b-dangling.jsonl", "c-fifo.jsonl"]
+    assert sorted(p.name for p in spool.iterdir()) == ["quarantine"]
+
+    # the next scan finds nothing new and reports nothing twice; a later file is read
+    write(spool, "e-later", line({**ALARM, "device": "sos-2"}))
+    assert reader.scan().quarantined == 0
+    assert len(errors(box, "E_SPOOL_UNREADABLE")) == 3
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1", "sos-2"]
+
+
+def test_it_skips_an_unreadable_entry_it_cannot_move_and_reports_it_once(tmp_path: Path) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    (spool / "quarantine").write_text("a file where the quarantine folder should be")
+    (spool / "a-directory.jsonl").mkdir()
+    write(spool, "b-alarm", line(ALARM))
+    for _ in range(3):
+        reader.scan()
+    [unreadable] = errors(box, "E_SPOOL_UNREADABLE")
+    assert unreadable["file"] == "a-directory.jsonl"
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
+    assert (spool / "a-directory.jsonl").is_dir()
+
+
+def test_it_refuses_lines_over_the_limits_and_reports_each_with_an_excerpt(
+    tmp_path: Path,
+) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    huge = line({"device": "cam-1", "type": "status", "data": {"state": "ok",
+                                                               "blob": "x" * 100_000}})
+    over_the_read_limit = line({"device": "cam-1", "type": "status",
+                                "data": {"state": "ok", "blob": "y" * (MAX_LINE_BYTES + 10)}})
+    too_deep = ('{"device": "s1", "type": "status", "data": {"state": "ok", "deep": '
+                + nested(MAX_DATA_DEPTH) + "}}\n")
+    beyond_python = ('{"device": "s1", "type": "status", "data": {"state": "ok", "deep": '
+                     + nested(5_000) + "}}\n")
+    nan = '{"device": "s1", "type": "status", "data": {"state": "ok", "t": NaN}}\n'
+    infinity = '{"device": "s1", "type": "status", "data": {"state": "ok", "t": 1e999}}\n'
+    ok = line({"device": "s1", "type": "status", "data": {"state": "ok"}})
+    write(spool, "a", huge + over_the_read_limit + too_deep + beyond_python + nan + infinity + ok)
+
+    report = reader.scan()
+
+    assert (report.queued, report.invalid) == (1, 6)
+    refused = errors(box, "E_EVENT_REFUSED")
+    assert [d["reason_code"] for d in refused] == [
+        "oversized", "oversized", "too_deep", "too_deep", "not_json", "not_json"]
+    assert [d["source"] for d in refused] == [f"spool a.jsonl line {n}" for n in range(1, 7)]
+    assert refused[0]["line_bytes"] == len(huge) - 1
+    assert refused[1]["line_bytes"] == len(over_the_read_limit) - 1
+    assert refused[0]["line"].startswith('{"device": "cam-1", "type": "status"')
+    assert all(len(d["line"]) <= EXCERPT_CHARS for d in refused)
+    assert all(d["severity"] == "error" and d["refused_type"] == "status" for d in refused)
+    assert all(len(json.dumps(e)) < MAX_EVENT_BYTES // 4 for e in queued(box))
+    assert [e["device"] for e in queued(box) if e["type"] == "status"] == ["s1"]
+    assert not (spool / "a.jsonl").exists()
+
+
+@pytest.mark.parametrize("reading", [
+    {"device": "sos-1", "type": "alert", "data": {"kind": "SOS", "state": "raised"}},
+    {"device": "sos-1", "type": "alert",
+     "data": {"kind": "sos", "state": "raised", "location": "room 12, " * 100}},
+    {"device": "sos 1", "type": "alert", "data": {"kind": "sos", "state": "raised"}},
+    {"device": "sos-1", "type": "Alert", "data": {"kind": "sos", "state": "raised"}},
+    {"device": "sos-1", "type": "alert", "data": {"kind": "sos", "state": "raised",
+                                                  "message": "m" * 100_000}},
+], ids=["kind-SOS", "long-location", "space-in-device", "type-Alert", "oversized"])
+def test_it_reports_a_care_alarm_the_contract_refuses_as_critical(
+    tmp_path: Path, reading: dict[str, Any],
+) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    write(spool, "alarm", line(reading))
+    woken: list[bool] = []
+
+    report = reader.scan(on_alert=lambda: woken.append(True))
+
+    assert report.invalid == 1 and woken
+    [event] = queued(box)
+    parse_event(event)  # the report itself is a valid event
+    assert (event["type"], event["device"]) == ("error", "gw-1")
+    data = event["data"]
+    assert data["code"] == "E_EVENT_REFUSED" and data["severity"] == "critical"
+    assert data["refused_type"] == "alert"
+    assert data["refused_device"] == reading["device"]
+    assert len(data["line"]) <= EXCERPT_CHARS
+    assert line(reading).startswith(data["line"].removesuffix("…"))
+    assert data["reason"] and "care alarm" in data["message"]
+
+
+def test_it_reports_refused_lines_one_by_one_up_to_a_bound_and_care_alarms_always(
+    tmp_path: Path,
+) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    bad = "not json\n" * (REPORTS_PER_FILE + 30)
+    bad_alarm = line({"device": "sos 1", "type": "alert", "data": {"kind": "sos",
+                                                                    "state": "raised"}})
+    write(spool, "a", bad + bad_alarm + line(ALARM))
+    reader.scan()
+    refused = errors(box, "E_EVENT_REFUSED")
+    assert len(refused) == REPORTS_PER_FILE + 2
+    assert sum(d.get("refused_type") == "alert" for d in refused) == 1
+    assert refused[-1]["more_refused"] == 30
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
+
+
+def test_it_reports_a_refused_line_exactly_once_across_a_restart(tmp_path: Path) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    write(spool, "a", "not json\n" + line(ALARM))
+    SpoolInput(spool, box).scan()
+    write(spool, "b", "not json\n")
+    # a crash right after the refusal of b's line 1 was committed with its mark: no 2nd report
+    box.add("gw-1", "error", {"code": "E_EVENT_REFUSED", "message": "m"},
+            mark=("spool:b.jsonl", "1"))
+    SpoolInput(spool, box).scan()
+    assert len(errors(box, "E_EVENT_REFUSED")) == 2
+    assert not list(spool.glob("*.jsonl"))
+
+
+# -- hostile lines, generated ------------------------------------------------------------------
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                          st.text(max_size=20))
+_json_values = st.recursive(_json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=20)
+_valid = st.fixed_dictionaries({
+    "device": st.sampled_from(["s1", "fall-1", "door.2"]),
+    "type": st.just("status"),
+    "data": st.fixed_dictionaries({"state": st.sampled_from(["ok", "degraded"])}),
+}).map(json.dumps)
+_alarm = st.fixed_dictionaries({
+    "device": st.sampled_from(["sos-1", "sos 1", ""]),
+    "type": st.sampled_from(["alert", "ALERT"]),
+    "data": st.fixed_dictionaries({"kind": st.sampled_from(["sos", "SOS", "fall"]),
+                                   "state": st.sampled_from(["raised", "up"])},
+                                  optional={"location": st.text(max_size=300),
+                                            "extra": _json_values}),
+}).map(json.dumps)
+
+
+@st.composite
+def _deep(draw: st.DrawFn) -> str:
+    depth = draw(st.integers(min_value=MAX_DATA_DEPTH - 2, max_value=3_000))
+    opener, closer = draw(st.sampled_from([("[", "]"), ('{"a": ', "}")]))
+    return ('{"device": "s1", "type": "status", "data": {"state": "ok", "x": '
+            + opener * depth + "1" + closer * depth + "}}")
+
+
+_hostile_line = st.one_of(
+    _valid,
+    _alarm,
+    _deep(),
+    _json_values.map(json.dumps),
+    st.text(max_size=200),
+    st.binary(max_size=200).map(lambda b: b.replace(b"\n", b" ").decode("latin-1")),
+    st.sampled_from(['{"device": "s1", "type": "status", "data": {"state": "ok", "v": NaN}}',
+                     '{"device": "s1", "type": "status", "data": {"state": "ok", "v": -Infinity}}',
+                     '{"device": "s1", "type": "status", "data": {"state": "ok", "v": 1e400}}',
+                     '{"device": "s1", "type": "status", "time": "9999-12-31T23:59:59-23:59", '
+                     '"data": {"state": "ok"}}',
+                     '{"device": "s1", "type": "status", "time": "0001-01-01T00:00:00+23:59", '
+                     '"data": {"state": "ok"}}',
+                     '{"device": "s1", "type": "status", "data": {"state": "ok", "v": 1' + "0" * 5000
+                     + "}}",
+                     '{"device": "\\ud800", "type": "alert", "data": {"kind": "sos"}}']),
+    st.integers(min_value=MAX_EVENT_BYTES - 300, max_value=MAX_LINE_BYTES + 100).map(
+        lambda n: json.dumps({"device": "s1", "type": "status",
+                              "data": {"state": "ok", "blob": "z" * n}})),
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(lines=st.lists(_hostile_line, min_size=1, max_size=12), encoding=st.sampled_from(
+    ["utf-8", "latin-1"]))
+def test_every_hostile_line_becomes_an_event_or_a_refusal_report_and_nothing_raises(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[str], encoding: str,
+) -> None:
+    root = tmp_path_factory.mktemp("spool")
+    box = outbox(root)
+    spool = root / "spool"
+    reader = SpoolInput(spool, box)
+    raw = b"".join(text.encode(encoding, errors="replace") + b"\n" for text in lines)
+    write(spool, "hostile", raw)
+
+    report = reader.scan()
+
+    events = queued(box)
+    numbered = [n for n, text in enumerate(raw.split(b"\n")[:-1], start=1) if text.strip()]
+    reports = [e for e in events if e["type"] == "error"]
+    refused_lines = [e["data"]["source"] for e in reports]
+    assert report.queued + report.invalid == len(numbered)
+    assert len(events) == len(numbered)  # fewer lines than the bound of reports per file
+    assert len(reports) == report.invalid and len(set(refused_lines)) == len(refused_lines)
+    assert set(refused_lines) <= {f"spool hostile.jsonl line {n}" for n in numbered}
+    for event in events:
+        parse_event(event)
+        assert len(json.dumps(event)) <= MAX_EVENT_BYTES
+    for data in (e["data"] for e in reports):
+        if data.get("refused_type") == "alert":
+            assert data["severity"] == "critical"
+    assert not (spool / "hostile.jsonl").exists()
+    box.close()
