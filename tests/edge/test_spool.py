@@ -21,6 +21,7 @@ from careflow.edge.refusal import EXCERPT_CHARS
 from careflow.edge.spool import MAX_LINE_BYTES, REPORTS_PER_FILE, SpoolInput
 from careflow.schemas import parse_event
 from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
+from tests.hostile import hostile_payloads
 
 ALARM = {"device": "sos-1", "type": "alert", "data": {"kind": "sos", "state": "raised"}}
 
@@ -286,4 +287,28 @@ def test_every_hostile_line_becomes_an_event_or_a_refusal_report_and_nothing_rai
         if data.get("refused_type") == "alert":
             assert data["severity"] == "critical"
     assert not (spool / "hostile.jsonl").exists()
+    box.close()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(payloads=st.lists(hostile_payloads(), min_size=1, max_size=6))
+def test_the_shared_hostile_payloads_as_spool_lines_end_as_events_or_reports(
+    tmp_path_factory: pytest.TempPathFactory, payloads: list[bytes],
+) -> None:
+    root = tmp_path_factory.mktemp("spool")
+    box = outbox(root)
+    reader = SpoolInput(root / "spool", box)
+    lines = [payload.replace(b"\n", b" ") for payload in payloads]  # one payload, one line
+    write(root / "spool", "hostile", b"\n".join(lines) + b"\n")
+
+    report = reader.scan()
+
+    lines = [text for text in lines if text.strip()]
+    events = queued(box)
+    assert report.queued + report.invalid == len(lines) == len(events)
+    for event in events:
+        parse_event(event)
+        assert len(json.dumps(event)) <= MAX_EVENT_BYTES
     box.close()
