@@ -36,14 +36,26 @@ class PresenceRecord:
     reason: str | None = None
 
 
-def supersedes(new_state: str, new_conn: int, old: PresenceRecord | None) -> bool:
+def supersedes(new_state: str, new_conn: int, old: PresenceRecord | None, *,
+               boot: str | None = None, boot_seen: bool = False) -> bool:
     """Whether a presence message replaces what the hub knows.
 
-    The connection counter rises with every connection, so a newer connection always wins, and
-    the Last Will of an *earlier* connection (delivered late, after a quick reconnect) never
-    marks a live gateway offline. Within one connection, ``offline`` follows ``online``.
+    Within one boot of the agent, the connection counter rises with every connection, so a newer
+    connection always wins, and the Last Will of an *earlier* connection (delivered late, after a
+    quick reconnect) never marks a live gateway offline. Within one connection, ``offline``
+    follows ``online``.
+
+    Across boots the counters cannot be compared: a reflashed gateway starts again at 1 while
+    the hub remembers, say, 57. So a ``boot`` the hub has never recorded for this gateway is
+    news and wins whatever its counter (the gateway restarted; even an ``offline`` of it means
+    the hub missed its ``online``), while one it has already recorded and moved past
+    (``boot_seen``) is an earlier boot, whose late Will never overrides the current one.
     """
-    if old is None or new_conn > old.conn:
+    if old is None:
+        return True
+    if boot is not None and boot != old.boot:
+        return not boot_seen
+    if new_conn > old.conn:
         return True
     return new_conn == old.conn and new_state == "offline" and old.state == "online"
 

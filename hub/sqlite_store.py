@@ -110,6 +110,7 @@ CREATE TABLE IF NOT EXISTS presence_log (  -- every accepted change, for charts 
     changed_ms INTEGER NOT NULL,
     reason TEXT
 );
+CREATE INDEX IF NOT EXISTS presence_log_by_boot ON presence_log (gateway, boot);
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (  -- lines for an external sink that are in no other log
     pos INTEGER PRIMARY KEY,
@@ -440,12 +441,17 @@ class SqliteStore:
             row = self._conn.execute("SELECT * FROM presence WHERE gateway = ?",
                                      (update.gateway,)).fetchone()
             old = PresenceRecord(*row) if row else None
-            if supersedes(update.state, update.conn, old):
+            boot_seen = old is not None and old.boot != update.boot and self._conn.execute(
+                "SELECT 1 FROM presence_log WHERE gateway = ? AND boot = ? LIMIT 1",
+                (update.gateway, update.boot)).fetchone() is not None
+            if supersedes(update.state, update.conn, old, boot=update.boot, boot_seen=boot_seen):
                 values = (update.gateway, update.state, update.conn, update.boot, received_ms,
                           update.reason)
                 self._conn.execute("INSERT OR REPLACE INTO presence VALUES (?, ?, ?, ?, ?, ?)",
                                    values)
-                if old is None or (old.state, old.conn) != (update.state, update.conn):
+                # every boot is logged (it is how a late Will of an earlier boot is recognised)
+                if old is None or (old.state, old.conn, old.boot) != (update.state, update.conn,
+                                                                      update.boot):
                     self._conn.execute(
                         "INSERT INTO presence_log (gateway, state, conn, boot, changed_ms, reason)"
                         " VALUES (?, ?, ?, ?, ?, ?)", values)

@@ -37,3 +37,33 @@ def test_it_words_states_like_healthchecks() -> None:
                         presence=record("offline", 3))[0] is State.OFFLINE
     assert device_state(now_ms=now, last_seen_ms=now - 999_000, interval_s=60,
                         paused=True)[0] is State.PAUSED
+
+
+def booted(state: str, conn: int, boot: str) -> PresenceRecord:
+    return PresenceRecord("gw-1", state, conn, boot, 0)
+
+
+@given(st.integers(1, 10_000), st.integers(1, 10_000), st.sampled_from(["online", "offline"]),
+       st.sampled_from(["online", "offline"]))
+def test_it_takes_a_boot_it_has_never_seen_whatever_its_counter(
+    remembered: int, restarted: int, old_state: str, new_state: str
+) -> None:
+    """A reflashed gateway counts connections from 1 again while the hub remembers more."""
+    assert supersedes(new_state, restarted, booted(old_state, remembered, "boot-a"),
+                      boot="boot-b", boot_seen=False)
+
+
+@given(st.integers(1, 10_000), st.integers(1, 10_000), st.sampled_from(["online", "offline"]))
+def test_it_never_lets_an_earlier_boots_message_override_the_current_boot(
+    current: int, stale: int, new_state: str
+) -> None:
+    """The Will of the boot before a restart or reflash, delivered late, whatever its counter."""
+    assert not supersedes(new_state, stale, booted("online", current, "boot-b"),
+                          boot="boot-a", boot_seen=True)
+
+
+@given(st.integers(1, 100), st.integers(1, 100))
+def test_it_compares_counters_within_one_boot_as_before(live: int, stale: int) -> None:
+    old = booted("online", live, "boot-a")
+    assert supersedes("offline", stale, old, boot="boot-a") == supersedes("offline", stale, old)
+    assert supersedes("online", stale, old, boot="boot-a") == supersedes("online", stale, old)

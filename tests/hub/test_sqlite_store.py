@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper, new_event_id
-from careflow.hub.ingest import Accepted, EventHead, decode_message
+from careflow.hub.ingest import Accepted, EventHead, PresenceUpdate, decode_message
 from careflow.hub.replay import replay
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter, IncomingBatch
@@ -226,3 +226,26 @@ def test_it_judges_repeats_of_a_stored_copy_too_deep_to_read_back_without_recurs
     assert (other.duplicates, other.conflicts) == (0, 1)
     (letter,) = store.dead_letters()
     assert letter.code == "conflict" and "cannot be read back" in letter.reason
+
+
+def _presence(gateway: str, state: str, conn: int, boot: str, at_ms: int) -> IncomingBatch:
+    return IncomingBatch([], [], [(PresenceUpdate(gateway, state, conn, boot, None), at_ms)])
+
+
+def test_it_takes_a_reflashed_gateway_back_online_and_ignores_its_old_boots_late_will(
+        tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    store.append(_presence("gw-1", "online", 57, "boot-a", 1))
+    store.append(_presence("gw-1", "offline", 57, "boot-a", 2))   # its Will
+    store.append(_presence("gw-1", "online", 1, "boot-b", 3))     # reflashed: counts from 1
+    assert (store.presence()["gw-1"].state, store.presence()["gw-1"].conn) == ("online", 1)
+    store.append(_presence("gw-1", "offline", 57, "boot-a", 4))   # boot-a's Will, replayed late
+    store.append(_presence("gw-1", "online", 2, "boot-b", 5))
+    store.append(_presence("gw-2", "online", 9, "boot-x", 1))     # reflashed before its Will
+    store.append(_presence("gw-2", "online", 1, "boot-y", 2))
+    store.append(_presence("gw-2", "offline", 9, "boot-x", 3))    # the Will arrives after
+    assert {g: (p.state, p.conn, p.boot) for g, p in store.presence().items()} == {
+        "gw-1": ("online", 2, "boot-b"), "gw-2": ("online", 1, "boot-y")}
+    assert [(c.gateway, c.state, c.conn) for c in store.presence_changes()] == [
+        ("gw-1", "online", 57), ("gw-1", "offline", 57), ("gw-1", "online", 1),
+        ("gw-1", "online", 2), ("gw-2", "online", 9), ("gw-2", "online", 1)]
