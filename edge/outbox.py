@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from careflow.edge.refusal import check_data, encode_event
+from careflow.edge.refusal import encode_event
 from careflow.edge.stamper import new_event_id
 from careflow.errors import ContractError, StoreError
 from careflow.schemas import CONTRACT_VERSION, format_rfc3339, parse_event
@@ -126,8 +126,7 @@ class Outbox:
             "gateway": self.gateway, "device": device, "time": at, "boot": self.boot,
             "seq": 1, "data": data,
         }
-        check_data(data)  # before anything walks it
-        parse_event(envelope)  # never queue what the hub would refuse (names checked here)
+        parse_event(envelope)  # never queue what the hub would refuse (depth and names too)
         row = self._conn.execute("SELECT boot, next_seq FROM sequences WHERE device = ?",
                                  (device,)).fetchone()
         seq = envelope["seq"] = row[1] if row and row[0] == self.boot else 1

@@ -15,15 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from careflow.errors import ContractError
-from careflow.schemas import decode_json
-from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
+from careflow.schemas import check_depth, decode_json
+from careflow.schemas.limits import MAX_EVENT_BYTES
 
 __all__ = [
     "EXCERPT_CHARS",
     "E_EVENT_REFUSED",
     "E_SPOOL_UNREADABLE",
-    "check_data",
-    "data_depth",
     "encode_event",
     "pack_batches",
     "refusal_report",
@@ -42,50 +40,19 @@ _TEXT_CHARS = 500  # device and file names inside a report
 _TYPE_IN_TEXT = re.compile(r'"type"\s*:\s*"([^"\\]{1,32})"')
 
 
-def data_depth(value: object, *, stop_after: int = MAX_DATA_DEPTH) -> int:
-    """How deep objects and arrays nest in ``value`` (``{"a": 1}`` is 1; a scalar is 0).
-
-    Iterative, so no input can exhaust the recursion limit; it stops counting once past
-    ``stop_after``, so a hostile input costs no more than a legal one.
-    """
-    deepest = 0
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Sequence[object] = list(item.values())
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        if deepest > stop_after:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def check_data(data: object) -> None:
-    """Raise ContractError (``too_deep``) for data the contract refuses to walk."""
-    if data_depth(data) > MAX_DATA_DEPTH:
-        msg = (f"data nests deeper than the contract's {MAX_DATA_DEPTH} levels; "
-               "send flat readings")
-        raise ContractError("too_deep", msg)
-
-
 def encode_event(envelope: dict[str, Any]) -> str:
     """The event as the outbox keeps and sends it; ContractError if the hub would refuse it.
 
     ASCII JSON (so characters equal bytes), no NaN or Infinity (not JSON: the hub refuses the
     whole batch they sit in), at most MAX_EVENT_BYTES.
+    Call it after ``parse_event``, which refuses data nested too deep to encode.
     """
-    check_data(envelope.get("data"))
     try:
         body = json.dumps(envelope, allow_nan=False)
     except ValueError as exc:
         msg = f"data holds a number JSON cannot carry (NaN or Infinity): {exc}"
         raise ContractError("not_json", msg) from exc
-    except RecursionError as exc:  # only if check_data was bypassed; kept as a second fence
+    except RecursionError as exc:  # parse_event was skipped: still a refusal, never a crash
         raise ContractError("too_deep", "data nests too deep to encode") from exc
     if len(body) > MAX_EVENT_BYTES:
         msg = (f"the event is {len(body)} bytes encoded, over the contract's {MAX_EVENT_BYTES}; "
@@ -98,14 +65,17 @@ def undeliverable_reason(body: str) -> ContractError | None:
     """Why an event body already in the outbox cannot be delivered, or None.
 
     Bodies written by this agent always pass; an outbox written by an older agent (which knew no
-    limits) may hold one that would take down every batch it is packed into.
+    limits) may hold one that would take down every batch it is packed into. Cheap for the
+    common body: a length, two bracket counts and two substring searches.
     """
-    if len(body.encode("utf-8")) > MAX_EVENT_BYTES:
-        return ContractError("oversized", f"a stored event of {len(body)} bytes is over the "
+    size = len(body.encode("utf-8"))
+    if size > MAX_EVENT_BYTES:
+        return ContractError("oversized", f"a stored event of {size} bytes is over the "
                                           f"contract's {MAX_EVENT_BYTES}")
     try:
-        value = decode_json(body.encode("utf-8"))
-        check_data(value.get("data") if isinstance(value, dict) else value)
+        check_depth(body)
+        if "NaN" in body or "Infinity" in body:  # maybe inside a string: decode to be sure
+            decode_json(body.encode("utf-8"))
     except ContractError as exc:
         return exc
     return None

@@ -22,7 +22,6 @@ skipped until the agent restarts), and the next file is read.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import stat
@@ -34,7 +33,7 @@ from typing import IO, Any
 from careflow.edge.outbox import Outbox
 from careflow.edge.refusal import E_EVENT_REFUSED, refusal_report, sniff_type, unreadable_report
 from careflow.errors import ContractError
-from careflow.schemas import EVENT_TYPES, parse_rfc3339
+from careflow.schemas import EVENT_TYPES, decode_json, parse_rfc3339
 from careflow.schemas.limits import MAX_EVENT_BYTES
 
 __all__ = ["MAX_LINE_BYTES", "QUARANTINE", "REPORTS_PER_FILE", "SpoolInput", "SpoolReport"]
@@ -253,19 +252,10 @@ def _bounded_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]
         yield chunk, size
 
 
-def _reject_constant(name: str) -> float:
-    msg = f"{name} is not JSON"
-    raise ValueError(msg)
-
-
 def _decode(text: str) -> object:
-    """A line as JSON, strictly: NaN and Infinity are not JSON (the hub refuses them)."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError as exc:
-        raise ContractError("too_deep", "the line nests too deep to parse") from exc
-    except ValueError as exc:
-        raise ContractError("not_json", f"the line is not JSON: {exc}") from exc
+    """A line as JSON, as strictly as the hub reads an event: no NaN or Infinity, no deeper
+    than an event may nest (the line is an event's shape: an object around ``data``)."""
+    return decode_json(text.encode("utf-8"))
 
 
 def _reading(value: object) -> tuple[str, str, dict[str, Any], int | None]:

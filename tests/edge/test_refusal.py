@@ -1,4 +1,4 @@
-"""The gateway's pure refusal decisions: depth, batch packing, stored bodies, report size."""
+"""The gateway's pure refusal decisions: batch packing, stored bodies, report size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.refusal import (
-    data_depth,
     pack_batches,
     refusal_report,
     sniff_type,
@@ -18,7 +17,7 @@ from careflow.edge.refusal import (
 from careflow.edge.stamper import Stamper
 from careflow.errors import ContractError
 from careflow.schemas import parse_event
-from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
+from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
 
 
 @settings(max_examples=300)
@@ -43,15 +42,6 @@ def test_it_packs_by_bytes_not_only_by_count() -> None:
     assert [len(run) for run in runs] == [13] * 7 + [9]
 
 
-def test_it_measures_depth_without_recursion_and_stops_early() -> None:
-    assert data_depth({}) == 1 and data_depth({"a": 1}) == 1 and data_depth(7) == 0
-    assert data_depth({"a": [1, {"b": []}]}) == 4  # every object and array counts
-    deep: object = 1
-    for _ in range(100_000):  # far beyond Python's recursion limit
-        deep = [deep]
-    assert data_depth(deep) == MAX_DATA_DEPTH + 1
-
-
 def test_it_finds_stored_bodies_the_hub_would_refuse() -> None:
     event = Stamper(gateway="gw-1").stamp("heartbeat", {"interval_s": 60})
     body = json.dumps(event)
@@ -61,6 +51,8 @@ def test_it_finds_stored_bodies_the_hub_would_refuse() -> None:
         "oversized")
     deep = "[" * 40 + "]" * 40
     assert _code(body.replace('"interval_s": 60', f'"interval_s": 60, "d": {deep}')) == "too_deep"
+    nan_in_text = json.dumps({**event, "data": {"interval_s": 60, "note": "NaN, Infinity"}})
+    assert undeliverable_reason(nan_in_text) is None
 
 
 def _code(body: str) -> str | None:
