@@ -311,11 +311,25 @@ class NotificationSender:
                 log.exception("notification delivery failed unexpectedly",
                               extra={"channel": channel})
                 self._stop.wait(1.0)
+                self._release(channel)
                 continue
             if messages:
                 last_message = time.monotonic()
             if not claimed:
                 wake.wait(0.5)  # or sooner, when the hub queues something
+
+    def _release(self, channel: str) -> None:
+        """What this channel's thread claimed and could not finish (a store error mid-way) is
+        pending again, so the next round sends it (only this thread claims this channel's)."""
+        try:
+            with self._store_lock:
+                released = self.store.release_claimed_notifications(channel)
+        except Exception:
+            log.exception("cannot release claimed notifications", extra={"channel": channel})
+            return
+        if released:
+            log.warning("claimed notifications are pending again after an error",
+                        extra={"channel": channel, "released": released})
 
     def _sweep(self) -> None:
         while not self._stop.is_set():

@@ -739,11 +739,14 @@ class SqliteStore:
             "WHERE n.state != 'sent' AND n.last_error IS NOT NULL")
         return {str(channel): str(error) for channel, error in rows}
 
-    def release_claimed_notifications(self) -> int:
-        """Claimed by a sender that died: pending again (it may go out twice, never zero)."""
+    def release_claimed_notifications(self, channel: str | None = None) -> int:
+        """Claimed by a sender that died (or by one channel's sender that failed mid-way):
+        pending again (it may go out twice, never zero)."""
+        only = "" if channel is None else " AND channel = ?"
         with self._transaction("release notifications") as conn:
             return conn.execute("UPDATE notifications SET state = 'pending' "
-                                "WHERE state = 'sending'").rowcount
+                                f"WHERE state = 'sending'{only}",
+                                () if channel is None else (channel,)).rowcount
 
     def _in_states(self, what: str, table: str, states: Sequence[str] | None,
                    tail: str = "", params: Sequence[Any] = ()) -> list[Any]:

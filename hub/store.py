@@ -399,8 +399,9 @@ class EventStore(Protocol):
         """Record a delivery attempt."""
         ...
 
-    def release_claimed_notifications(self) -> int:
-        """After a crash: claimed but unfinished notifications are pending again."""
+    def release_claimed_notifications(self, channel: str | None = None) -> int:
+        """After a crash (of the hub, or of one channel's sender): claimed but unfinished
+        notifications (of that channel) are pending again."""
         ...
 
     def notifications(self, *, states: Sequence[str] | None = None,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import apprise
 import typer
 from rich.table import Table
 
 from careflow.cli.common import DataDirOption, JsonOption, console, iso_ms, print_json_lines
 from careflow.cli.ops import open_store
-from careflow.errors import ConfigError
+from careflow.errors import ConfigError, TransportError
+from careflow.hub.apprise_transport import AppriseTransport
 from careflow.hub.notify import load_channels
 
 __all__ = ["notify_app"]
@@ -28,12 +28,13 @@ def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. on
         msg = (f"no channel {channel!r} (configured: {known}); set "
                f"CAREFLOW_CHANNEL_{channel.upper()} to an Apprise URL")
         raise ConfigError(msg)
-    client = apprise.Apprise()
-    client.add(channels[channel.lower()].url)
-    if not client.notify(title="careflow test message",
-                         body=f"If you read this, careflow can reach you on '{channel}'."):
-        msg = f"channel {channel!r} did not accept the message; check its URL and credentials"
-        raise ConfigError(msg)
+    try:
+        AppriseTransport(channels[channel.lower()].url).send(
+            "careflow test message", f"If you read this, careflow can reach you on '{channel}'.")
+    except TransportError as exc:
+        advice = "check its URL and credentials" if exc.permanent else "try again later"
+        msg = f"channel {channel!r} did not accept the message ({exc}); {advice}"
+        raise ConfigError(msg) from exc
     console.print(f"sent a test message through {channel}", highlight=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
 import subprocess
 import threading
 from email.message import EmailMessage
@@ -22,6 +23,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import given
 from hypothesis import strategies as st
 
+from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
 from careflow.hub.apprise_transport import failure_from_log, url_secrets
 from careflow.hub.notify import (
@@ -385,3 +387,55 @@ def test_it_routes_the_self_alert_around_failing_channels() -> None:
     assert avoid_failing(("oncall",), failing=set(), configured=("oncall", "ops")) == ("oncall",)
     assert avoid_failing(("oncall",), failing={"oncall", "ops"},
                          configured=("oncall", "ops")) == ("oncall",)
+
+
+# -- the edges: unknown channels, a store error mid-send, `careflow notify test` -----------------
+
+
+def test_it_fails_a_notification_for_a_channel_that_is_not_configured(tmp_path: Path) -> None:
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/x"})
+    store = SqliteStore(tmp_path / "db")
+    ghost = open_alarm(store, 1, "ghost")  # e.g. a channel removed before a restart
+    assert NotificationSender(store, channels).deliver_due(now_ms=10) == 1
+    failed = the_note(store, ghost)
+    assert failed.state == "failed" and "CAREFLOW_CHANNEL_GHOST" in (failed.last_error or "")
+
+
+class StoreThatFailsOnce(SqliteStore):
+    """A real store whose first write of a delivery result fails (database locked)."""
+
+    failures = 1
+
+    def finish_notification(self, notification_id: int, **kwargs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            msg = "cannot record a notification in the event store: database is locked"
+            raise StoreError(msg)
+        super().finish_notification(notification_id, **kwargs)
+
+
+def test_it_sends_again_what_a_store_error_left_claimed(tmp_path: Path,
+                                                        receiver: Receiver) -> None:
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
+    store = SqliteStore(tmp_path / "db")
+    alarm = open_alarm(store, 1, "oncall")
+    sender = NotificationSender(StoreThatFailsOnce(tmp_path / "db"), channels)
+    sender.start()
+    try:
+        wait_until(lambda: the_note(store, alarm).state == "sent", what="sent and recorded")
+    finally:
+        sender.stop()
+    first, again = receiver.to("/oncall")  # sent, not recorded, so sent again: same ref
+    assert first["message"] == again["message"] and "Ref: careflow-n1" in first["message"]
+
+
+def test_it_says_why_a_test_message_was_refused() -> None:
+    refusing = Receiver(status=401)
+    try:
+        result = subprocess.run(careflow_cmd("notify", "test", "ops"), capture_output=True,
+                                text=True, check=False, env={
+                                    **os.environ, "CAREFLOW_CHANNEL_OPS": refusing.url("/x")})
+    finally:
+        refusing.close()
+    assert result.returncode != 0
+    assert "HTTP 401" in result.stderr and "credentials" in result.stderr
