@@ -57,13 +57,18 @@ def open_wal(path: Path, *, synchronous: str, schema: str, timeout_s: float = 30
     """An autocommit connection in WAL mode (readers never block the writer) with ``schema``
     applied. ``synchronous`` "full": a commit survives power loss; "normal": a process crash.
 
-    The database holds care data: its directory is 0700 and the file 0600. The file is created
-    0600 before SQLite opens it, and SQLite gives its -wal and -shm files the database's mode.
+    The database holds care data: its directory is 0700 and the file 0600. A new file is
+    created 0600 before SQLite opens it, and SQLite gives its -wal and -shm files the
+    database's mode; an existing one is only chmod-ed, never opened here.
     Raises sqlite3.Error/OSError for the caller to translate with what it was opening."""
     private_dir(path.parent)
     for suffix in _SIDE_FILES:
         _tighten(path.with_name(path.name + suffix), FILE_MODE)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    # Only a file that does not exist yet is touched: SQLite's locks are POSIX locks, and
+    # closing any descriptor of an open database in this process would drop them all (another
+    # process would then take itself for the last user and delete the WAL under us).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout_s)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +76,25 @@ def test_the_gateway_reads_its_broker_password_from_a_file(tmp_path: Path) -> No
                                env={"CAREFLOW_EDGE_USERNAME": "gw-1",
                                     "CAREFLOW_EDGE_PASSWORD_FILE": str(secret)})
     assert (config.username, config.password) == ("gw-1", "s3cret")
+
+
+def test_opening_the_database_again_keeps_this_process_s_sqlite_locks(tmp_path: Path) -> None:
+    """SQLite's locks are POSIX locks: closing ANY descriptor of the database file in a process
+    drops all of that process's locks on it. Opening a second store must never do that, or
+    another process (``careflow status``) takes itself for the last user, checkpoints and
+    deletes the WAL under the hub, and what the hub commits next is lost."""
+    path = tmp_path / "data" / "careflow.db"
+    first = SqliteStore(path, synchronous="normal")
+    second = SqliteStore(path, synchronous="normal")  # as the hub opens several
+    try:
+        first.write_health({"n": 1})
+        peek = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                "print(c.execute('SELECT report FROM health').fetchone()[0]); c.close()")
+        subprocess.run([sys.executable, "-c", peek, str(path)], check=True, timeout=60)
+        first.write_health({"n": 2})
+        read = subprocess.run([sys.executable, "-c", peek, str(path)], check=True, timeout=60,
+                              capture_output=True, text=True)
+        assert json.loads(read.stdout) == {"n": 2}
+    finally:
+        second.close()
+        first.close()
