@@ -8,6 +8,7 @@ what was refused, and care alarms go first.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -246,4 +247,39 @@ def test_a_care_alarm_goes_out_before_a_backlog_of_heartbeats_also_after_an_outa
     finally:
         agent.stop()
         runner.join(timeout=15)
+        watcher.close()
+
+
+def test_a_new_care_alarm_waits_behind_at_most_one_message_of_backlog_while_it_drains(
+    mosquitto: Mosquitto, tmp_path: Path,
+) -> None:
+    watcher = Subscriber(mosquitto, "careflow/v1/gw-w/#")
+    agent = EdgeAgent(config(mosquitto, tmp_path / "gw-w", "gw-w"))
+    agent.start()
+    try:
+        wait_until(lambda: agent.connected, what="agent connected")
+        agent.tick(with_host_health=False)  # its first heartbeat
+        assert mosquitto.proc is not None
+        mosquitto.proc.send_signal(signal.SIGSTOP)  # a broker that takes nothing for a while
+        try:
+            for _ in range(5_000):
+                agent.outbox.add("gw-w", "heartbeat", {"interval_s": 60})
+            for _ in range(10):  # rounds of sending while nothing is acknowledged
+                agent.tick(with_host_health=False)
+            alarm = agent.add("sos-1", "alert", {"kind": "sos", "state": "raised"})
+            agent.tick(with_host_health=False)
+        finally:
+            mosquitto.proc.send_signal(signal.SIGCONT)
+
+        def alarm_seen() -> bool:
+            agent.tick(with_host_health=False)
+            return any(events[0]["id"] == alarm["id"] for _, events in watcher.events())
+
+        wait_until(alarm_seen, what="the alarm at the subscriber")
+        received = watcher.events()
+        ahead = next(i for i, (_, events) in enumerate(received) if events[0]["id"] == alarm["id"])
+        bytes_ahead = sum(len(json.dumps(events)) for _, events in received[:ahead])
+        assert bytes_ahead <= 2 * MAX_MESSAGE_BYTES  # 5,000 heartbeats are ~1.7 MB
+    finally:
+        agent.shutdown()
         watcher.close()
