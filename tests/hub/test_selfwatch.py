@@ -26,6 +26,14 @@ ROOT = Path(__file__).parents[2]
 M = 60_000
 
 
+def test_it_says_which_channel_fails_and_why() -> None:
+    problems = self_problems(now_ms=100 * M, connected=True, disconnected_since_ms=None,
+                             last_event_ms=99 * M, started_ms=0, failed_notifications=1,
+                             store_errors_recent=0,
+                             failing_channels={"oncall": "SMTP 535 5.7.8 Authentication failed"})
+    assert "oncall: SMTP 535 5.7.8 Authentication failed" in problems["hub-notifications-failing"]
+
+
 def test_it_names_each_problem_of_the_hub_itself() -> None:
     healthy = dict(now_ms=100 * M, connected=True, disconnected_since_ms=None,
                    last_event_ms=99 * M, started_ms=0, failed_notifications=0,
