@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from careflow.cli.common import JsonOption, console, err_console
+from careflow.cli.common import JsonOption, console, err_console, styled
 from careflow.provisioning.pki import (
     BROKER_CONF_FILE,
     cert_not_after,
@@ -93,14 +93,13 @@ def init(
         table.add_column(column)
     styles = {"created": "green", "imported": "green", "written": "green", "kept": "dim"}
     for step in steps:
-        table.add_row(step.path.name, f"[{styles.get(step.action, '')}]{step.action}[/]",
+        table.add_row(step.path.name, styled((step.action, styles.get(step.action, ""))),
                       step.what)
     console.print(table)
     if all(step.action == "kept" for step in steps):
         console.print("Everything was already there; nothing was overwritten.")
     conf = target / BROKER_CONF_FILE
-    console.print(
-        "\n[bold]Next[/bold]\n"
+    console.print(styled("\n", ("Next", "bold"), "\n"
         f"1. Broker: `mosquitto -c {conf}` (device listener :{device_port}, claim listener "
         f":{claim_port}). Mosquitto must be able to read broker.key: run it as this user or "
         "give it the file (README in mosquitto/).\n"
@@ -114,7 +113,7 @@ def init(
         "4. Back up claim-ca.key and device-ca.key offline; whoever holds device-ca.key can "
         "mint devices.\n"
         "5. Daily: `careflow ca crl-refresh --broker-pidfile ...` (the CRL expires in 30 days; "
-        "an expired CRL locks every device out). Check with `careflow ca status`.")
+        "an expired CRL locks every device out). Check with `careflow ca status`."))
 
 
 def _days_left(when: datetime, now: datetime) -> str:
@@ -165,7 +164,7 @@ def status(directory: PkiDirOption = None, as_json: JsonOption = False) -> None:
         console.print(f"{len(issued)} device certificates issued; revoked gateways: "
                       f"{', '.join(revoked) or 'none'}")
         for warning in warnings:
-            err_console.print(f"[yellow]warning:[/yellow] {warning}")
+            err_console.print(styled(("warning:", "yellow"), f" {warning}"))
     raise typer.Exit(1 if warnings else 0)
 
 
@@ -188,8 +187,8 @@ def crl_refresh(
     resign_crl(pki, now=datetime.now(UTC), days=days)
     console.print(f"CRL re-signed: {pki.crl_path}, next update {crl_next_update(pki):%Y-%m-%d %H:%M} UTC")
     if broker_pid is None and broker_pidfile is None and not reload_command:
-        console.print("[yellow]Mosquitto was not reloaded[/yellow]: send it a SIGHUP (or pass "
-                      "--broker-pid / --broker-pidfile / --reload-command).")
+        console.print(styled(("Mosquitto was not reloaded", "yellow"), ": send it a SIGHUP (or "
+                             "pass --broker-pid / --broker-pidfile / --reload-command)."))
         return
     how = reload_from_options(pid=broker_pid, pidfile=broker_pidfile, command=reload_command)
     console.print(f"Mosquitto reloaded ({how}).")

@@ -1,4 +1,12 @@
-"""Shared pieces of the CLI: options every command reads the same way, time parsing, output."""
+"""Shared pieces of the CLI: options every command reads the same way, time parsing, output.
+
+Terminal output goes through :class:`LiteralConsole`: every string printed or put in a table
+cell is shown as the text it is. Much of what the CLI shows comes from devices (firmware, site
+labels, error messages, dead-letter reasons and payloads, incident summaries), and Rich would
+otherwise read ``[/]`` in it as markup (and fail the whole view with ``MarkupError``),
+``[link=...]`` as a hyperlink, ``:smile:`` as an emoji, and pass terminal escape sequences
+through. Styling is therefore explicit: :func:`styled` and :class:`rich.text.Text` with a style.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,15 @@ import json
 import re
 import sys
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeAlias
 
 import typer
-from rich.console import Console
+from rich.console import Console, HighlighterType, JustifyMethod, OverflowMethod
+from rich.style import Style
+from rich.text import Text
 
 from careflow.config import Settings, load_settings
 from careflow.errors import ConfigError
@@ -20,18 +31,72 @@ from careflow.schemas import format_rfc3339, parse_rfc3339
 __all__ = [
     "DataDirOption",
     "JsonOption",
+    "LiteralConsole",
     "console",
     "err_console",
     "format_age",
     "format_ms",
     "iso_ms",
+    "literal",
     "parse_when",
+    "print_fields",
     "print_json_lines",
     "settings_from",
+    "styled",
 ]
 
-console = Console()
-err_console = Console(stderr=True)
+# C0 controls but tab and newline, DEL and C1: ESC starts terminal sequences (clear the screen,
+# set the title, hyperlinks), CR and BS overwrite what was printed.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def literal(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN`` instead of acting on the terminal."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+
+
+class LiteralConsole(Console):
+    """A Rich console that renders every string literally: no markup, no emoji codes, control
+    characters made visible. Table cells and ``print`` arguments given as ``str`` are safe
+    whatever a device put in them; our own styling is passed as :class:`Text` with a style."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        super().__init__(stderr=stderr, markup=False, emoji=False)
+
+    def render_str(self, text: str, *, style: str | Style = "",
+                   justify: JustifyMethod | None = None, overflow: OverflowMethod | None = None,
+                   emoji: bool | None = None, markup: bool | None = None,
+                   highlight: bool | None = None,
+                   highlighter: HighlighterType | None = None) -> Text:
+        """Rich's conversion of a string to Text, with markup and emoji codes always off
+        (``markup`` and ``emoji`` are taken for Rich's callers, and ignored)."""
+        return super().render_str(literal(text), style=style, justify=justify,
+                                  overflow=overflow, emoji=False, markup=False,
+                                  highlight=highlight, highlighter=highlighter)
+
+
+console = LiteralConsole()
+err_console = LiteralConsole(stderr=True)
+
+Part: TypeAlias = str | tuple[str, str]
+
+
+def styled(*parts: Part) -> Text:
+    """One line from plain parts and ``(text, style)`` parts, each shown literally.
+
+    Example: ``styled(("timed out", "red"), f": {device_message}")``.
+    """
+    return Text.assemble(*((literal(part[0]), part[1]) if isinstance(part, tuple)
+                           else literal(part) for part in parts))
+
+
+def print_fields(row: Mapping[str, Any], *, out: Console | None = None,
+                 width: int | None = None) -> None:
+    """``key  value`` lines, keys bold and right-aligned, values shown literally."""
+    width = width if width is not None else max(map(len, row), default=0)
+    for key, value in row.items():
+        (out or console).print(styled((f"{key:>{width}}", "bold"), f"  {value}"),
+                               highlight=False)
 
 DataDirOption = Annotated[
     Path | None,

@@ -16,7 +16,7 @@ from careflow.cli.cacmd import (
     ReloadCommandOption,
     resolve_pki_dir,
 )
-from careflow.cli.common import console, err_console, settings_from
+from careflow.cli.common import console, err_console, settings_from, styled
 from careflow.config import TlsFiles
 from careflow.errors import ConfigError
 from careflow.provisioning.pki import crl_next_update, load_pki, write_device_acl
@@ -92,9 +92,10 @@ def revoke(
     _withdraw_in_registry(settings.db_path, gateway)
     if no_reload or url is None:
         write_device_acl(pki)
-        console.print(f"Denied in {pki.device_acl_path}. [yellow]The broker was not reloaded"
-                      "[/yellow]: until it is (SIGHUP), it still uses the old CRL and ACL, and a "
-                      "connected gateway stays connected.")
+        console.print(styled(f"Denied in {pki.device_acl_path}. ",
+                             ("The broker was not reloaded", "yellow"),
+                             ": until it is (SIGHUP), it still uses the old CRL and ACL, and a "
+                             "connected gateway stays connected."))
         return
     # Phase 1: the CRL alone, then end the session. The ACL deny waits, because it would also
     # block the gateway's Will, and the hub should see the retained `offline` now.
@@ -113,9 +114,9 @@ def revoke(
     seen = ", ".join(states) or "nothing"
     if came_back:
         err_console.print(
-            f"[red]{gateway} reconnected[/red] after its session was ended (presence: {seen}). "
-            f"Check that the broker's crlfile is {pki.crl_path} and that the reload reached "
-            "the broker that gateway uses.")
+            styled((f"{gateway} reconnected", "red"), f" after its session was ended (presence: "
+                   f"{seen}). Check that the broker's crlfile is {pki.crl_path} and that the "
+                   "reload reached the broker that gateway uses."))
         raise typer.Exit(1)
     console.print(f"Session {session} ended; {gateway} did not reconnect within {watch:g}s "
                   f"(presence seen: {seen}).")
@@ -125,9 +126,9 @@ def _withdraw_in_registry(db_path: Path, gateway: str) -> None:
     """Mark the identity revoked in the hub's provisioning registry, when it is on this machine
     (the CRL is what keeps the gateway out; the registry is what operators read)."""
     if not db_path.exists():
-        console.print(f"[yellow]The hub's database ({db_path}) is not here[/yellow]: "
-                      "`careflow provision list` will show the gateway as revoked once the hub "
-                      "refuses it; the CRL already does.")
+        console.print(styled((f"The hub's database ({db_path}) is not here", "yellow"),
+                             ": `careflow provision list` will show the gateway as revoked once "
+                             "the hub refuses it; the CRL already does."))
         return
     registry = SqliteProvisioningRegistry(db_path)
     try:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import paho.mqtt.client as paho
 import typer
 
-from careflow.cli.common import console, err_console, settings_from
+from careflow.cli.common import console, err_console, settings_from, styled
 from careflow.config import TlsFiles, parse_broker_url, tls_files
 from careflow.edge.commands import ALLOWED
 from careflow.edge.stamper import new_event_id
@@ -128,11 +128,11 @@ def claim(
                                 timeout_s=timeout)
     except ClaimError as exc:
         wait = f" (retry after {exc.retry_after_s}s)" if exc.retry_after_s else ""
-        err_console.print(f"[red]claim refused[/]: {exc}{wait}", highlight=False)
+        err_console.print(styled(("claim refused", "red"), f": {exc}{wait}"), highlight=False)
         raise typer.Exit(1) from exc
-    console.print(f"claimed: gateway [bold]{result.gateway_id}[/] in {result.elapsed_ms:.0f} ms; "
-                  f"identity in {result.identity_dir}; agent config {result.edge_config}",
-                  highlight=False)
+    console.print(styled("claimed: gateway ", (result.gateway_id, "bold"),
+                         f" in {result.elapsed_ms:.0f} ms; identity in {result.identity_dir}; "
+                         f"agent config {result.edge_config}"), highlight=False)
     if not run:
         console.print(f"next: careflow edge run --config {result.edge_config}", highlight=False)
         return

@@ -10,7 +10,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from careflow.cli.common import DataDirOption, JsonOption, console, format_age, iso_ms, print_json_lines
+from careflow.cli.common import (
+    DataDirOption,
+    JsonOption,
+    console,
+    format_age,
+    iso_ms,
+    print_fields,
+    print_json_lines,
+    styled,
+)
 from careflow.cli.ops import open_store
 from careflow.hub.store import Incident
 
@@ -52,7 +61,7 @@ def list_incidents(
     table = Table("id", "state", "severity", "rule", "source", "since", "summary")
     colours = {"critical": "red", "warning": "yellow"}
     for i in incidents:
-        table.add_row(str(i.id), i.state, f"[{colours.get(i.severity, 'white')}]{i.severity}[/]",
+        table.add_row(str(i.id), i.state, styled((i.severity, colours.get(i.severity, "white"))),
                       i.rule, f"{i.gateway}/{i.device}", format_age(i.triggered_ms) + " ago",
                       i.summary)
     console.print(table)
@@ -65,8 +74,7 @@ def _show(incident: Incident, as_json: bool) -> None:
     if as_json:
         print_json_lines([row])
         return
-    for key, value in row.items():
-        console.print(f"[bold]{key:>22}[/]  {value}", highlight=False)
+    print_fields(row, width=22)
 
 
 @incidents_app.command("show")

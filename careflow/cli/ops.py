@@ -18,8 +18,10 @@ from careflow.cli.common import (
     format_ms,
     iso_ms,
     parse_when,
+    print_fields,
     print_json_lines,
     settings_from,
+    styled,
 )
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
@@ -236,10 +238,10 @@ def devices_list(
         battery = r.facts.get("battery_pct")
         state = row["state"]
         table.add_row(r.gateway, r.device, row["site"] or "-",
-                      f"[{colours.get(state, 'white')}]{state}[/]",
+                      styled((state, colours.get(state, "white"))),
                       format_age(r.last_seen_ms) + " ago", r.last_type,
                       "-" if battery is None else f"{battery:g}%", str(r.facts.get("firmware", "-")),
-                      str(r.events), f"[red]{r.gaps}[/]" if r.gaps else "0")
+                      str(r.events), styled((str(r.gaps), "red")) if r.gaps else "0")
     console.print(table)
     if not records:
         console.print("no devices yet: they appear with their first event")
@@ -264,10 +266,9 @@ def devices_show(
     if as_json:
         print_json_lines([row])
         return
-    for key, value in row.items():
-        console.print(f"[bold]{key:>14}[/]  {value}", highlight=False)
+    print_fields(row, width=14)
     if abs(record.skew_ms) > 300_000:
-        console.print("[yellow]clock skew over 5 minutes: check the gateway's NTP[/]")
+        console.print(styled(("clock skew over 5 minutes: check the gateway's NTP", "yellow")))
 
 
 @devices_app.command("pause")
@@ -370,19 +371,17 @@ def status(
     if as_json:
         print_json_lines([report])
     else:
-        width = max(map(len, report))
-        for key, value in report.items():
-            console.print(f"[bold]{key:>{width}}[/]  {value}", highlight=False)
+        print_fields(report)
         if not report["running"]:
-            console.print("[red]the hub is not running[/] (no health report in the last 5 s): "
-                          "start it with `careflow hub`", highlight=False)
+            console.print(styled(("the hub is not running", "red"), " (no health report in the "
+                                 "last 5 s): start it with `careflow hub`"), highlight=False)
         elif not report.get("connected"):
-            console.print("[red]the hub is running but not connected to its broker[/]: check "
-                          "the broker and CAREFLOW_BROKER_URL", highlight=False)
+            console.print(styled(("the hub is running but not connected to its broker", "red"),
+                                 ": check the broker and CAREFLOW_BROKER_URL"), highlight=False)
         if report.get("influx_failing_since_ms"):
-            console.print("[yellow]InfluxDB writes are failing[/]: events wait in the log and "
-                          "follow when it is back; check CAREFLOW_INFLUX_URL and the server",
-                          highlight=False)
+            console.print(styled(("InfluxDB writes are failing", "yellow"), ": events wait in the "
+                                 "log and follow when it is back; check CAREFLOW_INFLUX_URL and "
+                                 "the server"), highlight=False)
     raise typer.Exit(0 if healthy else 1)
 
 

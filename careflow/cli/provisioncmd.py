@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.table import Table
-from rich.text import Text
 
 from careflow.cli.common import (
     DataDirOption,
@@ -24,6 +23,7 @@ from careflow.cli.common import (
     parse_when,
     print_json_lines,
     settings_from,
+    styled,
 )
 from careflow.config import Settings
 from careflow.errors import ConfigError
@@ -111,8 +111,8 @@ def register(
     if as_json:
         print_json_lines([row])
         return
-    console.print(f"registered [bold]{serial}[/] at {site} as [bold]{gateway}[/]")
-    console.print(f"claim token (shown once): [bold]{token}[/]", highlight=False)
+    console.print(styled("registered ", (serial, "bold"), f" at {site} as ", (gateway, "bold")))
+    console.print(styled("claim token (shown once): ", (token, "bold")), highlight=False)
     console.print(f"expires {format_ms(expires_ms)} UTC; revocation: {revocation}",
                   highlight=False)
     console.print(f"on the gateway: careflow gateway claim --serial {serial} --token <token> "
@@ -149,7 +149,7 @@ def list_serials(as_json: JsonOption = False, data_dir: DataDirOption = None) ->
     table = Table("serial", "site", "gateway", "state", "certificate until", "last error")
     for r in records:
         table.add_row(r.serial, r.site, r.gateway_id,
-                      f"[{colours.get(r.state, 'white')}]{r.state}[/]",
+                      styled((r.state, colours.get(r.state, "white"))),
                       format_ms(r.cert_not_after_ms), r.last_error or "")
     console.print(table)
     if not records:
@@ -180,8 +180,8 @@ def list_refusals(
                            "last": iso_ms(r.last_ms)} for r in refusals])
         return
     table = Table("last", "source", "serial", "code", "count", "first (UTC)")
-    for r in refusals:  # device-supplied names: Text, never markup
-        table.add_row(format_age(r.last_ms) + " ago", Text(r.source), Text(r.serial or "-"),
+    for r in refusals:
+        table.add_row(format_age(r.last_ms) + " ago", r.source, r.serial or "-",
                       r.code, str(r.count), format_ms(r.first_ms))
     console.print(table)
     if not refusals:
@@ -226,14 +226,15 @@ def _watch_table(r: ClaimRecord, now_ms: int, started_ms: int) -> Table:
     for step in _steps(r):
         if step.at_ms is not None:
             after = "-" if previous is None else f"{(step.at_ms - previous) / 1000:.1f}s"
-            table.add_row(step.name, "[green]✓[/]", format_ms(step.at_ms), after)
+            table.add_row(step.name, styled(("✓", "green")), format_ms(step.at_ms), after)
             previous = step.at_ms
         elif not waiting_shown:
             since = max(previous or started_ms, started_ms)
-            table.add_row(step.name, "[yellow]…[/]", "waiting", f"{(now_ms - since) / 1000:.0f}s")
+            table.add_row(step.name, styled(("…", "yellow")), "waiting",
+                          f"{(now_ms - since) / 1000:.0f}s")
             waiting_shown = True
         else:
-            table.add_row(f"[dim]{step.name}[/]", "", "", "")
+            table.add_row(styled((step.name, "dim")), "", "", "")
     return table
 
 
@@ -245,8 +246,8 @@ def _print_refusals_of(settings: Settings, serial: str) -> None:
     finally:
         registry.close()
     for r in refusals:
-        err_console.print(Text(f"refused claim naming {serial}: {r.code} x{r.count} from "
-                               f"{r.source}, last {format_age(r.last_ms)} ago"))
+        err_console.print(f"refused claim naming {serial}: {r.code} x{r.count} from "
+                          f"{r.source}, last {format_age(r.last_ms)} ago", highlight=False)
 
 
 @provision_app.command("watch")
@@ -286,16 +287,17 @@ def watch(
         print_json_lines([{**_record_row(record), "ok": missing is None,
                            "waiting_for": missing.name if missing else None}])
     if record.state == State.REVOKED:
-        err_console.print(f"[red]{serial} is revoked[/]: register it again", highlight=False)
+        err_console.print(styled((f"{serial} is revoked", "red"), ": register it again"),
+                          highlight=False)
         raise typer.Exit(1)
     if missing is not None:
-        err_console.print(f"[red]timed out after {timeout:g}s waiting for: {missing.name}[/]",
-                          highlight=False)
+        err_console.print(styled((f"timed out after {timeout:g}s waiting for: {missing.name}",
+                                  "red")), highlight=False)
         err_console.print(f"check: {missing.hint}", highlight=False)
         if record.last_error:
             err_console.print(f"last error: {record.last_error}", highlight=False)
         _print_refusals_of(settings, serial)
         raise typer.Exit(1)
     total = (record.active_ms or 0) - record.registered_ms
-    err_console.print(f"[green]{serial} is active[/] as {record.gateway_id} "
-                      f"({total / 1000:.1f}s after registration)", highlight=False)
+    err_console.print(styled((f"{serial} is active", "green"), f" as {record.gateway_id} "
+                             f"({total / 1000:.1f}s after registration)"), highlight=False)

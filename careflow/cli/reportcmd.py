@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from careflow.cli.common import DataDirOption, JsonOption, console, format_ms
+from careflow.cli.common import DataDirOption, JsonOption, console, format_ms, styled
 from careflow.cli.ops import open_store
 from careflow.errors import ConfigError
 from careflow.hub.report import DAY_MS, Report, build_report
@@ -48,8 +48,8 @@ def collect(store: SqliteStore, *, days: int, now_ms: int) -> Report:
 
 
 def _print(report: Report, days: int) -> None:
-    console.print(f"[bold]careflow report[/] — last {days} days "
-                  f"({format_ms(report.start_ms)} to {format_ms(report.end_ms)} UTC)",
+    console.print(styled(("careflow report", "bold"), f" — last {days} days "
+                         f"({format_ms(report.start_ms)} to {format_ms(report.end_ms)} UTC)"),
                   highlight=False)
     summary = Table.grid(padding=(0, 2))
     for name, value in (
@@ -60,19 +60,19 @@ def _print(report: Report, days: int) -> None:
         ("devices provisioned", str(sum(report.provisioned.values()))),
         ("devices active / known", f"{report.devices_active} / {report.devices_total}"),
     ):
-        summary.add_row(f"[bold]{name}[/]", value)
+        summary.add_row(styled((name, "bold")), value)
     console.print(summary)
 
     sites = Table("site", "gateways", "uptime", title="Uptime by site")
     for site in report.sites:
         colour = "green" if (site.pct or 0) >= 99.9 else "yellow" if (site.pct or 0) >= 99 else "red"
-        sites.add_row(site.site, str(site.gateways), f"[{colour}]{format_pct(site.pct)}[/]")
+        sites.add_row(site.site, str(site.gateways), styled((format_pct(site.pct), colour)))
     console.print(sites if report.sites else "no gateways known yet")
 
     incidents = Table("rule", "severity", "incidents", title="Incidents by rule and severity")
     colours = {"critical": "red", "warning": "yellow"}
     for item in report.incidents:
-        incidents.add_row(item.rule, f"[{colours.get(item.severity, 'white')}]{item.severity}[/]",
+        incidents.add_row(item.rule, styled((item.severity, colours.get(item.severity, "white"))),
                           str(item.count))
     console.print(incidents if report.incidents else "no incidents in this period")
 

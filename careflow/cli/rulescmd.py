@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from careflow.cli.common import console
+from careflow.cli.common import console, styled
 from careflow.hub.rules import load_rules
 from careflow.hub.ruletests import run_rule_tests
 
@@ -45,8 +45,9 @@ def run_tests(
     ruleset = load_rules(rules or [Path(os.environ.get("CAREFLOW_RULES_DIR", "rules"))])
     results = run_rule_tests(ruleset, tests)
     for result in results:
-        mark = "[green]✓[/]" if result.passed else "[red]✗[/]"
-        console.print(f"{mark} {result.name}  [dim]{result.file}[/]", highlight=False)
+        mark = ("✓", "green") if result.passed else ("✗", "red")
+        console.print(styled(mark, f" {result.name}  ", (str(result.file), "dim")),
+                      highlight=False)
         for at, rule, gateway, device, status in result.missing:
             console.print(f"    missing:    {status} {rule} {gateway}/{device} at {at / 1000:g}s",
                           highlight=False)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from careflow.cli.common import console
+from careflow.cli.common import console, styled
 from careflow.schemas.published import schema_errors
 
 __all__ = ["schemas_app"]
@@ -31,7 +31,8 @@ def validate(
             text = sys.stdin.read() if name == "stdin" else path.read_text(encoding="utf-8")
             value = json.loads(text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            console.print(f"[red]✗ {name}[/]: cannot read JSON: {exc}", highlight=False)
+            console.print(styled((f"✗ {name}", "red"), f": cannot read JSON: {exc}"),
+                          highlight=False)
             failures += 1
             continue
         items = value if isinstance(value, list) else [value]
@@ -40,9 +41,9 @@ def validate(
             errors = schema_errors(item)
             if errors:
                 failures += 1
-                console.print(f"[red]✗ {label}[/]", highlight=False)
+                console.print(styled((f"✗ {label}", "red")), highlight=False)
                 for line in errors:
                     console.print(f"    {line}", highlight=False)
             else:
-                console.print(f"[green]✓ {label}[/]", highlight=False)
+                console.print(styled((f"✓ {label}", "green")), highlight=False)
     raise typer.Exit(1 if failures else 0)

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from careflow.cli.common import console, err_console, format_age, settings_from
+from careflow.cli.common import console, err_console, format_age, settings_from, styled
 from careflow.edge.simulator import (
     FAULT_KINDS,
     GATEWAYS_PER_PROCESS,
@@ -135,12 +135,13 @@ def _view(store: SqliteStore, simulator: FleetSimulator) -> Group:
                             f"CARE ALARM {alert.data.get('kind')} {format_age(alert.received_ms)} ago"))
     summary = Table.grid(padding=(0, 3))
     summary.add_row(
-        f"[bold]gateways online[/] {sum(p.state == 'online' for p in presence.values())}"
-        f"/{len(simulator.gateways)}",
-        "[bold]sources[/] " + " ".join(f"{k} {v}" for k, v in sorted(states.items())),
-        f"[bold]events/s[/] {health.get('events_per_s', 0)}",
-        f"[bold]stored[/] {health.get('events_stored', 0)}",
-        f"[bold]dead letters[/] {health.get('dead_lettered', 0)}",
+        styled(("gateways online", "bold"),
+               f" {sum(p.state == 'online' for p in presence.values())}"
+               f"/{len(simulator.gateways)}"),
+        styled(("sources", "bold"), " " + " ".join(f"{k} {v}" for k, v in sorted(states.items()))),
+        styled(("events/s", "bold"), f" {health.get('events_per_s', 0)}"),
+        styled(("stored", "bold"), f" {health.get('events_stored', 0)}"),
+        styled(("dead letters", "bold"), f" {health.get('dead_lettered', 0)}"),
     )
     table = Table("gateway", "device", "problem", title="recent problems", expand=True)
     for row in problems[:12]:
