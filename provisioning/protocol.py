@@ -18,13 +18,13 @@ sends the request, so an answer cannot be missed.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from careflow.errors import ContractError
+from careflow.schemas.codec import decode_json
 from careflow.schemas.limits import MAX_PAYLOAD_DEPTH
 
 __all__ = [
@@ -48,10 +48,8 @@ PROVISION_SUBSCRIPTIONS = (f"{PROVISION_PREFIX}/+/request", f"{PROVISION_PREFIX}
 MAX_REQUEST_BYTES = 16 * 1024  # a P-256 CSR is under 1 KiB; anything far larger is refused
 # A whole request: the CSR at its largest, its JSON escapes and the other fields fit well below.
 MAX_REQUEST_MESSAGE_BYTES = 4 * MAX_REQUEST_BYTES
-# A request is one flat object; the contract's payload depth is a generous ceiling, checked
-# before decoding, because a decoder that recurses is what deep nesting attacks.
+# A request is one flat object; the contract's payload depth is a generous ceiling.
 MAX_REQUEST_DEPTH = MAX_PAYLOAD_DEPTH
-_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 _TOPIC = re.compile(r"^careflow/provision/(?P<client>[^/+#]+)/(?P<kind>request|renew)\Z")
 
 
@@ -88,24 +86,6 @@ def parse_provision_topic(topic: str) -> tuple[str, Literal["request", "renew"]]
     return match["client"], "request" if match["kind"] == "request" else "renew"
 
 
-def json_depth(text: str) -> int:
-    """How deep arrays and objects nest in ``payload``, without decoding it (strings skipped).
-
-    Meant to run before a recursive decoder: its cost is one regex pass, whatever the nesting.
-    Malformed JSON gets some number; the decoder refuses it afterwards. The text, not bytes:
-    ``json.loads`` would also read UTF-16, whose bytes a byte-level scan misreads.
-    """
-    depth = deepest = 0
-    for match in _STRING_OR_BRACKET.finditer(text):
-        token = match[0]
-        if token in ("[", "{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif token in ("]", "}"):
-            depth -= 1
-    return deepest
-
-
 def decode_request(payload: bytes) -> dict[str, Any]:
     """A claim or renewal request's JSON object, bounded in size and depth.
 
@@ -117,17 +97,12 @@ def decode_request(payload: bytes) -> dict[str, Any]:
         msg = (f"the request is {len(payload)} bytes; at most {MAX_REQUEST_MESSAGE_BYTES} "
                "are read")
         raise ContractError("bad_request", msg)
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ContractError("bad_request", "the request is not UTF-8 JSON") from exc
-    if json_depth(text) > MAX_REQUEST_DEPTH:
-        msg = f"the request nests deeper than {MAX_REQUEST_DEPTH} levels; it is one flat object"
-        raise ContractError("bad_request", msg)
-    try:
-        body = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: belt and braces
-        raise ContractError("bad_request", "the request is not JSON") from exc
+    try:  # the contract's decoder: strict UTF-8 JSON; too deep is refused, never a RecursionError
+        body = decode_json(payload, max_depth=MAX_REQUEST_DEPTH)
+    except ContractError as exc:
+        msg = (f"the request nests deeper than {MAX_REQUEST_DEPTH} levels; it is one flat object"
+               if exc.code == "too_deep" else f"the request is not JSON: {exc}")
+        raise ContractError("bad_request", msg) from exc
     if not isinstance(body, dict):
         raise ContractError("bad_request", "the request must be a JSON object")
     return body
