@@ -17,6 +17,7 @@ from careflow.schemas.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "DEFAULT_MAX_DEVICES_PER_GATEWAY",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "BrokerUrl",
     "HostPort",
@@ -32,6 +33,8 @@ __all__ = [
 
 DEFAULT_LISTEN = "127.0.0.1:1883"
 DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the contract's limit
+# A gateway's devices the hub registers and evaluates; a new one beyond is dead-lettered.
+DEFAULT_MAX_DEVICES_PER_GATEWAY = 1000
 _SYNC_MODES = ("full", "normal")
 
 
@@ -178,6 +181,7 @@ class Settings:
     pki_dir: Path | None = None  # set: the hub answers claims (see provisioning/README.md)
     device_broker_url: BrokerUrl | None = None  # where provisioned gateways connect
     cert_days: int = 30  # lifetime of device certificates issued by claim or renewal
+    max_devices_per_gateway: int = DEFAULT_MAX_DEVICES_PER_GATEWAY
 
     @property
     def embedded(self) -> bool:
@@ -248,6 +252,8 @@ def load_settings(
         device_broker_url=parse_broker_url(env["CAREFLOW_DEVICE_BROKER_URL"])
         if env.get("CAREFLOW_DEVICE_BROKER_URL") else None,
         cert_days=_int_setting(env, "CAREFLOW_CERT_DAYS", 30),
+        max_devices_per_gateway=_int_setting(env, "CAREFLOW_MAX_DEVICES_PER_GATEWAY",
+                                             DEFAULT_MAX_DEVICES_PER_GATEWAY),
     )
 
 

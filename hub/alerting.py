@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -415,24 +415,42 @@ class AlertStage:
                                                now_ms=now_ms)
         return worst, self._lagging_since_ms
 
-    def check_self(self, problems: Mapping[str, str], now_ms: int) -> None:
-        """Open or resolve the hub's own incidents (careflow-hub/hub) from its self-checks."""
-        # one lookup per rule on the unresolved-incident index: a page of the newest incidents
-        # missed the hub's own behind a busy fleet's, so a passed check never resolved it
-        active = {rule for rule in SELF_RULES if self.store.unresolved_incident(
-            rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE) is not None}
+    def check_self(self, problems: Mapping[str, str], now_ms: int, *,
+                   again: Collection[str] = ()) -> None:
+        """Open or resolve the hub's own incidents (careflow-hub/hub) from its self-checks.
+
+        ``again``: problems that happened anew since the last check while their incident may
+        be unresolved (a care alarm refused beyond the device bound): announced again at once,
+        as a care alarm raised again is.
+        """
         for rule, severity in SELF_RULES.items():
-            if rule in problems and rule not in active:
-                title, body = render(kind="firing", severity=severity,
-                                     summary=f"careflow hub: {rule}", detail=problems[rule],
-                                     gateway=HUB_GATEWAY, device=HUB_DEVICE, since_ms=now_ms,
-                                     runbook=self._runbook("runbooks/hub-unhealthy.md"))
-                channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
-                                         device=HUB_DEVICE).channels
-                if rule == "hub-notifications-failing":  # not (only) through the failing one
-                    channels = avoid_failing(channels, failing=self.store.failing_channels(),
-                                             configured=tuple(self.channels))
-                notify = [(c, title, body) for c in channels if c in self.channels]
+            # one lookup per rule on the unresolved-incident index: a page of the newest
+            # incidents missed the hub's own behind a busy fleet's, so it never resolved
+            existing = self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
+                                                      device=HUB_DEVICE)
+            if rule not in problems:
+                if existing is not None:
+                    self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY,
+                                                 device=HUB_DEVICE, at_ms=now_ms,
+                                                 by="careflow (self-check passed)")
+                continue
+            if existing is not None and rule in again:
+                self._pending_wake = False
+                detail = problems[rule]
+
+                def outgoing(text: str, rule: str = rule, severity: str = severity,
+                             detail: str = detail) -> list[Outgoing]:
+                    return self._self_outgoing(rule, severity, detail, now_ms, "raised-again",
+                                               text)
+
+                if self._raise_unresolved(rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms,
+                                          detail, outgoing, lambda _channels: 0):
+                    if self._pending_wake:
+                        self.on_queued()
+                    continue
+                existing = None  # resolved meanwhile: open a new one
+            if existing is None:
+                notify = self._self_outgoing(rule, severity, problems[rule], now_ms, "firing")
                 if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
                                             severity=severity, summary=f"careflow hub: {rule}",
                                             detail=problems[rule], at_ms=now_ms, notify=notify,
@@ -441,9 +459,20 @@ class AlertStage:
                     log.error("the hub raised an alert about itself",
                               extra={"rule": rule, "detail": problems[rule]})
                     self.on_queued()
-            elif rule not in problems and rule in active:
-                self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
-                                             at_ms=now_ms, by="careflow (self-check passed)")
+
+    def _self_outgoing(self, rule: str, severity: str, detail: str, now_ms: int, kind: str,
+                       again: str | None = None) -> list[Outgoing]:
+        """The messages of one of the hub's own alerts, to every channel its route names."""
+        title, body = render(kind=kind, severity=severity, summary=f"careflow hub: {rule}",
+                             detail=detail, gateway=HUB_GATEWAY, device=HUB_DEVICE,
+                             since_ms=now_ms, runbook=self._runbook("runbooks/hub-unhealthy.md"),
+                             again=again)
+        channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
+                                 device=HUB_DEVICE).channels
+        if rule == "hub-notifications-failing":  # not (only) through the failing one
+            channels = avoid_failing(channels, failing=self.store.failing_channels(),
+                                     configured=tuple(self.channels))
+        return [(c, title, body) for c in channels if c in self.channels]
 
     def _remind(self, now_ms: int) -> None:
         """Escalation steps, then repeats every repeat_interval, for open incidents whose
@@ -569,40 +598,53 @@ class AlertStage:
 
     def _raise_again(self, rule: Rule, transition: Transition, summary: str) -> bool:
         """An event rule (a care alarm) raised while its incident is unresolved: every raise is
-        a new emergency. Still open: count it and announce it again at once (the escalation
-        walk goes on: nobody answered yet). Acknowledged: someone had the last raise, so a new
-        incident follows it, announced at once, and its escalation starts from this raise.
-        False when nothing is unresolved (open a new incident as usual)."""
+        a new emergency (see :meth:`_raise_unresolved`)."""
+        def outgoing(again: str) -> list[Outgoing]:
+            return self._outgoing(rule, transition, summary, "raised-again", again=again)
+
+        def hold(channels: list[str]) -> int:
+            return self._hold_ms(rule, transition, channels)
+
+        return self._raise_unresolved(rule.name, rule.severity, transition.gateway,
+                                      transition.device, transition.at_ms, transition.detail,
+                                      outgoing, hold)
+
+    def _raise_unresolved(self, rule: str, severity: str, gateway: str, device: str, at_ms: int,
+                          detail: str, outgoing: Callable[[str], list[Outgoing]],
+                          hold: Callable[[list[str]], int]) -> bool:
+        """A new raise of an unresolved incident. Still open: count it and announce it again at
+        once (the escalation walk goes on: nobody answered yet). Acknowledged: someone had the
+        last raise, so a new incident follows it, announced at once, and its escalation starts
+        from this raise. False when nothing is unresolved (open a new incident as usual).
+        ``outgoing`` renders the messages from the "raised again" text; ``hold`` is their
+        group wait."""
         # Someone may acknowledge or resolve it between the read and the write (the CLI is
         # another process): each move is compare-and-set, and each state is left at most once.
         for _ in range(3):
-            existing = self.store.unresolved_incident(rule=rule.name, gateway=transition.gateway,
-                                                      device=transition.device)
+            existing = self.store.unresolved_incident(rule=rule, gateway=gateway, device=device)
             if existing is None:
                 return False
             acknowledged = existing.state == "acknowledged"
-            again = raised_again_text(
+            notify = outgoing(raised_again_text(
                 raises=existing.raises + 1,
                 first_raised_ms=existing.first_raised_ms or existing.triggered_ms,
                 acknowledged_by=existing.acknowledged_by if acknowledged else None,
-                acknowledged_ms=existing.acknowledged_ms if acknowledged else None)
-            notify = self._outgoing(rule, transition, summary, "raised-again", again=again)
-            hold = self._hold_ms(rule, transition, [c for c, _, _ in notify])
+                acknowledged_ms=existing.acknowledged_ms if acknowledged else None))
+            wait = hold([c for c, _, _ in notify])
             if acknowledged:
                 carried_by = self.store.supersede_incident(
-                    existing.id, at_ms=transition.at_ms, detail=transition.detail,
-                    notify=notify, group_wait_ms=hold,
-                    next_due_ms=self._first_due_ms(rule.name, rule.severity, transition.gateway,
-                                               transition.device, transition.at_ms))
+                    existing.id, at_ms=at_ms, detail=detail, notify=notify, group_wait_ms=wait,
+                    next_due_ms=self._first_due_ms(rule, severity, gateway, device, at_ms))
             else:
                 carried_by = existing.id if self.store.raise_again(
-                    existing.id, at_ms=transition.at_ms, detail=transition.detail,
-                    notify=notify, group_wait_ms=hold) else None
+                    existing.id, at_ms=at_ms, detail=detail, notify=notify,
+                    group_wait_ms=wait) else None
             if carried_by is not None:
                 self.opened += carried_by != existing.id
+                if notify:
+                    self._pending_wake = True
                 log.warning("alarm raised again", extra={
-                    "rule": rule.name, "gateway": transition.gateway,
-                    "device": transition.device, "incident": carried_by,
+                    "rule": rule, "gateway": gateway, "device": device, "incident": carried_by,
                     "follows": existing.id if carried_by != existing.id else None,
                     "raises": existing.raises + 1})
                 return True

@@ -6,13 +6,13 @@ never overwrites a newer battery level or status.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from careflow.hub.store import StoredEvent
 
-__all__ = ["FACTS", "JSON_FACTS", "DeviceUpdate", "SourceUpdate", "summarize"]
+__all__ = ["FACTS", "JSON_FACTS", "DeviceUpdate", "SourceUpdate", "beyond_bound", "summarize"]
 
 # fact name -> (event type that carries it or None for any, key inside data)
 FACTS: dict[str, tuple[str | None, str]] = {
@@ -107,3 +107,26 @@ def summarize(
             source.max_seq = seq
         source.received += 1
     return list(devices.values()), list(sources.values())
+
+
+def beyond_bound(new_devices: Mapping[str, Sequence[str]], registered: Mapping[str, int], *,
+                 bound: int) -> set[tuple[str, str]]:
+    """The devices new to the registry that do not fit under the per-gateway bound.
+
+    ``new_devices``: per gateway, the devices not registered yet, in order of first arrival;
+    ``registered``: how many devices each gateway has registered. The first newcomers take the
+    places left; a gateway itself (device == gateway) is always admitted and never counted
+    against its bound. Known devices are never refused, even when a gateway is beyond its bound
+    already (say, the bound was lowered): only growth is stopped.
+    """
+    refused: set[tuple[str, str]] = set()
+    for gateway, devices in new_devices.items():
+        room = bound - registered.get(gateway, 0)
+        for device in devices:
+            if device == gateway:
+                continue
+            if room > 0:
+                room -= 1
+            else:
+                refused.add((gateway, device))
+    return refused

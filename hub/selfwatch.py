@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "ALERT_LAG_BOUND_MS",
     "ALERT_LAG_GRACE_MS",
     "HUB_DEVICE",
     "HUB_GATEWAY",
+    "OVER_BOUND_WINDOW_MS",
     "SELF_RULES",
     "STALL_LIMIT_MS",
     "DeadMansSwitch",
+    "Refusals",
     "lagging_since",
     "self_problems",
+    "tally_refusals",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,7 @@ HUB_DEVICE = "hub"
 SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
               "hub-notifications-failing": "critical", "hub-store-failing": "critical",
               "hub-influx-failing": "warning", "hub-certificates-expiring": "warning",
-              "hub-alerts-lagging": "critical"}
+              "hub-alerts-lagging": "critical", "hub-devices-over-bound": "critical"}
 # Rule evaluation that runs this far behind ingest (an event stored but judged late, or a clock
 # tick that comes late) for this long is an alert: a care alarm would be announced late.
 ALERT_LAG_BOUND_MS = 10_000
@@ -41,6 +46,45 @@ ALERT_LAG_GRACE_MS = 30_000
 # A rule-evaluation loop that has not ticked for this long is stuck: it cannot report itself, so
 # the dead man's switch stops pinging and the outside service raises the alarm.
 STALL_LIMIT_MS = 60_000
+# Events refused as too_many_devices keep the hub's alert open until none came for this long.
+OVER_BOUND_WINDOW_MS = 300_000
+_NAMED_GATEWAYS = 5  # gateways a message names; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
+class Refusals:
+    """Events dead-lettered as ``too_many_devices`` (new devices beyond their gateway's bound)
+    since ``since_ms`` without a pause of OVER_BOUND_WINDOW_MS, the last at ``last_ms``."""
+
+    since_ms: int
+    last_ms: int
+    events: int
+    alarms: int  # care alarms among them: never evaluated, so people must hear of them here
+    gateways: tuple[str, ...]  # the first few, in order of first refusal
+    more_gateways: int = 0
+
+
+def tally_refusals(previous: Refusals | None, gateways: Sequence[str], *, alarms: int,
+                   now_ms: int, window_ms: int = OVER_BOUND_WINDOW_MS) -> Refusals | None:
+    """Add a commit's refused events (one gateway name per event) to the running tally; a
+    tally quiet for ``window_ms`` is over and a new one starts."""
+    if previous is not None and now_ms - previous.last_ms >= window_ms:
+        previous = None
+    if not gateways:
+        return previous
+    if previous is None:
+        previous = Refusals(now_ms, now_ms, 0, 0, ())
+    named = list(previous.gateways)
+    more = previous.more_gateways
+    for gateway in dict.fromkeys(gateways):
+        if gateway in named:
+            continue
+        if len(named) < _NAMED_GATEWAYS:
+            named.append(gateway)
+        else:
+            more += 1  # counted once per commit that brings it: an upper bound, said so
+    return Refusals(previous.since_ms, now_ms, previous.events + len(gateways),
+                    previous.alarms + alarms, tuple(named), more)
 
 
 def lagging_since(since_ms: int | None, *, lag_ms: int, now_ms: int,
@@ -58,7 +102,9 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
                   influx_backlog: int = 0, influx_grace_ms: int = 300_000,
                   alert_lag_ms: int = 0, alert_lagging_since_ms: int | None = None,
                   alert_lag_grace_ms: int = ALERT_LAG_GRACE_MS,
-                  failing_channels: Mapping[str, str] | None = None) -> dict[str, str]:
+                  failing_channels: Mapping[str, str] | None = None,
+                  refusals: Refusals | None = None, max_devices_per_gateway: int = 0,
+                  over_bound_window_ms: int = OVER_BOUND_WINDOW_MS) -> dict[str, str]:
     """What is wrong with the hub itself, as rule name -> detail (empty when healthy)."""
     problems: dict[str, str] = {}
     if not connected and disconnected_since_ms is not None \
@@ -89,7 +135,24 @@ def self_problems(*, now_ms: int, connected: bool, disconnected_since_ms: int | 
             f"rule evaluation has run more than {ALERT_LAG_BOUND_MS // 1000}s behind ingest for "
             f"{(now_ms - alert_lagging_since_ms) // 1000}s (now {alert_lag_ms // 1000}s): "
             "alarms are announced late; check CPU, disk and `careflow status`")
+    if refusals is not None and now_ms - refusals.last_ms < over_bound_window_ms:
+        problems["hub-devices-over-bound"] = _over_bound_detail(refusals,
+                                                                max_devices_per_gateway)
     return problems
+
+
+def _over_bound_detail(refusals: Refusals, bound: int) -> str:
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(refusals.since_ms / 1000))
+    where = ", ".join(refusals.gateways)
+    if refusals.more_gateways:
+        where += f" and up to {refusals.more_gateways} more"
+    alarms = (f" {refusals.alarms} of them CARE ALARMS from such devices: they were not "
+              "evaluated, check those devices now (the dead letters name them);"
+              if refusals.alarms else "")
+    return (f"{refusals.events} event(s) from new devices beyond the bound of {bound} devices "
+            f"per gateway (CAREFLOW_MAX_DEVICES_PER_GATEWAY) dead-lettered as too_many_devices "
+            f"since {since}, from gateway(s) {where};{alarms} see careflow deadletter list "
+            "--code too_many_devices, then raise the bound or find out what invents devices")
 
 
 class DeadMansSwitch:

@@ -28,7 +28,7 @@ from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.notify import MAX_ATTEMPTS
-from careflow.hub.selfwatch import self_problems
+from careflow.hub.selfwatch import Refusals, self_problems, tally_refusals
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
 from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
@@ -157,6 +157,10 @@ class HubService:
         self._decoder = DecodeWorker(max_bytes=settings.max_message_bytes) if decode_worker \
             else None
         self._held: list[IncomingMessage] = []
+        # events refused beyond the per-gateway device bound, and the care alarms among them
+        # already announced (since when the tally runs, how many)
+        self._refusals: Refusals | None = None
+        self._alarms_announced = (0, 0)
 
     def stop(self) -> None:
         """Ask the service to finish what it holds and return from :meth:`run`."""
@@ -183,7 +187,8 @@ class HubService:
                 if now >= next_health:
                     self._report_health()
                     self._alerting(lambda stage: stage.check_self(
-                        self._self_problems(), time.time_ns() // 1_000_000))
+                        self._self_problems(), time.time_ns() // 1_000_000,
+                        again=self._self_news()))
                     next_health = now + HEALTH_INTERVAL_S
             while self._held or not self.inbox.empty():  # finish what we hold before leaving
                 self._step(timeout_s=0.0)
@@ -310,6 +315,8 @@ class HubService:
             self._last_event_ms = now_ms
         for item, _ in rejected:
             self.counters.rejects_by_code[item.code] += 1
+        if result.over_bound:
+            self._over_bound(result, now_ms)
         if rejected or result.conflicts:
             log.warning("dead-lettered input", extra={
                 "count": result.dead_lettered,
@@ -317,6 +324,31 @@ class HubService:
                 "conflicts": result.conflicts,
                 "example": rejected[0][0].reason if rejected else None,
             })
+
+    def _over_bound(self, result: AppendResult, now_ms: int) -> None:
+        """New devices beyond their gateway's bound were dead-lettered: count them for the
+        hub's self-alert, and say so in the log."""
+        over = result.over_bound
+        alarms = sum(item.alarm for item in over)
+        self.counters.rejects_by_code["too_many_devices"] += len(over)
+        self._refusals = tally_refusals(self._refusals, [item.gateway for item in over],
+                                        alarms=alarms, now_ms=now_ms)
+        log.error("events of devices beyond the per-gateway bound dead-lettered", extra={
+            "count": len(over), "care_alarms": alarms,
+            "bound": self.settings.max_devices_per_gateway,
+            "gateways": sorted({item.gateway for item in over})[:5]})
+
+    def _self_news(self) -> set[str]:
+        """The hub's own problems that happened anew since the last self-check: care alarms
+        refused beyond the device bound, each of which must reach someone."""
+        tally = self._refusals
+        if tally is None:
+            return set()
+        since, announced = self._alarms_announced
+        if since != tally.since_ms:
+            since, announced = tally.since_ms, 0
+        self._alarms_announced = (since, tally.alarms)
+        return {"hub-devices-over-bound"} if tally.alarms > announced else set()
 
     def _alerting(self, work: Callable[[AlertStage], None]) -> None:
         """Run alert evaluation; events are already stored and acknowledged, so a failure here
@@ -365,7 +397,9 @@ class HubService:
                                  silence_ms=self.settings.self_silence_ms,
                                  influx_failing_since_ms=influx.get("failing_since_ms"),
                                  influx_backlog=int(influx.get("backlog_events") or 0),
-                                 alert_lag_ms=lag, alert_lagging_since_ms=lagging)
+                                 alert_lag_ms=lag, alert_lagging_since_ms=lagging,
+                                 refusals=self._refusals,
+                                 max_devices_per_gateway=self.settings.max_devices_per_gateway)
         expiring = self.provisioning.expiry_problem(now_ms) if self.provisioning else None
         if expiring:
             problems["hub-certificates-expiring"] = expiring

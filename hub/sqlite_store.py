@@ -16,12 +16,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from careflow.config import DEFAULT_MAX_DEVICES_PER_GATEWAY
 from careflow.errors import ConfigError, ContractError, StoreError
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
 from careflow.hub.mute import Silence
 from careflow.hub.presence import PresenceRecord, supersedes
-from careflow.hub.registry import FACTS, JSON_FACTS, DeviceUpdate, SourceUpdate, summarize
+from careflow.hub.registry import (
+    FACTS,
+    JSON_FACTS,
+    DeviceUpdate,
+    SourceUpdate,
+    beyond_bound,
+    summarize,
+)
 from careflow.hub.store import (
     AppendResult,
     DeadLetter,
@@ -31,6 +39,7 @@ from careflow.hub.store import (
     IncomingBatch,
     Notification,
     Outgoing,
+    OverBound,
     PresenceChange,
     SourceGap,
     StoredEvent,
@@ -322,9 +331,14 @@ def _dead_letter_row(rejected: Rejected, received_ms: int) -> tuple[Any, ...]:
 class SqliteStore:
     """The event store on one SQLite file (WAL mode, so readers never block the writer)."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "full",
+                 max_devices_per_gateway: int = DEFAULT_MAX_DEVICES_PER_GATEWAY) -> None:
         self.path = path
         self._atomic = False  # inside atomically()
+        # A gateway that invents devices must not grow the registry and the rules' state
+        # without end: beyond this many, a new device's events are dead-lettered.
+        self.max_devices_per_gateway = max_devices_per_gateway
+        self._registered: set[tuple[str, str]] = set()  # (gateway, device) known registered
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
@@ -388,6 +402,7 @@ class SqliteStore:
             return self._append(batch)
 
     def _append(self, batch: IncomingBatch) -> AppendResult:
+        batch, over_bound = self._within_bound(batch)
         conn = self._conn
         dead = [_dead_letter_row(r, received) for r, received in batch.rejected]
         rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
@@ -413,7 +428,52 @@ class SqliteStore:
         gaps = self._fold(stored)
         self._apply_presence(batch)
         return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead), gaps,
-                            tuple(data for _, data in stored))
+                            tuple(data for _, data in stored), over_bound)
+
+    def _within_bound(self, batch: IncomingBatch) -> tuple[IncomingBatch, tuple[OverBound, ...]]:
+        """The batch without the events of devices beyond their gateway's bound (those become
+        ``too_many_devices`` dead letters), and what was refused."""
+        registered = self._registered
+        new: dict[str, dict[str, None]] = {}  # gateway -> devices not known registered, in order
+        for accepted, _ in batch.accepted:
+            event = accepted.event
+            if event.device != event.gateway and (event.gateway, event.device) not in registered:
+                new.setdefault(event.gateway, {})[event.device] = None
+        if not new:
+            return batch, ()
+        counts: dict[str, int] = {}
+        for gateway in new:
+            rows = self._conn.execute("SELECT device FROM devices WHERE gateway = ? AND "
+                                      "device != gateway", (gateway,)).fetchall()
+            registered.update((gateway, row[0]) for row in rows)
+            counts[gateway] = len(rows)
+        newcomers = {gateway: [d for d in devices if (gateway, d) not in registered]
+                     for gateway, devices in new.items()}
+        bound = self.max_devices_per_gateway
+        refused = beyond_bound(newcomers, counts, bound=bound)
+        # admitted newcomers count as registered from now (a rolled-back commit is retried
+        # with the same events, which admits the same devices)
+        registered.update((gateway, device) for gateway, devices in newcomers.items()
+                          for device in devices if (gateway, device) not in refused)
+        if not refused:
+            return batch, ()
+        kept: list[tuple[Accepted, int]] = []
+        rejected = list(batch.rejected)
+        over: list[OverBound] = []
+        for accepted, received_ms in batch.accepted:
+            event = accepted.event
+            if (event.gateway, event.device) not in refused:
+                kept.append((accepted, received_ms))
+                continue
+            reason = (f"device {event.device!r} is new, and gateway {event.gateway!r} already has "
+                      f"{bound} devices, the bound (CAREFLOW_MAX_DEVICES_PER_GATEWAY={bound}): "
+                      "its events are kept here and it is not registered. Raise the bound if the "
+                      "gateway really serves this many devices; else find out what invents them")
+            rejected.append((Rejected(accepted.topic, "too_many_devices", reason,
+                                      accepted.body.encode()), received_ms))
+            over.append(OverBound(event.gateway, event.device, event.type,
+                                  event.type == "alert" and accepted.data.get("state") == "raised"))
+        return IncomingBatch(kept, rejected, batch.presence), tuple(over)
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]
@@ -907,6 +967,7 @@ class SqliteStore:
         Events after that position are folded by the live hub, so a rebuild never counts an
         event twice even while ingest goes on.
         """
+        self._registered.clear()
         with self._transaction("reset the registry") as conn:
             conn.execute("DELETE FROM devices")
             conn.execute("DELETE FROM sources")

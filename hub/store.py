@@ -26,6 +26,7 @@ __all__ = [
     "IncomingBatch",
     "Notification",
     "Outgoing",
+    "OverBound",
     "PresenceChange",
     "SourceGap",
     "StoredEvent",
@@ -95,6 +96,17 @@ class SourceGap:
 
 
 @dataclass(frozen=True, slots=True)
+class OverBound:
+    """An event dead-lettered as ``too_many_devices``: its device, new to the registry, would
+    have taken its gateway beyond the per-gateway device bound."""
+
+    gateway: str
+    device: str
+    type: str
+    alarm: bool  # a care alarm (an alert that is raised): someone must hear of it
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     """What a commit did: events stored, repeats skipped, conflicts and rejections dead-lettered,
     and the sources it touched that still miss events."""
@@ -105,6 +117,7 @@ class AppendResult:
     dead_lettered: int
     gaps: tuple[SourceGap, ...] = ()
     data: tuple[Mapping[str, Any], ...] = ()  # each stored event's data, already decoded
+    over_bound: tuple[OverBound, ...] = ()  # dead-lettered: beyond the per-gateway device bound
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,7 +119,8 @@ class RunningHub:
     def __init__(self, settings: Settings, rules: RuleSet | None = None,
                  provisioning: Activation | None = None) -> None:
         self.settings = settings
-        self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+        self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
+                                 max_devices_per_gateway=settings.max_devices_per_gateway)
         alerts = AlertStage(self.store, rules) if rules is not None else None
         sink = None
         if settings.influx is not None:

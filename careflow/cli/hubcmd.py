@@ -40,7 +40,8 @@ def hub(
     """
     settings = settings_from(data_dir=data_dir, broker=broker, listen=listen)
     setup_logging(log_level)
-    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
+                        max_devices_per_gateway=settings.max_devices_per_gateway)
     embedded = EmbeddedBroker(settings.listen.host, settings.listen.port) if settings.embedded \
         else None
     sender: NotificationSender | None = None

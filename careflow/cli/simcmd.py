@@ -168,7 +168,8 @@ def demo(
     # amqtt reports each simulated link cut (a socket closed without DISCONNECT) as an asyncio
     # error; in the demo that is the point, not a fault.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
+                        max_devices_per_gateway=settings.max_devices_per_gateway)
     broker = EmbeddedBroker(settings.listen.host, settings.listen.port)
     broker.start()
     provisioning = provisioning_for(settings)  # the claim flow works in the demo too

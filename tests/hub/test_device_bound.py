@@ -1,0 +1,150 @@
+"""A gateway cannot grow the registry and the rules' state without end: new devices beyond
+CAREFLOW_MAX_DEVICES_PER_GATEWAY are dead-lettered with their reason, and the hub alerts about
+itself; a care alarm among them is announced, never silently dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from careflow.edge.stamper import Stamper
+from careflow.hub.alerting import AlertStage
+from careflow.hub.notify import NotificationSender, load_channels
+from careflow.hub.registry import beyond_bound
+from careflow.hub.rules import load_rules
+from careflow.hub.selfwatch import (
+    HUB_DEVICE,
+    HUB_GATEWAY,
+    OVER_BOUND_WINDOW_MS,
+    self_problems,
+    tally_refusals,
+)
+from careflow.hub.sqlite_store import SqliteStore
+from tests.conftest import HttpReceiver, Mosquitto, RunningHub, make_settings, wait_until
+from tests.hub.test_alerting_e2e import RULES
+from tests.hub.test_hub_mosquitto import publish
+from tests.hub.test_sqlite_store import batch_of
+
+T0 = 1_800_000_000_000
+names = st.sampled_from(["gw-a", "gw-b", "d1", "d2", "d3", "d4", "d5", "d6"])
+
+
+@given(new=st.dictionaries(st.sampled_from(["gw-a", "gw-b"]),
+                           st.lists(names, unique=True, max_size=8), max_size=2),
+       registered=st.dictionaries(st.sampled_from(["gw-a", "gw-b"]), st.integers(0, 8)),
+       bound=st.integers(0, 6))
+def test_it_admits_the_first_newcomers_into_the_room_left_and_never_the_gateway_itself(
+    new: dict[str, list[str]], registered: dict[str, int], bound: int,
+) -> None:
+    refused = beyond_bound(new, registered, bound=bound)
+    for gateway, devices in new.items():
+        assert (gateway, gateway) not in refused
+        others = [d for d in devices if d != gateway]
+        admitted = [d for d in others if (gateway, d) not in refused]
+        room = max(0, bound - registered.get(gateway, 0))
+        assert admitted == others[:room]  # first come, and never beyond the bound
+    assert all(device in new[gateway] for gateway, device in refused)
+
+
+def _events(gateway: str, devices: list[str]) -> list[dict[str, object]]:
+    return [Stamper(gateway=gateway, device=d).stamp("heartbeat", {"interval_s": 60})
+            for d in devices]
+
+
+def test_the_store_dead_letters_new_devices_beyond_the_bound_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "db", max_devices_per_gateway=3)
+    sos = Stamper(gateway="gw", device="sos-9").stamp("alert", {"kind": "sos", "state": "raised"})
+    result = store.append(batch_of([*_events("gw", ["gw", "d1", "d2", "d3", "d4"]), sos,
+                                    *_events("gw-other", ["d1", "d2", "d3"])]))
+    assert sorted((d.gateway, d.device) for d in store.devices()) == [
+        ("gw", "d1"), ("gw", "d2"), ("gw", "d3"), ("gw", "gw"),
+        ("gw-other", "d1"), ("gw-other", "d2"), ("gw-other", "d3")]
+    assert [(o.gateway, o.device, o.type, o.alarm) for o in result.over_bound] == [
+        ("gw", "d4", "heartbeat", False), ("gw", "sos-9", "alert", True)]
+    assert {e.device for e in result.stored} == {"gw", "d1", "d2", "d3"}
+    assert result.dead_lettered == 2
+    letters = store.dead_letters(code="too_many_devices")
+    assert len(letters) == 2
+    assert "CAREFLOW_MAX_DEVICES_PER_GATEWAY=3" in letters[0].reason
+    assert "'gw'" in letters[0].reason
+    assert b'"sos-9"' in letters[0].payload  # the refused alarm itself is kept
+
+    # known devices go on; a restarted hub (a new store) counts the registry, not its memory
+    again = SqliteStore(tmp_path / "db", max_devices_per_gateway=3)
+    later = again.append(batch_of(_events("gw", ["d1", "d5"]), received_ms=2_000))
+    assert [e.device for e in later.stored] == ["d1"]
+    assert [o.device for o in later.over_bound] == ["d5"]
+
+
+def test_the_self_alert_lasts_while_refusals_go_on_and_names_refused_alarms() -> None:
+    tally = tally_refusals(None, ["gw-x", "gw-x"], alarms=1, now_ms=T0)
+    problems = self_problems(now_ms=T0 + 1000, connected=True, disconnected_since_ms=None,
+                             last_event_ms=T0, started_ms=T0, failed_notifications=0,
+                             store_errors_recent=0, refusals=tally, max_devices_per_gateway=1000)
+    detail = problems["hub-devices-over-bound"]
+    assert "2 event(s)" in detail and "gw-x" in detail and "1 of them CARE ALARMS" in detail
+    assert "CAREFLOW_MAX_DEVICES_PER_GATEWAY" in detail and "1000" in detail
+    quiet = T0 + OVER_BOUND_WINDOW_MS
+    assert "hub-devices-over-bound" not in self_problems(
+        now_ms=quiet, connected=True, disconnected_since_ms=None, last_event_ms=quiet,
+        started_ms=T0, failed_notifications=0, store_errors_recent=0, refusals=tally,
+        max_devices_per_gateway=1000)
+    fresh = tally_refusals(tally, ["gw-y"], alarms=0, now_ms=quiet)
+    assert fresh is not None and (fresh.since_ms, fresh.events, fresh.alarms) == (quiet, 1, 0)
+
+
+@pytest.mark.broker
+def test_a_live_hub_refuses_an_invented_device_and_announces_its_care_alarms(
+    mosquitto: Mosquitto, tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    """Mosquitto, the hub, its notification sender and a real HTTP receiver (json://): a care
+    alarm from a device beyond the bound is dead-lettered, never registered nor evaluated, and
+    on-call hears of it; a second one is announced again at once."""
+    channels = load_channels({
+        "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/oncall",
+        "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/ops"})
+    (tmp_path / "r.yaml").write_text(RULES.replace("kind: event\n", "kind: event\n"
+                                                   "    severity: critical\n"))
+    rules = load_rules([tmp_path / "r.yaml"])
+    settings = make_settings(tmp_path / "data", mosquitto.url,
+                             CAREFLOW_MAX_DEVICES_PER_GATEWAY="2")
+    hub = RunningHub(settings, rules)
+    stage = hub.service.alerts = AlertStage(hub.store, rules, channels)
+    sender = NotificationSender(SqliteStore(settings.db_path), channels)
+    stage.on_queued = sender.wake
+    hub.start()
+    sender.start()
+    try:
+        publish(mosquitto, _events("gw-z", ["gw-z", "door-1", "door-2"]))
+        wait_until(lambda: len(hub.store.devices()) == 3, what="the gateway and two devices")
+        sos = Stamper(gateway="gw-z", device="sos-3")
+        publish(mosquitto, [sos.stamp("alert", {"kind": "sos", "state": "raised"})])
+        wait_until(lambda: any("hub-devices-over-bound" in b["title"]
+                               for b in http_receiver.bodies), what="the hub's own alert")
+        (alert,) = [b for b in http_receiver.bodies if "hub-devices-over-bound" in b["title"]]
+        assert alert["title"].startswith("[CRITICAL]")
+        assert "1 of them CARE ALARMS" in alert["message"]
+        (letter,) = hub.store.dead_letters(code="too_many_devices")
+        assert b"sos-3" in letter.payload
+        assert [d.device for d in hub.store.devices()] == ["door-1", "door-2", "gw-z"]
+        assert not [i for i in hub.store.incidents(states=None) if i.rule == "care-alarm"]
+        assert ("gw-z", "sos-3") not in {subject for _, subject, _ in stage.evaluator.active()}
+
+        other = Stamper(gateway="gw-z", device="sos-4")
+        publish(mosquitto, [other.stamp("alert", {"kind": "sos", "state": "raised"})])
+        wait_until(lambda: any("RAISED AGAIN" in b["title"] for b in http_receiver.bodies),
+                   what="the second refused alarm announced again")
+        again = next(b for b in http_receiver.bodies if "RAISED AGAIN" in b["title"])
+        assert "2 of them CARE ALARMS" in again["message"]
+        assert http_receiver.requests[-1][1] == "/oncall"
+        own = hub.store.unresolved_incident(rule="hub-devices-over-bound", gateway=HUB_GATEWAY,
+                                            device=HUB_DEVICE)
+        assert own is not None and own.raises == 2
+    finally:
+        sender.stop()
+        hub.stop()
