@@ -34,7 +34,7 @@ from careflow.edge.refusal import pack_batches, refusal_report, undeliverable_re
 from careflow.edge.renewal import Renewer
 from careflow.edge.spool import SpoolInput
 from careflow.edge.stamper import new_boot_id
-from careflow.errors import BrokerError, ConfigError
+from careflow.errors import BrokerError, ConfigError, ContractError
 from careflow.mqtt import make_client, tls_context
 from careflow.provisioning.protocol import (
     AcceptedReply,
@@ -308,11 +308,34 @@ class EdgeAgent:
         self._wake.set()
 
     def add(self, device: str, event_type: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Queue an event from code on the gateway (inputs use this too)."""
-        envelope = self.outbox.add(device, event_type, data)
+        """Queue an event from code on the gateway (inputs use this too).
+
+        Raises:
+            ContractError: the contract refuses the event; the hub is told (E_EVENT_REFUSED).
+        """
+        try:
+            envelope = self.outbox.add(device, event_type, data)
+        except ContractError as exc:
+            self._report_refused(exc, device, event_type, data)
+            raise
         if event_type == "alert":
             self._wake.set()
         return envelope
+
+    def _report_refused(self, reason: ContractError, device: str, event_type: str,
+                        data: dict[str, Any]) -> None:
+        """Queue the report of an event the contract refused at stamping."""
+        try:
+            text = json.dumps({"device": device, "type": event_type, "data": data},
+                              default=repr)
+        except (ValueError, RecursionError):
+            text = f'{{"device": {device[:64]!r}, "type": {event_type[:32]!r}, "data": (too deep)}}'
+        log.error("refused an event the hub could not take",
+                  extra={"device": device[:64], "type": event_type[:32], "code": reason.code})
+        self.outbox.add(self.config.gateway, "error", refusal_report(
+            text=text, size=len(text.encode("utf-8", "replace")), reason=reason,
+            source="agent add", refused_type=event_type.strip().lower(), refused_device=device))
+        self._wake.set()
 
     def start(self) -> None:
         """Connect in the background (paho retries until the broker answers)."""

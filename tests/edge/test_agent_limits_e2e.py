@@ -21,6 +21,7 @@ import pytest
 from careflow.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.edge.stamper import Stamper, new_event_id
+from careflow.errors import ContractError
 from careflow.hub.rules import load_rules
 from careflow.hub.store import EventFilter
 from careflow.mqtt import connect_blocking, make_client
@@ -283,3 +284,25 @@ def test_a_new_care_alarm_waits_behind_at_most_one_message_of_backlog_while_it_d
     finally:
         agent.shutdown()
         watcher.close()
+
+
+def test_an_event_refused_at_stamping_is_reported_and_the_caller_told(tmp_path: Path) -> None:
+    agent = EdgeAgent(AgentConfig(gateway="gw-code", broker=parse_broker_url("mqtt://127.0.0.1:9"),
+                                  data_dir=tmp_path))
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(5_000):  # far beyond what json.dumps or pydantic can walk
+        deep = {"n": deep}
+    cases = [("cam-1", "status", {"state": "ok", "image": "i" * MAX_EVENT_BYTES}, "oversized"),
+             ("cam-1", "status", {"state": "ok", "deep": deep}, "too_deep"),
+             ("sos-1", "alert", {"kind": "SOS", "state": "raised"}, "schema")]
+    for device, event_type, data, code in cases:
+        with pytest.raises(ContractError) as refused:
+            agent.add(device, event_type, data)
+        assert refused.value.code == code
+    reports = [json.loads(p.body)["data"]
+               for p in agent.outbox.due(now_ms=0, resend_after_ms=0, limit=10)]
+    assert [(r["code"], r["reason_code"], r["severity"]) for r in reports] == [
+        ("E_EVENT_REFUSED", "oversized", "error"), ("E_EVENT_REFUSED", "too_deep", "error"),
+        ("E_EVENT_REFUSED", "schema", "critical")]
+    assert reports[2]["refused_device"] == "sos-1" and '"SOS"' in reports[2]["line"]
+    agent.outbox.close()
