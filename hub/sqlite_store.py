@@ -360,10 +360,16 @@ class SqliteStore:
 
     def _add_incident_columns(self) -> None:
         """A database made before an incident column existed gains it, filled in."""
-        known = {row[1] for row in self._conn.execute("PRAGMA table_info(incidents)")}
-        for name, declaration, backfill in _INCIDENT_ADDED:
-            if name not in known:
-                with immediate_transaction(self._conn, "add an incident column") as conn:
+        def known() -> set[str]:
+            return {row[1] for row in self._conn.execute("PRAGMA table_info(incidents)")}
+
+        missing = [added for added in _INCIDENT_ADDED if added[0] not in known()]
+        if missing:
+            with immediate_transaction(self._conn, "add incident columns") as conn:
+                present = known()  # again inside the lock: the hub and a CLI may both upgrade
+                for name, declaration, backfill in missing:
+                    if name in present:
+                        continue
                     conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {declaration}")
                     if backfill is not None:
                         conn.execute(f"UPDATE incidents SET {name} = {backfill}")
