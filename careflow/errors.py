@@ -5,6 +5,7 @@ The tree::
     CareflowError                 root; the CLI prints its message and exits non-zero
     ├── ConfigError               a setting is missing or malformed (says which and how to fix)
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
+    ├── HubRunningError           another hub holds the data directory (names it)
     ├── StoreError                the event store cannot be opened or written
     ├── ContractError             a payload breaks the event contract (carries a reason code)
     ├── InfluxError               InfluxDB refused or could not take a write
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "ContractError",
     "CsrError",
+    "HubRunningError",
     "InfluxError",
     "InfluxRefusedError",
     "PkiError",
@@ -42,6 +44,10 @@ class ConfigError(CareflowError):
 
 class BrokerError(CareflowError):
     """The MQTT broker cannot be reached, refused the connection, or cannot be started."""
+
+
+class HubRunningError(CareflowError):
+    """Another hub already runs on this data directory; two would fight over one session."""
 
 
 class StoreError(CareflowError):

@@ -178,7 +178,7 @@ class HubService:
                                          "store": str(self.settings.db_path)})
         next_health = next_tick = 0.0
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self.ingress.failure is None:
                 self._step(timeout_s=ALERT_TICK_S)
                 now = time.monotonic()
                 if now >= next_tick:  # absences are judged by the clock, not the next event
@@ -203,6 +203,8 @@ class HubService:
             if self.sink is not None:
                 self.sink.stop()
             log.info("hub stopped", extra={"events_stored": self.counters.events_stored})
+        if self.ingress.failure is not None:  # e.g. another hub holds this hub's session
+            raise self.ingress.failure
 
     def _take(self, timeout_s: float) -> tuple[list[IncomingMessage], int]:
         """What is waiting, up to a bound, and its payload bytes; lingers briefly when little

@@ -12,6 +12,7 @@ from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.config import Settings
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.datadir_lock import DataDirLock
 from careflow.hub.influx import InfluxSink, sink_for
 from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
@@ -40,6 +41,8 @@ def hub(
     """
     settings = settings_from(data_dir=data_dir, broker=broker, listen=listen)
     setup_logging(log_level)
+    lock = DataDirLock(settings.data_dir)  # one hub per data directory; says who runs there
+    lock.acquire()
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
                         max_devices_per_gateway=settings.max_devices_per_gateway)
     embedded = EmbeddedBroker(settings.listen.host, settings.listen.port) if settings.embedded \
@@ -96,6 +99,7 @@ def hub(
         if embedded is not None:
             embedded.stop()
         store.close()
+        lock.release()
 
 
 def build_sink(settings: Settings) -> InfluxSink | None:

@@ -27,6 +27,7 @@ from careflow.edge.simulator import (
 )
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.datadir_lock import DataDirLock
 from careflow.hub.influx import sink_for
 from careflow.hub.presence import device_state
 from careflow.hub.service import HubService
@@ -168,6 +169,8 @@ def demo(
     # amqtt reports each simulated link cut (a socket closed without DISCONNECT) as an asyncio
     # error; in the demo that is the point, not a fault.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    lock = DataDirLock(settings.data_dir, command="careflow demo")  # it runs a hub too
+    lock.acquire()
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
                         max_devices_per_gateway=settings.max_devices_per_gateway)
     broker = EmbeddedBroker(settings.listen.host, settings.listen.port)
@@ -204,6 +207,7 @@ def demo(
         if sink is not None:
             sink.store.close()
         store.close()
+        lock.release()
     summary: dict[str, Any] = {"events_stored": hub.counters.events_stored,
                                "duplicates": hub.counters.duplicates,
                                "data": str(settings.data_dir)}
