@@ -102,6 +102,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload_size INTEGER NOT NULL,
     batch_index INTEGER
 );
+-- the alert stage reads the conflicts after its cursor, however many other refusals there are
+CREATE INDEX IF NOT EXISTS dead_letters_by_code ON dead_letters (code, pos);
 CREATE TABLE IF NOT EXISTS presence (
     gateway TEXT PRIMARY KEY,
     state TEXT NOT NULL,
