@@ -7,7 +7,6 @@ Notifications (Apprise), escalation, silences and grouping build on the incident
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -47,7 +46,7 @@ from careflow.hub.store import (
     Outgoing,
     StoredEvent,
 )
-from careflow.schemas import validate_event
+from careflow.schemas import decode_json, validate_event
 
 __all__ = [
     "ALERTS_CURSOR",
@@ -108,10 +107,10 @@ def _summary(rule: Rule, transition: Transition) -> str:
 def conflicting_alarm(letter: DeadLetter) -> Observation | None:
     """The alarm a conflict dead letter holds, as the rules see events; None when it holds
     another type of event (or, from before conflicts were kept whole, a cut-off payload)."""
-    try:
-        value = json.loads(letter.payload)
+    try:  # the hub's own strict decoder: no depth or encoding can make this raise
+        value = decode_json(letter.payload)
         head, time_ms = validate_event(value)
-    except (ValueError, ContractError):  # UnicodeDecodeError and JSONDecodeError included
+    except ContractError:
         return None
     if head.type != "alert":
         return None

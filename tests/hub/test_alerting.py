@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from careflow.edge.stamper import Stamper
 from careflow.errors import StoreError
-from careflow.hub.alerting import ALERTS_CURSOR, AlertStage
+from careflow.hub.alerting import ALERTS_CURSOR, AlertStage, conflicting_alarm
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter, IncomingBatch
+from careflow.hub.store import DeadLetter, EventFilter, IncomingBatch
+from tests.hostile import hostile_payloads
 from tests.hub.test_sqlite_store import batch_of
 
 RULES = """
@@ -233,3 +238,76 @@ def test_messages_link_the_runbook_when_a_base_url_is_configured(tmp_path: Path)
     stage.handle(stored.stored, now_ms=10**13)
     (notification,) = store.notifications()
     assert "https://git.example.org/careflow/blob/main/runbooks/care-alarm.md" in notification.body
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=hostile_payloads())
+def test_no_conflict_payload_is_an_error_and_only_an_alert_is_an_alarm(payload: bytes) -> None:
+    """What a conflict dead letter holds is read back by the alert stage: whatever it is, it is
+    an alarm or nothing, never an exception that would stall evaluation."""
+    letter = DeadLetter(1, T0, "careflow/v1/gw-1/fall/alert", "conflict", "taken", payload,
+                        len(payload), None)
+    alarm = conflicting_alarm(letter)
+    assert alarm is None or (alarm.type == "alert" and alarm.received_ms == T0)
+
+
+# What a device can send in one commit: alarms raised and cleared, batteries low and fine, and
+# an alarm after a reboot that kept the boot id (seq 1 again: a conflict once seq 1 is stored).
+_MOVES = st.tuples(st.sampled_from(["a", "b"]),
+                   st.sampled_from(["raise", "clear", "low", "ok", "reboot-raise"]))
+
+
+def _commits(plan: list[list[tuple[str, str]]]) -> list[IncomingBatch]:
+    stampers = {device: Stamper(gateway="gw", device=device, boot=f"boot-{device}")
+                for device in ("a", "b")}
+    batches = []
+    for moves in plan:
+        events = []
+        for device, move in moves:
+            source = stampers[device]
+            if move == "reboot-raise":
+                source = Stamper(gateway="gw", device=device, boot=f"boot-{device}")
+            kind, data = {"raise": ("alert", {"kind": "fall", "state": "raised"}),
+                          "reboot-raise": ("alert", {"kind": "fall", "state": "raised"}),
+                          "clear": ("alert", {"kind": "fall", "state": "cleared"}),
+                          "low": ("status", {"state": "ok", "battery_pct": 5}),
+                          "ok": ("status", {"state": "ok", "battery_pct": 90})}[move]
+            events.append(source.stamp(kind, data))
+        batches.append(batch_of(events))
+    return batches
+
+
+def _announced_after(tmp: Path, batches: list[IncomingBatch], ticks: list[bool],
+                     crash_at: int | None) -> list[Any]:
+    """Run the commits through a stage, with a clock tick after those ``ticks`` says; at
+    ``crash_at`` the hub dies after the commit and before its evaluation, and a new stage
+    takes over."""
+    store = SqliteStore(tmp / "db")
+    stage = stage_on(store, tmp)
+    for index, (batch, tick) in enumerate(zip(batches, ticks, strict=False)):
+        now = T0 + index * 600  # a tick saves change-free progress at most once a second
+        result = store.append(batch)
+        if index == crash_at:
+            stage = stage_on(store, tmp)  # killed: this commit's evaluation never ran
+        else:
+            stage.handle(result.stored, now, result.data, conflicts=result.conflicts)
+        if tick:
+            stage.tick(now + 1)
+    stage.tick(T0 + len(batches) * 600)
+    return sorted(announced(store))
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=st.lists(st.lists(_MOVES, min_size=1, max_size=4), min_size=1, max_size=6),
+       ticks=st.lists(st.booleans(), min_size=6, max_size=6),
+       crash_at=st.integers(min_value=0, max_value=5))
+def test_a_hub_killed_between_any_commit_and_its_evaluation_announces_the_same(
+        plan: list[list[tuple[str, str]]], ticks: list[bool], crash_at: int) -> None:
+    """Exactly once: the same notifications as a hub that never died, none missing, none twice,
+    wherever the kill lands and however far the saved cursor trails."""
+    batches = _commits(plan)
+    with tempfile.TemporaryDirectory() as calm, tempfile.TemporaryDirectory() as killed:
+        for folder in (calm, killed):
+            (Path(folder) / "r.yaml").write_text(RULES + ALARM_RULE)
+        assert _announced_after(Path(killed), batches, ticks, crash_at) == \
+            _announced_after(Path(calm), batches, ticks, None)
