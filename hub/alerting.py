@@ -106,14 +106,16 @@ def _summary(rule: Rule, transition: Transition) -> str:
 
 def conflicting_alarm(letter: DeadLetter) -> Observation | None:
     """The alarm a conflict dead letter holds, as the rules see events; None when it holds
-    another type of event (or, from before conflicts were kept whole, a cut-off payload)."""
+    another type of event, an alarm being cleared, or (from before conflicts were kept whole)
+    a cut-off payload."""
     try:  # the hub's own strict decoder: no depth or encoding can make this raise
         value = decode_json(letter.payload)
         head, time_ms = validate_event(value)
     except ContractError:
         return None
-    if head.type != "alert":
-        return None
+    if head.type != "alert" or value["data"].get("state") == "cleared":
+        return None  # a conflict may raise an alarm, never clear one: its source's numbering
+        # is broken, and a clear that is not the device's last word would silence an alarm
     return Observation(head.gateway, head.device, head.type, time_ms, letter.received_ms,
                        value["data"])
 
@@ -299,22 +301,36 @@ class AlertStage:
         return self._guarded(now_ms, lambda: self._read_and_evaluate(now_ms))
 
     def _read_and_evaluate(self, now_ms: int) -> None:
-        while self._evaluated < self._log_end:
-            chunk: list[StoredEvent] = next(self.store.iter_log(
-                EventFilter(), after_pos=self._evaluated, up_to_pos=self._log_end,
-                chunk=CATCH_UP_CHUNK), [])
-            end = chunk[-1].pos if chunk else self._log_end
-            self._step(self._observe(chunk, None, now_ms), end, self._conflicts_evaluated,
-                       now_ms)
-        while self._conflicts_due:
-            letters = self.store.dead_letters_after(self._conflicts_evaluated, code="conflict",
-                                                    limit=CATCH_UP_CHUNK)
+        """Events and conflicting alarms in the order they were committed (a conflict after
+        the events of its own commit), as live evaluation sees them."""
+        while True:
+            letters = self._waiting_conflicts()
+            until = self._log_end
+            if letters:  # the events committed before the first waiting conflict come first
+                self._log_end = max(self._log_end, letters[0].log_pos or 0)
+                until = max(letters[0].log_pos or 0, self._evaluated)
+            while self._evaluated < until:
+                chunk: list[StoredEvent] = next(self.store.iter_log(
+                    EventFilter(), after_pos=self._evaluated, up_to_pos=until,
+                    chunk=CATCH_UP_CHUNK), [])
+                end = chunk[-1].pos if chunk else until
+                self._step(self._observe(chunk, None, now_ms), end, self._conflicts_evaluated,
+                           now_ms)
             if not letters:
-                self._conflicts_due = False
-                break
-            transitions = [t for letter in letters
-                           for t in self._observe_conflict(letter, now_ms)]
-            self._step(transitions, self._evaluated, letters[-1].pos, now_ms)
+                return
+            ready = [letter for letter in letters if (letter.log_pos or 0) <= self._evaluated]
+            transitions = [t for letter in ready for t in self._observe_conflict(letter, now_ms)]
+            self._step(transitions, self._evaluated, ready[-1].pos, now_ms)
+
+    def _waiting_conflicts(self) -> list[DeadLetter]:
+        """The next conflict dead letters after the cursor (none unless a commit had some)."""
+        if not self._conflicts_due:
+            return []
+        letters = self.store.dead_letters_after(self._conflicts_evaluated, code="conflict",
+                                                limit=CATCH_UP_CHUNK)
+        if not letters:
+            self._conflicts_due = False
+        return letters
 
     def _observe(self, events: Sequence[StoredEvent],
                  data: Sequence[Mapping[str, Any]] | None, now_ms: int) -> list[Transition]:

@@ -100,7 +100,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     payload BLOB NOT NULL,
     payload_size INTEGER NOT NULL,
-    batch_index INTEGER
+    batch_index INTEGER,
+    log_pos INTEGER  -- a conflict: the end of the event log after its commit
 );
 -- the alert stage reads the conflicts after its cursor, however many other refusals there are
 CREATE INDEX IF NOT EXISTS dead_letters_by_code ON dead_letters (code, pos);
@@ -214,7 +215,7 @@ _INSERT_EVENT = (
 )
 _INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters (received_ms, topic, code, reason, payload, payload_size, "
-    "batch_index) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "batch_index, log_pos) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 # Newest-wins merge: a fact only replaces the stored one when it is at least as new.
 def _fact_merge(names: Sequence[str]) -> str:
@@ -321,13 +322,14 @@ def _event_row(accepted: Accepted, received_ms: int) -> tuple[Any, ...]:
             int(ev.seq), accepted.body)
 
 
-def _dead_letter_row(rejected: Rejected, received_ms: int) -> tuple[Any, ...]:
+def _dead_letter_row(rejected: Rejected, received_ms: int,
+                     log_pos: int | None = None) -> tuple[Any, ...]:
     # A conflict is a valid event (bounded by the message limit, like any stored one) that the
     # alert stage reads back from here: kept whole. Other refusals keep their first 64 KiB.
     payload = rejected.payload if rejected.code == "conflict" else \
         rejected.payload[:MAX_DEAD_LETTER_PAYLOAD]
     return (received_ms, rejected.topic, rejected.code, rejected.reason, payload,
-            len(rejected.payload), rejected.index)
+            len(rejected.payload), rejected.index, log_pos)
 
 
 class SqliteStore:
@@ -344,6 +346,9 @@ class SqliteStore:
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
+            if "log_pos" not in {row[1] for row in
+                                 self._conn.execute("PRAGMA table_info(dead_letters)")}:
+                self._conn.execute("ALTER TABLE dead_letters ADD COLUMN log_pos INTEGER")
             self._add_incident_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))
@@ -416,6 +421,7 @@ class SqliteStore:
         rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
         stored = self._insert_all_fresh(batch, rows)
         duplicates = conflicts = 0
+        conflicted: list[tuple[Rejected, int]] = []
         if stored is None:  # some are repeats: insert one by one and judge the rest
             stored = []
             for (accepted, received_ms), row in zip(batch.accepted, rows, strict=True):
@@ -429,8 +435,11 @@ class SqliteStore:
                     duplicates += 1
                 else:
                     conflicts += 1
-                    conflict = Rejected(accepted.topic, "conflict", reason, accepted.body.encode())
-                    dead.append(_dead_letter_row(conflict, received_ms))
+                    conflicted.append((Rejected(accepted.topic, "conflict", reason,
+                                                accepted.body.encode()), received_ms))
+        if conflicted:  # placed after this commit's events, where the alert stage reads them
+            end = int(conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0])
+            dead += [_dead_letter_row(item, at_ms, end) for item, at_ms in conflicted]
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
         gaps = self._fold(stored)
@@ -1091,8 +1100,8 @@ class SqliteStore:
                            limit: int = 1000) -> list[DeadLetter]:
         """Dead letters of one code after a position, oldest first (a consumer's cursor)."""
         rows = self._read(
-            "SELECT pos, received_ms, topic, code, reason, payload, payload_size, batch_index "
-            "FROM dead_letters WHERE pos > ? AND code = ? ORDER BY pos LIMIT ?",
+            "SELECT pos, received_ms, topic, code, reason, payload, payload_size, batch_index, "
+            "log_pos FROM dead_letters WHERE pos > ? AND code = ? ORDER BY pos LIMIT ?",
             (after_pos, code, limit))
         return [DeadLetter(*row) for row in rows]
 

@@ -132,6 +132,7 @@ class DeadLetter:
     payload: bytes
     payload_size: int
     batch_index: int | None
+    log_pos: int | None = None  # a conflict: the end of the event log after its commit
 
 
 @dataclass(frozen=True, slots=True)

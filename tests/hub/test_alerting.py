@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
@@ -201,6 +201,22 @@ def test_a_conflicting_alarm_left_unevaluated_by_a_crash_is_evaluated_after_it(
     assert len(announced(store)) == 1
 
 
+def test_a_conflict_may_raise_an_alarm_but_never_clear_one(tmp_path: Path) -> None:
+    """A position collision means the source's numbering is broken: raising on its word is
+    safe, silencing an alarm on it is not."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    before = Stamper(gateway="gw", device="fall", boot="b")
+    stage.handle(store.append(batch_of([
+        before.stamp("alert", {"kind": "fall", "state": "raised"})])).stored, now_ms=T0)
+    rebooted = Stamper(gateway="gw", device="fall", boot="b")
+    result = store.append(batch_of([rebooted.stamp("alert", {"kind": "fall",
+                                                             "state": "cleared"})]))
+    stage.handle(result.stored, now_ms=T0 + 1, conflicts=result.conflicts)
+    assert result.conflicts == 1 and [i.state for i in store.incidents()] == ["open"]
+
+
 def test_a_conflict_of_another_event_type_opens_nothing(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
     store = SqliteStore(tmp_path / "db")
@@ -298,6 +314,10 @@ def _announced_after(tmp: Path, batches: list[IncomingBatch], ticks: list[bool],
 
 
 @settings(max_examples=60, deadline=None)
+@example(plan=[[("a", "reboot-raise"), ("a", "clear"), ("a", "clear")], [("a", "raise")]],
+         ticks=[False] * 6, crash_at=0)  # a conflict read back after a later commit's alarm
+@example(plan=[[("a", "ok"), ("a", "reboot-raise")], [("a", "clear")]],
+         ticks=[False] * 6, crash_at=0)  # a conflicting raise read back after a later clear
 @given(plan=st.lists(st.lists(_MOVES, min_size=1, max_size=4), min_size=1, max_size=6),
        ticks=st.lists(st.booleans(), min_size=6, max_size=6),
        crash_at=st.integers(min_value=0, max_value=5))
