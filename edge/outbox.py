@@ -5,7 +5,8 @@ Not the broker's PUBACK: a broker that crashes loses its queues, so only the hub
 in one transaction, so an event is stamped exactly once and keeps its identity through resends.
 
 The bound: when the outbox holds ``max_events`` events, the oldest heartbeats are dropped first,
-then the oldest status, error and provision events; care alarms (``alert``) are never dropped.
+then the oldest status, error and provision events; care alarms (``alert``) are never dropped,
+nor the reports of care alarms the contract refused (see :mod:`careflow.edge.refusal`).
 Drops are counted by type and reported once connected (an ``error`` event, E_OUTBOX_OVERFLOW).
 
 Care alarms go first: :meth:`Outbox.due` returns every due alert before anything else, so a new
@@ -34,6 +35,9 @@ __all__ = ["DROP_ORDER", "Outbox", "Pending"]
 
 # Which events make room when the outbox is full, in order; alerts are never dropped.
 DROP_ORDER = ("heartbeat", "status", "provision", "error")
+# Nor the report of a care alarm the contract refused (the body as json.dumps writes it; inside
+# a string, as in a refused line's excerpt, the quotes are escaped and do not match).
+_REFUSED_ALARM = '%"refused_type": "alert"%'
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -153,8 +157,8 @@ class Outbox:
             if over <= 0:
                 return
             victims = self._conn.execute(
-                "SELECT n FROM outbox WHERE type = ? ORDER BY n LIMIT ?", (event_type, over)
-            ).fetchall()
+                "SELECT n FROM outbox WHERE type = ? AND body NOT LIKE ? ORDER BY n LIMIT ?",
+                (event_type, _REFUSED_ALARM, over)).fetchall()
             if victims:
                 self._conn.executemany("DELETE FROM outbox WHERE n = ?", victims)
                 self._conn.execute(

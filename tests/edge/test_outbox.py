@@ -140,3 +140,18 @@ def test_it_takes_the_deepest_and_largest_event_the_contract_allows(tmp_path: Pa
     assert box.size() == 3
     assert max(len(p.body) for p in box.due(now_ms=0, resend_after_ms=0, limit=5)) == (
         MAX_EVENT_BYTES)
+
+
+def test_it_never_drops_the_report_of_a_refused_care_alarm(tmp_path: Path) -> None:
+    box = outbox(tmp_path, max_events=3)
+    alarm_report = {"code": "E_EVENT_REFUSED", "message": "m", "severity": "critical",
+                    "refused_type": "alert", "line": '{"type": "alert"}'}
+    look_alike = {"code": "E_EVENT_REFUSED", "message": "m", "refused_type": "status",
+                  "line": '{"refused_type": "alert"}'}  # says it in its excerpt only
+    kept = box.add("gw-1", "error", alarm_report)
+    box.add("gw-1", "error", look_alike)
+    for _ in range(5):
+        box.add("gw-1", "error", {"code": "E", "message": "m"})
+    ids = [p.id for p in box.due(now_ms=0, resend_after_ms=0, limit=10)]
+    assert len(ids) == 3 and ids[0] == kept["id"]
+    assert box.take_dropped() == {"error": 4}
