@@ -346,9 +346,7 @@ class SqliteStore:
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
             self._add_fact_columns()
-            if "log_pos" not in {row[1] for row in
-                                 self._conn.execute("PRAGMA table_info(dead_letters)")}:
-                self._conn.execute("ALTER TABLE dead_letters ADD COLUMN log_pos INTEGER")
+            self._add_dead_letter_column()
             self._add_incident_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (SCHEMA_VERSION,))
@@ -364,6 +362,16 @@ class SqliteStore:
             for column in (name, f"{name}_ms"):
                 if column not in known:
                     self._conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
+
+    def _add_dead_letter_column(self) -> None:
+        """A database made before conflicts kept their place in the log gains the column."""
+        def known() -> set[str]:
+            return {row[1] for row in self._conn.execute("PRAGMA table_info(dead_letters)")}
+
+        if "log_pos" not in known():
+            with immediate_transaction(self._conn, "add a dead-letter column") as conn:
+                if "log_pos" not in known():  # again inside the lock: hub and CLI may both
+                    conn.execute("ALTER TABLE dead_letters ADD COLUMN log_pos INTEGER")
 
     def _add_incident_columns(self) -> None:
         """A database made before an incident column existed gains it, filled in."""

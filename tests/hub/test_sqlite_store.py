@@ -198,6 +198,20 @@ def test_it_adds_fact_columns_to_a_database_made_before_them(tmp_path: Path) -> 
     assert {"labels", "labels_ms"} <= columns
 
 
+def test_it_adds_the_conflict_log_column_to_a_database_made_before_it(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "old.db")
+    store._conn.execute("ALTER TABLE dead_letters DROP COLUMN log_pos")
+    store.close()
+    reopened = SqliteStore(tmp_path / "old.db")
+    source = Stamper(gateway="gw-1", device="s-1", boot="b1")
+    first = reopened.append(batch_of([heartbeat(source)]))
+    again = Stamper(gateway="gw-1", device="s-1", boot="b1")  # seq 1 again, other content
+    assert reopened.append(batch_of([heartbeat(again, battery_pct=3)])).conflicts == 1
+    (letter,) = reopened.dead_letters_after(0, code="conflict")
+    reopened.close()
+    assert letter.log_pos == first.stored[-1].pos  # placed after the commit it came with
+
+
 def _legacy_deep_event(levels: int) -> tuple[dict[str, Any], Any]:
     """A heartbeat whose data nests ``levels`` deep, as a hub before the depth limit stored it
     (built without recursion: json.dumps could not write it)."""
