@@ -26,7 +26,8 @@ read again: a reminder of an incident acknowledged or resolved meanwhile is canc
 A failure records the channel's own reason (HTTP status, SMTP reply). A permanent one (bad
 credentials, unknown recipient) fails the notification at once; others are retried with
 exponential backoff, up to ``MAX_ATTEMPTS`` — except critical notifications of incidents still
-open, which are retried for as long as the incident is open. Failed notifications, and ones that
+open, which are retried for as long as the incident is open, permanent error or not (after a
+permanent one at the longest backoff, its attempts counted as spent). Failed notifications, and ones that
 keep failing, raise the hub's ``hub-notifications-failing`` alert, on a channel that works.
 """
 
@@ -225,13 +226,13 @@ def cancel_reason(note: Notification, incident: Incident | None) -> str | None:
 
 
 def gives_up(*, attempts: int, permanent: bool, critical_open: bool) -> bool:
-    """Whether a failed notification is failed for good: at once when the channel's error is
-    permanent (no retry can fix bad credentials or an unknown recipient); after ``MAX_ATTEMPTS``
-    otherwise, except a critical one whose incident is still open, which is retried (with the
-    capped backoff) for as long as it is."""
-    if permanent:
-        return True
-    return not critical_open and attempts >= MAX_ATTEMPTS
+    """Whether a failed notification is failed for good: a critical one whose incident is
+    still open never is (a "permanent" 401/404/550 may come from a flaky proxy or a token being
+    rotated, and a care alarm must arrive once someone fixes the channel); others at once when
+    the channel's error is permanent, after ``MAX_ATTEMPTS`` otherwise."""
+    if critical_open:
+        return False
+    return permanent or attempts >= MAX_ATTEMPTS
 
 
 def avoid_failing(preferred: Sequence[str], *, failing: Collection[str],
@@ -413,10 +414,12 @@ class NotificationSender:
                     and incident.state != "resolved"
                 final = error is not None and gives_up(
                     attempts=attempts, permanent=error.permanent, critical_open=critical_open)
+                if error is not None and error.permanent and not final:  # kept, but no quick
+                    attempts = max(attempts, MAX_ATTEMPTS)  # retry helps; the self-alert counts it
                 self.store.finish_notification(
                     note.id, ok=error is None, now_ms=now_ms,
                     error=None if error is None else str(error), final=final,
-                    retry_in_ms=retry_delay_ms(attempts))
+                    retry_in_ms=retry_delay_ms(attempts), attempts=attempts)
                 context = {"channel": note.channel, "incident": note.incident_id,
                            "notification": note.id, "attempts": attempts}
                 if error is None:

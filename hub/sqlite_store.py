@@ -796,15 +796,17 @@ class SqliteStore:
         return claimed
 
     def finish_notification(self, notification_id: int, *, ok: bool, now_ms: int,
-                            error: str | None, final: bool, retry_in_ms: int = 0) -> None:
-        """Sent, failed for good, or back to pending for a later attempt."""
+                            error: str | None, final: bool, retry_in_ms: int = 0,
+                            attempts: int | None = None) -> None:
+        """Sent, failed for good, or back to pending for a later attempt (``attempts``: the
+        count to record, when not one more than before)."""
         state = "sent" if ok else ("failed" if final else "pending")
         with self._transaction("record a notification") as conn:
             conn.execute(
-                "UPDATE notifications SET state = ?, attempts = attempts + 1, last_error = ?, "
-                "sent_ms = CASE WHEN ? THEN ? ELSE sent_ms END, next_attempt_ms = ? "
-                "WHERE id = ? AND state = 'sending'",
-                (state, error, ok, now_ms, now_ms + retry_in_ms, notification_id))
+                "UPDATE notifications SET state = ?, attempts = COALESCE(?, attempts + 1), "
+                "last_error = ?, sent_ms = CASE WHEN ? THEN ? ELSE sent_ms END, "
+                "next_attempt_ms = ? WHERE id = ? AND state = 'sending'",
+                (state, attempts, error, ok, now_ms, now_ms + retry_in_ms, notification_id))
 
     def cancel_notification(self, notification_id: int, *, now_ms: int, reason: str) -> bool:
         """A claimed notification that must not go out any more (its incident was acknowledged

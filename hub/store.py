@@ -409,8 +409,9 @@ class EventStore(Protocol):
         ...
 
     def finish_notification(self, notification_id: int, *, ok: bool, now_ms: int,
-                            error: str | None, final: bool, retry_in_ms: int = 0) -> None:
-        """Record a delivery attempt."""
+                            error: str | None, final: bool, retry_in_ms: int = 0,
+                            attempts: int | None = None) -> None:
+        """Record a delivery attempt (``attempts``: the count to record, default one more)."""
         ...
 
     def release_claimed_notifications(self, channel: str | None = None) -> int:

@@ -49,6 +49,7 @@ class Receiver:
 
     def __init__(self, *, status: int = 200, hold_path: str | None = None) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.status = status  # what it answers from now on
         self.release = threading.Event()
         receiver = self
 
@@ -58,7 +59,7 @@ class Receiver:
                 receiver.requests.append((self.path, body))
                 if self.path == hold_path:
                     receiver.release.wait(60)
-                self.send_response(status)
+                self.send_response(receiver.status)
                 self.end_headers()
                 self.wfile.write(b"answer from the receiver")
 
@@ -283,7 +284,10 @@ def test_it_fails_at_once_with_the_smtp_reply_and_alerts_on_another_channel(
     finally:
         refusing.stop()
     failed = the_note(store, alarm)
-    assert (failed.state, failed.attempts) == ("failed", 1)  # permanent: no second attempt
+    # permanent: no quick second attempt, counted as failing at once; a care alarm of an open
+    # incident is kept all the same (retried at the longest backoff until the channel is fixed)
+    assert (failed.state, failed.attempts) == ("pending", MAX_ATTEMPTS)
+    assert failed.next_attempt_ms >= 10 + 300_000
     assert "SMTP 550" in (failed.last_error or "")
     assert "nobody@example.org" in (failed.last_error or "")
     assert store.failing_channels().keys() == {"oncall"}
@@ -333,8 +337,32 @@ def test_it_keeps_retrying_a_critical_notification_while_its_incident_is_open(
     assert the_note(store, alarm).state == "failed"
 
 
+def test_it_keeps_a_critical_alarm_through_a_refusal_that_looks_permanent(
+    tmp_path: Path,
+) -> None:
+    """A 404 from a flaky proxy (or a 401 while a token is rotated) must not lose a care alarm:
+    it is kept while its incident is open, counted for the self-alert at once, and goes out
+    when the channel answers again."""
+    proxy = Receiver(status=404)
+    try:
+        channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": proxy.url("/oncall")})
+        store = SqliteStore(tmp_path / "db")
+        alarm = open_alarm(store, 1, "oncall")
+        sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+        assert sender.deliver_due(now_ms=10) == 1
+        kept = the_note(store, alarm)
+        assert kept.state == "pending" and (kept.last_error or "").startswith("HTTP 404")
+        assert store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS) == 1
+        proxy.status = 200  # the proxy works again
+        assert sender.deliver_due(now_ms=kept.next_attempt_ms) == 1
+    finally:
+        proxy.close()
+    assert the_note(store, alarm).state == "sent"
+    assert len(proxy.to("/oncall")) == 2
+
+
 @pytest.mark.parametrize(("attempts", "permanent", "critical_open", "final"), [
-    (1, True, True, True), (1, True, False, True), (MAX_ATTEMPTS - 1, False, False, False),
+    (1, True, True, False), (1, True, False, True), (MAX_ATTEMPTS - 1, False, False, False),
     (MAX_ATTEMPTS, False, False, True), (MAX_ATTEMPTS * 100, False, True, False),
 ])
 def test_it_gives_up_only_on_permanent_errors_or_spent_attempts(
