@@ -10,24 +10,40 @@ It runs on its own thread with its own asyncio loop, beside the paho-based hub. 
   that mark, so the hub's persistent QoS 1 session works as it does on Mosquitto.
 * The session lives in memory: it survives the hub's reconnects, not a restart of the process.
   Production runs Mosquitto (see mosquitto/), which persists it.
+
+Anyone who reaches the broker can publish as any gateway, fake the hub's confirmations (a
+gateway then deletes events no hub stored) and read claim answers. So it listens on loopback
+unless credentials are configured; with credentials, every client must present them (one user
+for all: the embedded broker is for trying careflow, not for a fleet).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
+import os
+import secrets
 import socket
 import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from careflow.errors import BrokerError
+from careflow.errors import BrokerError, ConfigError
 
-__all__ = ["EmbeddedBroker"]
+__all__ = ["GENERATED_PASSWORD_FILE", "GENERATED_USERNAME", "BrokerCredentials",
+           "EmbeddedBroker", "exposed_without_credentials", "generate_password_file",
+           "is_loopback"]
+
+GENERATED_USERNAME = "careflow"
+GENERATED_PASSWORD_FILE = "broker-password"  # noqa: S105 - a file name, not a password
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +54,72 @@ class AcceptAllAuth(BaseAuthPlugin):  # type: ignore[misc]
     async def authenticate(self, *, session: Session) -> bool | None:
         """Accept."""
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerCredentials:
+    """The one user the embedded broker lets in when credentials are configured."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+class CredentialsAuth(BaseAuthPlugin):  # type: ignore[misc]
+    """Let in only clients presenting the configured username and password (compared in
+    constant time); like :class:`AcceptAllAuth`, without the anonymous mark."""
+
+    @dataclass
+    class Config:
+        """Filled by amqtt from the plugin's entry in the broker configuration."""
+
+        username: str = ""
+        password: str = field(default="", repr=False)
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        """Accept exactly the configured pair; anything else, including no username, is refused."""
+        expected: CredentialsAuth.Config = self.config
+        if not expected.username or session is None:
+            return False
+        given_user = _as_bytes(session.username)
+        given_password = _as_bytes(session.password)
+        user_ok = hmac.compare_digest(given_user, expected.username.encode())
+        password_ok = hmac.compare_digest(given_password, expected.password.encode())
+        return user_ok and password_ok
+
+
+def _as_bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def exposed_without_credentials(host: str, credentials: BrokerCredentials | None) -> bool:
+    """The embedded broker would accept anyone from the network."""
+    return credentials is None and not is_loopback(host)
+
+
+def generate_password_file(data_dir: Path) -> Path:
+    """A random password for the embedded broker in ``DATA_DIR/broker-password`` (0600), made
+    once and then reused (never overwritten: clients may already use it)."""
+    path = data_dir / GENERATED_PASSWORD_FILE
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(secrets.token_urlsafe(24) + "\n")
+    return path
 
 
 class _ClosingBroker(Broker):  # type: ignore[misc]
@@ -54,19 +136,26 @@ class _ClosingBroker(Broker):  # type: ignore[misc]
                 await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
 
 
-def _config(host: str, port: int) -> dict[str, Any]:
+def _config(host: str, port: int, credentials: BrokerCredentials | None) -> dict[str, Any]:
+    if credentials is None:
+        auth: dict[str, Any] = {f"{AcceptAllAuth.__module__}.{AcceptAllAuth.__qualname__}": {}}
+    else:
+        auth = {f"{CredentialsAuth.__module__}.{CredentialsAuth.__qualname__}": {
+            "username": credentials.username, "password": credentials.password}}
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {f"{AcceptAllAuth.__module__}.{AcceptAllAuth.__qualname__}": {}},
+        "plugins": auth,
     }
 
 
 class EmbeddedBroker:
     """An MQTT 3.1.1 broker on ``host:port`` inside this process."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, *, credentials: BrokerCredentials | None = None,
+                 timeout_s: float = 10.0) -> None:
         self.host = host
         self.port = port
+        self.credentials = credentials
         self._timeout_s = timeout_s
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,7 +171,12 @@ class EmbeddedBroker:
             f"mqtt://{self.host}:{self.port} (or CAREFLOW_BROKER_URL).")
 
     def start(self) -> None:
-        """Start listening; raises BrokerError naming the fix when the port is taken."""
+        """Start listening; raises BrokerError naming the fix when the port is taken, and
+        ConfigError for an address off this machine without credentials."""
+        if exposed_without_credentials(self.host, self.credentials):
+            msg = (f"the embedded broker accepts anyone, so it listens only on loopback "
+                   f"(127.0.0.1), not on {self.host}, unless credentials are configured")
+            raise ConfigError(msg)
         for noisy in ("amqtt", "transitions"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
         with socket.socket() as probe:  # a clear error before amqtt logs a traceback
@@ -132,7 +226,7 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
         try:
-            broker = _ClosingBroker(_config(self.host, self.port),
+            broker = _ClosingBroker(_config(self.host, self.port, self.credentials),
                                     loop=asyncio.get_running_loop())
             await broker.start()
         except Exception as exc:

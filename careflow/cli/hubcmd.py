@@ -10,8 +10,16 @@ import typer
 
 from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.config import Settings
+from careflow.errors import ConfigError
 from careflow.hub.alerting import AlertStage, default_rules
-from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.broker import (
+    GENERATED_USERNAME,
+    BrokerCredentials,
+    EmbeddedBroker,
+    exposed_without_credentials,
+    generate_password_file,
+    is_loopback,
+)
 from careflow.hub.datadir_lock import DataDirLock
 from careflow.hub.influx import InfluxSink, sink_for
 from careflow.hub.notify import NotificationSender, load_channels
@@ -30,7 +38,8 @@ def hub(
         "Without it the hub runs an embedded broker.", show_default=False)] = None,
     listen: Annotated[str | None, typer.Option(
         "--listen", help="Address of the embedded broker [env: CAREFLOW_LISTEN; "
-        "default: 127.0.0.1:1883].", show_default=False)] = None,
+        "default: 127.0.0.1:1883]. An address off this machine needs credentials "
+        "(CAREFLOW_BROKER_USERNAME, CAREFLOW_BROKER_PASSWORD_FILE).", show_default=False)] = None,
     data_dir: DataDirOption = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
 ) -> None:
@@ -41,12 +50,13 @@ def hub(
     """
     settings = settings_from(data_dir=data_dir, broker=broker, listen=listen)
     setup_logging(log_level)
+    credentials = embedded_credentials(settings) if settings.embedded else None
     lock = DataDirLock(settings.data_dir)  # one hub per data directory; says who runs there
     lock.acquire()
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
                         max_devices_per_gateway=settings.max_devices_per_gateway)
-    embedded = EmbeddedBroker(settings.listen.host, settings.listen.port) if settings.embedded \
-        else None
+    embedded = EmbeddedBroker(settings.listen.host, settings.listen.port,
+                              credentials=credentials) if settings.embedded else None
     sender: NotificationSender | None = None
     deadman: DeadMansSwitch | None = None
     sink: InfluxSink | None = None
@@ -82,10 +92,7 @@ def hub(
         tune_gc_for_ingest()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: service.stop())
-        where = (f"embedded broker on {settings.listen}" if embedded
-                 else f"broker {settings.broker_url}")
-        err_console.print(f"careflow hub: {where}, data in {settings.data_dir}; Ctrl-C stops",
-                          highlight=False)
+        say_where(settings, embedded=embedded is not None)
         service.run()
     finally:
         if sink is not None:
@@ -110,3 +117,42 @@ def build_sink(settings: Settings) -> InfluxSink | None:
                           "or CAREFLOW_INFLUX_ORG/BUCKET/TOKEN) to write them to InfluxDB",
                           highlight=False)
     return sink
+
+
+def embedded_credentials(settings: Settings) -> BrokerCredentials | None:
+    """The user the embedded broker demands (CAREFLOW_BROKER_USERNAME and
+    CAREFLOW_BROKER_PASSWORD[_FILE]), or None: anyone, which only loopback allows.
+
+    An address off this machine without them is refused, with a password made for it in the
+    data directory (0600) and the lines that use it.
+    """
+    if settings.broker_username and settings.broker_password:
+        return BrokerCredentials(settings.broker_username, settings.broker_password)
+    if not exposed_without_credentials(settings.listen.host, None):
+        return None
+    path = generate_password_file(settings.data_dir)
+    msg = (f"refusing to run the embedded broker on {settings.listen} without credentials: "
+           "anyone who reaches it could publish as any gateway, fake the hub's confirmations "
+           "(gateways would delete events no hub stored) and read claim answers. A password "
+           f"for it is in {path} (0600). Start the hub with\n"
+           f"  CAREFLOW_BROKER_USERNAME={GENERATED_USERNAME} CAREFLOW_BROKER_PASSWORD_FILE={path} "
+           f"careflow hub --listen {settings.listen}\n"
+           "and give every client the same: CAREFLOW_BROKER_USERNAME and "
+           "CAREFLOW_BROKER_PASSWORD_FILE for careflow commands, CAREFLOW_EDGE_USERNAME and "
+           "CAREFLOW_EDGE_PASSWORD_FILE for gateways (a copy of the file, kept 0600). Or keep "
+           "the default address 127.0.0.1.")
+    raise ConfigError(msg)
+
+
+def say_where(settings: Settings, *, embedded: bool) -> None:
+    """The start-up line; a warning when the embedded broker is reachable from the network."""
+    where = (f"embedded broker on {settings.listen}" if embedded
+             else f"broker {settings.broker_url}")
+    if embedded and not is_loopback(settings.listen.host):
+        err_console.print(
+            f"the embedded broker is reachable from the network on {settings.listen} and "
+            f"lets in only user {settings.broker_username!r} with its password; passwords "
+            "cross the network in clear: for a fleet, run Mosquitto with TLS (mosquitto/)",
+            highlight=False)
+    err_console.print(f"careflow hub: {where}, data in {settings.data_dir}; Ctrl-C stops",
+                      highlight=False)
