@@ -7,6 +7,11 @@ again can help (``failure_from_log``, pure). A logger filter does the collecting
 channel threads can send at once without reading each other's lines, and Apprise's own log output
 reaches the application's handlers exactly as before.
 
+Size: a channel takes messages up to a length (Discord 2,000 characters with the title, WhatsApp
+1,024, Telegram 4,096; Apprise's plugins say so in ``body_maxlen``/``title_maxlen``), and Apprise
+hands a longer one on as it is, for the service to refuse. ``AppriseTransport.limits`` says how
+long a message may be, so the sender splits a digest into messages that fit.
+
 Pacing: Apprise sleeps before a send when the previous one through the same plugin was less than
 ``request_rate_per_sec`` ago (5.5 s for plugins that set no rate of their own, e.g. email), so a
 burst of alarms queues behind one sleep after another. careflow paces each channel itself instead:
@@ -21,14 +26,17 @@ import re
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import apprise
 
 from careflow.errors import TransportError
 
-__all__ = ["MAX_PACE_S", "AppriseTransport", "failure_from_log", "redact"]
+__all__ = ["MAX_PACE_S", "AppriseTransport", "MessageLimits", "failure_from_log", "redact"]
 
 MAX_PACE_S = 1.0
+_DEFAULT_BODY_MAX = 32_768  # Apprise's own default for a plugin
+_DEFAULT_TITLE_MAX = 250
 _MAX_REASON = 600
 # an SMTP reply as smtplib reports it: (550, b'5.1.1 <x@y>: unknown') or "refused: 550 b'...'"
 _SMTP_REPLY = re.compile(r"\(([245]\d\d), b?['\"]([^'\"]*)['\"]|refused: ([245]\d\d) b?['\"]?"
@@ -39,6 +47,38 @@ _RETRYABLE_HTTP = {408, 425, 429}
 _PERMANENT_MARKERS = ("AUTH extension not supported", "Authentication failed")
 _ADDRESS_KEYS = {"to", "from", "cc", "bcc", "reply", "name", "smtp", "lang", "template"}
 _HOSTNAME = re.compile(r"^[a-z0-9-]+(\.[a-z0-9-]+)+$")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """How long a message one channel takes, in characters: ``body_max`` for the body (and
+    the title with it when ``title_in_body``: Discord counts both, and channels without titles
+    of their own, ``title_max`` 0, put the title in the body)."""
+
+    body_max: int = _DEFAULT_BODY_MAX
+    title_max: int = _DEFAULT_TITLE_MAX
+    title_in_body: bool = False
+
+    def title(self, title: str) -> str:
+        """The title cut to what the channel takes (a digest's title only summarises it)."""
+        if self.title_in_body or self.title_max == 0:
+            return title[:self.body_max // 4]
+        return title[:self.title_max]
+
+    def fits(self, title: str, body: str) -> bool:
+        """Whether the channel takes this title and body whole."""
+        if self.title_in_body or self.title_max == 0:
+            return len(body) + (len(title) + 2 if title else 0) <= self.body_max
+        return len(title) <= self.title_max and len(body) <= self.body_max
+
+    def shorten(self, title: str, body: str, *, tail: str) -> tuple[str, str]:
+        """Title and body cut to fit, the body keeping ``tail`` (the ref) at its end: for one
+        notification longer than the channel takes (its start says what and where)."""
+        title = self.title(title)
+        room = self.body_max - (len(title) + 2 if title and (
+            self.title_in_body or self.title_max == 0) else 0)
+        head = body[:len(body) - len(tail)] if body.endswith(tail) else body
+        return title, head[:max(0, room - len(tail) - 1)] + "\u2026" + tail
 
 
 def failure_from_log(lines: Sequence[str], *, secrets: Sequence[str] = ()) -> TransportError:
@@ -158,6 +198,11 @@ class AppriseTransport:
         plugins = list(self.client)
         own = max((float(p.request_rate_per_sec) for p in plugins), default=0.0)
         self.pace_s = min(own, MAX_PACE_S)
+        self.limits = MessageLimits(
+            body_max=min((int(p.body_maxlen) for p in plugins if int(p.body_maxlen) > 0),
+                         default=_DEFAULT_BODY_MAX),
+            title_max=min((int(p.title_maxlen) for p in plugins), default=_DEFAULT_TITLE_MAX),
+            title_in_body=any(bool(p.overflow_amalgamate_title) for p in plugins))
         for plugin in plugins:  # careflow paces the channel itself (module docstring)
             plugin.request_rate_per_sec = self.pace_s
         self._log = _capture()

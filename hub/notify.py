@@ -39,7 +39,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import apprise
@@ -60,6 +60,7 @@ __all__ = [
     "cancel_reason",
     "combine",
     "digest_order",
+    "fitting",
     "gives_up",
     "load_channels",
     "raised_again_text",
@@ -67,6 +68,7 @@ __all__ = [
     "render",
     "retry_delay_ms",
     "route",
+    "template_fits",
     "template_text",
     "with_template",
 ]
@@ -81,6 +83,7 @@ _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 _CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE)?$")
 _TEMPLATE_SCHEMES = ("whatsapp",)
 DEFAULT_TEMPLATE_LANGUAGE = "en_US"
+TEMPLATE_MAX = 1024  # characters of a WhatsApp template parameter
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +105,32 @@ def with_template(url: str, template: str, language: str) -> str:
 def template_text(title: str, body: str, ref: str) -> str:
     """One line for a template parameter: WhatsApp refuses line breaks, tabs and long runs of
     spaces in one, and caps a message body at 1024 characters (the ref survives the cut)."""
-    text = re.sub(r"\s+", " ", f"{title} | {body}").strip()
-    tail = f" | Ref: {ref}"
-    return text[:1024 - len(tail)] + tail
+    text, tail = _template_parts(title, body, ref)
+    return text[:TEMPLATE_MAX - len(tail)] + tail
+
+
+def _template_parts(title: str, body: str, ref: str) -> tuple[str, str]:
+    return re.sub(r"\s+", " ", f"{title} | {body}").strip(), f" | Ref: {ref}"
+
+
+def template_fits(title: str, body: str, ref: str) -> bool:
+    """Whether :func:`template_text` keeps all of the message (cuts nothing)."""
+    text, tail = _template_parts(title, body, ref)
+    return len(text) + len(tail) <= TEMPLATE_MAX
+
+
+def fitting(count: int, whole: Callable[[int], bool]) -> int:
+    """How many of ``count`` notifications (in digest order) go in the next message: the most
+    for which ``whole(n)`` says the channel takes the message uncut, at least one (a single
+    one too long is shortened, its ref kept). Binary search: a digest grows with each one."""
+    low, high = 1, count
+    while low < high:
+        middle = (low + high + 1) // 2
+        if whole(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
@@ -388,19 +414,34 @@ class NotificationSender:
             return len(claimed), 0
         severity = {i: inc.severity for i, inc in incidents.items() if inc is not None}
         due = digest_order(due, severity)
-        title, body = combine(due)
-        ref = reference(due)
-        if channel in self._templated:
-            title, body = "", template_text(title, body, ref)
-        else:
-            body = f"{body}\n\nRef: {ref}"
+        # as many as the channel takes in one message; the rest go in the next (paced) one
+        count = fitting(len(due), lambda n: self._message(channel, due[:n])[2])
+        title, body, _ = self._message(channel, due[:count])
         error: TransportError | None = None
         try:
             self._transports[channel].send(title, body)
         except TransportError as exc:
             error = exc
-        self._record(due, incidents, error)
+        self._record(due[:count], incidents, error)
+        if count < len(due):  # only this channel's sender claims its notifications
+            with self._store_lock:
+                self.store.release_claimed_notifications(channel)
         return len(claimed), 1
+
+    def _message(self, channel: str, notes: Sequence[Notification]) -> tuple[str, str, bool]:
+        """Title and body of one message to ``channel`` carrying ``notes``, and whether the
+        channel takes all of it (False: shortened, which only a single notification may be)."""
+        title, body = combine(notes)
+        ref = reference(notes)
+        limits = self._transports[channel].limits
+        if channel in self._templated:
+            text = template_text(title, body, ref)
+            return "", text, template_fits(title, body, ref) and limits.fits("", text)
+        title, body, tail = limits.title(title), f"{body}\n\nRef: {ref}", f"\n\nRef: {ref}"
+        if limits.fits(title, body):
+            return title, body, True
+        title, body = limits.shorten(title, body, tail=tail)
+        return title, body, False
 
     def _record(self, notes: Sequence[Notification], incidents: Mapping[int, Incident | None],
                 error: TransportError | None) -> None:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
-from careflow.hub.apprise_transport import failure_from_log, url_secrets
+from careflow.hub.apprise_transport import MessageLimits, failure_from_log, url_secrets
 from careflow.hub.notify import (
     MAX_ATTEMPTS,
     NotificationSender,
@@ -33,6 +33,7 @@ from careflow.hub.notify import (
     cancel_reason,
     combine,
     digest_order,
+    fitting,
     gives_up,
     load_channels,
 )
@@ -47,7 +48,8 @@ class Receiver:
     """A real threaded HTTP server: records each request as it arrives, answers ``status``,
     and holds the answer to requests on ``hold_path`` until ``release`` is set."""
 
-    def __init__(self, *, status: int = 200, hold_path: str | None = None) -> None:
+    def __init__(self, *, status: int = 200, hold_path: str | None = None,
+                 max_chars: int | None = None) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.status = status  # what it answers from now on
         self.release = threading.Event()
@@ -59,7 +61,8 @@ class Receiver:
                 receiver.requests.append((self.path, body))
                 if self.path == hold_path:
                     receiver.release.wait(60)
-                self.send_response(receiver.status)
+                too_long = max_chars is not None and len(body["message"]) > max_chars
+                self.send_response(400 if too_long else receiver.status)  # as Discord does
                 self.end_headers()
                 self.wfile.write(b"answer from the receiver")
 
@@ -182,6 +185,53 @@ def test_it_mails_twelve_simultaneous_alarms_as_one_digest_critical_first(
     assert mail.index("[WARNING] CARE ALARM fall-99") > positions[-1]
     ids = sorted(the_note(store, i).id for i in [warning, *alarms])
     assert "Ref: careflow-" + "+".join(f"n{i}" for i in ids) in mail
+
+
+def test_it_splits_a_digest_longer_than_the_channel_takes_into_messages_that_fit(
+    tmp_path: Path,
+) -> None:
+    """Like Discord (2,000 characters), a channel refuses a message longer than its limit
+    (Apprise's for the json plugin: 32,768) with a 400: fifty long alarms due at once must go
+    out in messages that fit, every one of them, not as one message refused for ever."""
+    limited = Receiver(max_chars=32_768)
+    try:
+        channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": limited.url("/oncall")})
+        store = SqliteStore(tmp_path / "db")
+        for n in range(50):
+            store.open_incident(rule="care-alarm", gateway=f"gw-{n}", device=f"fall-{n}",
+                                severity="critical", summary=f"fall-{n}", detail="fall", at_ms=1,
+                                notify=[("oncall", f"[CRITICAL] CARE ALARM fall-{n}.",
+                                         "What: fall\n" + "x" * 1000)])
+        sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+        while sender.deliver_due(now_ms=10):
+            pass
+    finally:
+        limited.close()
+    messages = [body["message"] for body in limited.to("/oncall")]
+    assert len(messages) > 1 and all(len(m) <= 32_768 for m in messages)
+    for n in range(50):
+        assert sum(f"CARE ALARM fall-{n}." in m for m in messages) == 1, n
+    assert len(store.notifications(states=("sent",))) == 50
+
+
+@given(st.integers(min_value=1, max_value=5000), st.integers(min_value=0, max_value=5000))
+def test_it_puts_the_most_that_fit_in_a_message_and_always_at_least_one(
+    count: int, fit: int,
+) -> None:
+    assert fitting(count, lambda n: n <= fit) == max(1, min(count, fit))
+
+
+@given(st.text(max_size=3000), st.text(max_size=3000),
+       st.integers(min_value=200, max_value=40_000), st.integers(min_value=0, max_value=300),
+       st.booleans())
+def test_it_shortens_one_long_notification_to_fit_keeping_its_ref(
+    title: str, body: str, body_max: int, title_max: int, title_in_body: bool,
+) -> None:
+    limits = MessageLimits(body_max=body_max, title_max=title_max, title_in_body=title_in_body)
+    tail = "\n\nRef: careflow-n123456"
+    short_title, short_body = limits.shorten(title, body + tail, tail=tail)
+    assert limits.fits(short_title, short_body) and short_body.endswith(tail)
+    assert limits.fits(limits.title(title), "")
 
 
 def mail_text(raw: str) -> str:

@@ -49,6 +49,32 @@ def test_it_sends_a_whatsapp_template_with_the_message_as_its_parameter(
     assert store.notifications(states=("sent",))
 
 
+def test_it_sends_a_burst_to_whatsapp_in_as_many_templates_as_it_takes_none_cut(
+    tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    """A template parameter holds 1,024 characters: a digest of twelve alarms cut there would
+    be recorded as sent while most alarms never reached anyone."""
+    channels = load_channels({"CAREFLOW_CHANNEL_FAMILY": WHATSAPP,
+                              "CAREFLOW_CHANNEL_FAMILY_TEMPLATE": "careflow_alert"})
+    store = SqliteStore(tmp_path / "db")
+    for n in range(12):
+        store.open_incident(rule="care-alarm", gateway=f"gw-{n}", device=f"fall-{n}",
+                            severity="critical", summary=f"CARE ALARM fall-{n}", detail="fall",
+                            at_ms=1, notify=[("family", f"[CRITICAL] CARE ALARM fall-{n}.",
+                                              "What: fall\nWhere: room " + "x" * 150)])
+    sender = NotificationSender(store, channels)
+    plugin = sender._transports["family"].client[0]  # the seam named in the docstring
+    plugin.notify_url = f"http://127.0.0.1:{http_receiver.port}/{{fb_ver}}/{{phone_id}}/messages"
+    while sender.deliver_due(now_ms=10):
+        pass
+    texts = [body["template"]["components"][0]["parameters"][0]["text"]
+             for _, _, body, _ in http_receiver.requests]
+    assert len(texts) > 1 and all(len(text) <= 1024 for text in texts)
+    for n in range(12):
+        assert sum(f"CARE ALARM fall-{n}." in text for text in texts) >= 1, n
+    assert len(store.notifications(states=("sent",))) == 12
+
+
 def test_it_cuts_a_template_parameter_to_1024_characters_keeping_the_ref() -> None:
     text = template_text("t", "x" * 5000, "careflow-n7")
     assert len(text) == 1024 and text.endswith(" | Ref: careflow-n7") and "\n" not in text
