@@ -72,8 +72,8 @@ class SpoolInput:
         self.outbox = outbox
         self._skipped: set[str] = set()  # unreadable and could not be moved: not again
         directory.mkdir(parents=True, exist_ok=True)
-        for name in outbox.marks("spool:"):  # files finished just before a crash
-            if not os.path.lexists(directory / name.removeprefix("spool:")):
+        for name in outbox.marks("spool"):  # files finished just before a crash
+            if not os.path.lexists(directory / _entry_name(name)):
                 outbox.clear_mark(name)
 
     @property
@@ -99,7 +99,7 @@ class SpoolInput:
                 if os.path.lexists(path):
                     self._set_aside(path, "a symbolic link to nothing", report)
                 else:
-                    self.outbox.clear_mark(f"spool:{path.name}")
+                    self.outbox.clear_mark(_mark_name(path.name))
             except (OSError, _UnreadableError) as exc:
                 self._set_aside(path, str(exc) or type(exc).__name__, report)
                 continue
@@ -112,7 +112,7 @@ class SpoolInput:
                           extra={"file": path.name, "reason": str(exc)})
                 self._skipped.add(path.name)
                 continue
-            self.outbox.clear_mark(f"spool:{path.name}")
+            self.outbox.clear_mark(_mark_name(path.name))
         return report
 
     # -- one file ---------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class SpoolInput:
     def _read_file(self, path: Path, report: SpoolReport,
                    on_alert: Callable[[], None] | None) -> None:
         """Queue (or refuse and report) every line not yet marked done; OSError if unreadable."""
-        mark_name = f"spool:{path.name}"
+        mark_name = _mark_name(path.name)
         done = int(self.outbox.mark(mark_name) or 0)
         reported = suppressed = last = 0
         with _open_regular(path) as stream:
@@ -177,7 +177,7 @@ class SpoolInput:
 
     def _set_aside(self, path: Path, reason: str, report: SpoolReport) -> None:
         """Report an unreadable entry, then move it to quarantine (or skip it from now on)."""
-        mark_name = f"spool:{path.name}"
+        mark_name = _mark_name(path.name)
         lines_read = int(self.outbox.mark(mark_name) or 0)
         target = self._quarantine_target(path.name)
         shown = f"{QUARANTINE}/{target.name}"
@@ -203,6 +203,30 @@ class SpoolInput:
             target = self.quarantine / f"{name}.{counter}"
             counter += 1
         return target
+
+
+_MARK = "spool:"
+_BYTES_MARK = "spool-bytes:"  # then the hex of the name's bytes
+
+
+def _mark_name(name: str) -> str:
+    """The outbox mark of a spool file's progress.
+
+    A name that is not UTF-8 (a bridge on a latin-1 system) reaches Python with lone surrogates,
+    which SQLite cannot store: such a name is kept as the hex of its bytes.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return _BYTES_MARK + os.fsencode(name).hex()
+    return _MARK + name
+
+
+def _entry_name(mark: str) -> str:
+    """The spool file a mark belongs to (the inverse of :func:`_mark_name`)."""
+    if mark.startswith(_BYTES_MARK):
+        return os.fsdecode(bytes.fromhex(mark.removeprefix(_BYTES_MARK)))
+    return mark.removeprefix(_MARK)
 
 
 @contextlib.contextmanager

@@ -312,3 +312,33 @@ def test_the_shared_hostile_payloads_as_spool_lines_end_as_events_or_reports(
         parse_event(event)
         assert len(json.dumps(event)) <= MAX_EVENT_BYTES
     box.close()
+
+
+def test_a_file_name_that_is_not_utf8_neither_stops_the_spool_nor_loses_its_lines(
+    tmp_path: Path,
+) -> None:
+    """A bridge on a latin-1 system writes ``café.jsonl`` as bytes: Python sees a lone surrogate
+    in the name, which SQLite cannot store as a mark. It used to raise out of every scan, so no
+    later file (here a care alarm) was ever read."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    latin1 = os.fsdecode(b"a-caf\xe9.jsonl")
+    (spool / latin1).write_text(line({"device": "s1", "type": "status", "data": {"state": "ok"}}))
+    write(spool, "b-alarm", line(ALARM))
+
+    report = reader.scan()
+
+    assert (report.queued, report.alerts) == (2, 1)
+    assert sorted(e["device"] for e in queued(box)) == ["s1", "sos-1"]
+    assert not list(spool.glob("*.jsonl"))
+    assert box.marks("spool") == {}
+    # a mark left by a crash mid-file is found again by the next agent, and forgotten once done
+    (spool / latin1).write_text(line({"device": "s2", "type": "status", "data": {"state": "ok"}})
+                                + line({"device": "s3", "type": "status", "data": {"state": "ok"}}))
+    reader._read_file(spool / latin1, report, None)  # the crash: read, not yet deleted
+    assert len(box.marks("spool")) == 1
+    SpoolInput(spool, box).scan()
+    assert sorted(e["device"] for e in queued(box)) == ["s1", "s2", "s3", "sos-1"]
+    assert box.marks("spool") == {}
+
