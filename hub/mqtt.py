@@ -152,9 +152,10 @@ class MqttIngress:
             return
         client_id = self._settings.hub_client_id
         cause = (f"the broker {self._settings.effective_broker_url} drops this hub's session "
-                 f"again and again right after accepting it: another client is using the client "
-                 f"id {client_id!r} and the two take the session over from each other (another "
-                 f"hub with CAREFLOW_HUB_CLIENT_ID={client_id} on another data directory?)")
+                 "again and again right after accepting it: most likely another client is "
+                 f"using the client id {client_id!r} and the two take the session over from "
+                 f"each other (another hub with CAREFLOW_HUB_CLIENT_ID={client_id} on another "
+                 "data directory?)")
         if verdict is SessionVerdict.YIELD:
             self.failure = BrokerError(
                 f"{cause}. This hub started last, so it stops instead of fighting: stop the "
