@@ -14,14 +14,15 @@ Nothing in the spool can stop the agent. A line the contract refuses (not JSON, 
 over MAX_EVENT_BYTES, nested deeper than MAX_DATA_DEPTH) is replaced by an ``error`` event
 (``E_EVENT_REFUSED``, see :mod:`careflow.edge.refusal`) carrying its first characters and the
 reason, in the same transaction as the progress mark; a refused care alarm is reported
-``critical``. An entry that cannot be read at all (a directory, a dangling symlink, a FIFO, a read
-error) is reported (``E_SPOOL_UNREADABLE``), moved to ``quarantine/`` (or, if it cannot be moved,
-skipped until the agent restarts), and the next file is read.
+``critical``. An entry that cannot be read at all (a directory, a symbolic link, which is never
+followed, a FIFO, a read error) is reported (``E_SPOOL_UNREADABLE``), moved to ``quarantine/``
+(or, if it cannot be moved, skipped until the agent restarts), and the next file is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -234,9 +235,17 @@ def _open_regular(path: Path) -> Iterator[IO[bytes]]:
     """Open a spool entry for reading only if it is a regular file.
 
     Non-blocking, so a FIFO (which would block ``open`` until a writer comes) is seen and refused
-    rather than hanging the agent; a directory opens on Linux, and is refused by its type.
+    rather than hanging the agent; a directory opens on Linux, and is refused by its type. A
+    symbolic link is never followed: it could point out of the spool (at a file only the agent
+    may read, whose first lines refusal reports would carry to the hub, or at a device).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            msg = "a symbolic link, not a file of readings (links are never followed)"
+            raise _UnreadableError(msg) from exc
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

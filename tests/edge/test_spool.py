@@ -342,3 +342,25 @@ def test_a_file_name_that_is_not_utf8_neither_stops_the_spool_nor_loses_its_line
     assert sorted(e["device"] for e in queued(box)) == ["s1", "s2", "s3", "sos-1"]
     assert box.marks("spool") == {}
 
+
+
+def test_it_never_follows_a_symlink_out_of_the_spool(tmp_path: Path) -> None:
+    """A bridge (or whoever can write the spool) links ``x.jsonl`` to a file only the agent may
+    read: its first lines would travel to the hub inside refusal reports. Only regular files are
+    read; a link is set aside like any entry that is not one."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    secret = tmp_path / "secret"
+    secret.write_text("root:$6$very-secret-hash:19000:0:99999:7:::\n")
+    (spool / "a-link.jsonl").symlink_to(secret)
+    write(spool, "b-alarm", line(ALARM))
+
+    report = reader.scan()
+
+    assert (report.queued, report.quarantined) == (1, 1)
+    assert "very-secret-hash" not in json.dumps(queued(box))
+    [unreadable] = errors(box, "E_SPOOL_UNREADABLE")
+    assert unreadable["file"] == "a-link.jsonl"
+    assert secret.read_text().startswith("root:")  # the target is left alone
+    assert (reader.quarantine / "a-link.jsonl").is_symlink()
