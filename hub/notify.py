@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10  # for all but critical notifications of open incidents (see gives_up)
 MAX_CHANNELS = 32  # one sender thread each
-MAX_DIGEST = 50  # notifications claimed for one message (a gateway's held group may add more)
+MAX_DIGEST = 50  # notifications claimed at once (a message takes what the channel's limit fits)
 UNROUTED_CHECK_S = 30.0
 _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 _CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE)?$")

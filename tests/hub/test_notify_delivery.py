@@ -28,6 +28,7 @@ from careflow.hub.alerting import AlertStage
 from careflow.hub.apprise_transport import MessageLimits, failure_from_log, url_secrets
 from careflow.hub.notify import (
     MAX_ATTEMPTS,
+    MAX_DIGEST,
     NotificationSender,
     avoid_failing,
     cancel_reason,
@@ -38,7 +39,7 @@ from careflow.hub.notify import (
     load_channels,
 )
 from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.sqlite_store import MAX_GROUP_CLAIM, SqliteStore
 from careflow.hub.store import Incident, Notification
 from tests.conftest import careflow_cmd, free_port, wait_until
 from tests.hub.test_notify_e2e import Mailbox
@@ -232,6 +233,32 @@ def test_it_shortens_one_long_notification_to_fit_keeping_its_ref(
     short_title, short_body = limits.shorten(title, body + tail, tail=tail)
     assert limits.fits(short_title, short_body) and short_body.endswith(tail)
     assert limits.fits(limits.title(title), "")
+
+
+def test_it_claims_no_more_than_a_digest_even_for_a_gateway_with_thousands_held(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    """A gateway's group brings along its held notifications; unbounded, a group of 2,000 was
+    claimed row by row (2,000 commits, 5 s here) under the lock every channel's sender shares,
+    in every round, holding up the care alarms of every other channel. Bounded, in one commit,
+    and every one delivered all the same."""
+    store = SqliteStore(tmp_path / "db")
+    many = MAX_DIGEST + MAX_GROUP_CLAIM + 100
+    for n in range(many):
+        store.open_incident(rule="battery-low", gateway="gw-1", device=f"d-{n}",
+                            severity="warning", summary=f"battery d-{n}", detail="low", at_ms=1,
+                            notify=[("ops", f"[WARNING] battery d-{n}.", "low")])
+    claimed = store.claim_notifications(now_ms=10, limit=MAX_DIGEST, channel="ops")
+    assert MAX_DIGEST <= len(claimed) <= MAX_DIGEST + MAX_GROUP_CLAIM
+    assert store.release_claimed_notifications("ops") == len(claimed)
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": receiver.url("/ops")})
+    sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    while sender.deliver_due(now_ms=10):
+        pass
+    messages = [body["message"] for body in receiver.to("/ops")]
+    for n in range(many):
+        assert sum(f"battery d-{n}." in m for m in messages) == 1, n
+    assert store.count_notifications(states=("sent",)) == many
 
 
 def mail_text(raw: str) -> str:
