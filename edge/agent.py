@@ -353,7 +353,8 @@ class EdgeAgent:
         if now >= self._next_heartbeat:
             self._heartbeat(with_host_health=with_host_health)
             self._next_heartbeat = now + self.config.heartbeat_interval_s
-        self.spool.scan(on_alert=self._wake.set)
+        if self.spool.scan(on_alert=self._wake.set).more:
+            self._wake.set()  # a backlog: read on at once, after sending what is due
         if self._connected.is_set():
             self._report_drops()
             self._send_due()

@@ -246,6 +246,11 @@ class Outbox:
                                       (prefix + "%",)).fetchall()
         return {str(name): str(value) for name, value in rows}
 
+    def set_mark(self, name: str, value: str) -> None:
+        """Save a mark on its own (an input's progress over lines that queued nothing)."""
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (name, value))
+
     def clear_mark(self, name: str) -> None:
         """Forget a mark (its input is finished)."""
         with self._transaction():

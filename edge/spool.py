@@ -8,7 +8,8 @@ timestamp and a random part). Each line is one reading::
 
 with an optional ``"time"`` (RFC 3339; default: when the agent reads it). The agent stamps and
 queues each line exactly once: how far it got in a file is saved in the same transaction as the
-event, so a crash mid-file neither loses nor repeats a line. Finished files are deleted.
+event, so a crash mid-file neither loses nor repeats a line. Finished files are deleted. One
+scan reads at most SCAN_LINES lines (or SCAN_BYTES), so a backlog never holds up sending.
 
 Nothing in the spool can stop the agent. A line the contract refuses (not JSON, a wrong field,
 over MAX_EVENT_BYTES, nested deeper than MAX_DATA_DEPTH) is replaced by an ``error`` event
@@ -22,6 +23,7 @@ followed, a FIFO, a read error) is reported (``E_SPOOL_UNREADABLE``), moved to `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -37,7 +39,15 @@ from careflow.errors import ContractError
 from careflow.schemas import EVENT_TYPES, decode_json, parse_rfc3339
 from careflow.schemas.limits import MAX_EVENT_BYTES
 
-__all__ = ["MAX_LINE_BYTES", "QUARANTINE", "REPORTS_PER_FILE", "SpoolInput", "SpoolReport"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "QUARANTINE",
+    "REPORTS_PER_FILE",
+    "SCAN_BYTES",
+    "SCAN_LINES",
+    "SpoolInput",
+    "SpoolReport",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,10 @@ QUARANTINE = "quarantine"
 # Refused lines reported one by one per file; past this only a count follows. Care alarms are
 # always reported one by one.
 REPORTS_PER_FILE = 20
+# The most one scan reads (lines, bytes), so a huge file never holds up sending: the agent's
+# heartbeat and care alarms go out between scans.
+SCAN_LINES = 1_000
+SCAN_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -59,6 +73,50 @@ class SpoolReport:
     alerts: int = 0
     invalid: int = 0
     quarantined: int = 0
+    more: bool = False  # stopped at the scan's bound: more lines wait
+
+
+@dataclass(slots=True)
+class _Budget:
+    """What one scan may still read."""
+
+    lines: int
+    bytes: int
+
+    @property
+    def spent(self) -> bool:
+        return self.lines <= 0 or self.bytes <= 0
+
+    def take(self, size: int) -> None:
+        self.lines -= 1
+        self.bytes -= size
+
+
+@dataclass(frozen=True, slots=True)
+class _Progress:
+    """How far the agent got in a spool file, saved as its mark with each event it queued.
+
+    ``line``: the last line done; ``offset``: the byte after it (None in a mark of an older
+    agent, which counted lines only); ``reported`` and ``suppressed``: refused lines reported
+    one by one, and those only counted, so the bound holds across scans and restarts.
+    """
+
+    line: int = 0
+    offset: int | None = None
+    reported: int = 0
+    suppressed: int = 0
+
+    @classmethod
+    def parse(cls, value: str | None) -> _Progress:
+        parts = [int(part) for part in (value or "0").split()]
+        if len(parts) == 1:
+            return cls(line=parts[0])
+        return cls(*parts[:4])
+
+    def value(self) -> str:
+        if self.offset is None:
+            return str(self.line)
+        return f"{self.line} {self.offset} {self.reported} {self.suppressed}"
 
 
 class _UnreadableError(Exception):
@@ -82,9 +140,16 @@ class SpoolInput:
         """Where entries the agent cannot read are moved."""
         return self.directory / QUARANTINE
 
-    def scan(self, on_alert: Callable[[], None] | None = None) -> SpoolReport:
-        """Queue every new line of every complete file, oldest file first."""
+    def scan(self, on_alert: Callable[[], None] | None = None, *,
+             max_lines: int = SCAN_LINES) -> SpoolReport:
+        """Queue new lines of complete files, oldest file first, at most ``max_lines`` of them.
+
+        The bound keeps one round of the agent short whatever a bridge wrote (a backlog of a
+        million lines): the agent sends what is due, its heartbeat included, between scans, and
+        the next scan goes on where this one stopped (``report.more``).
+        """
         report = SpoolReport()
+        budget = _Budget(lines=max_lines, bytes=SCAN_BYTES)
         try:
             paths = sorted(self.directory.glob("*.jsonl"))
         except OSError as exc:
@@ -94,16 +159,23 @@ class SpoolInput:
         for path in paths:
             if path.name in self._skipped:
                 continue
+            if budget.spent:
+                report.more = True
+                break
             try:
-                self._read_file(path, report, on_alert)
+                finished = self._read_file(path, report, on_alert, budget)
             except FileNotFoundError:  # gone meanwhile (a bridge took it back): nothing to read
                 if os.path.lexists(path):
                     self._set_aside(path, "a symbolic link to nothing", report)
                 else:
                     self.outbox.clear_mark(_mark_name(path.name))
+                continue
             except (OSError, _UnreadableError) as exc:
                 self._set_aside(path, str(exc) or type(exc).__name__, report)
                 continue
+            if not finished:
+                report.more = True
+                break
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -119,15 +191,26 @@ class SpoolInput:
     # -- one file ---------------------------------------------------------------------------
 
     def _read_file(self, path: Path, report: SpoolReport,
-                   on_alert: Callable[[], None] | None) -> None:
-        """Queue (or refuse and report) every line not yet marked done; OSError if unreadable."""
+                   on_alert: Callable[[], None] | None, budget: _Budget) -> bool:
+        """Queue (or refuse and report) lines not yet marked done, within the budget; whether
+        the file is finished. OSError if unreadable."""
         mark_name = _mark_name(path.name)
-        done = int(self.outbox.mark(mark_name) or 0)
-        reported = suppressed = last = 0
+        at = _Progress.parse(self.outbox.mark(mark_name))
+        shown = _shown(path.name)
         with _open_regular(path) as stream:
-            for number, (raw, size) in enumerate(_bounded_lines(stream, MAX_LINE_BYTES), start=1):
-                last = number
-                if number <= done or not raw.strip():
+            if at.offset is not None:
+                stream.seek(at.offset)
+            lines = _bounded_lines(stream, MAX_LINE_BYTES, at.offset or 0)
+            for number, (raw, size, end) in enumerate(lines, start=1 if at.offset is None
+                                                      else at.line + 1):
+                if number <= at.line:  # a mark of an older agent: a line count, no offset
+                    continue
+                if budget.spent:
+                    self.outbox.set_mark(mark_name, at.value())
+                    return False
+                budget.take(size)
+                at = dataclasses.replace(at, line=number, offset=end)
+                if not raw.strip():
                     continue
                 text = raw.decode("utf-8", errors="replace")
                 value: object = None
@@ -138,22 +221,22 @@ class SpoolInput:
                     value = _decode(text)
                     device, event_type, data, at_ms = _reading(value)
                     self.outbox.add(device, event_type, data, at_ms=at_ms,
-                                    mark=(mark_name, str(number)))
+                                    mark=(mark_name, at.value()))
                 except ContractError as exc:
                     report.invalid += 1
                     refused_type = sniff_type(value, text)
                     log.warning("refused a spool line", extra={
-                        "file": path.name, "line": number, "code": exc.code, "reason": str(exc),
+                        "file": shown, "line": number, "code": exc.code, "reason": str(exc),
                         "type": refused_type})
-                    if refused_type == "alert" or reported < REPORTS_PER_FILE:
-                        reported += 1
+                    if refused_type == "alert" or at.reported < REPORTS_PER_FILE:
+                        at = dataclasses.replace(at, reported=at.reported + 1)
                         self._report(refusal_report(
                             text=text, size=size, reason=exc,
-                            source=f"spool {path.name} line {number}", refused_type=refused_type,
+                            source=f"spool {shown} line {number}", refused_type=refused_type,
                             refused_device=value.get("device") if isinstance(value, dict)
-                            else None), mark=(mark_name, str(number)))
+                            else None), mark=(mark_name, at.value()))
                     else:
-                        suppressed += 1
+                        at = dataclasses.replace(at, suppressed=at.suppressed + 1)
                     if refused_type == "alert" and on_alert is not None:
                         on_alert()  # the report of a refused alarm goes out at once too
                     continue
@@ -162,13 +245,19 @@ class SpoolInput:
                     report.alerts += 1
                     if on_alert is not None:
                         on_alert()
-        if suppressed:
-            self._report({
-                "code": E_EVENT_REFUSED, "severity": "error", "component": "edge-spool",
-                "message": f"the gateway refused {suppressed} more lines of spool {path.name} "
-                           f"than it reported one by one (the first {REPORTS_PER_FILE} were)",
-                "source": f"spool {path.name}", "more_refused": suppressed,
-            }, mark=(mark_name, str(last)))
+        self._report_suppressed(mark_name, shown, at)
+        return True
+
+    def _report_suppressed(self, mark_name: str, shown: str, at: _Progress) -> None:
+        """At the end of a file, the count of refused lines not reported one by one."""
+        if not at.suppressed:
+            return
+        self._report({
+            "code": E_EVENT_REFUSED, "severity": "error", "component": "edge-spool",
+            "message": f"the gateway refused {at.suppressed} more lines of spool {shown} "
+                       f"than it reported one by one (the first {REPORTS_PER_FILE} were)",
+            "source": f"spool {shown}", "more_refused": at.suppressed,
+        }, mark=(mark_name, dataclasses.replace(at, suppressed=0).value()))
 
     def _report(self, data: dict[str, Any], *, mark: tuple[str, str] | None) -> None:
         """Queue an error event of the gateway itself."""
@@ -179,7 +268,7 @@ class SpoolInput:
     def _set_aside(self, path: Path, reason: str, report: SpoolReport) -> None:
         """Report an unreadable entry, then move it to quarantine (or skip it from now on)."""
         mark_name = _mark_name(path.name)
-        lines_read = int(self.outbox.mark(mark_name) or 0)
+        lines_read = _Progress.parse(self.outbox.mark(mark_name)).line
         target = self._quarantine_target(path.name)
         shown = f"{QUARANTINE}/{target.name}"
         log.error("cannot read a spool entry; setting it aside",
@@ -261,28 +350,38 @@ def _open_regular(path: Path) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def _bounded_lines(stream: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
-    """Each line without its newline, cut after ``limit`` + 1 bytes, with its full size.
+def _bounded_lines(stream: IO[bytes], limit: int,
+                   start: int = 0) -> Iterator[tuple[bytes, int, int]]:
+    """Each line without its newline, cut after ``limit`` + 1 bytes, with its full size and the
+    offset just after it (the stream is read from ``start``).
 
     A longer line is skipped through in chunks, so its size costs no memory.
     """
+    offset = start
     while True:
         chunk = stream.readline(limit + 1)
         if not chunk:
             return
+        offset += len(chunk)
         if chunk.endswith(b"\n"):
-            yield chunk[:-1], len(chunk) - 1
+            yield chunk[:-1], len(chunk) - 1, offset
             continue
         if len(chunk) <= limit:  # the last line, without a newline
-            yield chunk, len(chunk)
+            yield chunk, len(chunk), offset
             return
         size = len(chunk)
         while rest := stream.readline(65536):
+            offset += len(rest)
             if rest.endswith(b"\n"):
                 size += len(rest) - 1
                 break
             size += len(rest)
-        yield chunk, size
+        yield chunk, size, offset
+
+
+def _shown(name: str) -> str:
+    """A file name fit for a report: a name that is not UTF-8 gets U+FFFD where it is not."""
+    return os.fsencode(name).decode("utf-8", errors="replace")
 
 
 def _decode(text: str) -> object:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from careflow.edge.outbox import Outbox
 from careflow.edge.refusal import EXCERPT_CHARS
-from careflow.edge.spool import MAX_LINE_BYTES, REPORTS_PER_FILE, SpoolInput
+from careflow.edge.spool import MAX_LINE_BYTES, REPORTS_PER_FILE, SCAN_LINES, SpoolInput
 from careflow.schemas import parse_event
 from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
 from tests.hostile import hostile_payloads
@@ -336,7 +336,7 @@ def test_a_file_name_that_is_not_utf8_neither_stops_the_spool_nor_loses_its_line
     # a mark left by a crash mid-file is found again by the next agent, and forgotten once done
     (spool / latin1).write_text(line({"device": "s2", "type": "status", "data": {"state": "ok"}})
                                 + line({"device": "s3", "type": "status", "data": {"state": "ok"}}))
-    reader._read_file(spool / latin1, report, None)  # the crash: read, not yet deleted
+    assert reader.scan(max_lines=1).more  # as after a crash mid-file: a mark is left
     assert len(box.marks("spool")) == 1
     SpoolInput(spool, box).scan()
     assert sorted(e["device"] for e in queued(box)) == ["s1", "s2", "s3", "sos-1"]
@@ -364,3 +364,76 @@ def test_it_never_follows_a_symlink_out_of_the_spool(tmp_path: Path) -> None:
     assert unreadable["file"] == "a-link.jsonl"
     assert secret.read_text().startswith("root:")  # the target is left alone
     assert (reader.quarantine / "a-link.jsonl").is_symlink()
+
+
+def status(device: str) -> str:
+    return line({"device": device, "type": "status", "data": {"state": "ok"}})
+
+
+def test_a_scan_reads_a_bounded_number_of_lines_so_a_backlog_never_holds_up_sending(
+    tmp_path: Path,
+) -> None:
+    """A bridge dumps a backlog of 2,001 lines: one scan used to read them all (minutes of
+    fsyncs on a gateway's SD card) before the agent sent anything, its heartbeat and a care
+    alarm in the same file included. Now a scan stops at SCAN_LINES and the next goes on."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    total = 2 * SCAN_LINES + 1
+    write(spool, "a-backlog", "".join(status(f"s{n}") for n in range(total - 1)) + line(ALARM))
+
+    first = reader.scan()
+
+    assert first.more and first.queued == SCAN_LINES
+    assert (spool / "a-backlog.jsonl").exists()
+    scans = 1
+    while reader.scan().more:
+        scans += 1
+    assert scans == 2
+    devices = [e["device"] for e in queued(box)]
+    assert devices == ["sos-1"] + [f"s{n}" for n in range(total - 1)]  # alarms first
+    assert not list(spool.glob("*.jsonl")) and box.marks("spool") == {}
+
+
+def test_a_file_read_over_many_scans_and_restarts_gives_each_line_exactly_once(
+    tmp_path: Path,
+) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    lines = [status(f"s{n}") if n % 3 else "\n" for n in range(40)]
+    write(spool, "a", "".join(lines) + line(ALARM).rstrip("\n"))  # no newline at the end
+    write(spool, "b", status("later"))
+    scans = 0
+    while SpoolInput(spool, box).scan(max_lines=7).more:  # a new agent each time
+        scans += 1
+    assert scans == 5  # 42 lines, 7 a scan: the 6th finishes
+    expected = [f"s{n}" for n in range(40) if n % 3] + ["later"]
+    assert [e["device"] for e in queued(box) if e["type"] == "status"] == expected
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
+    assert box.marks("spool") == {}
+
+
+def test_the_bound_of_reports_per_file_holds_across_scans(tmp_path: Path) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    write(spool, "a", "not json\n" * (REPORTS_PER_FILE + 30) + line(ALARM))
+    while reader.scan(max_lines=7).more:
+        pass
+    refused = errors(box, "E_EVENT_REFUSED")
+    assert len(refused) == REPORTS_PER_FILE + 1
+    assert refused[-1]["more_refused"] == 30
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
+
+
+def test_it_goes_on_from_a_mark_an_older_agent_left_as_a_line_count(tmp_path: Path) -> None:
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    write(spool, "a", "".join(status(f"s{n}") for n in range(1, 6)))
+    box.add("s3", "status", {"state": "ok"}, mark=("spool:a.jsonl", "3"))  # lines 1-3 done
+    SpoolInput(spool, box).scan(max_lines=1)
+    SpoolInput(spool, box).scan(max_lines=1)
+    assert SpoolInput(spool, box).scan().more is False
+    assert [e["device"] for e in queued(box)] == ["s3", "s4", "s5"]
