@@ -770,15 +770,16 @@ class SqliteStore:
 
     def claim_notifications(self, *, now_ms: int, limit: int,
                             channel: str | None = None) -> list[Notification]:
-        """Due notifications (of one channel, or of all), at most ``limit`` and the rest of
-        their groups (at most ``MAX_GROUP_CLAIM`` more), each claimed by compare-and-set so no
+        """Due notifications (of one channel, or of all; critical ones first), at most ``limit``
+        and the rest of their groups (at most ``MAX_GROUP_CLAIM`` more), each claimed by compare-and-set so no
         one else sends it; one commit for all (a gateway's group of thousands must not cost
         thousands of fsyncs under the lock the channels' senders share)."""
         claimed: list[Notification] = []
         only = "" if channel is None else "channel = ? AND "
-        rows = self._read(
+        rows = self._read(  # critical ones first: a care alarm never waits behind warnings
             "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
-            f"{only}next_attempt_ms <= ? ORDER BY id LIMIT ?",
+            f"{only}next_attempt_ms <= ? ORDER BY (SELECT severity FROM incidents WHERE "
+            "incidents.id = notifications.incident_id) = 'critical' DESC, id LIMIT ?",
             (now_ms, limit) if channel is None else (channel, now_ms, limit))
         # a due notification brings along the rest of its group (same channel, gateway and
         # kind: firing messages, or repeats, which escalation queues with a group key)

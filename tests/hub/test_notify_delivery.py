@@ -261,6 +261,23 @@ def test_it_claims_no_more_than_a_digest_even_for_a_gateway_with_thousands_held(
     assert store.count_notifications(states=("sent",)) == many
 
 
+def test_it_claims_a_care_alarm_before_older_warnings_of_its_channel(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    """More warnings due than one claim takes, then a care alarm: the alarm goes in the next
+    message, not after every older warning has gone out."""
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
+    store = SqliteStore(tmp_path / "db")
+    for n in range(MAX_DIGEST + 20):
+        open_alarm(store, 100 + n, "oncall", severity="warning")
+    alarm = open_alarm(store, 1, "oncall")
+    sender = NotificationSender(SqliteStore(tmp_path / "db"), channels)
+    sender.deliver_due(now_ms=10)
+    (first,) = receiver.to("/oncall")
+    assert "[CRITICAL] CARE ALARM fall-1;" in first["title"]  # first in the digest
+    assert the_note(store, alarm).state == "sent"
+
+
 def mail_text(raw: str) -> str:
     """Subject and plain-text body of a mail as the SMTP server received it."""
     message = email.message_from_string(raw, policy=email.policy.default)
