@@ -188,8 +188,12 @@ class EdgeAgent:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
-        # batches handed to the MQTT client and not yet acknowledged: (info, bytes, when)
+        # handed to the MQTT client and not yet acknowledged, (info, bytes, when), in two lanes:
+        # batches, and care alarms (their own lane, so a flood of alarms never holds back the
+        # gateway's heartbeat by more than a message's worth, nor a backlog an alarm)
         self._in_flight: collections.deque[tuple[paho.MQTTMessageInfo, int, float]] = (
+            collections.deque())
+        self._alarms_in_flight: collections.deque[tuple[paho.MQTTMessageInfo, int, float]] = (
             collections.deque())
         self._arm_will()
         self.restart_requested = False
@@ -447,25 +451,32 @@ class EdgeAgent:
                            "care alarms are never dropped", "dropped": dropped})
 
     def _send_due(self) -> None:
-        """Care alarms at once, each on its own topic; then batches, packed to the contract's
-        limits, while the broker has acknowledged all but ``MAX_MESSAGE_BYTES`` of what went
-        before (so a new alarm never queues behind a backlog inside the MQTT client)."""
+        """Care alarms first, each on its own topic; then batches, packed to the contract's
+        limits. Each lane goes on while the broker has acknowledged all but
+        ``MAX_MESSAGE_BYTES`` of what it sent before, so inside the MQTT client a new alarm
+        never queues behind more than a message of backlog, nor the gateway's heartbeat behind
+        more than a message of alarms (a flood of them from a hostile sensor included)."""
         due = self.outbox.due(now_ms=time.time_ns() // 1_000_000,
                               resend_after_ms=int(self.config.resend_after_s * 1000),
                               limit=self.config.batch_max_events * 20)
         deliverable = [item for item in due if self._deliverable(item)]
         for item in deliverable:  # due() puts care alarms first
-            if item.type == "alert":
-                envelope = json.loads(item.body)
-                self._publish(event_topic(self.config.gateway, envelope["device"], "alert"),
-                              item.body, [item])
+            if item.type != "alert":
+                continue
+            if self._window_full(self._alarms_in_flight):
+                break  # the rest is still due; a PUBACK wakes the loop for it
+            envelope = json.loads(item.body)
+            info = self._publish(event_topic(self.config.gateway, envelope["device"], "alert"),
+                                 item.body, [item])
+            if info is not None:
+                self._alarms_in_flight.append((info, len(item.body), time.monotonic()))
         others = [p for p in deliverable if p.type != "alert"]
         runs = pack_batches([len(p.body.encode("utf-8")) for p in others],
                             max_events=min(self.config.batch_max_events, MAX_BATCH_EVENTS),
                             max_bytes=MAX_MESSAGE_BYTES)
         for run in runs:
-            if self._window_full():
-                break  # the rest is still due; a PUBACK wakes the loop for it
+            if self._window_full(self._in_flight):
+                break
             chunk = others[run.start:run.stop]
             payload = "[" + ",".join(p.body for p in chunk) + "]"
             info = self._publish(batch_topic(self.config.gateway), payload, chunk)
@@ -486,13 +497,15 @@ class EdgeAgent:
         self._wake.set()
         return False
 
-    def _window_full(self) -> bool:
-        """Whether the broker still owes PUBACKs for a message's worth of batches."""
+    def _window_full(
+        self, lane: collections.deque[tuple[paho.MQTTMessageInfo, int, float]],
+    ) -> bool:
+        """Whether the broker still owes PUBACKs for a message's worth of this lane."""
         expired = time.monotonic() - self.config.resend_after_s  # the outbox resends those
-        self._in_flight = collections.deque(
-            entry for entry in self._in_flight
-            if not entry[0].is_published() and entry[2] >= expired)
-        return sum(size for _, size, _ in self._in_flight) >= MAX_MESSAGE_BYTES
+        owed = [entry for entry in lane if not entry[0].is_published() and entry[2] >= expired]
+        lane.clear()
+        lane.extend(owed)
+        return sum(size for _, size, _ in lane) >= MAX_MESSAGE_BYTES
 
     def _publish(self, topic: str, payload: str,
                  items: list[Pending]) -> paho.MQTTMessageInfo | None:

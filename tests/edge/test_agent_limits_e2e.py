@@ -306,3 +306,57 @@ def test_an_event_refused_at_stamping_is_reported_and_the_caller_told(tmp_path: 
         ("E_EVENT_REFUSED", "schema", "critical")]
     assert reports[2]["refused_device"] == "sos-1" and '"SOS"' in reports[2]["line"]
     agent.outbox.close()
+
+
+def test_a_flood_of_care_alarms_never_holds_the_gateways_heartbeat_back_more_than_a_message(
+    mosquitto: Mosquitto, tmp_path: Path,
+) -> None:
+    """A hostile (or broken) sensor spams alarms while the broker is slow. Alarms go first, but
+    the gateway's own heartbeat must still go out, or the hub declares the gateway offline (its
+    liveness is its own events): it waits behind at most one message's worth of alarms, not
+    the whole flood the MQTT client was handed (1.2 MB here)."""
+    watcher = Subscriber(mosquitto, "careflow/v1/gw-f/#")
+    agent = EdgeAgent(config(mosquitto, tmp_path / "gw-f", "gw-f"))
+    agent.start()
+    flood = 4_000
+    try:
+        wait_until(lambda: agent.connected, what="agent connected")
+        agent.tick(with_host_health=False)  # its first heartbeat
+        assert mosquitto.proc is not None
+        mosquitto.proc.send_signal(signal.SIGSTOP)  # a broker that takes nothing for a while
+        try:
+            for n in range(flood // 2):
+                agent.outbox.add(f"sos-{n % 50}", "alert", {"kind": "sos", "state": "raised"})
+            for _ in range(3):
+                agent.tick(with_host_health=False)
+            heartbeat = agent.outbox.add("gw-f", "heartbeat", {"interval_s": 60})
+            for n in range(flood // 2):  # the flood goes on
+                agent.outbox.add(f"sos-{n % 50}", "alert", {"kind": "sos", "state": "raised"})
+            for _ in range(3):
+                agent.tick(with_host_health=False)
+        finally:
+            mosquitto.proc.send_signal(signal.SIGCONT)
+
+        def seen(event_id: str) -> Callable[[], bool]:
+            def check() -> bool:
+                agent.tick(with_host_health=False)
+                return any(e["id"] == event_id for _, events in watcher.events() for e in events)
+            return check
+
+        wait_until(seen(heartbeat["id"]), timeout_s=60, what="the heartbeat at the subscriber")
+        received = watcher.events()
+        ahead = next(i for i, (_, events) in enumerate(received)
+                     if any(e["id"] == heartbeat["id"] for e in events))
+        alarms_ahead = [events for topic, events in received[:ahead] if topic.endswith("/alert")]
+        assert sum(len(json.dumps(events)) for events in alarms_ahead) <= 2 * MAX_MESSAGE_BYTES
+
+        def every_alarm_arrived() -> bool:
+            agent.tick(with_host_health=False)
+            ids = {e["id"] for topic, events in watcher.events() if topic.endswith("/alert")
+                   for e in events}
+            return len(ids) == flood
+
+        wait_until(every_alarm_arrived, timeout_s=60, what="every alarm of the flood")
+    finally:
+        agent.shutdown()
+        watcher.close()
