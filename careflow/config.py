@@ -16,6 +16,8 @@ from careflow.errors import ConfigError
 from careflow.schemas.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
+    "DEFAULT_DEAD_LETTER_MAX_MB",
+    "DEFAULT_DEAD_LETTER_MAX_ROWS",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_DEVICES_PER_GATEWAY",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -35,6 +37,8 @@ DEFAULT_LISTEN = "127.0.0.1:1883"
 DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the contract's limit
 # A gateway's devices the hub registers and evaluates; a new one beyond is dead-lettered.
 DEFAULT_MAX_DEVICES_PER_GATEWAY = 1000
+DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
+DEFAULT_DEAD_LETTER_MAX_MB = 256
 _SYNC_MODES = ("full", "normal")
 
 
@@ -182,6 +186,8 @@ class Settings:
     device_broker_url: BrokerUrl | None = None  # where provisioned gateways connect
     cert_days: int = 30  # lifetime of device certificates issued by claim or renewal
     max_devices_per_gateway: int = DEFAULT_MAX_DEVICES_PER_GATEWAY
+    dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS  # the newest dead letters kept...
+    dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_MAX_MB << 20  # ...within this much payload
 
     @property
     def embedded(self) -> bool:
@@ -254,6 +260,10 @@ def load_settings(
         cert_days=_int_setting(env, "CAREFLOW_CERT_DAYS", 30),
         max_devices_per_gateway=_int_setting(env, "CAREFLOW_MAX_DEVICES_PER_GATEWAY",
                                              DEFAULT_MAX_DEVICES_PER_GATEWAY),
+        dead_letter_max_rows=_int_setting(env, "CAREFLOW_DEAD_LETTER_MAX_ROWS",
+                                          DEFAULT_DEAD_LETTER_MAX_ROWS),
+        dead_letter_max_bytes=_int_setting(env, "CAREFLOW_DEAD_LETTER_MAX_MB",
+                                           DEFAULT_DEAD_LETTER_MAX_MB) << 20,
     )
 
 

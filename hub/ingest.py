@@ -59,6 +59,7 @@ class Rejected:
     reason: str
     payload: bytes
     index: int | None = None  # position inside a batch
+    retained: bool = False  # delivered by the broker as a retained message (again at resubscribe)
 
 
 @dataclass(frozen=True, slots=True)

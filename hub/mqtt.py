@@ -86,6 +86,7 @@ class IncomingMessage(NamedTuple):
     mid: int
     qos: int
     received_ms: int
+    retain: bool = False  # a retained message, delivered because the hub (re)subscribed
 
 
 class MqttIngress:
@@ -177,7 +178,7 @@ class MqttIngress:
         except UnicodeDecodeError:
             topic = "(topic is not UTF-8)"
         self._inbox.put(IncomingMessage(topic, bytes(message.payload), message.mid, message.qos,
-                                        time.time_ns() // 1_000_000))
+                                        time.time_ns() // 1_000_000, message.retain))
 
     def ack(self, messages: Sequence[IncomingMessage]) -> None:
         """PUBACK messages whose events are durably stored. The hub subscribes at QoS 1, so a

@@ -8,6 +8,7 @@ broker. A failing store is retried with backoff and never acknowledged, so nothi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import json
 import logging
@@ -28,6 +29,7 @@ from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
 from careflow.hub.notify import MAX_ATTEMPTS
+from careflow.hub.resend import ResendThrottle
 from careflow.hub.selfwatch import Refusals, self_problems, tally_refusals
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
 from careflow.provisioning.service import Activation
@@ -51,6 +53,10 @@ HEALTH_INTERVAL_S = 1.0
 ALERT_TICK_S = 0.25
 # How often the hub may ask one source to resend what it is missing.
 RESEND_REQUEST_INTERVAL_S = 10.0
+# Within that interval, at most this many single-source requests per gateway (then one for
+# everything it holds), and at most this many sources remembered in all.
+RESEND_REQUESTS_PER_GATEWAY = 20
+RESEND_SOURCES_TRACKED = 10_000
 # A commit costs one fsync; waiting this long for more messages lets a burst share it.
 LINGER_S = 0.002
 _RATE_WINDOW_S = 10.0
@@ -120,7 +126,8 @@ def _gather(messages: list[IncomingMessage], decoded: list[Decoded]) -> tuple[
         if one.accepted:
             accepted.extend([(a, received_ms) for a in one.accepted])
         if one.rejected:
-            rejected.extend([(r, received_ms) for r in one.rejected])
+            rejected.extend([(dataclasses.replace(r, retained=True) if message.retain else r,
+                              received_ms) for r in one.rejected])
         if one.presence:
             presence.extend([(p, received_ms) for p in one.presence])
     return accepted, rejected, presence
@@ -149,7 +156,9 @@ class HubService:
         self._stop = threading.Event()
         self._started_ms = time.time_ns() // 1_000_000
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
-        self._resend_requested: dict[tuple[str, str, str], float] = {}
+        self._resend = ResendThrottle(interval_s=RESEND_REQUEST_INTERVAL_S,
+                                      per_gateway=RESEND_REQUESTS_PER_GATEWAY,
+                                      max_tracked=RESEND_SOURCES_TRACKED)
         self._disconnected_since_ms: int | None = None
         self._last_event_ms: int | None = None
         self._store_errors_seen = 0
@@ -423,22 +432,27 @@ class HubService:
             self.ingress.publish(ack_topic(gateway), json.dumps({"ids": ids}), qos=0)
 
     def _ask_for_missing(self, result: AppendResult) -> None:
-        """Sequence gaps: ask the gateway to resend what it has not had confirmed, at most every
-        RESEND_REQUEST_INTERVAL_S per source. Events still in flight may look missing for a
-        moment; a resend of those is harmless, dedupe absorbs it."""
-        now = time.monotonic()
+        """Sequence gaps: ask the gateway to resend what it has not had confirmed, paced and
+        bounded by the ResendThrottle (per source once every RESEND_REQUEST_INTERVAL_S). Events
+        still in flight may look missing for a moment; a resend of those is harmless, dedupe
+        absorbs it."""
+        if not result.gaps:
+            return
+        asks = self._resend.due(result.gaps, time.monotonic())
+        if not asks:
+            return
+        missing: Counter[tuple[str, str | None, str | None]] = Counter()
         for gap in result.gaps:
-            key = (gap.gateway, gap.device, gap.boot)
-            if now - self._resend_requested.get(key, -1e9) < RESEND_REQUEST_INTERVAL_S:
-                continue
-            self._resend_requested[key] = now
+            missing[(gap.gateway, gap.device, gap.boot)] += gap.missing
+            missing[(gap.gateway, None, None)] += gap.missing
+        for ask in asks:
             self.counters.resend_requests += 1
-            request = {"id": f"hub-{time.time_ns()}", "name": "resend",
-                       "args": {"device": gap.device, "boot": gap.boot}}
-            self.ingress.publish(command_topic(gap.gateway), json.dumps(request))
-            log.info("asked a gateway to resend", extra={"gateway": gap.gateway,
-                                                          "device": gap.device, "boot": gap.boot,
-                                                          "missing": gap.missing})
+            args = {"device": ask.device, "boot": ask.boot} if ask.device is not None else {}
+            request = {"id": f"hub-{time.time_ns()}", "name": "resend", "args": args}
+            self.ingress.publish(command_topic(ask.gateway), json.dumps(request))
+            log.info("asked a gateway to resend", extra={
+                "gateway": ask.gateway, "device": ask.device or "(all)", "boot": ask.boot,
+                "missing": missing[ask]})
 
     def _commit(self, batch: IncomingBatch) -> AppendResult:
         """Commit, retrying with backoff until it works or the hub is told to stop.

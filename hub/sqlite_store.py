@@ -10,13 +10,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from careflow.config import DEFAULT_MAX_DEVICES_PER_GATEWAY
+from careflow.config import (
+    DEFAULT_DEAD_LETTER_MAX_MB,
+    DEFAULT_DEAD_LETTER_MAX_ROWS,
+    DEFAULT_MAX_DEVICES_PER_GATEWAY,
+)
 from careflow.errors import ConfigError, ContractError, StoreError
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
@@ -51,6 +56,8 @@ __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "MAX_GROUP_CLAIM", "SqliteStore"]
 
 MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 MAX_GROUP_CLAIM = 1000  # held notifications of a group claimed along with a due one
+# Conflicts the alert stage has not evaluated yet are never pruned (hub/alerting.py's cursor).
+CONFLICTS_CURSOR = "alerts-conflicts"
 SCHEMA_VERSION = "1"
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
@@ -106,6 +113,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 -- the alert stage reads the conflicts after its cursor, however many other refusals there are
 CREATE INDEX IF NOT EXISTS dead_letters_by_code ON dead_letters (code, pos);
+CREATE INDEX IF NOT EXISTS dead_letters_by_topic ON dead_letters (topic);
 CREATE TABLE IF NOT EXISTS presence (
     gateway TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -337,8 +345,18 @@ class SqliteStore:
     """The event store on one SQLite file (WAL mode, so readers never block the writer)."""
 
     def __init__(self, path: Path, *, synchronous: str = "full",
-                 max_devices_per_gateway: int = DEFAULT_MAX_DEVICES_PER_GATEWAY) -> None:
+                 max_devices_per_gateway: int = DEFAULT_MAX_DEVICES_PER_GATEWAY,
+                 dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS,
+                 dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_MAX_MB << 20) -> None:
+        """Open (or create) the store. Dead-letter retention: the newest rows are kept within
+        both bounds (CAREFLOW_DEAD_LETTER_MAX_ROWS / _MB)."""
         self.path = path
+        self._dead_letter_bounds = (dead_letter_max_rows, dead_letter_max_bytes)
+        # Pruning scans the table, so it runs after every 1% of either bound (and at the first
+        # dead letter after opening, so that lowered bounds apply at once), never per message.
+        self._prune_every = (max(1, min(1000, dead_letter_max_rows // 100)),
+                             max(MAX_DEAD_LETTER_PAYLOAD, dead_letter_max_bytes // 100))
+        self._dead_since_prune = self._prune_every
         self._atomic = False  # inside atomically()
         # A gateway that invents devices must not grow the registry and the rules' state
         # without end: beyond this many, a new device's events are dead-lettered.
@@ -426,7 +444,8 @@ class SqliteStore:
     def _append(self, batch: IncomingBatch) -> AppendResult:
         batch, over_bound = self._within_bound(batch)
         conn = self._conn
-        dead = [_dead_letter_row(r, received) for r, received in batch.rejected]
+        dead = [_dead_letter_row(r, received) for r, received in batch.rejected
+                if not (r.retained and self._already_dead_lettered(r))]
         rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
         stored = self._insert_all_fresh(batch, rows)
         duplicates = conflicts = 0
@@ -451,6 +470,11 @@ class SqliteStore:
             dead += [_dead_letter_row(item, at_ms, end) for item, at_ms in conflicted]
         if dead:
             conn.executemany(_INSERT_DEAD_LETTER, dead)
+            rows_since, bytes_since = self._dead_since_prune
+            self._dead_since_prune = (rows_since + len(dead),
+                                      bytes_since + sum(len(row[4]) for row in dead))
+            if any(map(operator.ge, self._dead_since_prune, self._prune_every)):
+                self._prune_dead_letters()
         gaps = self._fold(stored)
         self._apply_presence(batch)
         return AppendResult(tuple(ev for ev, _ in stored), duplicates, conflicts, len(dead), gaps,
@@ -500,6 +524,33 @@ class SqliteStore:
             over.append(OverBound(event.gateway, event.device, event.type,
                                   event.type == "alert" and accepted.data.get("state") == "raised"))
         return IncomingBatch(kept, rejected, batch.presence), tuple(over)
+
+    def _already_dead_lettered(self, rejected: Rejected) -> bool:
+        """Whether these bytes on this topic are already a dead letter: the broker delivers a
+        retained message again at every (re)subscribe of the hub, and junk left retained would
+        otherwise add a row each time."""
+        return self._conn.execute(
+            "SELECT 1 FROM dead_letters WHERE topic = ? AND code = ? AND payload_size = ? AND "
+            "payload = ? LIMIT 1", (rejected.topic, rejected.code, len(rejected.payload),
+                                    _dead_letter_row(rejected, 0)[4])).fetchone() is not None
+
+    def _prune_dead_letters(self) -> None:
+        """Keep the newest dead letters within both bounds (rows, payload bytes); conflicts the
+        alert stage has yet to evaluate stay whatever the bounds say."""
+        max_rows, max_bytes = self._dead_letter_bounds
+        conn = self._conn
+        by_rows = conn.execute("SELECT pos FROM dead_letters ORDER BY pos DESC LIMIT 1 OFFSET ?",
+                               (max_rows,)).fetchone()
+        by_bytes = conn.execute(
+            "SELECT pos FROM (SELECT pos, SUM(length(payload)) OVER (ORDER BY pos DESC) AS kept "
+            "FROM dead_letters) WHERE kept > ? ORDER BY pos DESC LIMIT 1", (max_bytes,)).fetchone()
+        self._dead_since_prune = (0, 0)
+        cut = max(by_rows[0] if by_rows else 0, by_bytes[0] if by_bytes else 0)
+        if cut:
+            protected = conn.execute("SELECT value FROM cursors WHERE name = ?",
+                                     (CONFLICTS_CURSOR,)).fetchone()
+            conn.execute("DELETE FROM dead_letters WHERE pos <= ? AND (code != 'conflict' OR "
+                         "pos <= ?)", (cut, protected[0] if protected else cut))
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]

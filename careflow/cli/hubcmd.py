@@ -54,7 +54,9 @@ def hub(
     lock = DataDirLock(settings.data_dir)  # one hub per data directory; says who runs there
     lock.acquire()
     store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
-                        max_devices_per_gateway=settings.max_devices_per_gateway)
+                        max_devices_per_gateway=settings.max_devices_per_gateway,
+                        dead_letter_max_rows=settings.dead_letter_max_rows,
+                        dead_letter_max_bytes=settings.dead_letter_max_bytes)
     embedded = EmbeddedBroker(settings.listen.host, settings.listen.port,
                               credentials=credentials) if settings.embedded else None
     sender: NotificationSender | None = None

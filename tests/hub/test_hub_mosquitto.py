@@ -13,9 +13,10 @@ import pytest
 from careflow.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_event_id
+from careflow.hub.service import RESEND_REQUESTS_PER_GATEWAY
 from careflow.hub.store import EventFilter
 from careflow.mqtt import connect_blocking, make_client
-from tests.conftest import Mosquitto, RunningHub, heartbeat, wait_until
+from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -138,3 +139,41 @@ def test_it_reports_its_own_health(
     assert report["connected"] is True
     assert report["queue_depth"] == 0
     assert report["rejects_by_code"] == {"not_json": 1}
+
+
+def test_it_records_retained_junk_once_however_often_it_resubscribes(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Junk left retained on careflow topics comes back at every (re)subscribe of the hub; it is
+    one dead letter each, not one more per restart (50 -> 100 -> 150 rows)."""
+    junk = [(f"careflow/v1/gw-j/dev-{i}/heartbeat", f"not json {i}".encode()) for i in range(50)]
+    url = parse_broker_url(mosquitto.url)
+    client = make_client(client_id=f"junk-{new_event_id()}", clean_session=True, url=url)
+    connect_blocking(client, url)
+    for topic, payload in junk:
+        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    source = Stamper(gateway="gw-j", device="marker", boot="b")
+    for start in range(3):  # the hub's first subscribe, then two restarts
+        hub = RunningHub(make_settings(tmp_path / "data", mosquitto.url)).start()
+        try:
+            publish(mosquitto, [heartbeat(source)])  # behind the retained junk
+            wait_until(lambda h=hub, n=start: h.store.count(EventFilter()) == n + 1,
+                       what="the marker stored")
+            wait_until(lambda h=hub: h.service.counters.messages >= 51, what="the junk again")
+            assert hub.store.dead_letter_count() == 50
+        finally:
+            hub.stop()
+
+
+def test_it_asks_a_gateway_with_many_gappy_sources_for_a_bounded_number_of_resends(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub]
+) -> None:
+    hub = hub_factory(mosquitto.url)
+    events = [heartbeat(Stamper(gateway="gw-g", device=f"dev-{i}", boot="b", next_seq=2))
+              for i in range(500)]  # each source misses its seq 1
+    publish(mosquitto, events, batch=True)
+    wait_until(lambda: hub.service.counters.events_stored == 500, what="500 events handled")
+    requests = hub.service.counters.resend_requests
+    assert 0 < requests <= 2 * (RESEND_REQUESTS_PER_GATEWAY + 1)  # two intervals at most

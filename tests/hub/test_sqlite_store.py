@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper, new_event_id
-from careflow.hub.ingest import Accepted, EventHead, PresenceUpdate, decode_message
+from careflow.hub.ingest import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
 from careflow.hub.replay import replay
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.sqlite_store import CONFLICTS_CURSOR, MAX_DEAD_LETTER_PAYLOAD, SqliteStore
 from careflow.hub.store import EventFilter, IncomingBatch
 from tests.conftest import heartbeat
 
@@ -263,3 +264,49 @@ def test_it_takes_a_reflashed_gateway_back_online_and_ignores_its_old_boots_late
     assert [(c.gateway, c.state, c.conn) for c in store.presence_changes()] == [
         ("gw-1", "online", 57), ("gw-1", "offline", 57), ("gw-1", "online", 1),
         ("gw-1", "online", 2), ("gw-2", "online", 9), ("gw-2", "online", 1)]
+
+
+def _junk(count: int, size: int = 10, code: str = "not_json") -> IncomingBatch:
+    return IncomingBatch([], [(Rejected("careflow/v1/gw-1/s/heartbeat", code, "why",
+                                        b"%08d" % i + b"x" * size), 1_000)
+                              for i in range(count)])
+
+
+def test_it_keeps_the_newest_dead_letters_within_the_row_bound(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db", dead_letter_max_rows=100)
+    for _ in range(40):
+        store.append(_junk(7))
+    assert store.dead_letter_count() == 100
+    newest = store.dead_letters(limit=1000)
+    assert newest[0].pos == 280 and newest[-1].pos == 181
+
+
+def test_it_keeps_the_newest_dead_letters_within_the_byte_bound(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db", dead_letter_max_bytes=16 * MAX_DEAD_LETTER_PAYLOAD)
+    for _ in range(40):  # each refused payload is kept truncated to 64 KiB
+        store.append(_junk(1, size=200_000))
+    assert store.dead_letter_count() == 16
+    assert {letter.payload_size for letter in store.dead_letters()} == {200_008}
+
+
+def test_it_never_prunes_conflicts_the_alert_rules_have_yet_to_see(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db", dead_letter_max_rows=10)
+    store.set_cursor(CONFLICTS_CURSOR, 0)  # the alert stage has evaluated nothing yet
+    store.append(_junk(5, code="conflict"))
+    store.append(_junk(20))
+    assert len(store.dead_letters(limit=100, code="conflict")) == 5
+    store.set_cursor(CONFLICTS_CURSOR, 5)  # now it has
+    store.append(_junk(1))
+    assert store.dead_letters(limit=100, code="conflict") == []
+    assert store.dead_letter_count() == 10
+
+
+def test_it_records_a_retained_message_already_dead_lettered_only_once(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    store.append(_junk(3))  # as first received, live
+    again = [(replace(r, retained=True), t) for r, t in _junk(3).rejected]
+    for _ in range(3):  # delivered again at every subscribe of the hub
+        assert store.append(IncomingBatch([], again)).dead_lettered == 0
+    assert store.dead_letter_count() == 3
+    new = replace(_junk(4).rejected[3][0], retained=True)
+    assert store.append(IncomingBatch([], [(new, 1)])).dead_lettered == 1
