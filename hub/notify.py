@@ -51,6 +51,7 @@ from careflow.hub.routing import default_channels
 from careflow.hub.store import EventStore, Incident, Notification
 
 __all__ = [
+    "FAILING_AFTER_ATTEMPTS",
     "MAX_ATTEMPTS",
     "MAX_CHANNELS",
     "MAX_DIGEST",
@@ -76,6 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10  # for all but critical notifications of open incidents (see gives_up)
+FAILING_AFTER_ATTEMPTS = 3  # a critical one failing this often raises hub-notifications-failing
 MAX_CHANNELS = 32  # one sender thread each
 MAX_DIGEST = 50  # notifications claimed at once (a message takes what the channel's limit fits)
 UNROUTED_CHECK_S = 30.0

@@ -28,7 +28,7 @@ from careflow.hub.decoder import decode_safely as _decode_safely
 from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
-from careflow.hub.notify import MAX_ATTEMPTS
+from careflow.hub.notify import FAILING_AFTER_ATTEMPTS, MAX_ATTEMPTS
 from careflow.hub.resend import ResendThrottle
 from careflow.hub.selfwatch import Refusals, self_problems, tally_refusals
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
@@ -394,9 +394,11 @@ class HubService:
             self._disconnected_since_ms = now_ms
         recent_errors = self.counters.store_errors - self._store_errors_seen
         self._store_errors_seen = self.counters.store_errors
-        # failed for good, or still retried after MAX_ATTEMPTS (critical ones of open incidents)
+        # failed for good, or still retried after MAX_ATTEMPTS; a critical one (a care alarm)
+        # after FAILING_AFTER_ATTEMPTS, so another channel hears of it in seconds, not minutes
         failed = self.store.count_notifications(states=("failed",)) + \
-            self.store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS)
+            self.store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS,
+                                           critical_min_attempts=FAILING_AFTER_ATTEMPTS)
         influx = self.sink.status() if self.sink is not None else {}
         lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
         self.counters.alert_lag_ms = lag

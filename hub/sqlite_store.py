@@ -906,8 +906,15 @@ class SqliteStore:
             "*", "notifications", states, " ORDER BY id DESC LIMIT ?", [limit])]
 
     def count_notifications(self, *, states: Sequence[str] | None = None,
-                            min_attempts: int = 0) -> int:
-        """How many notifications are in these states (tried at least ``min_attempts`` times)."""
+                            min_attempts: int = 0, critical_min_attempts: int | None = None) -> int:
+        """How many notifications are in these states (tried at least ``min_attempts`` times;
+        those of critical incidents at least ``critical_min_attempts``, when given)."""
+        if critical_min_attempts is not None:
+            return int(self._in_states(
+                "COUNT(*)", "notifications", states,
+                f" {'AND' if states else 'WHERE'} attempts >= CASE WHEN incident_id IN (SELECT id "
+                "FROM incidents WHERE severity = 'critical') THEN ? ELSE ? END",
+                [critical_min_attempts, min_attempts])[0][0])
         if min_attempts:
             return int(self._in_states("COUNT(*)", "notifications", states,
                                        f" {'AND' if states else 'WHERE'} attempts >= ?",

@@ -451,8 +451,9 @@ class EventStore(Protocol):
         ...
 
     def count_notifications(self, *, states: Sequence[str] | None = None,
-                            min_attempts: int = 0) -> int:
-        """How many notifications are in these states (tried at least ``min_attempts`` times)."""
+                            min_attempts: int = 0, critical_min_attempts: int | None = None) -> int:
+        """How many notifications are in these states (tried at least ``min_attempts`` times;
+        those of critical incidents at least ``critical_min_attempts``, when given)."""
         ...
 
     def read_health(self) -> tuple[int, dict[str, Any]] | None:

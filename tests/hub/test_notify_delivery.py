@@ -27,6 +27,7 @@ from careflow.errors import StoreError
 from careflow.hub.alerting import AlertStage
 from careflow.hub.apprise_transport import MessageLimits, failure_from_log, url_secrets
 from careflow.hub.notify import (
+    FAILING_AFTER_ATTEMPTS,
     MAX_ATTEMPTS,
     MAX_DIGEST,
     NotificationSender,
@@ -39,9 +40,10 @@ from careflow.hub.notify import (
     load_channels,
 )
 from careflow.hub.rules import load_rules
+from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import MAX_GROUP_CLAIM, SqliteStore
 from careflow.hub.store import Incident, Notification
-from tests.conftest import careflow_cmd, free_port, wait_until
+from tests.conftest import careflow_cmd, free_port, make_settings, wait_until
 from tests.hub.test_notify_e2e import Mailbox
 
 
@@ -453,6 +455,27 @@ def test_it_keeps_a_critical_alarm_through_a_refusal_that_looks_permanent(
         proxy.close()
     assert the_note(store, alarm).state == "sent"
     assert len(proxy.to("/oncall")) == 2
+
+
+def test_it_tells_another_channel_soon_when_a_care_alarm_cannot_get_through(
+    tmp_path: Path,
+) -> None:
+    """The oncall channel is down (connection refused): counting only notifications past
+    MAX_ATTEMPTS, the hub said so after ten attempts, 8.5 minutes of backoff, while a care
+    alarm went nowhere and the ops channel worked. A critical one counts after three."""
+    settings = make_settings(tmp_path / "data", "mqtt://127.0.0.1:1")  # never connected here
+    store = SqliteStore(settings.db_path)
+    service = HubService(settings, store)
+    nobody = f"json://127.0.0.1:{free_port()}/x"
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": nobody})
+    alarm = open_alarm(store, 1, "oncall")
+    sender = NotificationSender(SqliteStore(settings.db_path), channels)
+    for _ in range(FAILING_AFTER_ATTEMPTS):
+        sender.deliver_due(now_ms=the_note(store, alarm).next_attempt_ms)
+    assert the_note(store, alarm).attempts == FAILING_AFTER_ATTEMPTS < MAX_ATTEMPTS
+    problem = service._self_problems().get("hub-notifications-failing", "")
+    assert "oncall: the channel did not take the message" in problem
+    store.close()
 
 
 @pytest.mark.parametrize(("attempts", "permanent", "critical_open", "final"), [
