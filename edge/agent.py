@@ -30,7 +30,12 @@ from careflow.config import BrokerUrl, TlsFiles, parse_broker_url, read_secret, 
 from careflow.edge.commands import CommandHandler, handle_command
 from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.edge.outbox import Outbox, Pending
-from careflow.edge.refusal import pack_batches, refusal_report, undeliverable_reason
+from careflow.edge.refusal import (
+    pack_batches,
+    refusal_report,
+    sniff_type,
+    undeliverable_reason,
+)
 from careflow.edge.renewal import Renewer
 from careflow.edge.spool import SpoolInput
 from careflow.edge.stamper import new_boot_id
@@ -338,7 +343,9 @@ class EdgeAgent:
                   extra={"device": device[:64], "type": event_type[:32], "code": reason.code})
         self.outbox.add(self.config.gateway, "error", refusal_report(
             text=text, size=len(text.encode("utf-8", "replace")), reason=reason,
-            source="agent add", refused_type=event_type.strip().lower(), refused_device=device))
+            source="agent add",
+            refused_type=sniff_type({"type": event_type, "data": data}, text),
+            refused_device=device))
         self._wake.set()
 
     def start(self) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from careflow.errors import ContractError
-from careflow.schemas import check_depth, decode_json
+from careflow.schemas import EVENT_TYPES, check_depth, decode_json
 from careflow.schemas.limits import MAX_EVENT_BYTES
 
 __all__ = [
@@ -38,6 +38,7 @@ E_SPOOL_UNREADABLE = "E_SPOOL_UNREADABLE"
 EXCERPT_CHARS = 1000
 _TEXT_CHARS = 500  # device and file names inside a report
 _TYPE_IN_TEXT = re.compile(r'"type"\s*:\s*"([^"\\]{1,32})"')
+_RAISED_IN_TEXT = re.compile(r'"state"\s*:\s*"\s*raised\s*"', re.IGNORECASE)
 
 
 def encode_event(envelope: dict[str, Any]) -> str:
@@ -106,13 +107,24 @@ def sniff_type(value: object, text: str) -> str | None:
     """The event type a refused input meant to be, lower-cased, if it says (best effort).
 
     From the decoded object when there is one, else from the raw text, so an oversized or broken
-    care alarm is still recognised as one.
+    care alarm is still recognised as one. A missing alarm is worse than a false alarm, so it is
+    ``alert`` when it says so anywhere (the text may hold other ``"type"`` keys before the
+    envelope's), or when it names no type the contract knows and its state is ``raised``.
     """
     if isinstance(value, dict):
         declared = value.get("type")
-        return _clip(declared.strip().lower(), 32) if isinstance(declared, str) else None
-    match = _TYPE_IN_TEXT.search(text[:EXCERPT_CHARS * 4])
-    return match[1].strip().lower() if match else None
+        said = _clip(declared.strip().lower(), 32) if isinstance(declared, str) else None
+        data = value.get("data")
+        state = data.get("state") if isinstance(data, dict) else None
+        raised = isinstance(state, str) and state.strip().lower() == "raised"
+    else:
+        found = [match.strip().lower() for match in _TYPE_IN_TEXT.findall(text)]
+        known = [name for name in found if name in EVENT_TYPES]
+        said = "alert" if "alert" in known else (known or found or [None])[0]
+        raised = _RAISED_IN_TEXT.search(text) is not None
+    if said not in EVENT_TYPES and raised:
+        return "alert"
+    return said
 
 
 def _clip(text: str, limit: int = _TEXT_CHARS) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,3 +82,36 @@ def test_it_recognises_a_care_alarm_in_a_line_it_could_not_parse() -> None:
         "alert")
     assert sniff_type({"type": " ALERT "}, "") == "alert"
     assert sniff_type(None, "garbage") is None
+
+
+_BROKEN = '{"device": "sos-1", "data": {"kind": "sos", "state": "raised", "x": "y'  # cut short
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (None, '{"device": "sos-1", "data": {"kind": "sos", "message": "' + "m" * 5_000
+     + '"}, "type": "alert", "x": '),
+    (None, '{"device": "sos-1", "data": {"type": "fall-v2"}, "type": "alert", "x": '),
+    (None, _BROKEN),
+    (None, '[{"device": "sos-1", "type": "alert", "data": {"kind": "sos"}}]'),
+    ({"device": "sos-1", "data": {"kind": "sos", "state": "raised"}}, ""),
+    ({"device": "sos-1", "type": "alarm", "data": {"kind": "sos", "state": "Raised"}}, ""),
+    ({"device": "sos-1", "type": ["alert"], "data": {"kind": "sos", "state": "raised"}}, ""),
+], ids=["type-after-4000-chars", "type-inside-data-first", "no-type-state-raised", "an-array",
+        "no-type", "type-alarm", "type-not-a-string"])
+def test_it_recognises_a_mangled_care_alarm(value: object, text: str) -> None:
+    """A refused line that meant to be a care alarm must be reported critical (the rule
+    refused-care-alarm keys on it): a type it does not say, or says wrong, or says late."""
+    assert sniff_type(value, text) == "alert"
+
+
+@pytest.mark.parametrize(("value", "text", "expected"), [
+    ({"device": "s1", "type": "status", "data": {"state": "raised"}}, "", "status"),
+    (None, '{"device": "s1", "type": "status", "data": {"state": "ok", "x": "y', "status"),
+    ({"device": "s1", "type": "heartbeat", "data": {"interval_s": "x"}}, "", "heartbeat"),
+    ({"device": "s1", "type": "reading", "data": {"state": "ok"}}, "", "reading"),
+    (None, "garbage", None),
+])
+def test_it_does_not_take_a_refused_reading_for_a_care_alarm(
+    value: object, text: str, expected: str | None,
+) -> None:
+    assert sniff_type(value, text) == expected

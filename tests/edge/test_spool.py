@@ -144,7 +144,10 @@ def test_it_refuses_lines_over_the_limits_and_reports_each_with_an_excerpt(
     {"device": "sos-1", "type": "Alert", "data": {"kind": "sos", "state": "raised"}},
     {"device": "sos-1", "type": "alert", "data": {"kind": "sos", "state": "raised",
                                                   "message": "m" * 100_000}},
-], ids=["kind-SOS", "long-location", "space-in-device", "type-Alert", "oversized"])
+    {"device": "sos-1", "type": "alarm", "data": {"kind": "sos", "state": "raised"}},
+    {"device": "sos-1", "data": {"kind": "sos", "state": "raised"}},
+], ids=["kind-SOS", "long-location", "space-in-device", "type-Alert", "oversized", "type-alarm",
+        "no-type"])
 def test_it_reports_a_care_alarm_the_contract_refuses_as_critical(
     tmp_path: Path, reading: dict[str, Any],
 ) -> None:
