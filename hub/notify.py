@@ -60,6 +60,7 @@ __all__ = [
     "avoid_failing",
     "cancel_reason",
     "combine",
+    "critical_open",
     "digest_order",
     "fitting",
     "gives_up",
@@ -253,6 +254,12 @@ def cancel_reason(note: Notification, incident: Incident | None) -> str | None:
             f"{incident.resolved_by or 'someone'} before this reminder went out")
 
 
+def critical_open(incident: Incident | None) -> bool:
+    """Whether notifications of this incident are never given up (see :func:`gives_up`)."""
+    return incident is not None and incident.severity == "critical" \
+        and incident.state != "resolved"
+
+
 def gives_up(*, attempts: int, permanent: bool, critical_open: bool) -> bool:
     """Whether a failed notification is failed for good: a critical one whose incident is
     still open never is (a "permanent" 401/404/550 may come from a flaky proxy or a token being
@@ -377,7 +384,9 @@ class NotificationSender:
         return claimed
 
     def _fail_unrouted(self, now_ms: int) -> int:
-        """Notifications queued for a channel that is not configured (any more) fail for good."""
+        """Notifications queued for a channel that is not configured (any more) fail for good,
+        but for critical ones of open incidents: those wait (counted as failing, so the
+        self-alert says so) for a restart with the channel back (see :func:`gives_up`)."""
         with self._store_lock:
             pending = self.store.notifications(states=("pending",), limit=1000)
         unknown = {n.channel for n in pending if n.channel not in self.channels}
@@ -387,11 +396,17 @@ class NotificationSender:
                 notes = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
                                                        channel=channel)
                 for note in notes:
+                    final = gives_up(attempts=note.attempts + 1, permanent=True,
+                                     critical_open=critical_open(
+                                         self.store.incident(note.incident_id)))
                     self.store.finish_notification(
-                        note.id, ok=False, now_ms=now_ms, final=True,
+                        note.id, ok=False, now_ms=now_ms, final=final,
                         error=f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_"
-                              f"{channel.upper()} to an Apprise URL")
-                self.failed += len(notes)
+                              f"{channel.upper()} to an Apprise URL",
+                        attempts=note.attempts + 1 if final else max(note.attempts + 1,
+                                                                     MAX_ATTEMPTS),
+                        retry_in_ms=retry_delay_ms(MAX_ATTEMPTS))
+                    self.failed += final
             claimed += len(notes)
         return claimed
 
@@ -452,11 +467,9 @@ class NotificationSender:
         with self._store_lock:
             for note in notes:
                 attempts = note.attempts + 1
-                incident = incidents.get(note.incident_id)
-                critical_open = incident is not None and incident.severity == "critical" \
-                    and incident.state != "resolved"
                 final = error is not None and gives_up(
-                    attempts=attempts, permanent=error.permanent, critical_open=critical_open)
+                    attempts=attempts, permanent=error.permanent,
+                    critical_open=critical_open(incidents.get(note.incident_id)))
                 if error is not None and error.permanent and not final:  # kept, but no quick
                     attempts = max(attempts, MAX_ATTEMPTS)  # retry helps; the self-alert counts it
                 self.store.finish_notification(

@@ -540,10 +540,31 @@ def test_it_routes_the_self_alert_around_failing_channels() -> None:
 def test_it_fails_a_notification_for_a_channel_that_is_not_configured(tmp_path: Path) -> None:
     channels = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/x"})
     store = SqliteStore(tmp_path / "db")
-    ghost = open_alarm(store, 1, "ghost")  # e.g. a channel removed before a restart
+    ghost = open_alarm(store, 1, "ghost", severity="warning")  # a channel removed, a restart
     assert NotificationSender(store, channels).deliver_due(now_ms=10) == 1
     failed = the_note(store, ghost)
     assert failed.state == "failed" and "CAREFLOW_CHANNEL_GHOST" in (failed.last_error or "")
+
+
+def test_it_keeps_a_care_alarm_for_a_channel_not_configured_until_it_is(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    """A care alarm queued for a channel, then the hub restarted without that channel (a
+    secret file not mounted yet, a rename): kept while its incident is open, counted for the
+    self-alert, and sent once the channel is back."""
+    store = SqliteStore(tmp_path / "db")
+    alarm = open_alarm(store, 1, "oncall")
+    without = NotificationSender(SqliteStore(tmp_path / "db"), load_channels(
+        {"CAREFLOW_CHANNEL_OPS": receiver.url("/ops")}))
+    assert without.deliver_due(now_ms=10) == 1
+    kept = the_note(store, alarm)
+    assert kept.state == "pending" and "CAREFLOW_CHANNEL_ONCALL" in (kept.last_error or "")
+    assert store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS) == 1
+    back = NotificationSender(SqliteStore(tmp_path / "db"), load_channels(
+        {"CAREFLOW_CHANNEL_OPS": receiver.url("/ops"),
+         "CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")}))
+    assert back.deliver_due(now_ms=kept.next_attempt_ms) == 1
+    assert the_note(store, alarm).state == "sent" and len(receiver.to("/oncall")) == 1
 
 
 class StoreThatFailsOnce(SqliteStore):
