@@ -165,13 +165,18 @@ def refusal_report(*, text: str, size: int, reason: ContractError, source: str,
 
 
 def unreadable_report(*, name: str, reason: str, lines_read: int,
-                      quarantined_to: str | None) -> dict[str, Any]:
-    """The ``data`` of the error event for a spool entry the agent cannot read."""
+                      quarantined_to: str | None, may_hold_readings: bool = True,
+                      ) -> dict[str, Any]:
+    """The ``data`` of the error event for a spool entry the agent cannot read.
+
+    ``critical`` when the entry may hold readings (anything but a directory): care alarms in it
+    never reach the hub, so a human must look (rule ``spool-entry-unreadable``).
+    """
     where = (f"moved to {quarantined_to}" if quarantined_to
              else "left in place and skipped until the agent restarts")
     return {
         "code": E_SPOOL_UNREADABLE,
-        "severity": "error",
+        "severity": "critical" if may_hold_readings else "error",
         "component": "edge-spool",
         "message": _clip(f"cannot read spool entry {name!r}: {reason}; {where}; "
                          "check the sensor bridge that wrote it", 1000),

@@ -273,8 +273,13 @@ class SpoolInput:
         shown = f"{QUARANTINE}/{target.name}"
         log.error("cannot read a spool entry; setting it aside",
                   extra={"file": path.name, "reason": reason, "to": shown})
+        try:
+            may_hold_readings = not stat.S_ISDIR(os.lstat(path).st_mode)
+        except OSError:
+            may_hold_readings = True
         self._report(unreadable_report(name=path.name, reason=reason, lines_read=lines_read,
-                                       quarantined_to=shown), mark=None)
+                                       quarantined_to=shown, may_hold_readings=may_hold_readings),
+                     mark=None)
         report.quarantined += 1
         try:
             self.quarantine.mkdir(exist_ok=True)

@@ -178,6 +178,30 @@ def test_the_hub_opens_an_incident_for_a_care_alarm_the_gateway_refused(
     assert '"kind": "SOS"' in report["line"] and "kind" in report["reason"]
 
 
+
+def test_the_hub_opens_an_incident_for_a_spool_entry_that_may_hold_care_alarms(
+    mosquitto: Mosquitto, hub_factory: Callable[..., RunningHub],
+    run_agent: Callable[[AgentConfig], AgentThread], tmp_path: Path,
+) -> None:
+    hub = hub_factory(mosquitto.url, rules=load_rules([RULES]))
+    agent_dir = tmp_path / "gw-aside"
+    entries = agent_dir / "spool"
+    entries.mkdir(parents=True)
+    (entries / "a-directory.jsonl").mkdir()
+    (entries / "b-link.jsonl").symlink_to(tmp_path / "a-bridge-that-links.jsonl")
+    run_agent(config(mosquitto, agent_dir, "gw-aside"))
+
+    def incidents() -> list[Any]:
+        return [i for i in hub.store.incidents(states=("open",))
+                if i.rule == "spool-entry-unreadable"]
+
+    wait_until(lambda: bool(incidents()), what="an incident for the entry set aside")
+    wait_until(lambda: len(errors(hub, "gw-aside", "E_SPOOL_UNREADABLE")) == 2,
+               what="both entries reported")
+    [incident] = incidents()
+    assert incident.severity == "critical" and incident.gateway == "gw-aside"
+
+
 class Subscriber:
     """A real MQTT subscriber that records what the broker delivers, in order."""
 

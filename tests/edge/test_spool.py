@@ -440,3 +440,21 @@ def test_it_goes_on_from_a_mark_an_older_agent_left_as_a_line_count(tmp_path: Pa
     SpoolInput(spool, box).scan(max_lines=1)
     assert SpoolInput(spool, box).scan().more is False
     assert [e["device"] for e in queued(box)] == ["s3", "s4", "s5"]
+
+
+def test_an_entry_set_aside_that_may_hold_readings_is_reported_critical(tmp_path: Path) -> None:
+    """Anything set aside but a directory (a FIFO, a link, a file that failed mid-read) may have
+    carried care alarms that now never reach the hub: a human must look (rule
+    spool-entry-unreadable). A directory holds no readings: an error, no incident."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    (spool / "a-directory.jsonl").mkdir()
+    (spool / "b-link.jsonl").symlink_to(tmp_path / "readings-elsewhere.jsonl")
+    os.mkfifo(spool / "c-fifo.jsonl")
+
+    reader.scan()
+
+    severity = {d["file"]: d["severity"] for d in errors(box, "E_SPOOL_UNREADABLE")}
+    assert severity == {"a-directory.jsonl": "error", "b-link.jsonl": "critical",
+                        "c-fifo.jsonl": "critical"}
