@@ -270,10 +270,19 @@ class AlertStage:
         if conflicts:
             self._conflicts_due = True
         if events and self._stale_since_ms is None and events[0].pos == self._evaluated + 1 \
-                and events[-1].pos == self._log_end:
-            self._guarded(now_ms, lambda: self._step(self._observe(events, data, now_ms),
-                                                     events[-1].pos, self._conflicts_evaluated,
-                                                     now_ms))
+                and events[-1].pos == self._log_end:  # caught up: the hot path, kept lean
+            try:
+                transitions = self._observe(events, data, now_ms)
+            except Exception:
+                self._went_stale(now_ms)  # a bug: stay consistent with the store, and say so
+                raise
+            if not transitions:  # most commits change nothing: no write, no fsync
+                self._evaluated = events[-1].pos
+            elif not self._guarded(now_ms, lambda: self._step(
+                    transitions, events[-1].pos, self._conflicts_evaluated, now_ms)):
+                return
+            if not self._conflicts_due:
+                return
         self._catch_up(now_ms)
 
     def tick(self, now_ms: int) -> None:
