@@ -465,7 +465,8 @@ class EdgeAgent:
         more than a message of alarms (a flood of them from a hostile sensor included)."""
         due = self.outbox.due(now_ms=time.time_ns() // 1_000_000,
                               resend_after_ms=int(self.config.resend_after_s * 1000),
-                              limit=self.config.batch_max_events * 20)
+                              limit=self.config.batch_max_events * 20,
+                              max_bytes=2 * MAX_MESSAGE_BYTES)  # a window and a message more
         deliverable = [item for item in due if self._deliverable(item)]
         for item in deliverable:  # due() puts care alarms first
             if item.type != "alert":

@@ -171,19 +171,23 @@ class Outbox:
 
     # -- sending and confirming ---------------------------------------------------------------
 
-    def due(self, *, now_ms: int, resend_after_ms: int, limit: int) -> list[Pending]:
+    def due(self, *, now_ms: int, resend_after_ms: int, limit: int,
+            max_bytes: int | None = None) -> list[Pending]:
         """Unconfirmed events never sent, or sent longer ago than ``resend_after_ms``: care
-        alarms first, then the rest, each in order; at most ``limit`` of each."""
+        alarms first, then the rest, each in order; at most ``limit`` of each, and of each no
+        more than it takes to pass ``max_bytes`` of bodies (at least one), so a backlog of large
+        events is never loaded whole to send one message's worth."""
         stale = now_ms - resend_after_ms
+        cap = -1 if max_bytes is None else max_bytes  # -1: no bound
         with self._lock:
-            alerts = self._conn.execute(
-                "SELECT n, id, type, body, sent_ms FROM outbox WHERE type = 'alert' "
-                "AND (sent_ms IS NULL OR sent_ms <= ?) ORDER BY n LIMIT ?", (stale, limit)).fetchall()
-            others = self._conn.execute(
-                "SELECT n, id, type, body, sent_ms FROM outbox WHERE type != 'alert' "
-                "AND (sent_ms IS NULL OR sent_ms <= ?) ORDER BY n LIMIT ?",
-                (stale, limit)).fetchall()
-        return [Pending(*row) for row in alerts + others]
+            lanes = [self._conn.execute(
+                "SELECT n, id, type, body, sent_ms FROM ("
+                " SELECT n, id, type, body, sent_ms, SUM(length(body)) OVER"
+                "  (ORDER BY n ROWS UNBOUNDED PRECEDING) - length(body) AS before"
+                f" FROM outbox WHERE type {op} 'alert' AND (sent_ms IS NULL OR sent_ms <= ?)"
+                " ORDER BY n LIMIT ?) WHERE ? < 0 OR before < ? ORDER BY n",
+                (stale, limit, cap, cap)).fetchall() for op in ("=", "!=")]
+        return [Pending(*row) for lane in lanes for row in lane]
 
     def mark_sent(self, items: Iterable[Pending], *, now_ms: int) -> None:
         """Remember when these were handed to the broker."""

@@ -155,3 +155,26 @@ def test_it_never_drops_the_report_of_a_refused_care_alarm(tmp_path: Path) -> No
     ids = [p.id for p in box.due(now_ms=0, resend_after_ms=0, limit=10)]
     assert len(ids) == 3 and ids[0] == kept["id"]
     assert box.take_dropped() == {"error": 4}
+
+
+def test_what_is_due_is_bounded_in_bytes_as_well_as_in_count(tmp_path: Path) -> None:
+    """Valid readings near MAX_EVENT_BYTES (a hostile sensor's, or a camera bridge's): 2,000 of
+    them due at once were loaded every round of the agent (123 MB on a gateway with 512 MB) to
+    send one message's worth. Each lane is cut after ``max_bytes``, and never to nothing."""
+    box = outbox(tmp_path, synchronous="off")
+    blob = "z" * (MAX_EVENT_BYTES - 1_000)
+    for n in range(40):
+        box.add(f"s{n}", "status", {"state": "ok", "blob": blob})
+        box.add(f"sos-{n}", "alert", {"kind": "sos", "state": "raised", "note": blob[:20_000]})
+    budget = 4 * MAX_EVENT_BYTES
+
+    due = box.due(now_ms=0, resend_after_ms=0, limit=2_000, max_bytes=budget)
+
+    alerts = [p for p in due if p.type == "alert"]
+    others = [p for p in due if p.type != "alert"]
+    assert [json.loads(p.body)["device"] for p in alerts][:3] == ["sos-0", "sos-1", "sos-2"]
+    assert [json.loads(p.body)["device"] for p in others] == [f"s{n}" for n in range(len(others))]
+    for lane in (alerts, others):
+        assert sum(len(p.body) for p in lane[:-1]) < budget <= sum(len(p.body) for p in lane)
+    assert box.due(now_ms=0, resend_after_ms=0, limit=2_000, max_bytes=1)[0].type == "alert"
+    assert len(box.due(now_ms=0, resend_after_ms=0, limit=2_000, max_bytes=1)) == 2
