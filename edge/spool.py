@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from careflow.edge.outbox import Outbox
 from careflow.edge.refusal import E_EVENT_REFUSED, refusal_report, sniff_type, unreadable_report
-from careflow.errors import ContractError
+from careflow.errors import ContractError, StoreError
 from careflow.schemas import EVENT_TYPES, decode_json, parse_rfc3339
 from careflow.schemas.limits import MAX_EVENT_BYTES
 
@@ -162,31 +162,47 @@ class SpoolInput:
             if budget.spent:
                 report.more = True
                 break
-            try:
-                finished = self._read_file(path, report, on_alert, budget)
-            except FileNotFoundError:  # gone meanwhile (a bridge took it back): nothing to read
-                if os.path.lexists(path):
-                    self._set_aside(path, "a symbolic link to nothing", report)
-                else:
-                    self.outbox.clear_mark(_mark_name(path.name))
-                continue
-            except (OSError, _UnreadableError) as exc:
-                self._set_aside(path, str(exc) or type(exc).__name__, report)
-                continue
-            if not finished:
+            outcome = self._take(path, report, on_alert, budget)
+            if outcome == "unfinished":
                 report.more = True
                 break
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:  # read to the end, every line marked: only skip it now
-                log.error("cannot delete a finished spool file; skipping it",
-                          extra={"file": path.name, "reason": str(exc)})
-                self._skipped.add(path.name)
-                continue
-            self.outbox.clear_mark(_mark_name(path.name))
+            if outcome == "finished":
+                self._finish(path)
         return report
+
+    def _take(self, path: Path, report: SpoolReport, on_alert: Callable[[], None] | None,
+              budget: _Budget) -> str:
+        """Read one file within the budget: ``finished``, ``unfinished`` or ``set-aside``."""
+        try:
+            return ("finished" if self._read_file(path, report, on_alert, budget)
+                    else "unfinished")
+        except FileNotFoundError:  # gone meanwhile (a bridge took it back): nothing to read
+            if os.path.lexists(path):
+                self._set_aside(path, "a symbolic link to nothing", report)
+            else:
+                self.outbox.clear_mark(_mark_name(path.name))
+        except (OSError, _UnreadableError) as exc:
+            self._set_aside(path, str(exc) or type(exc).__name__, report)
+        except StoreError:
+            raise  # the outbox cannot be written: no file is to blame
+        except Exception as exc:  # a bug: never let one file stop every later one
+            log.exception("reading a spool file failed unexpectedly",
+                          extra={"file": _shown(path.name)})
+            self._set_aside(path, f"{type(exc).__name__}: {exc}", report)
+        return "set-aside"
+
+    def _finish(self, path: Path) -> None:
+        """Delete a file read to the end (every line marked), then forget its mark."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # read to the end, every line marked: only skip it now
+            log.error("cannot delete a finished spool file; skipping it",
+                      extra={"file": path.name, "reason": str(exc)})
+            self._skipped.add(path.name)
+            return
+        self.outbox.clear_mark(_mark_name(path.name))
 
     # -- one file ---------------------------------------------------------------------------
 

@@ -458,3 +458,36 @@ def test_an_entry_set_aside_that_may_hold_readings_is_reported_critical(tmp_path
     severity = {d["file"]: d["severity"] for d in errors(box, "E_SPOOL_UNREADABLE")}
     assert severity == {"a-directory.jsonl": "error", "b-link.jsonl": "critical",
                         "c-fifo.jsonl": "critical"}
+
+
+def test_a_bug_on_one_line_sets_its_file_aside_and_the_spool_reads_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth: an exception nobody foresaw (here injected: no real input is known to
+    cause one any more) used to escape every scan, so no later file, care alarms included, was
+    ever read again. The file is set aside (critical: it may hold alarms) instead."""
+    import careflow.edge.spool as spool_module  # noqa: PLC0415 - the seam of the injected fault
+
+    real_reading = spool_module._reading
+
+    def buggy(value: object) -> Any:
+        if isinstance(value, dict) and value.get("device") == "boom":
+            msg = "a bug nobody foresaw"
+            raise RuntimeError(msg)
+        return real_reading(value)
+
+    monkeypatch.setattr(spool_module, "_reading", buggy)
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    write(spool, "a", status("s1") + status("boom") + status("s2"))
+    write(spool, "b", line(ALARM))
+
+    report = reader.scan()
+
+    assert report.quarantined == 1
+    assert [e["device"] for e in queued(box) if e["type"] != "error"] == ["sos-1", "s1"]
+    [aside] = errors(box, "E_SPOOL_UNREADABLE")
+    assert aside["severity"] == "critical" and aside["lines_read"] == 1
+    assert "RuntimeError" in aside["reason"] and "a bug nobody foresaw" in aside["reason"]
+    assert (reader.quarantine / "a.jsonl").exists()
