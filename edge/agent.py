@@ -361,11 +361,14 @@ class EdgeAgent:
     def tick(self, *, with_host_health: bool = True) -> None:
         """One round of work: heartbeat if due, read the spool, send what is due."""
         now = time.monotonic()
-        if now >= self._next_heartbeat:
-            self._heartbeat(with_host_health=with_host_health)
-            self._next_heartbeat = now + self.config.heartbeat_interval_s
-        if self.spool.scan(on_alert=self._wake.set).more:
-            self._wake.set()  # a backlog: read on at once, after sending what is due
+        try:  # what is queued goes out whatever happens here (a full disk, a bug)
+            if now >= self._next_heartbeat:
+                self._heartbeat(with_host_health=with_host_health)
+                self._next_heartbeat = now + self.config.heartbeat_interval_s
+            if self.spool.scan(on_alert=self._wake.set).more:
+                self._wake.set()  # a backlog: read on at once, after sending what is due
+        except Exception:
+            log.exception("queueing new events failed; sending what is queued all the same")
         if self._connected.is_set():
             self._report_drops()
             self._send_due()

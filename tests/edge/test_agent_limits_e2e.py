@@ -384,3 +384,29 @@ def test_a_flood_of_care_alarms_never_holds_the_gateways_heartbeat_back_more_tha
     finally:
         agent.shutdown()
         watcher.close()
+
+
+def test_queued_care_alarms_go_out_even_while_reading_the_spool_fails(
+    mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One round of work was heartbeat, spool, send: a failure reading the spool (injected here:
+    a full disk, a bug) skipped the sending, round after round, so alarms already queued never
+    left the gateway. Sending no longer depends on the spool."""
+    watcher = Subscriber(mosquitto, "careflow/v1/gw-s/#")
+    agent = EdgeAgent(config(mosquitto, tmp_path / "gw-s", "gw-s"))
+
+    def broken_scan(*_args: object, **_kw: object) -> None:
+        msg = "the spool cannot be read"
+        raise OSError(msg)
+
+    monkeypatch.setattr(agent.spool, "scan", broken_scan)
+    alarm = agent.add("sos-1", "alert", {"kind": "sos", "state": "raised"})
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: any(e["id"] == alarm["id"] for _, events in watcher.events()
+                               for e in events), what="the queued alarm at the subscriber")
+    finally:
+        agent.stop()
+        runner.join(timeout=15)
+        watcher.close()
