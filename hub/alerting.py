@@ -11,7 +11,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "AlertStage",
     "conflicting_alarm",
     "default_rules",
+    "default_rules_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,14 +86,22 @@ class _RuleStub:
 _SELF_RULE_STUBS = tuple(_RuleStub(name, severity) for name, severity in SELF_RULES.items())
 
 
-def default_rules() -> RuleSet:
-    """Rules from CAREFLOW_RULES_DIR, else the ones shipped in rules/."""
+@contextmanager
+def default_rules_dir() -> Iterator[Path]:
+    """The folder the hub takes its rules from: CAREFLOW_RULES_DIR, else the ones shipped in
+    rules/ (package data, so the same from a checkout, a wheel or any working directory)."""
     configured = os.environ.get("CAREFLOW_RULES_DIR")
     if configured:
-        return load_rules([Path(configured)])
-    shipped = resources.files("careflow.rules")
-    with resources.as_file(shipped) as folder:
-        return load_rules([Path(folder)])
+        yield Path(configured)
+        return
+    with resources.as_file(resources.files("careflow.rules")) as folder:
+        yield Path(folder)
+
+
+def default_rules() -> RuleSet:
+    """Rules from CAREFLOW_RULES_DIR, else the ones shipped in rules/."""
+    with default_rules_dir() as folder:
+        return load_rules([folder])
 
 
 def _summary(rule: Rule, transition: Transition) -> str:

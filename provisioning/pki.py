@@ -18,6 +18,7 @@ import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import TypeAlias
 
@@ -89,8 +90,9 @@ ISSUED_FILE = "issued.jsonl"
 DEVICE_ACL_FILE = "device.acl"
 CLAIM_ACL_FILE = "claim.acl"
 BROKER_CONF_FILE = "mosquitto-careflow.conf"
-# The shipped templates live in the repository's mosquitto/ folder, next to their README.
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "mosquitto"
+# The shipped templates: package data of careflow.mosquitto (the mosquitto/ folder, next to its
+# README), found the same way from a source checkout, a wheel or a zip.
+TEMPLATE_PACKAGE = "careflow.mosquitto"
 
 
 # --- file helpers -------------------------------------------------------------------------------
@@ -495,10 +497,10 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
 
 def _template(name: str) -> str:
     try:
-        return (TEMPLATE_DIR / name).read_text()
-    except OSError as exc:
-        msg = (f"the shipped broker template {TEMPLATE_DIR / name} is missing: run careflow from "
-               "a source checkout (pip install -e .), which has the mosquitto/ folder")
+        return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    except (OSError, ModuleNotFoundError) as exc:
+        msg = (f"the broker template {name} is not in this careflow installation "
+               f"({TEMPLATE_PACKAGE}): reinstall careflow (pip install careflow)")
         raise PkiError(msg) from exc
 
 

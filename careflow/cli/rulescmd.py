@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,22 +9,26 @@ import typer
 from rich.table import Table
 
 from careflow.cli.common import console, styled
+from careflow.errors import ConfigError
+from careflow.hub.alerting import default_rules_dir
 from careflow.hub.rules import load_rules
 from careflow.hub.ruletests import run_rule_tests
 
 __all__ = ["rules_app"]
 
-rules_app = typer.Typer(help="Alert rules (YAML files in rules/).", no_args_is_help=True)
+rules_app = typer.Typer(help="Alert rules (YAML files; the hub's are in CAREFLOW_RULES_DIR or "
+                        "shipped with careflow).", no_args_is_help=True)
+_RULES_HELP = "Rule files or folders [default: CAREFLOW_RULES_DIR, else the rules shipped with careflow]."
 
 
 @rules_app.command("check")
 def check(
-    paths: Annotated[list[Path] | None, typer.Argument(
-        help="Rule files or folders [default: CAREFLOW_RULES_DIR or ./rules].")] = None,
+    paths: Annotated[list[Path] | None, typer.Argument(help=_RULES_HELP)] = None,
 ) -> None:
-    """Validate rule files; errors name the file, line and problem (exit 2)."""
-    targets = paths or [Path(os.environ.get("CAREFLOW_RULES_DIR", "rules"))]
-    ruleset = load_rules(targets)
+    """Validate rule files (by default the ones the hub uses); errors name the file, line and
+    problem (exit 2)."""
+    with default_rules_dir() as default:
+        ruleset = load_rules(paths or [default])
     table = Table("rule", "kind", "severity", "selects", "defined at")
     for rule in ruleset.rules:
         table.add_row(rule.name, rule.kind, rule.severity,
@@ -36,14 +39,19 @@ def check(
 
 @rules_app.command("test")
 def run_tests(
-    tests: Annotated[list[Path], typer.Argument(help="Test files or folders (YAML `tests:`).")],
-    rules: Annotated[list[Path] | None, typer.Option(
-        "--rules", help="Rule files or folders [default: CAREFLOW_RULES_DIR or ./rules].")] = None,
+    tests: Annotated[list[Path] | None, typer.Argument(
+        help="Test files or folders (YAML `tests:`) [default: the tests/ folder of the default "
+        "rules].")] = None,
+    rules: Annotated[list[Path] | None, typer.Option("--rules", help=_RULES_HELP)] = None,
 ) -> None:
     """Run rule unit tests: events and ticks over time in, expected alerts out (exit 1 on a
     failure, listing what was missing and what was unexpected)."""
-    ruleset = load_rules(rules or [Path(os.environ.get("CAREFLOW_RULES_DIR", "rules"))])
-    results = run_rule_tests(ruleset, tests)
+    with default_rules_dir() as default:
+        ruleset = load_rules(rules or [default])
+        if not tests and not (default / "tests").is_dir():
+            msg = f"no rule tests given, and {default / 'tests'} is not a folder of rule tests"
+            raise ConfigError(msg)
+        results = run_rule_tests(ruleset, tests or [default / "tests"])
     for result in results:
         mark = ("✓", "green") if result.passed else ("✗", "red")
         console.print(styled(mark, f" {result.name}  ", (str(result.file), "dim")),

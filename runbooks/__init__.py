@@ -1,0 +1,1 @@
+"""Operator runbooks, shipped as package data (one Markdown file per alert)."""
