@@ -6,7 +6,9 @@ in one transaction, so an event is stamped exactly once and keeps its identity t
 
 The bound: when the outbox holds ``max_events`` events, the oldest heartbeats are dropped first,
 then the oldest status, error and provision events; care alarms (``alert``) are never dropped,
-nor the reports of care alarms the contract refused (see :mod:`careflow.edge.refusal`).
+nor the reports of care alarms the contract refused (see :mod:`careflow.edge.refusal`), nor the
+gateway's newest heartbeat (so an outbox full of alarms may hold one event more: without it the
+hub would declare offline a gateway flooding it with alarms).
 Drops are counted by type and reported once connected (an ``error`` event, E_OUTBOX_OVERFLOW).
 
 Care alarms go first: :meth:`Outbox.due` returns every due alert before anything else, so a new
@@ -157,8 +159,10 @@ class Outbox:
             if over <= 0:
                 return
             victims = self._conn.execute(
-                "SELECT n FROM outbox WHERE type = ? AND body NOT LIKE ? ORDER BY n LIMIT ?",
-                (event_type, _REFUSED_ALARM, over)).fetchall()
+                "SELECT n FROM outbox WHERE type = ? AND body NOT LIKE ? AND n IS NOT ("
+                " SELECT MAX(n) FROM outbox WHERE type = 'heartbeat' AND device = ?)"
+                " ORDER BY n LIMIT ?",
+                (event_type, _REFUSED_ALARM, self.gateway, over)).fetchall()
             if victims:
                 self._conn.executemany("DELETE FROM outbox WHERE n = ?", victims)
                 self._conn.execute(

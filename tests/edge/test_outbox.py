@@ -178,3 +178,27 @@ def test_what_is_due_is_bounded_in_bytes_as_well_as_in_count(tmp_path: Path) -> 
         assert sum(len(p.body) for p in lane[:-1]) < budget <= sum(len(p.body) for p in lane)
     assert box.due(now_ms=0, resend_after_ms=0, limit=2_000, max_bytes=1)[0].type == "alert"
     assert len(box.due(now_ms=0, resend_after_ms=0, limit=2_000, max_bytes=1)) == 2
+
+
+def test_the_gateways_newest_heartbeat_survives_an_outbox_full_of_care_alarms(
+    tmp_path: Path,
+) -> None:
+    """Care alarms are never dropped, so an outbox at its bound with alarms (a flood while the
+    hub is away) dropped every new heartbeat of the gateway as it was queued: the hub declared
+    a gateway offline that was flooding it with alarms. The newest one is kept (the bound + 1)."""
+    box = outbox(tmp_path, max_events=5)
+    for n in range(5):
+        box.add(f"sos-{n}", "alert", {"kind": "sos", "state": "raised"})
+    first = box.add("gw-1", "heartbeat", {"interval_s": 60})
+    for _ in range(3):  # readings of sensors go on arriving, and make room first
+        box.add("s1", "heartbeat", {"interval_s": 60})
+
+    def heartbeats() -> list[str]:
+        return [json.loads(p.body)["id"] for p in box.due(now_ms=0, resend_after_ms=0, limit=20)
+                if p.type == "heartbeat"]
+
+    assert heartbeats() == [first["id"]]
+    second = box.add("gw-1", "heartbeat", {"interval_s": 60})
+    assert heartbeats() == [second["id"]]
+    assert box.size() == 6
+    assert box.take_dropped() == {"heartbeat": 4}
