@@ -549,8 +549,11 @@ class SqliteStore:
         if cut:
             protected = conn.execute("SELECT value FROM cursors WHERE name = ?",
                                      (CONFLICTS_CURSOR,)).fetchone()
+            # The newest row always stays: a position is a rowid, and SQLite gives a deleted
+            # maximum out again, which would put a new conflict behind the alert stage's cursor.
             conn.execute("DELETE FROM dead_letters WHERE pos <= ? AND (code != 'conflict' OR "
-                         "pos <= ?)", (cut, protected[0] if protected else cut))
+                         "pos <= ?) AND pos < (SELECT MAX(pos) FROM dead_letters)",
+                         (cut, protected[0] if protected else cut))
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]

@@ -217,6 +217,25 @@ def test_a_conflict_may_raise_an_alarm_but_never_clear_one(tmp_path: Path) -> No
     assert result.conflicts == 1 and [i.state for i in store.incidents()] == ["open"]
 
 
+def test_a_conflict_after_dead_letters_were_pruned_is_still_evaluated(tmp_path: Path) -> None:
+    """Pruning never gives a position out again: a conflict placed behind the cursor would
+    never be evaluated."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db", dead_letter_max_rows=1, dead_letter_max_bytes=1)
+    stage = stage_on(store, tmp_path)
+    for device in ("fall-1", "fall-2"):
+        before = Stamper(gateway="gw", device=device, boot="b")
+        after = Stamper(gateway="gw", device=device, boot="b")
+        stage.handle(store.append(batch_of([before.stamp("heartbeat", {"interval_s": 60})])
+                                  ).stored, now_ms=T0)
+        result = store.append(batch_of([after.stamp("alert", {"kind": "fall",
+                                                              "state": "raised"})]))
+        stage.handle(result.stored, now_ms=T0 + 1, conflicts=result.conflicts)
+        junk = store.append(batch_of([{"gateway": "gw", "not": "an event"}]))
+        assert junk.dead_lettered == 1  # and the evaluated conflict is pruned
+    assert sorted(i.device for i in store.incidents()) == ["fall-1", "fall-2"]
+
+
 def test_a_conflict_of_another_event_type_opens_nothing(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
     store = SqliteStore(tmp_path / "db")
