@@ -41,6 +41,7 @@ from careflow.schemas.limits import MAX_EVENT_BYTES
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "MAX_SKIP_BYTES",
     "QUARANTINE",
     "REPORTS_PER_FILE",
     "SCAN_BYTES",
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 # A line longer than this is refused unread (``oversized``): no stamped event could be under
 # MAX_EVENT_BYTES, bar whitespace and escapes, and the agent never holds more of it in memory.
 MAX_LINE_BYTES = 4 * MAX_EVENT_BYTES
+# A line longer than this ends the reading of its file, which is set aside: skipping through it
+# would hold the agent for as long as reading it takes (a sparse file is free to make).
+MAX_SKIP_BYTES = 16 * 1024 * 1024
 # Where unreadable entries are moved (inside the spool directory, never matched by ``*.jsonl``).
 QUARANTINE = "quarantine"
 # Refused lines reported one by one per file; past this only a count follows. Care alarms are
@@ -376,7 +380,8 @@ def _bounded_lines(stream: IO[bytes], limit: int,
     """Each line without its newline, cut after ``limit`` + 1 bytes, with its full size and the
     offset just after it (the stream is read from ``start``).
 
-    A longer line is skipped through in chunks, so its size costs no memory.
+    A longer line is skipped through in chunks, so its size costs no memory, and only up to
+    MAX_SKIP_BYTES, so its length costs no more than that in time (``_UnreadableError``).
     """
     offset = start
     while True:
@@ -397,6 +402,10 @@ def _bounded_lines(stream: IO[bytes], limit: int,
                 size += len(rest) - 1
                 break
             size += len(rest)
+            if size > MAX_SKIP_BYTES:  # a sparse terabyte is one free line of zeros
+                msg = (f"a line over {MAX_SKIP_BYTES // (1024 * 1024)} MiB at byte "
+                       f"{offset - size}: not a file of readings")
+                raise _UnreadableError(msg)
         yield chunk, size, offset
 
 

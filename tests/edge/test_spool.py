@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 
 from careflow.edge.outbox import Outbox
 from careflow.edge.refusal import EXCERPT_CHARS
-from careflow.edge.spool import MAX_LINE_BYTES, REPORTS_PER_FILE, SCAN_LINES, SpoolInput
+from careflow.edge.spool import (
+    MAX_LINE_BYTES,
+    MAX_SKIP_BYTES,
+    REPORTS_PER_FILE,
+    SCAN_LINES,
+    SpoolInput,
+)
 from careflow.schemas import parse_event
 from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
 from tests.hostile import hostile_payloads
@@ -491,3 +497,26 @@ def test_a_bug_on_one_line_sets_its_file_aside_and_the_spool_reads_on(
     assert aside["severity"] == "critical" and aside["lines_read"] == 1
     assert "RuntimeError" in aside["reason"] and "a bug nobody foresaw" in aside["reason"]
     assert (reader.quarantine / "a.jsonl").exists()
+
+
+def test_a_line_without_end_sets_its_file_aside_instead_of_being_read_for_hours(
+    tmp_path: Path,
+) -> None:
+    """``truncate -s 1T x.jsonl`` costs nothing and is one line of zeros: skipping through it
+    held the agent (no heartbeat, no alarm sent) for as long as reading a terabyte takes. Past
+    MAX_SKIP_BYTES a line ends the reading of its file, which is set aside (critical)."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    write(spool, "a", line(ALARM))
+    with (spool / "a.jsonl").open("r+b") as stream:
+        stream.truncate(MAX_SKIP_BYTES * 64)  # sparse: no disk used
+    write(spool, "b", status("s1"))
+
+    report = SpoolInput(spool, box).scan()
+
+    assert (report.queued, report.quarantined) == (2, 1)
+    assert [e["device"] for e in queued(box) if e["type"] != "error"] == ["sos-1", "s1"]
+    [aside] = errors(box, "E_SPOOL_UNREADABLE")
+    assert aside["severity"] == "critical" and aside["lines_read"] == 1
+    assert "line" in aside["reason"]
