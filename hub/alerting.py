@@ -27,7 +27,13 @@ from careflow.hub.mute import (
     inhibited_by,
     silenced_by,
 )
-from careflow.hub.notify import Channel, avoid_failing, raised_again_text, render
+from careflow.hub.notify import (
+    Channel,
+    avoid_failing,
+    failing_or_stuck,
+    raised_again_text,
+    render,
+)
 from careflow.hub.routing import (
     Decision,
     Reminder,
@@ -504,7 +510,7 @@ class AlertStage:
         channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
                                  device=HUB_DEVICE).channels
         if rule == "hub-notifications-failing":  # not (only) through the failing one
-            channels = avoid_failing(channels, failing=self.store.failing_channels(),
+            channels = avoid_failing(channels, failing=failing_or_stuck(self.store, now_ms),
                                      configured=tuple(self.channels))
         return [(c, title, body) for c in channels if c in self.channels]
 

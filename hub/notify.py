@@ -55,6 +55,7 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_CHANNELS",
     "MAX_DIGEST",
+    "NOTIFICATION_OVERDUE_MS",
     "Channel",
     "NotificationSender",
     "avoid_failing",
@@ -62,6 +63,7 @@ __all__ = [
     "combine",
     "critical_open",
     "digest_order",
+    "failing_or_stuck",
     "fitting",
     "gives_up",
     "load_channels",
@@ -79,6 +81,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10  # for all but critical notifications of open incidents (see gives_up)
 FAILING_AFTER_ATTEMPTS = 3  # a critical one failing this often raises hub-notifications-failing
+NOTIFICATION_OVERDUE_MS = 120_000  # due this long and not sent: its channel's sender is stuck
 MAX_CHANNELS = 32  # one sender thread each
 MAX_DIGEST = 50  # notifications claimed at once (a message takes what the channel's limit fits)
 UNROUTED_CHECK_S = 30.0
@@ -268,6 +271,17 @@ def gives_up(*, attempts: int, permanent: bool, critical_open: bool) -> bool:
     if critical_open:
         return False
     return permanent or attempts >= MAX_ATTEMPTS
+
+
+def failing_or_stuck(store: EventStore, now_ms: int) -> dict[str, str]:
+    """Channels whose latest attempt failed, and channels with notifications overdue by
+    ``NOTIFICATION_OVERDUE_MS`` that no attempt was recorded for (a stuck or dead sender),
+    each with why."""
+    overdue = store.overdue_notifications(due_before_ms=now_ms - NOTIFICATION_OVERDUE_MS)
+    stuck = {channel: f"{count} notification(s) due for over {NOTIFICATION_OVERDUE_MS // 60_000} "
+                      "min and not sent: is its sender stuck? (see the hub log)"
+             for channel, count in overdue.items()}
+    return {**stuck, **store.failing_channels()}
 
 
 def avoid_failing(preferred: Sequence[str], *, failing: Collection[str],

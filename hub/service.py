@@ -28,7 +28,12 @@ from careflow.hub.decoder import decode_safely as _decode_safely
 from careflow.hub.influx import InfluxSink
 from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.mqtt import IncomingMessage, MqttIngress
-from careflow.hub.notify import FAILING_AFTER_ATTEMPTS, MAX_ATTEMPTS
+from careflow.hub.notify import (
+    FAILING_AFTER_ATTEMPTS,
+    MAX_ATTEMPTS,
+    NOTIFICATION_OVERDUE_MS,
+    failing_or_stuck,
+)
 from careflow.hub.resend import ResendThrottle
 from careflow.hub.selfwatch import Refusals, self_problems, tally_refusals
 from careflow.hub.store import AppendResult, EventStore, IncomingBatch
@@ -396,9 +401,15 @@ class HubService:
         self._store_errors_seen = self.counters.store_errors
         # failed for good, or still retried after MAX_ATTEMPTS; a critical one (a care alarm)
         # after FAILING_AFTER_ATTEMPTS, so another channel hears of it in seconds, not minutes
+        # and those overdue that no sender got to (NOTIFICATION_OVERDUE_MS; what was due while
+        # the hub was down counts from its start: the sender needs a moment to catch up)
+        overdue = self.store.overdue_notifications(
+            due_before_ms=now_ms - NOTIFICATION_OVERDUE_MS) \
+            if now_ms - self._started_ms >= NOTIFICATION_OVERDUE_MS else {}
         failed = self.store.count_notifications(states=("failed",)) + \
             self.store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS,
-                                           critical_min_attempts=FAILING_AFTER_ATTEMPTS)
+                                           critical_min_attempts=FAILING_AFTER_ATTEMPTS) + \
+            sum(overdue.values())
         influx = self.sink.status() if self.sink is not None else {}
         lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
         self.counters.alert_lag_ms = lag
@@ -406,7 +417,7 @@ class HubService:
                                  disconnected_since_ms=self._disconnected_since_ms,
                                  last_event_ms=self._last_event_ms, started_ms=self._started_ms,
                                  failed_notifications=failed, store_errors_recent=recent_errors,
-                                 failing_channels=self.store.failing_channels() if failed else {},
+                                 failing_channels=failing_or_stuck(self.store, now_ms) if failed else {},
                                  silence_ms=self.settings.self_silence_ms,
                                  influx_failing_since_ms=influx.get("failing_since_ms"),
                                  influx_backlog=int(influx.get("backlog_events") or 0),

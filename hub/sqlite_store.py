@@ -875,6 +875,13 @@ class SqliteStore:
                 "next_attempt_ms = ? WHERE id = ? AND state = 'sending'",
                 (reason, now_ms, notification_id)).rowcount == 1
 
+    def overdue_notifications(self, *, due_before_ms: int) -> dict[str, int]:
+        """Per channel, how many notifications are pending that were due before this moment
+        (none is, while the channel's sender keeps up)."""
+        rows = self._read("SELECT channel, COUNT(*) FROM notifications WHERE state = 'pending' "
+                          "AND next_attempt_ms < ? GROUP BY channel", (due_before_ms,))
+        return {str(channel): int(count) for channel, count in rows}
+
     def failing_channels(self) -> dict[str, str]:
         """Channels whose latest attempt failed, with that attempt's reason."""
         rows = self._read(

@@ -404,6 +404,10 @@ class EventStore(Protocol):
         """A claimed notification that must not go out any more (sending -> cancelled)."""
         ...
 
+    def overdue_notifications(self, *, due_before_ms: int) -> dict[str, int]:
+        """Per channel, how many pending notifications were due before this moment."""
+        ...
+
     def failing_channels(self) -> dict[str, str]:
         """Channels whose latest attempt failed, with that attempt's reason."""
         ...

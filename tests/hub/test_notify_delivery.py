@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +31,7 @@ from careflow.hub.notify import (
     FAILING_AFTER_ATTEMPTS,
     MAX_ATTEMPTS,
     MAX_DIGEST,
+    NOTIFICATION_OVERDUE_MS,
     NotificationSender,
     avoid_failing,
     cancel_reason,
@@ -475,6 +477,30 @@ def test_it_tells_another_channel_soon_when_a_care_alarm_cannot_get_through(
     assert the_note(store, alarm).attempts == FAILING_AFTER_ATTEMPTS < MAX_ATTEMPTS
     problem = service._self_problems().get("hub-notifications-failing", "")
     assert "oncall: the channel did not take the message" in problem
+    store.close()
+
+
+def test_it_tells_another_channel_when_a_channels_sender_is_stuck(tmp_path: Path) -> None:
+    """A channel's sender that cannot get to its notifications (a store error every round, a
+    plugin that hangs, a dead thread) never records an attempt: without a check of what is
+    overdue, a care alarm waited there unsent and nothing said so."""
+    settings = make_settings(tmp_path / "data", "mqtt://127.0.0.1:1")  # never connected here
+    store = SqliteStore(settings.db_path)
+    service = HubService(settings, store)
+    now_ms = time.time_ns() // 1_000_000
+    alarm = open_alarm(store, 1, "oncall", at_ms=now_ms - NOTIFICATION_OVERDUE_MS - 1000)
+    assert "hub-notifications-failing" not in service._self_problems()  # it just started
+    service._started_ms -= NOTIFICATION_OVERDUE_MS  # up for a while, and still not sent
+    problem = service._self_problems().get("hub-notifications-failing", "")
+    assert "oncall: 1 notification(s) due" in problem
+    assert the_note(store, alarm).attempts == 0  # no sender ever got to it
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
+                              "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"})
+    (tmp_path / "r.yaml").write_text("rules: []\n")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]), channels)
+    stage.check_self({"hub-notifications-failing": problem}, now_ms=now_ms)
+    (self_alert,) = [n for n in store.notifications() if n.incident_id != alarm]
+    assert self_alert.channel == "ops"  # not through the stuck one
     store.close()
 
 
