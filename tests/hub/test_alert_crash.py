@@ -103,7 +103,9 @@ def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once
         with sqlite3.connect(db) as room:  # room on the disk again
             room.execute("DROP TRIGGER refuse_incidents")
         hub = start()
-        wait_until(lambda: len(http_receiver.bodies) == 2, timeout_s=30,
+        # one message each, or one digest of both when both are due when the sender claims
+        wait_until(lambda: all(any(device in body["message"] for body in http_receiver.bodies)
+                               for device in ("fall-1", "fall-2")), timeout_s=30,
                    what="both alarms notified after the restart")
         wait_until(lambda: len(store.notifications(states=("sent",))) == 2,
                    what="both recorded as sent")
@@ -113,8 +115,8 @@ def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once
         gateway.disconnect()
         gateway.loop_stop()
     messages = [body["message"] for body in http_receiver.bodies]
-    assert len(messages) == 2, messages  # exactly once each, nothing more after the restart
-    assert sorted("fall-1" in m for m in messages) == [False, True]
+    for device in ("fall-1", "fall-2"):  # exactly once each, nothing more after the restart
+        assert sum(device in m for m in messages) == 1, messages
     (conflict,) = [m for m in messages if "fall-2" in m]
     assert "not stored" in conflict and boot in conflict
     assert {path for _, path, _, _ in http_receiver.requests} == {"/oncall"}
