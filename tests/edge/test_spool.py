@@ -520,3 +520,28 @@ def test_a_line_without_end_sets_its_file_aside_instead_of_being_read_for_hours(
     [aside] = errors(box, "E_SPOOL_UNREADABLE")
     assert aside["severity"] == "critical" and aside["lines_read"] == 1
     assert "line" in aside["reason"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8),
+       final_newline=st.booleans(), limit=st.integers(min_value=1, max_value=12))
+def test_lines_and_their_offsets_are_exact_at_every_boundary_of_the_limit(
+    sizes: list[int], final_newline: bool, limit: int,
+) -> None:
+    """Lines shorter than, exactly at, and one past the limit, with or without a last newline:
+    each is seen once with its full size, and reading on from any line's offset (as after a
+    scan that stopped there) gives exactly the lines after it."""
+    import io  # noqa: PLC0415 - only this test reads from memory
+
+    from careflow.edge.spool import _bounded_lines  # noqa: PLC0415 - the private reader
+
+    lines = [b"x" * size for size in sizes]
+    raw = b"\n".join(lines) + (b"\n" if final_newline else b"")
+    expected = lines if final_newline or lines[-1] else lines[:-1]
+    read = list(_bounded_lines(io.BytesIO(raw), limit))
+    assert [size for _, size, _ in read] == [len(text) for text in expected]
+    assert [text for text, _, _ in read] == [text[:limit + 1] for text in expected]
+    assert read[-1][2] == len(raw) if read else raw == b""
+    for index, (_, _, offset) in enumerate(read):
+        rest = list(_bounded_lines(io.BytesIO(raw[offset:]), limit, offset))
+        assert rest == read[index + 1:]
