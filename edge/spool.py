@@ -146,7 +146,8 @@ class SpoolInput:
 
     def scan(self, on_alert: Callable[[], None] | None = None, *,
              max_lines: int = SCAN_LINES) -> SpoolReport:
-        """Queue new lines of complete files, oldest file first, at most ``max_lines`` of them.
+        """Queue new lines of complete files, oldest file first, at most ``max_lines`` of them
+        (each entry visited counts as one too).
 
         The bound keeps one round of the agent short whatever a bridge wrote (a backlog of a
         million lines): the agent sends what is due, its heartbeat included, between scans, and
@@ -166,6 +167,7 @@ class SpoolInput:
             if budget.spent:
                 report.more = True
                 break
+            budget.take(0)  # an entry costs as a line does: a million empty files are free
             outcome = self._take(path, report, on_alert, budget)
             if outcome == "unfinished":
                 report.more = True

@@ -393,7 +393,7 @@ def test_a_scan_reads_a_bounded_number_of_lines_so_a_backlog_never_holds_up_send
 
     first = reader.scan()
 
-    assert first.more and first.queued == SCAN_LINES
+    assert first.more and first.queued == SCAN_LINES - 1  # the file itself counts as one
     assert (spool / "a-backlog.jsonl").exists()
     scans = 1
     while reader.scan().more:
@@ -416,7 +416,7 @@ def test_a_file_read_over_many_scans_and_restarts_gives_each_line_exactly_once(
     scans = 0
     while SpoolInput(spool, box).scan(max_lines=7).more:  # a new agent each time
         scans += 1
-    assert scans == 5  # 42 lines, 7 a scan: the 6th finishes
+    assert scans == 7  # 42 lines and the entries, 7 a scan: the 8th finishes
     expected = [f"s{n}" for n in range(40) if n % 3] + ["later"]
     assert [e["device"] for e in queued(box) if e["type"] == "status"] == expected
     assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
@@ -442,8 +442,8 @@ def test_it_goes_on_from_a_mark_an_older_agent_left_as_a_line_count(tmp_path: Pa
     spool.mkdir()
     write(spool, "a", "".join(status(f"s{n}") for n in range(1, 6)))
     box.add("s3", "status", {"state": "ok"}, mark=("spool:a.jsonl", "3"))  # lines 1-3 done
-    SpoolInput(spool, box).scan(max_lines=1)
-    SpoolInput(spool, box).scan(max_lines=1)
+    SpoolInput(spool, box).scan(max_lines=2)  # the entry, then line 4
+    SpoolInput(spool, box).scan(max_lines=2)
     assert SpoolInput(spool, box).scan().more is False
     assert [e["device"] for e in queued(box)] == ["s3", "s4", "s5"]
 
@@ -545,3 +545,25 @@ def test_lines_and_their_offsets_are_exact_at_every_boundary_of_the_limit(
     for index, (_, _, offset) in enumerate(read):
         rest = list(_bounded_lines(io.BytesIO(raw[offset:]), limit, offset))
         assert rest == read[index + 1:]
+
+
+def test_a_scan_is_bounded_in_entries_too_not_only_in_lines(tmp_path: Path) -> None:
+    """A million empty files (or directories) named *.jsonl are free to make and hold no lines:
+    one scan went through all of them (a transaction with an fsync each) before the agent sent
+    anything. Each entry counts against the scan's bound as a line does."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    for n in range(12):
+        (spool / f"a-{n:02}.jsonl").write_bytes(b"")
+    (spool / "b-dir.jsonl").mkdir()
+    write(spool, "c-alarm", line(ALARM))
+
+    first = reader.scan(max_lines=5)
+
+    assert first.more
+    assert len(list(spool.glob("*.jsonl"))) == 14 - 5
+    while reader.scan(max_lines=5).more:
+        pass
+    assert not list(spool.glob("*.jsonl"))
+    assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
