@@ -175,6 +175,8 @@ class HubService:
         # already announced (since when the tally runs, how many)
         self._refusals: Refusals | None = None
         self._alarms_announced = (0, 0)
+        self._failing_channels: frozenset[str] = frozenset()  # at the last self-check
+        self._failing_told: frozenset[str] = frozenset()  # at the last self-check told about
 
     def stop(self) -> None:
         """Ask the service to finish what it holds and return from :meth:`run`."""
@@ -356,15 +358,20 @@ class HubService:
 
     def _self_news(self) -> set[str]:
         """The hub's own problems that happened anew since the last self-check: care alarms
-        refused beyond the device bound, each of which must reach someone."""
+        refused beyond the device bound, each of which must reach someone, and a channel that
+        started failing (call after :meth:`_self_problems`)."""
+        news = set()
+        if self._failing_channels - self._failing_told:  # another channel fails: said again,
+            news.add("hub-notifications-failing")  # not hidden under an older self-alert
+        self._failing_told = self._failing_channels
         tally = self._refusals
         if tally is None:
-            return set()
+            return news
         since, announced = self._alarms_announced
         if since != tally.since_ms:
             since, announced = tally.since_ms, 0
         self._alarms_announced = (since, tally.alarms)
-        return {"hub-devices-over-bound"} if tally.alarms > announced else set()
+        return news | ({"hub-devices-over-bound"} if tally.alarms > announced else set())
 
     def _alerting(self, work: Callable[[AlertStage], None]) -> None:
         """Run alert evaluation; events are already stored and acknowledged, so a failure here
@@ -410,6 +417,8 @@ class HubService:
             self.store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS,
                                            critical_min_attempts=FAILING_AFTER_ATTEMPTS) + \
             sum(overdue.values())
+        failing = failing_or_stuck(self.store, now_ms) if failed else {}
+        self._failing_channels = frozenset(failing)
         influx = self.sink.status() if self.sink is not None else {}
         lag, lagging = self.alerts.lag(now_ms) if self.alerts is not None else (0, None)
         self.counters.alert_lag_ms = lag
@@ -417,7 +426,7 @@ class HubService:
                                  disconnected_since_ms=self._disconnected_since_ms,
                                  last_event_ms=self._last_event_ms, started_ms=self._started_ms,
                                  failed_notifications=failed, store_errors_recent=recent_errors,
-                                 failing_channels=failing_or_stuck(self.store, now_ms) if failed else {},
+                                 failing_channels=failing,
                                  silence_ms=self.settings.self_silence_ms,
                                  influx_failing_since_ms=influx.get("failing_since_ms"),
                                  influx_backlog=int(influx.get("backlog_events") or 0),

@@ -504,6 +504,52 @@ def test_it_tells_another_channel_when_a_channels_sender_is_stuck(tmp_path: Path
     store.close()
 
 
+def test_it_tells_again_when_another_channel_starts_failing_under_an_old_self_alert(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    """A warning failed for good once keeps hub-notifications-failing open (the count of failed
+    ones never shrinks), and someone acknowledged it. Later the oncall channel fails for a care
+    alarm: that must be said again, not hidden under the old acknowledged incident."""
+    settings = make_settings(tmp_path / "data", "mqtt://127.0.0.1:1")  # never connected here
+    store = SqliteStore(settings.db_path)
+    service = HubService(settings, store)
+    (tmp_path / "r.yaml").write_text("rules: []\n")
+    rules = load_rules([tmp_path / "r.yaml"])
+    refusing = Receiver(status=401)
+    try:  # then: the ops webhook refuses a warning for good; oncall hears of it
+        before = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall"),
+                                "CAREFLOW_CHANNEL_OPS": refusing.url("/ops")})
+        old = open_alarm(store, 1, "ops", severity="warning")
+        sender = NotificationSender(SqliteStore(settings.db_path), before)
+        sender.deliver_due(now_ms=10)
+        assert the_note(store, old).state == "failed"
+        AlertStage(store, rules, before).check_self(service._self_problems(), now_ms=20,
+                                                    again=service._self_news())
+        sender.deliver_due(now_ms=max(n.next_attempt_ms for n in store.notifications()))
+    finally:
+        refusing.close()
+    (told,) = receiver.to("/oncall")
+    assert "hub-notifications-failing" in told["title"]
+    (self_incident,) = [i for i in store.incidents(limit=10) if i.gateway != "gw-1"]
+    assert store.acknowledge_incident(self_incident.id, by="kari", at_ms=30)
+
+    # now: ops is fixed (a warning goes through), the oncall channel is down for a care alarm
+    nobody = f"json://127.0.0.1:{free_port()}/x"
+    after = load_channels({"CAREFLOW_CHANNEL_ONCALL": nobody,
+                           "CAREFLOW_CHANNEL_OPS": receiver.url("/ops")})
+    sender = NotificationSender(SqliteStore(settings.db_path), after)
+    open_alarm(store, 3, "ops", severity="warning", at_ms=40)
+    alarm = open_alarm(store, 2, "oncall", at_ms=40)
+    for _ in range(FAILING_AFTER_ATTEMPTS):
+        sender.deliver_due(now_ms=the_note(store, alarm).next_attempt_ms)
+    AlertStage(store, rules, after).check_self(service._self_problems(), now_ms=50,
+                                               again=service._self_news())
+    sender.deliver_due(now_ms=the_note(store, alarm).next_attempt_ms - 1)
+    said = [b for b in receiver.to("/ops") if "hub-notifications-failing" in b["title"]]
+    assert said and "oncall" in said[-1]["message"], receiver.to("/ops")
+    store.close()
+
+
 @pytest.mark.parametrize(("attempts", "permanent", "critical_open", "final"), [
     (1, True, True, False), (1, True, False, True), (MAX_ATTEMPTS - 1, False, False, False),
     (MAX_ATTEMPTS, False, False, True), (MAX_ATTEMPTS * 100, False, True, False),
