@@ -102,25 +102,29 @@ class _Progress:
 
     ``line``: the last line done; ``offset``: the byte after it (None in a mark of an older
     agent, which counted lines only); ``reported`` and ``suppressed``: refused lines reported
-    one by one, and those only counted, so the bound holds across scans and restarts.
+    one by one, and those only counted, so the bound holds across scans and restarts;
+    ``file_id``: the file's inode, so a new file renamed over a half-read one of the same name
+    is read from its start.
     """
 
     line: int = 0
     offset: int | None = None
     reported: int = 0
     suppressed: int = 0
+    file_id: int | None = None
 
     @classmethod
     def parse(cls, value: str | None) -> _Progress:
         parts = [int(part) for part in (value or "0").split()]
         if len(parts) == 1:
             return cls(line=parts[0])
-        return cls(*parts[:4])
+        return cls(*parts[:5])
 
     def value(self) -> str:
         if self.offset is None:
             return str(self.line)
-        return f"{self.line} {self.offset} {self.reported} {self.suppressed}"
+        tail = "" if self.file_id is None else f" {self.file_id}"
+        return f"{self.line} {self.offset} {self.reported} {self.suppressed}{tail}"
 
 
 class _UnreadableError(Exception):
@@ -220,8 +224,7 @@ class SpoolInput:
         at = _Progress.parse(self.outbox.mark(mark_name))
         shown = _shown(path.name)
         with _open_regular(path) as stream:
-            if at.offset is not None:
-                stream.seek(at.offset)
+            at = _resume(stream, at, shown)
             lines = _bounded_lines(stream, MAX_LINE_BYTES, at.offset or 0)
             for number, (raw, size, end) in enumerate(lines, start=1 if at.offset is None
                                                       else at.line + 1):
@@ -409,6 +412,18 @@ def _bounded_lines(stream: IO[bytes], limit: int,
                        f"{offset - size}: not a file of readings")
                 raise _UnreadableError(msg)
         yield chunk, size, offset
+
+
+def _resume(stream: IO[bytes], at: _Progress, shown: str) -> _Progress:
+    """Seek to where the mark says, if it was saved for this very file (else start over)."""
+    file_id = os.fstat(stream.fileno()).st_ino
+    if at.file_id not in (None, file_id):  # a new file renamed over the half-read one
+        log.warning("a spool file was replaced while half read; reading the new one from its "
+                    "start", extra={"file": shown, "lines_read": at.line})
+        at = _Progress()
+    if at.offset is not None:
+        stream.seek(at.offset)
+    return dataclasses.replace(at, file_id=file_id)
 
 
 def _shown(name: str) -> str:

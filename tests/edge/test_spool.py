@@ -567,3 +567,21 @@ def test_a_scan_is_bounded_in_entries_too_not_only_in_lines(tmp_path: Path) -> N
         pass
     assert not list(spool.glob("*.jsonl"))
     assert [e["device"] for e in queued(box) if e["type"] == "alert"] == ["sos-1"]
+
+
+def test_a_file_renamed_over_one_half_read_is_read_from_its_start(tmp_path: Path) -> None:
+    """A bridge that reuses a name (against the rules, but it happens) renames a new file over
+    one the agent read only partly (a scan stops at its bound): the agent went on at the old
+    file's offset in the new one, and the new file's first lines (here a care alarm) were lost."""
+    box = outbox(tmp_path)
+    spool = tmp_path / "spool"
+    reader = SpoolInput(spool, box)
+    write(spool, "out", "".join(status(f"old-{n}") for n in range(10)))
+    assert reader.scan(max_lines=4).more  # the entry and three lines
+
+    write(spool, "out", line(ALARM) + status("new-1") + status("new-2"))
+    while reader.scan(max_lines=4).more:
+        pass
+
+    devices = [e["device"] for e in queued(box)]
+    assert devices == ["sos-1", "old-0", "old-1", "old-2", "new-1", "new-2"]
