@@ -44,7 +44,13 @@ from careflow.hub.routing import (
     reminder_due,
 )
 from careflow.hub.rules import Rule, RuleSet, load_rules
-from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES, lagging_since
+from careflow.hub.selfwatch import (
+    HUB_DEVICE,
+    HUB_GATEWAY,
+    OVER_BOUND_WINDOW_MS,
+    SELF_RULES,
+    lagging_since,
+)
 from careflow.hub.store import (
     DeadLetter,
     EventFilter,
@@ -58,6 +64,7 @@ from careflow.schemas import decode_json, validate_event
 __all__ = [
     "ALERTS_CURSOR",
     "CONFLICTS_CURSOR",
+    "OVER_BOUND_CURSOR",
     "AlertStage",
     "conflicting_alarm",
     "default_rules",
@@ -68,6 +75,9 @@ log = logging.getLogger(__name__)
 
 ALERTS_CURSOR = "alerts"  # the newest log position whose evaluation is recorded
 CONFLICTS_CURSOR = "alerts-conflicts"  # the same over the conflict dead letters
+# the newest too_many_devices dead letter whose care alarm (if it held one) the hub announced
+OVER_BOUND_CURSOR = "alerts-over-bound"
+OVER_BOUND_RULE = "hub-devices-over-bound"
 # Progress without incident changes is saved at most this often (a crash evaluates at most
 # this much again); changes are always saved with the cursors, in the same transaction.
 CURSOR_SAVE_INTERVAL_MS = 1_000
@@ -183,6 +193,10 @@ class AlertStage:
         self._last_tick_ms: int | None = None
         self._lagging_since_ms: int | None = None
         self._rescheduled = False  # open incidents' due times recomputed since start
+        # care alarms refused beyond the device bound, announced from their dead letters with
+        # a cursor (the hub's in-memory tally dies with it), and the alert kept open this long
+        self._over_bound_pos = 0
+        self._refused_alarms: tuple[int, str] | None = None  # (until, detail)
         for chunk in self.store.iter_log(EventFilter(type="provision")):
             for event in chunk:  # kinds and sites only grow: learned once, then from events
                 self._learn(event, event.data)
@@ -247,6 +261,12 @@ class AlertStage:
             with self.store.atomically("start the alert cursors"):
                 self.store.set_cursor(ALERTS_CURSOR, events)
                 self.store.set_cursor(CONFLICTS_CURSOR, conflicts)
+        over_bound = self.store.cursor(OVER_BOUND_CURSOR, missing=-1)
+        if over_bound < 0:  # from before this cursor: what was refused then is past
+            newest = self.store.dead_letters(limit=1, code="too_many_devices")
+            over_bound = newest[0].pos if newest else 0
+            self.store.set_cursor(OVER_BOUND_CURSOR, over_bound)
+        self._over_bound_pos = over_bound
         self.evaluator = evaluator
         self._evaluated, self._conflicts_evaluated = events, conflicts
         self._saved = (events, conflicts)
@@ -462,7 +482,50 @@ class AlertStage:
         ``again``: problems that happened anew since the last check while their incident may
         be unresolved (a care alarm refused beyond the device bound): announced again at once,
         as a care alarm raised again is.
+
+        Care alarms refused beyond the device bound are also read here from their dead letters,
+        after a cursor written with the announcement: a hub killed between storing one and
+        this check announces it after the restart, and only once.
         """
+        letters = self.store.dead_letters_after(self._over_bound_pos, code="too_many_devices",
+                                                limit=CATCH_UP_CHUNK)
+        problems, again = self._with_refused_alarms(problems, again, letters, now_ms)
+        self._pending_wake = False
+        with self.store.atomically("check the hub itself"):
+            self._check_self(problems, now_ms, again)
+            if letters:
+                self.store.set_cursor(OVER_BOUND_CURSOR, letters[-1].pos)
+        if letters:
+            self._over_bound_pos = letters[-1].pos
+        if self._pending_wake:  # once committed, so the sender finds what it is woken for
+            self.on_queued()
+
+    def _with_refused_alarms(self, problems: Mapping[str, str], again: Collection[str],
+                             letters: Sequence[DeadLetter], now_ms: int,
+                             ) -> tuple[dict[str, str], set[str]]:
+        """The self-check's problems and news, with the care alarms these dead letters hold
+        (the hub-devices-over-bound alert stays while such refusals are recent)."""
+        problems, again = dict(problems), set(again)
+        alarms = [alarm for letter in letters if (alarm := conflicting_alarm(letter))]
+        if alarms:
+            named = sorted({f"{a.gateway}/{a.device}" for a in alarms})
+            detail = (f"{len(alarms)} CARE ALARM(S) from new devices beyond the per-gateway "
+                      f"bound (CAREFLOW_MAX_DEVICES_PER_GATEWAY) were dead-lettered as "
+                      f"too_many_devices, not evaluated: {', '.join(named[:5])}"
+                      f"{f' and {len(named) - 5} more' if len(named) > 5 else ''}; check those "
+                      "devices now (careflow deadletter list --code too_many_devices)")
+            self._refused_alarms = (now_ms + OVER_BOUND_WINDOW_MS, detail)
+            again.add(OVER_BOUND_RULE)
+        if self._refused_alarms is not None:
+            until, detail = self._refused_alarms
+            if now_ms >= until:
+                self._refused_alarms = None
+            elif OVER_BOUND_RULE not in problems:
+                problems[OVER_BOUND_RULE] = detail
+        return problems, again
+
+    def _check_self(self, problems: Mapping[str, str], now_ms: int,
+                    again: Collection[str]) -> None:
         for rule, severity in SELF_RULES.items():
             # one lookup per rule on the unresolved-incident index: a page of the newest
             # incidents missed the hub's own behind a busy fleet's, so it never resolved
@@ -475,7 +538,6 @@ class AlertStage:
                                                  by="careflow (self-check passed)")
                 continue
             if existing is not None and rule in again:
-                self._pending_wake = False
                 detail = problems[rule]
 
                 def outgoing(text: str, rule: str = rule, severity: str = severity,
@@ -485,8 +547,6 @@ class AlertStage:
 
                 if self._raise_unresolved(rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms,
                                           detail, outgoing, lambda _channels: 0):
-                    if self._pending_wake:
-                        self.on_queued()
                     continue
                 existing = None  # resolved meanwhile: open a new one
             if existing is None:
@@ -498,7 +558,7 @@ class AlertStage:
                                                 rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
                     log.error("the hub raised an alert about itself",
                               extra={"rule": rule, "detail": problems[rule]})
-                    self.on_queued()
+                    self._pending_wake = True
 
     def _self_outgoing(self, rule: str, severity: str, detail: str, now_ms: int, kind: str,
                        again: str | None = None) -> list[Outgoing]:

@@ -58,6 +58,7 @@ MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 MAX_GROUP_CLAIM = 1000  # held notifications of a group claimed along with a due one
 # Conflicts the alert stage has not evaluated yet are never pruned (hub/alerting.py's cursor).
 CONFLICTS_CURSOR = "alerts-conflicts"
+OVER_BOUND_CURSOR = "alerts-over-bound"  # hub/alerting.py's, over too_many_devices letters
 SCHEMA_VERSION = "1"
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
@@ -547,13 +548,16 @@ class SqliteStore:
         self._dead_since_prune = (0, 0)
         cut = max(by_rows[0] if by_rows else 0, by_bytes[0] if by_bytes else 0)
         if cut:
-            protected = conn.execute("SELECT value FROM cursors WHERE name = ?",
-                                     (CONFLICTS_CURSOR,)).fetchone()
+            protected, over_bound = (
+                row[0] if (row := conn.execute("SELECT value FROM cursors WHERE name = ?",
+                                               (name,)).fetchone()) else cut
+                for name in (CONFLICTS_CURSOR, OVER_BOUND_CURSOR))
             # The newest row always stays: a position is a rowid, and SQLite gives a deleted
             # maximum out again, which would put a new conflict behind the alert stage's cursor.
+            # Care alarms refused beyond the device bound stay until the hub announced them.
             conn.execute("DELETE FROM dead_letters WHERE pos <= ? AND (code != 'conflict' OR "
-                         "pos <= ?) AND pos < (SELECT MAX(pos) FROM dead_letters)",
-                         (cut, protected[0] if protected else cut))
+                         "pos <= ?) AND (code != 'too_many_devices' OR pos <= ?) AND "
+                         "pos < (SELECT MAX(pos) FROM dead_letters)", (cut, protected, over_bound))
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]

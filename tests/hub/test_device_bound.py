@@ -148,3 +148,30 @@ def test_a_live_hub_refuses_an_invented_device_and_announces_its_care_alarms(
     finally:
         sender.stop()
         hub.stop()
+
+
+def test_a_refused_care_alarm_is_announced_after_a_kill_before_the_self_check(
+    tmp_path: Path,
+) -> None:
+    """The hub stores an over-bound care alarm as a dead letter and acknowledges it; the self
+    check that announces it runs up to a second later. Killed in between, the restarted hub
+    (a new store, a new stage, no memory of the refusal) still announces it, once."""
+    store = SqliteStore(tmp_path / "db", max_devices_per_gateway=1)
+    rules = load_rules([])
+    AlertStage(store, rules)  # the hub ran with its alert stage (its cursors are set)
+    sos = Stamper(gateway="gw", device="sos-9").stamp("alert", {"kind": "sos", "state": "raised"})
+    result = store.append(batch_of([*_events("gw", ["gw", "d1"]), sos]))
+    assert [o.alarm for o in result.over_bound] == [True]  # committed and acknowledged; killed
+    store.close()
+
+    store = SqliteStore(tmp_path / "db", max_devices_per_gateway=1)
+    stage = AlertStage(store, rules)
+    stage.check_self({}, T0)  # the restarted hub's first self-check: all well, as it knows
+    own = store.unresolved_incident(rule="hub-devices-over-bound", gateway=HUB_GATEWAY,
+                                    device=HUB_DEVICE)
+    assert own is not None and "CARE ALARM" in own.detail and "sos-9" in own.detail
+    stage.check_self({}, T0 + 1000)  # still open while such refusals are recent; not twice
+    assert store.incident(own.id).state == "open"  # type: ignore[union-attr]
+    AlertStage(store, rules).check_self({}, T0 + 2000)  # killed again: nothing new to say
+    ours = [i for i in store.incidents(states=None) if i.rule == "hub-devices-over-bound"]
+    assert [(i.id, i.raises) for i in ours] == [(own.id, own.raises)]

@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.ingest import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
 from careflow.hub.replay import replay
-from careflow.hub.sqlite_store import CONFLICTS_CURSOR, MAX_DEAD_LETTER_PAYLOAD, SqliteStore
+from careflow.hub.sqlite_store import (
+    CONFLICTS_CURSOR,
+    MAX_DEAD_LETTER_PAYLOAD,
+    OVER_BOUND_CURSOR,
+    SqliteStore,
+)
 from careflow.hub.store import EventFilter, IncomingBatch
 from tests.conftest import heartbeat
 
@@ -310,3 +315,15 @@ def test_it_records_a_retained_message_already_dead_lettered_only_once(tmp_path:
     assert store.dead_letter_count() == 3
     new = replace(_junk(4).rejected[3][0], retained=True)
     assert store.append(IncomingBatch([], [(new, 1)])).dead_lettered == 1
+
+
+def test_it_never_prunes_over_bound_refusals_the_hub_has_yet_to_announce(tmp_path: Path) -> None:
+    """Such a refusal may be a care alarm the hub announces from its dead letter."""
+    store = SqliteStore(tmp_path / "db", dead_letter_max_rows=10)
+    store.set_cursor(OVER_BOUND_CURSOR, 0)  # the hub has announced nothing yet
+    store.append(_junk(5, code="too_many_devices"))
+    store.append(_junk(20))
+    assert len(store.dead_letters(limit=100, code="too_many_devices")) == 5
+    store.set_cursor(OVER_BOUND_CURSOR, 5)  # now it has
+    store.append(_junk(1))
+    assert store.dead_letters(limit=100, code="too_many_devices") == []
