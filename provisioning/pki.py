@@ -10,11 +10,15 @@ Key material is never logged or printed.
 from __future__ import annotations
 
 import contextlib
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
 import secrets
+import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,11 +39,13 @@ __all__ = [
     "BROKER_CONF_FILE",
     "CLAIM_IDENTITY",
     "HUB_IDENTITY",
+    "BrokerAccount",
     "CertAuthority",
     "InitStep",
     "IssuedCert",
     "Pki",
     "PrivateKey",
+    "broker_account",
     "cert_not_after",
     "crl_needs_refresh",
     "crl_next_update",
@@ -429,11 +435,41 @@ def _broker_sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return sans
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerAccount:
+    """The user Mosquitto drops to when started as root (``user`` in its config), and its group."""
+
+    name: str
+    uid: int
+    gid: int
+    group: str
+
+
+def broker_account(name: str) -> BrokerAccount:
+    """The account ``name`` on this machine, or a PkiError that says what to do."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError as exc:
+        msg = (f"there is no user {name!r} on this machine for the broker: install Mosquitto "
+               "(Debian's package creates user mosquitto) or name another --broker-user")
+        raise PkiError(msg) from exc
+    try:
+        group = grp.getgrgid(entry.pw_gid).gr_name
+    except KeyError:
+        group = str(entry.pw_gid)
+    return BrokerAccount(name, entry.pw_uid, entry.pw_gid, group)
+
+
 def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = (),
              import_device_ca: tuple[Path, Path] | None = None, force: bool = False,
              device_port: int = 8883, claim_port: int = 8884, bind: str = "0.0.0.0",  # noqa: S104
-             persistence_dir: Path | None = None) -> list[InitStep]:
+             persistence_dir: Path | None = None, broker_user: str | None = None,
+             ) -> list[InitStep]:
     """Create (or complete) a PKI directory; never overwrite a CA or certificate that exists.
+
+    All or nothing: a new directory is built as a hidden sibling and renamed into place at the
+    end; in an existing one, what this run added is removed again if a step fails. A failure
+    never leaves CAs that no certificate, CRL or broker configuration goes with.
 
     Args:
         directory: where to write; refused inside a git work tree unless ``force``.
@@ -442,12 +478,17 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
         import_device_ca: (certificate, key) of an existing device CA to use instead of a new one.
         force: allow a directory inside a git work tree.
         device_port, claim_port, bind, persistence_dir: for the rendered broker configuration.
+        broker_user: the user Mosquitto runs as (it drops to it when started as root): written
+            into the configuration; the directory and ``broker.key`` become readable by its
+            group and the persistence folder its own (when this process may chown; otherwise a
+            ``to do`` step says what to run). The CA, hub and claim keys stay 0600.
 
     Returns:
-        What was created, imported or kept, in order.
+        What was created, imported, kept or is left to do, in order.
 
     Raises:
-        PkiError: inside a git work tree, an unusable file exists, or an import conflicts.
+        PkiError: inside a git work tree, an unusable file exists, an import conflicts, or the
+            broker user does not exist.
     """
     tree = find_git_work_tree(directory)
     if tree is not None and not force:
@@ -455,22 +496,82 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
                "committed. Use the default (~/.config/careflow/pki), --dir outside the repository, "
                "or --force if you really mean it.")
         raise PkiError(msg)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    account = broker_account(broker_user) if broker_user else None
+    broker = _BrokerFiles(device_port=device_port, claim_port=claim_port, bind=bind,
+                          persistence_dir=persistence_dir, account=account)
+    if directory.is_dir():
+        return _init_in_place(directory, now=now, broker_hosts=broker_hosts,
+                              import_device_ca=import_device_ca, broker=broker)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    work = directory.with_name(f".{directory.name}.init-{secrets.token_hex(4)}")
+    work.mkdir(mode=0o700)
+    try:
+        steps = _fill_pki(work, directory, now=now, broker_hosts=broker_hosts,
+                          import_device_ca=import_device_ca, broker=broker)
+        work.rename(directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return [InitStep(directory / step.path.relative_to(work), step.action, step.what)
+            if step.path.is_relative_to(work) else step for step in steps]
+
+
+@dataclass(frozen=True, slots=True)
+class _BrokerFiles:
+    """What ``init_pki`` renders the broker's configuration with."""
+
+    device_port: int
+    claim_port: int
+    bind: str
+    persistence_dir: Path | None
+    account: BrokerAccount | None
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _init_in_place(directory: Path, *, now: datetime, broker_hosts: Sequence[str],
+                   import_device_ca: tuple[Path, Path] | None,
+                   broker: _BrokerFiles) -> list[InitStep]:
+    """Complete an existing directory; on failure remove what this run added to it."""
+    before = set(directory.iterdir())
+    try:
+        return _fill_pki(directory, directory, now=now, broker_hosts=broker_hosts,
+                         import_device_ca=import_device_ca, broker=broker)
+    except BaseException:
+        for added in set(directory.iterdir()) - before:
+            if added.is_dir() and not added.is_symlink():
+                shutil.rmtree(added, ignore_errors=True)
+            else:
+                added.unlink(missing_ok=True)
+        raise
+
+
+def _fill_pki(work: Path, final: Path, *, now: datetime, broker_hosts: Sequence[str],
+              import_device_ca: tuple[Path, Path] | None,
+              broker: _BrokerFiles) -> list[InitStep]:
+    """Make what is missing in ``work``; the configuration names ``final``, where it will live."""
     steps: list[InitStep] = []
-    claim_ca = _ensure_ca(directory, CLAIM_CA, "careflow claim CA", now=now, steps=steps,
+    claim_ca = _ensure_ca(work, CLAIM_CA, "careflow claim CA", now=now, steps=steps,
                           what="claim CA", key_note="back it up, then keep it offline")
-    device_ca = _ensure_ca(directory, DEVICE_CA, "careflow device CA", now=now, steps=steps,
+    device_ca = _ensure_ca(work, DEVICE_CA, "careflow device CA", now=now, steps=steps,
                            what="device CA", key_note="the hub signs devices with it; back it up",
                            imported=import_device_ca)
     client = ExtendedKeyUsageOID.CLIENT_AUTH
-    _ensure_leaf(directory, CLAIM_CERT, claim_ca, _name(CLAIM_IDENTITY), now=now, eku=client,
+    _ensure_leaf(work, CLAIM_CERT, claim_ca, _name(CLAIM_IDENTITY), now=now, eku=client,
                  sans=[], steps=steps, what="claim certificate (bake into gateway images)")
-    _ensure_leaf(directory, HUB_CERT, device_ca, _name(HUB_IDENTITY), now=now, eku=client,
+    _ensure_leaf(work, HUB_CERT, device_ca, _name(HUB_IDENTITY), now=now, eku=client,
                  sans=[], steps=steps, what="hub client certificate")
-    _ensure_leaf(directory, BROKER_CERT, device_ca, _name("careflow-broker"), now=now,
+    _ensure_leaf(work, BROKER_CERT, device_ca, _name("careflow-broker"), now=now,
                  eku=ExtendedKeyUsageOID.SERVER_AUTH, sans=_broker_sans(broker_hosts),
                  steps=steps, what="broker server certificate")
-    pki = Pki(dir=directory, claim_ca=claim_ca, device_ca=device_ca)
+    pki = Pki(dir=work, claim_ca=claim_ca, device_ca=device_ca)
     if pki.crl_path.exists():
         steps.append(InitStep(pki.crl_path, "kept", "certificate revocation list"))
     else:
@@ -478,21 +579,65 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
         steps.append(InitStep(pki.crl_path, "created", "certificate revocation list (empty)"))
     if not pki.issued_path.exists():
         write_atomic(pki.issued_path, b"")
-    persistence = persistence_dir or directory / "mosquitto-data"
-    persistence.mkdir(parents=True, exist_ok=True, mode=0o700)  # Mosquitto does not create it
+    persistence = broker.persistence_dir or final / "mosquitto-data"
+    persistence_here = broker.persistence_dir or work / "mosquitto-data"
+    persistence_here.mkdir(parents=True, exist_ok=True, mode=0o700)  # Mosquitto does not create it
+    account = broker.account
     for path, text, what in (
         (pki.claim_acl_path, _template("claim.acl"), "claim listener ACL"),
         (pki.device_acl_path, render_device_acl(pki), "device listener ACL (+ revoked gateways)"),
         (pki.broker_conf_path, render_broker_config(
-            pki, device_port=device_port, claim_port=claim_port, bind=bind,
-            persistence_dir=persistence),
+            Pki(dir=final, claim_ca=claim_ca, device_ca=device_ca),
+            device_port=broker.device_port, claim_port=broker.claim_port, bind=broker.bind,
+            persistence_dir=persistence, broker_user=account.name if account else None),
          "Mosquitto configuration"),
     ):
         action = "kept" if path.exists() and path.read_text() == text else "written"
         if action == "written":
             write_atomic(path, text.encode())
         steps.append(InitStep(path, action, what))
+    if account is not None:
+        steps += _let_broker_read(work, final, persistence_here, persistence, account)
     return steps
+
+
+def _let_broker_read(work: Path, final: Path, persistence_here: Path, persistence: Path,
+                     account: BrokerAccount) -> list[InitStep]:
+    """Give the broker's user what Mosquitto reads after dropping to it: the directory and
+    ``broker.key`` by group (0750, 0640), its persistence folder as owner. Only root may chown
+    to another user; otherwise the step that is left says which command does it."""
+    work.chmod(0o750)
+    (work / f"{BROKER_CERT}.key").chmod(0o640)
+    steps: list[InitStep] = []
+    try:
+        for path, uid in ((work, -1), (work / f"{BROKER_CERT}.key", -1),
+                          (persistence_here, account.uid)):
+            info = path.stat()
+            if info.st_gid != account.gid or uid not in (-1, info.st_uid):
+                os.chown(path, uid, account.gid)
+        steps.append(InitStep(final, "granted", f"readable by group {account.group} "
+                              f"(directory 0750, broker.key 0640) for user {account.name}"))
+    except PermissionError:
+        steps.append(InitStep(final, "to do", f"only root can give user {account.name} the "
+                              f"broker's files: sudo chgrp {account.group} {final} "
+                              f"{final}/{BROKER_CERT}.key && sudo chown {account.name}:"
+                              f"{account.group} {persistence}"))
+    for parent in final.absolute().parents:
+        if not _can_enter(parent, account):
+            steps.append(InitStep(parent, "to do", f"user {account.name} cannot enter {parent} "
+                                  f"(mode {stat.S_IMODE(parent.stat().st_mode):o}), so Mosquitto "
+                                  "cannot read its files: use a --dir it can reach (e.g. "
+                                  f"/etc/careflow/pki) or chmod o+x {parent}"))
+    return steps
+
+
+def _can_enter(folder: Path, account: BrokerAccount) -> bool:
+    info = folder.stat()
+    if account.uid == 0 or info.st_mode & stat.S_IXOTH:
+        return True
+    if info.st_uid == account.uid:
+        return bool(info.st_mode & stat.S_IXUSR)
+    return info.st_gid == account.gid and bool(info.st_mode & stat.S_IXGRP)
 
 
 def _template(name: str) -> str:
@@ -505,9 +650,16 @@ def _template(name: str) -> str:
 
 
 def render_broker_config(pki: Pki, *, device_port: int = 8883, claim_port: int = 8884,
-                         bind: str = "0.0.0.0", persistence_dir: Path) -> str:  # noqa: S104
-    """The shipped ``mosquitto/careflow-tls.conf`` with this PKI directory's absolute paths."""
+                         bind: str = "0.0.0.0", persistence_dir: Path,  # noqa: S104
+                         broker_user: str | None = None) -> str:
+    """The shipped ``mosquitto/careflow-tls.conf`` with this PKI directory's absolute paths
+    (and, with ``broker_user``, the user Mosquitto drops to when started as root)."""
     template = _template("careflow-tls.conf")
+    if broker_user is not None:
+        header, _, rest = template.partition("\n\n")
+        template = (f"{header}\n\n# Started as root, Mosquitto drops to this user, who can read "
+                    f"the files below (careflow ca init --broker-user).\nuser {broker_user}\n\n"
+                    f"{rest}")
     persistence = str(persistence_dir.absolute()).rstrip("/") + "/"
     for placeholder, value in (("@PKI_DIR@", str(pki.dir.absolute())),
                                ("@PERSISTENCE_DIR@", persistence),

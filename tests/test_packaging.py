@@ -9,17 +9,22 @@ cost a minute); careflow itself is imported only from the wheel, which the test 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from careflow.config import TlsFiles
 from tests.conftest import free_port, wait_until
+from tests.provisioning.conftest import mqtt_handshake
 
 ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -129,3 +134,49 @@ def test_it_runs_the_hub_on_the_embedded_default_and_stores_events(venv: Path, e
     finally:
         hub.send_signal(signal.SIGTERM)
         assert hub.wait(timeout=30) == 0, (tmp_path / "hub.log").read_text()
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A directory every user can traverse (pytest's own tmp dirs are 0700 to their owner)."""
+    path = Path(tempfile.mkdtemp(prefix="careflow-pki-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_it_renders_a_pki_whose_broker_config_mosquitto_loads(venv: Path, elsewhere: Path,
+                                                               reachable_dir: Path) -> None:
+    """The command `ca init` prints, run as printed. As root, Mosquitto drops to user mosquitto
+    (Debian's package creates it), which must be able to read everything its config names."""
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("needs the mosquitto binary (Debian package mosquitto; .ci/run installs it)")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("mosquitto")
+        except KeyError:
+            pytest.skip("as root, Mosquitto drops to user mosquitto, which does not exist here")
+    pki = reachable_dir / "pki"
+    device, claim = free_port(), free_port()
+    done = run(venv, elsewhere, "ca", "init", "--dir", str(pki), "--device-port", str(device),
+               "--claim-port", str(claim), "--bind", "127.0.0.1",
+               env={**os.environ, "COLUMNS": "200"})
+    conf = pki / "mosquitto-careflow.conf"
+    assert f"mosquitto -c {conf}" in " ".join(done.stdout.split())
+    log = reachable_dir / "mosquitto.log"
+    hub = TlsFiles(ca=pki / "device-ca.crt", cert=pki / "hub.crt", key=pki / "hub.key")
+    claimer = TlsFiles(ca=pki / "device-ca.crt", cert=pki / "claim.crt", key=pki / "claim.key")
+    with log.open("wb") as out:
+        broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], cwd=elsewhere, stdout=out,
+                                  stderr=out)
+    try:
+        # A CONNACK on both listeners: certificates, CRL and ACLs were all loaded (a broker that
+        # cannot read its ACL logs "Unable to open acl_file" and exits after binding its ports).
+        wait_until(lambda: (mqtt_handshake(device, hub, "careflow-hub-test")
+                            and mqtt_handshake(claim, claimer, "gw-new"))
+                   or broker.poll() is not None, what="mosquitto answering, or exited")
+        assert broker.poll() is None, log.read_text()
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+    assert "Unable to" not in log.read_text(), log.read_text()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import secrets
 import sys
 from datetime import UTC, datetime, timedelta
@@ -71,6 +73,13 @@ def init(
         "one.", show_default=False)] = None,
     device_port: Annotated[int, typer.Option(help="The broker's device listener port.")] = 8883,
     claim_port: Annotated[int, typer.Option(help="The broker's claim listener port.")] = 8884,
+    bind: Annotated[str, typer.Option(help="The address the broker's listeners bind to.")
+                    ] = "0.0.0.0",  # noqa: S104 - gateways connect from the network
+    broker_user: Annotated[str | None, typer.Option(
+        "--broker-user", help="The user Mosquitto runs as (started as root, it drops to it): "
+        "the configuration names it and its group may read the broker's files; the CA keys "
+        "stay private [default: mosquitto when run as root and that user exists, else none: "
+        "run Mosquitto as yourself].", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Allow a directory inside a git work tree (keys could get committed).")
     ] = False,
@@ -85,24 +94,30 @@ def init(
     `careflow ca init --dir /srv/careflow/pki --import-device-ca device-ca.crt device-ca.key`
     """
     target = resolve_pki_dir(directory)
+    broker_user = broker_user or default_broker_user()
     steps = init_pki(target, now=datetime.now(UTC), broker_hosts=broker_host or [],
                      import_device_ca=import_device_ca, force=force, device_port=device_port,
-                     claim_port=claim_port)
+                     claim_port=claim_port, bind=bind, broker_user=broker_user)
     table = Table(title=f"PKI in {target}", title_justify="left")
     for column in ("file", "", "what"):
         table.add_column(column)
-    styles = {"created": "green", "imported": "green", "written": "green", "kept": "dim"}
+    styles = {"created": "green", "imported": "green", "written": "green", "granted": "green",
+              "kept": "dim", "to do": "yellow"}
     for step in steps:
         table.add_row(step.path.name, styled((step.action, styles.get(step.action, ""))),
                       step.what)
     console.print(table)
-    if all(step.action == "kept" for step in steps):
+    if not any(step.action in ("created", "imported", "written") for step in steps):
         console.print("Everything was already there; nothing was overwritten.")
     conf = target / BROKER_CONF_FILE
+    who = (f"started as root it drops to user {broker_user}, who can read its files"
+           if broker_user else "run it as this user, who can read broker.key; as root, pass "
+           "--broker-user")
+    todo = "; first do what the table lists as to do" if any(
+        step.action == "to do" for step in steps) else ""
     console.print(styled("\n", ("Next", "bold"), "\n"
         f"1. Broker: `mosquitto -c {conf}` (device listener :{device_port}, claim listener "
-        f":{claim_port}). Mosquitto must be able to read broker.key: run it as this user or "
-        "give it the file (README in mosquitto/).\n"
+        f":{claim_port}; {who}{todo}). Under systemd: deploy/ and README in mosquitto/.\n"
         f"2. Hub: CAREFLOW_BROKER_URL=mqtts://BROKER:{device_port} "
         f"CAREFLOW_BROKER_CA={target}/device-ca.crt CAREFLOW_BROKER_CERT={target}/hub.crt "
         f"CAREFLOW_BROKER_KEY={target}/hub.key "
@@ -114,6 +129,19 @@ def init(
         "mint devices.\n"
         "5. Daily: `careflow ca crl-refresh --broker-pidfile ...` (the CRL expires in 30 days; "
         "an expired CRL locks every device out). Check with `careflow ca status`."))
+
+
+def default_broker_user() -> str | None:
+    """``mosquitto`` when run as root and that user exists: Mosquitto started as root drops to
+    it, so it must be able to read the broker's files. Otherwise None (Mosquitto runs as the
+    user who started it, the one running this command)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+    return "mosquitto"
 
 
 def _days_left(when: datetime, now: datetime) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import pwd
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from careflow.errors import CsrError, PkiError
+from careflow.provisioning import pki as pki_module
 from careflow.provisioning.pki import (
+    BROKER_CONF_FILE,
     Pki,
     cert_not_after,
     crl_next_update,
@@ -252,3 +256,66 @@ def test_it_refuses_key_types_other_than_ec_and_rsa(pki: Pki) -> None:
     with pytest.raises(CsrError) as caught:
         sign_device_csr(pki.device_ca, csr, gateway_id="gw-1", serial="S", now=NOW)
     assert caught.value.code == "csr_weak_key"
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir())
+
+
+def test_it_leaves_no_half_pki_when_init_fails_midway(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the CAs were made (here: signing the CRL) leaves no directory at all, so
+    a re-run starts clean instead of keeping CAs no certificate was issued from."""
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pki_module, "resign_crl", broken)
+    with pytest.raises(OSError, match="No space left"):
+        init_pki(tmp_path / "ca", now=NOW)
+    assert _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    init_pki(tmp_path / "ca", now=NOW)
+    assert load_pki(tmp_path / "ca").crl_path.exists()
+
+
+def test_it_removes_what_it_added_to_an_existing_directory_when_init_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "ca"
+    target.mkdir()
+    (target / "notes.txt").write_text("the operator's own file")
+    monkeypatch.setattr(pki_module, "_broker_sans", lambda _hosts: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        init_pki(target, now=NOW)
+    assert _leftovers(target) == ["notes.txt"] and _leftovers(tmp_path) == ["ca"]
+
+
+def test_it_leaves_no_half_pki_when_the_directory_is_not_writable(tmp_path: Path) -> None:
+    target = tmp_path / "ca"
+    target.mkdir()
+    (target / "mosquitto-data").write_text("")  # a file where the broker's folder goes, made last
+    with pytest.raises(FileExistsError):
+        init_pki(target, now=NOW)
+    assert _leftovers(target) == ["mosquitto-data"]
+
+
+def test_it_renders_the_broker_user_into_the_config_and_lets_its_group_read_the_broker_files(
+        tmp_path: Path) -> None:
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    target = tmp_path / "ca"
+    steps = init_pki(target, now=NOW, broker_user=me)
+    conf = (target / BROKER_CONF_FILE).read_text()
+    assert f"\nuser {me}\n" in conf
+    group = pwd.getpwnam(me).pw_gid
+    for path in (target, target / "broker.key", target / "mosquitto-data"):
+        assert path.stat().st_gid == group, path
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+    assert stat.S_IMODE((target / "broker.key").stat().st_mode) == 0o640
+    for key in ("claim-ca.key", "device-ca.key", "hub.key", "claim.key"):
+        assert stat.S_IMODE((target / key).stat().st_mode) == 0o600, key
+    assert all(target in (step.path.parent, step.path) for step in steps)
+
+
+def test_it_refuses_a_broker_user_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="no-such-user-here"):
+        init_pki(tmp_path / "ca", now=NOW, broker_user="no-such-user-here")
+    assert _leftovers(tmp_path) == []
