@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -129,7 +130,11 @@ def url_secrets(url: str) -> list[str]:
         key, _, value = pair.partition("=")
         if key.lower() not in _ADDRESS_KEYS:
             pieces += re.split(r"[/:@#,]", value)
-    return [p for p in pieces if len(p) >= 6 and not _HOSTNAME.match(p.lower())]
+    # a server's answer shows them decoded ("Bearer%20t0ken" is "Bearer t0ken", each word)
+    for piece in list(pieces):
+        decoded = urllib.parse.unquote_plus(piece)
+        pieces += [decoded, *decoded.split()]
+    return list(dict.fromkeys(p for p in pieces if len(p) >= 6 and not _HOSTNAME.match(p.lower())))
 
 
 class _ThreadLog(logging.Filter):

@@ -597,6 +597,20 @@ def test_it_treats_url_tokens_and_passwords_as_secrets_but_not_hosts_or_recipien
     assert "abc123token" in url_secrets("discord://1234567/abc123token")
 
 
+@pytest.mark.parametrize(("url", "secret"), [
+    ("json://hooks.example.org/careflow?+Authorization=Bearer%20s3cr3tt0ken", "s3cr3tt0ken"),
+    ("json://hooks.example.org/careflow?+Authorization=Bearer+s3cr3tt0ken", "s3cr3tt0ken"),
+    ("mailtos://oncall:s3cr3t%2Ft0ken@smtp.example.org?to=oncall@example.org", "s3cr3t/t0ken"),
+])
+def test_it_keeps_a_token_out_of_the_reason_as_the_server_echoes_it_decoded(
+    url: str, secret: str,
+) -> None:
+    """A header value or password is %-encoded in the URL, but a server's answer (Response
+    Details) shows it decoded: redacting only the URL's spelling let the token through."""
+    echoed = f"Response Details:\r\n{{'Authorization': 'Bearer {secret}', 'pass': '{secret}'}}"
+    assert secret not in str(failure_from_log([echoed], secrets=url_secrets(url)))
+
+
 def test_it_routes_the_self_alert_around_failing_channels() -> None:
     assert avoid_failing(("oncall",), failing={"oncall"}, configured=("oncall", "ops")) == ("ops",)
     assert avoid_failing(("oncall", "ops"), failing={"oncall"}, configured=("oncall", "ops")) \
