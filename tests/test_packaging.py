@@ -97,7 +97,8 @@ def test_it_ships_rules_runbooks_broker_templates_and_dashboards(wheel: Path) ->
                    "careflow/runbooks/device-silent.md", "careflow/mosquitto/careflow-tls.conf",
                    "careflow/mosquitto/device.acl", "careflow/mosquitto/claim.acl",
                    "careflow/mosquitto/mosquitto.conf", "careflow/grafana/dashboards/operational.json",
-                   "careflow/grafana/provisioning/datasources/careflow.yaml"):
+                   "careflow/grafana/provisioning/datasources/careflow.yaml",
+                   "careflow/edge/edge.example.yaml"):
         assert wanted in names, wanted
 
 
