@@ -410,3 +410,39 @@ def test_queued_care_alarms_go_out_even_while_reading_the_spool_fails(
         agent.stop()
         runner.join(timeout=15)
         watcher.close()
+
+
+def test_the_window_of_unacknowledged_messages_frees_itself_after_a_connection_drop(
+    mosquitto: Mosquitto, tmp_path: Path,
+) -> None:
+    """The connection drops while the window is full (the broker stopped, no PUBACK came): the
+    window must not wait for the resend timer (an hour here) to free itself, or nothing but
+    alarms would leave the gateway meanwhile. The MQTT client sends its unacknowledged messages
+    again on reconnect, their PUBACKs free the window, and a new heartbeat goes out."""
+    watcher = Subscriber(mosquitto, "careflow/v1/gw-d/#")
+    agent = EdgeAgent(config(mosquitto, tmp_path / "gw-d", "gw-d", resend_after_s=3600))
+    agent.start()
+    try:
+        wait_until(lambda: agent.connected, what="agent connected")
+        assert mosquitto.proc is not None
+        mosquitto.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3_000):
+                agent.outbox.add("gw-d", "heartbeat", {"interval_s": 60})
+            agent.tick(with_host_health=False)
+            assert agent._window_full(agent._in_flight)
+            agent.cut_network()
+        finally:
+            mosquitto.proc.send_signal(signal.SIGCONT)
+        agent.restore_network()
+        wait_until(lambda: agent.connected, what="agent reconnected")
+        fresh = agent.outbox.add("gw-d", "heartbeat", {"interval_s": 60})
+
+        def fresh_seen() -> bool:
+            agent.tick(with_host_health=False)
+            return any(e["id"] == fresh["id"] for _, events in watcher.events() for e in events)
+
+        wait_until(fresh_seen, timeout_s=60, what="a new heartbeat after the drop")
+    finally:
+        agent.shutdown()
+        watcher.close()
