@@ -83,6 +83,10 @@ OVER_BOUND_RULE = "hub-devices-over-bound"
 CURSOR_SAVE_INTERVAL_MS = 1_000
 RETRY_INTERVAL_MS = 1_000  # after a refused write, how soon evaluation resumes from the log
 CATCH_UP_CHUNK = 1_000  # events read from the log per step when catching up
+# Events (and conflict dead letters) evaluated from the log per commit or clock tick while
+# behind: a hub restarted a million events behind goes on ingesting while it catches up
+# (about 0.4 s of evaluation per call), rather than holding the writer thread for a minute.
+CATCH_UP_PER_CALL = 20 * CATCH_UP_CHUNK
 
 
 GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets it
@@ -174,6 +178,9 @@ class AlertStage:
         self._saved_at_ms: int | None = None
         self._log_end = 0  # the newest log position known to be committed
         self._conflicts_due = True  # conflict dead letters may wait after the cursor
+        # while catching up over more than one call: when the oldest event not yet evaluated
+        # arrived (None when caught up), so the lag says how far behind evaluation really is
+        self._behind_since_ms: int | None = None
         # set when the store refused a write: the evaluator then counts changes as done that
         # the store does not hold, so it is rebuilt and evaluation resumes from the cursors
         self._stale_since_ms: int | None = None
@@ -327,9 +334,11 @@ class AlertStage:
             self._lag_ms = max(self._lag_ms, now_ms - self._last_tick_ms)
         self._last_tick_ms = now_ms
         # the clock is judged only once the rules have seen everything stored
-        if self._catch_up(now_ms) and self._guarded(now_ms, lambda: self._step(
+        if self._catch_up(now_ms):
+            self._guarded(now_ms, lambda: self._step(
                 self.evaluator.tick(now_ms), self._evaluated, self._conflicts_evaluated,
-                now_ms)):
+                now_ms))
+        if self._stale_since_ms is None:  # a long catch-up keeps its progress too
             self._save_progress(now_ms)
         if self.channels:
             self._remind(now_ms)
@@ -337,18 +346,30 @@ class AlertStage:
     def _catch_up(self, now_ms: int) -> bool:
         """Evaluate from the log whatever is stored and not yet evaluated (events, then
         conflicting alarms), recording each chunk with the cursors; False while the store
-        refuses (evaluation resumes from the cursors at the next chance)."""
+        refuses (evaluation resumes from the cursors at the next chance), and while more
+        than CATCH_UP_PER_CALL wait (the next commit or tick goes on)."""
         if self._stale_since_ms is not None:
             if now_ms < self._retry_at_ms:
                 return False
             if not self._guarded(now_ms, self._resume):
                 return False
-        return self._guarded(now_ms, lambda: self._read_and_evaluate(now_ms))
+        caught_up = False
 
-    def _read_and_evaluate(self, now_ms: int) -> None:
+        def work() -> None:
+            nonlocal caught_up
+            caught_up = self._read_and_evaluate(now_ms)
+
+        return self._guarded(now_ms, work) and caught_up
+
+    def _read_and_evaluate(self, now_ms: int) -> bool:
         """Events and conflicting alarms in the order they were committed (a conflict after
-        the events of its own commit), as live evaluation sees them."""
+        the events of its own commit), as live evaluation sees them; False when it stopped at
+        CATCH_UP_PER_CALL with more to do."""
+        budget = CATCH_UP_PER_CALL
         while True:
+            if budget <= 0 and (self._evaluated < self._log_end or self._conflicts_due):
+                self._note_behind()
+                return False
             letters = self._waiting_conflicts()
             until = self._log_end
             if letters:  # the events committed before the first waiting conflict come first
@@ -361,11 +382,23 @@ class AlertStage:
                 end = chunk[-1].pos if chunk else until
                 self._step(self._observe(chunk, None, now_ms), end, self._conflicts_evaluated,
                            now_ms)
+                budget -= max(len(chunk), 1)
+                if budget <= 0 and self._evaluated < until:
+                    self._note_behind()
+                    return False
             if not letters:
-                return
+                self._behind_since_ms = None
+                return True
             ready = [letter for letter in letters if (letter.log_pos or 0) <= self._evaluated]
             transitions = [t for letter in ready for t in self._observe_conflict(letter, now_ms)]
             self._step(transitions, self._evaluated, ready[-1].pos, now_ms)
+            budget -= len(ready)
+
+    def _note_behind(self) -> None:
+        """Remember when the oldest event still waiting arrived (for :meth:`lag`)."""
+        waiting = next(self.store.iter_log(EventFilter(), after_pos=self._evaluated, chunk=1),
+                       [])
+        self._behind_since_ms = waiting[0].received_ms if waiting else None
 
     def _waiting_conflicts(self) -> list[DeadLetter]:
         """The next conflict dead letters after the cursor (none unless a commit had some)."""
@@ -471,6 +504,9 @@ class AlertStage:
             worst = max(worst, now_ms - self._last_tick_ms)
         if self._stale_since_ms is not None:  # the store refuses: evaluation waits
             worst = max(worst, now_ms - self._stale_since_ms)
+        behind = self._behind_since_ms
+        if behind is not None:  # catching up: the oldest event waiting has waited this long
+            worst = max(worst, now_ms - behind)
         self._lagging_since_ms = lagging_since(self._lagging_since_ms, lag_ms=worst,
                                                now_ms=now_ms)
         return worst, self._lagging_since_ms

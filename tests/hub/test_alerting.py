@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
 from careflow.errors import StoreError
+from careflow.hub import alerting
 from careflow.hub.alerting import ALERTS_CURSOR, AlertStage, conflicting_alarm
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
@@ -350,3 +351,31 @@ def test_a_hub_killed_between_any_commit_and_its_evaluation_announces_the_same(
             (Path(folder) / "r.yaml").write_text(RULES + ALARM_RULE)
         assert _announced_after(Path(killed), batches, ticks, crash_at) == \
             _announced_after(Path(calm), batches, ticks, None)
+
+
+def test_a_hub_far_behind_catches_up_in_bounded_steps_and_says_it_lags(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """Restarted far behind its log, the stage evaluates at most CATCH_UP_PER_CALL events per
+    tick (the writer thread goes back to ingest in between), keeps its progress across a kill,
+    reports the wait as lag, and reaches the alarm at the end exactly once."""
+    monkeypatch.setattr(alerting, "CATCH_UP_CHUNK", 10)
+    monkeypatch.setattr(alerting, "CATCH_UP_PER_CALL", 50)
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage_on(store, tmp_path)  # the hub ran once (its cursors are set), then stopped evaluating
+    door, sos = Stamper(gateway="gw", device="door"), Stamper(gateway="gw", device="sos")
+    store.append(batch_of([door.stamp("status", {"state": "ok"}) for _ in range(180)],
+                          received_ms=T0))
+    store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})],
+                          received_ms=T0))
+    stage = stage_on(store, tmp_path)
+    stage.tick(T0 + 60_000)
+    assert 0 < stage.unrecorded <= 181 - 50  # one bounded step, not the whole log
+    assert store.cursor(ALERTS_CURSOR) >= 50  # progress kept: a kill does not start over
+    assert stage.lag(T0 + 60_000)[0] >= 60_000  # the oldest event waiting, not the last tick
+    stage = stage_on(store, tmp_path)  # killed here
+    for step in range(1, 10):
+        stage.tick(T0 + 60_000 + step)
+    assert stage.unrecorded == 0
+    assert announced(store) == [("care-alarm", "sos", "firing")]
