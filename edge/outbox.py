@@ -182,16 +182,21 @@ class Outbox:
         more than it takes to pass ``max_bytes`` of bodies (at least one), so a backlog of large
         events is never loaded whole to send one message's worth."""
         stale = now_ms - resend_after_ms
-        cap = -1 if max_bytes is None else max_bytes  # -1: no bound
+        due: list[Pending] = []
         with self._lock:
-            lanes = [self._conn.execute(
-                "SELECT n, id, type, body, sent_ms FROM ("
-                " SELECT n, id, type, body, sent_ms, SUM(length(body)) OVER"
-                "  (ORDER BY n ROWS UNBOUNDED PRECEDING) - length(body) AS before"
-                f" FROM outbox WHERE type {op} 'alert' AND (sent_ms IS NULL OR sent_ms <= ?)"
-                " ORDER BY n LIMIT ?) WHERE ? < 0 OR before < ? ORDER BY n",
-                (stale, limit, cap, cap)).fetchall() for op in ("=", "!=")]
-        return [Pending(*row) for lane in lanes for row in lane]
+            for op in ("=", "!="):  # care alarms, then the rest
+                used = 0
+                rows = self._conn.execute(  # read lazily: only what is kept is loaded
+                    "SELECT n, id, type, body, sent_ms FROM outbox WHERE type "
+                    f"{op} 'alert' AND (sent_ms IS NULL OR sent_ms <= ?) ORDER BY n LIMIT ?",
+                    (stale, limit))
+                for row in rows:
+                    if max_bytes is not None and used >= max_bytes:
+                        break
+                    due.append(Pending(*row))
+                    used += len(row[3])
+                rows.close()
+        return due
 
     def mark_sent(self, items: Iterable[Pending], *, now_ms: int) -> None:
         """Remember when these were handed to the broker."""
