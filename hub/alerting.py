@@ -334,7 +334,7 @@ class AlertStage:
             self._lag_ms = max(self._lag_ms, now_ms - self._last_tick_ms)
         self._last_tick_ms = now_ms
         # the clock is judged only once the rules have seen everything stored
-        if self._catch_up(now_ms):
+        if self._catch_up(now_ms, look_at_the_log=True):
             self._guarded(now_ms, lambda: self._step(
                 self.evaluator.tick(now_ms), self._evaluated, self._conflicts_evaluated,
                 now_ms))
@@ -343,11 +343,16 @@ class AlertStage:
         if self.channels:
             self._remind(now_ms)
 
-    def _catch_up(self, now_ms: int) -> bool:
+    def _catch_up(self, now_ms: int, *, look_at_the_log: bool = False) -> bool:
         """Evaluate from the log whatever is stored and not yet evaluated (events, then
         conflicting alarms), recording each chunk with the cursors; False while the store
         refuses (evaluation resumes from the cursors at the next chance), and while more
-        than CATCH_UP_PER_CALL wait (the next commit or tick goes on)."""
+        than CATCH_UP_PER_CALL wait (the next commit or tick goes on).
+
+        ``look_at_the_log`` (the clock): find the log's end and any conflicts in the store
+        itself, not only from the commits handed over, so a commit that never reached
+        :meth:`handle` (its bookkeeping failed first) waits for a tick, not for the next one.
+        """
         if self._stale_since_ms is not None:
             if now_ms < self._retry_at_ms:
                 return False
@@ -357,6 +362,9 @@ class AlertStage:
 
         def work() -> None:
             nonlocal caught_up
+            if look_at_the_log:
+                self._log_end = max(self._log_end, self.store.last_pos())
+                self._conflicts_due = True
             caught_up = self._read_and_evaluate(now_ms)
 
         return self._guarded(now_ms, work) and caught_up

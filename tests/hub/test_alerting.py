@@ -379,3 +379,25 @@ def test_a_hub_far_behind_catches_up_in_bounded_steps_and_says_it_lags(
         stage.tick(T0 + 60_000 + step)
     assert stage.unrecorded == 0
     assert announced(store) == [("care-alarm", "sos", "firing")]
+
+
+def test_a_commit_whose_bookkeeping_failed_before_evaluation_is_evaluated_at_the_next_tick(
+    tmp_path: Path,
+) -> None:
+    """The hub hands each commit to the stage after confirming it to its gateways; if that
+    bookkeeping fails (a bug), the commit never reaches handle(). The clock finds it in the
+    log anyway: an alarm, and a conflicting alarm, are announced without waiting for another
+    commit (which, on a quiet night, may be long)."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    stage.tick(T0)
+    sos = Stamper(gateway="gw", device="sos")
+    store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    stage.tick(T0 + 250)  # no handle() for that commit
+    assert announced(store) == [("care-alarm", "sos", "firing")]
+    heartbeat, alarm = conflicting_alarm_batch("boot-kept")
+    stage.handle(store.append(heartbeat).stored, now_ms=T0 + 300)
+    assert store.append(alarm).conflicts == 1  # no handle() for this one either
+    stage.tick(T0 + 500)
+    assert announced(store) == [("care-alarm", "sos", "firing"), ("care-alarm", "fall", "firing")]
