@@ -14,6 +14,7 @@ from careflow.edge.refusal import (
     refusal_report,
     sniff_type,
     undeliverable_reason,
+    unreadable_report,
 )
 from careflow.edge.stamper import Stamper
 from careflow.errors import ContractError
@@ -115,3 +116,35 @@ def test_it_does_not_take_a_refused_reading_for_a_care_alarm(
     value: object, text: str, expected: str | None,
 ) -> None:
     assert sniff_type(value, text) == expected
+
+
+_anything = st.text(alphabet=st.characters(blacklist_categories=()), max_size=3_000)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_anything, device=st.one_of(st.none(), _anything), reason=_anything,
+       name=_anything.filter(bool), refused_type=st.one_of(st.none(), _anything))
+def test_reports_stay_valid_and_storable_whatever_they_carry(
+    tmp_path_factory: pytest.TempPathFactory, text: str, device: str | None, reason: str,
+    name: str, refused_type: str | None,
+) -> None:
+    """Lone surrogates (a non-UTF-8 file name, a JSON escape), NUL and control characters in
+    every field a report copies: it is still a valid, small event the outbox can store."""
+    from careflow.edge.outbox import Outbox  # noqa: PLC0415 - a real SQLite outbox
+
+    box = Outbox(tmp_path_factory.mktemp("o") / "outbox.db", gateway="gw-1", boot="b",
+                 synchronous="off")
+    reports = [
+        refusal_report(text=text, size=len(text), reason=ContractError("schema", reason),
+                       source=f"spool {name} line 1", refused_type=refused_type,
+                       refused_device=device),
+        unreadable_report(name=name, reason=reason, lines_read=3,
+                          quarantined_to=f"quarantine/{name}"),
+    ]
+    for data in reports:
+        event = box.add("gw-1", "error", data)
+        parse_event(event)
+    for pending in box.due(now_ms=0, resend_after_ms=0, limit=10):
+        assert len(pending.body) <= MAX_EVENT_BYTES
+        pending.body.encode("utf-8")  # storable and sendable as it is
+    box.close()
