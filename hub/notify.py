@@ -317,6 +317,11 @@ class NotificationSender:
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
         self._wakes = {name: threading.Event() for name in self.channels}
+        # per channel: a message the channel took (or refused) whose outcome the store did not
+        # record; it stays claimed and is recorded before anything else goes out on the channel
+        self._unrecorded: dict[str, tuple[Sequence[Notification],
+                                          Mapping[int, Incident | None],
+                                          TransportError | None]] = {}
         self.sent = 0
         self.failed = 0
         self.cancelled = 0
@@ -361,7 +366,8 @@ class NotificationSender:
                 log.exception("notification delivery failed unexpectedly",
                               extra={"channel": channel})
                 self._stop.wait(1.0)
-                self._release(channel)
+                if channel not in self._unrecorded:  # sent ones are recorded, not sent again
+                    self._release(channel)
                 continue
             if messages:
                 last_message = time.monotonic()
@@ -427,6 +433,12 @@ class NotificationSender:
     def _deliver_channel(self, channel: str, now_ms: int) -> tuple[int, int]:
         """Claim what is due on one channel, drop reminders that are moot, send the rest as one
         message; return (notifications claimed, messages sent or tried)."""
+        if channel in self._unrecorded:  # the store refused the last outcome: record it now
+            self._record(*self._unrecorded[channel])
+            notes = self._unrecorded.pop(channel)[0]
+            with self._store_lock:  # what did not fit in that message goes in the next
+                self.store.release_claimed_notifications(channel)
+            return len(notes), 0
         with self._store_lock:
             claimed = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
                                                      channel=channel)
@@ -453,7 +465,11 @@ class NotificationSender:
             self._transports[channel].send(title, body)
         except TransportError as exc:
             error = exc
-        self._record(due[:count], incidents, error)
+        try:
+            self._record(due[:count], incidents, error)
+        except Exception:  # never sent again while this process runs (a restart may)
+            self._unrecorded[channel] = (due[:count], incidents, error)
+            raise
         if count < len(due):  # only this channel's sender claims its notifications
             with self._store_lock:
                 self.store.release_claimed_notifications(channel)

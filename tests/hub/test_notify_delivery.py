@@ -653,10 +653,10 @@ def test_it_keeps_a_care_alarm_for_a_channel_not_configured_until_it_is(
     assert the_note(store, alarm).state == "sent" and len(receiver.to("/oncall")) == 1
 
 
-class StoreThatFailsOnce(SqliteStore):
-    """A real store whose first write of a delivery result fails (database locked)."""
+class StoreThatFailsToRecord(SqliteStore):
+    """A real store whose first writes of a delivery result fail (database locked)."""
 
-    failures = 1
+    failures = 5
 
     def finish_notification(self, notification_id: int, **kwargs: Any) -> None:
         if self.failures:
@@ -666,19 +666,50 @@ class StoreThatFailsOnce(SqliteStore):
         super().finish_notification(notification_id, **kwargs)
 
 
-def test_it_sends_again_what_a_store_error_left_claimed(tmp_path: Path,
-                                                        receiver: Receiver) -> None:
+class StoreThatFailsBeforeSending(SqliteStore):
+    """A real store whose first read of an incident at send time fails, after the claim."""
+
+    failures = 1
+
+    def incident(self, incident_id: int) -> Incident | None:
+        if self.failures:
+            self.failures -= 1
+            msg = "cannot read the event store: database is locked"
+            raise StoreError(msg)
+        return super().incident(incident_id)
+
+
+def test_it_records_again_and_never_sends_again_what_the_store_did_not_record(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    """Sent, then the store refuses the result five times: released and claimed again each
+    round, the care alarm went out again every second for as long as the store refused."""
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
     store = SqliteStore(tmp_path / "db")
     alarm = open_alarm(store, 1, "oncall")
-    sender = NotificationSender(StoreThatFailsOnce(tmp_path / "db"), channels)
+    sender = NotificationSender(StoreThatFailsToRecord(tmp_path / "db"), channels)
     sender.start()
     try:
         wait_until(lambda: the_note(store, alarm).state == "sent", what="sent and recorded")
     finally:
         sender.stop()
-    first, again = receiver.to("/oncall")  # sent, not recorded, so sent again: same ref
-    assert first["message"] == again["message"] and "Ref: careflow-n1" in first["message"]
+    (once,) = receiver.to("/oncall")
+    assert "Ref: careflow-n1" in once["message"]
+
+
+def test_it_sends_what_a_store_error_before_sending_left_claimed(
+    tmp_path: Path, receiver: Receiver,
+) -> None:
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
+    store = SqliteStore(tmp_path / "db")
+    alarm = open_alarm(store, 1, "oncall")
+    sender = NotificationSender(StoreThatFailsBeforeSending(tmp_path / "db"), channels)
+    sender.start()
+    try:
+        wait_until(lambda: the_note(store, alarm).state == "sent", what="sent and recorded")
+    finally:
+        sender.stop()
+    assert len(receiver.to("/oncall")) == 1
 
 
 def test_it_says_why_a_test_message_was_refused() -> None:
