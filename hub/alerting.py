@@ -253,8 +253,8 @@ class AlertStage:
                 {"interval_s": interval} if interval else {}), record.last_seen_ms)
         evaluator.firing.clear()  # seeding the clock must not resolve or open anything
         for incident in self.store.incidents(states=("open", "acknowledged"), limit=100_000):
-            evaluator.firing[(incident.rule, (incident.gateway, incident.device))] = \
-                incident.triggered_ms
+            evaluator.restore_firing(incident.rule, (incident.gateway, incident.device),
+                                     incident.triggered_ms)
         log_end = self.store.last_pos()
         events = self.store.cursor(ALERTS_CURSOR, missing=-1)
         conflicts = self.store.cursor(CONFLICTS_CURSOR, missing=-1)

@@ -85,6 +85,10 @@ class Evaluator:
     # Per event type, the rules that can react to it, in rule order (observe runs per event).
     _for_type: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     _watches: dict[tuple[str, Subject], bool] = field(default_factory=dict)  # selector results
+    # The first clock this evaluator saw: what came before is not in its rate windows, so a
+    # window younger than that cannot tell that a rate dropped (a rebuilt evaluator would
+    # otherwise call a burst that goes on "over" at its next event).
+    _watching_since_ms: int | None = None
 
     def observe(self, obs: Observation, now_ms: int) -> list[Transition]:
         """Account for one event; return what started or stopped firing."""
@@ -133,8 +137,17 @@ class Evaluator:
             watched = self._watches[key] = rule.select.matches(*subject)
         return watched
 
+    def restore_firing(self, rule: str, subject: Subject, since_ms: int) -> None:
+        """Take over a change recorded before this evaluator existed (a restart, a rebuild):
+        it fires, and a rate rule's window is watched so it can clear when the rate drops."""
+        self.firing[(rule, subject)] = since_ms
+        if any(isinstance(r, RateRule) and r.name == rule for r in self.rules):
+            self._rates.setdefault((rule, subject), collections.deque())
+
     def tick(self, now_ms: int) -> list[Transition]:
         """Let time pass: absences, threshold ``for`` windows and rate windows move on."""
+        if self._watching_since_ms is None:
+            self._watching_since_ms = now_ms
         out: list[Transition] = []
         rules = {rule.name: rule for rule in self.rules}
         while self._deadlines and self._deadlines[0][0] < now_ms:
@@ -240,6 +253,10 @@ class Evaluator:
         if len(window) > rule.more_than:
             return self._fire(rule, subject, now_ms, f"{len(window)} {rule.type} events in "
                                                      f"{rule.within // 1000}s")
+        if self._watching_since_ms is None:
+            self._watching_since_ms = now_ms
+        if now_ms - self._watching_since_ms < rule.within:
+            return []  # part of this window came before this evaluator: too soon to say
         return self._resolve(rule, subject, now_ms, f"{len(window)} {rule.type} events in "
                                                     f"{rule.within // 1000}s")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,52 @@ def test_a_commit_whose_bookkeeping_failed_before_evaluation_is_evaluated_at_the
     assert store.append(alarm).conflicts == 1  # no handle() for this one either
     stage.tick(T0 + 500)
     assert announced(store) == [("care-alarm", "sos", "firing"), ("care-alarm", "fall", "firing")]
+
+
+RATE_RULE = """
+  - name: error-burst
+    kind: rate
+    type: error
+    more_than: 2
+    within: 60s
+"""
+
+
+def test_a_burst_firing_across_a_restart_is_not_declared_over_by_its_next_event(
+    tmp_path: Path,
+) -> None:
+    """A restarted stage (or one rebuilt after a refused write) does not know the rate
+    windows it had: the first error after it counted as a window of one, so a burst still
+    going on was announced as over. The window must be watched whole before it may clear."""
+    (tmp_path / "r.yaml").write_text(RULES + RATE_RULE)
+    now = time.time_ns() // 1_000_000  # the events carry the time they were stamped
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    noisy = Stamper(gateway="gw", device="noisy")
+    for step in range(3):
+        stored = store.append(batch_of([noisy.stamp("error", {"code": "E", "message": "boom"})]))
+        stage.handle(stored.stored, now_ms=now + step)
+    assert announced(store) == [("error-burst", "noisy", "firing")]
+    stage = stage_on(store, tmp_path)  # restarted
+    stored = store.append(batch_of([noisy.stamp("error", {"code": "E", "message": "boom"})]))
+    stage.handle(stored.stored, now_ms=now + 1_000)
+    stage.tick(now + 30_000)
+    assert announced(store) == [("error-burst", "noisy", "firing")]  # not over: unknown yet
+    stage.tick(now + 1_000 + 61_000)  # a whole window seen with one error: over
+    assert announced(store) == [("error-burst", "noisy", "firing"),
+                                ("error-burst", "noisy", "resolved")]
+
+
+def test_a_burst_firing_across_a_restart_clears_when_nothing_more_comes(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RULES + RATE_RULE)
+    now = time.time_ns() // 1_000_000  # the events carry the time they were stamped
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    noisy = Stamper(gateway="gw", device="noisy")
+    stage.handle(store.append(batch_of([noisy.stamp("error", {"code": "E", "message": "boom"})
+                                        for _ in range(3)])).stored, now_ms=now)
+    stage = stage_on(store, tmp_path)  # restarted; the device then fell quiet
+    stage.tick(now + 1_000)
+    stage.tick(now + 1_000 + 61_000)
+    assert announced(store) == [("error-burst", "noisy", "firing"),
+                                ("error-burst", "noisy", "resolved")]
