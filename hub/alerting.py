@@ -532,7 +532,7 @@ class AlertStage:
         this check announces it after the restart, and only once.
         """
         letters = self.store.dead_letters_after(self._over_bound_pos, code="too_many_devices",
-                                                limit=CATCH_UP_CHUNK)
+                                                limit=CATCH_UP_PER_CALL, placed_only=True)
         problems, again = self._with_refused_alarms(problems, again, letters, now_ms)
         self._pending_wake = False
         with self.store.atomically("check the hub itself"):

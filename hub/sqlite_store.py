@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload BLOB NOT NULL,
     payload_size INTEGER NOT NULL,
     batch_index INTEGER,
-    log_pos INTEGER  -- a conflict: the end of the event log after its commit
+    log_pos INTEGER  -- a conflict, a refused care alarm: the end of the event log after its commit
 );
 -- the alert stage reads the conflicts after its cursor, however many other refusals there are
 CREATE INDEX IF NOT EXISTS dead_letters_by_code ON dead_letters (code, pos);
@@ -445,10 +445,17 @@ class SqliteStore:
     def _append(self, batch: IncomingBatch) -> AppendResult:
         batch, over_bound = self._within_bound(batch)
         conn = self._conn
-        dead = [_dead_letter_row(r, received) for r, received in batch.rejected
-                if not (r.retained and self._already_dead_lettered(r))]
         rows = [_event_row(accepted, received_ms) for accepted, received_ms in batch.accepted]
         stored = self._insert_all_fresh(batch, rows)
+        # care alarms refused beyond the device bound (the last of the refusals) are placed in
+        # the log as conflicts are: the alert stage announces them from there
+        alarms = [False] * (len(batch.rejected) - len(over_bound)) + \
+            [item.alarm for item in over_bound]
+        alarm_pos = int(conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0]) \
+            if any(alarms) else None
+        dead = [_dead_letter_row(r, received, alarm_pos if alarm else None)
+                for (r, received), alarm in zip(batch.rejected, alarms, strict=True)
+                if not (r.retained and self._already_dead_lettered(r))]
         duplicates = conflicts = 0
         conflicted: list[tuple[Rejected, int]] = []
         if stored is None:  # some are repeats: insert one by one and judge the rest
@@ -556,8 +563,9 @@ class SqliteStore:
             # maximum out again, which would put a new conflict behind the alert stage's cursor.
             # Care alarms refused beyond the device bound stay until the hub announced them.
             conn.execute("DELETE FROM dead_letters WHERE pos <= ? AND (code != 'conflict' OR "
-                         "pos <= ?) AND (code != 'too_many_devices' OR pos <= ?) AND "
-                         "pos < (SELECT MAX(pos) FROM dead_letters)", (cut, protected, over_bound))
+                         "pos <= ?) AND (code != 'too_many_devices' OR log_pos IS NULL OR "
+                         "pos <= ?) AND pos < (SELECT MAX(pos) FROM dead_letters)",
+                         (cut, protected, over_bound))
 
     def _insert_all_fresh(
         self, batch: IncomingBatch, rows: list[tuple[Any, ...]]
@@ -1182,12 +1190,14 @@ class SqliteStore:
         params.append(limit)
         return [DeadLetter(*row) for row in self._read(sql, params)]
 
-    def dead_letters_after(self, after_pos: int, *, code: str,
-                           limit: int = 1000) -> list[DeadLetter]:
-        """Dead letters of one code after a position, oldest first (a consumer's cursor)."""
+    def dead_letters_after(self, after_pos: int, *, code: str, limit: int = 1000,
+                           placed_only: bool = False) -> list[DeadLetter]:
+        """Dead letters of one code after a position, oldest first (a consumer's cursor);
+        ``placed_only``: only those placed in the event log (care alarms among refusals)."""
+        placed = " AND log_pos IS NOT NULL" if placed_only else ""
         rows = self._read(
             "SELECT pos, received_ms, topic, code, reason, payload, payload_size, batch_index, "
-            "log_pos FROM dead_letters WHERE pos > ? AND code = ? ORDER BY pos LIMIT ?",
+            f"log_pos FROM dead_letters WHERE pos > ? AND code = ?{placed} ORDER BY pos LIMIT ?",
             (after_pos, code, limit))
         return [DeadLetter(*row) for row in rows]
 

@@ -308,9 +308,10 @@ class EventStore(Protocol):
         """Newest dead letters first."""
         ...
 
-    def dead_letters_after(self, after_pos: int, *, code: str,
-                           limit: int = 1000) -> list[DeadLetter]:
-        """Dead letters of one code after a position, oldest first (a consumer's cursor)."""
+    def dead_letters_after(self, after_pos: int, *, code: str, limit: int = 1000,
+                           placed_only: bool = False) -> list[DeadLetter]:
+        """Dead letters of one code after a position, oldest first (a consumer's cursor);
+        ``placed_only``: only those placed in the event log (care alarms among refusals)."""
         ...
 
     def dead_letter_count(self) -> int:

@@ -175,3 +175,24 @@ def test_a_refused_care_alarm_is_announced_after_a_kill_before_the_self_check(
     AlertStage(store, rules).check_self({}, T0 + 2000)  # killed again: nothing new to say
     ours = [i for i in store.incidents(states=None) if i.rule == "hub-devices-over-bound"]
     assert [(i.id, i.raises) for i in ours] == [(own.id, own.raises)]
+
+
+def test_a_flood_of_invented_devices_neither_grows_the_dead_letters_nor_hides_an_alarm(
+    tmp_path: Path,
+) -> None:
+    """Thousands of heartbeats from invented devices stay within the dead-letter bounds (only
+    refused care alarms wait for their announcement), and an alarm behind them is announced
+    at the next self-check."""
+    store = SqliteStore(tmp_path / "db", max_devices_per_gateway=1, dead_letter_max_rows=100)
+    stage = AlertStage(store, load_rules([]))
+    store.append(batch_of(_events("gw", ["gw", "d1"])))
+    for start in range(0, 3000, 500):
+        store.append(batch_of(_events("gw", [f"x{n}" for n in range(start, start + 500)])))
+    sos = Stamper(gateway="gw", device="sos-9").stamp("alert", {"kind": "sos", "state": "raised"})
+    store.append(batch_of([sos]))
+    store.append(batch_of(_events("gw", [f"y{n}" for n in range(500)])))
+    assert store.dead_letter_count() <= 100 + 500 + 1  # the bound, a commit, the alarm
+    stage.check_self({}, T0)
+    own = store.unresolved_incident(rule="hub-devices-over-bound", gateway=HUB_GATEWAY,
+                                    device=HUB_DEVICE)
+    assert own is not None and "sos-9" in own.detail

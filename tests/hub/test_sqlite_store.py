@@ -317,13 +317,17 @@ def test_it_records_a_retained_message_already_dead_lettered_only_once(tmp_path:
     assert store.append(IncomingBatch([], [(new, 1)])).dead_lettered == 1
 
 
-def test_it_never_prunes_over_bound_refusals_the_hub_has_yet_to_announce(tmp_path: Path) -> None:
-    """Such a refusal may be a care alarm the hub announces from its dead letter."""
-    store = SqliteStore(tmp_path / "db", dead_letter_max_rows=10)
+def test_it_never_prunes_refused_care_alarms_the_hub_has_yet_to_announce(tmp_path: Path) -> None:
+    """A care alarm refused beyond the device bound is announced from its dead letter; other
+    refusals of invented devices are pruned as any dead letter is (a flood stays bounded)."""
+    store = SqliteStore(tmp_path / "db", dead_letter_max_rows=10, max_devices_per_gateway=0)
     store.set_cursor(OVER_BOUND_CURSOR, 0)  # the hub has announced nothing yet
-    store.append(_junk(5, code="too_many_devices"))
-    store.append(_junk(20))
-    assert len(store.dead_letters(limit=100, code="too_many_devices")) == 5
-    store.set_cursor(OVER_BOUND_CURSOR, 5)  # now it has
-    store.append(_junk(1))
-    assert store.dead_letters(limit=100, code="too_many_devices") == []
+    store.append(batch_of([Stamper(gateway="gw", device=f"sos-{n}").stamp(
+        "alert", {"kind": "sos", "state": "raised"}) for n in range(5)]))
+    store.append(batch_of([heartbeat(Stamper(gateway="gw", device=f"x{n}")) for n in range(30)]))
+    kept = store.dead_letters(limit=100, code="too_many_devices")
+    assert sorted(b"sos-" in letter.payload for letter in kept).count(True) == 5
+    assert len(kept) < 20
+    store.set_cursor(OVER_BOUND_CURSOR, max(letter.pos for letter in kept))  # announced
+    store.append(batch_of([heartbeat(Stamper(gateway="gw", device=f"y{n}")) for n in range(30)]))
+    assert not [d for d in store.dead_letters(limit=100) if b"sos-" in d.payload]
