@@ -121,3 +121,82 @@ def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once
     assert "not stored" in conflict and boot in conflict
     assert {path for _, path, _, _ in http_receiver.requests} == {"/oncall"}
     assert store.count_incidents() == 2
+
+
+def test_a_care_alarm_refused_beyond_the_device_bound_is_announced_after_a_kill(
+    mosquitto: Mosquitto, tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    """A care alarm from a device beyond CAREFLOW_MAX_DEVICES_PER_GATEWAY is dead-lettered,
+    acknowledged and confirmed to its gateway; the hub announces it with its own alert. Held
+    between the two (the database refuses incidents, as a full disk would), then killed: the
+    restarted hub still announces it, once."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(RULES)
+    data_dir = tmp_path / "data"
+    db = data_dir / "careflow.db"
+    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data_dir),
+           "CAREFLOW_BROKER_URL": mosquitto.url, "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
+           "CAREFLOW_MAX_DEVICES_PER_GATEWAY": "1",
+           "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/oncall",
+           "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/ops"}
+    log = tmp_path / "hub.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as sink:
+            return subprocess.Popen(careflow_cmd("hub"), env=env, stdout=sink, stderr=sink)
+
+    def health() -> dict[str, object]:
+        return (store.read_health() or (0, {}))[1]
+
+    confirmed: list[str] = []
+    url = parse_broker_url(mosquitto.url)
+    gateway = make_client(client_id="gw-1-acks", clean_session=True, url=url)
+    gateway.on_message = lambda _c, _u, m: confirmed.extend(json.loads(m.payload)["ids"])
+    connect_blocking(gateway, url)
+    gateway.subscribe(ack_topic("gw-1"), qos=1)
+
+    hub = start()
+    try:
+        wait_until(db.exists, what="store created")
+        store = SqliteStore(db)
+        wait_until(lambda: health().get("connected") is True, what="hub connected")
+        known = [Stamper(gateway="gw-1", device=d).stamp("heartbeat", {"interval_s": 60})
+                 for d in ("gw-1", "door-1")]
+        publish(mosquitto, known)
+        wait_until(lambda: {e["id"] for e in known} <= set(confirmed), what="the bound filled")
+
+        with sqlite3.connect(db) as refuse:
+            refuse.execute(REFUSE_INCIDENTS)
+        alarm = Stamper(gateway="gw-1", device="sos-9").stamp(
+            "alert", {"kind": "sos", "state": "raised"})
+        publish(mosquitto, [alarm])
+        wait_until(lambda: alarm["id"] in confirmed, what="the alarm confirmed to the gateway")
+        wait_until(lambda: int(health().get("alert_errors") or 0) >= 1,
+                   what="the hub failing to record its own alert")
+        hub.send_signal(signal.SIGKILL)
+        hub.wait(timeout=10)
+        assert store.count_incidents() == 0 and http_receiver.requests == []
+        assert [d.code for d in store.dead_letters()] == ["too_many_devices"]
+
+        with sqlite3.connect(db) as room:
+            room.execute("DROP TRIGGER refuse_incidents")
+        hub = start()
+        wait_until(lambda: any("sos-9" in body["message"] for body in http_receiver.bodies),
+                   timeout_s=30, what="the refused alarm announced after the restart")
+        hub.send_signal(signal.SIGKILL)  # and once more: nothing said twice
+        hub.wait(timeout=10)
+        before = (store.read_health() or (0, {}))[0]
+        hub = start()
+        wait_until(lambda: (store.read_health() or (0, {}))[0] != before and
+                   health().get("connected") is True, what="hub up again")
+        fresh = (store.read_health() or (0, {}))[0]
+        wait_until(lambda: (store.read_health() or (0, {}))[0] != fresh,
+                   what="a self-check of the restarted hub")
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        assert hub.wait(timeout=20) == 0, log.read_text()[-3000:]
+        gateway.disconnect()
+        gateway.loop_stop()
+    messages = [body["message"] for body in http_receiver.bodies]
+    assert sum("sos-9" in m for m in messages) == 1, messages
+    assert {path for _, path, _, _ in http_receiver.requests} == {"/oncall"}
