@@ -470,11 +470,16 @@ class AlertStage:
         transaction); with no changes, only move on in memory (see _save_progress)."""
         if transitions:
             self._pending_wake = False
-            with self.store.atomically("record alert changes"):
-                for transition in transitions:
-                    self._record_one(transition)
-                self.store.set_cursor(ALERTS_CURSOR, events_pos)
-                self.store.set_cursor(CONFLICTS_CURSOR, conflicts_pos)
+            counted = (self.opened, self.muted)  # a refused transaction counts nothing
+            try:
+                with self.store.atomically("record alert changes"):
+                    for transition in transitions:
+                        self._record_one(transition)
+                    self.store.set_cursor(ALERTS_CURSOR, events_pos)
+                    self.store.set_cursor(CONFLICTS_CURSOR, conflicts_pos)
+            except BaseException:
+                self.opened, self.muted = counted
+                raise
             self._saved, self._saved_at_ms = (events_pos, conflicts_pos), now_ms
             if self._pending_wake:
                 self.on_queued()

@@ -451,3 +451,36 @@ def test_a_burst_firing_across_a_restart_clears_when_nothing_more_comes(tmp_path
     stage.tick(now + 1_000 + 61_000)
     assert announced(store) == [("error-burst", "noisy", "firing"),
                                 ("error-burst", "noisy", "resolved")]
+
+
+class SecondOpenFails(SqliteStore):
+    """A real store that refuses the second incident it is asked to open (the disk fills up
+    in the middle of a transaction)."""
+
+    calls = 0
+
+    def open_incident(self, **kwargs: Any) -> int | None:  # type: ignore[override]
+        self.calls += 1
+        if self.calls == 2:
+            msg = "cannot open an incident in the event store: database or disk is full"
+            raise StoreError(msg)
+        return super().open_incident(**kwargs)
+
+
+def test_the_count_of_opened_incidents_is_not_inflated_by_a_refused_transaction(
+    tmp_path: Path,
+) -> None:
+    """The hub's health reports incidents_opened: a transaction the store refused and that
+    was recorded again must count its incidents once."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SecondOpenFails(tmp_path / "db")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]))
+    door, sos = Stamper(gateway="gw", device="door"), Stamper(gateway="gw", device="sos")
+    stored = store.append(batch_of([
+        door.stamp("status", {"state": "ok", "battery_pct": 5}),
+        sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+    stage.handle(stored.stored, now_ms=T0)  # the first opens, the second is refused: rollback
+    assert store.incidents() == [] and stage.record_errors == 1
+    stage.tick(T0 + 2_000)
+    assert len(store.incidents()) == 2
+    assert stage.opened == 2
