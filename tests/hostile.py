@@ -33,6 +33,7 @@ __all__ = [
     "hostile_event_payloads",
     "hostile_messages",
     "hostile_payloads",
+    "json_depth",
     "nan_infinity_payloads",
     "nested_json",
     "non_utf8_payloads",
@@ -61,6 +62,22 @@ def nested_json(depth: int, *, leaf: str = "1", shape: str = "object") -> str:
         opens.append("[" if as_array else '{"a":')
         closes.append("]" if as_array else "}")
     return "".join(opens) + leaf + "".join(reversed(closes))
+
+
+def json_depth(value: Any) -> int:
+    """Containers around the deepest leaf of a decoded JSON value, walked without recursion.
+
+    Counts as the contract does: ``{"a": 1}`` is depth 1, ``1`` is 0.
+    """
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            stack.extend((child, level) for child in (
+                item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @st.composite

@@ -15,27 +15,15 @@ from tests.hostile import (
     event_at_size,
     events,
     hostile_messages,
+    json_depth,
     nested_json,
     non_utf8_payloads,
 )
 
 
-def depth(value: Any) -> int:
-    """Containers around the deepest leaf, walked without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            level += 1
-            deepest = max(deepest, level)
-            stack.extend((child, level) for child in (
-                item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 @given(st.integers(0, 40), st.sampled_from(["object", "array", "mixed"]))
 def test_it_nests_json_exactly_as_deep_as_asked(levels: int, shape: str) -> None:
-    assert depth(json.loads(nested_json(levels, shape=shape))) == levels
+    assert json_depth(json.loads(nested_json(levels, shape=shape))) == levels
 
 
 @given(events())

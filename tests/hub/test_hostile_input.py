@@ -34,6 +34,7 @@ from tests.hostile import (
     batch_payloads,
     events,
     hostile_messages,
+    json_depth,
     nested_json,
 )
 from tests.hub.test_hub_mosquitto import publish_raw
@@ -43,26 +44,13 @@ HOSTILE = settings(max_examples=150, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def depth(value: Any) -> int:
-    """Containers around the deepest leaf, walked without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            level += 1
-            deepest = max(deepest, level)
-            stack.extend((child, level) for child in (
-                item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 def assert_accounted_for(topic: str, payload: bytes, decoded: Decoded) -> None:
     """Accepted (within the contract's depth), a presence, or refused with a code and a reason."""
     for rejection in decoded.rejected:
         assert rejection.code and rejection.reason, rejection
         assert rejection.code != "internal_error", rejection.reason  # a bug, even if contained
     for accepted in decoded.accepted:
-        assert depth(accepted.data) <= MAX_DATA_DEPTH
+        assert json_depth(accepted.data) <= MAX_DATA_DEPTH
     cleared_presence = topic.endswith("/state") and not payload
     empty_batch = topic.endswith("/batch") and payload.strip(b" ,\n") in (b"[]", b"[ ]")
     assert decoded.accepted or decoded.rejected or decoded.presence or cleared_presence \
@@ -99,7 +87,7 @@ def test_it_judges_each_item_of_a_hostile_batch_on_its_own(batch: tuple[list[str
     assert len(refused) == len(decoded.rejected)
     for index, text in enumerate(texts):
         if index not in refused and text.startswith("{"):
-            assert depth(json.loads(text)) <= MAX_DATA_DEPTH + 1
+            assert json_depth(json.loads(text)) <= MAX_DATA_DEPTH + 1
 
 
 @pytest.mark.parametrize("levels", HOSTILE_DEPTHS)

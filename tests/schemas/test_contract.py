@@ -14,7 +14,7 @@ from careflow.errors import ContractError
 from careflow.schemas import check_depth, decode_json, parse_event, validate_event, validate_events
 from careflow.schemas.limits import MAX_DATA_DEPTH
 from careflow.schemas.published import schema_errors
-from tests.hostile import nested_json
+from tests.hostile import json_depth, nested_json
 
 EXAMPLES = Path(__file__).parents[2] / "schemas" / "examples"
 VALID = sorted(EXAMPLES.glob("*.json"))
@@ -288,18 +288,6 @@ def test_it_counts_brackets_inside_strings_as_text_not_depth() -> None:
     assert validate_event(decode_json(json.dumps(event).encode()))[0].id == event["id"]
 
 
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            level += 1
-            deepest = max(deepest, level)
-            stack.extend((child, level) for child in (
-                item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:é€\n'),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
@@ -317,4 +305,4 @@ def test_it_measures_depth_as_the_decoded_value_nests(value: Any, limit: int,
         refused = False
     except ContractError:
         refused = True
-    assert refused == (_depth(value) > limit)
+    assert refused == (json_depth(value) > limit)
