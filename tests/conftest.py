@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,13 @@ from careflow.config import Settings, load_settings
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
 from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, make_writer
+from careflow.hub.ingest import decode_message
 from careflow.hub.rules import RuleSet
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store import IncomingBatch
 from careflow.provisioning.service import Activation
+from careflow.schemas import event_topic
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -192,6 +196,16 @@ def heartbeat(stamper: Stamper, **data: Any) -> dict[str, Any]:
     return stamper.stamp("heartbeat", {"interval_s": 60, **data})
 
 
+def store_event(store: SqliteStore, stamper: Stamper, type_: str, data: dict[str, object],
+                at_ms: int) -> None:
+    """Stamp an event at ``at_ms``, decode it as the hub does and store it as received then."""
+    event = stamper.stamp(type_, data, at=datetime.fromtimestamp(at_ms / 1000, tz=UTC))
+    decoded = decode_message(event_topic(stamper.gateway, stamper.device, type_),
+                             json.dumps(event).encode(), max_bytes=1 << 20)
+    assert decoded.accepted, decoded.rejected
+    store.append(IncomingBatch(accepted=[(decoded.accepted[0], at_ms)], rejected=()))
+
+
 class HttpReceiver:
     """A real HTTP server on a free loopback port that records what it is sent (webhooks,
     dead man's switch pings): ``requests`` holds (method, path, JSON body or None, time)."""
@@ -237,6 +251,53 @@ def http_receiver() -> Iterator[HttpReceiver]:
     receiver = HttpReceiver()
     yield receiver
     receiver.close()
+
+
+class JsonReceiver:
+    """A real threaded HTTP server behind Apprise ``json://`` channels: records each request
+    (path, JSON body) as it arrives, answers ``status`` (400 to a message longer than
+    ``max_chars``, as Discord does), and holds the answer to requests on ``hold_path`` (only the
+    first one if ``hold_first_only``) until ``release`` is set: a channel slow to answer."""
+
+    def __init__(self, *, status: int = 200, hold_path: str | None = None,
+                 hold_first_only: bool = False, max_chars: int | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: PLC0415
+
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.status = status  # what it answers from now on
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.requests.append((self.path, body))
+                if self.path == hold_path and (
+                        not hold_first_only or len(receiver.to(self.path)) == 1):
+                    receiver.release.wait(60)
+                too_long = max_chars is not None and len(body["message"]) > max_chars
+                self.send_response(400 if too_long else receiver.status)
+                self.end_headers()
+                self.wfile.write(b"answer from the receiver")
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, path: str, query: str = "") -> str:
+        return f"json://127.0.0.1:{self.port}{path}{query}"
+
+    def to(self, path: str) -> list[dict[str, Any]]:
+        return [body for p, body in self.requests if p == path]
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"

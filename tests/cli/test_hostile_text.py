@@ -4,11 +4,9 @@ real hub store): Rich markup in a firmware string once failed `devices list` for
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,20 +18,11 @@ from careflow.hub.store import IncomingBatch
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.schemas import event_topic
-from tests.conftest import careflow_cmd
+from tests.conftest import careflow_cmd, store_event
 
 # Markup Rich would choke on, markup it would obey, and a hyperlink it would emit.
 HOSTILE = ("[/]", "[bold red]x[/]", "[link=http://evil]y")
 ESCAPE = "fw\x1b[2J"  # clears the operator's screen if passed through
-
-
-def _event(store: SqliteStore, stamper: Stamper, type_: str, data: dict[str, object],
-           at_ms: int) -> None:
-    event = stamper.stamp(type_, data, at=datetime.fromtimestamp(at_ms / 1000, tz=UTC))
-    decoded = decode_message(event_topic(stamper.gateway, stamper.device, type_),
-                             json.dumps(event).encode(), max_bytes=1 << 20)
-    assert decoded.accepted, decoded.rejected
-    store.append(IncomingBatch(accepted=[(decoded.accepted[0], at_ms)], rejected=()))
 
 
 def _dead_letter(store: SqliteStore, topic: str, payload: bytes, at_ms: int) -> None:
@@ -52,10 +41,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for index, text in enumerate((*HOSTILE, ESCAPE)):
         gateway = f"gw-{index}"
         gw = Stamper(gateway=gateway, device=gateway, boot="boot-1")
-        _event(store, gw, "provision", {"action": "added", "kind": "gateway", "firmware": text,
+        store_event(store, gw, "provision", {"action": "added", "kind": "gateway", "firmware": text,
                                         "labels": {"site": text}}, now - 3_600_000)
-        _event(store, gw, "heartbeat", {"interval_s": 60, "firmware": text}, now - 1000)
-        _event(store, gw, "error", {"code": "E_X", "message": text}, now - 900)
+        store_event(store, gw, "heartbeat", {"interval_s": 60, "firmware": text}, now - 1000)
+        store_event(store, gw, "error", {"code": "E_X", "message": text}, now - 900)
         _dead_letter(store, event_topic(gateway, gateway, "status"),
                      f"{text} is not JSON".encode(), now - 500)
         _dead_letter(store, f"careflow/v1/{text}/x", b"{}", now - 400)

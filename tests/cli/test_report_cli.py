@@ -7,28 +7,17 @@ import os
 import re
 import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.ingest import PresenceUpdate, decode_message
+from careflow.hub.ingest import PresenceUpdate
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import IncomingBatch
-from careflow.schemas import event_topic
-from tests.conftest import careflow_cmd
+from tests.conftest import careflow_cmd, store_event
 
 DAY_MS = 86_400_000
-
-
-def _event(store: SqliteStore, stamper: Stamper, type_: str, data: dict[str, object],
-           at_ms: int) -> None:
-    event = stamper.stamp(type_, data, at=datetime.fromtimestamp(at_ms / 1000, tz=UTC))
-    decoded = decode_message(event_topic(stamper.gateway, stamper.device, type_),
-                             json.dumps(event).encode(), max_bytes=1 << 20)
-    assert decoded.accepted, decoded.rejected
-    store.append(IncomingBatch(accepted=[(decoded.accepted[0], at_ms)], rejected=()))
 
 
 def _presence(store: SqliteStore, gateway: str, state: str, at_ms: int) -> None:
@@ -45,12 +34,12 @@ def data_dir(tmp_path: Path) -> Path:
     store = SqliteStore(data / "careflow.db", synchronous="normal")
     for gateway, site in (("gw-1", "oslo-12"), ("gw-2", "bergen-3")):
         gw = Stamper(gateway=gateway, device=gateway, boot="boot-1")
-        _event(store, gw, "provision", {"action": "added", "kind": "gateway",
+        store_event(store, gw, "provision", {"action": "added", "kind": "gateway",
                                         "labels": {"site": site}}, now - 6 * DAY_MS)
-        _event(store, gw, "heartbeat", {"interval_s": 60}, now - DAY_MS)
+        store_event(store, gw, "heartbeat", {"interval_s": 60}, now - DAY_MS)
         _presence(store, gateway, "online", now - 10 * DAY_MS)
     door = Stamper(gateway="gw-1", device="door-1", boot="boot-1")
-    _event(store, door, "provision", {"action": "added", "kind": "door-sensor",
+    store_event(store, door, "provision", {"action": "added", "kind": "door-sensor",
                                       "labels": {"site": "oslo-12"}}, now - 5 * DAY_MS)
     _presence(store, "gw-2", "offline", now - 7 * DAY_MS // 2)
     first = store.open_incident(rule="gateway-offline", gateway="gw-2", device="gw-2",

@@ -14,13 +14,10 @@ real HTTP receiver:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,7 @@ import pytest
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import Mosquitto, careflow_cmd, wait_until
+from tests.conftest import JsonReceiver, Mosquitto, careflow_cmd, wait_until
 from tests.hub.test_hub_mosquitto import publish
 
 pytestmark = [pytest.mark.broker]
@@ -49,43 +46,6 @@ routing:
 """
 
 
-class HoldingReceiver:
-    """Records each request when it arrives; holds the answer to the first /oncall request
-    until released (a channel that is slow to answer)."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, dict[str, Any]]] = []
-        self.release = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.requests.append((self.path, body))
-                if self.path == "/oncall" and len(
-                        [p for p, _ in receiver.requests if p == "/oncall"]) == 1:
-                    receiver.release.wait(30)
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"OK")
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def to(self, path: str) -> list[dict[str, Any]]:
-        return [body for p, body in self.requests if p == path]
-
-    def close(self) -> None:
-        self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-
 def ref(body: dict[str, Any]) -> str:
     match = re.search(r"Ref: (careflow-n[\d+n]+)", body["message"])
     assert match is not None, body
@@ -95,7 +55,7 @@ def ref(body: dict[str, Any]) -> str:
 def test_it_loses_nothing_and_marks_the_only_possible_duplicate_when_killed_mid_send(
     mosquitto: Mosquitto, tmp_path: Path,
 ) -> None:
-    receiver = HoldingReceiver()
+    receiver = JsonReceiver(hold_path="/oncall", hold_first_only=True)
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "r.yaml").write_text(RULES)
     data_dir = tmp_path / "data"

@@ -12,10 +12,8 @@ import email.policy
 import json
 import os
 import subprocess
-import threading
 import time
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -45,50 +43,8 @@ from careflow.hub.rules import load_rules
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import MAX_GROUP_CLAIM, SqliteStore
 from careflow.hub.store import Incident, Notification
-from tests.conftest import careflow_cmd, free_port, make_settings, wait_until
+from tests.conftest import JsonReceiver, careflow_cmd, free_port, make_settings, wait_until
 from tests.hub.test_notify_e2e import Mailbox
-
-
-class Receiver:
-    """A real threaded HTTP server: records each request as it arrives, answers ``status``,
-    and holds the answer to requests on ``hold_path`` until ``release`` is set."""
-
-    def __init__(self, *, status: int = 200, hold_path: str | None = None,
-                 max_chars: int | None = None) -> None:
-        self.requests: list[tuple[str, dict[str, Any]]] = []
-        self.status = status  # what it answers from now on
-        self.release = threading.Event()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.requests.append((self.path, body))
-                if self.path == hold_path:
-                    receiver.release.wait(60)
-                too_long = max_chars is not None and len(body["message"]) > max_chars
-                self.send_response(400 if too_long else receiver.status)  # as Discord does
-                self.end_headers()
-                self.wfile.write(b"answer from the receiver")
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def url(self, path: str, query: str = "") -> str:
-        return f"json://127.0.0.1:{self.port}{path}{query}"
-
-    def to(self, path: str) -> list[dict[str, Any]]:
-        return [body for p, body in self.requests if p == path]
-
-    def close(self) -> None:
-        self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class RefusingMailbox:
@@ -113,7 +69,7 @@ class RefusingMailbox:
 
 @pytest.fixture
 def receiver() -> Any:
-    peer = Receiver(hold_path="/slow")
+    peer = JsonReceiver(hold_path="/slow")
     yield peer
     peer.close()
 
@@ -138,7 +94,7 @@ def the_note(store: SqliteStore, incident_id: int) -> Notification:
 
 
 def test_it_delivers_on_one_channel_while_another_channel_holds_its_answer(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     channels = load_channels({
         "CAREFLOW_CHANNEL_OPS": receiver.url("/slow", "?rto=60"),  # answers only when released
@@ -198,7 +154,7 @@ def test_it_splits_a_digest_longer_than_the_channel_takes_into_messages_that_fit
     """Like Discord (2,000 characters), a channel refuses a message longer than its limit
     (Apprise's for the json plugin: 32,768) with a 400: fifty long alarms due at once must go
     out in messages that fit, every one of them, not as one message refused for ever."""
-    limited = Receiver(max_chars=32_768)
+    limited = JsonReceiver(max_chars=32_768)
     try:
         channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": limited.url("/oncall")})
         store = SqliteStore(tmp_path / "db")
@@ -240,7 +196,7 @@ def test_it_shortens_one_long_notification_to_fit_keeping_its_ref(
 
 
 def test_it_claims_no_more_than_a_digest_even_for_a_gateway_with_thousands_held(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     """A gateway's group brings along its held notifications; unbounded, a group of 2,000 was
     claimed row by row (2,000 commits, 5 s here) under the lock every channel's sender shares,
@@ -266,7 +222,7 @@ def test_it_claims_no_more_than_a_digest_even_for_a_gateway_with_thousands_held(
 
 
 def test_it_claims_a_care_alarm_before_older_warnings_of_its_channel(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     """More warnings due than one claim takes, then a care alarm: the alarm goes in the next
     message, not after every older warning has gone out."""
@@ -317,7 +273,7 @@ def test_it_names_the_gateway_only_when_a_digest_has_one() -> None:
 
 
 def test_it_cancels_a_reminder_whose_incident_was_acknowledged_before_it_went_out(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall"),
                               "CAREFLOW_CHANNEL_OPS": receiver.url("/ops")})
@@ -367,7 +323,7 @@ def test_it_cancels_only_reminders_of_incidents_someone_has(kind: str, state: st
 
 
 def test_it_fails_at_once_with_the_smtp_reply_and_alerts_on_another_channel(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     refusing = RefusingMailbox()
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": refusing.url(),
@@ -398,7 +354,7 @@ def test_it_fails_at_once_with_the_smtp_reply_and_alerts_on_another_channel(
 
 
 def test_it_fails_at_once_with_the_http_status_on_401(tmp_path: Path) -> None:
-    refusing = Receiver(status=401)
+    refusing = JsonReceiver(status=401)
     try:
         channels = load_channels({"CAREFLOW_CHANNEL_OPS": refusing.url("/hook/s3cr3t-token")})
         store = SqliteStore(tmp_path / "db")
@@ -441,7 +397,7 @@ def test_it_keeps_a_critical_alarm_through_a_refusal_that_looks_permanent(
     """A 404 from a flaky proxy (or a 401 while a token is rotated) must not lose a care alarm:
     it is kept while its incident is open, counted for the self-alert at once, and goes out
     when the channel answers again."""
-    proxy = Receiver(status=404)
+    proxy = JsonReceiver(status=404)
     try:
         channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": proxy.url("/oncall")})
         store = SqliteStore(tmp_path / "db")
@@ -505,7 +461,7 @@ def test_it_tells_another_channel_when_a_channels_sender_is_stuck(tmp_path: Path
 
 
 def test_it_tells_again_when_another_channel_starts_failing_under_an_old_self_alert(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     """A warning failed for good once keeps hub-notifications-failing open (the count of failed
     ones never shrinks), and someone acknowledged it. Later the oncall channel fails for a care
@@ -515,7 +471,7 @@ def test_it_tells_again_when_another_channel_starts_failing_under_an_old_self_al
     service = HubService(settings, store)
     (tmp_path / "r.yaml").write_text("rules: []\n")
     rules = load_rules([tmp_path / "r.yaml"])
-    refusing = Receiver(status=401)
+    refusing = JsonReceiver(status=401)
     try:  # then: the ops webhook refuses a warning for good; oncall hears of it
         before = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall"),
                                 "CAREFLOW_CHANNEL_OPS": refusing.url("/ops")})
@@ -633,7 +589,7 @@ def test_it_fails_a_notification_for_a_channel_that_is_not_configured(tmp_path: 
 
 
 def test_it_keeps_a_care_alarm_for_a_channel_not_configured_until_it_is(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     """A care alarm queued for a channel, then the hub restarted without that channel (a
     secret file not mounted yet, a rename): kept while its incident is open, counted for the
@@ -680,7 +636,7 @@ class StoreThatFailsBeforeSending(SqliteStore):
 
 
 def test_it_records_again_and_never_sends_again_what_the_store_did_not_record(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     """Sent, then the store refuses the result five times: released and claimed again each
     round, the care alarm went out again every second for as long as the store refused."""
@@ -698,7 +654,7 @@ def test_it_records_again_and_never_sends_again_what_the_store_did_not_record(
 
 
 def test_it_sends_what_a_store_error_before_sending_left_claimed(
-    tmp_path: Path, receiver: Receiver,
+    tmp_path: Path, receiver: JsonReceiver,
 ) -> None:
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
     store = SqliteStore(tmp_path / "db")
@@ -713,7 +669,7 @@ def test_it_sends_what_a_store_error_before_sending_left_claimed(
 
 
 def test_it_says_why_a_test_message_was_refused() -> None:
-    refusing = Receiver(status=401)
+    refusing = JsonReceiver(status=401)
     try:
         result = subprocess.run(careflow_cmd("notify", "test", "ops"), capture_output=True,
                                 text=True, check=False, env={
