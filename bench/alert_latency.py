@@ -37,7 +37,7 @@ from careflow.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import NotificationSender, load_channels
+from careflow.hub.notify import Channel, NotificationSender, load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, RunningHub, free_port, make_settings
@@ -97,17 +97,12 @@ def summary(latencies_ms: list[float]) -> dict[str, float | int]:
             "max": round(max(latencies_ms), 1), "n": len(latencies_ms)}
 
 
-def burst(alarms: int, warnings: int) -> None:
-    """N simultaneous care alarms by email (SMTP), warnings on another channel (HTTP)."""
-    mailbox = TimedMailbox()
-    mailbox.controller.start()
-    receiver = HttpReceiver()
-    channels = load_channels({
-        "CAREFLOW_CHANNEL_ONCALL": f"mailto://127.0.0.1:{mailbox.port}?from=careflow@example.org"
-                                   "&to=oncall@example.org",
-        "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{receiver.port}/ops"})
-    tmp = Path(tempfile.mkdtemp(prefix="careflow-burst-bench-"))
-    (tmp / "rules.yaml").write_text(BURST_RULES)
+def start_hub(prefix: str, rules: str, channels: dict[str, Channel],
+              ) -> tuple[Mosquitto, RunningHub, NotificationSender]:
+    """A real broker, a hub alerting by ``rules`` on ``channels`` (SQLite synchronous=full, as
+    in production), and its notification sender woken by every queued notification."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    (tmp / "rules.yaml").write_text(rules)
     broker = Mosquitto(tmp)
     broker.start()
     settings = make_settings(tmp / "data", broker.url, CAREFLOW_SQLITE_SYNC="full")
@@ -117,6 +112,19 @@ def burst(alarms: int, warnings: int) -> None:
     sender = NotificationSender(SqliteStore(settings.db_path), channels)
     hub.service.alerts.on_queued = sender.wake
     sender.start()
+    return broker, hub, sender
+
+
+def burst(alarms: int, warnings: int) -> None:
+    """N simultaneous care alarms by email (SMTP), warnings on another channel (HTTP)."""
+    mailbox = TimedMailbox()
+    mailbox.controller.start()
+    receiver = HttpReceiver()
+    channels = load_channels({
+        "CAREFLOW_CHANNEL_ONCALL": f"mailto://127.0.0.1:{mailbox.port}?from=careflow@example.org"
+                                   "&to=oncall@example.org",
+        "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{receiver.port}/ops"})
+    broker, hub, sender = start_hub("careflow-burst-bench-", BURST_RULES, channels)
     try:
         events = [Stamper(gateway=f"gw-burst-{i}", device=f"fall-{i}").stamp(
             "alert", {"kind": "fall", "state": "raised"}) for i in range(alarms)]
@@ -174,17 +182,7 @@ def main() -> None:
                      if body and body.get("title") == title), None)
 
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": hook, "CAREFLOW_CHANNEL_OPS": hook})
-    tmp = Path(tempfile.mkdtemp(prefix="careflow-alert-bench-"))
-    (tmp / "rules.yaml").write_text(RULES)
-    broker = Mosquitto(tmp)
-    broker.start()
-    settings = make_settings(tmp / "data", broker.url, CAREFLOW_SQLITE_SYNC="full")
-    hub = RunningHub(settings)
-    hub.service.alerts = AlertStage(hub.store, load_rules([tmp / "rules.yaml"]), channels)
-    hub.start()
-    sender = NotificationSender(SqliteStore(settings.db_path), channels)
-    hub.service.alerts.on_queued = sender.wake
-    sender.start()
+    broker, hub, sender = start_hub("careflow-alert-bench-", RULES, channels)
     url = parse_broker_url(broker.url)
     try:
         alarm_ms: list[float] = []
