@@ -310,9 +310,12 @@ class AlertStage:
             self._log_end = max(self._log_end, events[-1].pos)
             # how long the oldest of these waited between arrival and evaluation
             self._lag_ms = max(self._lag_ms, now_ms - min(e.received_ms for e in events))
+        # conflicts of earlier commits may wait (after a restart): they come before these
+        earlier_conflicts = self._conflicts_due
         if conflicts:
             self._conflicts_due = True
-        if events and self._stale_since_ms is None and events[0].pos == self._evaluated + 1 \
+        if events and not earlier_conflicts and self._stale_since_ms is None \
+                and events[0].pos == self._evaluated + 1 \
                 and events[-1].pos == self._log_end:  # caught up: the hot path, kept lean
             try:
                 transitions = self._observe(events, data, now_ms)

@@ -339,6 +339,8 @@ def _announced_after(tmp: Path, batches: list[IncomingBatch], ticks: list[bool],
          ticks=[False] * 6, crash_at=0)  # a conflict read back after a later commit's alarm
 @example(plan=[[("a", "ok"), ("a", "reboot-raise")], [("a", "clear")]],
          ticks=[False] * 6, crash_at=0)  # a conflicting raise read back after a later clear
+@example(plan=[[("a", "raise")], [("b", "low")], [("b", "reboot-raise")], [("b", "clear")]],
+         ticks=[False] * 6, crash_at=2)  # a conflict left by a kill comes before a later clear
 @given(plan=st.lists(st.lists(_MOVES, min_size=1, max_size=4), min_size=1, max_size=6),
        ticks=st.lists(st.booleans(), min_size=6, max_size=6),
        crash_at=st.integers(min_value=0, max_value=5))
@@ -484,3 +486,4 @@ def test_the_count_of_opened_incidents_is_not_inflated_by_a_refused_transaction(
     stage.tick(T0 + 2_000)
     assert len(store.incidents()) == 2
     assert stage.opened == 2
+
