@@ -6,9 +6,8 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,38 +16,20 @@ from careflow.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store import EventFilter
 from tests.conftest import Mosquitto, RunningHub, careflow_cmd, wait_until
+from tests.edge.conftest import AgentThread
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-class AgentThread:
-    def __init__(self, config: AgentConfig) -> None:
-        self.agent = EdgeAgent(config)
-        self.thread = threading.Thread(target=self.agent.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.agent.stop()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
-
-
 @pytest.fixture
-def agents(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., AgentThread]]:
-    started: list[AgentThread] = []
-
+def agents(mosquitto: Mosquitto, tmp_path: Path,
+           run_agent: Callable[[AgentConfig], AgentThread]) -> Callable[..., AgentThread]:
     def start(gateway: str = "gw-e2e", **kw: object) -> AgentThread:
-        config = AgentConfig(gateway=gateway, broker=parse_broker_url(mosquitto.url),
-                             data_dir=tmp_path / gateway, heartbeat_interval_s=3600,
-                             keepalive_s=5, batch_linger_s=0.1, resend_after_s=3, **kw)
-        runner = AgentThread(config)
-        started.append(runner)
-        return runner
+        return run_agent(AgentConfig(gateway=gateway, broker=parse_broker_url(mosquitto.url),
+                                     data_dir=tmp_path / gateway, heartbeat_interval_s=3600,
+                                     keepalive_s=5, batch_linger_s=0.1, resend_after_s=3, **kw))
 
-    yield start
-    for runner in started:
-        if runner.thread.is_alive():
-            runner.stop()
+    return start
 
 
 def spool(agent_dir: Path, name: str, readings: list[dict[str, object]]) -> None:

@@ -11,7 +11,7 @@ import json
 import signal
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from careflow.hub.store import EventFilter
 from careflow.mqtt import connect_blocking, make_client
 from careflow.schemas.limits import MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, RunningHub, wait_until
-from tests.edge.test_agent_e2e import AgentThread, spool
+from tests.edge.conftest import AgentThread
+from tests.edge.test_agent_e2e import spool
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -40,21 +41,6 @@ def config(mosquitto: Mosquitto, data_dir: Path, gateway: str, **kw: Any) -> Age
                                 "outbox_sync": "normal", **kw}
     return AgentConfig(gateway=gateway, broker=parse_broker_url(mosquitto.url),
                        data_dir=data_dir, **settings)
-
-
-@pytest.fixture
-def run_agent() -> Iterator[Callable[[AgentConfig], AgentThread]]:
-    started: list[AgentThread] = []
-
-    def start(agent_config: AgentConfig) -> AgentThread:
-        runner = AgentThread(agent_config)
-        started.append(runner)
-        return runner
-
-    yield start
-    for runner in started:
-        if runner.thread.is_alive():
-            runner.stop()
 
 
 def errors(hub: RunningHub, gateway: str, code: str) -> list[dict[str, Any]]:
