@@ -26,7 +26,8 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
 from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, make_writer
 from careflow.hub.ingest import decode_message
-from careflow.hub.rules import RuleSet
+from careflow.hub.notify import load_channels
+from careflow.hub.rules import RuleSet, load_rules
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import IncomingBatch
@@ -176,6 +177,21 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
     for hub in hubs:
         if hub.thread.is_alive():
             hub.stop()
+
+
+# Port 9 (discard) on loopback: notifications are queued for oncall and ops, never delivered.
+UNREACHABLE_CHANNELS = {"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
+                        "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"}
+
+
+def alert_stage(tmp_path: Path, rules: str, **store_options: Any,
+                ) -> tuple[SqliteStore, AlertStage]:
+    """A store at ``tmp_path``/db and the alert stage of ``rules`` (YAML) over it, on
+    UNREACHABLE_CHANNELS; called again on the same path, a restarted hub's."""
+    (tmp_path / "r.yaml").write_text(rules)
+    store = SqliteStore(tmp_path / "db", **store_options)
+    return store, AlertStage(store, load_rules([tmp_path / "r.yaml"]),
+                             load_channels(UNREACHABLE_CHANNELS))
 
 
 def careflow_cmd(*args: str) -> list[str]:

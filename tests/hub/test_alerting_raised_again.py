@@ -26,6 +26,7 @@ from tests.conftest import (
     HttpReceiver,
     Mosquitto,
     RunningHub,
+    alert_stage,
     careflow_cmd,
     make_settings,
     wait_until,
@@ -47,16 +48,8 @@ escalation:
       - after: 5m
         channels: [oncall]
 """
-CHANNELS = {"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
-            "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"}
 T0 = 1_800_000_000_000
 MINUTE = 60_000
-
-
-def _stage(tmp_path: Path) -> tuple[SqliteStore, AlertStage]:
-    (tmp_path / "r.yaml").write_text(RULES)
-    store = SqliteStore(tmp_path / "db")
-    return store, AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
 
 
 def _raise(store: SqliteStore, stage: AlertStage, button: Stamper, at_ms: int) -> None:
@@ -70,7 +63,7 @@ def _oncall(store: SqliteStore) -> list[Notification]:
 
 
 def test_it_announces_an_acknowledged_alarm_raised_again_at_once(tmp_path: Path) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES)
     button = Stamper(gateway="gw", device="sos-1")
     _raise(store, stage, button, T0)
     (first,) = store.incidents()
@@ -98,7 +91,7 @@ def test_it_announces_an_acknowledged_alarm_raised_again_at_once(tmp_path: Path)
 
 
 def test_escalation_restarts_for_the_new_raise(tmp_path: Path) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES)
     button = Stamper(gateway="gw", device="sos-1")
     _raise(store, stage, button, T0)
     (first,) = store.incidents()
@@ -114,7 +107,7 @@ def test_escalation_restarts_for_the_new_raise(tmp_path: Path) -> None:
 def test_an_unacknowledged_alarm_raised_again_is_announced_again_and_keeps_escalating(
     tmp_path: Path,
 ) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES)
     button = Stamper(gateway="gw", device="sos-1")
     _raise(store, stage, button, T0)
     _raise(store, stage, button, T0 + 3 * MINUTE)
@@ -132,7 +125,7 @@ def test_an_unacknowledged_alarm_raised_again_is_announced_again_and_keeps_escal
 
 
 def test_a_third_raise_counts_three_and_keeps_the_first_raise_time(tmp_path: Path) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES)
     button = Stamper(gateway="gw", device="sos-1")
     for n in range(3):
         _raise(store, stage, button, T0 + n * 30 * MINUTE)
@@ -144,12 +137,12 @@ def test_a_third_raise_counts_three_and_keeps_the_first_raise_time(tmp_path: Pat
 
 
 def test_a_raise_after_a_restart_is_announced_too(tmp_path: Path) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES)
     button = Stamper(gateway="gw", device="sos-1")
     _raise(store, stage, button, T0)
     (first,) = store.incidents()
     store.acknowledge_incident(first.id, by="kari", at_ms=T0 + MINUTE)
-    _, restarted = _stage(tmp_path)  # a new hub process on the same database
+    _, restarted = alert_stage(tmp_path, RULES)  # a new hub process on the same database
     _raise(store, restarted, button, T0 + 10 * MINUTE)
     assert [n.kind for n in _oncall(store)] == ["firing", "firing"]
     assert store.incidents(states=("open",))[0].raises == 2

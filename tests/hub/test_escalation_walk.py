@@ -12,12 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import REMIND_PER_TICK, AlertStage
-from careflow.hub.notify import load_channels
+from careflow.hub.alerting import REMIND_PER_TICK
 from careflow.hub.routing import next_reminder_ms, reminder_due
-from careflow.hub.rules import load_rules
 from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY
 from careflow.hub.sqlite_store import SqliteStore
+from tests.conftest import alert_stage
 from tests.hub.test_sqlite_store import batch_of
 
 RULES = """
@@ -38,8 +37,6 @@ escalation:
       - after: 5m
         channels: [oncall]
 """
-CHANNELS = {"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
-            "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"}
 T0 = 1_800_000_000_000
 MINUTE = 60_000
 
@@ -58,12 +55,6 @@ def test_the_stored_due_time_is_exactly_when_a_reminder_becomes_due(
     assert (due is not None) == (due_at is not None and now >= due_at)
 
 
-def _stage(tmp_path: Path) -> tuple[SqliteStore, AlertStage]:
-    (tmp_path / "r.yaml").write_text(RULES)
-    store = SqliteStore(tmp_path / "db", synchronous="normal")
-    return store, AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
-
-
 def _open_many(store: SqliteStore, count: int, at_ms: int, *, due_after_ms: int = 0) -> None:
     """Newer open incidents, fast, straight through the store; due ``due_after_ms`` after
     opening (0: due at once, never looked at)."""
@@ -76,7 +67,7 @@ def _open_many(store: SqliteStore, count: int, at_ms: int, *, due_after_ms: int 
 def test_an_older_care_alarm_escalates_behind_ten_thousand_newer_open_incidents(
     tmp_path: Path,
 ) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES, synchronous="normal")
     button = Stamper(gateway="gw-care", device="sos-1")
     stored = store.append(batch_of([button.stamp("alert", {"kind": "sos", "state": "raised"})],
                                    received_ms=T0))
@@ -96,7 +87,7 @@ def test_an_older_care_alarm_escalates_behind_ten_thousand_newer_open_incidents(
 def test_more_due_than_one_tick_takes_are_all_walked_the_longest_due_first(
     tmp_path: Path,
 ) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES, synchronous="normal")
     count = 2 * REMIND_PER_TICK + 10
     _open_many(store, count, T0)
     now = T0 + 10 * MINUTE
@@ -113,7 +104,7 @@ def test_more_due_than_one_tick_takes_are_all_walked_the_longest_due_first(
 
 
 def test_the_self_check_resolves_its_own_incident_behind_many_newer_ones(tmp_path: Path) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES, synchronous="normal")
     stage.check_self({"hub-store-failing": "1 store write failure(s)"}, T0)
     _open_many(store, 60, T0 + 1)  # more than a page of the newest 50
     stage.check_self({}, T0 + 1000)
@@ -122,13 +113,13 @@ def test_the_self_check_resolves_its_own_incident_behind_many_newer_ones(tmp_pat
 
 
 def test_a_restart_recomputes_when_open_incidents_are_due(tmp_path: Path) -> None:
-    store, stage = _stage(tmp_path)
+    store, stage = alert_stage(tmp_path, RULES, synchronous="normal")
     button = Stamper(gateway="gw-care", device="sos-1")
     stored = store.append(batch_of([button.stamp("alert", {"kind": "sos", "state": "raised"})],
                                    received_ms=T0))
     stage.handle(stored.stored, now_ms=T0)
     stage.tick(T0 + 1)
     store.set_incident_due(store.incidents()[0].id, next_due_ms=None)  # as if by older rules
-    _, restarted = _stage(tmp_path)
+    _, restarted = alert_stage(tmp_path, RULES, synchronous="normal")
     restarted.tick(T0 + 5 * MINUTE)
     assert store.incidents()[0].escalation_sent == 1
