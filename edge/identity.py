@@ -24,6 +24,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from careflow.provisioning.pki import fsync_dir
+
 __all__ = ["CA_FILE", "CERT_FILE", "CONFIG_FILE", "KEY_FILE", "IdentityStore", "key_pem"]
 
 KEY_FILE = "device.key"
@@ -36,14 +38,6 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     """PKCS#8 PEM of a private key (unencrypted: the file is 0600 on the gateway's own disk)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -84,7 +78,7 @@ class IdentityStore:
         tmp = self.root / "pending.key.tmp"
         _write(tmp, key_pem(key), 0o600)
         tmp.replace(self.root / "pending.key")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def drop_pending_key(self) -> None:
         """The claim is installed; its pending key is now the identity's key."""
@@ -101,9 +95,9 @@ class IdentityStore:
         _write(staging / CERT_FILE, certificate.encode(), 0o644)
         _write(staging / CA_FILE, ca_chain.encode(), 0o644)
         _write(staging / CONFIG_FILE, json.dumps(config, indent=2).encode(), 0o644)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         staging.rename(target)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return target
 
     def promote(self, generation: Path) -> None:
@@ -112,7 +106,7 @@ class IdentityStore:
         link.unlink(missing_ok=True)
         link.symlink_to(generation.name)
         link.replace(self.current)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def prune(self, *, keep: int = 2) -> None:
         """Delete old generations, always keeping the current one and ``keep`` in all."""

@@ -52,6 +52,7 @@ __all__ = [
     "current_certificate",
     "default_pki_dir",
     "find_git_work_tree",
+    "fsync_dir",
     "init_pki",
     "is_revoked",
     "issued_certificates",
@@ -123,7 +124,12 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Fsync a directory, so that the renames and new entries in it survive a power cut."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -509,7 +515,7 @@ def init_pki(directory: Path, *, now: datetime, broker_hosts: Sequence[str] = ()
         steps = _fill_pki(work, directory, now=now, broker_hosts=broker_hosts,
                           import_device_ca=import_device_ca, broker=broker)
         work.rename(directory)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -526,14 +532,6 @@ class _BrokerFiles:
     bind: str
     persistence_dir: Path | None
     account: BrokerAccount | None
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _init_in_place(directory: Path, *, now: datetime, broker_hosts: Sequence[str],
