@@ -199,6 +199,32 @@ def careflow_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "careflow", *args]
 
 
+class HubProcess:
+    """``careflow hub`` as a real process, to be killed and started again on the same data.
+
+    ``rules`` (YAML) go in tmp_path/rules, the data in tmp_path/data, every run's output is
+    appended to tmp_path/hub.log; channels oncall and ops post to a json:// receiver at
+    ``receiver_port``. ``env`` adds settings.
+    """
+
+    def __init__(self, tmp_path: Path, broker_url: str, rules: str, receiver_port: int,
+                 **env: str) -> None:
+        (tmp_path / "rules").mkdir()
+        (tmp_path / "rules" / "r.yaml").write_text(rules)
+        self.data_dir = tmp_path / "data"
+        self.db = self.data_dir / "careflow.db"
+        self.log = tmp_path / "hub.log"
+        self.env = {**os.environ, "CAREFLOW_DATA_DIR": str(self.data_dir),
+                    "CAREFLOW_BROKER_URL": broker_url,
+                    "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
+                    "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{receiver_port}/oncall",
+                    "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{receiver_port}/ops", **env}
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as sink:
+            return subprocess.Popen(careflow_cmd("hub"), env=self.env, stdout=sink, stderr=sink)
+
+
 @pytest.fixture
 def stamper() -> Callable[..., Stamper]:
     def make(gateway: str = "gw-1", device: str | None = None, boot: str = "boot-1") -> Stamper:

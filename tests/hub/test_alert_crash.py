@@ -16,12 +16,11 @@ reboot sends an alarm at a position that already holds its earlier heartbeat.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from careflow.config import parse_broker_url
@@ -29,7 +28,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.mqtt import connect_blocking, make_client
 from careflow.schemas import ack_topic
-from tests.conftest import HttpReceiver, Mosquitto, careflow_cmd, wait_until
+from tests.conftest import HttpReceiver, HubProcess, Mosquitto, wait_until
 from tests.hub.test_hub_mosquitto import publish
 
 pytestmark = [pytest.mark.broker]
@@ -46,32 +45,27 @@ REFUSE_INCIDENTS = ("CREATE TRIGGER refuse_incidents BEFORE INSERT ON incidents 
                     "SELECT RAISE(ABORT, 'database or disk is full'); END")
 
 
+def listen_for_acks(mosquitto: Mosquitto, gateway_id: str) -> tuple[paho.Client, list[str]]:
+    """A client on the gateway's ack topic, and the ids the hub told it it may delete."""
+    confirmed: list[str] = []
+    url = parse_broker_url(mosquitto.url)
+    gateway = make_client(client_id=f"{gateway_id}-acks", clean_session=True, url=url)
+    gateway.on_message = lambda _c, _u, m: confirmed.extend(json.loads(m.payload)["ids"])
+    connect_blocking(gateway, url)
+    gateway.subscribe(ack_topic(gateway_id), qos=1)
+    return gateway, confirmed
+
+
 def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once_after_restart(
     mosquitto: Mosquitto, tmp_path: Path, http_receiver: HttpReceiver,
 ) -> None:
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "r.yaml").write_text(RULES)
-    data_dir = tmp_path / "data"
-    db = data_dir / "careflow.db"
-    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data_dir),
-           "CAREFLOW_BROKER_URL": mosquitto.url, "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
-           "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/oncall",
-           "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/ops"}
-    log = tmp_path / "hub.log"
-
-    def start() -> subprocess.Popen[bytes]:
-        with log.open("ab") as sink:
-            return subprocess.Popen(careflow_cmd("hub"), env=env, stdout=sink, stderr=sink)
+    hub_process = HubProcess(tmp_path, mosquitto.url, RULES, http_receiver.port)
+    db, log, start = hub_process.db, hub_process.log, hub_process.start
 
     def health() -> dict[str, object]:
         return (store.read_health() or (0, {}))[1]
 
-    confirmed: list[str] = []  # what the hub told gateway gw-1 it may delete
-    url = parse_broker_url(mosquitto.url)
-    gateway = make_client(client_id="gw-1-acks", clean_session=True, url=url)
-    gateway.on_message = lambda _c, _u, m: confirmed.extend(json.loads(m.payload)["ids"])
-    connect_blocking(gateway, url)
-    gateway.subscribe(ack_topic("gw-1"), qos=1)
+    gateway, confirmed = listen_for_acks(mosquitto, "gw-1")
 
     hub = start()
     try:
@@ -130,30 +124,14 @@ def test_a_care_alarm_refused_beyond_the_device_bound_is_announced_after_a_kill(
     acknowledged and confirmed to its gateway; the hub announces it with its own alert. Held
     between the two (the database refuses incidents, as a full disk would), then killed: the
     restarted hub still announces it, once."""
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "r.yaml").write_text(RULES)
-    data_dir = tmp_path / "data"
-    db = data_dir / "careflow.db"
-    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data_dir),
-           "CAREFLOW_BROKER_URL": mosquitto.url, "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
-           "CAREFLOW_MAX_DEVICES_PER_GATEWAY": "1",
-           "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{http_receiver.port}/oncall",
-           "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/ops"}
-    log = tmp_path / "hub.log"
-
-    def start() -> subprocess.Popen[bytes]:
-        with log.open("ab") as sink:
-            return subprocess.Popen(careflow_cmd("hub"), env=env, stdout=sink, stderr=sink)
+    hub_process = HubProcess(tmp_path, mosquitto.url, RULES, http_receiver.port,
+                             CAREFLOW_MAX_DEVICES_PER_GATEWAY="1")
+    db, log, start = hub_process.db, hub_process.log, hub_process.start
 
     def health() -> dict[str, object]:
         return (store.read_health() or (0, {}))[1]
 
-    confirmed: list[str] = []
-    url = parse_broker_url(mosquitto.url)
-    gateway = make_client(client_id="gw-1-acks", clean_session=True, url=url)
-    gateway.on_message = lambda _c, _u, m: confirmed.extend(json.loads(m.payload)["ids"])
-    connect_blocking(gateway, url)
-    gateway.subscribe(ack_topic("gw-1"), qos=1)
+    gateway, confirmed = listen_for_acks(mosquitto, "gw-1")
 
     hub = start()
     try:

@@ -14,10 +14,8 @@ real HTTP receiver:
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import pytest
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.sqlite_store import SqliteStore
-from tests.conftest import JsonReceiver, Mosquitto, careflow_cmd, wait_until
+from tests.conftest import HubProcess, JsonReceiver, Mosquitto, wait_until
 from tests.hub.test_hub_mosquitto import publish
 
 pytestmark = [pytest.mark.broker]
@@ -56,18 +54,8 @@ def test_it_loses_nothing_and_marks_the_only_possible_duplicate_when_killed_mid_
     mosquitto: Mosquitto, tmp_path: Path,
 ) -> None:
     receiver = JsonReceiver(hold_path="/oncall", hold_first_only=True)
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "r.yaml").write_text(RULES)
-    data_dir = tmp_path / "data"
-    env = {**os.environ, "CAREFLOW_DATA_DIR": str(data_dir),
-           "CAREFLOW_BROKER_URL": mosquitto.url, "CAREFLOW_RULES_DIR": str(tmp_path / "rules"),
-           "CAREFLOW_CHANNEL_ONCALL": f"json://127.0.0.1:{receiver.port}/oncall",
-           "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{receiver.port}/ops"}
-    log = tmp_path / "hub.log"
-
-    def start() -> subprocess.Popen[bytes]:
-        with log.open("ab") as sink:
-            return subprocess.Popen(careflow_cmd("hub"), env=env, stdout=sink, stderr=sink)
+    hub_process = HubProcess(tmp_path, mosquitto.url, RULES, receiver.port)
+    data_dir, log, start = hub_process.data_dir, hub_process.log, hub_process.start
 
     hub = start()
     try:
