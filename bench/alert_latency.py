@@ -115,6 +115,13 @@ def start_hub(prefix: str, rules: str, channels: dict[str, Channel],
     return broker, hub, sender
 
 
+def stop_hub(broker: Mosquitto, hub: RunningHub, sender: NotificationSender) -> None:
+    """Stop what start_hub started, the sender first."""
+    sender.stop()
+    hub.stop()
+    broker.stop()
+
+
 def burst(alarms: int, warnings: int) -> None:
     """N simultaneous care alarms by email (SMTP), warnings on another channel (HTTP)."""
     mailbox = TimedMailbox()
@@ -155,9 +162,7 @@ def burst(alarms: int, warnings: int) -> None:
                   "webhook_posts": len(receiver.requests)}
         print(json.dumps(result, indent=2))
     finally:
-        sender.stop()
-        hub.stop()
-        broker.stop()
+        stop_hub(broker, hub, sender)
         receiver.close()
         mailbox.controller.stop()
 
@@ -220,9 +225,7 @@ def main() -> None:
         }
         print(json.dumps(result, indent=2))
     finally:
-        sender.stop()
-        hub.stop()
-        broker.stop()
+        stop_hub(broker, hub, sender)
         receiver.close()
 
 
