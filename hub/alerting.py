@@ -247,11 +247,8 @@ class AlertStage:
             if isinstance(record.facts.get("kind"), str):
                 self._kinds[(record.gateway, record.device)] = record.facts["kind"]
             interval = record.facts.get("interval_s")
-            evaluator.observe(Observation(
-                record.gateway, record.device, "heartbeat" if interval else "status",
-                record.last_time_ms, record.last_seen_ms,
-                {"interval_s": interval} if interval else {}), record.last_seen_ms)
-        evaluator.firing.clear()  # seeding the clock must not resolve or open anything
+            evaluator.heard_from(record.gateway, record.device, last_seen_ms=record.last_seen_ms,
+                                 interval_s=interval if isinstance(interval, int | float) else None)
         for incident in self.store.incidents(states=("open", "acknowledged"), limit=100_000):
             evaluator.restore_firing(incident.rule, (incident.gateway, incident.device),
                                      incident.triggered_ms)

@@ -118,6 +118,23 @@ class Evaluator:
                 out += self._observe_event(rule, subject, obs, now_ms)
         return out
 
+    def heard_from(self, gateway: str, device: str, *, last_seen_ms: int,
+                   interval_s: float | None) -> None:
+        """Take over what a restarted hub knows of a source: when it was last heard from and
+        its heartbeat interval, for the absence rules. Not an event: no rate window, threshold
+        or event rule counts it (its last event may be evaluated again from the log)."""
+        subject = (gateway, device)
+        live = self._alive.get(subject)
+        if live is None:
+            live = self._alive[subject] = _Liveness(last_seen_ms, None)
+        elif last_seen_ms > live.last_seen_ms:
+            live.last_seen_ms = last_seen_ms
+        if interval_s:
+            live.interval_ms = int(interval_s * 1000)
+        for rule in self.rules:
+            if isinstance(rule, AbsenceRule):
+                self._schedule(rule, subject, live)
+
     def _rules_for(self, event_type: str) -> tuple[Rule, ...]:
         """The rules an event of this type can concern: absences and thresholds always, rate
         and event rules only for their own type."""

@@ -487,3 +487,27 @@ def test_the_count_of_opened_incidents_is_not_inflated_by_a_refused_transaction(
     assert len(store.incidents()) == 2
     assert stage.opened == 2
 
+
+
+def test_a_restart_does_not_count_a_sources_last_event_twice_in_a_rate_window(
+    tmp_path: Path,
+) -> None:
+    """A restarted stage learns from the registry when each source was last heard from; that
+    is not an event: a rate rule on status events must not count the last one twice (once
+    from the registry, once from the log after the cursor) and fire on a single event."""
+    (tmp_path / "r.yaml").write_text(RULES + """
+  - name: status-storm
+    kind: rate
+    type: status
+    more_than: 1
+    within: 60s
+""")
+    now = time.time_ns() // 1_000_000
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    door = Stamper(gateway="gw", device="door")
+    stage.handle(store.append(batch_of([door.stamp("status", {"state": "ok"})])).stored,
+                 now_ms=now)  # nothing changed: the cursor is saved later, then the hub dies
+    restarted = stage_on(store, tmp_path)
+    restarted.tick(now + 1_000)
+    assert store.incidents() == []
