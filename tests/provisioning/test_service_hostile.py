@@ -82,6 +82,18 @@ class Listener:
 NESTED = b'{"serial": "SN-X", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"  # 20 KB
 
 
+def assert_a_real_claim_is_served(running: Running, serial: str, gateway_id: str,
+                                  out: Path) -> None:
+    """Register ``serial`` as ``gateway_id`` and claim it as a gateway would: still served."""
+    now_ms = time.time_ns() // 1_000_000
+    running.registry.register(serial=serial, site="lab", gateway_id=gateway_id,
+                              token_hash=hash_token("t0ken"), token_expires_ms=now_ms + 60_000,
+                              replace=False, now_ms=now_ms)
+    result = claim_identity(serial=serial, token="t0ken",
+                            broker=parse_broker_url(running.broker_url), out=out, timeout_s=10)
+    assert result.gateway_id == gateway_id
+
+
 @pytest.mark.parametrize("topic", [request_topic("claim-evil"), renew_topic("claim-evil")])
 def test_it_answers_a_real_claim_after_a_deeply_nested_request(
         running: Running, tmp_path: Path, topic: str) -> None:
@@ -96,14 +108,7 @@ def test_it_answers_a_real_claim_after_a_deeply_nested_request(
     finally:
         listener.close()
 
-    now_ms = time.time_ns() // 1_000_000
-    running.registry.register(serial="SN-1", site="lab", gateway_id="gw-sn-1",
-                              token_hash=hash_token("t0ken"), token_expires_ms=now_ms + 60_000,
-                              replace=False, now_ms=now_ms)
-    result = claim_identity(serial="SN-1", token="t0ken",
-                            broker=parse_broker_url(running.broker_url), out=tmp_path / "gw",
-                            timeout_s=10)
-    assert result.gateway_id == "gw-sn-1"
+    assert_a_real_claim_is_served(running, "SN-1", "gw-sn-1", tmp_path / "gw")
 
 
 def test_it_keeps_serving_when_answering_a_request_fails(
@@ -131,11 +136,4 @@ def test_it_keeps_serving_when_answering_a_request_fails(
     finally:
         listener.close()
     assert running.service.answered["internal_error"] == 1
-    now_ms = time.time_ns() // 1_000_000
-    running.registry.register(serial="SN-2", site="lab", gateway_id="gw-sn-2",
-                              token_hash=hash_token("t0ken"), token_expires_ms=now_ms + 60_000,
-                              replace=False, now_ms=now_ms)
-    result = claim_identity(serial="SN-2", token="t0ken",
-                            broker=parse_broker_url(running.broker_url), out=tmp_path / "gw",
-                            timeout_s=10)
-    assert result.gateway_id == "gw-sn-2"
+    assert_a_real_claim_is_served(running, "SN-2", "gw-sn-2", tmp_path / "gw")
