@@ -702,8 +702,10 @@ class AlertStage:
 
     def _gateway_offline(self, gateway: str) -> bool:
         presence = self.store.presence().get(gateway)
+        # what fires may include incidents of rules since removed from the configuration
         return (presence is not None and presence.state == "offline") or any(
-            subject == (gateway, gateway) and self.rules[name].kind == "absence"
+            subject == (gateway, gateway) and name in self.rules
+            and self.rules[name].kind == "absence"
             for name, subject, _ in self.evaluator.active())
 
     def _runbook(self, path: str | None) -> str | None:
@@ -830,7 +832,7 @@ class AlertStage:
             return None
         return next((name for name, subject, _ in self.evaluator.active()
                      if subject == (gateway, gateway) and name != rule.name
-                     and getattr(self.rules[name], "only_gateways", False)), None)
+                     and getattr(self.rules.get(name), "only_gateways", False)), None)
 
     def _recent_triggers(self, rule: str, gateway: str, device: str, now_ms: int) -> list[int]:
         """Earlier triggers of this rule for this source within the flapping window."""

@@ -511,3 +511,22 @@ def test_a_restart_does_not_count_a_sources_last_event_twice_in_a_rate_window(
     restarted = stage_on(store, tmp_path)
     restarted.tick(now + 1_000)
     assert store.incidents() == []
+
+
+def test_an_open_incident_of_a_rule_since_removed_does_not_stop_evaluation(
+    tmp_path: Path,
+) -> None:
+    """The operator renamed the gateway-offline rule while an incident of it was open for a
+    gateway: a care alarm from behind that gateway asked whether the gateway is offline, looked
+    the old rule up, and failed, again at every retry, with every alarm after it."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage_on(store, tmp_path)
+    store.open_incident(rule="gateway-offline", gateway="gw", device="gw", severity="critical",
+                        summary="Gateway gw has gone silent", detail="", at_ms=T0, notify=[])
+    stage = stage_on(store, tmp_path)  # restarted with rules that no longer have it
+    sos = Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+                 .stored, now_ms=T0 + 1_000)
+    assert announced(store) == [("care-alarm", "sos", "firing")]
+    assert stage.record_errors == 0
