@@ -841,7 +841,15 @@ class AlertStage:
 
     def _outgoing(self, rule: Rule, transition: Transition, summary: str,
                   kind: str, *, again: str | None = None) -> list[Outgoing]:
-        reason = self._muted(rule, transition)
+        try:
+            reason = self._muted(rule, transition)
+        except StoreError:
+            raise  # the store refuses: the whole change is retried from the log
+        except Exception:  # a bug must not hold this change, and every one after it, for ever
+            log.exception("cannot tell whether to mute this change; it is announced",
+                          extra={"rule": rule.name, "gateway": transition.gateway,
+                                 "device": transition.device})
+            reason = None
         if reason is not None:
             self.muted += 1
             log.info("not announced", extra={"rule": rule.name, "gateway": transition.gateway,

@@ -530,3 +530,23 @@ def test_an_open_incident_of_a_rule_since_removed_does_not_stop_evaluation(
                  .stored, now_ms=T0 + 1_000)
     assert announced(store) == [("care-alarm", "sos", "firing")]
     assert stage.record_errors == 0
+
+
+def test_a_bug_in_deciding_whether_to_mute_never_holds_an_alarm(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """Muting (silences, inhibition, flapping) looks at much state; a bug there (simulated:
+    no real input is known to cause one) raised at every retry and held this alarm and every
+    one after it. Better announced than held: the alarm goes out."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+
+    def broken(**_: Any) -> str | None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(alerting, "inhibited_by", broken)
+    sos = Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+                 .stored, now_ms=T0)
+    assert announced(store) == [("care-alarm", "sos", "firing")]
