@@ -78,6 +78,12 @@ CONFLICTS_CURSOR = "alerts-conflicts"  # the same over the conflict dead letters
 # the newest too_many_devices dead letter whose care alarm (if it held one) the hub announced
 OVER_BOUND_CURSOR = "alerts-over-bound"
 OVER_BOUND_RULE = "hub-devices-over-bound"
+# A stored event the rules could not evaluate (a bug in careflow) is set aside, never retried
+# for ever in front of every alarm after it; the hub's own alert names it and stays open this
+# long after the last one.
+EVALUATION_FAILED_RULE = "hub-evaluation-failed"
+EVALUATION_FAILED_WINDOW_MS = 600_000
+_NAMED_FAILURES = 5  # events the alert names; the rest are counted
 # Progress without incident changes is saved at most this often (a crash evaluates at most
 # this much again); changes are always saved with the cursors, in the same transaction.
 CURSOR_SAVE_INTERVAL_MS = 1_000
@@ -204,6 +210,11 @@ class AlertStage:
         # a cursor (the hub's in-memory tally dies with it), and the alert kept open this long
         self._over_bound_pos = 0
         self._refused_alarms: tuple[int, str] | None = None  # (until, detail)
+        # events the rules could not evaluate since the last recorded step ("gw/dev type #pos",
+        # care alarm or not), announced with the cursor that passes them; then kept open
+        self.evaluation_failures = 0
+        self._failed: list[tuple[str, bool]] = []
+        self._failed_alert: tuple[int, str] | None = None  # (until, detail)
         for chunk in self.store.iter_log(EventFilter(type="provision")):
             for event in chunk:  # kinds and sites only grow: learned once, then from events
                 self._learn(event, event.data)
@@ -319,7 +330,7 @@ class AlertStage:
             except Exception:
                 self._went_stale(now_ms)  # a bug: stay consistent with the store, and say so
                 raise
-            if not transitions:  # most commits change nothing: no write, no fsync
+            if not transitions and not self._failed:  # most commits: no write, no fsync
                 self._evaluated = events[-1].pos
             elif not self._guarded(now_ms, lambda: self._step(
                     transitions, events[-1].pos, self._conflicts_evaluated, now_ms)):
@@ -427,10 +438,26 @@ class AlertStage:
                 self._learn(event, values)
             observation = Observation(event.gateway, event.device, event.type, event.time_ms,
                                       event.received_ms, values)
-            found = self.evaluator.observe(observation, now_ms)
+            try:
+                found = self.evaluator.observe(observation, now_ms)
+            except Exception:  # one event must never hold back every alarm after it
+                self._evaluation_failed(
+                    f"{event.gateway}/{event.device} {event.type} #{event.pos}",
+                    alarm=event.type == "alert" and values.get("state") != "cleared")
+                continue
             if found:  # most events change nothing
                 transitions += found
         return transitions
+
+    def _evaluation_failed(self, what: str, *, alarm: bool) -> None:
+        """Set aside an event the rules cannot evaluate (a bug): retried, it would fail again
+        at every retry and hold back every alarm after it. The step that passes it announces
+        it (hub-evaluation-failed, critical), in the transaction of its cursor."""
+        self.evaluation_failures += 1
+        log.exception("the rules could not evaluate an event; it is set aside and announced",
+                      extra={"event": what, "care_alarm": alarm})
+        if len(self._failed) < 10_000:  # bounded; beyond, the log still has each one
+            self._failed.append((what, alarm))
 
     def _observe_conflict(self, letter: DeadLetter, now_ms: int) -> list[Transition]:
         """An alarm refused as a conflict (its position holds another event) is still an
@@ -439,8 +466,14 @@ class AlertStage:
         if alarm is None:
             return []
         note = f"; not stored: {letter.reason} (dead letter #{letter.pos})"
+        try:
+            found = self.evaluator.observe(alarm, now_ms)
+        except Exception:  # as for a stored event: never hold back the alarms after it
+            self._evaluation_failed(f"{alarm.gateway}/{alarm.device} alert (dead letter "
+                                    f"#{letter.pos})", alarm=True)
+            return []
         return [replace(t, detail=t.detail + note) if t.status == "firing" else t
-                for t in self.evaluator.observe(alarm, now_ms)]
+                for t in found]
 
     def _guarded(self, now_ms: int, work: Callable[[], None]) -> bool:
         """Run one step of evaluation; if it fails, the evaluator may count changes as done
@@ -468,18 +501,22 @@ class AlertStage:
               now_ms: int) -> None:
         """Record the changes found up to these positions together with the cursors (one
         transaction); with no changes, only move on in memory (see _save_progress)."""
-        if transitions:
+        if transitions or self._failed:
             self._pending_wake = False
             counted = (self.opened, self.muted)  # a refused transaction counts nothing
             try:
                 with self.store.atomically("record alert changes"):
                     for transition in transitions:
                         self._record_one(transition)
+                    if self._failed:
+                        self._announce_failures(now_ms)
                     self.store.set_cursor(ALERTS_CURSOR, events_pos)
                     self.store.set_cursor(CONFLICTS_CURSOR, conflicts_pos)
             except BaseException:
                 self.opened, self.muted = counted
+                self._failed.clear()  # evaluated again from the log, and found again
                 raise
+            self._failed.clear()
             self._saved, self._saved_at_ms = (events_pos, conflicts_pos), now_ms
             if self._pending_wake:
                 self.on_queued()
@@ -539,6 +576,12 @@ class AlertStage:
         letters = self.store.dead_letters_after(self._over_bound_pos, code="too_many_devices",
                                                 limit=CATCH_UP_PER_CALL, placed_only=True)
         problems, again = self._with_refused_alarms(problems, again, letters, now_ms)
+        if self._failed_alert is not None:
+            until, detail = self._failed_alert
+            if now_ms >= until:
+                self._failed_alert = None
+            else:
+                problems.setdefault(EVALUATION_FAILED_RULE, detail)
         self._pending_wake = False
         with self.store.atomically("check the hub itself"):
             self._check_self(problems, now_ms, again)
@@ -576,38 +619,57 @@ class AlertStage:
     def _check_self(self, problems: Mapping[str, str], now_ms: int,
                     again: Collection[str]) -> None:
         for rule, severity in SELF_RULES.items():
+            if rule in problems:
+                self._raise_self(rule, severity, problems[rule], now_ms,
+                                 again=rule in again)
             # one lookup per rule on the unresolved-incident index: a page of the newest
             # incidents missed the hub's own behind a busy fleet's, so it never resolved
-            existing = self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
-                                                      device=HUB_DEVICE)
-            if rule not in problems:
-                if existing is not None:
-                    self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY,
-                                                 device=HUB_DEVICE, at_ms=now_ms,
-                                                 by="careflow (self-check passed)")
-                continue
-            if existing is not None and rule in again:
-                detail = problems[rule]
+            elif self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
+                                                device=HUB_DEVICE) is not None:
+                self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY,
+                                             device=HUB_DEVICE, at_ms=now_ms,
+                                             by="careflow (self-check passed)")
 
-                def outgoing(text: str, rule: str = rule, severity: str = severity,
-                             detail: str = detail) -> list[Outgoing]:
-                    return self._self_outgoing(rule, severity, detail, now_ms, "raised-again",
-                                               text)
+    def _raise_self(self, rule: str, severity: str, detail: str, now_ms: int, *,
+                    again: bool) -> None:
+        """Open one of the hub's own incidents, or (``again``: it happened anew) announce the
+        unresolved one again at once; inside the caller's transaction."""
+        existing = self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
+                                                  device=HUB_DEVICE)
+        if existing is not None and again:
 
-                if self._raise_unresolved(rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms,
-                                          detail, outgoing, lambda _channels: 0):
-                    continue
-                existing = None  # resolved meanwhile: open a new one
-            if existing is None:
-                notify = self._self_outgoing(rule, severity, problems[rule], now_ms, "firing")
-                if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
-                                            severity=severity, summary=f"careflow hub: {rule}",
-                                            detail=problems[rule], at_ms=now_ms, notify=notify,
-                                            next_due_ms=self._first_due_ms(
-                                                rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
-                    log.error("the hub raised an alert about itself",
-                              extra={"rule": rule, "detail": problems[rule]})
-                    self._pending_wake = True
+            def outgoing(text: str) -> list[Outgoing]:
+                return self._self_outgoing(rule, severity, detail, now_ms, "raised-again", text)
+
+            if self._raise_unresolved(rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms,
+                                      detail, outgoing, lambda _channels: 0):
+                return
+            existing = None  # resolved meanwhile: open a new one
+        if existing is None:
+            notify = self._self_outgoing(rule, severity, detail, now_ms, "firing")
+            if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
+                                        severity=severity, summary=f"careflow hub: {rule}",
+                                        detail=detail, at_ms=now_ms, notify=notify,
+                                        next_due_ms=self._first_due_ms(
+                                            rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
+                log.error("the hub raised an alert about itself",
+                          extra={"rule": rule, "detail": detail})
+                self._pending_wake = True
+
+    def _announce_failures(self, now_ms: int) -> None:
+        """hub-evaluation-failed for the events set aside in this step (see
+        _evaluation_failed), announced again at once if it is already open."""
+        named = [what for what, _ in self._failed]
+        alarms = sum(alarm for _, alarm in self._failed)
+        detail = (f"{len(named)} stored event(s) could not be evaluated by the rules (a bug in "
+                  f"careflow; they are stored, and were set aside so that no alarm waits behind "
+                  f"them): {', '.join(named[:_NAMED_FAILURES])}"
+                  f"{f' and {len(named) - _NAMED_FAILURES} more' if len(named) > _NAMED_FAILURES else ''}"
+                  + (f"; {alarms} of them a CARE ALARM: check those devices now" if alarms
+                     else "") + "; see the hub's log and `careflow events query`")
+        self._raise_self(EVALUATION_FAILED_RULE, SELF_RULES[EVALUATION_FAILED_RULE], detail,
+                         now_ms, again=True)
+        self._failed_alert = (now_ms + EVALUATION_FAILED_WINDOW_MS, detail)
 
     def _self_outgoing(self, rule: str, severity: str, detail: str, now_ms: int, kind: str,
                        again: str | None = None) -> list[Outgoing]:

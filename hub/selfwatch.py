@@ -38,7 +38,8 @@ HUB_DEVICE = "hub"
 SELF_RULES = {"hub-broker-down": "critical", "hub-no-events": "critical",
               "hub-notifications-failing": "critical", "hub-store-failing": "critical",
               "hub-influx-failing": "warning", "hub-certificates-expiring": "warning",
-              "hub-alerts-lagging": "critical", "hub-devices-over-bound": "critical"}
+              "hub-alerts-lagging": "critical", "hub-devices-over-bound": "critical",
+              "hub-evaluation-failed": "critical"}
 # Rule evaluation that runs this far behind ingest (an event stored but judged late, or a clock
 # tick that comes late) for this long is an alert: a care alarm would be announced late.
 ALERT_LAG_BOUND_MS = 10_000

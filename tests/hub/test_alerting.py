@@ -14,6 +14,7 @@ from careflow.edge.stamper import Stamper
 from careflow.errors import StoreError
 from careflow.hub import alerting
 from careflow.hub.alerting import ALERTS_CURSOR, AlertStage, conflicting_alarm
+from careflow.hub.evaluate import Evaluator
 from careflow.hub.notify import load_channels
 from careflow.hub.rules import load_rules
 from careflow.hub.sqlite_store import SqliteStore
@@ -550,3 +551,41 @@ def test_a_bug_in_deciding_whether_to_mute_never_holds_an_alarm(
     stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
                  .stored, now_ms=T0)
     assert announced(store) == [("care-alarm", "sos", "firing")]
+
+
+def test_an_event_the_rules_cannot_evaluate_holds_back_no_alarm_and_is_announced(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """One stored event that makes evaluation itself fail (simulated: no real input is known to
+    cause it) was retried from the log every second, holding back every alarm after it, for
+    ever. It is set aside, the alarms after it go out, and on-call hears of it through the hub's
+    own alert, written with the cursor that passed it: after a restart it is not announced
+    again."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    observe = Evaluator.observe
+
+    def fails_on_poison(self: Evaluator, observation: Any, now_ms: int) -> Any:
+        if observation.device == "poison":
+            raise RuntimeError("a bug")
+        return observe(self, observation, now_ms)
+
+    monkeypatch.setattr(Evaluator, "observe", fails_on_poison)
+    poison = Stamper(gateway="gw", device="poison")
+    sos = Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([
+        poison.stamp("alert", {"kind": "sos", "state": "raised"}),
+        sos.stamp("alert", {"kind": "sos", "state": "raised"})])).stored, now_ms=T0)
+    stage.tick(T0 + 2_000)
+    stage.check_self({}, T0 + 2_000)
+    assert ("care-alarm", "sos", "firing") in announced(store)
+    (failed,) = [i for i in store.incidents() if i.rule == "hub-evaluation-failed"]
+    assert failed.severity == "critical" and failed.state == "open"
+    assert "gw/poison" in failed.detail and "CARE ALARM" in failed.detail
+    assert store.cursor(ALERTS_CURSOR) == store.last_pos()
+
+    again = stage_on(store, tmp_path)  # a restart: the cursor is past the poison event
+    again.tick(T0 + 3_000)
+    assert [i.rule for i in store.incidents()].count("hub-evaluation-failed") == 1
+    assert again.evaluation_failures == 0
