@@ -724,12 +724,16 @@ def _check_key(public: object) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
 
 
 def _check_identity(csr: x509.CertificateSigningRequest, gateway_id: str) -> None:
-    named: list[str] = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:  # parsed lazily: a subject that is not UTF-8 raises only here
+        named: list[str] = [str(a.value)
+                            for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    except ValueError as exc:
+        raise CsrError("csr_invalid", f"the CSR's subject cannot be read: {exc}") from exc
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = x509.SubjectAlternativeName([])
-    except ValueError as exc:  # a malformed extension
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise CsrError("csr_invalid", f"the CSR's extensions cannot be read: {exc}") from exc
     for entry in san:
         value = entry.value

@@ -26,6 +26,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
@@ -87,9 +88,9 @@ def key_fingerprint(csr_pem: bytes) -> str:
         csr = x509.load_pem_x509_csr(csr_pem)
         der = csr.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    except (ValueError, TypeError) as exc:
-        raise CsrError("csr_invalid", "the request is not a PEM certificate signing request") \
-            from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # e.g. a curve nobody supports
+        raise CsrError("csr_invalid", "the request is not a PEM certificate signing request "
+                       "with a supported key") from exc
     return hashlib.sha256(der).hexdigest()
 
 
