@@ -603,23 +603,27 @@ def _let_broker_read(work: Path, final: Path, persistence_here: Path, persistenc
                      account: BrokerAccount) -> list[InitStep]:
     """Give the broker's user what Mosquitto reads after dropping to it: the directory and
     ``broker.key`` by group (0750, 0640), its persistence folder as owner. Only root may chown
-    to another user; otherwise the step that is left says which command does it."""
-    work.chmod(0o750)
-    (work / f"{BROKER_CERT}.key").chmod(0o640)
+    to another user; otherwise the step that is left says which command does it. The modes
+    open up only once the group is the broker's: 0640 under the invoker's own group (often a
+    shared one) would hand the broker's private key to that group instead."""
     steps: list[InitStep] = []
+    key = work / f"{BROKER_CERT}.key"
     try:
-        for path, uid in ((work, -1), (work / f"{BROKER_CERT}.key", -1),
-                          (persistence_here, account.uid)):
+        for path, uid in ((work, -1), (key, -1), (persistence_here, account.uid)):
             info = path.stat()
             if info.st_gid != account.gid or uid not in (-1, info.st_uid):
                 os.chown(path, uid, account.gid)
-        steps.append(InitStep(final, "granted", f"readable by group {account.group} "
-                              f"(directory 0750, broker.key 0640) for user {account.name}"))
     except PermissionError:
         steps.append(InitStep(final, "to do", f"only root can give user {account.name} the "
                               f"broker's files: sudo chgrp {account.group} {final} "
-                              f"{final}/{BROKER_CERT}.key && sudo chown {account.name}:"
-                              f"{account.group} {persistence}"))
+                              f"{final}/{BROKER_CERT}.key && sudo chmod 0750 {final} && sudo "
+                              f"chmod 0640 {final}/{BROKER_CERT}.key && sudo chown "
+                              f"{account.name}:{account.group} {persistence}"))
+    else:
+        work.chmod(0o750)
+        key.chmod(0o640)
+        steps.append(InitStep(final, "granted", f"readable by group {account.group} "
+                              f"(directory 0750, broker.key 0640) for user {account.name}"))
     for parent in final.absolute().parents:
         if not _can_enter(parent, account):
             steps.append(InitStep(parent, "to do", f"user {account.name} cannot enter {parent} "

@@ -6,6 +6,7 @@ import base64
 import os
 import pwd
 import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -319,3 +320,55 @@ def test_it_refuses_a_broker_user_that_does_not_exist(tmp_path: Path) -> None:
     with pytest.raises(PkiError, match="no-such-user-here"):
         init_pki(tmp_path / "ca", now=NOW, broker_user="no-such-user-here")
     assert _leftovers(tmp_path) == []
+
+
+def _other_account() -> pwd.struct_passwd | None:
+    """An account this process is not, whose primary group it may not chgrp to."""
+    for name in ("mosquitto", "daemon", "bin"):
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if entry.pw_uid != 0:
+            return entry
+    return None
+
+
+@pytest.fixture
+def unprivileged_dir() -> Iterator[Path]:
+    """A folder user nobody can reach and write (pytest's tmp_path is root's alone)."""
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    folder = Path(tempfile.mkdtemp(prefix="careflow-nobody-", dir="/tmp"))
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _other_account() is None,
+                    reason="needs root to start a real unprivileged process")
+def test_run_unprivileged_the_broker_key_stays_private_until_its_group_is_granted(
+        unprivileged_dir: Path) -> None:
+    """Not root, init cannot chgrp to the broker's group: making broker.key 0640 anyway would
+    let the invoking user's own group (often a shared 'users') read the broker's private key."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    broker_user = _other_account()
+    assert broker_user is not None
+    target = unprivileged_dir / "ca"
+    code = ("import sys; from datetime import datetime, UTC; from pathlib import Path; "
+            "from careflow.provisioning.pki import init_pki; "
+            "steps = init_pki(Path(sys.argv[1]), now=datetime.now(UTC), force=True, "
+            "broker_user=sys.argv[2]); "
+            "print('\\n'.join(f'{s.action}: {s.what}' for s in steps))")
+    done = subprocess.run(  # a real non-root process (nobody), not a mocked chown
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         code, str(target), broker_user.pw_name],
+        capture_output=True, text=True, timeout=120, check=False, cwd=unprivileged_dir)
+    assert done.returncode == 0, done.stderr
+    assert "to do: only root can give" in done.stdout
+    assert stat.S_IMODE((target / "broker.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert "chmod" in done.stdout  # the step left to do says the modes too
