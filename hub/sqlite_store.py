@@ -332,11 +332,16 @@ def _event_row(accepted: Accepted, received_ms: int) -> tuple[Any, ...]:
             int(ev.seq), accepted.body)
 
 
+_KEPT_WHOLE = frozenset({"conflict", "internal_error"})
+
+
 def _dead_letter_row(rejected: Rejected, received_ms: int,
                      log_pos: int | None = None) -> tuple[Any, ...]:
     # A conflict is a valid event (bounded by the message limit, like any stored one) that the
-    # alert stage reads back from here: kept whole. Other refusals keep their first 64 KiB.
-    payload = rejected.payload if rejected.code == "conflict" else \
+    # alert stage reads back from here: kept whole. So is a message the hub failed on (a bug):
+    # it may be a valid batch of up to the message limit, acknowledged, whose only copy this is.
+    # Other refusals keep their first 64 KiB.
+    payload = rejected.payload if rejected.code in _KEPT_WHOLE else \
         rejected.payload[:MAX_DEAD_LETTER_PAYLOAD]
     return (received_ms, rejected.topic, rejected.code, rejected.reason, payload,
             len(rejected.payload), rejected.index, log_pos)

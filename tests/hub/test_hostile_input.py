@@ -27,7 +27,7 @@ from careflow.hub.ingest import Decoded
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import AppendResult, EventFilter, IncomingBatch
-from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_MESSAGE_BYTES
+from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, careflow_cmd, heartbeat, make_settings, wait_until
 from tests.hostile import (
     HOSTILE_DEPTHS,
@@ -191,6 +191,35 @@ def test_a_message_that_breaks_the_commit_is_its_own_dead_letter_and_the_writer_
                                  json.dumps(later).encode())])
         wait_until(lambda: store.count(EventFilter()) == 20, what="the writer still writes")
         assert runner.is_alive()
+    finally:
+        service.stop()
+        runner.join(timeout=15)
+        store.close()
+
+
+@pytest.mark.broker
+def test_a_whole_batch_that_breaks_the_commit_is_kept_whole_in_its_dead_letter(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The finding: the dead letter of a message that made the hub fail kept only its first
+    64 KiB, so a batch up to the message limit (256 KiB), acknowledged to the broker, lost the
+    events after that. A message the hub failed on may be perfectly valid: it is kept whole."""
+    settings_ = make_settings(tmp_path / "data", mosquitto.url)
+    store = PoisonedStore(settings_.db_path, synchronous="normal")
+    service = HubService(settings_, store)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: service.ingress.connected, what="hub connected")
+        stamper = Stamper(gateway="gw-1", device="s-1", boot="b")
+        group = [heartbeat(stamper, note="x" * 1900) for _ in range(MAX_BATCH_EVENTS)]
+        store.poison = group[-1]["id"]
+        payload = json.dumps(group).encode()
+        assert 64 * 1024 < len(payload) <= LIMIT
+        publish_raw(mosquitto, [("careflow/v1/gw-1/batch", payload)])
+        wait_until(lambda: store.dead_letter_count() == 1, what="the batch dead-lettered")
+        (letter,) = store.dead_letters()
+        assert letter.code == "internal_error"
+        assert letter.payload == payload  # every event of it, to be replayed once fixed
     finally:
         service.stop()
         runner.join(timeout=15)
