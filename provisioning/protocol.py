@@ -94,8 +94,8 @@ def decode_request(payload: bytes) -> dict[str, Any]:
             an object); never anything else, whatever the bytes.
     """
     if len(payload) > MAX_REQUEST_MESSAGE_BYTES:
-        msg = (f"the request is {len(payload)} bytes; at most {MAX_REQUEST_MESSAGE_BYTES} "
-               "are read")
+        msg = (f"the request is over {MAX_REQUEST_MESSAGE_BYTES} bytes, the most that is "
+               "read")
         raise ContractError("bad_request", msg)
     try:  # the contract's decoder: strict UTF-8 JSON; too deep is refused, never a RecursionError
         body = decode_json(payload, max_depth=MAX_REQUEST_DEPTH)

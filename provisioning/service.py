@@ -48,6 +48,7 @@ from careflow.provisioning.claims import (
     tokens_match,
 )
 from careflow.provisioning.protocol import (
+    MAX_REQUEST_MESSAGE_BYTES,
     PROVISION_SUBSCRIPTIONS,
     AcceptedReply,
     ClaimRequest,
@@ -245,6 +246,8 @@ class ProvisioningService:
         # of refused claims must not cost a synced write each
         self.refusals = RefusalLog(max_keys=MAX_PENDING_REFUSALS)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=10_000)
+        self._inbox_bytes = 0  # what the queued requests hold: bounded by MAX_INBOX_BYTES
+        self._inbox_lock = threading.Lock()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="provisioning", daemon=True)
         self._client = make_client(
@@ -280,13 +283,27 @@ class ProvisioningService:
 
     def _on_message(self, _client: paho.Client, _userdata: object,
                     message: paho.MQTTMessage) -> None:
+        # A request longer than the limit is refused unread, so only its start is kept; and the
+        # queue is bounded in bytes as well as in number (the broker passes 1 MiB a message).
+        payload = bytes(message.payload[:MAX_REQUEST_MESSAGE_BYTES + 1])
+        with self._inbox_lock:
+            admitted = self._inbox_bytes + len(payload) <= MAX_INBOX_BYTES
+            if admitted:
+                self._inbox_bytes += len(payload)
+        if not admitted:  # a flood: the gateway times out and asks again
+            log.warning("provisioning queue full (bytes); dropped a request")
+            return
         try:
-            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+            self._inbox.put_nowait((message.topic, payload))
         except queue.Full:  # a flood: the gateway times out and asks again
-            log.warning("provisioning queue full; dropped a request", extra={"topic":
-                                                                            message.topic})
+            self._dequeued(payload)
+            log.warning("provisioning queue full; dropped a request")
         except UnicodeDecodeError:
-            pass
+            self._dequeued(payload)
+
+    def _dequeued(self, payload: bytes) -> None:
+        with self._inbox_lock:
+            self._inbox_bytes -= len(payload)
 
     def _work(self) -> None:
         flush_at = time.monotonic() + REFUSAL_FLUSH_S
@@ -298,6 +315,7 @@ class ProvisioningService:
                 topic, payload = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._dequeued(payload)
             try:
                 for reply_to, body in self.handle(topic, payload):
                     self._client.publish(reply_to, body, qos=1)
@@ -508,6 +526,7 @@ REVOKED_CHECK_INTERVAL_MS = 5_000
 MAX_TRACKED_KEYS = 10_000  # rate-limit memory: serials and gateways seen in the last hour
 REFUSAL_FLUSH_S = 5.0  # refusals reach the registry at most this late (and so often)
 MAX_PENDING_REFUSALS = 10_000  # distinct (source, serial, code) held between two flushes
+MAX_INBOX_BYTES = 16 * 1024 * 1024  # queued requests; a claim is ~1 KiB, 256 of the largest fit
 MAX_REFUSAL_ROWS = 10_000  # the refusal table keeps the most recently active this many
 CRL_WARN = timedelta(days=7)  # `careflow ca crl-refresh` runs daily and signs for 30 days
 

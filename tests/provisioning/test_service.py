@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 from cryptography import x509
 
@@ -303,3 +304,20 @@ def test_listing_refusals_reads_through_an_index_not_a_sort(
     for sql in statements:  # as run, with the parameters bound
         plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
         assert "INDEX" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_requests_waiting_for_the_worker_are_bounded_in_bytes_not_only_in_number(
+        service: ProvisioningService) -> None:
+    """The broker passes up to max_packet_size (1 MiB) per message; while the worker waits on a
+    busy database, 10,000 queued requests must not mean 10 GiB held. paho's own message object
+    is handed to the adapter directly (no worker runs, so nothing drains the queue)."""
+    huge = b"{" * (1024 * 1024)
+    for _ in range(300):
+        message = paho.MQTTMessage(topic=request_topic("claim-x").encode())
+        message.payload = huge
+        service._on_message(service._client, None, message)
+    held = [payload for _, payload in list(service._inbox.queue)]
+    assert sum(map(len, held)) <= service_module.MAX_INBOX_BYTES
+    assert held, "oversized requests are still queued, to be answered bad_request"
+    [(topic, answer)] = service.handle(request_topic("claim-x"), held[0])
+    assert topic.endswith("/rejected") and json.loads(answer)["code"] == "bad_request"
