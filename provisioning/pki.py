@@ -844,7 +844,12 @@ def issued_certificates(pki: Pki) -> Iterator[IssuedCert]:
     """Every recorded device certificate, oldest first."""
     if not pki.issued_path.exists():
         return
-    for number, raw in enumerate(pki.issued_path.read_text().splitlines(), start=1):
+    try:
+        text = _read(pki.issued_path, "the record of issued certificates").decode("utf-8")
+    except UnicodeDecodeError as exc:  # a torn write or a bad disk: say so, as for a bad line
+        msg = f"{pki.issued_path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise PkiError(msg) from exc
+    for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:

@@ -55,3 +55,31 @@ def test_events_of_a_revoked_gateway_are_dead_lettered(mosquitto: Mosquitto,
     finally:
         hub.stop()
         registry.close()
+
+
+def test_an_unreadable_certificate_record_costs_no_event(mosquitto: Mosquitto,
+                                                          tmp_path: Path) -> None:
+    """The finding: reading the record of issued certificates failed with an error other than
+    PkiError (here bytes that are not UTF-8, as a torn write or a bad disk leaves them), and the
+    hub blamed each message in turn: every event became an ``internal_error`` dead letter,
+    acknowledged, until the file was fixed. The last known revoked set is kept instead."""
+    now = datetime.now(UTC)
+    pki_mod.init_pki(tmp_path / "pki", now=now, force=True)
+    pki = pki_mod.load_pki(tmp_path / "pki")
+    issue(pki, "gw-good", now)
+    with pki.issued_path.open("ab") as record:
+        record.write(b'{"gateway": "gw-\xff\xfe"}\n')
+
+    settings = make_settings(tmp_path / "data", mosquitto.url)
+    registry = SqliteProvisioningRegistry(settings.db_path, synchronous="normal")
+    hub = RunningHub(settings, provisioning=Activation(registry, warn_within_ms=86_400_000,
+                                                       pki=pki)).start()
+    try:
+        publish(mosquitto, [heartbeat(Stamper(gateway="gw-good", device="gw-good", boot="b1"))])
+        wait_until(lambda: hub.store.count(EventFilter()) + hub.store.dead_letter_count() == 1,
+                   what="the heartbeat stored or refused")
+        assert hub.store.dead_letters() == []
+        assert hub.store.count(EventFilter()) == 1
+    finally:
+        hub.stop()
+        registry.close()
