@@ -448,6 +448,8 @@ class ProvisioningService:
         # Only a requester holding the serial's token may leave a mark on its row; a stranger's
         # refusals go to the refusal log alone.
         proven = record is not None and tokens_match(request.token, record.token_hash)
+        if proven:  # the limit is for strangers: the token holder always hears the real reason
+            limited = None
         csr = request.csr.encode()
         try:
             fingerprint = key_fingerprint(csr)

@@ -321,3 +321,20 @@ def test_requests_waiting_for_the_worker_are_bounded_in_bytes_not_only_in_number
     assert held, "oversized requests are still queued, to be answered bad_request"
     [(topic, answer)] = service.handle(request_topic("claim-x"), held[0])
     assert topic.endswith("/rejected") and json.loads(answer)["code"] == "bad_request"
+
+
+def test_a_strangers_guesses_never_hide_the_real_reason_from_the_token_holder(
+        service: ProvisioningService) -> None:
+    """The rate limit is for strangers: the technician holding the real token is told what is
+    really wrong (here: the token expired), on the wire and on the serial's row, however many
+    wrong guesses someone else made at the same serial."""
+    register(service, "SN-1", ttl=timedelta(minutes=1))
+    for i in range(6):
+        ask(service, "SN-1", token=f"guess-{i}", client="claim-evil")
+    assert ask(service, "SN-1", token="guess-6", client="claim-evil")[1]["code"] == \
+        "rate_limited"
+    service.clock.now = T0 + timedelta(minutes=2)  # type: ignore[attr-defined]
+    kind, body = ask(service, "SN-1")
+    assert (kind, body["code"]) == ("rejected", "token_expired")
+    record = service.registry.get("SN-1")
+    assert record is not None and "token_expired" in (record.last_error or "")
