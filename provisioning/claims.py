@@ -204,6 +204,21 @@ class RefusalLog:
         tally[2] += 1
         return False
 
+    def restore(self, refusals: Sequence[Refusal]) -> None:
+        """Fold back what a failed flush took, so the next flush writes it (still bounded)."""
+        for refusal in refusals:
+            key = (refusal.source, refusal.serial, refusal.code)
+            tally = self._pending.get(key)
+            if tally is None and len(self._pending) >= self.max_keys:
+                key = (self.OVERFLOW, self.OVERFLOW, refusal.code)
+                tally = self._pending.get(key)
+            if tally is None:
+                self._pending[key] = [refusal.first_ms, refusal.last_ms, refusal.count]
+                continue
+            tally[0] = min(tally[0], refusal.first_ms)
+            tally[1] = max(tally[1], refusal.last_ms)
+            tally[2] += refusal.count
+
     def take(self) -> list[Refusal]:
         """Everything counted since the last take (and forget it)."""
         pending, self._pending = self._pending, {}

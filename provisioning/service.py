@@ -326,12 +326,14 @@ class ProvisioningService:
 
     def flush_refusals(self) -> None:
         """Write the refusals counted since the last flush (one transaction); never raises:
-        they are for operators to read, and answering goes on if the store refuses them."""
+        they are for operators to read, and answering goes on if the store refuses them (they
+        are folded back for the next flush)."""
         taken = self.refusals.take()
         try:
             self.registry.record_refusals(taken, max_rows=MAX_REFUSAL_ROWS)
         except Exception:  # StoreError, or a bug: either way, keep serving
-            log.exception("cannot record refused provisioning requests; their counts are lost",
+            self.refusals.restore(taken)
+            log.exception("cannot record refused provisioning requests; kept for the next try",
                           extra={"refusals": sum(r.count for r in taken)})
 
     def _failed(self, topic: str) -> None:

@@ -338,3 +338,20 @@ def test_a_strangers_guesses_never_hide_the_real_reason_from_the_token_holder(
     assert (kind, body["code"]) == ("rejected", "token_expired")
     record = service.registry.get("SN-1")
     assert record is not None and "token_expired" in (record.last_error or "")
+
+
+def test_refusals_the_store_cannot_take_are_kept_for_the_next_flush(
+        service: ProvisioningService) -> None:
+    """A flush that fails (here SQLite itself refuses the write) must not lose the counts: they
+    are folded back and written by the next flush."""
+    register(service, "SN-1")
+    for i in range(7):
+        ask(service, "SN-1", token=f"guess-{i}", client="claim-evil")
+    conn = service.registry._conn  # type: ignore[attr-defined]
+    conn.execute("PRAGMA query_only = ON")  # every write now fails inside SQLite
+    service.flush_refusals()  # logged, never raised
+    conn.execute("PRAGMA query_only = OFF")
+    ask(service, "SN-1", token="guess-7", client="claim-evil")
+    service.flush_refusals()
+    refused = service.registry.refusals(limit=100, serial="SN-1")
+    assert sum(r.count for r in refused) == 8
