@@ -7,6 +7,7 @@ wrong and, where it helps, what the sender should do instead.
 from __future__ import annotations
 
 import json
+import math
 import re
 from array import array
 from collections.abc import Mapping
@@ -52,12 +53,25 @@ _PATTERN_MEANING = {
 }
 
 
+class _NotFiniteError(ValueError):
+    """NaN, Infinity, or a number too large for a float (which would decode to infinity and
+    be written back out as ``Infinity``, which is not JSON)."""
+
+
 def _reject_constant(name: str) -> float:
     msg = f"{name} is not valid JSON"
-    raise ValueError(msg)
+    raise _NotFiniteError(msg)
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        msg = f"{text[:40]} is too large for a number (it would be infinity)"
+        raise _NotFiniteError(msg)
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 # The deepest an event may nest: the event object around a `data` of MAX_DATA_DEPTH levels.
 EVENT_DEPTH = MAX_DATA_DEPTH + 1
@@ -148,6 +162,16 @@ def _after_item(text: str, end: int) -> tuple[int, bool]:
     raise ValueError
 
 
+def _refused_item(text: str, pos: int, exc: Exception) -> tuple[ContractError, int]:
+    """A batch item that cannot be decoded (far too deep, or NaN or an overflowing number
+    inside): its refusal and where it ends, so that the items beside it still count."""
+    if isinstance(exc, RecursionError):
+        return _too_deep(EVENT_DEPTH), _value_end(text, pos)
+    if not text.startswith(("{", "["), pos):
+        raise exc
+    return ContractError("not_json", f"payload is not JSON: {exc}"), _value_end(text, pos)
+
+
 def _split_array(text: str) -> list[tuple[Any, str]]:
     """Parse a JSON array into (value, exact source text) pairs; ValueError if it is not one."""
     pos = _skip(text, 0)
@@ -162,8 +186,8 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
         while True:
             try:
                 value, end = raw_decode(text, pos)
-            except RecursionError:  # an item far too deep to decode: refuse it alone
-                value, end = _too_deep(EVENT_DEPTH), _value_end(text, pos)
+            except (RecursionError, _NotFiniteError) as exc:  # refuse this item alone
+                value, end = _refused_item(text, pos, exc)
             item = text[pos:end]
             # two C-speed counts per item; only an item with many brackets is measured
             if item.count("{") + item.count("[") > EVENT_DEPTH and _deeper_than(item, EVENT_DEPTH):

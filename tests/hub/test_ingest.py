@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -124,3 +125,21 @@ def test_it_never_raises_on_arbitrary_json_in_a_batch(value: Any) -> None:
     payload = json.dumps([value, value]).encode()
     decoded = decode_message("careflow/v1/gw-1/batch", payload, max_bytes=LIMIT)
     assert len(decoded.rejected) + len(decoded.accepted) == 2
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400 + ".0"])
+def test_a_number_too_large_for_a_float_is_refused_like_infinity(number: str) -> None:
+    """The finding: NaN and Infinity were refused, but 1e400 decoded to inf and was accepted
+    (in uptime_s, or any extra data key), then written back out as ``Infinity``, which is not
+    JSON (``careflow events --json``). In a batch only its own item is refused."""
+    stamper = Stamper(gateway="gw-1", device="s-1", boot="b")
+    event = heartbeat(stamper, uptime_s="NUMBER")
+    text = json.dumps(event).replace('"NUMBER"', number)
+    (rejection,) = decode_message("careflow/v1/gw-1/s-1/heartbeat", text.encode(),
+                                  max_bytes=LIMIT).rejected
+    assert rejection.code == "not_json"
+    honest = json.dumps(heartbeat(stamper))
+    batch = f"[{honest}, {text}, {honest.replace('s-1', 's-2')}]".encode()
+    decoded = decode_message("careflow/v1/gw-1/batch", batch, max_bytes=LIMIT)
+    assert [(r.index, r.code) for r in decoded.rejected] == [(1, "not_json")]
+    assert len(decoded.accepted) == 2
