@@ -9,7 +9,6 @@ then watch the gateway's retained presence topic to prove it did not get back in
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -24,10 +23,12 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from careflow.config import BrokerUrl, TlsFiles
-from careflow.errors import BrokerError, ConfigError, PkiError
+from careflow.errors import BrokerError, ConfigError, ContractError, PkiError
 from careflow.mqtt import connect_blocking, make_client
 from careflow.provisioning.pki import IssuedCert, Pki, current_certificate, revoke_identity
 from careflow.schemas import state_topic
+from careflow.schemas.codec import decode_json
+from careflow.schemas.limits import MAX_PAYLOAD_DEPTH
 
 __all__ = [
     "RevocationReport",
@@ -167,11 +168,11 @@ class _PresenceWatcher:
     def _on_message(self, _c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
         if message.retain:  # the state before we looked; only what happens now counts
             return
-        try:
-            body = json.loads(message.payload)
-            state = str(body.get("state")) if isinstance(body, dict) else repr(body)
-        except ValueError:
-            state = message.payload.decode(errors="replace")[:40]
+        try:  # the gateway's own topic: a stolen one may send anything, even a nesting bomb
+            body = decode_json(bytes(message.payload), max_depth=MAX_PAYLOAD_DEPTH)
+            state = str(body.get("state"))[:40] if isinstance(body, dict) else repr(body)[:40]
+        except ContractError:
+            state = message.payload[:40].decode(errors="replace")
         self.states.append(state)
 
     def close(self) -> None:
