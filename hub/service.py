@@ -300,7 +300,9 @@ class HubService:
             log.exception("a message failed to commit; dead-lettered",
                           extra={"topic": message.topic})
             accepted, presence = [], []
-            rejected = [(internal_error(message.topic, message.payload, exc, where="storing"),
+            letter = internal_error(message.topic, message.payload, exc, where="storing")
+            # retained: it comes back at every subscribe, and is to be recorded once
+            rejected = [(dataclasses.replace(letter, retained=message.retain),
                          message.received_ms)]
             result = self._commit(IncomingBatch(accepted, rejected, presence))
         self.ingress.ack(messages)

@@ -21,12 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from careflow.edge.stamper import Stamper
+from careflow.config import parse_broker_url
+from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.decoder import DecodeWorker, decode_safely
 from careflow.hub.ingest import Decoded
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import AppendResult, EventFilter, IncomingBatch
+from careflow.mqtt import connect_blocking, make_client
 from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, careflow_cmd, heartbeat, make_settings, wait_until
 from tests.hostile import (
@@ -224,6 +226,42 @@ def test_a_whole_batch_that_breaks_the_commit_is_kept_whole_in_its_dead_letter(
         service.stop()
         runner.join(timeout=15)
         store.close()
+
+
+@pytest.mark.broker
+def test_a_retained_message_that_breaks_the_commit_is_one_dead_letter_however_often_it_returns(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """The finding: a message left retained comes back at every (re)subscribe; junk is recorded
+    once, but the dead letter of a message that broke the commit lost its retained mark, so
+    it added a row at every restart of the hub."""
+    settings_ = make_settings(tmp_path / "data", mosquitto.url)
+    poisoned = heartbeat(Stamper(gateway="gw-1", device="s-1", boot="b"))
+    url = parse_broker_url(mosquitto.url)
+    client = make_client(client_id=f"retain-{new_event_id()}", clean_session=True, url=url)
+    connect_blocking(client, url)
+    client.publish("careflow/v1/gw-1/s-1/heartbeat", json.dumps(poisoned).encode(), qos=1,
+                   retain=True).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    marker = Stamper(gateway="gw-1", device="marker", boot="b")
+    for start in range(3):  # the hub's first subscribe, then two restarts
+        store = PoisonedStore(settings_.db_path, synchronous="normal")
+        store.poison = poisoned["id"]
+        service = HubService(settings_, store)
+        runner = threading.Thread(target=service.run, daemon=True)
+        runner.start()
+        try:
+            wait_until(lambda s=service: s.ingress.connected, what="hub connected")
+            publish_raw(mosquitto, [("careflow/v1/gw-1/marker/heartbeat",
+                                     json.dumps(heartbeat(marker)).encode())])
+            wait_until(lambda s=store, n=start: s.count(EventFilter()) == n + 1,
+                       what="the marker stored")
+            wait_until(lambda s=service: s.counters.messages >= 2, what="the retained one again")
+            assert store.dead_letter_count() == 1
+        finally:
+            service.stop()
+            runner.join(timeout=15)
+            store.close()
 
 
 def start_hub(mosquitto: Mosquitto, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
