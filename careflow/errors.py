@@ -5,6 +5,7 @@ The tree::
     CareflowError                 root; the CLI prints its message and exits non-zero
     ├── ConfigError               a setting is missing or malformed (says which and how to fix)
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
+    │   └── SessionTakenError     another client holds the hub's session (same client id)
     ├── HubRunningError           another hub holds the data directory (names it)
     ├── StoreError                the event store cannot be opened or written
     ├── ContractError             a payload breaks the event contract (carries a reason code)
@@ -29,6 +30,7 @@ __all__ = [
     "InfluxError",
     "InfluxRefusedError",
     "PkiError",
+    "SessionTakenError",
     "StoreError",
     "TransportError",
 ]
@@ -44,6 +46,14 @@ class ConfigError(CareflowError):
 
 class BrokerError(CareflowError):
     """The MQTT broker cannot be reached, refused the connection, or cannot be started."""
+
+
+class SessionTakenError(BrokerError):
+    """Another client uses this hub's client id and held the session first: this hub yields.
+
+    The CLI exits EXIT_SESSION_TAKEN for it, which the systemd unit does not restart: a restart
+    would only take the session over again, and store elsewhere what the other hub should get.
+    """
 
 
 class HubRunningError(CareflowError):

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import paho.mqtt.client as paho
 
 from careflow.config import Settings
-from careflow.errors import BrokerError
+from careflow.errors import BrokerError, SessionTakenError
 from careflow.mqtt import check, connect_blocking, make_client
 from careflow.schemas import EVENT_SUBSCRIPTIONS
 
@@ -158,7 +158,7 @@ class MqttIngress:
                  f"each other (another hub with CAREFLOW_HUB_CLIENT_ID={client_id} on another "
                  "data directory?)")
         if verdict is SessionVerdict.YIELD:
-            self.failure = BrokerError(
+            self.failure = SessionTakenError(
                 f"{cause}. This hub started last, so it stops instead of fighting: stop the "
                 "other hub, or give each hub its own CAREFLOW_HUB_CLIENT_ID.")
             log.error("another client holds this hub's session; stopping",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from careflow.cli import EXIT_SESSION_TAKEN
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNITS = ("careflow-hub.service", "careflow-edge.service")
 INSTALLED_AT = "/opt/careflow/bin/careflow"  # where deploy/README.md installs careflow
@@ -57,3 +59,12 @@ def test_it_restarts_the_agent_when_it_exits_75_and_after_a_failure() -> None:
     assert unit.get("Restart") == "on-failure"
     assert unit.get("RestartForceExitStatus") == "75" and unit.get("SuccessExitStatus") == "75"
     assert service("careflow-hub.service").get("Restart") == "on-failure"
+
+
+def test_a_hub_that_yields_its_session_to_another_is_not_restarted_into_the_fight() -> None:
+    """The finding: a hub that found another client on its client id stopped (exit 2), and
+    systemd restarted it 5 s later into the same fight, for ever: each time it took the session
+    over three times, and what the broker delivered meanwhile was stored in its own data
+    directory, never seen by the hub that keeps the session (its rules, its notifications)."""
+    unit = service("careflow-hub.service")
+    assert unit.get("RestartPreventExitStatus") == str(EXIT_SESSION_TAKEN)

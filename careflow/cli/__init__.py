@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import sys
 
-from careflow.errors import CareflowError
+from careflow.errors import CareflowError, SessionTakenError
 
-__all__ = ["main"]
+__all__ = ["EXIT_SESSION_TAKEN", "main"]
+
+# The hub yielded its broker session to another client with its client id: not to be restarted
+# (deploy/careflow-hub.service: RestartPreventExitStatus).
+EXIT_SESSION_TAKEN = 3
 
 
 def main() -> None:
-    """Entry point: careflow's own errors become one clear line and exit code 2."""
+    """Entry point: careflow's own errors become one clear line and exit code 2 (3 for a hub
+    that yields its broker session to another)."""
     try:
         if sys.argv[1:3] == ["edge", "run"]:
             # On a gateway only the agent runs: skip the hub, amqtt and jsonschema, which the
@@ -28,4 +33,4 @@ def main() -> None:
         app()
     except CareflowError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
+        sys.exit(EXIT_SESSION_TAKEN if isinstance(exc, SessionTakenError) else 2)

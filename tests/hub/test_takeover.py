@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from careflow.cli import EXIT_SESSION_TAKEN
 from careflow.hub.mqtt import TAKEOVER_FAST_S, SessionVerdict, TakeoverWatch
 from tests.conftest import Mosquitto, careflow_cmd, wait_until
 
@@ -77,7 +78,8 @@ def test_a_second_hub_with_the_same_client_id_stops_with_a_clear_error(
             second.kill()
             second.communicate()
             raise AssertionError("the two hubs went on fighting over one session") from None
-        assert second.returncode == 2
+        # 3: systemd must not restart it (RestartPreventExitStatus), or it fights every 5 s
+        assert second.returncode == EXIT_SESSION_TAKEN == 3
         assert "another client is using the client id 'careflow-hub'" in " ".join(err.split())
         assert "CAREFLOW_HUB_CLIENT_ID" in err
         assert first.poll() is None
