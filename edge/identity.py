@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from careflow.provisioning.pki import fsync_dir
+from careflow.provisioning.pki import fsync_dir, write_atomic
 
 __all__ = ["CA_FILE", "CERT_FILE", "CONFIG_FILE", "KEY_FILE", "IdentityStore", "key_pem"]
 
@@ -75,10 +75,7 @@ class IdentityStore:
     def keep_pending_key(self, key: ec.EllipticCurvePrivateKey) -> None:
         """Write a claim's key (0600) before its CSR leaves the gateway."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.root / "pending.key.tmp"
-        _write(tmp, key_pem(key), 0o600)
-        tmp.replace(self.root / "pending.key")
-        fsync_dir(self.root)
+        write_atomic(self.root / "pending.key", key_pem(key), mode=0o600)
 
     def drop_pending_key(self) -> None:
         """The claim is installed; its pending key is now the identity's key."""
