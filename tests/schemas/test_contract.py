@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.errors import ContractError
-from careflow.schemas import check_depth, decode_json, parse_event, validate_event, validate_events
+from careflow.schemas import (
+    check_depth,
+    decode_batch,
+    decode_json,
+    parse_event,
+    validate_event,
+    validate_events,
+)
 from careflow.schemas.limits import MAX_DATA_DEPTH
 from careflow.schemas.published import schema_errors
 from tests.hostile import json_depth, nested_json
@@ -306,3 +313,22 @@ def test_it_measures_depth_as_the_decoded_value_nests(value: Any, limit: int,
     except ContractError:
         refused = True
     assert refused == (json_depth(value) > limit)
+
+
+def test_it_refuses_nesting_hidden_under_a_key_that_is_repeated() -> None:
+    """A repeated key: the decoder keeps the last value, but the text (which is what is stored,
+    and what the store's read-back checks) still nests too deep. So depth is measured on the
+    text, never on the decoded value alone, in every way the hub decodes."""
+    event = json.loads((EXAMPLES / "heartbeat-gateway.json").read_text())
+    text = json.dumps({**event, "data": "__DATA__"}).replace(
+        '"__DATA__"', '{"x": ' + nested_json(MAX_DATA_DEPTH) + ', "x": 1, "interval_s": 60}')
+    assert json_depth(json.loads(text)) == 2  # the decoded value alone looks harmless
+    with pytest.raises(ContractError, match="too_deep|nests more than"):
+        check_depth(text)
+    with pytest.raises(ContractError) as single:
+        decode_json(text.encode())
+    assert single.value.code == "too_deep"
+    ((item, source),) = decode_batch(f"[{text}]".encode())
+    assert isinstance(item, ContractError)
+    assert item.code == "too_deep"
+    assert source == text
