@@ -172,8 +172,7 @@ class AlertStage:
         self.routing = rules.routing
         if self.channels:
             self._check_channels(rules)
-        self._rule_list = rules.rules
-        self.evaluator = Evaluator(rules.rules)
+        self.evaluator = Evaluator(rules.rules)  # rebuilt by _resume, from its own rules
         self.opened = 0
         self.record_errors = 0  # store failures while recording; each is retried from the log
         # Evaluation follows the log: everything up to these positions (events; conflict dead
@@ -253,7 +252,7 @@ class AlertStage:
         What is open stays open (no duplicate incident), and every known source counts as
         heard from when it was last seen; then evaluation catches up from the cursors.
         """
-        evaluator = Evaluator(self._rule_list)
+        evaluator = Evaluator(self.evaluator.rules)
         for record in self.store.devices():
             if isinstance(record.facts.get("kind"), str):
                 self._kinds[(record.gateway, record.device)] = record.facts["kind"]
