@@ -269,16 +269,12 @@ class AlertStage:
             # a new database, or one from before the cursors: start at the end of the logs,
             # as evaluation always started, rather than raise every alarm of the past again
             events = log_end if events < 0 else events
-            if conflicts < 0:
-                newest = self.store.dead_letters(limit=1)
-                conflicts = newest[0].pos if newest else 0
+            conflicts = self._newest_dead_letter() if conflicts < 0 else conflicts
             with self.store.atomically("start the alert cursors"):
-                self.store.set_cursor(ALERTS_CURSOR, events)
-                self.store.set_cursor(CONFLICTS_CURSOR, conflicts)
+                self._save_cursors(events, conflicts)
         over_bound = self.store.cursor(OVER_BOUND_CURSOR, missing=-1)
         if over_bound < 0:  # from before this cursor: what was refused then is past
-            newest = self.store.dead_letters(limit=1, code="too_many_devices")
-            over_bound = newest[0].pos if newest else 0
+            over_bound = self._newest_dead_letter(code="too_many_devices")
             self.store.set_cursor(OVER_BOUND_CURSOR, over_bound)
         self._over_bound_pos = over_bound
         self.evaluator = evaluator
@@ -287,6 +283,17 @@ class AlertStage:
         self._log_end = max(self._log_end, log_end)
         self._conflicts_due = True
         self._stale_since_ms = None
+
+    def _newest_dead_letter(self, *, code: str | None = None) -> int:
+        """Where a cursor over dead letters (of this code) starts when it was never saved:
+        after the newest one, so what came before is not announced again."""
+        newest = self.store.dead_letters(limit=1, code=code)
+        return newest[0].pos if newest else 0
+
+    def _save_cursors(self, events_pos: int, conflicts_pos: int) -> None:
+        """Write the evaluation cursors (inside the caller's transaction)."""
+        self.store.set_cursor(ALERTS_CURSOR, events_pos)
+        self.store.set_cursor(CONFLICTS_CURSOR, conflicts_pos)
 
     def _learn(self, event: StoredEvent, data: Mapping[str, Any]) -> None:
         """A provision event names the device's kind and its gateway's site (newest wins)."""
@@ -509,8 +516,7 @@ class AlertStage:
                         self._record_one(transition)
                     if self._failed:
                         self._announce_failures(now_ms)
-                    self.store.set_cursor(ALERTS_CURSOR, events_pos)
-                    self.store.set_cursor(CONFLICTS_CURSOR, conflicts_pos)
+                    self._save_cursors(events_pos, conflicts_pos)
             except BaseException:
                 self.opened, self.muted = counted
                 self._failed.clear()  # evaluated again from the log, and found again
@@ -531,8 +537,7 @@ class AlertStage:
             return
         try:
             with self.store.atomically("save the alert cursors"):
-                self.store.set_cursor(ALERTS_CURSOR, current[0])
-                self.store.set_cursor(CONFLICTS_CURSOR, current[1])
+                self._save_cursors(*current)
         except StoreError as exc:  # nothing is lost: the cursors only trail a little longer
             log.warning("cannot save the alert cursors", extra={"error": str(exc)})
             return
