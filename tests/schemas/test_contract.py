@@ -323,8 +323,9 @@ def test_it_refuses_nesting_hidden_under_a_key_that_is_repeated() -> None:
     text = json.dumps({**event, "data": "__DATA__"}).replace(
         '"__DATA__"', '{"x": ' + nested_json(MAX_DATA_DEPTH) + ', "x": 1, "interval_s": 60}')
     assert json_depth(json.loads(text)) == 2  # the decoded value alone looks harmless
-    with pytest.raises(ContractError, match="too_deep|nests more than"):
+    with pytest.raises(ContractError) as checked:
         check_depth(text)
+    assert checked.value.code == "too_deep"
     with pytest.raises(ContractError) as single:
         decode_json(text.encode())
     assert single.value.code == "too_deep"
