@@ -12,7 +12,6 @@ written for ``careflow edge run --config``.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from careflow.config import BrokerUrl, TlsFiles, parse_broker_url
 from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.errors import BrokerError, ClaimError, ConfigError
 from careflow.mqtt import connect_blocking, make_client
-from careflow.provisioning.pki import new_device_key
+from careflow.provisioning.pki import new_device_key, write_atomic
 from careflow.provisioning.protocol import (
     AcceptedReply,
     ClaimRequest,
@@ -111,17 +110,6 @@ def exchange(*, broker: BrokerUrl, tls: TlsFiles | None, client_id: str, request
     return replies[0]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-
-
 def write_edge_config(out: Path, *, gateway_id: str, broker_url: str,
                       heartbeat_interval_s: int) -> Path:
     """``edge.yaml`` for the agent, pointing at the installed identity."""
@@ -139,7 +127,7 @@ def write_edge_config(out: Path, *, gateway_id: str, broker_url: str,
                   f"cert_file: {identity / 'current' / CERT_FILE}",
                   f"key_file: {identity / 'current' / KEY_FILE}"]
     path = out / "edge.yaml"
-    _write_atomic(path, "\n".join(lines) + "\n")
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
     return path
 
 

@@ -1,10 +1,11 @@
-"""The gateway's identity store: its private keys are never readable by others."""
+"""The files a claim leaves on the gateway: its keys private, none written through a link."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
+from careflow.edge.claim import write_edge_config
 from careflow.edge.identity import IdentityStore
 from careflow.provisioning.pki import new_device_key
 
@@ -24,3 +25,21 @@ def test_a_claims_key_is_private_even_over_a_leftover_temporary_file(tmp_path: P
     assert stat.S_IMODE((store.root / "pending.key").stat().st_mode) == 0o600
     kept = store.pending_key()
     assert kept is not None and kept.private_numbers() == key.private_numbers()
+
+
+def test_edge_yaml_is_written_through_a_new_file_never_through_a_planted_link(
+    tmp_path: Path,
+) -> None:
+    """A link planted where the temporary file goes must not redirect the write (the claim
+    often runs as root)."""
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    out = tmp_path / "gw"
+    out.mkdir()
+    (out / ".edge.yaml.tmp").symlink_to(victim)
+
+    path = write_edge_config(out, gateway_id="gw-1", broker_url="mqtt://127.0.0.1:1884",
+                             heartbeat_interval_s=30)
+
+    assert victim.read_text() == "untouched\n"
+    assert "gateway: gw-1\n" in path.read_text()
