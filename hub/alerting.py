@@ -83,7 +83,7 @@ OVER_BOUND_RULE = "hub-devices-over-bound"
 # long after the last one.
 EVALUATION_FAILED_RULE = "hub-evaluation-failed"
 EVALUATION_FAILED_WINDOW_MS = 600_000
-_NAMED_FAILURES = 5  # events the alert names; the rest are counted
+_NAMED = 5  # events or devices a hub alert names; the rest are counted
 # Progress without incident changes is saved at most this often (a crash evaluates at most
 # this much again); changes are always saved with the cursors, in the same transaction.
 CURSOR_SAVE_INTERVAL_MS = 1_000
@@ -154,6 +154,12 @@ def conflicting_alarm(letter: DeadLetter) -> Observation | None:
         # is broken, and a clear that is not the device's last word would silence an alarm
     return Observation(head.gateway, head.device, head.type, time_ms, letter.received_ms,
                        value["data"])
+
+
+def _first_few(names: Sequence[str]) -> str:
+    """Names for a hub alert: the first _NAMED, then how many more (a message stays short)."""
+    more = len(names) - _NAMED
+    return ", ".join(names[:_NAMED]) + (f" and {more} more" if more > 0 else "")
 
 
 class AlertStage:
@@ -607,8 +613,7 @@ class AlertStage:
             named = sorted({f"{a.gateway}/{a.device}" for a in alarms})
             detail = (f"{len(alarms)} CARE ALARM(S) from new devices beyond the per-gateway "
                       f"bound (CAREFLOW_MAX_DEVICES_PER_GATEWAY) were dead-lettered as "
-                      f"too_many_devices, not evaluated: {', '.join(named[:5])}"
-                      f"{f' and {len(named) - 5} more' if len(named) > 5 else ''}; check those "
+                      f"too_many_devices, not evaluated: {_first_few(named)}; check those "
                       "devices now (careflow deadletter list --code too_many_devices)")
             self._refused_alarms = (now_ms + OVER_BOUND_WINDOW_MS, detail)
             again.add(OVER_BOUND_RULE)
@@ -667,8 +672,7 @@ class AlertStage:
         alarms = sum(alarm for _, alarm in self._failed)
         detail = (f"{len(named)} stored event(s) could not be evaluated by the rules (a bug in "
                   f"careflow; they are stored, and were set aside so that no alarm waits behind "
-                  f"them): {', '.join(named[:_NAMED_FAILURES])}"
-                  f"{f' and {len(named) - _NAMED_FAILURES} more' if len(named) > _NAMED_FAILURES else ''}"
+                  f"them): {_first_few(named)}"
                   + (f"; {alarms} of them a CARE ALARM: check those devices now" if alarms
                      else "") + "; see the hub's log and `careflow events query`")
         self._raise_self(EVALUATION_FAILED_RULE, SELF_RULES[EVALUATION_FAILED_RULE], detail,
