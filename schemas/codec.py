@@ -189,8 +189,7 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
             except (RecursionError, _NotFiniteError) as exc:  # refuse this item alone
                 value, end = _refused_item(text, pos, exc)
             item = text[pos:end]
-            # two C-speed counts per item; only an item with many brackets is measured
-            if item.count("{") + item.count("[") > EVENT_DEPTH and _deeper_than(item, EVENT_DEPTH):
+            if _deeper_than(item, EVENT_DEPTH):  # two C-speed counts for a usual item
                 value = _too_deep(EVENT_DEPTH)
             append((value, item))
             # Most senders separate items with ", " (json.dumps) or ","; test those before the
