@@ -171,10 +171,9 @@ class HubService:
         self._decoder = DecodeWorker(max_bytes=settings.max_message_bytes) if decode_worker \
             else None
         self._held: list[IncomingMessage] = []
-        # events refused beyond the per-gateway device bound, and the care alarms among them
-        # already announced (since when the tally runs, how many)
+        # events refused beyond the per-gateway device bound (for the self-alert's detail; the
+        # care alarms among them are announced by the alert stage, from their dead letters)
         self._refusals: Refusals | None = None
-        self._alarms_announced = (0, 0)
         self._failing_channels: frozenset[str] = frozenset()  # at the last self-check
         self._failing_told: frozenset[str] = frozenset()  # at the last self-check told about
 
@@ -359,21 +358,15 @@ class HubService:
             "gateways": sorted({item.gateway for item in over})[:5]})
 
     def _self_news(self) -> set[str]:
-        """The hub's own problems that happened anew since the last self-check: care alarms
-        refused beyond the device bound, each of which must reach someone, and a channel that
-        started failing (call after :meth:`_self_problems`)."""
+        """The hub's own problems that happened anew since the last self-check: a channel that
+        started failing (call after :meth:`_self_problems`). Care alarms refused beyond the
+        device bound are news too; the alert stage reads them from their dead letters, after a
+        cursor, so a restart neither loses nor repeats one."""
         news = set()
         if self._failing_channels - self._failing_told:  # another channel fails: said again,
             news.add("hub-notifications-failing")  # not hidden under an older self-alert
         self._failing_told = self._failing_channels
-        tally = self._refusals
-        if tally is None:
-            return news
-        since, announced = self._alarms_announced
-        if since != tally.since_ms:
-            since, announced = tally.since_ms, 0
-        self._alarms_announced = (since, tally.alarms)
-        return news | ({"hub-devices-over-bound"} if tally.alarms > announced else set())
+        return news
 
     def _alerting(self, work: Callable[[AlertStage], None]) -> None:
         """Run alert evaluation; events are already stored and acknowledged, so a failure here
