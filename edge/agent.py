@@ -337,8 +337,8 @@ class EdgeAgent:
         try:
             text = json.dumps({"device": device, "type": event_type, "data": data},
                               default=repr)
-        except (ValueError, RecursionError):
-            text = f'{{"device": {device[:64]!r}, "type": {event_type[:32]!r}, "data": (too deep)}}'
+        except (TypeError, ValueError, RecursionError):  # a key JSON cannot hold, a cycle, depth
+            text = f'{{"device": {device[:64]!r}, "type": {event_type[:32]!r}, "data": (not JSON)}}'
         log.error("refused an event the hub could not take",
                   extra={"device": device[:64], "type": event_type[:32], "code": reason.code})
         self.outbox.add(self.config.gateway, "error", refusal_report(

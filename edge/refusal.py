@@ -55,6 +55,8 @@ def encode_event(envelope: dict[str, Any]) -> str:
         raise ContractError("not_json", msg) from exc
     except RecursionError as exc:  # parse_event was skipped: still a refusal, never a crash
         raise ContractError("too_deep", "data nests too deep to encode") from exc
+    except TypeError as exc:  # a set, bytes, an object: JSON has no word for it
+        raise ContractError("schema", f"data holds a value JSON cannot carry: {exc}") from exc
     if len(body) > MAX_EVENT_BYTES:
         msg = (f"the event is {len(body)} bytes encoded, over the contract's {MAX_EVENT_BYTES}; "
                "send large content another way")

@@ -318,6 +318,24 @@ def test_an_event_refused_at_stamping_is_reported_and_the_caller_told(tmp_path: 
     agent.outbox.close()
 
 
+def test_data_json_cannot_hold_is_refused_and_reported_not_a_type_error(tmp_path: Path) -> None:
+    """Code on the gateway may pass what JSON has no word for (a set, bytes, a tuple as a key):
+    that is a refusal like any other, reported to the hub, never a TypeError that skips it."""
+    agent = EdgeAgent(AgentConfig(gateway="gw-code", broker=parse_broker_url("mqtt://127.0.0.1:9"),
+                                  data_dir=tmp_path))
+    cases: list[dict[Any, Any]] = [{"state": "raised", "kind": "fall", ("x", 1): 2},
+                                   {"state": "raised", "kind": "fall", "zones": {1, 2}},
+                                   {"state": "raised", "kind": "fall", "photo": b"\xff"}]
+    for data in cases:
+        with pytest.raises(ContractError):
+            agent.add("fall-1", "alert", data)
+    reports = [json.loads(p.body)["data"]
+               for p in agent.outbox.due(now_ms=0, resend_after_ms=0, limit=10)]
+    assert [(r["code"], r["severity"]) for r in reports] == [
+        ("E_EVENT_REFUSED", "critical")] * len(cases)
+    agent.outbox.close()
+
+
 def test_a_flood_of_care_alarms_never_holds_the_gateways_heartbeat_back_more_than_a_message(
     mosquitto: Mosquitto, tmp_path: Path,
 ) -> None:
