@@ -643,9 +643,7 @@ class AlertStage:
                     again: bool) -> None:
         """Open one of the hub's own incidents, or (``again``: it happened anew) announce the
         unresolved one again at once; inside the caller's transaction."""
-        existing = self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
-                                                  device=HUB_DEVICE)
-        if existing is not None and again:
+        if again:  # _raise_unresolved looks the incident up itself: False when there is none
 
             def outgoing(text: str) -> list[Outgoing]:
                 return self._self_outgoing(rule, severity, detail, now_ms, "raised-again", text)
@@ -653,17 +651,18 @@ class AlertStage:
             if self._raise_unresolved(rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms,
                                       detail, outgoing, lambda _channels: 0):
                 return
-            existing = None  # resolved meanwhile: open a new one
-        if existing is None:
-            notify = self._self_outgoing(rule, severity, detail, now_ms, "firing")
-            if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
-                                        severity=severity, summary=f"careflow hub: {rule}",
-                                        detail=detail, at_ms=now_ms, notify=notify,
-                                        next_due_ms=self._first_due_ms(
-                                            rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
-                log.error("the hub raised an alert about itself",
-                          extra={"rule": rule, "detail": detail})
-                self._pending_wake = True
+        elif self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
+                                            device=HUB_DEVICE) is not None:
+            return  # still open, nothing new: said already
+        notify = self._self_outgoing(rule, severity, detail, now_ms, "firing")
+        if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
+                                    severity=severity, summary=f"careflow hub: {rule}",
+                                    detail=detail, at_ms=now_ms, notify=notify,
+                                    next_due_ms=self._first_due_ms(
+                                        rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
+            log.error("the hub raised an alert about itself",
+                      extra={"rule": rule, "detail": detail})
+            self._pending_wake = True
 
     def _announce_failures(self, now_ms: int) -> None:
         """hub-evaluation-failed for the events set aside in this step (see
