@@ -191,33 +191,27 @@ class RefusalLog:
 
     def note(self, *, source: str, serial: str, code: str, now_ms: int) -> bool:
         """Count one refusal; True when it is the first of its key since the last take."""
-        key = (source[:self.SOURCE_CHARS], serial, code)
-        tally = self._pending.get(key)
-        if tally is None and len(self._pending) >= self.max_keys:
-            key = (self.OVERFLOW, self.OVERFLOW, code)
-            tally = self._pending.get(key)
-        if tally is None:
-            self._pending[key] = [now_ms, now_ms, 1]
-            return True
-        tally[0] = min(tally[0], now_ms)
-        tally[1] = max(tally[1], now_ms)
-        tally[2] += 1
-        return False
+        return self._fold((source[:self.SOURCE_CHARS], serial, code), now_ms, now_ms, 1)
 
     def restore(self, refusals: Sequence[Refusal]) -> None:
         """Fold back what a failed flush took, so the next flush writes it (still bounded)."""
         for refusal in refusals:
-            key = (refusal.source, refusal.serial, refusal.code)
+            self._fold((refusal.source, refusal.serial, refusal.code), refusal.first_ms,
+                       refusal.last_ms, refusal.count)
+
+    def _fold(self, key: tuple[str, str, str], first_ms: int, last_ms: int, count: int) -> bool:
+        """Add a tally under ``key`` (or the overflow key when full); True if the key is new."""
+        tally = self._pending.get(key)
+        if tally is None and len(self._pending) >= self.max_keys:
+            key = (self.OVERFLOW, self.OVERFLOW, key[2])
             tally = self._pending.get(key)
-            if tally is None and len(self._pending) >= self.max_keys:
-                key = (self.OVERFLOW, self.OVERFLOW, refusal.code)
-                tally = self._pending.get(key)
-            if tally is None:
-                self._pending[key] = [refusal.first_ms, refusal.last_ms, refusal.count]
-                continue
-            tally[0] = min(tally[0], refusal.first_ms)
-            tally[1] = max(tally[1], refusal.last_ms)
-            tally[2] += refusal.count
+        if tally is None:
+            self._pending[key] = [first_ms, last_ms, count]
+            return True
+        tally[0] = min(tally[0], first_ms)
+        tally[1] = max(tally[1], last_ms)
+        tally[2] += count
+        return False
 
     def take(self) -> list[Refusal]:
         """Everything counted since the last take (and forget it)."""
