@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_DEVICES_PER_GATEWAY",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_INT_SETTING",
     "BrokerUrl",
     "HostPort",
     "Settings",
@@ -39,6 +40,9 @@ DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES  # the contract's limit
 DEFAULT_MAX_DEVICES_PER_GATEWAY = 1000
 DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
 DEFAULT_DEAD_LETTER_MAX_MB = 256
+# The largest whole-number setting taken: beyond any sane value, and small enough that a setting
+# scaled for use (seconds * 1000, MB << 20) still fits SQLite's 64-bit integers.
+MAX_INT_SETTING = 2**31 - 1
 _SYNC_MODES = ("full", "normal")
 
 
@@ -216,8 +220,8 @@ def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError as exc:
         msg = f"{name}={text!r} is not a whole number"
         raise ConfigError(msg) from exc
-    if value <= 0:
-        msg = f"{name} must be positive, not {value}"
+    if not 0 < value <= MAX_INT_SETTING:
+        msg = f"{name} must be from 1 to {MAX_INT_SETTING}, not {value}"
         raise ConfigError(msg)
     return value
 
