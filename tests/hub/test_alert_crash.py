@@ -19,6 +19,7 @@ import json
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -45,6 +46,11 @@ REFUSE_INCIDENTS = ("CREATE TRIGGER refuse_incidents BEFORE INSERT ON incidents 
                     "SELECT RAISE(ABORT, 'database or disk is full'); END")
 
 
+def health(store: SqliteStore) -> tuple[int, dict[str, Any]]:
+    """The hub's last health report and when it was written ((0, {}) before the first)."""
+    return store.read_health() or (0, {})
+
+
 def listen_for_acks(mosquitto: Mosquitto, gateway_id: str) -> tuple[paho.Client, list[str]]:
     """A client on the gateway's ack topic, and the ids the hub told it it may delete."""
     confirmed: list[str] = []
@@ -62,16 +68,13 @@ def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once
     hub_process = HubProcess(tmp_path, mosquitto.url, RULES, http_receiver.port)
     db, log, start = hub_process.db, hub_process.log, hub_process.start
 
-    def health() -> dict[str, object]:
-        return (store.read_health() or (0, {}))[1]
-
     gateway, confirmed = listen_for_acks(mosquitto, "gw-1")
 
     hub = start()
     try:
         wait_until(db.exists, what="store created")
         store = SqliteStore(db)
-        wait_until(lambda: health().get("connected") is True, what="hub connected")
+        wait_until(lambda: health(store)[1].get("connected") is True, what="hub connected")
         boot = "boot-kept-across-reboots"
         heartbeat = Stamper(gateway="gw-1", device="fall-2", boot=boot).stamp(
             "heartbeat", {"interval_s": 60})
@@ -87,7 +90,7 @@ def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once
         publish(mosquitto, [alarm, rebooted])
         wait_until(lambda: {alarm["id"], rebooted["id"]} <= set(confirmed),
                    what="both alarms confirmed to the gateway")
-        wait_until(lambda: int(health().get("alerts_unrecorded") or 0) >= 1,
+        wait_until(lambda: int(health(store)[1].get("alerts_unrecorded") or 0) >= 1,
                    what="the hub saying an alarm waits for the store")
         hub.send_signal(signal.SIGKILL)
         hub.wait(timeout=10)
@@ -128,16 +131,13 @@ def test_a_care_alarm_refused_beyond_the_device_bound_is_announced_after_a_kill(
                              CAREFLOW_MAX_DEVICES_PER_GATEWAY="1")
     db, log, start = hub_process.db, hub_process.log, hub_process.start
 
-    def health() -> dict[str, object]:
-        return (store.read_health() or (0, {}))[1]
-
     gateway, confirmed = listen_for_acks(mosquitto, "gw-1")
 
     hub = start()
     try:
         wait_until(db.exists, what="store created")
         store = SqliteStore(db)
-        wait_until(lambda: health().get("connected") is True, what="hub connected")
+        wait_until(lambda: health(store)[1].get("connected") is True, what="hub connected")
         known = [Stamper(gateway="gw-1", device=d).stamp("heartbeat", {"interval_s": 60})
                  for d in ("gw-1", "door-1")]
         publish(mosquitto, known)
@@ -149,7 +149,7 @@ def test_a_care_alarm_refused_beyond_the_device_bound_is_announced_after_a_kill(
             "alert", {"kind": "sos", "state": "raised"})
         publish(mosquitto, [alarm])
         wait_until(lambda: alarm["id"] in confirmed, what="the alarm confirmed to the gateway")
-        wait_until(lambda: int(health().get("alert_errors") or 0) >= 1,
+        wait_until(lambda: int(health(store)[1].get("alert_errors") or 0) >= 1,
                    what="the hub failing to record its own alert")
         hub.send_signal(signal.SIGKILL)
         hub.wait(timeout=10)
@@ -163,12 +163,12 @@ def test_a_care_alarm_refused_beyond_the_device_bound_is_announced_after_a_kill(
                    timeout_s=30, what="the refused alarm announced after the restart")
         hub.send_signal(signal.SIGKILL)  # and once more: nothing said twice
         hub.wait(timeout=10)
-        before = (store.read_health() or (0, {}))[0]
+        before = health(store)[0]
         hub = start()
-        wait_until(lambda: (store.read_health() or (0, {}))[0] != before and
-                   health().get("connected") is True, what="hub up again")
-        fresh = (store.read_health() or (0, {}))[0]
-        wait_until(lambda: (store.read_health() or (0, {}))[0] != fresh,
+        wait_until(lambda: health(store)[0] != before and
+                   health(store)[1].get("connected") is True, what="hub up again")
+        fresh = health(store)[0]
+        wait_until(lambda: health(store)[0] != fresh,
                    what="a self-check of the restarted hub")
     finally:
         hub.send_signal(signal.SIGTERM)
