@@ -47,7 +47,6 @@ import apprise
 from careflow.config import read_secret
 from careflow.errors import ConfigError, TransportError
 from careflow.hub.apprise_transport import AppriseTransport
-from careflow.hub.routing import default_channels
 from careflow.hub.store import EventStore, Incident, Notification
 
 __all__ = [
@@ -71,7 +70,6 @@ __all__ = [
     "reference",
     "render",
     "retry_delay_ms",
-    "route",
     "template_fits",
     "template_text",
     "with_template",
@@ -168,11 +166,6 @@ def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
             raise ConfigError(msg)
         channels[name] = Channel(name, url, template)
     return channels
-
-
-def route(severity: str) -> tuple[str, ...]:
-    """Which channels hear about an incident of this severity by default (see routing.py)."""
-    return default_channels(severity)
 
 
 def reference(notes: Sequence[Notification]) -> str:
