@@ -408,18 +408,11 @@ class NotificationSender:
             with self._store_lock:
                 notes = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
                                                        channel=channel)
-                for note in notes:
-                    final = gives_up(attempts=note.attempts + 1, permanent=True,
-                                     critical_open=critical_open(
-                                         self.store.incident(note.incident_id)))
-                    self.store.finish_notification(
-                        note.id, ok=False, now_ms=now_ms, final=final,
-                        error=f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_"
-                              f"{channel.upper()} to an Apprise URL",
-                        attempts=note.attempts + 1 if final else max(note.attempts + 1,
-                                                                     MAX_ATTEMPTS),
-                        retry_in_ms=retry_delay_ms(MAX_ATTEMPTS))
-                    self.failed += final
+                incidents = {i: self.store.incident(i) for i in {n.incident_id for n in notes}}
+            # recorded as any permanent refusal is: the same give-up rule, counts and logs
+            self._record(notes, incidents, TransportError(
+                f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_{channel.upper()} "
+                "to an Apprise URL", permanent=True))
             claimed += len(notes)
         return claimed
 

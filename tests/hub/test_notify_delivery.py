@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import logging
 import os
 import subprocess
 import time
@@ -579,13 +580,20 @@ def test_it_routes_the_self_alert_around_failing_channels() -> None:
 # -- the edges: unknown channels, a store error mid-send, `careflow notify test` -----------------
 
 
-def test_it_fails_a_notification_for_a_channel_that_is_not_configured(tmp_path: Path) -> None:
+def test_it_fails_a_notification_for_a_channel_that_is_not_configured(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
     channels = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/x"})
     store = SqliteStore(tmp_path / "db")
     ghost = open_alarm(store, 1, "ghost", severity="warning")  # a channel removed, a restart
-    assert NotificationSender(store, channels).deliver_due(now_ms=10) == 1
+    sender = NotificationSender(store, channels)
+    with caplog.at_level(logging.ERROR, logger="careflow.hub.notify"):
+        assert sender.deliver_due(now_ms=10) == 1
     failed = the_note(store, ghost)
     assert failed.state == "failed" and "CAREFLOW_CHANNEL_GHOST" in (failed.last_error or "")
+    # failed for good like any other: counted and logged, as a permanent refusal is
+    assert sender.failed == 1
+    assert [r.message for r in caplog.records] == ["notification failed for good"]
 
 
 def test_it_keeps_a_care_alarm_for_a_channel_not_configured_until_it_is(
