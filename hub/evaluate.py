@@ -89,6 +89,10 @@ class Evaluator:
     # window younger than that cannot tell that a rate dropped (a rebuilt evaluator would
     # otherwise call a burst that goes on "over" at its next event).
     _watching_since_ms: int | None = None
+    _named: dict[str, Rule] = field(init=False)  # the rules by name, built once
+
+    def __post_init__(self) -> None:
+        self._named = {rule.name: rule for rule in self.rules}
 
     def observe(self, obs: Observation, now_ms: int) -> list[Transition]:
         """Account for one event; return what started or stopped firing."""
@@ -158,7 +162,7 @@ class Evaluator:
         """Take over a change recorded before this evaluator existed (a restart, a rebuild):
         it fires, and a rate rule's window is watched so it can clear when the rate drops."""
         self.firing[(rule, subject)] = since_ms
-        if any(isinstance(r, RateRule) and r.name == rule for r in self.rules):
+        if isinstance(self._named.get(rule), RateRule):
             self._rates.setdefault((rule, subject), collections.deque())
 
     def tick(self, now_ms: int) -> list[Transition]:
@@ -166,7 +170,7 @@ class Evaluator:
         if self._watching_since_ms is None:
             self._watching_since_ms = now_ms
         out: list[Transition] = []
-        rules = {rule.name: rule for rule in self.rules}
+        rules = self._named
         while self._deadlines and self._deadlines[0][0] < now_ms:
             queued, name, subject = heapq.heappop(self._deadlines)
             key = (name, subject)
