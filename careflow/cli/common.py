@@ -46,13 +46,19 @@ __all__ = [
 ]
 
 # C0 controls but tab and newline, DEL and C1: ESC starts terminal sequences (clear the screen,
-# set the title, hyperlinks), CR and BS overwrite what was printed.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# set the title, hyperlinks), CR and BS overwrite what was printed. Bidirectional controls
+# reorder what follows them (a device name that reads as another's).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _code(char: str) -> str:
+    return f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}"
 
 
 def literal(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN`` instead of acting on the terminal."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+    """``text`` with control characters shown as ``\\xNN`` or ``\\uNNNN`` instead of acting on
+    the terminal."""
+    return _CONTROL.sub(lambda match: _code(match[0]), text)
 
 
 class LiteralConsole(Console):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from careflow.cli.common import literal
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest import decode_message
 from careflow.hub.sqlite_store import SqliteStore
@@ -113,3 +114,13 @@ def test_the_terminal_report_shows_hostile_sites(data_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     for text in HOSTILE:
         assert text in done.stdout
+
+
+@pytest.mark.parametrize("mark", ["\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u202a",
+                                  "\u202b", "\u202c", "\u202d", "\u200e", "\u200f"])
+def test_direction_marks_are_shown_not_obeyed(mark: str) -> None:
+    """A right-to-left override in device text (a site label, a dead letter's topic) would make
+    ``gw-1\\u202e3-ws`` read as another gateway on the operator's terminal: every bidirectional
+    control is shown as its code."""
+    shown = literal(f"gw-1{mark}3-ws")
+    assert shown == f"gw-1\\u{ord(mark):04x}3-ws"
