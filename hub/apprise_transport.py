@@ -39,6 +39,12 @@ MAX_PACE_S = 1.0
 _DEFAULT_BODY_MAX = 32_768  # Apprise's own default for a plugin
 _DEFAULT_TITLE_MAX = 250
 _MAX_REASON = 600
+# what one send keeps of Apprise's lines: a receiver may answer with megabytes, and some plugins
+# log the whole answer; the start says why, and the margin lets a secret cut at the end of a
+# kept line be redacted whole before the line is cut to _MAX_LINE
+_MAX_LINES = 50
+_MAX_LINE = 2_000
+_CAPTURED_LINE = 8 * _MAX_LINE
 # an SMTP reply as smtplib reports it: (550, b'5.1.1 <x@y>: unknown') or "refused: 550 b'...'"
 _SMTP_REPLY = re.compile(r"\(([245]\d\d), b?['\"]([^'\"]*)['\"]|refused: ([245]\d\d) b?['\"]?"
                          r"([^'\"]*)")
@@ -89,7 +95,7 @@ def failure_from_log(lines: Sequence[str], *, secrets: Sequence[str] = ()) -> Tr
     (400, 401, 403, 404, ...) are permanent; SMTP 4xx, HTTP 5xx, 408, 429, timeouts and refused
     connections are not. Nothing recognisable: not permanent (a later attempt may tell more).
     """
-    lines = [redact(line, secrets) for line in lines]
+    lines = [redact(line, secrets)[:_MAX_LINE] for line in lines]
     text = "\n".join(lines)
     permanent = False
     reply = _SMTP_REPLY.search(text)
@@ -152,8 +158,8 @@ class _ThreadLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         lines = self.lines.get()
-        if lines is not None and _explains_a_failure(record):
-            lines.append(record.getMessage())
+        if lines is not None and len(lines) < _MAX_LINES and _explains_a_failure(record):
+            lines.append(record.getMessage()[:_CAPTURED_LINE])
         threshold = self.level
         if threshold == logging.NOTSET and self.logger.parent is not None:
             threshold = self.logger.parent.getEffectiveLevel()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -23,9 +24,15 @@ from aiosmtpd.controller import Controller
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.errors import StoreError
+from careflow.errors import StoreError, TransportError
+from careflow.hub import apprise_transport
 from careflow.hub.alerting import AlertStage
-from careflow.hub.apprise_transport import MessageLimits, failure_from_log, url_secrets
+from careflow.hub.apprise_transport import (
+    AppriseTransport,
+    MessageLimits,
+    failure_from_log,
+    url_secrets,
+)
 from careflow.hub.notify import (
     FAILING_AFTER_ATTEMPTS,
     MAX_ATTEMPTS,
@@ -686,3 +693,45 @@ def test_it_says_why_a_test_message_was_refused() -> None:
         refusing.close()
     assert result.returncode != 0
     assert "HTTP 401" in result.stderr and "credentials" in result.stderr
+
+
+def test_it_keeps_only_the_start_of_a_huge_answer_that_apprise_logs_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receiver answers a refusal with 20 MB, and Apprise's Rocket.Chat plugin logs the whole
+    answer: the sender reads the reason from the start of it, not from all of it (the spy
+    only watches what reaches the pure parser; the server and Apprise are real)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: PLC0415
+
+    huge = b"no " * 7_000_000
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(huge)))
+            self.end_headers()
+            self.wfile.write(huge)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen: list[list[str]] = []
+
+    def spy(lines: list[str], **kwargs: Any) -> TransportError:
+        seen.append(list(lines))
+        return failure_from_log(lines, **kwargs)
+
+    monkeypatch.setattr(apprise_transport, "failure_from_log", spy)
+    try:
+        transport = AppriseTransport(
+            f"rocket://careflow:hunter2pass@127.0.0.1:{server.server_address[1]}/#alerts")
+        with pytest.raises(TransportError) as refused:
+            transport.send("careflow test", "a message")
+    finally:
+        server.shutdown()
+    assert str(refused.value).startswith("HTTP 401") and refused.value.permanent
+    (lines,) = seen
+    assert lines and sum(len(line) for line in lines) <= 50 * 16_000
