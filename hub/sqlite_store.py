@@ -554,9 +554,12 @@ class SqliteStore:
         conn = self._conn
         by_rows = conn.execute("SELECT pos FROM dead_letters ORDER BY pos DESC LIMIT 1 OFFSET ?",
                                (max_rows,)).fetchone()
+        # The running sum finds the cut; it costs ~4x a plain sum, which says if there is one.
+        total = conn.execute("SELECT SUM(length(payload)) FROM dead_letters").fetchone()[0]
         by_bytes = conn.execute(
             "SELECT pos FROM (SELECT pos, SUM(length(payload)) OVER (ORDER BY pos DESC) AS kept "
-            "FROM dead_letters) WHERE kept > ? ORDER BY pos DESC LIMIT 1", (max_bytes,)).fetchone()
+            "FROM dead_letters) WHERE kept > ? ORDER BY pos DESC LIMIT 1", (max_bytes,)
+        ).fetchone() if (total or 0) > max_bytes else None
         self._dead_since_prune = (0, 0)
         cut = max(by_rows[0] if by_rows else 0, by_bytes[0] if by_bytes else 0)
         if cut:
