@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from careflow.cli import EXIT_SESSION_TAKEN
+from careflow.cli.edgecmd import EXIT_RESTART_REQUESTED
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNITS = ("careflow-hub.service", "careflow-edge.service")
@@ -57,7 +58,9 @@ def test_it_restarts_the_agent_when_it_exits_75_and_after_a_failure() -> None:
     """`careflow edge run` exits 75 after a remote restart command (careflow/cli/edgecmd.py)."""
     unit = service("careflow-edge.service")
     assert unit.get("Restart") == "on-failure"
-    assert unit.get("RestartForceExitStatus") == "75" and unit.get("SuccessExitStatus") == "75"
+    assert EXIT_RESTART_REQUESTED == 75  # what deploy/README.md says
+    assert unit.get("RestartForceExitStatus") == str(EXIT_RESTART_REQUESTED)
+    assert unit.get("SuccessExitStatus") == str(EXIT_RESTART_REQUESTED)
     assert service("careflow-hub.service").get("Restart") == "on-failure"
 
 

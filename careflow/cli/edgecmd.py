@@ -11,6 +11,10 @@ import typer
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.log import setup_logging
 
+# A remote command asked for a restart: the supervisor starts the agent again
+# (deploy/careflow-edge.service: RestartForceExitStatus). EX_TEMPFAIL.
+EXIT_RESTART_REQUESTED = 75
+
 __all__ = ["edge_app"]
 
 edge_app = typer.Typer(help="The gateway agent: heartbeats, presence, store-and-forward.",
@@ -61,6 +65,6 @@ def run(
                f"{settings.data_dir}, spool {settings.spool}; Ctrl-C stops", err=True)
     agent.run()
     if agent.restart_requested:
-        typer.echo("restart requested by a remote command; exiting 75 for the supervisor",
-                   err=True)
-        raise typer.Exit(75)
+        typer.echo("restart requested by a remote command; exiting "
+                   f"{EXIT_RESTART_REQUESTED} for the supervisor", err=True)
+        raise typer.Exit(EXIT_RESTART_REQUESTED)
