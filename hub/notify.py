@@ -400,9 +400,9 @@ class NotificationSender:
         """Notifications queued for a channel that is not configured (any more) fail for good,
         but for critical ones of open incidents: those wait (counted as failing, so the
         self-alert says so) for a restart with the channel back (see :func:`gives_up`)."""
-        with self._store_lock:
-            pending = self.store.notifications(states=("pending",), limit=1000)
-        unknown = {n.channel for n in pending if n.channel not in self.channels}
+        with self._store_lock:  # every channel with something due, however much is queued
+            due = self.store.overdue_notifications(due_before_ms=now_ms + 1)
+        unknown = set(due) - set(self.channels)
         claimed = 0
         for channel in sorted(unknown):
             with self._store_lock:

@@ -735,3 +735,20 @@ def test_it_keeps_only_the_start_of_a_huge_answer_that_apprise_logs_whole(
     assert str(refused.value).startswith("HTTP 401") and refused.value.permanent
     (lines,) = seen
     assert lines and sum(len(line) for line in lines) <= 50 * 16_000
+
+
+def test_it_fails_a_notification_for_an_unknown_channel_behind_a_thousand_newer_ones(
+    tmp_path: Path,
+) -> None:
+    """The check for unknown channels looked at the newest 1,000 pending notifications only:
+    one queued before a burst on a working channel was never failed nor kept as such."""
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/x"})
+    store = SqliteStore(tmp_path / "db")
+    ghost = open_alarm(store, 0, "ghost", severity="warning")
+    incident = store.open_incident(
+        rule="battery-low", gateway="gw-1", device="dev-1", severity="warning", summary="low",
+        detail="low", at_ms=1, notify=[("ops", f"low {n}", "battery low") for n in range(1000)])
+    assert incident is not None
+    NotificationSender(store, channels).deliver_due(now_ms=10)
+    (failed,) = [n for n in store.notifications(limit=2000) if n.incident_id == ghost]
+    assert failed.state == "failed" and "CAREFLOW_CHANNEL_GHOST" in (failed.last_error or "")
