@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_DEVICES_PER_GATEWAY",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_CERT_DAYS",
     "MAX_INT_SETTING",
     "BrokerUrl",
     "HostPort",
@@ -43,6 +44,9 @@ DEFAULT_DEAD_LETTER_MAX_MB = 256
 # The largest whole-number setting taken: beyond any sane value, and small enough that a setting
 # scaled for use (seconds * 1000, MB << 20) still fits SQLite's 64-bit integers.
 MAX_INT_SETTING = 2**31 - 1
+# A device certificate outliving the CA that signs it means nothing (provisioning/pki.py
+# CA_DAYS); from ~2.9 million days its end date is past the year 9999 and every claim fails.
+MAX_CERT_DAYS = 3650
 _SYNC_MODES = ("full", "normal")
 
 
@@ -211,7 +215,8 @@ class Settings:
         return self.data_dir / "careflow.db"
 
 
-def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
+def _int_setting(env: Mapping[str, str], name: str, default: int, *,
+                 maximum: int = MAX_INT_SETTING) -> int:
     text = env.get(name)
     if text is None or text == "":
         return default
@@ -220,8 +225,8 @@ def _int_setting(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError as exc:
         msg = f"{name}={text!r} is not a whole number"
         raise ConfigError(msg) from exc
-    if not 0 < value <= MAX_INT_SETTING:
-        msg = f"{name} must be from 1 to {MAX_INT_SETTING}, not {value}"
+    if not 0 < value <= maximum:
+        msg = f"{name} must be from 1 to {maximum}, not {value}"
         raise ConfigError(msg)
     return value
 
@@ -261,7 +266,7 @@ def load_settings(
         pki_dir=Path(env["CAREFLOW_PKI_DIR"]) if env.get("CAREFLOW_PKI_DIR") else None,
         device_broker_url=parse_broker_url(env["CAREFLOW_DEVICE_BROKER_URL"])
         if env.get("CAREFLOW_DEVICE_BROKER_URL") else None,
-        cert_days=_int_setting(env, "CAREFLOW_CERT_DAYS", 30),
+        cert_days=_int_setting(env, "CAREFLOW_CERT_DAYS", 30, maximum=MAX_CERT_DAYS),
         max_devices_per_gateway=_int_setting(env, "CAREFLOW_MAX_DEVICES_PER_GATEWAY",
                                              DEFAULT_MAX_DEVICES_PER_GATEWAY),
         dead_letter_max_rows=_int_setting(env, "CAREFLOW_DEAD_LETTER_MAX_ROWS",
