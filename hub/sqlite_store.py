@@ -416,6 +416,10 @@ class SqliteStore:
         # after the columns: a database from before next_due_ms has no such column until now
         self._conn.execute("CREATE INDEX IF NOT EXISTS incidents_due ON incidents (next_due_ms) "
                            "WHERE state = 'open'")
+        # the self-check reads refused care alarms after its cursor once a second: without this,
+        # every other refusal after the cursor (up to the dead-letter bound) is read each time
+        self._conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_placed ON dead_letters "
+                           "(code, pos) WHERE log_pos IS NOT NULL")
 
     # -- writing ----------------------------------------------------------------------------
 

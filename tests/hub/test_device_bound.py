@@ -196,3 +196,35 @@ def test_a_flood_of_invented_devices_neither_grows_the_dead_letters_nor_hides_an
     own = store.unresolved_incident(rule="hub-devices-over-bound", gateway=HUB_GATEWAY,
                                     device=HUB_DEVICE)
     assert own is not None and "sos-9" in own.detail
+
+
+def test_the_self_check_reads_refused_alarms_without_reading_every_other_refusal(
+    tmp_path: Path,
+) -> None:
+    """The self-check looks for refused care alarms after its cursor once a second. Thousands
+    of refused heartbeats after that cursor (they stay up to the dead-letter bound) must not be
+    read again at every check: the work is counted in SQLite VM steps, not timed."""
+    store = SqliteStore(tmp_path / "db", max_devices_per_gateway=1)
+    store.append(batch_of(_events("gw", ["gw", "d1"])))
+
+    def steps_to_read_alarms() -> int:
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        store._conn.set_progress_handler(count, 1)  # real SQLite's own count of its work
+        try:
+            assert store.dead_letters_after(0, code="too_many_devices", placed_only=True) == []
+        finally:
+            store._conn.set_progress_handler(None, 1)
+        return steps
+
+    store.append(batch_of(_events("gw", [f"x{n}" for n in range(10)])))
+    few = steps_to_read_alarms()
+    for start in range(10, 5000, 1000):
+        store.append(batch_of(_events("gw", [f"x{n}" for n in range(start, start + 1000)])))
+    assert store.dead_letter_count() > 4000
+    assert steps_to_read_alarms() < 2 * few + 100

@@ -206,6 +206,7 @@ def test_it_adds_fact_columns_to_a_database_made_before_them(tmp_path: Path) -> 
 
 def test_it_adds_the_conflict_log_column_to_a_database_made_before_it(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "old.db")
+    store._conn.execute("DROP INDEX dead_letters_placed")  # made with the column, after it
     store._conn.execute("ALTER TABLE dead_letters DROP COLUMN log_pos")
     store.close()
     reopened = SqliteStore(tmp_path / "old.db")
