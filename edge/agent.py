@@ -466,6 +466,8 @@ class EdgeAgent:
         ``MAX_MESSAGE_BYTES`` of what it sent before, so inside the MQTT client a new alarm
         never queues behind more than a message of backlog, nor the gateway's heartbeat behind
         more than a message of alarms (a flood of them from a hostile sensor included)."""
+        if self._window_full(self._alarms_in_flight) and self._window_full(self._in_flight):
+            return  # nothing could go out: a PUBACK wakes the loop when there is room
         due = self.outbox.due(now_ms=time.time_ns() // 1_000_000,
                               resend_after_ms=int(self.config.resend_after_s * 1000),
                               limit=self.config.batch_max_events * 20,

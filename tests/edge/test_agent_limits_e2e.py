@@ -11,6 +11,7 @@ import json
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,27 @@ def test_an_event_refused_at_stamping_is_reported_and_the_caller_told(tmp_path: 
         ("E_EVENT_REFUSED", "oversized", "error"), ("E_EVENT_REFUSED", "too_deep", "error"),
         ("E_EVENT_REFUSED", "schema", "critical")]
     assert reports[2]["refused_device"] == "sos-1" and '"SOS"' in reports[2]["line"]
+    agent.outbox.close()
+
+
+def test_no_round_reads_the_outbox_while_the_broker_owes_both_lanes_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every PUBACK wakes a round; while both windows are full nothing can be sent, so reading
+    up to two messages' worth of due events (and checking each) would be work thrown away."""
+    agent = EdgeAgent(AgentConfig(gateway="gw-full", broker=parse_broker_url("mqtt://127.0.0.1:9"),
+                                  data_dir=tmp_path))
+    agent.outbox.add("gw-full", "heartbeat", {"interval_s": 60})
+    for lane in (agent._in_flight, agent._alarms_in_flight):  # unacknowledged, not expired
+        lane.append((paho.MQTTMessageInfo(1), MAX_MESSAGE_BYTES, time.monotonic()))
+    reads: list[object] = []
+    real_due = agent.outbox.due
+    monkeypatch.setattr(agent.outbox, "due", lambda **kw: reads.append(kw) or real_due(**kw))
+    agent._send_due()
+    assert reads == []
+    agent._in_flight.clear()  # room again: the next round reads what is due
+    agent._send_due()
+    assert len(reads) == 1
     agent.outbox.close()
 
 
