@@ -650,15 +650,18 @@ class StoreThatFailsBeforeSending(SqliteStore):
         return super().incident(incident_id)
 
 
-def test_it_records_again_and_never_sends_again_what_the_store_did_not_record(
-    tmp_path: Path, receiver: JsonReceiver,
+@pytest.mark.parametrize("failing_store", [StoreThatFailsToRecord, StoreThatFailsBeforeSending],
+                         ids=["records-again-never-sends-again", "sends-what-was-left-claimed"])
+def test_it_sends_a_care_alarm_exactly_once_through_store_errors_around_the_send(
+    tmp_path: Path, receiver: JsonReceiver, failing_store: type[SqliteStore],
 ) -> None:
-    """Sent, then the store refuses the result five times: released and claimed again each
-    round, the care alarm went out again every second for as long as the store refused."""
+    """The store refuses to record the result five times (the message went out: it is
+    recorded again, never sent again), or fails once after the claim, before the send (what
+    it left claimed is sent): either way the care alarm goes out once, with its ref."""
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
     store = SqliteStore(tmp_path / "db")
     alarm = open_alarm(store, 1, "oncall")
-    sender = NotificationSender(StoreThatFailsToRecord(tmp_path / "db"), channels)
+    sender = NotificationSender(failing_store(tmp_path / "db"), channels)
     sender.start()
     try:
         wait_until(lambda: the_note(store, alarm).state == "sent", what="sent and recorded")
@@ -666,21 +669,6 @@ def test_it_records_again_and_never_sends_again_what_the_store_did_not_record(
         sender.stop()
     (once,) = receiver.to("/oncall")
     assert "Ref: careflow-n1" in once["message"]
-
-
-def test_it_sends_what_a_store_error_before_sending_left_claimed(
-    tmp_path: Path, receiver: JsonReceiver,
-) -> None:
-    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall")})
-    store = SqliteStore(tmp_path / "db")
-    alarm = open_alarm(store, 1, "oncall")
-    sender = NotificationSender(StoreThatFailsBeforeSending(tmp_path / "db"), channels)
-    sender.start()
-    try:
-        wait_until(lambda: the_note(store, alarm).state == "sent", what="sent and recorded")
-    finally:
-        sender.stop()
-    assert len(receiver.to("/oncall")) == 1
 
 
 def test_it_says_why_a_test_message_was_refused() -> None:
