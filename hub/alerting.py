@@ -538,8 +538,9 @@ class AlertStage:
         commit). A crash loses at most that much: those events are evaluated again after the
         restart, which is harmless (README, "How the hub keeps its promises")."""
         current = (self._evaluated, self._conflicts_evaluated)
-        since = now_ms - (self._saved_at_ms if self._saved_at_ms is not None else -2**62)
-        if current == self._saved or 0 <= since < CURSOR_SAVE_INTERVAL_MS:
+        saved_at = self._saved_at_ms
+        if current == self._saved or (  # a clock set back saves at once
+                saved_at is not None and 0 <= now_ms - saved_at < CURSOR_SAVE_INTERVAL_MS):
             return
         try:
             with self.store.atomically("save the alert cursors"):
