@@ -408,11 +408,17 @@ class NotificationSender:
             with self._store_lock:
                 notes = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
                                                        channel=channel)
-                incidents = {i: self.store.incident(i) for i in {n.incident_id for n in notes}}
             # recorded as any permanent refusal is: the same give-up rule, counts and logs
-            self._record(notes, incidents, TransportError(
-                f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_{channel.upper()} "
-                "to an Apprise URL", permanent=True))
+            try:
+                with self._store_lock:
+                    incidents = {i: self.store.incident(i)
+                                 for i in {n.incident_id for n in notes}}
+                self._record(notes, incidents, TransportError(
+                    f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_"
+                    f"{channel.upper()} to an Apprise URL", permanent=True))
+            except Exception:  # nothing was sent: pending again, failed at the next check
+                self._release(channel)
+                raise
             claimed += len(notes)
         return claimed
 

@@ -740,3 +740,22 @@ def test_it_fails_a_notification_for_an_unknown_channel_behind_a_thousand_newer_
     NotificationSender(store, channels).deliver_due(now_ms=10)
     (failed,) = [n for n in store.notifications(limit=2000) if n.incident_id == ghost]
     assert failed.state == "failed" and "CAREFLOW_CHANNEL_GHOST" in (failed.last_error or "")
+
+
+def test_it_leaves_nothing_claimed_when_the_store_refuses_an_unknown_channels_failure(
+    tmp_path: Path,
+) -> None:
+    """Nothing was sent, so what the check for unknown channels claimed is pending again when
+    the store refuses the result: left 'sending' until a restart, it was neither failed nor
+    counted as failing."""
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/x"})
+    store = SqliteStore(tmp_path / "db")
+    ghost = open_alarm(store, 1, "ghost", severity="warning")
+    refusing = StoreThatFailsToRecord(tmp_path / "db")
+    refusing.failures = 1
+    sender = NotificationSender(refusing, channels)
+    with pytest.raises(StoreError):
+        sender.deliver_due(now_ms=10)
+    assert the_note(store, ghost).state == "pending"
+    sender.deliver_due(now_ms=10)
+    assert the_note(store, ghost).state == "failed"
