@@ -136,8 +136,8 @@ def _summary(rule: Rule, transition: Transition) -> str:
     text = rule.summary or f"{rule.name} on {transition.gateway}/{transition.device}"
     try:
         return text.format_map(fields)
-    except (ValueError, IndexError):
-        return text
+    except (ValueError, LookupError, AttributeError, TypeError):  # "{device.x}", "{device[x]}"
+        return text  # as written: a template that cannot be filled must not hold the alarm
 
 
 def conflicting_alarm(letter: DeadLetter) -> Observation | None:

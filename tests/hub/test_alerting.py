@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -547,6 +549,22 @@ def test_a_bug_in_deciding_whether_to_mute_never_holds_an_alarm(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(alerting, "inhibited_by", broken)
+    sos = Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+                 .stored, now_ms=T0)
+    assert announced(store) == [("care-alarm", "sos", "firing")]
+
+
+@pytest.mark.parametrize("template", ["{device.model}", "{device[x]}", "{device[9]}", "{0}",
+                                      "{device!z}", "{device:%}", "{", "{device.__class__}"])
+def test_a_careless_summary_template_never_holds_an_alarm(template: str, tmp_path: Path,
+                                                           ) -> None:
+    """A rule's summary is an operator's str.format template; one that cannot be filled in
+    (an attribute or key a name has not) was raised at every retry of the log and held this
+    alarm and every one after it. The text goes out as written instead."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE + f"    summary: {json.dumps(template)}\n")
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
     sos = Stamper(gateway="gw", device="sos")
     stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
                  .stored, now_ms=T0)
