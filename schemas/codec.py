@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from careflow.errors import ContractError
-from careflow.schemas.limits import MAX_DATA_DEPTH
+from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH
 from careflow.schemas.models import (
     CONTRACT_VERSION,
     EVENT_TYPES,
@@ -184,14 +184,17 @@ def _split_array(text: str) -> list[tuple[Any, str]]:
         pos = _skip(text, pos + 1)
     else:
         while True:
+            if len(items) == MAX_BATCH_EVENTS:  # one more: refused whole, before decoding more
+                raise ContractError("too_many_events", f"a batch carries at most "
+                                    f"{MAX_BATCH_EVENTS} events (MAX_BATCH_EVENTS of the "
+                                    "contract); this one has more: send smaller batches")
             try:
                 value, end = raw_decode(text, pos)
             except (RecursionError, _NotFiniteError) as exc:  # refuse this item alone
                 value, end = _refused_item(text, pos, exc)
             item = text[pos:end]
-            if _deeper_than(item, EVENT_DEPTH):  # two C-speed counts for a usual item
-                value = _too_deep(EVENT_DEPTH)
-            append((value, item))
+            # two C-speed counts for a usual item
+            append((_too_deep(EVENT_DEPTH) if _deeper_than(item, EVENT_DEPTH) else value, item))
             # Most senders separate items with ", " (json.dumps) or ","; test those before the
             # regex, which costs a call per item (this loop runs once per event of a batch).
             if text.startswith(", ", end):
@@ -213,7 +216,9 @@ def decode_batch(payload: bytes) -> list[tuple[Any, str]]:
     """Decode a batch: each event's value and its exact JSON text (stored as sent, no re-encoding).
 
     An item nesting deeper than an event may (EVENT_DEPTH) comes back with a ContractError
-    ``too_deep`` in place of its value, so that it alone is refused.
+    ``too_deep`` in place of its value, so that it alone is refused. A batch of more than
+    MAX_BATCH_EVENTS items is refused whole (``too_many_events``): one message, one dead
+    letter, never tens of thousands of them.
     """
     try:
         return _split_array(payload.decode("utf-8"))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest import decode_message
+from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
 
 LIMIT = 256 * 1024
@@ -143,3 +144,22 @@ def test_a_number_too_large_for_a_float_is_refused_like_infinity(number: str) ->
     decoded = decode_message("careflow/v1/gw-1/batch", batch, max_bytes=LIMIT)
     assert [(r.index, r.code) for r in decoded.rejected] == [(1, "not_json")]
     assert len(decoded.accepted) == 2
+
+
+@pytest.mark.parametrize("item", ["1", "{}", "HEARTBEAT"])
+def test_a_batch_of_more_events_than_the_contract_allows_is_one_dead_letter(item: str) -> None:
+    """The finding: 256 KiB of ``[1,1,...]`` was 130,001 dead letters (enough to push every
+    other one out of the bounded dead-letter store) after ~1.8 s of decoding. A batch carries
+    at most MAX_BATCH_EVENTS; beyond, the message is refused whole, for one reason."""
+    stamper = Stamper(gateway="gw-1", device="s-1", boot="b")
+    texts = [json.dumps(heartbeat(stamper)) if item == "HEARTBEAT" else item
+             for _ in range(MAX_BATCH_EVENTS + 1)]
+    payload = f"[{', '.join(texts)}]".encode()
+    decoded = decode_message("careflow/v1/gw-1/batch", payload, max_bytes=LIMIT)
+    assert decoded.accepted == ()
+    (rejection,) = decoded.rejected
+    assert (rejection.code, rejection.index, rejection.payload) == ("too_many_events", None, payload)
+    assert f"at most {MAX_BATCH_EVENTS}" in rejection.reason
+    full = f"[{', '.join(texts[:MAX_BATCH_EVENTS])}]".encode()  # the contract's most: taken
+    at_limit = decode_message("careflow/v1/gw-1/batch", full, max_bytes=LIMIT)
+    assert len(at_limit.accepted) + len(at_limit.rejected) == MAX_BATCH_EVENTS

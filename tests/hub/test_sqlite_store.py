@@ -22,6 +22,7 @@ from careflow.hub.sqlite_store import (
     SqliteStore,
 )
 from careflow.hub.store import EventFilter, IncomingBatch
+from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
 
 LIMIT = 256 * 1024
@@ -33,10 +34,12 @@ def batch_of(events: list[dict[str, Any]], received_ms: int = 1_000) -> Incoming
         by_gateway.setdefault(e["gateway"], []).append(e)
     accepted, rejected = [], []
     for gateway, items in by_gateway.items():
-        decoded = decode_message(f"careflow/v1/{gateway}/batch", json.dumps(items).encode(),
-                                 max_bytes=LIMIT)
-        accepted += [(a, received_ms) for a in decoded.accepted]
-        rejected += [(r, received_ms) for r in decoded.rejected]
+        for start in range(0, len(items), MAX_BATCH_EVENTS):  # as gateways pack them
+            decoded = decode_message(f"careflow/v1/{gateway}/batch",
+                                     json.dumps(items[start:start + MAX_BATCH_EVENTS]).encode(),
+                                     max_bytes=LIMIT)
+            accepted += [(a, received_ms) for a in decoded.accepted]
+            rejected += [(r, received_ms) for r in decoded.rejected]
     return IncomingBatch(accepted, rejected)
 
 
