@@ -519,7 +519,7 @@ class AlertStage:
             try:
                 with self.store.atomically("record alert changes"):
                     for transition in transitions:
-                        self._record_one(transition)
+                        self._record_or_set_aside(transition)
                     if self._failed:
                         self._announce_failures(now_ms)
                     self._save_cursors(events_pos, conflicts_pos)
@@ -788,6 +788,21 @@ class AlertStage:
     def unrecorded(self) -> int:
         """Stored events whose evaluation is not recorded yet (0 when caught up)."""
         return max(self._log_end - self._evaluated, 0)
+
+    def _record_or_set_aside(self, transition: Transition) -> None:
+        """Record one change; a bug while recording it sets it aside like an event the rules
+        cannot evaluate (retried from the log, it would fail again and hold every alarm after
+        it). A refusal of the store is retried: it is not the change's fault."""
+        try:
+            self._record_one(transition)
+        except StoreError:
+            raise
+        except Exception:
+            rule = self.rules.get(transition.rule)
+            self._evaluation_failed(
+                f"{transition.gateway}/{transition.device} {transition.rule} "
+                f"{transition.status} (not recorded)",
+                alarm=transition.status == "firing" and rule is not None and rule.kind == "event")
 
     def _record_one(self, transition: Transition) -> None:
         """Open or resolve one incident (with its notifications) in one transaction."""

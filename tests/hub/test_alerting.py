@@ -571,6 +571,35 @@ def test_a_careless_summary_template_never_holds_an_alarm(template: str, tmp_pat
     assert announced(store) == [("care-alarm", "sos", "firing")]
 
 
+def test_a_change_that_cannot_be_recorded_holds_back_no_alarm_and_is_announced(
+    tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """A bug while recording one change (simulated: rendering its message fails; no real input
+    is known to cause it) was raised at every retry from the log and held back every alarm
+    after it. It is set aside and announced like an event the rules cannot evaluate."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = SqliteStore(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    render = alerting.render
+
+    def fails_for_poison(**fields: Any) -> tuple[str, str]:
+        if fields["device"] == "poison":
+            raise RuntimeError("a bug")
+        return render(**fields)
+
+    monkeypatch.setattr(alerting, "render", fails_for_poison)
+    poison = Stamper(gateway="gw", device="poison")
+    sos = Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([
+        poison.stamp("alert", {"kind": "sos", "state": "raised"}),
+        sos.stamp("alert", {"kind": "sos", "state": "raised"})])).stored, now_ms=T0)
+    stage.tick(T0 + 2_000)
+    assert ("care-alarm", "sos", "firing") in announced(store)
+    (failed,) = [i for i in store.incidents() if i.rule == "hub-evaluation-failed"]
+    assert "gw/poison" in failed.detail and "CARE ALARM" in failed.detail
+    assert store.cursor(ALERTS_CURSOR) == store.last_pos()
+
+
 def test_an_event_the_rules_cannot_evaluate_holds_back_no_alarm_and_is_announced(
     tmp_path: Path, monkeypatch: Any,
 ) -> None:
