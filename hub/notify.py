@@ -315,9 +315,6 @@ class NotificationSender:
         self._unrecorded: dict[str, tuple[Sequence[Notification],
                                           Mapping[int, Incident | None],
                                           TransportError | None]] = {}
-        self.sent = 0
-        self.failed = 0
-        self.cancelled = 0
         self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
                                           name=f"notify-{name}") for name in self.channels]
         self._threads.append(threading.Thread(target=self._sweep, name="notify-unrouted",
@@ -442,7 +439,6 @@ class NotificationSender:
                     due.append(note)
                     continue
                 self.store.cancel_notification(note.id, now_ms=now_ms, reason=reason)
-                self.cancelled += 1
                 log.info("reminder cancelled", extra={"channel": channel, "reason": reason,
                                                       "incident": note.incident_id})
         if not due:
@@ -501,9 +497,8 @@ class NotificationSender:
                 context = {"channel": note.channel, "incident": note.incident_id,
                            "notification": note.id, "attempts": attempts}
                 if error is None:
-                    self.sent += 1
-                elif final:
-                    self.failed += 1
+                    continue
+                if final:
                     log.error("notification failed for good", extra={
                         **context, "error": str(error), "permanent": error.permanent})
                 else:
