@@ -33,7 +33,7 @@ from aiosmtpd.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from careflow.config import InfluxSettings
+from careflow.core.config import InfluxSettings
 from careflow.edge.stamper import Stamper
 from careflow.hub.influx import InfluxSink, V1Writer
 from careflow.hub.influx_points import SiteBook, event_points

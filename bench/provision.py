@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from careflow.config import BrokerUrl, TlsFiles, load_settings
+from careflow.core.config import BrokerUrl, TlsFiles, load_settings
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
 from careflow.hub.broker import EmbeddedBroker

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from careflow.config import Settings, load_settings
+from careflow.core.config import Settings, load_settings
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import AlertStage
 from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, make_writer
@@ -196,7 +196,7 @@ def alert_stage(tmp_path: Path, rules: str, **store_options: Any,
 
 def careflow_cmd(*args: str) -> list[str]:
     """The careflow CLI of this checkout, run with this interpreter."""
-    return [sys.executable, "-m", "careflow", *args]
+    return [sys.executable, "-m", "careflow.cli", *args]
 
 
 class HubProcess:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from careflow.config import MAX_CERT_DAYS, MAX_INT_SETTING, load_settings
-from careflow.errors import ConfigError
+from careflow.core.config import MAX_CERT_DAYS, MAX_INT_SETTING, load_settings
+from careflow.core.errors import ConfigError
 from careflow.hub.ingest import Rejected
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import IncomingBatch
@@ -63,3 +63,11 @@ def test_the_longest_device_certificate_allowed_is_the_ca_s_own_lifetime(tmp_pat
     csr = make_csr(new_device_key(), gateway_id="gw-1")
     cert = sign(ca, csr, gateway_id="gw-1", serial="SN-1", now=now, days=days)
     assert cert.not_valid_after_utc == now + timedelta(days=MAX_CERT_DAYS)
+
+
+def test_the_default_message_limit_is_the_contracts() -> None:
+    """The core cannot import the contract (the contract imports the core's errors)."""
+    from careflow.core.config import DEFAULT_MAX_MESSAGE_BYTES  # noqa: PLC0415
+    from careflow.schemas.limits import MAX_MESSAGE_BYTES  # noqa: PLC0415
+
+    assert DEFAULT_MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES

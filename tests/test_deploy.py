@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from careflow.cli import EXIT_SESSION_TAKEN
-from careflow.cli.edgecmd import EXIT_RESTART_REQUESTED
+from careflow.edge.cli import EXIT_RESTART_REQUESTED
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNITS = ("careflow-hub.service", "careflow-edge.service")
@@ -55,7 +55,7 @@ def test_it_hardens_both_units_and_keeps_secrets_out_of_them(name: str) -> None:
 
 
 def test_it_restarts_the_agent_when_it_exits_75_and_after_a_failure() -> None:
-    """`careflow edge run` exits 75 after a remote restart command (careflow/cli/edgecmd.py)."""
+    """`careflow edge run` exits 75 after a remote restart command (edge/careflow/edge/cli.py)."""
     unit = service("careflow-edge.service")
     assert unit.get("Restart") == "on-failure"
     assert EXIT_RESTART_REQUESTED == 75  # what deploy/README.md says

@@ -9,9 +9,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from careflow.config import parse_broker_url
-from careflow.errors import BrokerError
-from careflow.mqtt import connect_blocking, make_client
+from careflow.core.config import parse_broker_url
+from careflow.core.errors import BrokerError
+from careflow.core.mqtt import connect_blocking, make_client
 from tests.conftest import MOSQUITTO, free_port, wait_for_port, wait_until
 
 pytestmark = pytest.mark.broker

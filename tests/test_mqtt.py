@@ -1,4 +1,4 @@
-"""careflow.mqtt: paho on a buffered socket reads exactly what was sent, and never stalls on
+"""careflow.core.mqtt: paho on a buffered socket reads exactly what was sent, and never stalls on
 bytes it has already buffered."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from paho.mqtt.client import MQTTv311
 from paho.mqtt.enums import CallbackAPIVersion
 
-from careflow.config import parse_broker_url
-from careflow.mqtt import Client, _BufferedSocket, connect_blocking, make_client
+from careflow.core.config import parse_broker_url
+from careflow.core.mqtt import Client, _BufferedSocket, connect_blocking, make_client
 from tests.conftest import Mosquitto, wait_until
 
 

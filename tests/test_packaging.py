@@ -1,13 +1,16 @@
-"""careflow from a wheel, as a new user installs it: a fresh venv, run from an unrelated directory.
+"""careflow from wheels, as a new user installs it: a fresh venv, run from an unrelated directory.
 
-The wheel is built once per session from a copy of this checkout (the build writes build/ and
-*.egg-info next to the sources). Its dependencies come from the test interpreter's site-packages
+The wheels (one per part: core, schemas, provisioning, edge, hub, and the `careflow` command) are
+built once per session from a copy of this checkout (the build writes build/ and *.egg-info next
+to the sources). Their third-party dependencies come from the test interpreter's site-packages
 through a .pth line (they are not what is under test, and installing ~40 packages per run would
-cost a minute); careflow itself is imported only from the wheel, which the test checks.
+cost a minute); careflow itself is imported only from the wheels, which the tests check. What a
+gateway install would pull in is asked of pip itself (a dry run that resolves, installs nothing).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -20,10 +23,11 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
-from careflow.config import TlsFiles
-from tests.conftest import free_port, wait_until
+from careflow.core.config import TlsFiles
+from tests.conftest import Mosquitto, free_port, wait_until
 from tests.provisioning.conftest import mqtt_handshake
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,32 +46,59 @@ def _not_sources(folder: str, names: list[str]) -> set[str]:
 pytestmark = pytest.mark.slow
 
 
+# The parts, one distribution per folder; a gateway installs the first four only.
+GATEWAY_PARTS = ("core", "schemas", "provisioning", "edge")
+PARTS = (*GATEWAY_PARTS, "hub")
+# What a gateway must never carry: the hub's dependencies.
+HUB_ONLY_DEPENDENCIES = {"amqtt", "apprise", "influxdb-client", "jsonschema"}
+
+
 @pytest.fixture(scope="session")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """careflow's wheel, built by pip from a copy of the sources."""
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every part's wheel and the `careflow` command's, built by pip from a copy of the sources."""
     work = tmp_path_factory.mktemp("wheel")
     shutil.copytree(ROOT, work / "src", ignore=_not_sources)
+    sources = [str(work / "src" / part) for part in PARTS] + [str(work / "src")]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"),
-                    str(work / "src")], check=True, capture_output=True, timeout=300)
-    (built,) = (work / "dist").glob("careflow-*.whl")
+                    *sources], check=True, capture_output=True, timeout=600)
+    built = {path.name.split("-")[0].replace("_", "-"): path
+             for path in (work / "dist").glob("*.whl")}
+    assert set(built) == {"careflow", *(f"careflow-{part}" for part in PARTS)}, built
     return built
 
 
 @pytest.fixture(scope="session")
-def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with only the wheel installed; its bin/ holds the `careflow` script."""
-    root = tmp_path_factory.mktemp("venv") / "venv"
+def wheel(wheels: dict[str, Path]) -> Path:
+    """The `careflow` command's wheel: the operator's install, with rules, runbooks and more."""
+    return wheels["careflow"]
+
+
+def _venv_with(wheels: list[Path], root: Path) -> Path:
+    """A fresh venv with only these wheels of careflow installed (see the module docstring)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True,
                    timeout=120)
     python = root / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True,
-                   timeout=300)
+                    "--no-deps", "--no-index", *map(str, wheels)], check=True,
+                   capture_output=True, timeout=300)
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], check=True, capture_output=True, text=True)
                 .stdout.strip())
     (site / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def venv(wheels: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full install: every wheel; its bin/ holds the `careflow` script."""
+    return _venv_with(list(wheels.values()), tmp_path_factory.mktemp("venv") / "venv")
+
+
+@pytest.fixture(scope="session")
+def gateway_venv(wheels: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gateway's install: the agent, the contract, provisioning and the core; no hub."""
+    return _venv_with([wheels[f"careflow-{part}"] for part in GATEWAY_PARTS],
+                      tmp_path_factory.mktemp("gateway") / "venv")
 
 
 @pytest.fixture
@@ -91,8 +122,8 @@ def run(venv: Path, cwd: Path, *args: str, env: dict[str, str] | None = None,
     return done
 
 
-def test_it_ships_rules_runbooks_broker_templates_and_dashboards(wheel: Path) -> None:
-    names = set(zipfile.ZipFile(wheel).namelist())
+def test_it_ships_rules_runbooks_broker_templates_and_dashboards(wheels: dict[str, Path]) -> None:
+    names = {name for built in wheels.values() for name in zipfile.ZipFile(built).namelist()}
     for wanted in ("careflow/rules/default.yaml", "careflow/rules/tests/default_test.yaml",
                    "careflow/runbooks/device-silent.md", "careflow/mosquitto/careflow-tls.conf",
                    "careflow/mosquitto/device.acl", "careflow/mosquitto/claim.acl",
@@ -104,10 +135,72 @@ def test_it_ships_rules_runbooks_broker_templates_and_dashboards(wheel: Path) ->
 
 def test_it_imports_careflow_from_the_wheel_not_the_checkout(venv: Path, elsewhere: Path) -> None:
     done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           "import careflow.hub, careflow.provisioning; "
-                           "print(careflow.hub.__file__, careflow.provisioning.__file__)"],
+                           "import careflow.hub, careflow.provisioning, careflow.cli, careflow.core; "
+                           "print(careflow.hub.__file__, careflow.provisioning.__file__, "
+                           "careflow.cli.__file__, careflow.core.__file__)"],
                           cwd=elsewhere, capture_output=True, text=True, check=True)
-    assert all(path.startswith(str(venv)) for path in done.stdout.split()), done.stdout
+    paths = done.stdout.split()
+    assert len(paths) == 4 and all(path.startswith(str(venv)) for path in paths), done.stdout
+
+
+def test_a_gateway_install_has_the_agent_and_cannot_import_the_hub(gateway_venv: Path,
+                                                                  elsewhere: Path) -> None:
+    python = str(gateway_venv / "bin" / "python")
+    agent = subprocess.run([python, "-c", "import careflow.edge.agent, careflow.edge.cli; "
+                            "print(careflow.edge.agent.__file__)"], cwd=elsewhere,
+                           capture_output=True, text=True, check=True)
+    assert agent.stdout.startswith(str(gateway_venv)), agent.stdout
+    for absent in ("careflow.hub", "careflow.cli"):
+        imported = subprocess.run([python, "-c", f"import {absent}"], cwd=elsewhere,
+                                  capture_output=True, text=True, check=False)
+        assert imported.returncode == 1 and "ModuleNotFoundError" in imported.stderr, absent
+    assert not (gateway_venv / "bin" / "careflow").exists()
+    helped = subprocess.run([str(gateway_venv / "bin" / "careflow-edge"), "run", "--help"],
+                            cwd=elsewhere, capture_output=True, text=True, check=True)
+    assert "--gateway" in helped.stdout
+
+
+def test_a_gateway_install_pulls_in_none_of_the_hubs_dependencies(wheels: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """pip resolves the gateway's wheels against the package index and installs nothing."""
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                           "-q", "--report", str(report),
+                           *(str(wheels[f"careflow-{part}"]) for part in GATEWAY_PARTS)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0 and "No matching distribution" in done.stderr:
+        pytest.skip(f"the package index is not reachable: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert {"careflow-edge", "paho-mqtt", "cryptography", "pydantic"} <= names, names
+    assert not names & HUB_ONLY_DEPENDENCIES, names & HUB_ONLY_DEPENDENCIES
+    assert "careflow-hub" not in names and "careflow" not in names
+
+
+def test_the_gateway_command_runs_the_agent_against_mosquitto(gateway_venv: Path, elsewhere: Path,
+                                                             mosquitto: Mosquitto,
+                                                             tmp_path: Path) -> None:
+    heard: list[bytes] = []
+    listener = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda _c, _u, message: heard.append(message.payload)
+    listener.connect("127.0.0.1", mosquitto.port)
+    listener.subscribe("careflow/v1/gw-edge-1/#", qos=1)
+    listener.loop_start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAREFLOW_") and k != "PYTHONPATH"}
+    with (tmp_path / "agent.log").open("wb") as log:
+        agent = subprocess.Popen([str(gateway_venv / "bin" / "careflow-edge"), "run",
+                                  "--gateway", "gw-edge-1", "--broker", mosquitto.url,
+                                  "--data-dir", str(tmp_path / "edge"), "--heartbeat-interval", "1"],
+                                 cwd=elsewhere, env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: any(b'"type":"heartbeat"' in payload.replace(b" ", b"") for payload in heard)
+                   or agent.poll() is not None, what="a heartbeat from the gateway install")
+        assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+    finally:
+        listener.loop_stop()
+        listener.disconnect()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, (tmp_path / "agent.log").read_text()
 
 
 def test_it_checks_and_tests_the_shipped_rules_from_any_directory(venv: Path,

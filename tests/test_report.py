@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.hub.report import DAY_MS, build_report, day_starts, online_ms, sites_of
+from careflow.hub.report_html import format_duration, nice_ceiling
 from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
-from careflow.report import format_duration, nice_ceiling
 
 H = 3_600_000
 START, END = 10 * DAY_MS, 17 * DAY_MS  # a week, on UTC midnights

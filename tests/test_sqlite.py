@@ -53,7 +53,7 @@ def test_it_restricts_an_existing_open_database_and_says_so(
     old.execute("CREATE TABLE t (x)")
     old.close()
     assert mode(data_dir / "careflow.db") == 0o644 and mode(data_dir) == 0o755
-    with caplog.at_level(logging.WARNING, logger="careflow.sqlite"):
+    with caplog.at_level(logging.WARNING, logger="careflow.core.sqlite"):
         store = SqliteStore(data_dir / "careflow.db", synchronous="normal")
     try:
         store.write_health({"connected": True})

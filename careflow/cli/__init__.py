@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from careflow.errors import CareflowError, SessionTakenError
+from careflow.core.errors import CareflowError, SessionTakenError
 
 __all__ = ["EXIT_SESSION_TAKEN", "main"]
 
@@ -24,9 +24,9 @@ def main() -> None:
         if sys.argv[1:3] == ["edge", "run"]:
             # On a gateway only the agent runs: skip the hub, amqtt and jsonschema, which the
             # full command tree would load (about 10 MB of RSS).
-            from careflow.cli.edgecmd import edge_app  # noqa: PLC0415
+            from careflow.edge.cli import edge_app  # noqa: PLC0415
 
-            edge_app(args=sys.argv[3:], prog_name="careflow edge run")
+            edge_app(args=sys.argv[2:], prog_name="careflow edge")
             return
         from careflow.cli.app import app  # noqa: PLC0415
 

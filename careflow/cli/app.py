@@ -7,7 +7,6 @@ import typer
 from careflow.cli import (
     cacmd,
     devicecmd,
-    edgecmd,
     gatewaycmd,
     hubcmd,
     incidentscmd,
@@ -20,6 +19,7 @@ from careflow.cli import (
     silencescmd,
     simcmd,
 )
+from careflow.edge.cli import edge_app
 
 __all__ = ["app"]
 
@@ -42,7 +42,7 @@ app.add_typer(ops.events_app, name="events")
 app.add_typer(ops.devices_app, name="devices")
 app.add_typer(ops.deadletter_app, name="deadletter")
 app.add_typer(schemascmd.schemas_app, name="schemas")
-app.add_typer(edgecmd.edge_app, name="edge")
+app.add_typer(edge_app, name="edge")
 app.add_typer(gatewaycmd.gateway_app, name="gateway")
 app.add_typer(rulescmd.rules_app, name="rules")
 app.add_typer(incidentscmd.incidents_app, name="incidents")

@@ -24,8 +24,8 @@ from rich.console import Console, HighlighterType, JustifyMethod, OverflowMethod
 from rich.style import Style
 from rich.text import Text
 
-from careflow.config import Settings, load_settings
-from careflow.errors import ConfigError
+from careflow.core.config import Settings, load_settings
+from careflow.core.errors import ConfigError
 from careflow.schemas import format_rfc3339, parse_rfc3339
 
 __all__ = [

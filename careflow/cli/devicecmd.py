@@ -17,8 +17,8 @@ from careflow.cli.cacmd import (
     resolve_pki_dir,
 )
 from careflow.cli.common import console, err_console, settings_from, styled
-from careflow.config import TlsFiles
-from careflow.errors import ConfigError
+from careflow.core.config import TlsFiles
+from careflow.core.errors import ConfigError
 from careflow.provisioning.pki import crl_next_update, load_pki, write_device_acl
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.provisioning.revocation import (

@@ -13,11 +13,11 @@ import paho.mqtt.client as paho
 import typer
 
 from careflow.cli.common import console, err_console, settings_from, styled
-from careflow.config import TlsFiles, parse_broker_url, tls_files
+from careflow.core.config import TlsFiles, parse_broker_url, tls_files
+from careflow.core.errors import BrokerError, ConfigError
+from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.commands import ALLOWED
 from careflow.edge.stamper import new_event_id
-from careflow.errors import BrokerError, ConfigError
-from careflow.mqtt import connect_blocking, make_client
 from careflow.schemas import command_topic, reply_topic
 
 __all__ = ["gateway_app"]
@@ -117,9 +117,9 @@ def claim(
     /var/lib/careflow-edge --run`. Exit 0: installed; 1: refused (the code says why); 2: no
     broker or no answer (safe to run again: the key is reused, so the token is not lost).
     """
+    from careflow.core.errors import ClaimError  # noqa: PLC0415
     from careflow.edge.agent import EdgeAgent, load_agent_config  # noqa: PLC0415
     from careflow.edge.claim import claim_identity  # noqa: PLC0415
-    from careflow.errors import ClaimError  # noqa: PLC0415
 
     url = parse_broker_url(broker)
     tls: TlsFiles | None = tls_files(ca_file, claim_cert, claim_key) if url.tls else None

@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from careflow.cli.common import DataDirOption, err_console, settings_from
-from careflow.config import Settings
-from careflow.errors import ConfigError
+from careflow.core.config import Settings
+from careflow.core.errors import ConfigError
+from careflow.core.log import setup_logging
 from careflow.hub.alerting import AlertStage, default_rules
 from careflow.hub.broker import (
     GENERATED_USERNAME,
@@ -26,7 +27,6 @@ from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
 from careflow.hub.service import HubService, tune_gc_for_ingest
 from careflow.hub.sqlite_store import SqliteStore
-from careflow.log import setup_logging
 from careflow.provisioning.service import Provisioning, provisioning_for
 
 __all__ = ["hub"]

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from careflow.cli.common import DataDirOption, JsonOption, console, iso_ms, print_json_lines
 from careflow.cli.ops import open_store
-from careflow.errors import ConfigError, TransportError
+from careflow.core.errors import ConfigError, TransportError
 from careflow.hub.apprise_transport import AppriseTransport
 from careflow.hub.notify import load_channels
 

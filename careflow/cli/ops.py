@@ -23,9 +23,9 @@ from careflow.cli.common import (
     settings_from,
     styled,
 )
+from careflow.core.errors import ConfigError, ContractError
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
-from careflow.errors import ConfigError, ContractError
 from careflow.hub.presence import PresenceRecord, device_state
 from careflow.hub.replay import OPT_IN, STAGES, replay
 from careflow.hub.sqlite_store import SqliteStore

@@ -25,8 +25,8 @@ from careflow.cli.common import (
     settings_from,
     styled,
 )
-from careflow.config import Settings
-from careflow.errors import ConfigError
+from careflow.core.config import Settings
+from careflow.core.errors import ConfigError
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import (
     ClaimRecord,

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from careflow.cli.common import console, styled
-from careflow.errors import ConfigError
+from careflow.core.errors import ConfigError
 from careflow.hub.alerting import default_rules_dir
 from careflow.hub.rules import load_rules
 from careflow.hub.ruletests import run_rule_tests

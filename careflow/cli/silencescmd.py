@@ -18,7 +18,7 @@ from careflow.cli.common import (
     print_json_lines,
 )
 from careflow.cli.ops import open_store
-from careflow.errors import ConfigError
+from careflow.core.errors import ConfigError
 from careflow.hub.mute import Silence
 
 __all__ = ["silences_app"]

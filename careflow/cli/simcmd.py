@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from careflow.cli.common import console, err_console, format_age, settings_from, styled
+from careflow.core.log import setup_logging
 from careflow.edge.simulator import (
     FAULT_KINDS,
     GATEWAYS_PER_PROCESS,
@@ -33,7 +34,6 @@ from careflow.hub.presence import device_state
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import EventFilter
-from careflow.log import setup_logging
 from careflow.provisioning.service import provisioning_for
 
 __all__ = ["demo", "simulate"]

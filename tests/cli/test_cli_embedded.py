@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.errors import BrokerError
+from careflow.core.errors import BrokerError
 from careflow.hub.broker import EmbeddedBroker
 from tests.conftest import careflow_cmd, free_port, wait_until
 

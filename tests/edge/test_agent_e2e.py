@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store import EventFilter
 from tests.conftest import Mosquitto, RunningHub, careflow_cmd, wait_until

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from careflow.core.errors import ContractError
 from careflow.edge.outbox import Outbox
 from careflow.edge.spool import SpoolInput
-from careflow.errors import ContractError
 from careflow.schemas.limits import MAX_DATA_DEPTH, MAX_EVENT_BYTES
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from careflow.core.errors import ContractError
 from careflow.edge.refusal import (
     pack_batches,
     refusal_report,
@@ -17,7 +18,6 @@ from careflow.edge.refusal import (
     unreadable_report,
 )
 from careflow.edge.stamper import Stamper
-from careflow.errors import ContractError
 from careflow.schemas import parse_event
 from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
 

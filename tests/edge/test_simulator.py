@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
+from careflow.core.errors import ConfigError
 from careflow.edge.simulator import Fault, FleetSimulator, parse_fault
-from careflow.errors import ConfigError
 from careflow.hub.store import EventFilter
 from tests.conftest import Mosquitto, RunningHub, wait_until
 

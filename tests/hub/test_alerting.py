@@ -12,8 +12,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
-from careflow.errors import StoreError
 from careflow.hub import alerting
 from careflow.hub.alerting import ALERTS_CURSOR, AlertStage, conflicting_alarm
 from careflow.hub.evaluate import Evaluator

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from careflow.config import parse_broker_url
-from careflow.errors import BrokerError, ConfigError
+from careflow.core.config import parse_broker_url
+from careflow.core.errors import BrokerError, ConfigError
+from careflow.core.mqtt import connect_blocking, make_client
 from careflow.hub.broker import (
     GENERATED_PASSWORD_FILE,
     BrokerCredentials,
     EmbeddedBroker,
     is_loopback,
 )
-from careflow.mqtt import connect_blocking, make_client
 from tests.conftest import careflow_cmd, free_port, wait_until
 
 SECRET = BrokerCredentials("careflow", "correct horse battery staple")

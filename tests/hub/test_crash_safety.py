@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper
 from careflow.hub.sqlite_store import SqliteStore

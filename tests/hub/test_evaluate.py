@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from careflow.errors import ConfigError
+from careflow.core.errors import ConfigError
 from careflow.hub.evaluate import Evaluator, Observation, Transition
 from careflow.hub.rules import (
     AbsenceRule,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.errors import StoreError
+from careflow.core.errors import StoreError
 from careflow.hub.service import HubService
 from careflow.hub.sqlite_store import SqliteStore
 from careflow.hub.store import AppendResult, EventFilter, IncomingBatch

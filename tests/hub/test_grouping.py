@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from careflow.core.errors import ConfigError
 from careflow.edge.stamper import Stamper
-from careflow.errors import ConfigError
 from careflow.hub.alerting import AlertStage
 from careflow.hub.notify import NotificationSender, load_channels
 from careflow.hub.rules import load_rules

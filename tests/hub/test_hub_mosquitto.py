@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
+from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.service import RESEND_REQUESTS_PER_GATEWAY
 from careflow.hub.store import EventFilter
-from careflow.mqtt import connect_blocking, make_client
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
 
 pytestmark = pytest.mark.broker
 
-EXAMPLES = Path(__file__).parents[2] / "schemas" / "examples"
+EXAMPLES = Path(__file__).parents[2] / "schemas" / "careflow" / "schemas" / "examples"
 
 
 def publish(mosquitto: Mosquitto, events: list[dict[str, Any]], *, batch: bool = False) -> None:

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from careflow.config import InfluxSettings, load_influx
+from careflow.core.config import InfluxSettings, load_influx
+from careflow.core.errors import ConfigError, InfluxError
 from careflow.edge.stamper import Stamper
-from careflow.errors import ConfigError, InfluxError
 from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer, read_refusal
 from careflow.hub.influx_points import line, tag_value_as_stored
 from careflow.hub.ingest import PresenceUpdate, decode_message

@@ -24,7 +24,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.errors import StoreError, TransportError
+from careflow.core.errors import StoreError, TransportError
 from careflow.hub import apprise_transport
 from careflow.hub.alerting import AlertStage
 from careflow.hub.apprise_transport import (

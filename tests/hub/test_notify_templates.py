@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.errors import ConfigError
+from careflow.core.errors import ConfigError
 from careflow.hub.notify import NotificationSender, load_channels, template_text
 from careflow.hub.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store import EventFilter
 from tests.conftest import Mosquitto, RunningHub, wait_until

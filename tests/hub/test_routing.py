@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.errors import ConfigError
+from careflow.core.errors import ConfigError
 from careflow.hub.routing import (
     DEFAULT_ROUTE,
     Reminder,

@@ -15,8 +15,8 @@ import paho.mqtt.client as paho
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from careflow.config import BrokerUrl, TlsFiles
-from careflow.mqtt import connect_blocking, make_client
+from careflow.core.config import BrokerUrl, TlsFiles
+from careflow.core.mqtt import connect_blocking, make_client
 from careflow.provisioning.pki import (
     Pki,
     init_pki,

@@ -9,7 +9,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store import EventFilter
 from careflow.provisioning.pki import write_atomic

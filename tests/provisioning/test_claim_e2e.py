@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from careflow.config import Settings, parse_broker_url
+from careflow.core.config import Settings, parse_broker_url
+from careflow.core.errors import ClaimError
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
 from careflow.edge.identity import CERT_FILE, KEY_FILE
-from careflow.errors import ClaimError
 from careflow.hub.broker import EmbeddedBroker
 from careflow.hub.store import EventFilter
 from careflow.provisioning import pki as pki_mod

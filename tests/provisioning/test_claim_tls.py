@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from careflow.core.errors import BrokerError
 from careflow.edge.claim import ClaimResult, claim_identity
-from careflow.errors import BrokerError
 from careflow.hub.store import EventFilter
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.pki import current_certificate

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from careflow.errors import CsrError, PkiError
+from careflow.core.errors import CsrError, PkiError
 from careflow.provisioning import pki as pki_module
 from careflow.provisioning.pki import (
     BROKER_CONF_FILE,

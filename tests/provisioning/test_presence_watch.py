@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from careflow.config import parse_broker_url
-from careflow.mqtt import connect_blocking, make_client
+from careflow.core.config import parse_broker_url
+from careflow.core.mqtt import connect_blocking, make_client
 from careflow.provisioning.revocation import _PresenceWatcher
 from careflow.schemas import state_topic
 from tests.conftest import Mosquitto, wait_until

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from careflow.errors import ContractError
+from careflow.core.errors import ContractError
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.protocol import (
     MAX_REQUEST_DEPTH,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.provisioning.pki import current_certificate, is_revoked
 from tests.conftest import careflow_cmd, wait_until

@@ -14,9 +14,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from careflow.config import parse_broker_url
+from careflow.core.config import parse_broker_url
+from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.claim import claim_identity
-from careflow.mqtt import connect_blocking, make_client
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.protocol import rejected_topic, renew_topic, request_topic

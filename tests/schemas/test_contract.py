@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from careflow.errors import ContractError
+from careflow.core.errors import ContractError
 from careflow.schemas import (
     check_depth,
     decode_batch,
@@ -23,7 +23,7 @@ from careflow.schemas.limits import MAX_DATA_DEPTH
 from careflow.schemas.published import schema_errors
 from tests.hostile import json_depth, nested_json
 
-EXAMPLES = Path(__file__).parents[2] / "schemas" / "examples"
+EXAMPLES = Path(__file__).parents[2] / "schemas" / "careflow" / "schemas" / "examples"
 VALID = sorted(EXAMPLES.glob("*.json"))
 INVALID = sorted(p for p in (EXAMPLES / "invalid").glob("*.json") if p.name != "reasons.json")
 REASONS: dict[str, str] = json.loads((EXAMPLES / "invalid" / "reasons.json").read_text())

@@ -1,5 +1,0 @@
-"""``python -m careflow`` runs the CLI."""
-
-from careflow.cli import main
-
-main()

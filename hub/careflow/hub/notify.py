@@ -1,0 +1,507 @@
+"""Notifications through Apprise, with a durable outbox.
+
+Channels are named; each one's Apprise URL (WhatsApp, mailto/mailtos, Discord, json://...) comes
+from ``CAREFLOW_CHANNEL_<NAME>`` or the file named by ``CAREFLOW_CHANNEL_<NAME>_FILE`` — never
+from YAML. Routing (``routing.py``): by default critical incidents go to ``oncall``, everything
+else to ``ops``; routes in the rules' ``routing:`` section choose otherwise.
+
+WhatsApp business messages outside the 24-hour customer window must use an approved template:
+``CAREFLOW_CHANNEL_<NAME>_TEMPLATE`` (and ``..._LANGUAGE``, default ``en_US``) make Apprise send
+the template, with careflow's message as its body parameter ``{{1}}`` — flattened to one line,
+because WhatsApp refuses template parameters with line breaks.
+
+Every message ends with ``Ref: careflow-n<id>[+n<id>...]``: the ids of the notifications it
+carries. Delivery is at least once: a hub killed after a channel accepted a message but before
+recording it sends it again after the restart, with the same ref, so a receiver can drop the
+duplicate.
+
+A notification is written to the store in the same transaction as the incident change it
+announces. Each channel has its own sender thread, so a slow or failing channel never delays
+another; it claims its channel's due notifications with a compare-and-set (so two senders or a
+restart never send one twice while it is claimed), sends all that are due at once as one digest
+(critical first, each with its own ref), and records the result. At send time the incident is
+read again: a reminder of an incident acknowledged or resolved meanwhile is cancelled, visibly
+(``careflow notify list``), not sent.
+
+A failure records the channel's own reason (HTTP status, SMTP reply). A permanent one (bad
+credentials, unknown recipient) fails the notification at once; others are retried with
+exponential backoff, up to ``MAX_ATTEMPTS`` — except critical notifications of incidents still
+open, which are retried for as long as the incident is open, permanent error or not (after a
+permanent one at the longest backoff, its attempts counted as spent). Failed notifications, and ones that
+keep failing, raise the hub's ``hub-notifications-failing`` alert, on a channel that works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import apprise
+
+from careflow.core.config import read_secret
+from careflow.core.errors import ConfigError, TransportError
+from careflow.hub.apprise_transport import AppriseTransport
+from careflow.hub.store import EventStore, Incident, Notification
+
+__all__ = [
+    "FAILING_AFTER_ATTEMPTS",
+    "MAX_ATTEMPTS",
+    "MAX_CHANNELS",
+    "MAX_DIGEST",
+    "NOTIFICATION_OVERDUE_MS",
+    "Channel",
+    "NotificationSender",
+    "avoid_failing",
+    "cancel_reason",
+    "combine",
+    "critical_open",
+    "digest_order",
+    "failing_or_stuck",
+    "fitting",
+    "gives_up",
+    "load_channels",
+    "raised_again_text",
+    "reference",
+    "render",
+    "retry_delay_ms",
+    "template_fits",
+    "template_text",
+    "with_template",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 10  # for all but critical notifications of open incidents (see gives_up)
+FAILING_AFTER_ATTEMPTS = 3  # a critical one failing this often raises hub-notifications-failing
+NOTIFICATION_OVERDUE_MS = 120_000  # due this long and not sent: its channel's sender is stuck
+MAX_CHANNELS = 32  # one sender thread each
+MAX_DIGEST = 50  # notifications claimed at once (a message takes what the channel's limit fits)
+UNROUTED_CHECK_S = 30.0
+_SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
+_CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE)?$")
+_TEMPLATE_SCHEMES = ("whatsapp",)
+DEFAULT_TEMPLATE_LANGUAGE = "en_US"
+TEMPLATE_MAX = 1024  # characters of a WhatsApp template parameter
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """A named destination with its Apprise URL (kept out of logs and reprs)."""
+
+    name: str
+    url: str = field(repr=False)
+    template: str | None = None  # a WhatsApp message template, already in ``url``
+
+
+def with_template(url: str, template: str, language: str) -> str:
+    """The Apprise WhatsApp URL that sends ``template`` in ``language`` with the message as the
+    template's body parameter 1 (Apprise: ``?template=NAME&lang=CODE&:body=1``)."""
+    query = urllib.parse.urlencode({"template": template, "lang": language, ":body": "1"})
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+def template_text(title: str, body: str, ref: str) -> str:
+    """One line for a template parameter: WhatsApp refuses line breaks, tabs and long runs of
+    spaces in one, and caps a message body at 1024 characters (the ref survives the cut)."""
+    text, tail = _template_parts(title, body, ref)
+    return text[:TEMPLATE_MAX - len(tail)] + tail
+
+
+def _template_parts(title: str, body: str, ref: str) -> tuple[str, str]:
+    return re.sub(r"\s+", " ", f"{title} | {body}").strip(), f" | Ref: {ref}"
+
+
+def template_fits(title: str, body: str, ref: str) -> bool:
+    """Whether :func:`template_text` keeps all of the message (cuts nothing)."""
+    text, tail = _template_parts(title, body, ref)
+    return len(text) + len(tail) <= TEMPLATE_MAX
+
+
+def fitting(count: int, whole: Callable[[int], bool]) -> int:
+    """How many of ``count`` notifications (in digest order) go in the next message: the most
+    for which ``whole(n)`` says the channel takes the message uncut, at least one (a single
+    one too long is shortened, its ref kept). Binary search: a digest grows with each one."""
+    low, high = 1, count
+    while low < high:
+        middle = (low + high + 1) // 2
+        if whole(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
+    """Every channel configured in the environment, by lower-case name."""
+    env = os.environ if env is None else env
+    channels: dict[str, Channel] = {}
+    for key in env:
+        match = _CHANNEL_VAR.match(key)
+        if not match:
+            continue
+        if match[2] in ("_TEMPLATE", "_LANGUAGE"):
+            continue  # a setting of the channel, read with it below
+        name = match[1].lower()
+        url = read_secret(env, f"CAREFLOW_CHANNEL_{match[1]}")
+        if not url:
+            continue
+        template = env.get(f"CAREFLOW_CHANNEL_{match[1]}_TEMPLATE") or None
+        if template is not None:
+            if url.split("://", 1)[0].lower() not in _TEMPLATE_SCHEMES:
+                msg = (f"CAREFLOW_CHANNEL_{match[1]}_TEMPLATE is set, but message templates "
+                       "are for WhatsApp channels (whatsapp://...) only")
+                raise ConfigError(msg)
+            url = with_template(url, template, env.get(f"CAREFLOW_CHANNEL_{match[1]}_LANGUAGE")
+                                or DEFAULT_TEMPLATE_LANGUAGE)
+        if not apprise.Apprise().add(url):
+            msg = (f"CAREFLOW_CHANNEL_{match[1]} is not an Apprise URL careflow can use "
+                   "(e.g. mailtos://user:pass@smtp.example.org?to=oncall@example.org, "
+                   "json://hooks.example.org/careflow)")
+            raise ConfigError(msg)
+        channels[name] = Channel(name, url, template)
+    return channels
+
+
+def reference(notes: Sequence[Notification]) -> str:
+    """The stable id of a message: the ids of the notifications it carries."""
+    return "careflow-" + "+".join(f"n{n.id}" for n in sorted(notes, key=lambda n: n.id))
+
+
+def retry_delay_ms(attempts: int) -> int:
+    """Backoff after ``attempts`` failures: 1 s, 2 s, 4 s ... capped at 5 minutes."""
+    return int(min(300_000, 1000 * 2 ** max(0, attempts - 1)))
+
+
+def _utc(at_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at_ms / 1000))
+
+
+def raised_again_text(*, raises: int, first_raised_ms: int, acknowledged_by: str | None = None,
+                      acknowledged_ms: int | None = None) -> str:
+    """What a person needs to know about an alarm raised again: how often, since when, and who
+    had the last raise (that raise being acknowledged does not cover this one)."""
+    text = f"raised {raises} times, first raised {_utc(first_raised_ms)}"
+    if acknowledged_by is not None and acknowledged_ms is not None:
+        text += (f"; the previous raise was acknowledged by {acknowledged_by} at "
+                 f"{_utc(acknowledged_ms)}, this one is a new emergency")
+    return text
+
+
+def render(*, kind: str, severity: str, summary: str, detail: str, gateway: str, device: str,
+           since_ms: int, runbook: str | None, again: str | None = None) -> tuple[str, str]:
+    """Title and body a person can act on: what, where, since when, what to do (``again``: an
+    alarm raised again, with its count and first raise, see :func:`raised_again_text`)."""
+    since = _utc(since_ms)
+    if kind == "resolved":
+        return f"[RESOLVED] {summary}", f"{summary} is over.\nWhere: {gateway} / {device}\n" \
+                                        f"Started: {since}\n{detail}"
+    if kind == "escalation":
+        summary = f"NOT ACKNOWLEDGED: {summary}"
+    elif kind == "repeat":
+        summary = f"STILL OPEN, NOT ACKNOWLEDGED: {summary}"
+    elif kind == "raised-again":
+        summary = f"RAISED AGAIN: {summary}"
+    todo = f"Runbook: {runbook}" if runbook else "Check the device and its gateway."
+    raised = f"Raised again: {again}\n" if again else ""
+    return (f"[{severity.upper()}] {summary}",
+            f"What: {summary}\nWhere: gateway {gateway}, device {device}\nSince: {since}\n"
+            f"{raised}Detail: {detail}\nWhat to do: {todo}\n"
+            f"Acknowledge: careflow incidents list, then careflow incidents ack <id>")
+
+
+def combine(notes: Sequence[Notification]) -> tuple[str, str]:
+    """One message for several notifications to one channel (a digest), in the order given:
+    a count in the title, then each one with its own ref so it can be acknowledged by itself."""
+    if len(notes) == 1:
+        return notes[0].title, notes[0].body
+    gateways = {n.group_key for n in notes}
+    gateway = gateways.pop() if len(gateways) == 1 and notes[0].group_key else "several sources"
+    title = f"[{len(notes)} alerts] {gateway}: " + "; ".join(n.title for n in notes[:3])
+    if len(notes) > 3:
+        title += f"; and {len(notes) - 3} more"
+    body = "\n\n".join(f"--- {n.title}\n{n.body}\nRef: {reference([n])}" for n in notes)
+    return title, body
+
+
+def digest_order(notes: Sequence[Notification],
+                 severity: Mapping[int, str]) -> list[Notification]:
+    """Critical first (then warning, then the rest), oldest first within a severity;
+    ``severity`` maps incident id to its severity."""
+    return sorted(notes, key=lambda n: (_SEVERITY_RANK.get(severity.get(n.incident_id, ""), 9),
+                                        n.id))
+
+
+def cancel_reason(note: Notification, incident: Incident | None) -> str | None:
+    """Why a claimed reminder (escalation step or repeat) must not go out any more: its incident
+    was acknowledged or resolved after it was queued. None: it still goes out (announcements
+    and resolutions always do)."""
+    if note.kind != "escalation" or incident is None or incident.state == "open":
+        return None
+    if incident.state == "acknowledged":
+        return (f"not sent: incident {incident.id} was acknowledged by "
+                f"{incident.acknowledged_by or 'someone'} before this reminder went out")
+    return (f"not sent: incident {incident.id} was resolved by "
+            f"{incident.resolved_by or 'someone'} before this reminder went out")
+
+
+def critical_open(incident: Incident | None) -> bool:
+    """Whether notifications of this incident are never given up (see :func:`gives_up`)."""
+    return incident is not None and incident.severity == "critical" \
+        and incident.state != "resolved"
+
+
+def gives_up(*, attempts: int, permanent: bool, critical_open: bool) -> bool:
+    """Whether a failed notification is failed for good: a critical one whose incident is
+    still open never is (a "permanent" 401/404/550 may come from a flaky proxy or a token being
+    rotated, and a care alarm must arrive once someone fixes the channel); others at once when
+    the channel's error is permanent, after ``MAX_ATTEMPTS`` otherwise."""
+    if critical_open:
+        return False
+    return permanent or attempts >= MAX_ATTEMPTS
+
+
+def failing_or_stuck(store: EventStore, now_ms: int) -> dict[str, str]:
+    """Channels whose latest attempt failed, and channels with notifications overdue by
+    ``NOTIFICATION_OVERDUE_MS`` that no attempt was recorded for (a stuck or dead sender),
+    each with why."""
+    overdue = store.overdue_notifications(due_before_ms=now_ms - NOTIFICATION_OVERDUE_MS)
+    stuck = {channel: f"{count} notification(s) due for over {NOTIFICATION_OVERDUE_MS // 60_000} "
+                      "min and not sent: is its sender stuck? (see the hub log)"
+             for channel, count in overdue.items()}
+    return {**stuck, **store.failing_channels()}
+
+
+def avoid_failing(preferred: Sequence[str], *, failing: Collection[str],
+                  configured: Sequence[str]) -> tuple[str, ...]:
+    """Where to say that notifications fail: the preferred channels that still work, else every
+    other configured channel that works, else the preferred ones all the same."""
+    working = tuple(c for c in preferred if c not in failing)
+    if working:
+        return working
+    others = tuple(c for c in sorted(configured) if c not in failing)
+    return others or tuple(preferred)
+
+
+class NotificationSender:
+    """Delivers pending notifications from the store: one thread per channel, so a slow or
+    failing channel never holds up another.
+
+    Each channel's thread claims only its channel's due notifications and sends what is due at
+    once as one message (``combine``: critical first), at most one message per the channel's
+    pace (``AppriseTransport.pace_s``); what comes due meanwhile waits for the next digest.
+    The store's connection is shared by the threads, one call at a time.
+    """
+
+    def __init__(self, store: EventStore, channels: Mapping[str, Channel]) -> None:
+        if len(channels) > MAX_CHANNELS:
+            msg = (f"{len(channels)} notification channels are configured; careflow runs one "
+                   f"thread per channel and takes at most {MAX_CHANNELS}")
+            raise ConfigError(msg)
+        self.store = store  # a second SqliteStore on the same file (its own connection)
+        self.channels = dict(channels)
+        self._transports = {name: AppriseTransport(c.url) for name, c in self.channels.items()}
+        self._templated = {name for name, c in self.channels.items() if c.template}
+        self._store_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wakes = {name: threading.Event() for name in self.channels}
+        # per channel: a message the channel took (or refused) whose outcome the store did not
+        # record; it stays claimed and is recorded before anything else goes out on the channel
+        self._unrecorded: dict[str, tuple[Sequence[Notification],
+                                          Mapping[int, Incident | None],
+                                          TransportError | None]] = {}
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True,
+                                          name=f"notify-{name}") for name in self.channels]
+        self._threads.append(threading.Thread(target=self._sweep, name="notify-unrouted",
+                                              daemon=True))
+
+    def start(self) -> None:
+        """Start delivering; what a previous run had claimed but not finished is pending again."""
+        self.store.release_claimed_notifications()
+        for thread in self._threads:
+            thread.start()
+
+    def wake(self) -> None:
+        """Something was queued: deliver now rather than at the next poll."""
+        for event in self._wakes.values():
+            event.set()
+
+    def stop(self) -> None:
+        """Stop after the message in hand (each channel's)."""
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + 30
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _run(self, channel: str) -> None:
+        wake = self._wakes[channel]
+        pace_s = self._transports[channel].pace_s
+        last_message: float | None = None
+        while not self._stop.is_set():
+            if last_message is not None:  # paced before claiming: what comes due meanwhile
+                rest = pace_s - (time.monotonic() - last_message)  # joins the next digest
+                if rest > 0 and self._stop.wait(rest):
+                    return
+            wake.clear()
+            try:
+                claimed, messages = self._deliver_channel(channel, time.time_ns() // 1_000_000)
+            except Exception:
+                log.exception("notification delivery failed unexpectedly",
+                              extra={"channel": channel})
+                self._stop.wait(1.0)
+                if channel not in self._unrecorded:  # sent ones are recorded, not sent again
+                    self._release(channel)
+                continue
+            if messages:
+                last_message = time.monotonic()
+            if not claimed:
+                wake.wait(0.5)  # or sooner, when the hub queues something
+
+    def _release(self, channel: str) -> None:
+        """What this channel's thread claimed and could not finish (a store error mid-way) is
+        pending again, so the next round sends it (only this thread claims this channel's)."""
+        try:
+            with self._store_lock:
+                released = self.store.release_claimed_notifications(channel)
+        except Exception:
+            log.exception("cannot release claimed notifications", extra={"channel": channel})
+            return
+        if released:
+            log.warning("claimed notifications are pending again after an error",
+                        extra={"channel": channel, "released": released})
+
+    def _sweep(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._fail_unrouted(time.time_ns() // 1_000_000)
+            except Exception:
+                log.exception("cannot check for notifications to unknown channels")
+            self._stop.wait(UNROUTED_CHECK_S)
+
+    def deliver_due(self, now_ms: int) -> int:
+        """Claim and send what is due on every channel, one after the other (the threads do it
+        concurrently); return how many notifications were claimed."""
+        claimed = self._fail_unrouted(now_ms)
+        for channel in self.channels:
+            claimed += self._deliver_channel(channel, now_ms)[0]
+        return claimed
+
+    def _fail_unrouted(self, now_ms: int) -> int:
+        """Notifications queued for a channel that is not configured (any more) fail for good,
+        but for critical ones of open incidents: those wait (counted as failing, so the
+        self-alert says so) for a restart with the channel back (see :func:`gives_up`)."""
+        with self._store_lock:  # every channel with something due, however much is queued
+            due = self.store.overdue_notifications(due_before_ms=now_ms + 1)
+        unknown = set(due) - set(self.channels)
+        claimed = 0
+        for channel in sorted(unknown):
+            with self._store_lock:
+                notes = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
+                                                       channel=channel)
+            # recorded as any permanent refusal is: the same give-up rule, counts and logs
+            try:
+                with self._store_lock:
+                    incidents = {i: self.store.incident(i)
+                                 for i in {n.incident_id for n in notes}}
+                self._record(notes, incidents, TransportError(
+                    f"no channel {channel!r} configured: set CAREFLOW_CHANNEL_"
+                    f"{channel.upper()} to an Apprise URL", permanent=True))
+            except Exception:  # nothing was sent: pending again, failed at the next check
+                self._release(channel)
+                raise
+            claimed += len(notes)
+        return claimed
+
+    def _deliver_channel(self, channel: str, now_ms: int) -> tuple[int, int]:
+        """Claim what is due on one channel, drop reminders that are moot, send the rest as one
+        message; return (notifications claimed, messages sent or tried)."""
+        if channel in self._unrecorded:  # the store refused the last outcome: record it now
+            self._record(*self._unrecorded[channel])
+            notes = self._unrecorded.pop(channel)[0]
+            with self._store_lock:  # what did not fit in that message goes in the next
+                self.store.release_claimed_notifications(channel)
+            return len(notes), 0
+        with self._store_lock:
+            claimed = self.store.claim_notifications(now_ms=now_ms, limit=MAX_DIGEST,
+                                                     channel=channel)
+            incidents = {i: self.store.incident(i) for i in {n.incident_id for n in claimed}}
+            due: list[Notification] = []
+            for note in claimed:
+                reason = cancel_reason(note, incidents[note.incident_id])
+                if reason is None:
+                    due.append(note)
+                    continue
+                self.store.cancel_notification(note.id, now_ms=now_ms, reason=reason)
+                log.info("reminder cancelled", extra={"channel": channel, "reason": reason,
+                                                      "incident": note.incident_id})
+        if not due:
+            return len(claimed), 0
+        severity = {i: inc.severity for i, inc in incidents.items() if inc is not None}
+        due = digest_order(due, severity)
+        # as many as the channel takes in one message; the rest go in the next (paced) one
+        count = fitting(len(due), lambda n: self._message(channel, due[:n])[2])
+        title, body, _ = self._message(channel, due[:count])
+        error: TransportError | None = None
+        try:
+            self._transports[channel].send(title, body)
+        except TransportError as exc:
+            error = exc
+        try:
+            self._record(due[:count], incidents, error)
+        except Exception:  # never sent again while this process runs (a restart may)
+            self._unrecorded[channel] = (due[:count], incidents, error)
+            raise
+        if count < len(due):  # only this channel's sender claims its notifications
+            with self._store_lock:
+                self.store.release_claimed_notifications(channel)
+        return len(claimed), 1
+
+    def _message(self, channel: str, notes: Sequence[Notification]) -> tuple[str, str, bool]:
+        """Title and body of one message to ``channel`` carrying ``notes``, and whether the
+        channel takes all of it (False: shortened, which only a single notification may be)."""
+        title, body = combine(notes)
+        ref = reference(notes)
+        limits = self._transports[channel].limits
+        if channel in self._templated:
+            text = template_text(title, body, ref)
+            return "", text, template_fits(title, body, ref) and limits.fits("", text)
+        title, body, tail = limits.title(title), f"{body}\n\nRef: {ref}", f"\n\nRef: {ref}"
+        if limits.fits(title, body):
+            return title, body, True
+        title, body = limits.shorten(title, body, tail=tail)
+        return title, body, False
+
+    def _record(self, notes: Sequence[Notification], incidents: Mapping[int, Incident | None],
+                error: TransportError | None) -> None:
+        """Each notification of a message records the outcome, with the channel's reason."""
+        now_ms = time.time_ns() // 1_000_000
+        with self._store_lock:
+            for note in notes:
+                attempts = note.attempts + 1
+                final = error is not None and gives_up(
+                    attempts=attempts, permanent=error.permanent,
+                    critical_open=critical_open(incidents.get(note.incident_id)))
+                if error is not None and error.permanent and not final:  # kept, but no quick
+                    attempts = max(attempts, MAX_ATTEMPTS)  # retry helps; the self-alert counts it
+                self.store.finish_notification(
+                    note.id, ok=error is None, now_ms=now_ms,
+                    error=None if error is None else str(error), final=final,
+                    retry_in_ms=retry_delay_ms(attempts), attempts=attempts)
+                context = {"channel": note.channel, "incident": note.incident_id,
+                           "notification": note.id, "attempts": attempts}
+                if error is None:
+                    continue
+                if final:
+                    log.error("notification failed for good", extra={
+                        **context, "error": str(error), "permanent": error.permanent})
+                else:
+                    log.warning("notification failed; will retry", extra={
+                        **context, "error": str(error),
+                        "retry_in_ms": retry_delay_ms(attempts)})
