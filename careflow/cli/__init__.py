@@ -1,27 +1,26 @@
 """The ``careflow`` command: one CLI for operators and technicians.
 
 The command tree lives in :mod:`careflow.cli.app`; this module stays small so that
-``careflow edge run`` on a gateway loads only what the agent needs.
+``careflow edge ...`` on a gateway loads only what the agent needs. Exit statuses mean one thing
+each (:mod:`careflow.core.exits`): 0 done, 1 failed or refused, 2 usage or configuration,
+75 try again; 3 only from ``careflow hub``, when it yielded its broker session.
 """
 
 from __future__ import annotations
 
 import sys
 
-from careflow.core.errors import CareflowError, SessionTakenError
+from careflow.core.errors import CareflowError
+from careflow.core.exits import EXIT_SESSION_TAKEN, exit_status
 
 __all__ = ["EXIT_SESSION_TAKEN", "main"]
 
-# The hub yielded its broker session to another client with its client id: not to be restarted
-# (deploy/careflow-hub.service: RestartPreventExitStatus).
-EXIT_SESSION_TAKEN = 3
-
 
 def main() -> None:
-    """Entry point: careflow's own errors become one clear line and exit code 2 (3 for a hub
-    that yields its broker session to another)."""
+    """Entry point: careflow's own errors become one clear line and the exit status of their
+    meaning (careflow.core.exits)."""
     try:
-        if sys.argv[1:3] == ["edge", "run"]:
+        if sys.argv[1:2] == ["edge"]:
             # On a gateway only the agent runs: skip the hub, amqtt and jsonschema, which the
             # full command tree would load (about 10 MB of RSS).
             from careflow.edge.cli import edge_app  # noqa: PLC0415
@@ -33,4 +32,4 @@ def main() -> None:
         app()
     except CareflowError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(EXIT_SESSION_TAKEN if isinstance(exc, SessionTakenError) else 2)
+        sys.exit(exit_status(exc))

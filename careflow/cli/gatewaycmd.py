@@ -15,6 +15,7 @@ import typer
 from careflow.cli.common import console, err_console, settings_from, styled
 from careflow.core.config import TlsFiles, parse_broker_url, tls_files
 from careflow.core.errors import BrokerError, ConfigError
+from careflow.core.exits import exit_status
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.commands import ALLOWED
 from careflow.edge.stamper import new_event_id
@@ -114,8 +115,9 @@ def claim(
 
     Example: `careflow gateway claim --serial SN-0042 --token ... --claim-cert claim.crt
     --claim-key claim.key --ca-file device-ca.crt --broker mqtts://hub:8884 --out
-    /var/lib/careflow-edge --run`. Exit 0: installed; 1: refused (the code says why); 2: no
-    broker or no answer (safe to run again: the key is reused, so the token is not lost).
+    /var/lib/careflow-edge --run`. Exit 0: installed; 1: refused (the code says why); 75: no
+    broker, no answer or rate limited (safe to run again: the key is reused, so the token is not
+    lost).
     """
     from careflow.core.errors import ClaimError  # noqa: PLC0415
     from careflow.edge.agent import EdgeAgent, load_agent_config  # noqa: PLC0415
@@ -129,7 +131,7 @@ def claim(
     except ClaimError as exc:
         wait = f" (retry after {exc.retry_after_s}s)" if exc.retry_after_s else ""
         err_console.print(styled(("claim refused", "red"), f": {exc}{wait}"), highlight=False)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(exit_status(exc)) from exc
     console.print(styled("claimed: gateway ", (result.gateway_id, "bold"),
                          f" in {result.elapsed_ms:.0f} ms; identity in {result.identity_dir}; "
                          f"agent config {result.edge_config}"), highlight=False)

@@ -21,6 +21,7 @@ from careflow.cli.common import (
     styled,
 )
 from careflow.cli.ops import open_store
+from careflow.core.errors import RefusedError
 from careflow.hub.store import Incident
 
 __all__ = ["incidents_app"]
@@ -83,7 +84,8 @@ def show(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
     """One incident with its timeline (MTTA and MTTR are exact: times are recorded)."""
     incident = open_store(data_dir).incident(incident_id)
     if incident is None:
-        raise typer.BadParameter(f"no incident {incident_id}; see `careflow incidents list`")
+        msg = f"no incident {incident_id}; see `careflow incidents list`"
+        raise RefusedError(msg)
     _show(incident, as_json)
 
 

@@ -32,9 +32,10 @@ def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. on
         AppriseTransport(channels[channel.lower()].url).send(
             "careflow test message", f"If you read this, careflow can reach you on '{channel}'.")
     except TransportError as exc:
+        # exit 2 when the channel's settings need fixing, 75 when a later try can work
         advice = "check its URL and credentials" if exc.permanent else "try again later"
         msg = f"channel {channel!r} did not accept the message ({exc}); {advice}"
-        raise ConfigError(msg) from exc
+        raise TransportError(msg, permanent=exc.permanent) from exc
     console.print(f"sent a test message through {channel}", highlight=False)
 
 

@@ -23,7 +23,7 @@ from careflow.cli.common import (
     settings_from,
     styled,
 )
-from careflow.core.errors import ConfigError, ContractError
+from careflow.core.errors import ConfigError, ContractError, RefusedError
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
 from careflow.hub.presence import PresenceRecord, device_state
@@ -260,7 +260,7 @@ def devices_show(
     if record is None:
         msg = (f"no device {gateway}/{device or gateway} in the registry; "
                "`careflow devices list` shows the known ones")
-        raise ConfigError(msg)
+        raise RefusedError(msg)
     row = _device_row(record, store.presence(), store.paused(time.time_ns() // 1_000_000),
                       _sites(data_dir))
     if as_json:
@@ -307,7 +307,7 @@ def devices_resume(
     if not open_store(data_dir).resume(gateway, device):
         msg = (f"{gateway}{'/' + device if device else ''} is not paused; "
                "`careflow devices list` shows states")
-        raise ConfigError(msg)
+        raise RefusedError(msg)
     console.print(f"resumed {gateway}{'/' + device if device else ''}", highlight=False)
 
 

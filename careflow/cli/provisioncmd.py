@@ -26,7 +26,7 @@ from careflow.cli.common import (
     styled,
 )
 from careflow.core.config import Settings
-from careflow.core.errors import ConfigError
+from careflow.core.errors import ConfigError, RefusedError
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import (
     ClaimRecord,
@@ -92,7 +92,7 @@ def register(
                                      token_hash=hash_token(token), token_expires_ms=expires_ms,
                                      replace=replace, now_ms=now_ms)
         if isinstance(decision, Reject):
-            raise ConfigError(decision.message)
+            raise RefusedError(decision.message)
         revocation = "none"
         if decision.revoke_cert_serial:
             pki_dir = _pki_dir(settings)
@@ -271,7 +271,7 @@ def watch(
         record = registry.get(serial)
         if record is None:
             msg = f"serial {serial} is not registered; `careflow provision list` shows those that are"
-            raise ConfigError(msg)
+            raise RefusedError(msg)
         with Live(_watch_table(record, started_ms, started_ms), console=err_console,
                   refresh_per_second=8, transient=as_json) as live:
             while record.state not in (State.ACTIVE, State.REVOKED) \

@@ -18,7 +18,7 @@ from careflow.cli.common import (
     print_json_lines,
 )
 from careflow.cli.ops import open_store
-from careflow.core.errors import ConfigError
+from careflow.core.errors import ConfigError, RefusedError
 from careflow.hub.mute import Silence
 
 __all__ = ["silences_app"]
@@ -93,5 +93,5 @@ def expire(silence_id: Annotated[int, typer.Argument(help="Silence id.")],
     """End a silence now."""
     if not open_store(data_dir).expire_silence(silence_id, now_ms=time.time_ns() // 1_000_000):
         msg = f"no active silence #{silence_id}; `careflow silences list` shows them"
-        raise ConfigError(msg)
+        raise RefusedError(msg)
     console.print(f"silence #{silence_id} expired", highlight=False)

@@ -131,7 +131,7 @@ def test_it_answers_allowlisted_commands_and_refuses_others(
     assert "ping" in answer["error"]
     silent = subprocess.run(careflow_cmd("gateway", "cmd", "gw-nobody", "ping", "--timeout", "1"),
                             env=env, capture_output=True, text=True, timeout=30, check=False)
-    assert silent.returncode == 2 and "no reply from gw-nobody" in silent.stderr
+    assert silent.returncode == 75 and "no reply from gw-nobody" in silent.stderr  # try again
 
 
 def test_it_keeps_a_reconnected_gateway_online_when_a_stale_will_arrives_late(

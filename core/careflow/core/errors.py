@@ -2,9 +2,13 @@
 
 The tree::
 
-    CareflowError                 root; the CLI prints its message and exits non-zero
+    CareflowError                 root; the CLI prints its message and exits non-zero (which
+    │                             status each means: careflow.core.exits)
     ├── ConfigError               a setting is missing or malformed (says which and how to fix)
+    ├── RefusedError              understood, and refused by the state of things (not paused,
+    │                             already acknowledged, no such incident)
     ├── BrokerError               the MQTT broker is unreachable, refused us, or the port is taken
+    │                             (``retry``: whether the same call can succeed later unchanged)
     │   └── SessionTakenError     another client holds the hub's session (same client id)
     ├── HubRunningError           another hub holds the data directory (names it)
     ├── StoreError                the event store cannot be opened or written
@@ -30,6 +34,7 @@ __all__ = [
     "InfluxError",
     "InfluxRefusedError",
     "PkiError",
+    "RefusedError",
     "SessionTakenError",
     "StoreError",
     "TransportError",
@@ -44,8 +49,21 @@ class ConfigError(CareflowError):
     """A setting is missing or malformed."""
 
 
+class RefusedError(CareflowError):
+    """The request is understood, and what it names does not allow it: a device that is not
+    paused, an incident already acknowledged, a silence or serial that does not exist."""
+
+
 class BrokerError(CareflowError):
-    """The MQTT broker cannot be reached, refused the connection, or cannot be started."""
+    """The MQTT broker cannot be reached, refused the connection, or cannot be started.
+
+    ``retry``: the same call can succeed later unchanged (the broker is down or did not answer);
+    false when something must be fixed first (credentials refused, the port taken).
+    """
+
+    def __init__(self, message: str, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class SessionTakenError(BrokerError):

@@ -22,6 +22,8 @@ from careflow.core.errors import BrokerError
 __all__ = ["KEEPALIVE_S", "Client", "check", "connect_blocking", "make_client", "tls_context"]
 
 KEEPALIVE_S = 30
+# CONNACK reason codes that refuse for now: server unavailable, busy, quota, connection rate.
+_REFUSED_FOR_NOW = frozenset({136, 137, 151, 159})
 _READ_CHUNK = 65536
 _PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, message id
 _MAX_BUFFERED_READS = 1000  # extra reads of buffered packets per pass of paho's loop
@@ -189,7 +191,9 @@ def connect_blocking(
     if outcome[0].is_failure:
         client.loop_stop()
         msg = f"the MQTT broker at {url} refused the connection: {outcome[0]}"
-        raise BrokerError(msg)
+        # unavailable, busy, over quota or rate: later may work; credentials or a bad client
+        # id must be fixed first
+        raise BrokerError(msg, retry=outcome[0].value in _REFUSED_FOR_NOW)
 
 
 def check(rc: MQTTErrorCode, action: str) -> None:

@@ -14,12 +14,13 @@ from typing import Annotated
 import typer
 
 from careflow.core.errors import CareflowError
+from careflow.core.exits import EXIT_TEMPFAIL, exit_status
 from careflow.core.log import setup_logging
 from careflow.edge.agent import EdgeAgent, load_agent_config
 
-# A remote command asked for a restart: the supervisor starts the agent again
-# (deploy/careflow-edge.service: RestartForceExitStatus). EX_TEMPFAIL.
-EXIT_RESTART_REQUESTED = 75
+# A remote command asked for a restart: "try again", and the supervisor starts the agent again
+# (deploy/careflow-edge.service: RestartForceExitStatus).
+EXIT_RESTART_REQUESTED = EXIT_TEMPFAIL
 
 __all__ = ["EXIT_RESTART_REQUESTED", "edge_app", "main"]
 
@@ -36,12 +37,13 @@ def _gateway_commands() -> None:
 
 
 def main() -> None:
-    """Entry point of `careflow-edge`: careflow's own errors become one clear line and exit 2."""
+    """Entry point of `careflow-edge`: careflow's own errors become one clear line and the exit
+    status of their meaning (careflow.core.exits: 1 refused, 2 configuration, 75 try again)."""
     try:
         edge_app(prog_name="careflow-edge")
     except CareflowError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
+        sys.exit(exit_status(exc))
 
 
 @edge_app.command("run")

@@ -168,7 +168,7 @@ class EmbeddedBroker:
             f"cannot start the embedded broker on {self.host}:{self.port}: {cause}. Another "
             "broker probably listens there: choose a free address with --listen "
             "127.0.0.1:1884 (or CAREFLOW_LISTEN), or use that broker with --broker "
-            f"mqtt://{self.host}:{self.port} (or CAREFLOW_BROKER_URL).")
+            f"mqtt://{self.host}:{self.port} (or CAREFLOW_BROKER_URL).", retry=False)
 
     def start(self) -> None:
         """Start listening; raises BrokerError naming the fix when the port is taken, and

@@ -22,7 +22,7 @@ from careflow.core.config import (
     DEFAULT_DEAD_LETTER_MAX_ROWS,
     DEFAULT_MAX_DEVICES_PER_GATEWAY,
 )
-from careflow.core.errors import ConfigError, ContractError, StoreError
+from careflow.core.errors import ContractError, RefusedError, StoreError
 from careflow.core.sqlite import immediate_transaction, open_wal
 from careflow.hub.dedupe import Candidate, Verdict, judge
 from careflow.hub.ingest import Accepted, Rejected
@@ -962,10 +962,10 @@ class SqliteStore:
         current = self.incident(incident_id)
         if current is None:
             msg = f"there is no incident {incident_id}; `careflow incidents list` shows them"
-            raise ConfigError(msg)
+            raise RefusedError(msg)
         if not changed:
             msg = f"incident {incident_id} is {current.state}; nothing to {action}"
-            raise ConfigError(msg)
+            raise RefusedError(msg)
         return current
 
     def acknowledge_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:

@@ -85,7 +85,7 @@ def read_pidfile(path: Path) -> int:
         return int(path.read_text().strip())
     except (OSError, ValueError) as exc:
         msg = f"cannot read a process id from {path}: {exc}. Is Mosquitto's pid_file set there?"
-        raise BrokerError(msg) from exc
+        raise BrokerError(msg, retry=False) from exc
 
 
 def reload_broker(*, pid: int | None = None, command: Sequence[str] | None = None) -> None:
@@ -98,20 +98,20 @@ def reload_broker(*, pid: int | None = None, command: Sequence[str] | None = Non
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError as exc:
             msg = f"no process {pid}: is Mosquitto running, and is its pidfile current?"
-            raise BrokerError(msg) from exc
+            raise BrokerError(msg, retry=False) from exc
         except PermissionError as exc:
             msg = (f"not allowed to signal process {pid}: run as the broker's user or root, or "
                    "use --reload-command")
-            raise BrokerError(msg) from exc
+            raise BrokerError(msg, retry=False) from exc
     elif command:
         result = subprocess.run(list(command), capture_output=True, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
             msg = (f"`{shlex.join(command)}` exited {result.returncode}: "
                    f"{result.stderr.strip()[:300]}")
-            raise BrokerError(msg)
+            raise BrokerError(msg, retry=False)
     else:
         msg = "nothing to reload: give a pid or a command"
-        raise BrokerError(msg)
+        raise BrokerError(msg, retry=False)
 
 
 def reload_from_options(*, pid: int | None, pidfile: Path | None,
