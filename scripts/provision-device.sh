@@ -7,7 +7,7 @@
 #   scripts/provision-device.sh SERIAL SITE [--gateway-id ID] [--ttl 2h] [--timeout 600] [--replace]
 #
 # Run it on the hub (it reads and writes the hub's database: CAREFLOW_DATA_DIR). On the gateway:
-#   careflow gateway claim --serial SERIAL --token TOKEN --claim-cert claim.crt \
+#   careflow-edge claim --serial SERIAL --token TOKEN --claim-cert claim.crt \
 #       --claim-key claim.key --ca-file device-ca.crt --broker mqtts://HUB:8884 \
 #       --out /var/lib/careflow-edge --run
 set -o errexit -o pipefail -o nounset
@@ -40,7 +40,7 @@ gateway=$(field gateway_id) token=$(field token) expires=$(field expires)
 
 echo "2/3 on the gateway, claim the identity (token shown once; valid until $expires):"
 echo
-echo "    careflow gateway claim --serial $serial --token $token \\"
+echo "    careflow-edge claim --serial $serial --token $token \\"
 echo "        --claim-cert claim.crt --claim-key claim.key --ca-file device-ca.crt \\"
 echo "        --broker mqtts://HUB:8884 --out /var/lib/careflow-edge --run"
 echo

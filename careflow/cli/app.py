@@ -50,4 +50,4 @@ app.add_typer(notifycmd.notify_app, name="notify")
 app.add_typer(silencescmd.silences_app, name="silences")
 app.add_typer(provisioncmd.provision_app, name="provision")
 app.add_typer(cacmd.ca_app, name="ca")
-app.add_typer(devicecmd.device_app, name="device")
+app.add_typer(devicecmd.device_app, name="device", hidden=True)  # old: devices revoke

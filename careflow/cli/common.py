@@ -10,14 +10,15 @@ through. Styling is therefore explicit: :func:`styled` and :class:`rich.text.Tex
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeAlias
+from typing import Annotated, Any, ParamSpec, TypeAlias, TypeVar
 
 import typer
 from rich.console import Console, HighlighterType, JustifyMethod, OverflowMethod
@@ -33,6 +34,7 @@ __all__ = [
     "JsonOption",
     "LiteralConsole",
     "console",
+    "deprecated_alias",
     "err_console",
     "format_age",
     "format_ms",
@@ -168,3 +170,20 @@ def print_json_lines(rows: list[dict[str, Any]]) -> None:
     """One compact JSON object per line on stdout."""
     for row in rows:
         sys.stdout.write(json.dumps(row, separators=(",", ":"), default=str) + "\n")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def deprecated_alias(command: Callable[P, R], *, old: str, new: str) -> Callable[P, R]:
+    """``command`` under an old spelling (``careflow OLD``): it works as before, with the same
+    options and help, and says on stderr, in one line, what to type instead. Register it with
+    ``hidden=True`` so ``--help`` shows only the new spelling."""
+
+    @functools.wraps(command)
+    def alias(*args: P.args, **kwargs: P.kwargs) -> R:
+        sys.stderr.write(f"note: `careflow {old}` is deprecated; use `careflow {new}`\n")
+        return command(*args, **kwargs)
+
+    return alias

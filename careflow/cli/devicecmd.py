@@ -1,4 +1,7 @@
-"""`careflow device revoke`: lock a gateway out for good, including its live connection."""
+"""`careflow devices revoke`: lock a gateway out for good, including its live connection.
+
+`careflow device revoke`, the old spelling, still works (hidden, with a note on stderr).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from careflow.cli.cacmd import (
     ReloadCommandOption,
     resolve_pki_dir,
 )
-from careflow.cli.common import console, err_console, settings_from, styled
+from careflow.cli.common import console, deprecated_alias, err_console, settings_from, styled
+from careflow.cli.ops import devices_app
 from careflow.core.config import TlsFiles
 from careflow.core.errors import ConfigError
 from careflow.provisioning.pki import crl_next_update, load_pki, write_device_acl
@@ -30,12 +34,13 @@ from careflow.provisioning.revocation import (
 
 __all__ = ["device_app"]
 
-device_app = typer.Typer(help="Device certificates: revoke a gateway.", no_args_is_help=True)
+# The old spelling's group: `careflow device revoke`, hidden (registered in careflow.cli.app).
+device_app = typer.Typer(help="Old spelling of `careflow devices revoke`.", no_args_is_help=True)
 
 _RELOAD_SETTLE_S = 0.5  # Mosquitto handles SIGHUP in its main loop, within a few ms
 
 
-@device_app.command("revoke")
+@devices_app.command("revoke")
 def revoke(
     gateway: Annotated[str, typer.Argument(help="Gateway id (its certificate's CN).")],
     pki_dir: PkiDirOption = None,
@@ -66,11 +71,11 @@ def revoke(
 
     Examples:
 
-    `careflow device revoke gw-0042 --broker-pidfile /run/mosquitto/mosquitto.pid --broker mqtts://broker:8883`
+    `careflow devices revoke gw-0042 --broker-pidfile /run/mosquitto/mosquitto.pid --broker mqtts://broker:8883`
 
-    `careflow device revoke gw-0042 --reload-command 'docker kill -s HUP mosquitto'`
+    `careflow devices revoke gw-0042 --reload-command 'docker kill -s HUP mosquitto'`
 
-    `careflow device revoke gw-0042 --no-reload` (files only; the broker reads them at its start)
+    `careflow devices revoke gw-0042 --no-reload` (files only; the broker reads them at its start)
     """
     settings = settings_from(broker=broker)
     url = settings.broker_url
@@ -120,6 +125,10 @@ def revoke(
         raise typer.Exit(1)
     console.print(f"Session {session} ended; {gateway} did not reconnect within {watch:g}s "
                   f"(presence seen: {seen}).")
+
+
+device_app.command("revoke", hidden=True)(
+    deprecated_alias(revoke, old="device revoke", new="devices revoke"))
 
 
 def _withdraw_in_registry(db_path: Path, gateway: str) -> None:

@@ -1,29 +1,30 @@
-"""`careflow gateway cmd`: run an allowlisted command on a gateway and print its answer."""
+"""`careflow gateway cmd`: run an allowlisted command on a gateway and print its answer.
+
+Commands run *on* a gateway (run the agent, claim its identity) are `careflow edge ...`, the same
+as `careflow-edge ...` of the gateway install.
+"""
 
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import time
-from pathlib import Path
 from typing import Annotated, Any
 
 import paho.mqtt.client as paho
 import typer
 
-from careflow.cli.common import console, err_console, settings_from, styled
-from careflow.core.config import TlsFiles, parse_broker_url, tls_files
+from careflow.cli.common import console, deprecated_alias, settings_from
 from careflow.core.errors import BrokerError, ConfigError
-from careflow.core.exits import exit_status
 from careflow.core.mqtt import connect_blocking, make_client
+from careflow.edge import cli as edge_cli
 from careflow.edge.commands import ALLOWED
 from careflow.edge.stamper import new_event_id
 from careflow.schemas import command_topic, reply_topic
 
 __all__ = ["gateway_app"]
 
-gateway_app = typer.Typer(help="Talk to a gateway's agent; claim a gateway's identity.",
+gateway_app = typer.Typer(help="Talk to a gateway's agent from the hub side.",
                           no_args_is_help=True)
 
 
@@ -90,57 +91,7 @@ def cmd(
     raise typer.Exit(0 if reply.get("ok") else 1)
 
 
-@gateway_app.command("claim")
-def claim(
-    serial: Annotated[str, typer.Option("--serial", help="This gateway's hardware serial.")],
-    token: Annotated[str, typer.Option(
-        "--token", envvar="CAREFLOW_CLAIM_TOKEN",
-        help="The one-time claim token [env: CAREFLOW_CLAIM_TOKEN, kept out of `ps`].")],
-    broker: Annotated[str, typer.Option(
-        "--broker", help="The claim listener, e.g. mqtts://hub.example:8884 (mqtt:// on the "
-        "embedded broker).")],
-    out: Annotated[Path, typer.Option(
-        "--out", help="Where the identity and edge.yaml go (persistent storage).")],
-    claim_cert: Annotated[Path | None, typer.Option(
-        "--claim-cert", help="The shared claim certificate baked into the image.")] = None,
-    claim_key: Annotated[Path | None, typer.Option("--claim-key", help="Its key.")] = None,
-    ca_file: Annotated[Path | None, typer.Option(
-        "--ca-file", help="CA of the broker's certificate [default: system CAs].")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 30.0,
-    run: Annotated[bool, typer.Option(
-        "--run", help="Then run the agent under the new identity (as `careflow edge run`).")]
-        = False,
-) -> None:
-    """Claim this gateway's own identity: a key made here (never sent), a certificate from the hub.
-
-    Example: `careflow gateway claim --serial SN-0042 --token ... --claim-cert claim.crt
-    --claim-key claim.key --ca-file device-ca.crt --broker mqtts://hub:8884 --out
-    /var/lib/careflow-edge --run`. Exit 0: installed; 1: refused (the code says why); 75: no
-    broker, no answer or rate limited (safe to run again: the key is reused, so the token is not
-    lost).
-    """
-    from careflow.core.errors import ClaimError  # noqa: PLC0415
-    from careflow.edge.agent import EdgeAgent, load_agent_config  # noqa: PLC0415
-    from careflow.edge.claim import claim_identity  # noqa: PLC0415
-
-    url = parse_broker_url(broker)
-    tls: TlsFiles | None = tls_files(ca_file, claim_cert, claim_key) if url.tls else None
-    try:
-        result = claim_identity(serial=serial, token=token, broker=url, out=out, tls=tls,
-                                timeout_s=timeout)
-    except ClaimError as exc:
-        wait = f" (retry after {exc.retry_after_s}s)" if exc.retry_after_s else ""
-        err_console.print(styled(("claim refused", "red"), f": {exc}{wait}"), highlight=False)
-        raise typer.Exit(exit_status(exc)) from exc
-    console.print(styled("claimed: gateway ", (result.gateway_id, "bold"),
-                         f" in {result.elapsed_ms:.0f} ms; identity in {result.identity_dir}; "
-                         f"agent config {result.edge_config}"), highlight=False)
-    if not run:
-        console.print(f"next: careflow edge run --config {result.edge_config}", highlight=False)
-        return
-    agent = EdgeAgent(load_agent_config(result.edge_config))
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: agent.stop())
-    console.print(f"running the agent as {result.gateway_id} → {result.broker_url}; Ctrl-C stops",
-                  highlight=False)
-    agent.run()
+# Run on a gateway, so it lives with the gateway's commands (careflow-edge claim, careflow edge
+# claim); the old spelling keeps working for scripts and images that have it.
+gateway_app.command("claim", hidden=True)(
+    deprecated_alias(edge_cli.claim, old="gateway claim", new="edge claim"))

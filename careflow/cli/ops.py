@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 events_app = typer.Typer(help="Publish, query and count events.", no_args_is_help=True)
-devices_app = typer.Typer(help="The device registry: what each gateway and device last said.",
+devices_app = typer.Typer(help="Gateways and devices: what each last said, maintenance "
+                          "windows, and revoking a gateway (`devices revoke`).",
                           no_args_is_help=True)
 deadletter_app = typer.Typer(help="Input the hub refused, with the reason.", no_args_is_help=True)
 

@@ -115,7 +115,7 @@ def register(
     console.print(styled("claim token (shown once): ", (token, "bold")), highlight=False)
     console.print(f"expires {format_ms(expires_ms)} UTC; revocation: {revocation}",
                   highlight=False)
-    console.print(f"on the gateway: careflow gateway claim --serial {serial} --token <token> "
+    console.print(f"on the gateway: careflow-edge claim --serial {serial} --token <token> "
                   "--claim-cert claim.crt --claim-key claim.key --broker mqtts://HUB:8884 "
                   "--out /var/lib/careflow-edge", highlight=False)
 
@@ -200,7 +200,7 @@ def _steps(r: ClaimRecord) -> list[_Step]:
     return [
         _Step("registered", r.registered_ms, "register the serial first"),
         _Step("claimed", r.claimed_ms,
-              f"the gateway has not claimed yet. On it, run `careflow gateway claim --serial "
+              f"the gateway has not claimed yet. On it, run `careflow-edge claim --serial "
               f"{r.serial} --token ...`; check it reaches the claim listener (mqtts://HUB:8884, "
               "with the claim certificate) and that the token has not expired "
               f"({format_ms(r.token_expires_ms)} UTC)."),

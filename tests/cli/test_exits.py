@@ -77,6 +77,6 @@ def test_it_exits_75_when_the_broker_is_away(tmp_path: Path) -> None:
     away = cli(tmp_path, "events", "publish", "--broker", f"mqtt://127.0.0.1:{free_port()}")
     assert away.returncode == EXIT_TEMPFAIL, away.stderr
     assert "cannot reach the MQTT broker" in away.stderr
-    claim = cli(tmp_path, "gateway", "claim", "--serial", "SN-1", "--token", "t", "--broker",
+    claim = cli(tmp_path, "edge", "claim", "--serial", "SN-1", "--token", "t", "--broker",
                 f"mqtt://127.0.0.1:{free_port()}", "--out", str(tmp_path / "gw"))
     assert claim.returncode == EXIT_TEMPFAIL, claim.stderr

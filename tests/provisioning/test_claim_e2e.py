@@ -168,7 +168,7 @@ def test_it_says_what_is_missing_when_watch_times_out(flow: Flow) -> None:
     watch = subprocess.run(careflow_cmd("provision", "watch", "SN-9", "--timeout", "0.5"),
                            env=flow.env, capture_output=True, text=True, timeout=30, check=False)
     assert watch.returncode == 1
-    assert "waiting for: claimed" in watch.stderr and "gateway claim" in watch.stderr
+    assert "waiting for: claimed" in watch.stderr and "careflow-edge claim" in watch.stderr
 
 
 def test_it_renews_the_certificate_with_no_gap_in_events(flow: Flow, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""`careflow device revoke` watches the revoked gateway's presence topic to see whether it comes
+"""`careflow devices revoke` watches the revoked gateway's presence topic to see whether it comes
 back during the broker's reload window. That topic is the gateway's own: a stolen gateway must
 not be able to blind the watch with a hostile payload (which would report it gone)."""
 

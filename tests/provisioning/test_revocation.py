@@ -1,4 +1,4 @@
-"""`careflow device revoke` against a real Mosquitto: CRL, ACL, reload, live session ended."""
+"""`careflow devices revoke` against a real Mosquitto: CRL, ACL, reload, live session ended."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_it_disconnects_a_connected_gateway_and_refuses_its_reconnect(
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAREFLOW_")}
         started = time.monotonic()
         result = subprocess.run(
-            careflow_cmd("device", "revoke", "gw-r", "--pki-dir", str(tls_broker.pki.dir),
+            careflow_cmd("devices", "revoke", "gw-r", "--pki-dir", str(tls_broker.pki.dir),
                          *reload_args, "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}",
                          "--watch", "2.5"),
             capture_output=True, text=True, env=env, timeout=60, check=False)
@@ -66,6 +66,7 @@ def test_it_says_how_to_reload_when_no_broker_option_is_given(tls_broker: TlsBro
         careflow_cmd("device", "revoke", "gw-x", "--pki-dir", str(tls_broker.pki.dir),
                      "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}"),
         capture_output=True, text=True, env=env, timeout=30, check=False)
-    assert result.returncode == 2
+    assert result.returncode == 2  # usage: the old spelling still works, and says the new one
     assert "--broker-pidfile" in result.stderr
+    assert "use `careflow devices revoke`" in result.stderr
     assert not tls_broker.pki.issued_path.read_text()  # nothing was changed

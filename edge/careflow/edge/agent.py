@@ -82,7 +82,7 @@ class AgentConfig:
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    identity_dir: Path | None = None  # set by `careflow gateway claim`: renew the certificate
+    identity_dir: Path | None = None  # set by `careflow-edge claim`: renew the certificate
     username: str | None = None
     password: str | None = field(default=None, repr=False)
 

@@ -115,7 +115,7 @@ def write_edge_config(out: Path, *, gateway_id: str, broker_url: str,
     """``edge.yaml`` for the agent, pointing at the installed identity."""
     identity = out / "identity"
     lines = [
-        "# Written by `careflow gateway claim`; run: careflow edge run --config <this file>",
+        "# Written by `careflow-edge claim`; run: careflow-edge run --config <this file>",
         f"gateway: {gateway_id}",
         f"broker: {broker_url}",
         f"data_dir: {out / 'data'}",

@@ -679,7 +679,7 @@ def render_device_acl(pki: Pki) -> str:
     if not revoked:
         return text
     lines = [text.rstrip("\n"), "",
-             "# --- revoked by `careflow device revoke` (generated; the CRL refuses them too) ---"]
+             "# --- revoked by `careflow devices revoke` (generated; the CRL refuses them too) ---"]
     for gateway_id in revoked:
         lines += [f"user {gateway_id}", "topic deny #"]
     return "\n".join(lines) + "\n"
@@ -818,7 +818,7 @@ class IssuedCert:
 
 def record_issued(pki: Pki, gateway_id: str, cert: x509.Certificate, *,
                   now: datetime | None = None) -> None:
-    """Append a device certificate to the index ``careflow device revoke`` looks it up in.
+    """Append a device certificate to the index ``careflow devices revoke`` looks it up in.
 
     Call it right after ``sign_device_csr`` and before handing the certificate out. If the gateway
     had been revoked, its deny block is dropped from the device ACL (the broker needs a SIGHUP to
@@ -947,7 +947,7 @@ def revoke(pki: Pki, cert_serial: int, *, now: datetime,
            days: int = CRL_DAYS) -> None:
     """Add a serial to the CRL (idempotent) and re-sign it; the file is replaced atomically.
 
-    The device ACL is regenerated separately (``write_device_acl``): ``careflow device revoke``
+    The device ACL is regenerated separately (``write_device_acl``): ``careflow devices revoke``
     first reloads the CRL alone and ends the live session, so that the gateway's Will (its
     retained ``offline``) is still allowed out, and only then denies the identity in the ACL.
     """

@@ -132,7 +132,7 @@ class ProvisioningRegistry(Protocol):
         requester that proved it holds the serial: a stranger never changes its row)."""
 
     def withdraw(self, gateway_id: str, *, now_ms: int) -> bool:
-        """`careflow device revoke`: the identity is withdrawn (no claim, no renewal)."""
+        """`careflow devices revoke`: the identity is withdrawn (no claim, no renewal)."""
 
     def record_refusals(self, refusals: Sequence[Refusal], *, max_rows: int) -> None:
         """Add folded refusals (one transaction), keeping at most ``max_rows``, newest."""
@@ -281,7 +281,7 @@ class SqliteProvisioningRegistry:
                          "WHERE serial = ?", (message, now_ms, serial))
 
     def withdraw(self, gateway_id: str, *, now_ms: int) -> bool:
-        """`careflow device revoke`: the identity is withdrawn (no claim, no renewal)."""
+        """`careflow devices revoke`: the identity is withdrawn (no claim, no renewal)."""
         return self._change(
             "record a revocation",
             "UPDATE provision_serials SET state = 'revoked', revoked_ms = ? "

@@ -49,7 +49,7 @@ def agent_client_id(gateway_id: str) -> str:
 
 @dataclass(slots=True)
 class RevocationReport:
-    """What ``careflow device revoke`` did, step by step, for the summary and for tests."""
+    """What ``careflow devices revoke`` did, step by step, for the summary and for tests."""
 
     gateway_id: str
     serial: int

@@ -197,7 +197,7 @@ class Activation:
 
     def revoked(self, now_ms: int) -> frozenset[str]:
         """Gateways whose current certificate is on the CRL (re-read every few seconds:
-        `careflow device revoke` runs in another process)."""
+        `careflow devices revoke` runs in another process)."""
         checked_ms, revoked = self._revoked
         if self._pki is None or now_ms - checked_ms < REVOKED_CHECK_INTERVAL_MS:
             return revoked
