@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import sys
 import time
 from typing import Annotated, Any
 
@@ -28,9 +29,10 @@ silences_app = typer.Typer(help="Silences: matching incidents are recorded but n
 
 
 def _row(s: Silence) -> dict[str, Any]:
+    # "reason", as for pauses; "comment" is its old name, kept for scripts that read it
     return {"id": s.id, "gateway": s.gateway, "device": s.device, "rule": s.rule,
             "starts": iso_ms(s.starts_ms), "ends": iso_ms(s.ends_ms), "created_by": s.created_by,
-            "comment": s.comment}
+            "reason": s.comment, "comment": s.comment}
 
 
 @silences_app.command("add")
@@ -39,16 +41,23 @@ def add(
     device: Annotated[str, typer.Option("--device", "-d", help="Pattern.")] = "*",
     rule: Annotated[str, typer.Option("--rule", "-r", help="Pattern, e.g. battery-*.")] = "*",
     duration: Annotated[str, typer.Option("--for", help="How long: 30m, 2h, 1d.")] = "2h",
-    comment: Annotated[str, typer.Option("--comment", "-c", help="Why (shown to everyone).")] =
+    reason: Annotated[str, typer.Option(
+        "--reason", help="Why (shown to everyone who looks), as for `devices pause`.")] =
         "maintenance",
+    comment: Annotated[str | None, typer.Option(
+        "--comment", "-c", hidden=True, help="Old name of --reason.")] = None,
     by: Annotated[str | None, typer.Option("--by", help="Who [default: login name].")] = None,
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Silence matching incidents from now on.
 
-    Example: `careflow silences add -g gw-0042 --for 90m -c "battery swap by Ola"`.
+    Example: `careflow silences add -g gw-0042 --for 90m --reason "battery swap by Ola"`.
     """
+    if comment is not None:
+        sys.stderr.write("note: `careflow silences add --comment/-c` is deprecated; use "
+                         "--reason\n")
+        reason = comment
     if (gateway, device, rule) == ("*", "*", "*"):
         msg = "a silence for everything would hide care alarms: narrow it with -g, -d or -r"
         raise ConfigError(msg)
@@ -60,7 +69,7 @@ def add(
     silence = open_store(data_dir).add_silence(gateway=gateway, device=device, rule=rule,
                                                starts_ms=now_ms, ends_ms=ends_ms,
                                                created_by=by or getpass.getuser(),
-                                               comment=comment)
+                                               comment=reason)
     if as_json:
         print_json_lines([_row(silence)])
     else:
@@ -80,18 +89,24 @@ def list_silences(
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("id", "gateway", "device", "rule", "ends", "by", "comment")
+    table = Table("id", "gateway", "device", "rule", "ends", "by", "reason")
     for r in rows:
         table.add_row(str(r["id"]), r["gateway"], r["device"], r["rule"], r["ends"],
-                      r["created_by"], r["comment"])
+                      r["created_by"], r["reason"])
     console.print(table)
 
 
 @silences_app.command("expire")
 def expire(silence_id: Annotated[int, typer.Argument(help="Silence id.")],
-           data_dir: DataDirOption = None) -> None:
-    """End a silence now."""
+           as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
+    """End a silence now; exit 1 if there is no active silence with that id.
+
+    Example: `careflow silences expire 12`.
+    """
     if not open_store(data_dir).expire_silence(silence_id, now_ms=time.time_ns() // 1_000_000):
         msg = f"no active silence #{silence_id}; `careflow silences list` shows them"
         raise RefusedError(msg)
-    console.print(f"silence #{silence_id} expired", highlight=False)
+    if as_json:
+        print_json_lines([{"id": silence_id, "expired": True}])
+    else:
+        console.print(f"silence #{silence_id} expired", highlight=False)
