@@ -83,6 +83,7 @@ def init(
     force: Annotated[bool, typer.Option(
         "--force", help="Allow a directory inside a git work tree (keys could get committed).")
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Create the claim CA, device CA, claim/hub/broker certificates, an empty CRL, and a
     ready-to-run Mosquitto configuration. Safe to re-run: nothing that exists is overwritten.
@@ -98,6 +99,13 @@ def init(
     steps = init_pki(target, now=datetime.now(UTC), broker_hosts=broker_host or [],
                      import_device_ca=import_device_ca, force=force, device_port=device_port,
                      claim_port=claim_port, bind=bind, broker_user=broker_user)
+    conf = target / BROKER_CONF_FILE
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "dir": str(target), "broker_config": str(conf), "broker_user": broker_user,
+            "steps": [{"file": step.path.name, "action": step.action, "what": step.what}
+                      for step in steps]}) + "\n")
+        return
     table = Table(title=f"PKI in {target}", title_justify="left")
     for column in ("file", "", "what"):
         table.add_column(column)
@@ -109,7 +117,6 @@ def init(
     console.print(table)
     if not any(step.action in ("created", "imported", "written") for step in steps):
         console.print("Everything was already there; nothing was overwritten.")
-    conf = target / BROKER_CONF_FILE
     who = (f"started as root it drops to user {broker_user}, who can read its files"
            if broker_user else "run it as this user, who can read broker.key; as root, pass "
            "--broker-user")
@@ -203,6 +210,7 @@ def crl_refresh(
     broker_pid: BrokerPidOption = None,
     broker_pidfile: BrokerPidFileOption = None,
     reload_command: ReloadCommandOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Sign the CRL again with a fresh nextUpdate (same entries) and reload Mosquitto.
 
@@ -213,10 +221,19 @@ def crl_refresh(
     """
     pki = load_pki(resolve_pki_dir(directory))
     resign_crl(pki, now=datetime.now(UTC), days=days)
-    console.print(f"CRL re-signed: {pki.crl_path}, next update {crl_next_update(pki):%Y-%m-%d %H:%M} UTC")
-    if broker_pid is None and broker_pidfile is None and not reload_command:
+    if not as_json:  # said before the reload, which can fail
+        console.print(f"CRL re-signed: {pki.crl_path}, next update "
+                      f"{crl_next_update(pki):%Y-%m-%d %H:%M} UTC")
+    reload = broker_pid is not None or broker_pidfile is not None or bool(reload_command)
+    how = reload_from_options(pid=broker_pid, pidfile=broker_pidfile, command=reload_command) \
+        if reload else None
+    if as_json:
+        sys.stdout.write(json.dumps({"crl": str(pki.crl_path),
+                                     "next_update": crl_next_update(pki).isoformat(),
+                                     "reloaded": how}) + "\n")
+        return
+    if how is None:
         console.print(styled(("Mosquitto was not reloaded", "yellow"), ": send it a SIGHUP (or "
                              "pass --broker-pid / --broker-pidfile / --reload-command)."))
         return
-    how = reload_from_options(pid=broker_pid, pidfile=broker_pidfile, command=reload_command)
     console.print(f"Mosquitto reloaded ({how}).")

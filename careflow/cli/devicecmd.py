@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,7 +20,15 @@ from careflow.cli.cacmd import (
     ReloadCommandOption,
     resolve_pki_dir,
 )
-from careflow.cli.common import console, deprecated_alias, err_console, settings_from, styled
+from careflow.cli.common import (
+    JsonOption,
+    console,
+    deprecated_alias,
+    err_console,
+    print_json_lines,
+    settings_from,
+    styled,
+)
 from careflow.cli.ops import devices_app
 from careflow.core.config import TlsFiles
 from careflow.core.errors import ConfigError
@@ -58,6 +67,7 @@ def revoke(
         "agent uses].")] = None,
     watch: Annotated[float, typer.Option(
         "--watch", min=0.5, help="Seconds to watch that the gateway does not come back.")] = 3.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Revoke a gateway's current certificate and disconnect it now.
 
@@ -89,23 +99,29 @@ def revoke(
                    "--broker-pidfile FILE or --reload-command 'docker kill -s HUP mosquitto' "
                    "(or --no-reload to only update the files)")
             raise ConfigError(msg)
+    say = _quiet if as_json else console.print
     pki = load_pki(resolve_pki_dir(pki_dir))
     issued = revoke_gateway(pki, gateway, now=datetime.now(UTC))
-    console.print(f"Revoked {gateway}: certificate serial {issued.serial:x} and any older "
-                  f"still-valid ones are on the CRL ({pki.crl_path}, next update "
-                  f"{crl_next_update(pki):%Y-%m-%d} UTC).")
-    _withdraw_in_registry(settings.db_path, gateway)
+    say(f"Revoked {gateway}: certificate serial {issued.serial:x} and any older "
+        f"still-valid ones are on the CRL ({pki.crl_path}, next update "
+        f"{crl_next_update(pki):%Y-%m-%d} UTC).")
+    result: dict[str, Any] = {
+        "gateway": gateway, "serial": f"{issued.serial:x}", "crl": str(pki.crl_path),
+        "acl": str(pki.device_acl_path), "registry": _withdraw_in_registry(settings.db_path,
+                                                                           gateway, say),
+        "reloaded": None, "session": None, "presence_seen": [], "came_back": False}
     if no_reload or url is None:
         write_device_acl(pki)
-        console.print(styled(f"Denied in {pki.device_acl_path}. ",
-                             ("The broker was not reloaded", "yellow"),
-                             ": until it is (SIGHUP), it still uses the old CRL and ACL, and a "
-                             "connected gateway stays connected."))
+        say(styled(f"Denied in {pki.device_acl_path}. ",
+                   ("The broker was not reloaded", "yellow"),
+                   ": until it is (SIGHUP), it still uses the old CRL and ACL, and a "
+                   "connected gateway stays connected."))
+        _print_result(result, as_json=as_json)
         return
     # Phase 1: the CRL alone, then end the session. The ACL deny waits, because it would also
     # block the gateway's Will, and the hub should see the retained `offline` now.
     how = reload_from_options(pid=broker_pid, pidfile=broker_pidfile, command=reload_command)
-    console.print(f"Mosquitto reloaded ({how}).")
+    say(f"Mosquitto reloaded ({how}).")
     time.sleep(_RELOAD_SETTLE_S)
     tls = settings.broker_tls if settings.broker_tls.cert else TlsFiles(
         ca=pki.device_ca_path, cert=pki.cert_path("hub"), key=pki.key_path("hub"))
@@ -115,7 +131,10 @@ def revoke(
     # missing from the broker's configuration).
     write_device_acl(pki)
     reload_from_options(pid=broker_pid, pidfile=broker_pidfile, command=reload_command)
-    console.print(f"Denied in {pki.device_acl_path}; Mosquitto reloaded again.")
+    say(f"Denied in {pki.device_acl_path}; Mosquitto reloaded again.")
+    result.update(reloaded=how, session=session, presence_seen=list(states),
+                  came_back=came_back)
+    _print_result(result, as_json=as_json)
     seen = ", ".join(states) or "nothing"
     if came_back:
         err_console.print(
@@ -123,25 +142,37 @@ def revoke(
                    f"{seen}). Check that the broker's crlfile is {pki.crl_path} and that the "
                    "reload reached the broker that gateway uses."))
         raise typer.Exit(1)
-    console.print(f"Session {session} ended; {gateway} did not reconnect within {watch:g}s "
-                  f"(presence seen: {seen}).")
+    say(f"Session {session} ended; {gateway} did not reconnect within {watch:g}s "
+        f"(presence seen: {seen}).")
+
+
+def _quiet(*_args: object, **_kwargs: object) -> None:
+    """Progress lines are left out with --json: stdout is the one JSON object."""
+
+
+def _print_result(result: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print_json_lines([result])
 
 
 device_app.command("revoke", hidden=True)(
     deprecated_alias(revoke, old="device revoke", new="devices revoke"))
 
 
-def _withdraw_in_registry(db_path: Path, gateway: str) -> None:
+def _withdraw_in_registry(db_path: Path, gateway: str, say: Callable[..., None]) -> str:
     """Mark the identity revoked in the hub's provisioning registry, when it is on this machine
-    (the CRL is what keeps the gateway out; the registry is what operators read)."""
+    (the CRL is what keeps the gateway out; the registry is what operators read). Returns what
+    happened: ``marked``, ``unknown`` (not in the registry) or ``not here``."""
     if not db_path.exists():
-        console.print(styled((f"The hub's database ({db_path}) is not here", "yellow"),
-                             ": `careflow provision list` will show the gateway as revoked once "
-                             "the hub refuses it; the CRL already does."))
-        return
+        say(styled((f"The hub's database ({db_path}) is not here", "yellow"),
+                   ": `careflow provision list` will show the gateway as revoked once "
+                   "the hub refuses it; the CRL already does."))
+        return "not here"
     registry = SqliteProvisioningRegistry(db_path)
     try:
         if registry.withdraw(gateway, now_ms=time.time_ns() // 1_000_000):
-            console.print("Marked revoked in the provisioning registry.")
+            say("Marked revoked in the provisioning registry.")
+            return "marked"
+        return "unknown"
     finally:
         registry.close()

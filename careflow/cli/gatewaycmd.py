@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import paho.mqtt.client as paho
 import typer
 
-from careflow.cli.common import console, deprecated_alias, settings_from
+from careflow.cli.common import console, deprecated_alias, print_json_lines, settings_from
 from careflow.core.errors import BrokerError, ConfigError
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge import cli as edge_cli
@@ -37,8 +37,11 @@ def cmd(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 10.0,
     broker: Annotated[str | None, typer.Option(
         "--broker", help="mqtt://host:port [env: CAREFLOW_BROKER_URL].")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="The reply as one line of JSON, for scripts and agents.")] = False,
 ) -> None:
-    """Send a command and print the gateway's reply as JSON; exit 1 if it refused or failed.
+    """Send a command and print the gateway's reply as JSON; exit 1 if it refused or failed,
+    75 if it did not reply (offline? try again).
 
     Example: `careflow gateway cmd gw-0001 ping` or `careflow gateway cmd gw-0001 diagnostics`.
     """
@@ -87,7 +90,10 @@ def cmd(
     finally:
         client.disconnect()
         client.loop_stop()
-    console.print_json(json.dumps(reply))
+    if as_json:
+        print_json_lines([reply])
+    else:
+        console.print_json(json.dumps(reply))
     raise typer.Exit(0 if reply.get("ok") else 1)
 
 

@@ -20,8 +20,14 @@ notify_app = typer.Typer(help="Notification channels (Apprise URLs from CAREFLOW
 
 
 @notify_app.command("test")
-def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. oncall or ops.")]) -> None:
-    """Send a test message through a channel and say whether it was accepted."""
+def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. oncall or ops.")],
+              as_json: JsonOption = False) -> None:
+    """Send a test message through a channel and say whether it was accepted: exit 2 when the
+    channel's settings need fixing (unknown channel, bad URL or credentials), 75 when it failed
+    for now (timeout, server error).
+
+    Example: `careflow notify test oncall`.
+    """
     channels = load_channels()
     if channel.lower() not in channels:
         known = ", ".join(sorted(channels)) or "none"
@@ -36,6 +42,9 @@ def send_test(channel: Annotated[str, typer.Argument(help="Channel name, e.g. on
         advice = "check its URL and credentials" if exc.permanent else "try again later"
         msg = f"channel {channel!r} did not accept the message ({exc}); {advice}"
         raise TransportError(msg, permanent=exc.permanent) from exc
+    if as_json:
+        print_json_lines([{"channel": channel.lower(), "sent": True}])
+        return
     console.print(f"sent a test message through {channel}", highlight=False)
 
 

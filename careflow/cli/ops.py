@@ -105,6 +105,7 @@ def publish(
     broker: Annotated[str | None, typer.Option(
         "--broker", help="mqtt://host:port [env: CAREFLOW_BROKER_URL; default: the embedded "
         "broker at CAREFLOW_LISTEN].", show_default=False)] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Publish synthetic events (QoS 1), checked against the contract first.
 
@@ -130,6 +131,13 @@ def publish(
     publish_events(settings.effective_broker_url, events, client_id=f"careflow-cli-{boot or ''}"
                    f"{time.time_ns()}", batch=batch, username=settings.broker_username,
                    password=settings.broker_password, tls=settings.broker_tls)
+    if as_json:
+        print_json_lines([{"published": count, "type": event_type, "gateway": gateway,
+                           "device": device or gateway, "boot": stamper.boot, "first_seq": seq,
+                           "last_seq": seq + count - 1,
+                           "broker": str(settings.effective_broker_url),
+                           "ids": [event["id"] for event in events]}])
+        return
     console.print(f"published {count} {event_type} event(s) for {gateway}/{device or gateway} "
                   f"to {settings.effective_broker_url} (boot {stamper.boot}, seq {seq}.."
                   f"{seq + count - 1})", highlight=False)
@@ -281,6 +289,7 @@ def devices_pause(
         "--for", help="How long: 30m, 2h, 1d.")] = "2h",
     reason: Annotated[str, typer.Option("--reason", help="Shown to everyone who looks.")] =
         "maintenance visit",
+    as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Mark a gateway or device as in maintenance: its state reads `paused` until the window ends.
@@ -293,6 +302,10 @@ def devices_pause(
         msg = f"--for {duration!r} must be a positive duration such as 30m or 2h"
         raise ConfigError(msg)
     open_store(data_dir).pause(gateway, device, until_ms=until_ms, reason=reason)
+    if as_json:
+        print_json_lines([{"gateway": gateway, "device": device, "paused": True,
+                           "until": iso_ms(until_ms), "reason": reason}])
+        return
     console.print(f"paused {gateway}{'/' + device if device else ' (all devices)'} until "
                   f"{iso_ms(until_ms)}: {reason}", highlight=False)
 
@@ -302,13 +315,20 @@ def devices_resume(
     gateway: Annotated[str, typer.Argument(help="Gateway id.")],
     device: Annotated[str | None, typer.Argument(help="Device id [default: the gateway].")] =
         None,
+    as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """End a maintenance window early."""
+    """End a maintenance window early; exit 1 if it is not paused.
+
+    Example: `careflow devices resume gw-0042`.
+    """
     if not open_store(data_dir).resume(gateway, device):
         msg = (f"{gateway}{'/' + device if device else ''} is not paused; "
                "`careflow devices list` shows states")
         raise RefusedError(msg)
+    if as_json:
+        print_json_lines([{"gateway": gateway, "device": device, "paused": False}])
+        return
     console.print(f"resumed {gateway}{'/' + device if device else ''}", highlight=False)
 
 
@@ -395,9 +415,12 @@ def replay_command(
     target: Annotated[list[str] | None, typer.Option(
         "--target", help=f"Stage to re-run: {', '.join(STAGES)} [default: all but "
         f"{', '.join(sorted(OPT_IN))}, which run only when named].")] = None,
+    as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Re-run stored events, in arrival order, through the downstream stages.
+
+    Examples:
 
     `careflow replay --target registry` rebuilds the device registry from the event log;
     `careflow replay --target rules --since 2h` shows what the alert rules would have fired
@@ -407,10 +430,14 @@ def replay_command(
     store = open_store(data_dir)
     flt = _filter(gateway, device, event_type, since, until)
     total = store.count(flt)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=as_json) as progress:
         task = progress.add_task("replaying", total=total)
         report = replay(store, flt, target or [],
                         progress=lambda n: progress.advance(task, n))
+    if as_json:
+        print_json_lines([{"events": report.events, "stages": list(report.stages),
+                           "notes": list(report.notes)}])
+        return
     console.print(f"replayed {report.events} event(s) through {', '.join(report.stages)}",
                   highlight=False)
     for line in report.notes:

@@ -46,6 +46,13 @@ def test_it_creates_the_pki_once_and_never_prints_keys(env: dict[str, str], tmp_
     assert second.returncode == 0, second.stderr
     assert "nothing was overwritten" in second.stdout
     assert (pki / "device-ca.crt").read_bytes() == before
+    again = cli(env, "ca", "init", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["dir"] == str(pki) and summary["broker_config"] == str(
+        pki / "mosquitto-careflow.conf")
+    assert {step["action"] for step in summary["steps"]} <= {"kept", "to do", "written", "granted"}
+    assert "device-ca.crt" in {step["file"] for step in summary["steps"]}
 
 
 def test_it_refuses_a_directory_inside_a_git_work_tree(env: dict[str, str]) -> None:
@@ -72,6 +79,11 @@ def test_it_warns_when_the_crl_is_about_to_expire_until_refreshed(env: dict[str,
     assert "not reloaded" in refreshed.stdout
     assert crl_next_update(pki) > datetime.now(UTC) + timedelta(days=29)
     assert cli(env, "ca", "status").returncode == 0
+    as_json = cli(env, "ca", "crl-refresh", "--days", "10", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    row = json.loads(as_json.stdout)
+    assert row["reloaded"] is None and row["crl"] == str(pki.crl_path)
+    assert datetime.fromisoformat(row["next_update"]) == crl_next_update(pki)
 
 
 def test_it_says_what_to_run_when_there_is_no_pki(env: dict[str, str]) -> None:

@@ -45,7 +45,10 @@ def hub(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]
 
 def test_it_ingests_published_events_and_shows_them(env: dict[str, str],
                                                     hub: subprocess.Popen[bytes]) -> None:
-    cli(env, "events", "publish", "--gateway", "gw-7", "--count", "5")
+    published = json.loads(cli(env, "events", "publish", "--gateway", "gw-7", "--count", "5",
+                               "--json").stdout)
+    assert (published["published"], published["first_seq"], published["last_seq"]) == (5, 1, 5)
+    assert len(set(published["ids"])) == 5
     cli(env, "events", "publish", "--gateway", "gw-7", "--device", "door-1", "--type", "status",
         "--data", '{"state": "degraded", "battery_pct": 12}', "--batch")
     wait_until(lambda: cli(env, "events", "count").stdout.strip() == "6", what="6 events")
@@ -62,12 +65,15 @@ def test_it_ingests_published_events_and_shows_them(env: dict[str, str],
     assert door["state"] == "online"  # the registry's word; "condition" is the device's own
     gateway = next(d for d in devices if d["device"] == "gw-7")
     assert gateway["state"] == "online" and gateway["interval_s"] == 60
-    cli(env, "devices", "pause", "gw-7", "--for", "30m", "--reason", "battery swap")
+    paused_row = json.loads(cli(env, "devices", "pause", "gw-7", "--for", "30m", "--reason",
+                                "battery swap", "--json").stdout)
+    assert paused_row["paused"] and paused_row["reason"] == "battery swap"
     paused = {d["device"]: d for d in map(json.loads, cli(env, "devices", "list", "--json")
                                           .stdout.splitlines())}
     assert paused["door-1"]["state"] == "paused" and paused["gw-7"]["state"] == "paused"
     assert "battery swap" in paused["door-1"]["state_reason"]
-    cli(env, "devices", "resume", "gw-7")
+    assert json.loads(cli(env, "devices", "resume", "gw-7", "--json").stdout) == {
+        "gateway": "gw-7", "device": None, "paused": False}
     again = json.loads(cli(env, "devices", "show", "gw-7", "door-1", "--json").stdout)
     assert again["state"] == "online"
     assert cli(env, "devices", "resume", "gw-7", check=False).returncode == 1  # refused
@@ -75,6 +81,8 @@ def test_it_ingests_published_events_and_shows_them(env: dict[str, str],
     assert status["connected"] and status["embedded_broker"] and status["events_kept"] == 6
     replayed = cli(env, "replay", "--target", "registry")
     assert "replayed 6 event(s)" in replayed.stdout
+    replayed_json = json.loads(cli(env, "replay", "--target", "registry", "--json").stdout)
+    assert replayed_json["events"] == 6 and replayed_json["stages"] == ["registry"]
 
 
 def test_it_refuses_a_publish_that_breaks_the_contract(env: dict[str, str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -42,11 +43,16 @@ def test_it_disconnects_a_connected_gateway_and_refuses_its_reconnect(
         result = subprocess.run(
             careflow_cmd("devices", "revoke", "gw-r", "--pki-dir", str(tls_broker.pki.dir),
                          *reload_args, "--broker", f"mqtts://127.0.0.1:{tls_broker.device_port}",
-                         "--watch", "2.5"),
+                         "--watch", "2.5", *(["--json"] if reload_how == "command" else [])),
             capture_output=True, text=True, env=env, timeout=60, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "did not reconnect" in result.stdout
-        assert "offline" in result.stdout  # the agent's Will, published when its session was taken
+        if reload_how == "command":  # --json: one JSON object, no progress lines
+            row = json.loads(result.stdout)
+            assert row["gateway"] == "gw-r" and row["came_back"] is False and row["reloaded"]
+            assert "offline" in row["presence_seen"]  # the agent's Will
+        else:
+            assert "did not reconnect" in result.stdout
+            assert "offline" in result.stdout  # the agent's Will, sent when its session was taken
         assert time.monotonic() - started < 15
         assert "user gw-r\ntopic deny #" in tls_broker.pki.device_acl_path.read_text()
         assert not agent.connected  # paho keeps retrying every second; each TLS handshake fails
