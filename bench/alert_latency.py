@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from careflow.core.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import Channel, NotificationSender, load_channels
-from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import Channel, NotificationSender, load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, RunningHub, free_port, make_settings
 from tests.hub.test_alerting_e2e import RULES  # the same rules the end-to-end test uses
 

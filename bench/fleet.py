@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.edge_agent import cpu_s, rss_mb
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter
+from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import Mosquitto, careflow_cmd
 
 

@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from careflow.core.config import InfluxSettings
 from careflow.edge.stamper import Stamper
-from careflow.hub.influx import InfluxSink, V1Writer
-from careflow.hub.influx_points import SiteBook, event_points
-from careflow.hub.ingest import decode_message
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter, IncomingBatch
+from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.ingest.decode import decode_message
+from careflow.hub.sinks.influx.points import event_points
+from careflow.hub.sinks.influx.sink import InfluxSink, V1Writer
+from careflow.hub.store.interface import EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import Influxd
 
 

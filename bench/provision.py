@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from careflow.core.config import BrokerUrl, TlsFiles, load_settings
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
-from careflow.hub.broker import EmbeddedBroker
-from careflow.hub.service import HubService
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.app import HubService
+from careflow.hub.ingest.embedded_broker import EmbeddedBroker
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import hash_token, new_token
 from careflow.provisioning.service import Provisioning

@@ -23,14 +23,14 @@ import pytest
 
 from careflow.core.config import Settings, load_settings
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, make_writer
-from careflow.hub.ingest import decode_message
-from careflow.hub.notify import load_channels
-from careflow.hub.rules import RuleSet, load_rules
-from careflow.hub.service import HubService
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import IncomingBatch
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import load_channels
+from careflow.hub.alerting.rules import RuleSet, load_rules
+from careflow.hub.app import HubService
+from careflow.hub.ingest.decode import decode_message
+from careflow.hub.sinks.influx.sink import EVENTS_CURSOR, InfluxSink, make_writer
+from careflow.hub.store.interface import IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.service import Activation
 from careflow.schemas import event_topic
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter
+from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, careflow_cmd, wait_until
 from tests.hub.test_hub_mosquitto import publish, publish_raw
 

@@ -1,4 +1,4 @@
-"""The management summary's pure core (careflow.hub.report): uptime walking, mean times, days."""
+"""The management summary's pure core (careflow.hub.report.summary): uptime walking, mean times, days."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.hub.report import DAY_MS, build_report, day_starts, online_ms, sites_of
-from careflow.hub.report_html import format_duration, nice_ceiling
-from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.hub.report.html_page import format_duration, nice_ceiling
+from careflow.hub.report.summary import DAY_MS, build_report, day_starts, online_ms, sites_of
+from careflow.hub.store.interface import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 H = 3_600_000
 START, END = 10 * DAY_MS, 17 * DAY_MS  # a week, on UTC midnights

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from careflow.cli.app import app
-from careflow.hub.alerting import default_rules
+from careflow.hub.alerting.incidents import default_rules
 
 ROOT = Path(__file__).parents[1]
 RUNBOOKS = sorted(p for p in (ROOT / "runbooks").glob("*.md") if p.name != "README.md")

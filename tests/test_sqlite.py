@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from careflow.edge.agent import load_agent_config
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store import SqliteStore
 
 
 def mode(path: Path) -> int:

@@ -12,8 +12,12 @@ from careflow.cli.common import DataDirOption, err_console, settings_from
 from careflow.core.config import Settings
 from careflow.core.errors import ConfigError
 from careflow.core.log import setup_logging
-from careflow.hub.alerting import AlertStage, default_rules
-from careflow.hub.broker import (
+from careflow.hub.alerting.incidents import AlertStage, default_rules
+from careflow.hub.alerting.notify import NotificationSender, load_channels
+from careflow.hub.alerting.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
+from careflow.hub.app import HubService, tune_gc_for_ingest
+from careflow.hub.datadir_lock import DataDirLock
+from careflow.hub.ingest.embedded_broker import (
     GENERATED_USERNAME,
     BrokerCredentials,
     EmbeddedBroker,
@@ -21,12 +25,8 @@ from careflow.hub.broker import (
     generate_password_file,
     is_loopback,
 )
-from careflow.hub.datadir_lock import DataDirLock
-from careflow.hub.influx import InfluxSink, sink_for
-from careflow.hub.notify import NotificationSender, load_channels
-from careflow.hub.selfwatch import STALL_LIMIT_MS, DeadMansSwitch
-from careflow.hub.service import HubService, tune_gc_for_ingest
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.sinks.influx.sink import InfluxSink, sink_for
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.service import Provisioning, provisioning_for
 
 __all__ = ["hub"]

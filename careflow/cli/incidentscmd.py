@@ -22,7 +22,7 @@ from careflow.cli.common import (
 )
 from careflow.cli.ops import open_store
 from careflow.core.errors import RefusedError
-from careflow.hub.store import Incident
+from careflow.hub.store.interface import Incident
 
 __all__ = ["incidents_app"]
 

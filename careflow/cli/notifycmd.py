@@ -10,8 +10,8 @@ from rich.table import Table
 from careflow.cli.common import DataDirOption, JsonOption, console, iso_ms, print_json_lines
 from careflow.cli.ops import open_store
 from careflow.core.errors import ConfigError, TransportError
-from careflow.hub.apprise_transport import AppriseTransport
-from careflow.hub.notify import load_channels
+from careflow.hub.alerting.apprise_transport import AppriseTransport
+from careflow.hub.alerting.notify import load_channels
 
 __all__ = ["notify_app"]
 

@@ -26,10 +26,10 @@ from careflow.cli.common import (
 from careflow.core.errors import ConfigError, ContractError, RefusedError
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
-from careflow.hub.presence import PresenceRecord, device_state
+from careflow.hub.fleet.presence import PresenceRecord, device_state
 from careflow.hub.replay import OPT_IN, STAGES, replay
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter
+from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.schemas import EVENT_TYPES, parse_event
 

@@ -14,10 +14,10 @@ from rich.table import Table
 from careflow.cli.common import DataDirOption, JsonOption, console, format_ms, styled
 from careflow.cli.ops import open_store
 from careflow.core.errors import ConfigError
-from careflow.hub.report import DAY_MS, Report, build_report
-from careflow.hub.report_html import format_duration, format_pct, render_html
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter, Incident, PresenceChange
+from careflow.hub.report.html_page import format_duration, format_pct, render_html
+from careflow.hub.report.summary import DAY_MS, Report, build_report
+from careflow.hub.store.interface import EventFilter, Incident, PresenceChange
+from careflow.hub.store.sqlite_store import SqliteStore
 
 __all__ = ["report"]
 

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from careflow.cli.common import console, styled
 from careflow.core.errors import ConfigError
-from careflow.hub.alerting import default_rules_dir
-from careflow.hub.rules import load_rules
-from careflow.hub.ruletests import run_rule_tests
+from careflow.hub.alerting.incidents import default_rules_dir
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.alerting.ruletests import run_rule_tests
 
 __all__ = ["rules_app"]
 

@@ -20,7 +20,7 @@ from careflow.cli.common import (
 )
 from careflow.cli.ops import open_store
 from careflow.core.errors import ConfigError, RefusedError
-from careflow.hub.mute import Silence
+from careflow.hub.alerting.mute import Silence
 
 __all__ = ["silences_app"]
 

@@ -26,14 +26,14 @@ from careflow.edge.simulator import (
     parse_fault,
     run_fleet_process,
 )
-from careflow.hub.alerting import AlertStage, default_rules
-from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.alerting.incidents import AlertStage, default_rules
+from careflow.hub.app import HubService
 from careflow.hub.datadir_lock import DataDirLock
-from careflow.hub.influx import sink_for
-from careflow.hub.presence import device_state
-from careflow.hub.service import HubService
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter
+from careflow.hub.fleet.presence import device_state
+from careflow.hub.ingest.embedded_broker import EmbeddedBroker
+from careflow.hub.sinks.influx.sink import sink_for
+from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.service import provisioning_for
 
 __all__ = ["demo", "simulate"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from careflow.core.errors import BrokerError
-from careflow.hub.broker import EmbeddedBroker
+from careflow.hub.ingest.embedded_broker import EmbeddedBroker
 from tests.conftest import careflow_cmd, free_port, wait_until
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.ingest import PresenceUpdate
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import IncomingBatch
+from careflow.hub.ingest.decode import PresenceUpdate
+from careflow.hub.store.interface import IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import careflow_cmd, store_event
 
 DAY_MS = 86_400_000

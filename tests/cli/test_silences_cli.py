@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import careflow_cmd
 
 

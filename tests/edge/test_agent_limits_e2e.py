@@ -24,8 +24,8 @@ from careflow.core.errors import ContractError
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.edge.stamper import Stamper, new_event_id
-from careflow.hub.rules import load_rules
-from careflow.hub.store import EventFilter
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.interface import EventFilter
 from careflow.schemas.limits import MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, RunningHub, wait_until
 from tests.edge.conftest import AgentThread

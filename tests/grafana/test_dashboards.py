@@ -2,7 +2,7 @@
 
 Structure is checked on the JSON; then every panel query of both dashboards is executed against a
 real InfluxDB 1.x (the ``Influxd`` of tests/conftest.py) over a synthetic week written through the
-sink's own point builders (``careflow.hub.influx_points``), so the dashboards and the sink cannot
+sink's own point builders (``careflow.hub.sinks.influx.points``), so the dashboards and the sink cannot
 drift apart unnoticed. Variables are substituted the way Grafana does it: ``$timeFilter`` as
 ``time >= <from>ms and time <= <to>ms``, ``$__interval`` as ``1h``, and "All" of a multi-value
 variable as its custom all value ``.*`` (a selection of values as ``(a|b)``).
@@ -20,16 +20,16 @@ from typing import Any
 
 import pytest
 
-from careflow.hub.influx_points import (
+from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.sinks.influx.points import (
     DeviceSnapshot,
-    SiteBook,
     device_status_points,
     event_points,
     hub_points,
     incident_points,
     presence_points,
 )
-from careflow.hub.store import Incident, PresenceChange, StoredEvent
+from careflow.hub.store.interface import Incident, PresenceChange, StoredEvent
 from tests.conftest import Influxd
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"

@@ -27,7 +27,7 @@ import pytest
 from careflow.core.config import parse_broker_url
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.stamper import Stamper
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas import ack_topic
 from tests.conftest import HttpReceiver, HubProcess, Mosquitto, wait_until
 from tests.hub.test_hub_mosquitto import publish

@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
-from careflow.hub import alerting
-from careflow.hub.alerting import ALERTS_CURSOR, AlertStage, conflicting_alarm
-from careflow.hub.evaluate import Evaluator
-from careflow.hub.notify import load_channels
-from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import DeadLetter, EventFilter, IncomingBatch
+from careflow.hub.alerting import incidents as alerting
+from careflow.hub.alerting.evaluate import Evaluator
+from careflow.hub.alerting.incidents import ALERTS_CURSOR, AlertStage, conflicting_alarm
+from careflow.hub.alerting.notify import load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.interface import DeadLetter, EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.hostile import hostile_payloads
 from tests.hub.test_sqlite_store import batch_of
 

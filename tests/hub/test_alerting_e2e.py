@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.rules import load_rules
+from careflow.hub.alerting.rules import load_rules
 from tests.conftest import Mosquitto, RunningHub, careflow_cmd, wait_until
 from tests.hub.test_hub_mosquitto import publish
 

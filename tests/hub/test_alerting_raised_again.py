@@ -17,11 +17,11 @@ import pytest
 
 from careflow.cli.common import iso_ms
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import NotificationSender, load_channels
-from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import Notification
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import NotificationSender, load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.interface import Notification
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import (
     HttpReceiver,
     Mosquitto,

@@ -15,7 +15,7 @@ import pytest
 from careflow.core.config import parse_broker_url
 from careflow.core.errors import BrokerError, ConfigError
 from careflow.core.mqtt import connect_blocking, make_client
-from careflow.hub.broker import (
+from careflow.hub.ingest.embedded_broker import (
     GENERATED_PASSWORD_FILE,
     BrokerCredentials,
     EmbeddedBroker,

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub import decoder as decoder_module
-from careflow.hub.decoder import DecodeWorker, decode_safely
-from careflow.hub.ingest import Decoded
-from careflow.hub.service import HubService
-from careflow.hub.store import EventFilter
+from careflow.hub.app import HubService
+from careflow.hub.ingest import decode_worker as decoder_module
+from careflow.hub.ingest.decode import Decoded
+from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely
+from careflow.hub.store.interface import EventFilter
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
 from tests.hub.test_hub_mosquitto import fleet_events, publish
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.hub.dedupe import Candidate, Verdict, judge
+from careflow.hub.ingest.dedupe import Candidate, Verdict, judge
 
 candidates = st.builds(
     Candidate,

@@ -11,18 +11,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import NotificationSender, load_channels
-from careflow.hub.registry import beyond_bound
-from careflow.hub.rules import load_rules
-from careflow.hub.selfwatch import (
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import NotificationSender, load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.alerting.selfwatch import (
     HUB_DEVICE,
     HUB_GATEWAY,
     OVER_BOUND_WINDOW_MS,
     self_problems,
     tally_refusals,
 )
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.fleet.device_registry import beyond_bound
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, RunningHub, make_settings, wait_until
 from tests.hub.test_alerting_e2e import RULES
 from tests.hub.test_hub_mosquitto import publish

@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.mute import escalation_due
-from careflow.hub.notify import load_channels
-from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.mute import escalation_due
+from careflow.hub.alerting.notify import load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.hub.test_sqlite_store import batch_of
 
 RULES = """

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import REMIND_PER_TICK
-from careflow.hub.routing import next_reminder_ms, reminder_due
-from careflow.hub.selfwatch import HUB_DEVICE, HUB_GATEWAY
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.alerting.incidents import REMIND_PER_TICK
+from careflow.hub.alerting.routing import next_reminder_ms, reminder_due
+from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import alert_stage
 from tests.hub.test_sqlite_store import batch_of
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from careflow.core.errors import ConfigError
-from careflow.hub.evaluate import Evaluator, Observation, Transition
-from careflow.hub.rules import (
+from careflow.hub.alerting.evaluate import Evaluator, Observation, Transition
+from careflow.hub.alerting.rules import (
     AbsenceRule,
     EventRule,
     RateRule,

@@ -10,11 +10,11 @@ import pytest
 
 from careflow.core.errors import ConfigError
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import NotificationSender, load_channels
-from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import StoredEvent
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import NotificationSender, load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.interface import StoredEvent
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver
 from tests.hub.test_sqlite_store import batch_of
 

@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from careflow.core.config import parse_broker_url
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.stamper import Stamper, new_event_id
-from careflow.hub.decoder import DecodeWorker, decode_safely
-from careflow.hub.ingest import Decoded
-from careflow.hub.service import HubService
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import AppendResult, EventFilter, IncomingBatch
+from careflow.hub.app import HubService
+from careflow.hub.ingest.decode import Decoded
+from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely
+from careflow.hub.store.interface import AppendResult, EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, careflow_cmd, heartbeat, make_settings, wait_until
 from tests.hostile import (

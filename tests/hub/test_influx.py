@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from careflow.core.config import InfluxSettings, load_influx
 from careflow.core.errors import ConfigError, InfluxError
 from careflow.edge.stamper import Stamper
-from careflow.hub.influx import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer, read_refusal
-from careflow.hub.influx_points import line, tag_value_as_stored
-from careflow.hub.ingest import PresenceUpdate, decode_message
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter, IncomingBatch
+from careflow.hub.ingest.decode import PresenceUpdate, decode_message
+from careflow.hub.sinks.influx.points import line, tag_value_as_stored
+from careflow.hub.sinks.influx.sink import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer, read_refusal
+from careflow.hub.store.interface import EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import (
     Influxd,
     Mosquitto,
@@ -236,7 +236,7 @@ def test_points_beyond_retention_are_skipped_and_the_rest_of_the_chunk_is_stored
         stored_events(store, old[:3] + new[:10] + old[3:] + new[10:])
         writer = V1Writer(InfluxSettings(url=shared_influxd.url, database=db))
         sink = InfluxSink(store, writer, snapshots=False)
-        with caplog.at_level(logging.ERROR, logger="careflow.hub.influx"):
+        with caplog.at_level(logging.ERROR, logger="careflow.hub.sinks.influx.sink"):
             sink.drain_once()
         assert store.cursor(EVENTS_CURSOR) == store.last_pos()
         assert count(shared_influxd, "events", db) == 20

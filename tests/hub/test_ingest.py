@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.ingest import decode_message
+from careflow.hub.ingest.decode import decode_message
 from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
 

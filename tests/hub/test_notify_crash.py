@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HubProcess, JsonReceiver, Mosquitto, wait_until
 from tests.hub.test_hub_mosquitto import publish
 

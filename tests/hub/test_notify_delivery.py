@@ -25,15 +25,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.core.errors import StoreError, TransportError
-from careflow.hub import apprise_transport
-from careflow.hub.alerting import AlertStage
-from careflow.hub.apprise_transport import (
+from careflow.hub.alerting import apprise_transport
+from careflow.hub.alerting.apprise_transport import (
     AppriseTransport,
     MessageLimits,
     failure_from_log,
     url_secrets,
 )
-from careflow.hub.notify import (
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import (
     FAILING_AFTER_ATTEMPTS,
     MAX_ATTEMPTS,
     MAX_DIGEST,
@@ -47,10 +47,10 @@ from careflow.hub.notify import (
     gives_up,
     load_channels,
 )
-from careflow.hub.rules import load_rules
-from careflow.hub.service import HubService
-from careflow.hub.sqlite_store import MAX_GROUP_CLAIM, SqliteStore
-from careflow.hub.store import Incident, Notification
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.app import HubService
+from careflow.hub.store.interface import Incident, Notification
+from careflow.hub.store.sqlite_store import MAX_GROUP_CLAIM, SqliteStore
 from tests.conftest import JsonReceiver, careflow_cmd, free_port, make_settings, wait_until
 from tests.hub.test_notify_e2e import Mailbox
 
@@ -594,7 +594,7 @@ def test_it_fails_a_notification_for_a_channel_that_is_not_configured(
     store = SqliteStore(tmp_path / "db")
     ghost = open_alarm(store, 1, "ghost", severity="warning")  # a channel removed, a restart
     sender = NotificationSender(store, channels)
-    with caplog.at_level(logging.ERROR, logger="careflow.hub.notify"):
+    with caplog.at_level(logging.ERROR, logger="careflow.hub.alerting.notify"):
         assert sender.deliver_due(now_ms=10) == 1
     failed = the_note(store, ghost)
     assert failed.state == "failed" and "CAREFLOW_CHANNEL_GHOST" in (failed.last_error or "")

@@ -10,10 +10,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import NotificationSender, load_channels, retry_delay_ms
-from careflow.hub.rules import load_rules
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import NotificationSender, load_channels, retry_delay_ms
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import (
     HttpReceiver,
     Mosquitto,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from careflow.core.errors import ConfigError
-from careflow.hub.notify import NotificationSender, load_channels, template_text
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.alerting.notify import NotificationSender, load_channels, template_text
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver
 
 WHATSAPP = "whatsapp://abc123token@1234567/+4799999999"

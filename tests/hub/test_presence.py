@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.hub.presence import PresenceRecord, State, device_state, supersedes
+from careflow.hub.fleet.presence import PresenceRecord, State, device_state, supersedes
 
 
 def record(state: str, conn: int) -> PresenceRecord:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from careflow.hub.resend import ResendRequest, ResendThrottle
-from careflow.hub.store import SourceGap
+from careflow.hub.ingest.resend import ResendRequest, ResendThrottle
+from careflow.hub.store.interface import SourceGap
 
 
 def gaps(gateway: str, devices: int, boot: str = "b") -> list[SourceGap]:

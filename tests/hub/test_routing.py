@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.core.errors import ConfigError
-from careflow.hub.routing import (
+from careflow.hub.alerting.routing import (
     DEFAULT_ROUTE,
     Reminder,
     decide,
@@ -18,7 +18,7 @@ from careflow.hub.routing import (
     reachable_channels,
     reminder_due,
 )
-from careflow.hub.rules import Route, RouteMatch, Routing, load_rules
+from careflow.hub.alerting.rules import Route, RouteMatch, Routing, load_rules
 
 LABELS = ("severity", "rule", "site", "gateway", "device", "kind")
 values = st.sampled_from(["critical", "warning", "north-1", "south-2", "gw-1", "door-1", ""])

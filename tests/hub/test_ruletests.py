@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from careflow.hub.rules import load_rules
-from careflow.hub.ruletests import run_rule_tests
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.alerting.ruletests import run_rule_tests
 
 ROOT = Path(__file__).parents[2]
 

@@ -8,17 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting import AlertStage
-from careflow.hub.notify import load_channels
-from careflow.hub.rules import load_rules
-from careflow.hub.selfwatch import (
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import load_channels
+from careflow.hub.alerting.rules import load_rules
+from careflow.hub.alerting.selfwatch import (
     ALERT_LAG_BOUND_MS,
     ALERT_LAG_GRACE_MS,
     DeadMansSwitch,
     lagging_since,
     self_problems,
 )
-from careflow.hub.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, heartbeat, wait_until
 from tests.hub.test_sqlite_store import batch_of
 

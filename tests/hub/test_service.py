@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from careflow.edge.stamper import Stamper
-from careflow.hub import service as service_module
-from careflow.hub.mqtt import IncomingMessage
-from careflow.hub.service import HubService, _worth_a_worker
-from careflow.hub.sqlite_store import SqliteStore
-from careflow.hub.store import EventFilter
+from careflow.hub import app as service_module
+from careflow.hub.app import HubService, _worth_a_worker
+from careflow.hub.ingest.ingress import IncomingMessage
+from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import heartbeat, make_settings
 
 

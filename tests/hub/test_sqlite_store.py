@@ -13,15 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper, new_event_id
-from careflow.hub.ingest import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
+from careflow.hub.ingest.decode import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
 from careflow.hub.replay import replay
-from careflow.hub.sqlite_store import (
+from careflow.hub.store.interface import EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import (
     CONFLICTS_CURSOR,
     MAX_DEAD_LETTER_PAYLOAD,
     OVER_BOUND_CURSOR,
     SqliteStore,
 )
-from careflow.hub.store import EventFilter, IncomingBatch
 from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from careflow.cli import EXIT_SESSION_TAKEN
-from careflow.hub.mqtt import TAKEOVER_FAST_S, SessionVerdict, TakeoverWatch
+from careflow.hub.ingest.ingress import TAKEOVER_FAST_S, SessionVerdict, TakeoverWatch
 from tests.conftest import Mosquitto, careflow_cmd, wait_until
 
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from careflow.core.errors import ConfigError
-from careflow.hub.evaluate import Evaluator, Observation
-from careflow.hub.store import EventFilter, EventStore, StoredEvent
+from careflow.hub.alerting.evaluate import Evaluator, Observation
+from careflow.hub.store.interface import EventFilter, EventStore, StoredEvent
 from careflow.schemas import format_rfc3339
 
 __all__ = ["STAGES", "RegistryStage", "ReplayReport", "RulesDryRun", "Stage", "replay"]
@@ -64,7 +64,7 @@ class RulesDryRun:
     needs_whole_log = False
 
     def __init__(self) -> None:
-        from careflow.hub.alerting import default_rules  # noqa: PLC0415 - avoids a cycle
+        from careflow.hub.alerting.incidents import default_rules  # noqa: PLC0415 - avoids a cycle
 
         self.evaluator = Evaluator(default_rules().rules)
         self.lines: list[str] = []
@@ -90,7 +90,7 @@ class RulesDryRun:
 
 
 def _influx() -> Stage:
-    from careflow.hub.influx import InfluxStage  # noqa: PLC0415 - only when asked for
+    from careflow.hub.sinks.influx.sink import InfluxStage  # noqa: PLC0415 - only when asked for
 
     return InfluxStage()
 

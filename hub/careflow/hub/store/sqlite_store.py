@@ -1,4 +1,4 @@
-"""SQLite adapter for :class:`~careflow.hub.store.EventStore`: WAL, one transaction per batch.
+"""SQLite adapter for :class:`~careflow.hub.store.interface.EventStore`: WAL, one transaction per batch.
 
 sqlite3 errors become :class:`StoreError` here. ``synchronous=FULL`` (the default) makes a commit
 survive power loss; ``normal`` survives a crash of the process but may lose the last commits on
@@ -24,11 +24,8 @@ from careflow.core.config import (
 )
 from careflow.core.errors import ContractError, RefusedError, StoreError
 from careflow.core.sqlite import immediate_transaction, open_wal
-from careflow.hub.dedupe import Candidate, Verdict, judge
-from careflow.hub.ingest import Accepted, Rejected
-from careflow.hub.mute import Silence
-from careflow.hub.presence import PresenceRecord, supersedes
-from careflow.hub.registry import (
+from careflow.hub.alerting.mute import Silence
+from careflow.hub.fleet.device_registry import (
     FACTS,
     JSON_FACTS,
     DeviceUpdate,
@@ -36,7 +33,10 @@ from careflow.hub.registry import (
     beyond_bound,
     summarize,
 )
-from careflow.hub.store import (
+from careflow.hub.fleet.presence import PresenceRecord, supersedes
+from careflow.hub.ingest.decode import Accepted, Rejected
+from careflow.hub.ingest.dedupe import Candidate, Verdict, judge
+from careflow.hub.store.interface import (
     AppendResult,
     DeadLetter,
     DeviceRecord,
@@ -56,9 +56,9 @@ __all__ = ["MAX_DEAD_LETTER_PAYLOAD", "MAX_GROUP_CLAIM", "SqliteStore"]
 
 MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 MAX_GROUP_CLAIM = 1000  # held notifications of a group claimed along with a due one
-# Conflicts the alert stage has not evaluated yet are never pruned (hub/alerting.py's cursor).
+# Conflicts the alert stage has not evaluated yet are never pruned (alerting/incidents.py's cursor).
 CONFLICTS_CURSOR = "alerts-conflicts"
-OVER_BOUND_CURSOR = "alerts-over-bound"  # hub/alerting.py's, over too_many_devices letters
+OVER_BOUND_CURSOR = "alerts-over-bound"  # alerting/incidents.py's, over too_many_devices letters
 SCHEMA_VERSION = "1"
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)

@@ -12,9 +12,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from careflow.hub.ingest import Accepted, PresenceUpdate, Rejected
-from careflow.hub.mute import Silence
-from careflow.hub.presence import PresenceRecord
+from careflow.hub.alerting.mute import Silence
+from careflow.hub.fleet.presence import PresenceRecord
+from careflow.hub.ingest.decode import Accepted, PresenceUpdate, Rejected
 
 __all__ = [
     "AppendResult",

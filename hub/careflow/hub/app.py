@@ -22,21 +22,21 @@ from typing import Any
 
 from careflow.core.config import Settings
 from careflow.core.errors import StoreError
-from careflow.hub.alerting import AlertStage
-from careflow.hub.decoder import DecodeWorker, internal_error
-from careflow.hub.decoder import decode_safely as _decode_safely
-from careflow.hub.influx import InfluxSink
-from careflow.hub.ingest import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
-from careflow.hub.mqtt import IncomingMessage, MqttIngress
-from careflow.hub.notify import (
+from careflow.hub.alerting.incidents import AlertStage
+from careflow.hub.alerting.notify import (
     FAILING_AFTER_ATTEMPTS,
     MAX_ATTEMPTS,
     NOTIFICATION_OVERDUE_MS,
     failing_or_stuck,
 )
-from careflow.hub.resend import ResendThrottle
-from careflow.hub.selfwatch import Refusals, self_problems, tally_refusals
-from careflow.hub.store import AppendResult, EventStore, IncomingBatch
+from careflow.hub.alerting.selfwatch import Refusals, self_problems, tally_refusals
+from careflow.hub.ingest.decode import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
+from careflow.hub.ingest.decode_worker import DecodeWorker, internal_error
+from careflow.hub.ingest.decode_worker import decode_safely as _decode_safely
+from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
+from careflow.hub.ingest.resend import ResendThrottle
+from careflow.hub.sinks.influx.sink import InfluxSink
+from careflow.hub.store.interface import AppendResult, EventStore, IncomingBatch
 from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from careflow.core.errors import ConfigError
-from careflow.hub.evaluate import Evaluator, Observation
-from careflow.hub.rules import RuleSet, parse_duration
+from careflow.hub.alerting.evaluate import Evaluator, Observation
+from careflow.hub.alerting.rules import RuleSet, parse_duration
 
 __all__ = ["RuleTestResult", "run_rule_tests"]
 

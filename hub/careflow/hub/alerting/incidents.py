@@ -19,22 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from careflow.core.errors import ConfigError, ContractError, StoreError
-from careflow.hub.evaluate import Evaluator, Observation, Transition
-from careflow.hub.influx_points import SiteBook
-from careflow.hub.mute import (
+from careflow.hub.alerting.evaluate import Evaluator, Observation, Transition
+from careflow.hub.alerting.mute import (
     FLAP_WINDOW_MS,
     flapping,
     inhibited_by,
     silenced_by,
 )
-from careflow.hub.notify import (
+from careflow.hub.alerting.notify import (
     Channel,
     avoid_failing,
     failing_or_stuck,
     raised_again_text,
     render,
 )
-from careflow.hub.routing import (
+from careflow.hub.alerting.routing import (
     Decision,
     Reminder,
     decide,
@@ -43,15 +42,16 @@ from careflow.hub.routing import (
     reachable_channels,
     reminder_due,
 )
-from careflow.hub.rules import Rule, RuleSet, load_rules
-from careflow.hub.selfwatch import (
+from careflow.hub.alerting.rules import Rule, RuleSet, load_rules
+from careflow.hub.alerting.selfwatch import (
     HUB_DEVICE,
     HUB_GATEWAY,
     OVER_BOUND_WINDOW_MS,
     SELF_RULES,
     lagging_since,
 )
-from careflow.hub.store import (
+from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.store.interface import (
     DeadLetter,
     EventFilter,
     EventStore,

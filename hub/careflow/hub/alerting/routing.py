@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from careflow.hub.rules import EscalationStep, Routing
+from careflow.hub.alerting.rules import EscalationStep, Routing
 
 __all__ = [
     "DEFAULT_ROUTE",

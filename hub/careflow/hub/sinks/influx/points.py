@@ -11,16 +11,15 @@ import math
 import re
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.store.interface import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 __all__ = [
-    "UNASSIGNED",
     "UNREPRESENTABLE",
     "DeviceSnapshot",
-    "SiteBook",
     "device_online",
     "device_status_points",
     "event_points",
@@ -32,7 +31,6 @@ __all__ = [
     "tag_value_as_stored",
 ]
 
-UNASSIGNED = "unassigned"
 _NS_PER_MS = 1_000_000
 _HEARTBEAT_NUMBERS = ("interval_s", "uptime_s", "cpu_pct", "mem_pct", "disk_pct", "rssi_dbm")
 _DEFAULT_STALE_MS = 180_000  # a device that never declared an interval is late after 3 minutes
@@ -126,33 +124,6 @@ def _number(value: object) -> float | None:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-@dataclass(slots=True)
-class SiteBook:
-    """Which site each gateway belongs to: the newest ``labels.site`` (by event time) that a
-    provision event of that gateway declared. The InfluxDB sink tags points with it and the
-    report groups gateways by it, so both agree."""
-
-    sites: dict[str, str] = field(default_factory=dict)
-    _since: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def learn(self, event: StoredEvent, data: Mapping[str, Any]) -> None:
-        """A provision event naming a site places its gateway there, unless a newer one did."""
-        if event.type != "provision":
-            return
-        labels = data.get("labels")
-        if not (isinstance(labels, Mapping) and isinstance(site := labels.get("site"), str)
-                and site):
-            return
-        when = (event.time_ms, event.pos)
-        if when >= self._since.get(event.gateway, (-1, -1)):
-            self.sites[event.gateway] = site
-            self._since[event.gateway] = when
-
-    def site_of(self, gateway: str) -> str:
-        """The gateway's site, or ``unassigned``."""
-        return self.sites.get(gateway, UNASSIGNED)
 
 
 def event_timestamp_ns(event: StoredEvent) -> int:

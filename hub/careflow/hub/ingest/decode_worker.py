@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from careflow.hub.ingest import (
+from careflow.hub.ingest.decode import (
     Accepted,
     Decoded,
     EventHead,
@@ -190,7 +190,7 @@ class DecodeWorker:
         return self._requests is not None
 
     def start(self) -> None:
-        """Start ``python -m careflow.hub.decoder`` with a pipe each way.
+        """Start ``python -m careflow.hub.ingest.decode_worker`` with a pipe each way.
 
         A plain subprocess rather than multiprocessing: spawn would import the hub's
         ``__main__`` again (``python -m careflow.cli`` runs the CLI on import), and fork would copy
@@ -200,7 +200,7 @@ class DecodeWorker:
         result_r, result_w = os.pipe()
         try:
             self._process = subprocess.Popen(  # noqa: S603 - our interpreter and module
-                [sys.executable, "-m", "careflow.hub.decoder", str(request_r), str(result_w),
+                [sys.executable, "-m", "careflow.hub.ingest.decode_worker", str(request_r), str(result_w),
                  str(self._max_bytes)], pass_fds=(request_r, result_w), stdin=subprocess.DEVNULL)
         except OSError as exc:
             os.close(request_w)

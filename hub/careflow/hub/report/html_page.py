@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 
-from careflow.hub.report import Report
+from careflow.hub.report.summary import Report
 
 __all__ = ["format_duration", "format_pct", "nice_ceiling", "render_html"]
 

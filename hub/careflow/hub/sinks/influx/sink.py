@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 from careflow.core.config import InfluxSettings, Settings
 from careflow.core.errors import CareflowError, ConfigError, InfluxError, InfluxRefusedError
-from careflow.hub.influx_points import (
+from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.sinks.influx.points import (
     DeviceSnapshot,
-    SiteBook,
     device_online,
     device_status_points,
     event_points,
@@ -35,14 +35,14 @@ from careflow.hub.influx_points import (
     incident_points,
     presence_points,
 )
-from careflow.hub.store import EventFilter, EventStore, StoredEvent
+from careflow.hub.store.interface import EventFilter, EventStore, StoredEvent
 
 __all__ = [
     "InfluxSink", "InfluxStage", "PointWriter", "V1Writer", "V2Writer", "make_writer",
     "read_refusal", "reset_cursors", "sink_for",
 ]
 
-log = logging.getLogger("careflow.hub.influx")
+log = logging.getLogger("careflow.hub.sinks.influx.sink")
 
 EVENTS_CURSOR = "influx.events"
 PRESENCE_CURSOR = "influx.presence"
@@ -617,7 +617,7 @@ def sink_for(settings: Settings) -> InfluxSink | None:
     CAREFLOW_INFLUX_URL is unset."""
     if settings.influx is None:
         return None
-    from careflow.hub.sqlite_store import SqliteStore  # noqa: PLC0415 - the adapter, not the API
+    from careflow.hub.store.sqlite_store import SqliteStore  # noqa: PLC0415 - the adapter, not the API
 
     return InfluxSink(SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous),
                       make_writer(settings.influx), hub_name=settings.hub_client_id,

@@ -46,8 +46,8 @@ import apprise
 
 from careflow.core.config import read_secret
 from careflow.core.errors import ConfigError, TransportError
-from careflow.hub.apprise_transport import AppriseTransport
-from careflow.hub.store import EventStore, Incident, Notification
+from careflow.hub.alerting.apprise_transport import AppriseTransport
+from careflow.hub.store.interface import EventStore, Incident, Notification
 
 __all__ = [
     "FAILING_AFTER_ATTEMPTS",

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from careflow.hub.influx_points import SiteBook
-from careflow.hub.store import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.hub.fleet.sites import UNASSIGNED, SiteBook
+from careflow.hub.store.interface import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 __all__ = [
-    "UNASSIGNED",
     "DayFigures",
     "GatewayUptime",
     "IncidentCount",
@@ -32,7 +31,6 @@ __all__ = [
     "sites_of",
 ]
 
-UNASSIGNED = "unassigned"
 DAY_MS = 86_400_000
 
 

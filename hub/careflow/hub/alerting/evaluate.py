@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from careflow.hub.rules import AbsenceRule, EventRule, RateRule, Rule, ThresholdRule
+from careflow.hub.alerting.rules import AbsenceRule, EventRule, RateRule, Rule, ThresholdRule
 
 __all__ = ["Evaluator", "Observation", "Transition"]
 
