@@ -47,6 +47,9 @@ def hub(
 
     Messages are acknowledged to the broker only after they are committed to disk, so a crash
     loses nothing. Stop with Ctrl-C (or SIGTERM): the hub finishes what it holds first.
+
+    Examples: `careflow hub` (embedded broker on 127.0.0.1:1883), `careflow hub --broker
+    mqtts://broker.example.org:8883` (Mosquitto; TLS files from CAREFLOW_BROKER_CA/CERT/KEY).
     """
     settings = settings_from(data_dir=data_dir, broker=broker, listen=listen)
     setup_logging(log_level)

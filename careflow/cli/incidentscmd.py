@@ -53,7 +53,10 @@ def list_incidents(
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Incidents, newest first."""
+    """Incidents, newest first.
+
+    Example: `careflow incidents list --state open` or `careflow incidents list --json`.
+    """
     states = {"active": ("open", "acknowledged"), "all": None}.get(state, (state,))
     incidents = open_store(data_dir).incidents(states=states, limit=limit)
     if as_json:
@@ -81,7 +84,11 @@ def _show(incident: Incident, as_json: bool) -> None:
 @incidents_app.command("show")
 def show(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
          as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
-    """One incident with its timeline (MTTA and MTTR are exact: times are recorded)."""
+    """One incident with its timeline (MTTA and MTTR are exact: times are recorded); exit 1 if
+    there is no such incident.
+
+    Example: `careflow incidents show 42`.
+    """
     incident = open_store(data_dir).incident(incident_id)
     if incident is None:
         msg = f"no incident {incident_id}; see `careflow incidents list`"
@@ -92,7 +99,10 @@ def show(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
 @incidents_app.command("ack")
 def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: ByOption = None,
         as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
-    """Acknowledge: you have it (escalation stops)."""
+    """Acknowledge: you have it (escalation stops); exit 1 if it is not open.
+
+    Example: `careflow incidents ack 42 --by nurse-kari`.
+    """
     incident = open_store(data_dir).acknowledge_incident(
         incident_id, by=by or getpass.getuser(), at_ms=time.time_ns() // 1_000_000)
     _show(incident, as_json)
@@ -102,7 +112,11 @@ def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: By
 def resolve(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
             by: ByOption = None, as_json: JsonOption = False,
             data_dir: DataDirOption = None) -> None:
-    """Resolve by hand (incidents also resolve themselves when the condition clears)."""
+    """Resolve by hand (incidents also resolve themselves when the condition clears); exit 1 if
+    it is already resolved.
+
+    Example: `careflow incidents resolve 42`.
+    """
     incident = open_store(data_dir).resolve_incident(
         incident_id, by=by or getpass.getuser(), at_ms=time.time_ns() // 1_000_000)
     _show(incident, as_json)

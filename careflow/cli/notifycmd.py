@@ -57,7 +57,10 @@ def list_notifications(
     data_dir: DataDirOption = None,
 ) -> None:
     """The notification outbox, newest first: what was sent, what waits, what failed (with the
-    channel's reason) and which reminders were cancelled (and why)."""
+    channel's reason) and which reminders were cancelled (and why).
+
+    Example: `careflow notify list --state failed`.
+    """
     notes = open_store(data_dir).notifications(states=(state,) if state else None, limit=limit)
     rows: list[dict[str, Any]] = [
         {"id": n.id, "incident": n.incident_id, "channel": n.channel, "kind": n.kind,

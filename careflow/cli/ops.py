@@ -161,7 +161,10 @@ def query(
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Show stored events, newest first (by event time)."""
+    """Show stored events, newest first (by event time).
+
+    Example: `careflow events query --gateway gw-0042 --type alert --since 2h`.
+    """
     store = open_store(data_dir)
     events = store.query(_filter(gateway, device, event_type, since, until), limit=limit)
     if as_json:
@@ -185,7 +188,10 @@ def count_events(
     until: UntilOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Print how many stored events match."""
+    """Print how many stored events match.
+
+    Example: `careflow events count --type heartbeat --since 1d`.
+    """
     store = open_store(data_dir)
     typer.echo(store.count(_filter(gateway, device, event_type, since, until)))
 
@@ -230,7 +236,10 @@ def devices_list(
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """List every known gateway and device with when it was last heard from."""
+    """List every known gateway and device with when it was last heard from.
+
+    Example: `careflow devices list --gateway gw-0042` (`--wide` for more columns).
+    """
     store = open_store(data_dir)
     records = store.devices(gateway=gateway)
     presence = store.presence()
@@ -263,7 +272,10 @@ def devices_show(
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Everything the registry knows about one device."""
+    """Everything the registry knows about one device; exit 1 if it is not known.
+
+    Example: `careflow devices show gw-0042 fall-1`.
+    """
     store = open_store(data_dir)
     record = store.device(gateway, device or gateway)
     if record is None:
@@ -342,7 +354,10 @@ def deadletter_list(
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Show refused input, newest first, with the reason and the raw payload."""
+    """Show refused input, newest first, with the reason and the raw payload.
+
+    Example: `careflow deadletter list --code schema --limit 5`.
+    """
     store = open_store(data_dir)
     letters = store.dead_letters(limit=limit, code=code)
     rows: list[dict[str, Any]] = [{"pos": d.pos, "received": iso_ms(d.received_ms), "topic": d.topic,
@@ -370,6 +385,8 @@ def status(
     """The hub's health: connected, events/s, queue depth, dead letters, lag, gaps.
 
     Exits 0 when the hub is running and connected, 1 otherwise (for scripts and runbooks).
+
+    Example: `careflow status` or, from a monitor, `careflow status --json`.
     """
     store = open_store(data_dir)
     health = store.read_health()

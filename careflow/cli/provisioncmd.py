@@ -135,7 +135,10 @@ def _record_row(r: ClaimRecord) -> dict[str, Any]:
 
 @provision_app.command("list")
 def list_serials(as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
-    """Every registered serial with its state, certificate expiry and last error."""
+    """Every registered serial with its state, certificate expiry and last error.
+
+    Example: `careflow provision list --json`.
+    """
     registry = _registry(settings_from(data_dir=data_dir))
     try:
         records = registry.records()
@@ -168,6 +171,8 @@ def list_refusals(
 
     A stranger's attempts are kept here only: they never change a registered serial's state or
     last error. The hub writes them every few seconds and keeps the 10,000 most recent.
+
+    Example: `careflow provision refusals --serial SN-0042`.
     """
     registry = _registry(settings_from(data_dir=data_dir))
     try:

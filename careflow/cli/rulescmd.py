@@ -26,7 +26,10 @@ def check(
     paths: Annotated[list[Path] | None, typer.Argument(help=_RULES_HELP)] = None,
 ) -> None:
     """Validate rule files (by default the ones the hub uses); errors name the file, line and
-    problem (exit 2)."""
+    problem (exit 2).
+
+    Example: `careflow rules check` or `careflow rules check /etc/careflow/rules`.
+    """
     with default_rules_dir() as default:
         ruleset = load_rules(paths or [default])
     table = Table("rule", "kind", "severity", "selects", "defined at")
@@ -45,7 +48,11 @@ def run_tests(
     rules: Annotated[list[Path] | None, typer.Option("--rules", help=_RULES_HELP)] = None,
 ) -> None:
     """Run rule unit tests: events and ticks over time in, expected alerts out (exit 1 on a
-    failure, listing what was missing and what was unexpected)."""
+    failure, listing what was missing and what was unexpected).
+
+    Example: `careflow rules test` or `careflow rules test my-tests.yaml --rules
+    /etc/careflow/rules`.
+    """
     with default_rules_dir() as default:
         ruleset = load_rules(rules or [default])
         if not tests and not (default / "tests").is_dir():

@@ -23,7 +23,11 @@ def validate(
     files: Annotated[list[Path], typer.Argument(
         help="JSON files holding one event or an array of events (a batch); - reads stdin.")],
 ) -> None:
-    """Check payloads against contract v1 with jsonschema; exit 1 if any is invalid."""
+    """Check payloads against contract v1 with jsonschema; exit 1 if any is invalid.
+
+    Example: `careflow schemas validate event.json` or `mosquitto_sub ... | careflow schemas
+    validate -`.
+    """
     failures = 0
     for path in files:
         name = "stdin" if str(path) == "-" else str(path)

@@ -82,7 +82,10 @@ def list_silences(
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Active silences (or all with --all)."""
+    """Active silences (or all with --all).
+
+    Example: `careflow silences list --all`.
+    """
     now_ms = time.time_ns() // 1_000_000
     rows = [_row(s) for s in open_store(data_dir).silences(
         active_at_ms=None if include_expired else now_ms)]

@@ -69,6 +69,8 @@ def simulate(
     """Run a simulated fleet: real agent code per gateway, made-up sensors, injected faults.
 
     Large fleets run in several processes of up to 100 gateways each; faults hit the first one.
+
+    Example: `careflow simulate --gateways 50 --devices-per-gateway 10 --fault outage:3@20+30`.
     """
     settings = settings_from(broker=broker)
     setup_logging("warning")
@@ -163,6 +165,8 @@ def demo(
 
     After a few seconds a care alarm is raised, a device runs low on battery, and one gateway
     loses its link (its Last Will marks it offline) and comes back 30 s later.
+
+    Example: `careflow demo` or `careflow demo --listen 127.0.0.1:1884 --duration 60`.
     """
     settings = settings_from(listen=listen)
     setup_logging("error")

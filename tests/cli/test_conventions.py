@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
 from careflow.cli.app import app
 from careflow.edge.cli import edge_app
@@ -51,3 +52,17 @@ def test_the_list_of_commands_that_change_something_is_complete() -> None:
     }
     visible = {path for path, command in COMMANDS.items() if not command.hidden}
     assert visible == reads_or_runs | set(CHANGES_SOMETHING)
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS), ids=" ".join)
+def test_every_command_shows_an_example_in_its_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(app, [*path, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+@pytest.mark.parametrize("path", sorted(GATEWAY_COMMANDS), ids=" ".join)
+def test_every_gateway_command_shows_an_example_in_its_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(edge_app, [*path, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
