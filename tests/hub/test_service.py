@@ -109,3 +109,15 @@ def test_worker_and_in_process_groups_commit_and_ack_in_the_order_taken(tmp_path
     assert 0 < len(handed_over) < 30  # both paths were taken
     assert ingress.acks == list(range(1, mid + 1))
     store.close()
+
+
+def test_it_judges_its_own_health_by_the_clock_it_is_given(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", "mqtt://127.0.0.1:1")  # never connected here
+    store = SqliteStore(settings.db_path)
+    now = [1_800_000_000_000]
+    service = HubService(settings, store, clock=lambda: now[0])
+    assert service.health()["started_ms"] == now[0]
+    assert "hub-broker-down" not in service._self_problems()  # disconnected from now on
+    now[0] += 600_000
+    assert service._self_problems()["hub-broker-down"].endswith("for 600s")
+    store.close()

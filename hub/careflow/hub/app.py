@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from careflow.core import clock
+from careflow.core.clock import Clock
 from careflow.core.config import Settings
 from careflow.core.errors import StoreError
 from careflow.hub.alerting.incidents import AlertStage
@@ -148,8 +150,10 @@ class HubService:
     def __init__(self, settings: Settings, store: EventStore, *,
                  queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
                  sink: InfluxSink | None = None,
-                 provisioning: Activation | None = None, decode_worker: bool = False) -> None:
+                 provisioning: Activation | None = None, decode_worker: bool = False,
+                 clock: Clock = clock.now_ms) -> None:
         self.settings = settings
+        self.clock = clock
         self.store = store
         self.alerts = alerts
         self.sink = sink
@@ -159,7 +163,7 @@ class HubService:
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
         self._stop = threading.Event()
-        self._started_ms = time.time_ns() // 1_000_000
+        self._started_ms = clock()
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
         self._resend = ResendThrottle(interval_s=RESEND_REQUEST_INTERVAL_S,
                                       per_gateway=RESEND_REQUESTS_PER_GATEWAY,
@@ -197,12 +201,12 @@ class HubService:
                 self._step(timeout_s=ALERT_TICK_S)
                 now = time.monotonic()
                 if now >= next_tick:  # absences are judged by the clock, not the next event
-                    self._alerting(lambda stage: stage.tick(time.time_ns() // 1_000_000))
+                    self._alerting(lambda stage: stage.tick(self.clock()))
                     next_tick = now + ALERT_TICK_S
                 if now >= next_health:
                     self._report_health()
                     self._alerting(lambda stage: stage.check_self(
-                        self._self_problems(), time.time_ns() // 1_000_000,
+                        self._self_problems(), self.clock(),
                         again=self._self_news()))
                     next_health = now + HEALTH_INTERVAL_S
             while self._held or not self.inbox.empty():  # finish what we hold before leaving
@@ -283,7 +287,7 @@ class HubService:
             accepted, rejected, presence = _gather(messages, decoded)
             if self.provisioning is not None and accepted:
                 accepted, refused = shut_out(
-                    accepted, self.provisioning.revoked(time.time_ns() // 1_000_000))
+                    accepted, self.provisioning.revoked(self.clock()))
                 rejected.extend(refused)
             result = self._commit(IncomingBatch(accepted, rejected, presence))
         except _AbandonedError:
@@ -317,7 +321,7 @@ class HubService:
         """Confirmations, resend requests, alerting and counters for a committed group."""
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self.clock()
         # After the acknowledgements: the alert stage follows the log with a cursor of its own,
         # so what a crash leaves unevaluated here is evaluated from the log after the restart.
         if result.stored or result.conflicts:
@@ -393,7 +397,7 @@ class HubService:
             log.warning("cannot record a provisioning step", extra={"error": str(exc)})
 
     def _self_problems(self) -> dict[str, str]:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self.clock()
         connected = self.ingress.connected
         if connected:
             self._disconnected_since_ms = None

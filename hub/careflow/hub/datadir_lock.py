@@ -16,10 +16,10 @@ import json
 import os
 import socket
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from careflow.core import clock
 from careflow.core.errors import HubRunningError, StoreError
 from careflow.core.sqlite import FILE_MODE, private_dir
 
@@ -70,7 +70,7 @@ class DataDirLock:
             raise HubRunningError(msg) from exc
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                  "started_ms": time.time_ns() // 1_000_000,
+                  "started_ms": clock.now_ms(),
                   "command": self.command, "argv": sys.argv[1:]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import paho.mqtt.client as paho
 
+from careflow.core import clock
 from careflow.core.config import Settings
 from careflow.core.errors import BrokerError, SessionTakenError
 from careflow.core.mqtt import check, connect_blocking, make_client
@@ -178,7 +179,7 @@ class MqttIngress:
         except UnicodeDecodeError:
             topic = "(topic is not UTF-8)"
         self._inbox.put(IncomingMessage(topic, bytes(message.payload), message.mid, message.qos,
-                                        time.time_ns() // 1_000_000, message.retain))
+                                        clock.now_ms(), message.retain))
 
     def ack(self, messages: Sequence[IncomingMessage]) -> None:
         """PUBACK messages whose events are durably stored. The hub subscribes at QoS 1, so a
