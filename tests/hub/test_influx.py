@@ -542,10 +542,11 @@ def test_catching_up_moves_the_cursor_only_past_confirmed_chunks(
         first_pos = store.query(EventFilter(), limit=1, newest_first=False)[0].pos
         sink = InfluxSink(store, FailingOnce(InfluxSettings(url=shared_influxd.url,
                                                             database="catchup")),
-                          chunk=10, snapshots=False)
+                          chunk=10, snapshots=False, clock=lambda: 1_800_000_000_000)
         with pytest.raises(InfluxError):
             sink.drain_once()
         assert store.cursor(EVENTS_CURSOR) == first_pos + 19  # two chunks confirmed, no more
+        assert sink.status()["last_write_ms"] == 1_800_000_000_000  # by the sink's clock
         while sink.drain_once():
             pass
         assert store.cursor(EVENTS_CURSOR) == store.last_pos()

@@ -23,6 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from careflow.core import clock
+from careflow.core.clock import Clock
 from careflow.core.config import InfluxSettings, Settings
 from careflow.core.errors import CareflowError, ConfigError, InfluxError, InfluxRefusedError
 from careflow.hub.fleet.sites import SiteBook
@@ -250,8 +252,9 @@ class InfluxSink:
     def __init__(self, store: EventStore, writer: PointWriter, *, hub_name: str = "careflow-hub",
                  backlog_warn: int = 100_000, chunk: int = 5000,
                  health: Callable[[], Mapping[str, Any]] | None = None,
-                 snapshots: bool = True) -> None:
+                 snapshots: bool = True, clock: Clock = clock.now_ms) -> None:
         self.store = store
+        self.clock = clock
         self.writer = writer
         self.hub_name = hub_name
         self.backlog_warn = backlog_warn
@@ -330,7 +333,7 @@ class InfluxSink:
     def _failed(self, exc: InfluxError) -> None:
         c = self.counters
         c.write_errors += 1
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = self.clock()
         first = c.failing_since_ms is None
         if first:
             c.failing_since_ms = now_ms
@@ -345,7 +348,7 @@ class InfluxSink:
         c = self.counters
         if c.failing_since_ms is not None:
             log.info("InfluxDB writes work again", extra={
-                "down_s": round((time.time_ns() // 1_000_000 - c.failing_since_ms) / 1000, 1),
+                "down_s": round((self.clock() - c.failing_since_ms) / 1000, 1),
                 "backlog_events": self._last_backlog})
             c.failing_since_ms = None
 
@@ -364,10 +367,10 @@ class InfluxSink:
                                    backlog_events=self.backlog(),
                                    open_incidents=self.store.count_incidents(
                                        states=("open", "acknowledged")),
-                                   now_ms=now_ms or time.time_ns() // 1_000_000))
+                                   now_ms=now_ms or self.clock()))
             self._next_hub = now + HUB_HEALTH_INTERVAL_S
         if self.snapshots and now >= self._next_snapshot:
-            self._queue(self.snapshot_points(now_ms or time.time_ns() // 1_000_000))
+            self._queue(self.snapshot_points(now_ms or self.clock()))
             self._next_snapshot = now + SNAPSHOT_INTERVAL_S
         moved += self._drain_outbox()
         self._check_backlog()
@@ -420,7 +423,7 @@ class InfluxSink:
 
     def _written(self, points: int) -> None:
         self.counters.points_written += points
-        self.counters.last_write_ms = time.time_ns() // 1_000_000
+        self.counters.last_write_ms = self.clock()
 
     def _skipped(self, points: int, reason: str, example: str | None) -> None:
         c = self.counters
@@ -504,7 +507,7 @@ class InfluxSink:
 
     def _drain_incidents(self, now_ms: int | None) -> int:
         """Incident phases since the watermark (with overlap; rewriting a phase is harmless)."""
-        started_ms = now_ms or time.time_ns() // 1_000_000
+        started_ms = now_ms or self.clock()
         since_ms = max(self.store.cursor(INCIDENTS_CURSOR) - INCIDENT_OVERLAP_MS, 0)
         written, after_id = 0, 0
         while True:
