@@ -25,7 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from careflow.core import __version__
+from careflow.core import __version__, clock
 from careflow.core.config import BrokerUrl, TlsFiles, parse_broker_url, read_secret, tls_files
 from careflow.core.errors import BrokerError, ConfigError, ContractError
 from careflow.core.mqtt import make_client, tls_context
@@ -468,7 +468,7 @@ class EdgeAgent:
         more than a message of alarms (a flood of them from a hostile sensor included)."""
         if self._window_full(self._alarms_in_flight) and self._window_full(self._in_flight):
             return  # nothing could go out: a PUBACK wakes the loop when there is room
-        due = self.outbox.due(now_ms=time.time_ns() // 1_000_000,
+        due = self.outbox.due(now_ms=clock.now_ms(),
                               resend_after_ms=int(self.config.resend_after_s * 1000),
                               limit=self.config.batch_max_events * 20,
                               max_bytes=2 * MAX_MESSAGE_BYTES)  # a window and a message more
@@ -525,7 +525,7 @@ class EdgeAgent:
         info = self._client.publish(topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             return None
-        self.outbox.mark_sent(items, now_ms=time.time_ns() // 1_000_000)
+        self.outbox.mark_sent(items, now_ms=clock.now_ms())
         return info
 
     def _on_publish(self, *_args: object) -> None:
