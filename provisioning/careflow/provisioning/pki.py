@@ -322,11 +322,6 @@ class Pki:
         return self.dir / BROKER_CONF_FILE
 
     @property
-    def claim_ca_path(self) -> Path:
-        """The claim CA certificate (the claim listener's cafile)."""
-        return self.dir / f"{CLAIM_CA}.crt"
-
-    @property
     def device_ca_path(self) -> Path:
         """The device CA certificate (the device listener's cafile; gateways trust it too)."""
         return self.dir / f"{DEVICE_CA}.crt"
@@ -335,11 +330,6 @@ class Pki:
     def ca_chain_pem(self) -> bytes:
         """What a provisioned gateway needs to trust besides the broker: the device CA, as PEM."""
         return self.device_ca.cert_pem
-
-    @property
-    def broker_ca_path(self) -> Path:
-        """The CA that signed the broker's server certificate (the device CA)."""
-        return self.device_ca_path
 
     def cert_path(self, name: str) -> Path:
         """``{name}.crt`` for ``claim``, ``hub``, ``broker``."""

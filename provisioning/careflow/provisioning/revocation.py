@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from careflow.schemas.codec import decode_json
 from careflow.schemas.limits import MAX_PAYLOAD_DEPTH
 
 __all__ = [
-    "RevocationReport",
     "agent_client_id",
     "end_session",
     "read_pidfile",
@@ -45,18 +43,6 @@ __all__ = [
 def agent_client_id(gateway_id: str) -> str:
     """The MQTT client id the careflow agent uses (edge/agent.py)."""
     return f"careflow-gw-{gateway_id}"
-
-
-@dataclass(slots=True)
-class RevocationReport:
-    """What ``careflow devices revoke`` did, step by step, for the summary and for tests."""
-
-    gateway_id: str
-    serial: int
-    reloaded: bool = False
-    session_ended: bool = False
-    presence: list[str] = field(default_factory=list)  # states seen live after the takeover
-    came_back: bool = False
 
 
 def revoke_gateway(pki: Pki, gateway_id: str, *, now: datetime) -> IssuedCert:
