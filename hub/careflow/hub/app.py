@@ -33,8 +33,7 @@ from careflow.hub.alerting.notify import (
 )
 from careflow.hub.alerting.selfwatch import Refusals, self_problems, tally_refusals
 from careflow.hub.ingest.decode import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
-from careflow.hub.ingest.decode_worker import DecodeWorker, internal_error
-from careflow.hub.ingest.decode_worker import decode_safely as _decode_safely
+from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely, internal_error
 from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
 from careflow.hub.ingest.resend import ResendThrottle
 from careflow.hub.sinks.influx.sink import InfluxSink
@@ -42,7 +41,7 @@ from careflow.hub.store.interface import AppendResult, EventStore, IncomingBatch
 from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 
-__all__ = ["HubCounters", "HubService", "decode_safely", "tune_gc_for_ingest"]
+__all__ = ["HubCounters", "HubService", "tune_gc_for_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,6 @@ def tune_gc_for_ingest() -> None:
     """
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-
-
-def decode_safely(message: IncomingMessage, *, max_bytes: int) -> Decoded:
-    """Decode a message; even a bug in decoding becomes a dead letter, never a crash."""
-    return _decode_safely(message.topic, message.payload, max_bytes=max_bytes)
 
 
 @dataclass(slots=True)
@@ -277,7 +271,7 @@ class HubService:
 
     def _decode_here(self, messages: list[IncomingMessage]) -> list[Decoded]:
         max_bytes = self.settings.max_message_bytes
-        return [decode_safely(message, max_bytes=max_bytes) for message in messages]
+        return [decode_safely(m.topic, m.payload, max_bytes=max_bytes) for m in messages]
 
     def _commit_messages(self, messages: list[IncomingMessage], decoded: list[Decoded]) -> None:
         """Commit, then acknowledge. Whatever one message makes fail (a bug, input no check
