@@ -15,14 +15,16 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeAlias, TypeVar
 
 import typer
-from rich.console import Console, HighlighterType, JustifyMethod, OverflowMethod
+from rich import box
+from rich.console import Console, HighlighterType, JustifyMethod, OverflowMethod, RenderableType
 from rich.style import Style
+from rich.table import Table
 from rich.text import Text
 
 from careflow.core.config import Settings, load_settings
@@ -32,7 +34,9 @@ from careflow.schemas import format_rfc3339, parse_rfc3339
 __all__ = [
     "DataDirOption",
     "JsonOption",
+    "ListTable",
     "LiteralConsole",
+    "WideOption",
     "console",
     "deprecated_alias",
     "err_console",
@@ -114,6 +118,35 @@ DataDirOption = Annotated[
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object per line, for scripts and agents."),
 ]
+WideOption = Annotated[
+    bool, typer.Option("--wide", "-w", help="Show every column (the default ones fit an "
+                       "80-column terminal; --json has them all)."),
+]
+
+
+class ListTable:
+    """The table of a list command, readable whole in an 80-column terminal.
+
+    No vertical rules (columns are two spaces apart) and a rule under the header. Columns named
+    in ``wide`` show only when ``show_wide`` (``--wide``). Free-text columns named in ``text``
+    (summaries, reasons, payloads, topics) wrap, folding a long word rather than cutting it;
+    the others (ids, states, times) never wrap, and would show ``…`` if cut.
+    """
+
+    def __init__(self, *columns: str, wide: Collection[str] = (), text: Collection[str] = (),
+                 show_wide: bool = False) -> None:
+        self._shown = [name not in wide or show_wide for name in columns]
+        self.table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+        for name, shown in zip(columns, self._shown, strict=True):
+            if shown:
+                folds = name in text
+                self.table.add_column(name, no_wrap=not folds, min_width=16 if folds else None,
+                                      overflow="fold" if folds else "ellipsis")
+
+    def add_row(self, *cells: RenderableType) -> None:
+        """One row, with a cell for every column, shown or not."""
+        self.table.add_row(*(cell for cell, shown in zip(cells, self._shown, strict=True)
+                             if shown))
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -8,11 +8,12 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from careflow.cli.common import (
     DataDirOption,
     JsonOption,
+    ListTable,
+    WideOption,
     console,
     format_age,
     iso_ms,
@@ -51,6 +52,7 @@ def list_incidents(
     ] = "active",
     limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 50,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Incidents, newest first.
@@ -62,13 +64,14 @@ def list_incidents(
     if as_json:
         print_json_lines([_row(i) for i in incidents])
         return
-    table = Table("id", "state", "severity", "rule", "source", "since", "summary")
+    table = ListTable("id", "state", "severity", "rule", "source", "since", "summary",
+                      wide={"severity"}, text={"source", "summary"}, show_wide=wide)
     colours = {"critical": "red", "warning": "yellow"}
     for i in incidents:
         table.add_row(str(i.id), i.state, styled((i.severity, colours.get(i.severity, "white"))),
                       i.rule, f"{i.gateway}/{i.device}", format_age(i.triggered_ms) + " ago",
                       i.summary)
-    console.print(table)
+    console.print(table.table)
     if not incidents:
         console.print(f"no {state} incidents")
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from careflow.cli.common import DataDirOption, JsonOption, console, iso_ms, print_json_lines
+from careflow.cli.common import (
+    DataDirOption,
+    JsonOption,
+    ListTable,
+    WideOption,
+    console,
+    iso_ms,
+    print_json_lines,
+)
 from careflow.cli.ops import open_store
 from careflow.core.errors import ConfigError, TransportError
 from careflow.hub.alerting.apprise_transport import AppriseTransport
@@ -54,6 +61,7 @@ def list_notifications(
         "--state", help="pending, sending, sent, failed or cancelled [default: all].")] = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 30,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """The notification outbox, newest first: what was sent, what waits, what failed (with the
@@ -70,8 +78,9 @@ def list_notifications(
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("id", "incident", "channel", "state", "attempts", "title", "reason")
+    table = ListTable("id", "incident", "channel", "state", "attempts", "title", "reason",
+                      wide={"attempts"}, text={"title", "reason"}, show_wide=wide)
     for row in rows:
         table.add_row(str(row["id"]), str(row["incident"]), row["channel"], row["state"],
                       str(row["attempts"]), row["title"], row["last_error"] or "")
-    console.print(table)
+    console.print(table.table)

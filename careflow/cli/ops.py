@@ -8,11 +8,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import Progress
-from rich.table import Table
 
 from careflow.cli.common import (
     DataDirOption,
     JsonOption,
+    ListTable,
+    WideOption,
     console,
     format_age,
     format_ms,
@@ -159,6 +160,7 @@ def query(
     until: UntilOption = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=1, help="At most this many.")] = 20,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Show stored events, newest first (by event time).
@@ -170,11 +172,12 @@ def query(
     if as_json:
         print_json_lines([_event_row(ev) for ev in events])
         return
-    table = Table("time (UTC)", "gateway", "device", "type", "boot", "seq", "data")
+    table = ListTable("time (UTC)", "gateway", "device", "type", "boot", "seq", "data",
+                      wide={"boot", "seq"}, text={"data"}, show_wide=wide)
     for ev in events:
         table.add_row(format_ms(ev.time_ms), ev.gateway, ev.device, ev.type, ev.boot,
                       str(ev.seq), json.dumps(ev.data, separators=(",", ":"))[:60])
-    console.print(table)
+    console.print(table.table)
     if not events:
         console.print("no events match; try a wider --since or fewer filters")
 
@@ -234,6 +237,7 @@ def _sites(settings_dir: Any) -> dict[str, str]:  # noqa: ANN401 - Path | None f
 def devices_list(
     gateway: GatewayOption = None,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """List every known gateway and device with when it was last heard from.
@@ -249,8 +253,9 @@ def devices_list(
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("gateway", "device", "site", "state", "last seen", "last", "battery",
-                  "firmware", "events", "gaps")
+    table = ListTable("gateway", "device", "site", "state", "last seen", "last", "battery",
+                      "firmware", "events", "gaps",
+                      wide={"site", "last", "firmware", "events"}, show_wide=wide)
     colours = {"online": "green", "late": "yellow", "offline": "red", "paused": "blue"}
     for r, row in zip(records, rows, strict=True):
         battery = r.facts.get("battery_pct")
@@ -260,7 +265,7 @@ def devices_list(
                       format_age(r.last_seen_ms) + " ago", r.last_type,
                       "-" if battery is None else f"{battery:g}%", str(r.facts.get("firmware", "-")),
                       str(r.events), styled((str(r.gaps), "red")) if r.gaps else "0")
-    console.print(table)
+    console.print(table.table)
     if not records:
         console.print("no devices yet: they appear with their first event")
 
@@ -352,9 +357,10 @@ def deadletter_list(
     code: Annotated[str | None, typer.Option("--code", help="Only this reason code.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=1)] = 20,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Show refused input, newest first, with the reason and the raw payload.
+    """Show refused input, newest first, with the reason and the raw payload (`--wide`).
 
     Example: `careflow deadletter list --code schema --limit 5`.
     """
@@ -367,11 +373,12 @@ def deadletter_list(
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("received (UTC)", "code", "topic", "reason", "payload")
+    table = ListTable("received (UTC)", "code", "topic", "reason", "payload", wide={"payload"},
+                      text={"topic", "reason", "payload"}, show_wide=wide)
     for row in rows:
         table.add_row(row["received"][:19].replace("T", " "), row["code"], row["topic"], row["reason"],
                       row["payload"][:40])
-    console.print(table)
+    console.print(table.table)
     console.print(f"{store.dead_letter_count()} dead letter(s) kept in all", highlight=False)
 
 

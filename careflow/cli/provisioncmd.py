@@ -15,6 +15,8 @@ from rich.table import Table
 from careflow.cli.common import (
     DataDirOption,
     JsonOption,
+    ListTable,
+    WideOption,
     console,
     err_console,
     format_age,
@@ -134,7 +136,8 @@ def _record_row(r: ClaimRecord) -> dict[str, Any]:
 
 
 @provision_app.command("list")
-def list_serials(as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
+def list_serials(as_json: JsonOption = False, wide: WideOption = False,
+                 data_dir: DataDirOption = None) -> None:
     """Every registered serial with its state, certificate expiry and last error.
 
     Example: `careflow provision list --json`.
@@ -149,12 +152,13 @@ def list_serials(as_json: JsonOption = False, data_dir: DataDirOption = None) ->
         return
     colours = {"active": "green", "issued": "cyan", "claimed": "cyan", "registered": "yellow",
                "revoked": "red"}
-    table = Table("serial", "site", "gateway", "state", "certificate until", "last error")
+    table = ListTable("serial", "site", "gateway", "state", "certificate until", "last error",
+                      wide={"site"}, text={"last error"}, show_wide=wide)
     for r in records:
         table.add_row(r.serial, r.site, r.gateway_id,
                       styled((r.state, colours.get(r.state, "white"))),
                       format_ms(r.cert_not_after_ms), r.last_error or "")
-    console.print(table)
+    console.print(table.table)
     if not records:
         console.print("nothing registered: `careflow provision register --serial SN --site S`")
 
@@ -184,11 +188,12 @@ def list_refusals(
                            "count": r.count, "first": iso_ms(r.first_ms),
                            "last": iso_ms(r.last_ms)} for r in refusals])
         return
-    table = Table("last", "source", "serial", "code", "count", "first (UTC)")
+    table = ListTable("last", "source", "serial", "code", "count", "first (UTC)",
+                      text={"source"})
     for r in refusals:
         table.add_row(format_age(r.last_ms) + " ago", r.source, r.serial or "-",
                       r.code, str(r.count), format_ms(r.first_ms))
-    console.print(table)
+    console.print(table.table)
     if not refusals:
         console.print("no refused claims or renewals recorded")
 

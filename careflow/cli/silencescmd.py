@@ -8,11 +8,12 @@ import time
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from careflow.cli.common import (
     DataDirOption,
     JsonOption,
+    ListTable,
+    WideOption,
     console,
     iso_ms,
     parse_when,
@@ -80,6 +81,7 @@ def add(
 def list_silences(
     include_expired: Annotated[bool, typer.Option("--all", help="Expired ones too.")] = False,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Active silences (or all with --all).
@@ -92,11 +94,12 @@ def list_silences(
     if as_json:
         print_json_lines(rows)
         return
-    table = Table("id", "gateway", "device", "rule", "ends", "by", "reason")
+    table = ListTable("id", "gateway", "device", "rule", "ends (UTC)", "by", "reason",
+                      wide={"by"}, text={"reason"}, show_wide=wide)
     for r in rows:
-        table.add_row(str(r["id"]), r["gateway"], r["device"], r["rule"], r["ends"],
-                      r["created_by"], r["reason"])
-    console.print(table)
+        table.add_row(str(r["id"]), r["gateway"], r["device"], r["rule"],
+                      r["ends"][:19].replace("T", " "), r["created_by"], r["reason"])
+    console.print(table.table)
 
 
 @silences_app.command("expire")

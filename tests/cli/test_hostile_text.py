@@ -79,7 +79,7 @@ ONE = (HOSTILE[1],)  # views of one record: gw-1, incident 2, serial SN-1
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    (("devices", "list"), HOSTILE),
+    (("devices", "list", "--wide"), HOSTILE),  # site and firmware are wide columns
     (("devices", "show", "gw-1"), ONE),
     (("events", "query", "--type", "error"), HOSTILE),
     (("deadletter", "list"), HOSTILE),
@@ -99,7 +99,7 @@ def test_every_view_shows_device_text_literally(data_dir: Path, command: tuple[s
 
 
 def test_control_characters_are_shown_not_obeyed(data_dir: Path) -> None:
-    done = cli(data_dir, "devices", "list")
+    done = cli(data_dir, "devices", "list", "--wide")
     assert "fw\\x1b[2J" in done.stdout and "\x1b" not in done.stdout
 
 

@@ -170,7 +170,7 @@ def shut_out(accepted: Sequence[tuple[Accepted, int]], revoked: AbstractSet[str]
         if item.event.gateway in revoked:
             refused.append((Rejected(item.topic, "revoked",
                                      f"gateway {item.event.gateway} has been revoked "
-                                     "(careflow device revoke); its events are not accepted",
+                                     "(careflow devices revoke); its events are not accepted",
                                      item.body.encode()), received_ms))
         else:
             kept.append((item, received_ms))
