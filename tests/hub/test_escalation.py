@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
-from careflow.hub.alerting.mute import escalation_due
 from careflow.hub.alerting.notify import load_channels
+from careflow.hub.alerting.routing import Reminder, reminder_due
 from careflow.hub.alerting.rules import load_rules
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.hub.test_sqlite_store import batch_of
@@ -40,11 +40,12 @@ CHANNELS = {"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
 def test_it_never_escalates_what_is_not_open_and_sends_each_step_once(
     steps: tuple[int, ...], state: str, sent: int, elapsed: int
 ) -> None:
-    step = escalation_due(steps, sent=sent, state=state, triggered_ms=0, now_ms=elapsed)
+    due = reminder_due(steps, sent=sent, state=state, triggered_ms=0, now_ms=elapsed,
+                       repeat_interval_ms=0)  # the steps alone: no repeats after them
     if state != "open" or sent >= len(steps):
-        assert step is None
-    elif step is not None:
-        assert step == sent and elapsed >= steps[step]
+        assert due is None
+    elif due is not None:
+        assert due is Reminder.ESCALATE and elapsed >= steps[sent]
     else:
         assert elapsed < steps[sent]
 

@@ -9,7 +9,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["FLAP_WINDOW_MS", "Silence", "escalation_due", "flapping", "inhibited_by", "silenced_by"]
+__all__ = ["FLAP_WINDOW_MS", "Silence", "flapping", "inhibited_by", "silenced_by"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,18 +52,6 @@ def inhibited_by(*, rule_kind: str, gateway: str, device: str, gateway_offline: 
     if rule_kind == "absence" and device == gateway and gateway_announced_by is not None:
         return f"inhibited: {gateway_announced_by} announces gateway {gateway}"
     return None
-
-
-def escalation_due(steps_after_ms: tuple[int, ...], *, sent: int, state: str, triggered_ms: int,
-                   now_ms: int) -> int | None:
-    """The index of the next escalation step to send now, or None.
-
-    Only an ``open`` incident escalates: acknowledging it (or its resolution) stops the walk.
-    ``sent`` is how many steps went out already, so each step is sent once.
-    """
-    if state != "open" or sent >= len(steps_after_ms):
-        return None
-    return sent if now_ms - triggered_ms >= steps_after_ms[sent] else None
 
 
 FLAP_WINDOW_MS = 30 * 60_000
