@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "JsonOption",
     "ListTable",
     "LiteralConsole",
+    "RulesDirOption",
     "WideOption",
     "console",
     "deprecated_alias",
@@ -49,6 +51,7 @@ __all__ = [
     "print_json_lines",
     "settings_from",
     "styled",
+    "use_rules_dir",
 ]
 
 # C0 controls but tab and newline, DEL and C1: ESC starts terminal sequences (clear the screen,
@@ -118,6 +121,13 @@ DataDirOption = Annotated[
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object per line, for scripts and agents."),
 ]
+RulesDirOption = Annotated[
+    Path | None,
+    typer.Option("--rules-dir", help="The folder of alert rule files (and their tests/) the hub "
+                 "evaluates [env: CAREFLOW_RULES_DIR; default: the rules shipped with careflow]; "
+                 "one setting for hub, demo, replay and rules check|test.", show_default=False,
+                 file_okay=False),
+]
 WideOption = Annotated[
     bool, typer.Option("--wide", "-w", help="Show every column (the default ones fit an "
                        "80-column terminal; --json has them all)."),
@@ -156,6 +166,18 @@ def settings_from(*, data_dir: Path | None = None, broker: str | None = None,
                   listen: str | None = None) -> Settings:
     """Settings from flags over environment, the same for every command."""
     return load_settings(data_dir=data_dir, broker=broker, listen=listen)
+
+
+def use_rules_dir(folder: Path | None) -> None:
+    """``--rules-dir`` wins over ``CAREFLOW_RULES_DIR`` for this process, so that everything
+    reading the setting (the hub's alert stage, replay, the rules commands) resolves it in one
+    place (``careflow.hub.alerting.incidents.default_rules_dir``)."""
+    if folder is None:
+        return
+    if not folder.is_dir():
+        msg = f"--rules-dir {folder} is not a folder (of alert rule files)"
+        raise ConfigError(msg)
+    os.environ["CAREFLOW_RULES_DIR"] = str(folder.resolve())
 
 
 def parse_when(text: str, *, now_ms: int | None = None) -> int:

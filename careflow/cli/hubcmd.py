@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-from careflow.cli.common import DataDirOption, err_console, settings_from
+from careflow.cli.common import (
+    DataDirOption,
+    RulesDirOption,
+    err_console,
+    settings_from,
+    use_rules_dir,
+)
 from careflow.core.config import Settings
 from careflow.core.errors import ConfigError
 from careflow.core.log import setup_logging
@@ -41,6 +47,7 @@ def hub(
         "default: 127.0.0.1:1883]. An address off this machine needs credentials "
         "(CAREFLOW_BROKER_USERNAME, CAREFLOW_BROKER_PASSWORD_FILE).", show_default=False)] = None,
     data_dir: DataDirOption = None,
+    rules_dir: RulesDirOption = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
 ) -> None:
     """Run the hub: validate, deduplicate and store every event, exactly once.
@@ -52,6 +59,7 @@ def hub(
     mqtts://broker.example.org:8883` (Mosquitto; TLS files from CAREFLOW_BROKER_CA/CERT/KEY).
     """
     settings = settings_from(data_dir=data_dir, broker=broker, listen=listen)
+    use_rules_dir(rules_dir)
     setup_logging(log_level)
     credentials = embedded_credentials(settings) if settings.embedded else None
     lock = DataDirLock(settings.data_dir)  # one hub per data directory; says who runs there

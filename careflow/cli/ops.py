@@ -13,6 +13,7 @@ from careflow.cli.common import (
     DataDirOption,
     JsonOption,
     ListTable,
+    RulesDirOption,
     WideOption,
     console,
     format_age,
@@ -23,6 +24,7 @@ from careflow.cli.common import (
     print_json_lines,
     settings_from,
     styled,
+    use_rules_dir,
 )
 from careflow.core.errors import ConfigError, ContractError, RefusedError
 from careflow.edge.publish import publish_events
@@ -441,6 +443,7 @@ def replay_command(
         f"{', '.join(sorted(OPT_IN))}, which run only when named].")] = None,
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
+    rules_dir: RulesDirOption = None,
 ) -> None:
     """Re-run stored events, in arrival order, through the downstream stages.
 
@@ -451,6 +454,7 @@ def replay_command(
     (a dry run: no incident, no notification); `careflow replay --target influx` rewrites
     InfluxDB from the log (an emptied or new database ends up as if it had never been away).
     """
+    use_rules_dir(rules_dir)
     store = open_store(data_dir)
     flt = _filter(gateway, device, event_type, since, until)
     total = store.count(flt)

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from careflow.cli.common import console, styled
+from careflow.cli.common import ListTable, RulesDirOption, console, styled, use_rules_dir
 from careflow.core.errors import ConfigError
 from careflow.hub.alerting.incidents import default_rules_dir
 from careflow.hub.alerting.rules import load_rules
@@ -24,19 +23,23 @@ _RULES_HELP = "Rule files or folders [default: CAREFLOW_RULES_DIR, else the rule
 @rules_app.command("check")
 def check(
     paths: Annotated[list[Path] | None, typer.Argument(help=_RULES_HELP)] = None,
+    rules_dir: RulesDirOption = None,
 ) -> None:
     """Validate rule files (by default the ones the hub uses); errors name the file, line and
     problem (exit 2).
 
-    Example: `careflow rules check` or `careflow rules check /etc/careflow/rules`.
+    Example: `careflow rules check` (the rules `careflow hub` would load: --rules-dir or
+    CAREFLOW_RULES_DIR, else the shipped ones) or `careflow rules check my-rules.yaml`.
     """
+    use_rules_dir(rules_dir)
     with default_rules_dir() as default:
         ruleset = load_rules(paths or [default])
-    table = Table("rule", "kind", "severity", "selects", "defined at")
+    table = ListTable("rule", "kind", "severity", "selects", "defined at",
+                      text={"selects", "defined at"})
     for rule in ruleset.rules:
         table.add_row(rule.name, rule.kind, rule.severity,
                       f"{rule.select.gateway}/{rule.select.device}", ruleset.origins[rule.name])
-    console.print(table)
+    console.print(table.table)
     console.print(f"{len(ruleset.rules)} rule(s) OK", highlight=False)
 
 
@@ -46,13 +49,15 @@ def run_tests(
         help="Test files or folders (YAML `tests:`) [default: the tests/ folder of the default "
         "rules].")] = None,
     rules: Annotated[list[Path] | None, typer.Option("--rules", help=_RULES_HELP)] = None,
+    rules_dir: RulesDirOption = None,
 ) -> None:
     """Run rule unit tests: events and ticks over time in, expected alerts out (exit 1 on a
     failure, listing what was missing and what was unexpected).
 
-    Example: `careflow rules test` or `careflow rules test my-tests.yaml --rules
-    /etc/careflow/rules`.
+    Example: `careflow rules test --rules-dir /etc/careflow/rules` (its rules and their
+    tests/) or `careflow rules test my-tests.yaml --rules my-rules.yaml`.
     """
+    use_rules_dir(rules_dir)
     with default_rules_dir() as default:
         ruleset = load_rules(rules or [default])
         if not tests and not (default / "tests").is_dir():

@@ -16,7 +16,15 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from careflow.cli.common import console, err_console, format_age, settings_from, styled
+from careflow.cli.common import (
+    RulesDirOption,
+    console,
+    err_console,
+    format_age,
+    settings_from,
+    styled,
+    use_rules_dir,
+)
 from careflow.core.log import setup_logging
 from careflow.edge.simulator import (
     FAULT_KINDS,
@@ -160,6 +168,7 @@ def demo(
     duration: Annotated[float | None, typer.Option("--duration")] = None,
     listen: Annotated[str | None, typer.Option(
         "--listen", help="Embedded broker address [env: CAREFLOW_LISTEN].")] = None,
+    rules_dir: RulesDirOption = None,
 ) -> None:
     """The zero-setup showcase: embedded broker, hub and a simulated fleet, live in the terminal.
 
@@ -169,6 +178,7 @@ def demo(
     Example: `careflow demo` or `careflow demo --listen 127.0.0.1:1884 --duration 60`.
     """
     settings = settings_from(listen=listen)
+    use_rules_dir(rules_dir)
     setup_logging("error")
     # amqtt reports each simulated link cut (a socket closed without DISCONNECT) as an asyncio
     # error; in the demo that is the point, not a fault.
