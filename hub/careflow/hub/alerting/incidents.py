@@ -33,6 +33,7 @@ from careflow.hub.alerting.notify import (
     raised_again_text,
     render,
 )
+from careflow.hub.alerting.plan import Remind, ReminderSnapshot, Reschedule, Setup, plan_reminders
 from careflow.hub.alerting.routing import (
     Decision,
     Reminder,
@@ -40,7 +41,6 @@ from careflow.hub.alerting.routing import (
     firing_send_at,
     next_reminder_ms,
     reachable_channels,
-    reminder_due,
 )
 from careflow.hub.alerting.rules import Rule, RuleSet, load_rules
 from careflow.hub.alerting.selfwatch import (
@@ -99,8 +99,6 @@ GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets 
 # Due incidents the escalation walk looks at per clock tick (4 ticks a second); more wait for the
 # next tick, the longest due first, and each one looked at is moved on to its next due time.
 REMIND_PER_TICK = 1_000
-# A silenced escalation step is looked at again this often, in case the silence is expired early.
-SILENCED_RECHECK_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,72 +694,71 @@ class AlertStage:
     def _remind(self, now_ms: int) -> None:
         """Escalation steps, then repeats every repeat_interval, for open incidents whose
         reminder is due: by due time, the longest due first, at most REMIND_PER_TICK per tick,
-        so no number of newer incidents can hold back an older care alarm's escalation."""
+        so no number of newer incidents can hold back an older care alarm's escalation.
+
+        Most ticks find nothing due and write nothing; otherwise what is due is read, planned
+        (:func:`plan_reminders`, pure) and recorded in one transaction."""
         if not self._rescheduled:  # the policies may have changed since the last run
             self.store.make_open_incidents_due()
             self._rescheduled = True
-        for incident in self.store.due_incidents(now_ms=now_ms, limit=REMIND_PER_TICK):
-            decision = self.decision(rule=incident.rule, severity=incident.severity,
-                                     gateway=incident.gateway, device=incident.device)
-            steps = self.escalation.get(decision.escalation or "", ())
-            after_ms = tuple(s.after for s in steps)
-            due = reminder_due(after_ms, sent=incident.escalation_sent, state=incident.state,
-                               triggered_ms=incident.triggered_ms, now_ms=now_ms,
-                               repeat_interval_ms=decision.repeat_interval_ms)
-            if due is None:  # not yet (or never): look again when it will be
-                self.store.set_incident_due(incident.id, next_due_ms=next_reminder_ms(
-                    after_ms, sent=incident.escalation_sent, state=incident.state,
-                    triggered_ms=incident.triggered_ms,
-                    repeat_interval_ms=decision.repeat_interval_ms))
-                continue
-            after = next_reminder_ms(after_ms, sent=incident.escalation_sent + 1,
-                                     state=incident.state, triggered_ms=incident.triggered_ms,
-                                     repeat_interval_ms=decision.repeat_interval_ms)
-            silenced = silenced_by(self.store.silences(active_at_ms=now_ms), incident.rule,
-                                   incident.gateway, incident.device, now_ms)
-            if due is Reminder.ESCALATE:
-                if silenced is None:
-                    self._escalate(incident, steps[incident.escalation_sent].channels, now_ms,
-                                   after)
-                else:  # a silenced step waits for the silence to end (or to be expired early)
-                    self.store.set_incident_due(incident.id, next_due_ms=min(
-                        silenced.ends_ms, now_ms + SILENCED_RECHECK_MS))
-                continue
-            muted = silenced is not None or self._inhibited(incident)
-            channels = () if due is Reminder.SKIP or muted else decision.channels
-            self._repeat(incident, channels, now_ms, after)
-
-    def _escalate(self, incident: Incident, channels: tuple[str, ...], now_ms: int,
-                  next_due_ms: int | None) -> None:
-        step = incident.escalation_sent
-        rule = self.rules.get(incident.rule)
-        title, body = render(kind="escalation", severity=incident.severity,
-                             summary=incident.summary, detail=incident.detail,
-                             gateway=incident.gateway, device=incident.device,
-                             since_ms=incident.triggered_ms,
-                             runbook=self._runbook(rule.runbook if rule else None))
-        notify = [(name, title, body) for name in channels]
-        if self.store.escalate_incident(incident.id, sent_before=step, at_ms=now_ms,
-                                        notify=notify, next_due_ms=next_due_ms):
+        if not self.store.due_incidents(now_ms=now_ms, limit=1):
+            return
+        won: list[Remind] = []  # recorded: not sent meanwhile, and still open (compare-and-set)
+        with self.store.atomically("record escalation steps and repeats"):
+            for action in plan_reminders(self._reminder_snapshot(now_ms), self._setup()):
+                if isinstance(action, Reschedule):
+                    self.store.set_incident_due(action.incident_id,
+                                                next_due_ms=action.next_due_ms)
+                elif self.store.escalate_incident(
+                        action.incident_id, sent_before=action.sent_before, at_ms=now_ms,
+                        notify=action.notify, group_key=action.group_key,
+                        next_due_ms=action.next_due_ms):
+                    won.append(action)
+        for action in won:  # once committed, so the sender finds what it is woken for
+            if action.kind is Reminder.ESCALATE:
+                log.warning("incident escalated", extra={
+                    "incident": action.incident_id, "step": action.sent_before + 1,
+                    "channels": list(action.channels)})
+            elif action.notify:
+                log.info("incident announced again", extra={"incident": action.incident_id,
+                                                            "channels": list(action.channels)})
+        if any(action.kind is Reminder.ESCALATE or action.notify for action in won):
             self.on_queued()
-            log.warning("incident escalated", extra={"incident": incident.id, "step": step + 1,
-                                                     "channels": list(channels)})
 
-    def _repeat(self, incident: Incident, channels: tuple[str, ...], now_ms: int,
-                next_due_ms: int | None) -> None:
-        """Announce a still-open, unacknowledged incident again (or only count the slot)."""
-        rule = self.rules.get(incident.rule)
-        title, body = render(kind="repeat", severity=incident.severity, summary=incident.summary,
-                             detail=incident.detail, gateway=incident.gateway,
-                             device=incident.device, since_ms=incident.triggered_ms,
-                             runbook=self._runbook(rule.runbook if rule else None))
-        notify = [(name, title, body) for name in channels if name in self.channels]
-        if self.store.escalate_incident(incident.id, sent_before=incident.escalation_sent,
-                                        at_ms=now_ms, notify=notify, group_key=incident.gateway,
-                                        next_due_ms=next_due_ms) and notify:
-            self.on_queued()
-            log.info("incident announced again", extra={"incident": incident.id,
-                                                        "channels": list(channels)})
+    def _reminder_snapshot(self, now_ms: int) -> ReminderSnapshot:
+        """What the escalation walk decides on, read once: the due incidents, the silences
+        active now, and (for absences only: inhibition) which gateways are offline."""
+        due = tuple(self.store.due_incidents(now_ms=now_ms, limit=REMIND_PER_TICK))
+        absent = {incident.gateway for incident in due
+                  if getattr(self.rules.get(incident.rule), "kind", None) == "absence"}
+        return ReminderSnapshot(now_ms=now_ms, due=due,
+                                silences=tuple(self.store.silences(active_at_ms=now_ms)),
+                                offline=self._offline() if absent else frozenset(),
+                                gateway_firing=self._gateway_firing(absent))
+
+    def _setup(self) -> Setup:
+        """What the pure planners need to know of this stage's configuration."""
+        return Setup(rules=self.rules, escalation=self.escalation, routing=self.routing,
+                     channels=tuple(self.channels), group_wait_ms=self.group_wait_ms,
+                     runbook_url=self.runbook_url, decide=self._decide)
+
+    def _decide(self, rule: str, severity: str, gateway: str, device: str) -> Decision:
+        return self.decision(rule=rule, severity=severity, gateway=gateway, device=device)
+
+    def _offline(self) -> frozenset[str]:
+        """The gateways whose last presence is offline."""
+        return frozenset(gateway for gateway, presence in self.store.presence().items()
+                         if presence.state == "offline")
+
+    def _gateway_firing(self, gateways: Collection[str]) -> dict[str, tuple[str, ...]]:
+        """The rules firing for each of these gateways itself (device == gateway), in the
+        evaluator's order: one pass over what fires, not one per decision."""
+        found: dict[str, list[str]] = {}
+        if gateways:
+            for name, (gateway, device), _ in self.evaluator.active():
+                if gateway == device and gateway in gateways:
+                    found.setdefault(gateway, []).append(name)
+        return {gateway: tuple(names) for gateway, names in found.items()}
 
     def _inhibited(self, incident: Incident) -> bool:
         rule = self.rules.get(incident.rule)
