@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import incidents as alerting
+from careflow.hub.alerting import plan as planning
 from careflow.hub.alerting.evaluate import Evaluator
 from careflow.hub.alerting.incidents import ALERTS_CURSOR, AlertStage, conflicting_alarm
 from careflow.hub.alerting.notify import load_channels
@@ -548,7 +549,7 @@ def test_a_bug_in_deciding_whether_to_mute_never_holds_an_alarm(
     def broken(**_: Any) -> str | None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(alerting, "inhibited_by", broken)
+    monkeypatch.setattr(planning, "inhibited_by", broken)
     sos = Stamper(gateway="gw", device="sos")
     stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
                  .stored, now_ms=T0)
@@ -580,14 +581,14 @@ def test_a_change_that_cannot_be_recorded_holds_back_no_alarm_and_is_announced(
     (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
     store = SqliteStore(tmp_path / "db")
     stage = stage_on(store, tmp_path)
-    render = alerting.render
+    render = planning.render
 
     def fails_for_poison(**fields: Any) -> tuple[str, str]:
         if fields["device"] == "poison":
             raise RuntimeError("a bug")
         return render(**fields)
 
-    monkeypatch.setattr(alerting, "render", fails_for_poison)
+    monkeypatch.setattr(planning, "render", fails_for_poison)
     poison = Stamper(gateway="gw", device="poison")
     sos = Stamper(gateway="gw", device="sos")
     stage.handle(store.append(batch_of([

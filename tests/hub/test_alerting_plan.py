@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from careflow.hub.alerting.evaluate import Transition
 from careflow.hub.alerting.mute import Silence
 from careflow.hub.alerting.plan import (
+    EVALUATION_FAILED_RULE,
     SILENCED_RECHECK_MS,
+    Change,
+    ChangeSnapshot,
+    GroupTiming,
+    Open,
+    RaiseAgain,
     Remind,
     ReminderSnapshot,
     Reschedule,
+    Resolve,
+    SetAside,
     Setup,
+    Supersede,
+    plan_changes,
+    plan_failure_alert,
     plan_reminders,
+    plan_self_check,
 )
 from careflow.hub.alerting.routing import Reminder, decide, next_reminder_ms
 from careflow.hub.alerting.rules import RuleSet, load_rules
+from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY
 from careflow.hub.store.interface import Incident
 
 T0 = 1_800_000_000_000
@@ -190,3 +206,161 @@ def test_every_due_incident_gets_one_action_in_order_and_none_is_left_due(
         assert action.next_due_ms == next_reminder_ms(
             tuple(s.after for s in steps), sent=item.escalation_sent + 1, state="open",
             triggered_ms=item.triggered_ms, repeat_interval_ms=4 * H)
+
+
+# -- the changes of one step ------------------------------------------------------------------
+
+def fires(rule: str, device: str = "sos", *, at_ms: int = T0, gateway: str = "gw") -> Transition:
+    severity = SETUP.rules[rule].severity if rule in SETUP.rules else "warning"
+    return Transition(rule, gateway, device, "firing", at_ms, severity, "detail")
+
+
+def clears(rule: str, device: str = "sos", *, at_ms: int = T0, gateway: str = "gw") -> Transition:
+    return replace(fires(rule, device, at_ms=at_ms, gateway=gateway), status="resolved")
+
+
+def changes(*transitions: Transition, **snapshot: Any) -> tuple[Change | SetAside, ...]:
+    return plan_changes(transitions, ChangeSnapshot(**snapshot), SETUP).actions
+
+
+def test_a_care_alarm_raised_twice_in_one_commit_opens_and_then_raises_that_incident() -> None:
+    opened, again = changes(fires("care-alarm"), fires("care-alarm"))
+    assert isinstance(opened, Open) and isinstance(again, RaiseAgain)
+    assert (opened.expect_new, opened.group_wait_ms, opened.next_due_ms) == (True, 0, T0 + 5 * M)
+    assert again.incident == opened.ref < 0 and again.raises == 2
+    assert [c for c, _, _ in again.notify] == ["oncall"]
+    assert "RAISED AGAIN" in again.notify[0][1] and "raised 2 times" in again.notify[0][2]
+
+
+def test_an_acknowledged_alarm_raised_twice_is_followed_by_one_incident_raised_again() -> None:
+    acked = replace(incident(id_=5), state="acknowledged", acknowledged_by="kari",
+                    acknowledged_ms=T0 - M, triggered_ms=T0 - H)
+    follows, again = changes(fires("care-alarm"), fires("care-alarm", at_ms=T0 + 1),
+                             unresolved={("care-alarm", "gw", "sos"): acked})
+    assert isinstance(follows, Supersede) and isinstance(again, RaiseAgain)
+    assert (follows.incident, follows.raises, follows.next_due_ms) == (5, 2, T0 + 5 * M)
+    assert "acknowledged by kari" in follows.notify[0][2]
+    assert (again.incident, again.raises) == (follows.ref, 3)
+    assert "acknowledged by" not in again.notify[0][2]  # the new one is open: nobody has it
+
+
+def test_a_non_critical_change_joins_the_batch_its_group_holds_already() -> None:
+    recent = GroupTiming(last_sent_ms=T0 - M, pending_at_ms=None)
+    first, second = changes(fires("battery-low", "door-1"), fires("battery-low", "door-2"),
+                            groups={("ops", "gw"): recent})
+    assert isinstance(first, Open) and isinstance(second, Open)
+    assert first.group_wait_ms == second.group_wait_ms == 4 * M  # group_interval after the last
+    fresh, joined = changes(fires("battery-low", "door-1"), fires("battery-low", "door-2"),
+                            groups={("ops", "gw"): GroupTiming(None, None)})
+    assert fresh.group_wait_ms == joined.group_wait_ms == 30 * S  # type: ignore[union-attr]
+
+
+def test_a_condition_swinging_within_one_step_is_flapping_by_its_third_trigger() -> None:
+    key = ("battery-low", "gw", "door")
+    actions = changes(fires("battery-low", "door"), clears("battery-low", "door"),
+                      fires("battery-low", "door"),
+                      triggers={key: (T0 - 10 * M, T0 - 5 * M)},
+                      groups={("ops", "gw"): GroupTiming(None, None)})
+    assert [type(a) for a in actions] == [Open, Resolve, Open]
+    assert [a.muted is not None for a in actions] == [False, True, True]  # type: ignore[union-attr]
+    assert all(a.notify == () for a in actions[1:])  # type: ignore[union-attr]
+    assert [a.expect_new for a in (actions[0], actions[2])] == [True, True]  # type: ignore[union-attr]
+
+
+def test_a_change_while_its_incident_is_unresolved_is_not_expected_to_open_one() -> None:
+    held = incident("battery-low", device="door", state="acknowledged")
+    (action,) = changes(fires("battery-low", "door"),
+                        unresolved={("battery-low", "gw", "door"): held},
+                        groups={("ops", "gw"): GroupTiming(None, None)})
+    assert isinstance(action, Open) and not action.expect_new
+
+
+def test_it_mutes_what_a_silence_covers_and_what_an_offline_gateway_explains() -> None:
+    (silenced,) = changes(fires("battery-low", "door"), silences=(silence(rule="battery-*"),),
+                          groups={("ops", "gw"): GroupTiming(None, None)})
+    assert isinstance(silenced, Open) and silenced.notify == ()
+    assert silenced.muted == "silenced by #7 (maintenance, ola)"
+    (inhibited,) = changes(fires("device-silent", "door"), offline=frozenset({"gw"}))
+    assert isinstance(inhibited, Open) and inhibited.notify == ()
+    assert inhibited.muted == "inhibited: gateway gw is offline"
+    (said,) = changes(fires("device-silent", "gw"), gateway_firing={"gw": ("gateway-offline",)})
+    assert said.muted == "inhibited: gateway-offline announces gateway gw"  # type: ignore[union-attr]
+
+
+def test_a_change_a_bug_keeps_from_being_planned_is_set_aside_and_the_rest_go_on() -> None:
+    aside, opened = changes(fires("removed-rule", "door"), fires("care-alarm"))
+    assert isinstance(aside, SetAside) and isinstance(opened, Open)
+    assert aside.what == "gw/door removed-rule firing (not recorded)" and not aside.alarm
+
+
+def test_the_hub_announces_what_was_set_aside_again_at_once_while_its_alert_is_open() -> None:
+    failed = [("gw/poison alert #3", True)]
+    (opened,) = plan_failure_alert(failed, ChangeSnapshot(), SETUP, now_ms=T0)
+    assert isinstance(opened, Open) and opened.self_alert and opened.gateway == HUB_GATEWAY
+    assert "CARE ALARM" in opened.detail and [c for c, _, _ in opened.notify] == ["oncall"]
+    key = (EVALUATION_FAILED_RULE, HUB_GATEWAY, HUB_DEVICE)
+    (again,) = plan_failure_alert(failed, ChangeSnapshot(unresolved={key: incident(
+        EVALUATION_FAILED_RULE, id_=9, gateway=HUB_GATEWAY, device=HUB_DEVICE)}), SETUP,
+        now_ms=T0)
+    assert isinstance(again, RaiseAgain) and again.incident == 9
+
+
+def test_the_self_check_opens_once_resolves_when_passed_and_avoids_failing_channels() -> None:
+    key = ("hub-broker-down", HUB_GATEWAY, HUB_DEVICE)
+    held = {key: incident("hub-broker-down", id_=4, gateway=HUB_GATEWAY, device=HUB_DEVICE)}
+    assert plan_self_check({"hub-broker-down": "down"}, (), ChangeSnapshot(unresolved=held),
+                           SETUP, now_ms=T0) == ()  # said already
+    (resolved,) = plan_self_check({}, (), ChangeSnapshot(unresolved=held), SETUP, now_ms=T0)
+    assert resolved == Resolve(rule="hub-broker-down", gateway=HUB_GATEWAY, device=HUB_DEVICE,
+                               at_ms=T0, by="careflow (self-check passed)", notify=())
+    (failing,) = plan_self_check({"hub-notifications-failing": "oncall: 401"}, (),
+                                 ChangeSnapshot(failing={"oncall": "401"}), SETUP, now_ms=T0)
+    assert [c for c, _, _ in failing.notify] == ["backup", "ops"]  # type: ignore[union-attr]
+
+
+_STEP = st.lists(st.tuples(st.sampled_from(["care-alarm", "battery-low", "device-silent"]),
+                           st.sampled_from(["a", "b"]), st.booleans()), max_size=10)
+
+
+@given(step=_STEP, held=st.dictionaries(
+    st.tuples(st.sampled_from(["care-alarm", "battery-low", "device-silent"]),
+              st.sampled_from(["a", "b"])),
+    st.sampled_from(["open", "acknowledged"]), max_size=4),
+    silenced=st.booleans(), offline=st.booleans())
+def test_each_transition_gets_one_change_consistent_with_what_is_unresolved(
+    step: list[tuple[str, str, bool]], held: dict[tuple[str, str], str], silenced: bool,
+    offline: bool,
+) -> None:
+    transitions = [(fires if firing else clears)(rule, device) for rule, device, firing in step]
+    unresolved = {(rule, "gw", device): replace(incident(rule, id_=n + 1, device=device),
+                                                state=state)
+                  for n, ((rule, device), state) in enumerate(sorted(held.items()))}
+    actions = plan_changes(transitions, ChangeSnapshot(
+        unresolved=unresolved, silences=(silence(),) if silenced else (),
+        offline=frozenset({"gw"}) if offline else frozenset(),
+        groups={(c, "gw"): GroupTiming(None, None) for c in SETUP.channels}), SETUP).actions
+    assert len(actions) == len(transitions)
+    model = {key: i.state for key, i in unresolved.items()}  # what is unresolved, as applied
+    refs = {i.id for i in unresolved.values()}
+    for transition, action in zip(transitions, actions, strict=True):
+        assert not isinstance(action, SetAside)
+        key = (transition.rule, transition.gateway, transition.device)
+        assert (action.rule, action.gateway, action.device) == key
+        assert action.muted is None or action.notify == ()
+        assert not (silenced and action.notify)  # a silence mutes everything it covers
+        if transition.status == "resolved":
+            assert isinstance(action, Resolve)
+            model.pop(key, None)
+            continue
+        assert not isinstance(action, Resolve)
+        assert action.group_wait_ms == 0 or transition.severity != "critical"  # never held
+        if isinstance(action, Open):
+            assert action.expect_new == (key not in model)
+            assert transition.rule != "care-alarm" or key not in model  # a raise is never lost
+            if action.expect_new:
+                model[key], refs = "open", refs | {action.ref}
+        else:  # a care alarm raised again: of the incident unresolved now
+            assert transition.rule == "care-alarm" and action.incident in refs
+            assert isinstance(action, Supersede) == (model[key] == "acknowledged")
+            if isinstance(action, Supersede):
+                model[key], refs = "open", refs | {action.ref}

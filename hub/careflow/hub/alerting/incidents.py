@@ -1,8 +1,10 @@
 """Alerting inside the hub: rules evaluated on every committed event and on a clock tick, and
 their transitions turned into incidents (open → acknowledged → resolved).
 
-Notifications (Apprise), escalation, silences and grouping build on the incidents recorded here;
-``routing.py`` decides channels, escalation policy and grouping times, this stage applies them.
+Notifications (Apprise), escalation, silences and grouping build on the incidents recorded here.
+Each step is plan, then apply: this stage reads what a step's changes are decided on once (a
+snapshot), ``plan.py`` decides them without I/O (with ``routing.py`` and ``mute.py``), and this
+stage writes them, with the cursors, in one transaction.
 """
 
 from __future__ import annotations
@@ -10,39 +12,41 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from careflow.core.errors import ConfigError, ContractError, StoreError
 from careflow.hub.alerting.evaluate import Evaluator, Observation, Transition
-from careflow.hub.alerting.mute import (
-    FLAP_WINDOW_MS,
-    flapping,
-    inhibited_by,
-    silenced_by,
+from careflow.hub.alerting.mute import FLAP_WINDOW_MS
+from careflow.hub.alerting.notify import Channel, failing_or_stuck
+from careflow.hub.alerting.plan import (
+    EVALUATION_FAILED_RULE,
+    Change,
+    ChangeSnapshot,
+    GroupTiming,
+    Key,
+    Open,
+    RaiseAgain,
+    Remind,
+    ReminderSnapshot,
+    Reschedule,
+    Resolve,
+    SetAside,
+    Setup,
+    Supersede,
+    failure_detail,
+    first_few,
+    plan_changes,
+    plan_failure_alert,
+    plan_reminders,
+    plan_self_check,
 )
-from careflow.hub.alerting.notify import (
-    Channel,
-    avoid_failing,
-    failing_or_stuck,
-    raised_again_text,
-    render,
-)
-from careflow.hub.alerting.plan import Remind, ReminderSnapshot, Reschedule, Setup, plan_reminders
-from careflow.hub.alerting.routing import (
-    Decision,
-    Reminder,
-    decide,
-    firing_send_at,
-    next_reminder_ms,
-    reachable_channels,
-)
-from careflow.hub.alerting.rules import Rule, RuleSet, load_rules
+from careflow.hub.alerting.routing import Decision, Reminder, decide, reachable_channels
+from careflow.hub.alerting.rules import RuleSet, load_rules
 from careflow.hub.alerting.selfwatch import (
     HUB_DEVICE,
     HUB_GATEWAY,
@@ -51,14 +55,7 @@ from careflow.hub.alerting.selfwatch import (
     lagging_since,
 )
 from careflow.hub.fleet.sites import SiteBook
-from careflow.hub.store.interface import (
-    DeadLetter,
-    EventFilter,
-    EventStore,
-    Incident,
-    Outgoing,
-    StoredEvent,
-)
+from careflow.hub.store.interface import DeadLetter, EventFilter, EventStore, StoredEvent
 from careflow.schemas import decode_json, validate_event
 
 __all__ = [
@@ -78,12 +75,8 @@ CONFLICTS_CURSOR = "alerts-conflicts"  # the same over the conflict dead letters
 # the newest too_many_devices dead letter whose care alarm (if it held one) the hub announced
 OVER_BOUND_CURSOR = "alerts-over-bound"
 OVER_BOUND_RULE = "hub-devices-over-bound"
-# A stored event the rules could not evaluate (a bug in careflow) is set aside, never retried
-# for ever in front of every alarm after it; the hub's own alert names it and stays open this
-# long after the last one.
-EVALUATION_FAILED_RULE = "hub-evaluation-failed"
+# hub-evaluation-failed (an event set aside: see plan.py) stays open this long after the last
 EVALUATION_FAILED_WINDOW_MS = 600_000
-_NAMED = 5  # events or devices a hub alert names; the rest are counted
 # Progress without incident changes is saved at most this often (a crash evaluates at most
 # this much again); changes are always saved with the cursors, in the same transaction.
 CURSOR_SAVE_INTERVAL_MS = 1_000
@@ -99,6 +92,20 @@ GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets 
 # Due incidents the escalation walk looks at per clock tick (4 ticks a second); more wait for the
 # next tick, the longest due first, and each one looked at is moved on to its next due time.
 REMIND_PER_TICK = 1_000
+# A plan the store outdated (a compare-and-set lost) is made again at most this often.
+PLAN_ATTEMPTS = 3
+
+
+class _PlanOutdatedError(Exception):
+    """The store did not do what a plan assumed of it (see AlertStage._in_one_transaction)."""
+
+
+@dataclass(slots=True)
+class _Applied:
+    """What one transaction recorded: each change, the incident it opened or moved, and the
+    incident it follows (a new raise of an acknowledged one)."""
+
+    changes: list[tuple[Change, int | None, int | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +135,6 @@ def default_rules() -> RuleSet:
         return load_rules([folder])
 
 
-def _summary(rule: Rule, transition: Transition) -> str:
-    fields = defaultdict(str, gateway=transition.gateway, device=transition.device,
-                         rule=rule.name)
-    text = rule.summary or f"{rule.name} on {transition.gateway}/{transition.device}"
-    try:
-        return text.format_map(fields)
-    except (ValueError, LookupError, AttributeError, TypeError):  # "{device.x}", "{device[x]}"
-        return text  # as written: a template that cannot be filled must not hold the alarm
-
-
 def conflicting_alarm(letter: DeadLetter) -> Observation | None:
     """The alarm a conflict dead letter holds, as the rules see events; None when it holds
     another type of event, an alarm being cleared, or (from before conflicts were kept whole)
@@ -152,12 +149,6 @@ def conflicting_alarm(letter: DeadLetter) -> Observation | None:
         # is broken, and a clear that is not the device's last word would silence an alarm
     return Observation(head.gateway, head.device, head.type, time_ms, letter.received_ms,
                        value["data"])
-
-
-def _first_few(names: Sequence[str]) -> str:
-    """Names for a hub alert: the first _NAMED, then how many more (a message stays short)."""
-    more = len(names) - _NAMED
-    return ", ".join(names[:_NAMED]) + (f" and {more} more" if more > 0 else "")
 
 
 class AlertStage:
@@ -200,7 +191,6 @@ class AlertStage:
         # the rules' `routing:` section; a route may set its own.
         self.group_wait_ms = self.routing.group_wait
         self.on_queued: Callable[[], None] = lambda: None  # wakes the notification sender
-        self._pending_wake = False
         self._sites = SiteBook()  # the same site rule as the InfluxDB sink and the report
         self._kinds: dict[tuple[str, str], str] = {}  # (gateway, device) -> kind
         # how far evaluation runs behind ingest (worst since the last self-check), and since
@@ -459,13 +449,16 @@ class AlertStage:
                 transitions += found
         return transitions
 
-    def _evaluation_failed(self, what: str, *, alarm: bool) -> None:
-        """Set aside an event the rules cannot evaluate (a bug): retried, it would fail again
-        at every retry and hold back every alarm after it. The step that passes it announces
-        it (hub-evaluation-failed, critical), in the transaction of its cursor."""
+    def _evaluation_failed(self, what: str, *, alarm: bool,
+                           error: BaseException | None = None) -> None:
+        """Set aside an event (or a change) the rules cannot evaluate (a bug): retried, it would
+        fail again at every retry and hold back every alarm after it. The step that passes it
+        announces it (hub-evaluation-failed, critical), in the transaction of its cursor;
+        ``error``: what failed, when it is not the exception being handled."""
         self.evaluation_failures += 1
-        log.exception("the rules could not evaluate an event; it is set aside and announced",
-                      extra={"event": what, "care_alarm": alarm})
+        log.error("the rules could not evaluate an event; it is set aside and announced",
+                  exc_info=error if error is not None else True,
+                  extra={"event": what, "care_alarm": alarm})
         if len(self._failed) < 10_000:  # bounded; beyond, the log still has each one
             self._failed.append((what, alarm))
 
@@ -512,24 +505,199 @@ class AlertStage:
         """Record the changes found up to these positions together with the cursors (one
         transaction); with no changes, only move on in memory (see _save_progress)."""
         if transitions or self._failed:
-            self._pending_wake = False
-            counted = (self.opened, self.muted)  # a refused transaction counts nothing
             try:
-                with self.store.atomically("record alert changes"):
-                    for transition in transitions:
-                        self._record_or_set_aside(transition)
-                    if self._failed:
-                        self._announce_failures(now_ms)
-                    self._save_cursors(events_pos, conflicts_pos)
-            except BaseException:
-                self.opened, self.muted = counted
-                self._failed.clear()  # evaluated again from the log, and found again
-                raise
-            self._failed.clear()
+                self._record(transitions, events_pos, conflicts_pos, now_ms)
+            finally:  # recorded; or refused, and then evaluated again from the log, found again
+                self._failed.clear()
             self._saved, self._saved_at_ms = (events_pos, conflicts_pos), now_ms
-            if self._pending_wake:
-                self.on_queued()
         self._evaluated, self._conflicts_evaluated = events_pos, conflicts_pos
+
+    def _record(self, transitions: Sequence[Transition], events_pos: int, conflicts_pos: int,
+                now_ms: int) -> None:
+        """Read what the changes are decided on, plan them (:func:`plan_changes`, pure) and
+        write them with the cursors: all in one transaction. What was set aside (events the
+        rules could not evaluate, changes a bug kept from being recorded) is announced in it."""
+        setup = self._setup()
+        failed_before = list(self._failed)
+
+        def work() -> _Applied:
+            self._failed[:] = failed_before  # a plan made again finds its set-asides again
+            snapshot = self._change_snapshot(transitions)
+            plan = plan_changes(transitions, snapshot, setup)
+            for aside in plan.set_aside:
+                self._evaluation_failed(aside.what, alarm=aside.alarm, error=aside.error)
+            applied = self._apply(plan.actions, set_aside=True)
+            if self._failed:
+                applied.changes += self._apply(plan_failure_alert(
+                    self._failed, self._self_snapshot((EVALUATION_FAILED_RULE,), now_ms),
+                    setup, now_ms=now_ms), set_aside=False).changes
+            self._save_cursors(events_pos, conflicts_pos)
+            return applied
+
+        applied = self._in_one_transaction("record alert changes", work)
+        if self._failed:
+            self._failed_alert = (now_ms + EVALUATION_FAILED_WINDOW_MS,
+                                  failure_detail(self._failed))
+        self._report(applied)
+
+    def _in_one_transaction(self, action: str, work: Callable[[], _Applied]) -> _Applied:
+        """Run load, plan and apply in one transaction. A plan the store outdated (a lost
+        compare-and-set: an incident changed between the read and the write, which the one
+        transaction rules out on SQLite) is rolled back and made again; then it is a refusal
+        (evaluation resumes from the log), never a change recorded on a wrong assumption."""
+        for _ in range(PLAN_ATTEMPTS):
+            try:
+                with self.store.atomically(action):
+                    return work()
+            except _PlanOutdatedError:
+                log.warning("an incident changed while its change was planned; planning again",
+                            extra={"action": action})
+        msg = f"cannot {action}: incidents kept changing while their changes were planned"
+        raise StoreError(msg)
+
+    def _change_snapshot(self, transitions: Sequence[Transition]) -> ChangeSnapshot:
+        """What one step's changes are decided on, read once: the unresolved incident of each
+        source that fires, recent triggers (flapping), the silences active then, the timing of
+        the groups a held message may join, and which gateways are offline (absences only)."""
+        keys: set[Key] = set()
+        since: dict[Key, int] = {}
+        groups: set[tuple[str, str]] = set()
+        absent: set[str] = set()
+        for transition in transitions:
+            rule = self.rules.get(transition.rule)
+            if rule is None:
+                continue  # the plan sets it aside
+            key = (rule.name, transition.gateway, transition.device)
+            if transition.status == "firing":
+                keys.add(key)
+            if rule.kind != "event":
+                since[key] = min(since.get(key, transition.at_ms), transition.at_ms)
+            if rule.kind == "absence":
+                absent.add(transition.gateway)
+            if transition.status == "firing" and rule.severity != "critical":
+                groups.update(self._groups_joined(rule.name, rule.severity, transition))
+        store = self.store
+        silences = {silence.id: silence for at_ms in {t.at_ms for t in transitions}
+                    for silence in store.silences(active_at_ms=at_ms)}
+        return ChangeSnapshot(
+            unresolved={key: found for key in keys if (found := store.unresolved_incident(
+                rule=key[0], gateway=key[1], device=key[2])) is not None},
+            triggers={key: tuple(store.incident_triggers(
+                rule=key[0], gateway=key[1], device=key[2], since_ms=at_ms - FLAP_WINDOW_MS))
+                for key, at_ms in since.items()},
+            silences=tuple(sorted(silences.values(), key=lambda s: -s.id)),  # newest first
+            offline=self._offline() if absent else frozenset(),
+            gateway_firing=self._gateway_firing(absent),
+            groups={(channel, gateway): GroupTiming(*store.group_timing(
+                channel=channel, group_key=gateway)) for channel, gateway in groups})
+
+    def _groups_joined(self, rule: str, severity: str,
+                       transition: Transition) -> list[tuple[str, str]]:
+        """The groups (channel, gateway) a held message of this change may join."""
+        try:
+            channels = self._decide(rule, severity, transition.gateway, transition.device).channels
+        except Exception:  # a bug: the plan meets it too and sets this change aside; reading
+            return []  # on must not hold every other change of the step
+        return [(channel, transition.gateway) for channel in channels if channel in self.channels]
+
+    def _self_snapshot(self, rules: Iterable[str], now_ms: int, *,
+                       problems: Mapping[str, str] | None = None,
+                       again: Collection[str] = ()) -> ChangeSnapshot:
+        """The unresolved incident of each of these hub rules; and, when hub-notifications-
+        failing is to be announced, which channels fail (it must not go only through them)."""
+        unresolved = {(rule, HUB_GATEWAY, HUB_DEVICE): found for rule in rules
+                      if (found := self.store.unresolved_incident(
+                          rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE)) is not None}
+        failing = "hub-notifications-failing"
+        told = failing in again or (failing, HUB_GATEWAY, HUB_DEVICE) not in unresolved
+        return ChangeSnapshot(unresolved=unresolved, failing=failing_or_stuck(
+            self.store, now_ms) if problems is not None and failing in problems and told else {})
+
+    def _apply(self, actions: Sequence[Change | SetAside], *, set_aside: bool) -> _Applied:
+        """Write planned changes in order, inside the caller's transaction. ``set_aside``: a bug
+        while writing one change (not a refusal of the store) sets it aside like an event the
+        rules cannot evaluate, rather than hold it and every change after it."""
+        applied = _Applied()
+        ids: dict[int, int] = {}  # the plan's refs of incidents it opens -> their ids
+        for action in actions:
+            if isinstance(action, SetAside):
+                continue
+            try:
+                applied.changes.append((action, *self._apply_one(action, ids)))
+            except (StoreError, _PlanOutdatedError):
+                raise
+            except Exception:
+                if not set_aside:
+                    raise
+                rule = self.rules.get(action.rule)
+                firing = not isinstance(action, Resolve)
+                self._evaluation_failed(
+                    f"{action.gateway}/{action.device} {action.rule} "
+                    f"{'firing' if firing else 'resolved'} (not recorded)",
+                    alarm=firing and rule is not None and rule.kind == "event")
+        return applied
+
+    def _apply_one(self, action: Change, ids: dict[int, int]) -> tuple[int | None, int | None]:
+        """Write one change; the incident it opened or moved and the one it follows."""
+        store = self.store
+        if isinstance(action, Open):
+            opened = store.open_incident(
+                rule=action.rule, gateway=action.gateway, device=action.device,
+                severity=action.severity, summary=action.summary, detail=action.detail,
+                at_ms=action.at_ms, notify=action.notify, group_wait_ms=action.group_wait_ms,
+                next_due_ms=action.next_due_ms)
+            if (opened is not None) != action.expect_new:
+                raise _PlanOutdatedError
+            if opened is not None:
+                ids[action.ref] = opened
+            return opened, None
+        if isinstance(action, Resolve):
+            store.resolve_incidents(rule=action.rule, gateway=action.gateway,
+                                    device=action.device, at_ms=action.at_ms, by=action.by,
+                                    notify=action.notify)
+            return None, None
+        target = ids[action.incident] if action.incident < 0 else action.incident
+        if isinstance(action, RaiseAgain):
+            if not store.raise_again(target, at_ms=action.at_ms, detail=action.detail,
+                                     notify=action.notify, group_wait_ms=action.group_wait_ms):
+                raise _PlanOutdatedError
+            return target, None
+        new = store.supersede_incident(target, at_ms=action.at_ms, detail=action.detail,
+                                       notify=action.notify, group_wait_ms=action.group_wait_ms,
+                                       next_due_ms=action.next_due_ms)
+        if new is None:
+            raise _PlanOutdatedError
+        ids[action.ref] = new
+        return new, target
+
+    def _report(self, applied: _Applied) -> None:
+        """Count, log and wake the sender for what one transaction recorded, once committed
+        (so the sender finds what it is woken for, and a rollback counts nothing)."""
+        wake = False
+        for action, incident, follows in applied.changes:
+            wake = wake or bool(action.notify)
+            where = {"rule": action.rule, "gateway": action.gateway, "device": action.device}
+            if action.mute_error is not None:
+                log.error("cannot tell whether to mute this change; it is announced",
+                          exc_info=action.mute_error, extra=where)
+            if action.muted is not None:
+                self.muted += 1
+                log.info("not announced", extra={**where, "reason": action.muted})
+            if isinstance(action, Open) and incident is not None:
+                if action.self_alert:
+                    wake = True
+                    log.error("the hub raised an alert about itself",
+                              extra={"rule": action.rule, "detail": action.detail})
+                else:
+                    self.opened += 1
+                    log.warning("incident opened", extra={
+                        **where, "severity": action.severity, "detail": action.detail})
+            elif isinstance(action, RaiseAgain | Supersede):
+                self.opened += follows is not None
+                log.warning("alarm raised again", extra={
+                    **where, "incident": incident, "follows": follows, "raises": action.raises})
+        if wake:
+            self.on_queued()
 
     def _save_progress(self, now_ms: int) -> None:
         """Save change-free progress, at most every CURSOR_SAVE_INTERVAL_MS (not one fsync per
@@ -591,15 +759,20 @@ class AlertStage:
                 self._failed_alert = None
             else:
                 problems.setdefault(EVALUATION_FAILED_RULE, detail)
-        self._pending_wake = False
-        with self.store.atomically("check the hub itself"):
-            self._check_self(problems, now_ms, again)
+        setup = self._setup()
+
+        def work() -> _Applied:
+            snapshot = self._self_snapshot(SELF_RULES, now_ms, problems=problems, again=again)
+            applied = self._apply(plan_self_check(problems, again, snapshot, setup,
+                                                  now_ms=now_ms), set_aside=False)
             if letters:
                 self.store.set_cursor(OVER_BOUND_CURSOR, letters[-1].pos)
+            return applied
+
+        applied = self._in_one_transaction("check the hub itself", work)
         if letters:
             self._over_bound_pos = letters[-1].pos
-        if self._pending_wake:  # once committed, so the sender finds what it is woken for
-            self.on_queued()
+        self._report(applied)
 
     def _with_refused_alarms(self, problems: Mapping[str, str], again: Collection[str],
                              letters: Sequence[DeadLetter], now_ms: int,
@@ -612,7 +785,7 @@ class AlertStage:
             named = sorted({f"{a.gateway}/{a.device}" for a in alarms})
             detail = (f"{len(alarms)} CARE ALARM(S) from new devices beyond the per-gateway "
                       f"bound (CAREFLOW_MAX_DEVICES_PER_GATEWAY) were dead-lettered as "
-                      f"too_many_devices, not evaluated: {_first_few(named)}; check those "
+                      f"too_many_devices, not evaluated: {first_few(named)}; check those "
                       "devices now (careflow deadletter list --code too_many_devices)")
             self._refused_alarms = (now_ms + OVER_BOUND_WINDOW_MS, detail)
             again.add(OVER_BOUND_RULE)
@@ -623,73 +796,6 @@ class AlertStage:
             elif OVER_BOUND_RULE not in problems:
                 problems[OVER_BOUND_RULE] = detail
         return problems, again
-
-    def _check_self(self, problems: Mapping[str, str], now_ms: int,
-                    again: Collection[str]) -> None:
-        for rule, severity in SELF_RULES.items():
-            if rule in problems:
-                self._raise_self(rule, severity, problems[rule], now_ms,
-                                 again=rule in again)
-            # one lookup per rule on the unresolved-incident index: a page of the newest
-            # incidents missed the hub's own behind a busy fleet's, so it never resolved
-            elif self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
-                                                device=HUB_DEVICE) is not None:
-                self.store.resolve_incidents(rule=rule, gateway=HUB_GATEWAY,
-                                             device=HUB_DEVICE, at_ms=now_ms,
-                                             by="careflow (self-check passed)")
-
-    def _raise_self(self, rule: str, severity: str, detail: str, now_ms: int, *,
-                    again: bool) -> None:
-        """Open one of the hub's own incidents, or (``again``: it happened anew) announce the
-        unresolved one again at once; inside the caller's transaction."""
-        if again:  # _raise_unresolved looks the incident up itself: False when there is none
-
-            def outgoing(text: str) -> list[Outgoing]:
-                return self._self_outgoing(rule, severity, detail, now_ms, "raised-again", text)
-
-            if self._raise_unresolved(rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms,
-                                      detail, outgoing, lambda _channels: 0):
-                return
-        elif self.store.unresolved_incident(rule=rule, gateway=HUB_GATEWAY,
-                                            device=HUB_DEVICE) is not None:
-            return  # still open, nothing new: said already
-        notify = self._self_outgoing(rule, severity, detail, now_ms, "firing")
-        if self.store.open_incident(rule=rule, gateway=HUB_GATEWAY, device=HUB_DEVICE,
-                                    severity=severity, summary=f"careflow hub: {rule}",
-                                    detail=detail, at_ms=now_ms, notify=notify,
-                                    next_due_ms=self._first_due_ms(
-                                        rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms)):
-            log.error("the hub raised an alert about itself",
-                      extra={"rule": rule, "detail": detail})
-            self._pending_wake = True
-
-    def _announce_failures(self, now_ms: int) -> None:
-        """hub-evaluation-failed for the events set aside in this step (see
-        _evaluation_failed), announced again at once if it is already open."""
-        named = [what for what, _ in self._failed]
-        alarms = sum(alarm for _, alarm in self._failed)
-        detail = (f"{len(named)} stored event(s) could not be evaluated by the rules (a bug in "
-                  f"careflow; they are stored, and were set aside so that no alarm waits behind "
-                  f"them): {_first_few(named)}"
-                  + (f"; {alarms} of them a CARE ALARM: check those devices now" if alarms
-                     else "") + "; see the hub's log and `careflow events query`")
-        self._raise_self(EVALUATION_FAILED_RULE, SELF_RULES[EVALUATION_FAILED_RULE], detail,
-                         now_ms, again=True)
-        self._failed_alert = (now_ms + EVALUATION_FAILED_WINDOW_MS, detail)
-
-    def _self_outgoing(self, rule: str, severity: str, detail: str, now_ms: int, kind: str,
-                       again: str | None = None) -> list[Outgoing]:
-        """The messages of one of the hub's own alerts, to every channel its route names."""
-        title, body = render(kind=kind, severity=severity, summary=f"careflow hub: {rule}",
-                             detail=detail, gateway=HUB_GATEWAY, device=HUB_DEVICE,
-                             since_ms=now_ms, runbook=self._runbook("runbooks/hub-unhealthy.md"),
-                             again=again)
-        channels = self.decision(rule=rule, severity=severity, gateway=HUB_GATEWAY,
-                                 device=HUB_DEVICE).channels
-        if rule == "hub-notifications-failing":  # not (only) through the failing one
-            channels = avoid_failing(channels, failing=failing_or_stuck(self.store, now_ms),
-                                     configured=tuple(self.channels))
-        return [(c, title, body) for c in channels if c in self.channels]
 
     def _remind(self, now_ms: int) -> None:
         """Escalation steps, then repeats every repeat_interval, for open incidents whose
@@ -760,211 +866,7 @@ class AlertStage:
                     found.setdefault(gateway, []).append(name)
         return {gateway: tuple(names) for gateway, names in found.items()}
 
-    def _inhibited(self, incident: Incident) -> bool:
-        rule = self.rules.get(incident.rule)
-        return rule is not None and inhibited_by(
-            rule_kind=rule.kind, gateway=incident.gateway, device=incident.device,
-            gateway_offline=self._gateway_offline(incident.gateway),
-            gateway_announced_by=self._gateway_rule_firing(rule, incident.gateway)) is not None
-
-    def _gateway_offline(self, gateway: str) -> bool:
-        presence = self.store.presence().get(gateway)
-        # what fires may include incidents of rules since removed from the configuration
-        return (presence is not None and presence.state == "offline") or any(
-            subject == (gateway, gateway) and name in self.rules
-            and self.rules[name].kind == "absence"
-            for name, subject, _ in self.evaluator.active())
-
-    def _runbook(self, path: str | None) -> str | None:
-        """A rule's runbook as people should get it: a link when a base URL is configured."""
-        if path is None or self.runbook_url is None or "://" in path:
-            return path
-        return self.runbook_url.rstrip("/") + "/" + path.lstrip("/")
-
     @property
     def unrecorded(self) -> int:
         """Stored events whose evaluation is not recorded yet (0 when caught up)."""
         return max(self._log_end - self._evaluated, 0)
-
-    def _record_or_set_aside(self, transition: Transition) -> None:
-        """Record one change; a bug while recording it sets it aside like an event the rules
-        cannot evaluate (retried from the log, it would fail again and hold every alarm after
-        it). A refusal of the store is retried: it is not the change's fault."""
-        try:
-            self._record_one(transition)
-        except StoreError:
-            raise
-        except Exception:
-            rule = self.rules.get(transition.rule)
-            self._evaluation_failed(
-                f"{transition.gateway}/{transition.device} {transition.rule} "
-                f"{transition.status} (not recorded)",
-                alarm=transition.status == "firing" and rule is not None and rule.kind == "event")
-
-    def _record_one(self, transition: Transition) -> None:
-        """Open or resolve one incident (with its notifications) in one transaction."""
-        rule = self.rules[transition.rule]
-        summary = _summary(rule, transition)
-        if transition.status == "firing":
-            if rule.kind == "event" and self._raise_again(rule, transition, summary):
-                return
-            opened = self.store.open_incident(
-                rule=rule.name, gateway=transition.gateway, device=transition.device,
-                severity=rule.severity, summary=summary, detail=transition.detail,
-                at_ms=transition.at_ms, notify=(notify := self._outgoing(
-                    rule, transition, summary, "firing")),
-                group_wait_ms=self._hold_ms(rule, transition, [c for c, _, _ in notify]),
-                next_due_ms=self._first_due_ms(rule.name, rule.severity, transition.gateway,
-                                               transition.device, transition.at_ms))
-            if opened:
-                self.opened += 1
-                log.warning("incident opened", extra={
-                    "rule": rule.name, "gateway": transition.gateway,
-                    "device": transition.device, "severity": rule.severity,
-                    "detail": transition.detail})
-        else:
-            self.store.resolve_incidents(rule=rule.name, gateway=transition.gateway,
-                                         device=transition.device, at_ms=transition.at_ms,
-                                         by="careflow (condition cleared)",
-                                         notify=self._outgoing(rule, transition, summary,
-                                                               "resolved"))
-
-    def _raise_again(self, rule: Rule, transition: Transition, summary: str) -> bool:
-        """An event rule (a care alarm) raised while its incident is unresolved: every raise is
-        a new emergency (see :meth:`_raise_unresolved`)."""
-        def outgoing(again: str) -> list[Outgoing]:
-            return self._outgoing(rule, transition, summary, "raised-again", again=again)
-
-        def hold(channels: list[str]) -> int:
-            return self._hold_ms(rule, transition, channels)
-
-        return self._raise_unresolved(rule.name, rule.severity, transition.gateway,
-                                      transition.device, transition.at_ms, transition.detail,
-                                      outgoing, hold)
-
-    def _raise_unresolved(self, rule: str, severity: str, gateway: str, device: str, at_ms: int,
-                          detail: str, outgoing: Callable[[str], list[Outgoing]],
-                          hold: Callable[[list[str]], int]) -> bool:
-        """A new raise of an unresolved incident. Still open: count it and announce it again at
-        once (the escalation walk goes on: nobody answered yet). Acknowledged: someone had the
-        last raise, so a new incident follows it, announced at once, and its escalation starts
-        from this raise. False when nothing is unresolved (open a new incident as usual).
-        ``outgoing`` renders the messages from the "raised again" text; ``hold`` is their
-        group wait."""
-        # Someone may acknowledge or resolve it between the read and the write (the CLI is
-        # another process): each move is compare-and-set, and each state is left at most once.
-        for _ in range(3):
-            existing = self.store.unresolved_incident(rule=rule, gateway=gateway, device=device)
-            if existing is None:
-                return False
-            acknowledged = existing.state == "acknowledged"
-            notify = outgoing(raised_again_text(
-                raises=existing.raises + 1,
-                first_raised_ms=existing.first_raised_ms or existing.triggered_ms,
-                acknowledged_by=existing.acknowledged_by if acknowledged else None,
-                acknowledged_ms=existing.acknowledged_ms if acknowledged else None))
-            wait = hold([c for c, _, _ in notify])
-            if acknowledged:
-                carried_by = self.store.supersede_incident(
-                    existing.id, at_ms=at_ms, detail=detail, notify=notify, group_wait_ms=wait,
-                    next_due_ms=self._first_due_ms(rule, severity, gateway, device, at_ms))
-            else:
-                carried_by = existing.id if self.store.raise_again(
-                    existing.id, at_ms=at_ms, detail=detail, notify=notify,
-                    group_wait_ms=wait) else None
-            if carried_by is not None:
-                self.opened += carried_by != existing.id
-                if notify:
-                    self._pending_wake = True
-                log.warning("alarm raised again", extra={
-                    "rule": rule, "gateway": gateway, "device": device, "incident": carried_by,
-                    "follows": existing.id if carried_by != existing.id else None,
-                    "raises": existing.raises + 1})
-                return True
-        return False
-
-    def _first_due_ms(self, rule: str, severity: str, gateway: str, device: str,
-                      at_ms: int) -> int | None:
-        """When a new incident's first escalation step or repeat is due (None: never)."""
-        decision = self.decision(rule=rule, severity=severity, gateway=gateway, device=device)
-        steps = self.escalation.get(decision.escalation or "", ())
-        return next_reminder_ms(tuple(s.after for s in steps), sent=0, state="open",
-                                triggered_ms=at_ms, repeat_interval_ms=decision.repeat_interval_ms)
-
-    def _muted(self, rule: Rule, transition: Transition) -> str | None:
-        """Why this change is recorded but not announced, if it is not announced."""
-        if rule.kind != "event" and flapping(
-                self._recent_triggers(rule.name, transition.gateway, transition.device,
-                                      transition.at_ms),
-                now_ms=transition.at_ms):
-            return "flapping: it fired and cleared again and again; see careflow incidents list"
-        silence = silenced_by(self.store.silences(active_at_ms=transition.at_ms), rule.name,
-                              transition.gateway, transition.device, transition.at_ms)
-        if silence is not None:
-            return f"silenced by #{silence.id} ({silence.comment}, {silence.created_by})"
-        return inhibited_by(rule_kind=rule.kind, gateway=transition.gateway,
-                            device=transition.device,
-                            gateway_offline=self._gateway_offline(transition.gateway),
-                            gateway_announced_by=self._gateway_rule_firing(rule,
-                                                                           transition.gateway))
-
-    def _gateway_rule_firing(self, rule: Rule, gateway: str) -> str | None:
-        """Another rule watching gateways themselves that fires for this gateway, if any."""
-        if rule.kind != "absence" or getattr(rule, "only_gateways", False):
-            return None
-        return next((name for name, subject, _ in self.evaluator.active()
-                     if subject == (gateway, gateway) and name != rule.name
-                     and getattr(self.rules.get(name), "only_gateways", False)), None)
-
-    def _recent_triggers(self, rule: str, gateway: str, device: str, now_ms: int) -> list[int]:
-        """Earlier triggers of this rule for this source within the flapping window."""
-        return self.store.incident_triggers(rule=rule, gateway=gateway, device=device,
-                                            since_ms=now_ms - FLAP_WINDOW_MS)
-
-    def _outgoing(self, rule: Rule, transition: Transition, summary: str,
-                  kind: str, *, again: str | None = None) -> list[Outgoing]:
-        try:
-            reason = self._muted(rule, transition)
-        except StoreError:
-            raise  # the store refuses: the whole change is retried from the log
-        except Exception:  # a bug must not hold this change, and every one after it, for ever
-            log.exception("cannot tell whether to mute this change; it is announced",
-                          extra={"rule": rule.name, "gateway": transition.gateway,
-                                 "device": transition.device})
-            reason = None
-        if reason is not None:
-            self.muted += 1
-            log.info("not announced", extra={"rule": rule.name, "gateway": transition.gateway,
-                                             "device": transition.device, "reason": reason})
-            return []
-        title, body = render(kind=kind, severity=rule.severity, summary=summary,
-                             detail=transition.detail, gateway=transition.gateway,
-                             device=transition.device, since_ms=transition.at_ms,
-                             runbook=self._runbook(rule.runbook), again=again)
-        channels = self.decision(rule=rule.name, severity=rule.severity,
-                                 gateway=transition.gateway, device=transition.device).channels
-        outgoing = [(name, title, body) for name in channels if name in self.channels]
-        if outgoing:
-            self._pending_wake = True
-        return outgoing
-
-    def _hold_ms(self, rule: Rule, transition: Transition, channels: list[str]) -> int:
-        """How long a new firing notification waits for its group (group_wait, group_interval);
-        with several channels, the longest of their holds, so no group goes out too often."""
-        if rule.severity == "critical" or not channels:
-            return 0
-        decision = self.decision(rule=rule.name, severity=rule.severity,
-                                 gateway=transition.gateway, device=transition.device)
-        # a route's own group_wait wins; otherwise the stage's (tests shorten it)
-        wait = self.group_wait_ms if decision.route < 0 or \
-            self.routing.routes[decision.route].group_wait is None else decision.group_wait_ms
-        hold = 0
-        for channel in channels:
-            last_sent, pending_at = self.store.group_timing(channel=channel,
-                                                            group_key=transition.gateway)
-            send_at = firing_send_at(now_ms=transition.at_ms, critical=False,
-                                     group_wait_ms=wait,
-                                     group_interval_ms=decision.group_interval_ms,
-                                     last_sent_ms=last_sent, pending_at_ms=pending_at)
-            hold = max(hold, send_at - transition.at_ms)
-        return hold
