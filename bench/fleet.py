@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.edge_agent import cpu_s, rss_mb
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import Mosquitto, careflow_cmd
 

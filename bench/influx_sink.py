@@ -27,7 +27,7 @@ from careflow.hub.fleet.sites import SiteBook
 from careflow.hub.ingest.decode import decode_message
 from careflow.hub.sinks.influx.points import event_points
 from careflow.hub.sinks.influx.sink import InfluxSink, V1Writer
-from careflow.hub.store.interface import EventFilter, IncomingBatch
+from careflow.hub.store.records import EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import Influxd
 

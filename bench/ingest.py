@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from careflow.core.config import parse_broker_url
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.stamper import Stamper
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas import batch_topic, event_topic
 from tests.conftest import Mosquitto, careflow_cmd

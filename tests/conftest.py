@@ -29,7 +29,7 @@ from careflow.hub.alerting.rules import RuleSet, load_rules
 from careflow.hub.app import HubService
 from careflow.hub.ingest.decode import decode_message
 from careflow.hub.sinks.influx.sink import EVENTS_CURSOR, InfluxSink, make_writer
-from careflow.hub.store.interface import IncomingBatch
+from careflow.hub.store.records import IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.service import Activation
 from careflow.schemas import event_topic

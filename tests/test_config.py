@@ -10,7 +10,7 @@ import pytest
 from careflow.core.config import MAX_CERT_DAYS, MAX_INT_SETTING, load_settings
 from careflow.core.errors import ConfigError
 from careflow.hub.ingest.decode import Rejected
-from careflow.hub.store.interface import IncomingBatch
+from careflow.hub.store.records import IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.pki import CA_DAYS, init_pki, load_pki, make_csr, new_device_key
 from careflow.provisioning.pki import sign_device_csr as sign

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, careflow_cmd, wait_until
 from tests.hub.test_hub_mosquitto import publish, publish_raw

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from careflow.hub.report.html_page import format_duration, nice_ceiling
 from careflow.hub.report.summary import DAY_MS, build_report, day_starts, online_ms, sites_of
-from careflow.hub.store.interface import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.hub.store.records import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 H = 3_600_000
 START, END = 10 * DAY_MS, 17 * DAY_MS  # a week, on UTC midnights

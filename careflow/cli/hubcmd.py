@@ -32,7 +32,7 @@ from careflow.hub.ingest.embedded_broker import (
     is_loopback,
 )
 from careflow.hub.sinks.influx.sink import InfluxSink, sink_for
-from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.store.adapters import open_store
 from careflow.provisioning.service import Provisioning, provisioning_for
 
 __all__ = ["hub"]
@@ -64,10 +64,7 @@ def hub(
     credentials = embedded_credentials(settings) if settings.embedded else None
     lock = DataDirLock(settings.data_dir)  # one hub per data directory; says who runs there
     lock.acquire()
-    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
-                        max_devices_per_gateway=settings.max_devices_per_gateway,
-                        dead_letter_max_rows=settings.dead_letter_max_rows,
-                        dead_letter_max_bytes=settings.dead_letter_max_bytes)
+    store = open_store(settings)
     embedded = EmbeddedBroker(settings.listen.host, settings.listen.port,
                               credentials=credentials) if settings.embedded else None
     sender: NotificationSender | None = None
@@ -88,8 +85,7 @@ def hub(
                              provisioning=provisioning.activation if provisioning else None,
                              decode_worker=(os.cpu_count() or 1) > 1)
         if channels:
-            sender = NotificationSender(
-                SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous), channels)
+            sender = NotificationSender(open_store(settings), channels)  # its own connection
             sender.start()
             alerts.on_queued = sender.wake
         else:

@@ -23,7 +23,7 @@ from careflow.cli.common import (
 )
 from careflow.cli.ops import open_store
 from careflow.core.errors import RefusedError
-from careflow.hub.store.interface import Incident
+from careflow.hub.store.records import UNRESOLVED, Incident
 
 __all__ = ["incidents_app"]
 
@@ -59,7 +59,7 @@ def list_incidents(
 
     Example: `careflow incidents list --state open` or `careflow incidents list --json`.
     """
-    states = {"active": ("open", "acknowledged"), "all": None}.get(state, (state,))
+    states = {"active": UNRESOLVED, "all": None}.get(state, (state,))
     incidents = open_store(data_dir).incidents(states=states, limit=limit)
     if as_json:
         print_json_lines([_row(i) for i in incidents])

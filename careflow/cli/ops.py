@@ -31,8 +31,9 @@ from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
 from careflow.hub.fleet.presence import PresenceRecord, device_state
 from careflow.hub.replay import OPT_IN, STAGES, replay
-from careflow.hub.store.interface import EventFilter
-from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.store import adapters
+from careflow.hub.store.interface import Store
+from careflow.hub.store.records import UNRESOLVED, EventFilter, NotificationState
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.schemas import EVENT_TYPES, parse_event
 
@@ -69,13 +70,14 @@ UntilOption = Annotated[str | None, typer.Option(
     "--until", help="Event time before: an age or RFC 3339 time.")]
 
 
-def open_store(data_dir: Any) -> SqliteStore:  # noqa: ANN401 - Path | None from typer
+def open_store(data_dir: Any) -> Store:  # noqa: ANN401 - Path | None from typer
+    """The hub's store in ``data_dir`` (or as configured), which must exist already."""
     settings = settings_from(data_dir=data_dir)
     if not settings.db_path.exists():
         msg = (f"no event store at {settings.db_path}. Start `careflow hub` first, or point "
                "--data-dir / CAREFLOW_DATA_DIR at the hub's data directory.")
         raise ConfigError(msg)
-    return SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous)
+    return adapters.open_store(settings)
 
 
 def _filter(gateway: str | None, device: str | None, type_: str | None, since: str | None,
@@ -408,9 +410,10 @@ def status(
     report["dead_letters_kept"] = store.dead_letter_count()
     report["sequence_gaps"] = store.total_gaps()
     report["events_kept"] = store.count(EventFilter())
-    report["incidents_active"] = store.count_incidents(states=("open", "acknowledged"))
-    report["notifications_waiting"] = store.count_notifications(states=("pending", "sending"))
-    report["notifications_failed"] = store.count_notifications(states=("failed",))
+    report["incidents_active"] = store.count_incidents(states=UNRESOLVED)
+    report["notifications_waiting"] = store.count_notifications(
+        states=(NotificationState.PENDING, NotificationState.SENDING))
+    report["notifications_failed"] = store.count_notifications(states=(NotificationState.FAILED,))
     influx = report.pop("influx", None)
     if isinstance(influx, dict):
         report.update({f"influx_{key}": value for key, value in influx.items()})

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 from rich.table import Table
@@ -16,15 +16,19 @@ from careflow.cli.ops import open_store
 from careflow.core.errors import ConfigError
 from careflow.hub.report.html_page import format_duration, format_pct, render_html
 from careflow.hub.report.summary import DAY_MS, Report, build_report
-from careflow.hub.store.interface import EventFilter, Incident, PresenceChange
-from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.store.interface import EventLog, Fleet, Incidents
+from careflow.hub.store.records import EventFilter, Incident, PresenceChange
 
 __all__ = ["report"]
 
 _PAGE = 10_000
 
 
-def _presence_log(store: SqliteStore) -> list[PresenceChange]:
+class ReportStore(EventLog, Fleet, Incidents, Protocol):
+    """What the report reads: provisions from the log, the registry, presence, incidents."""
+
+
+def _presence_log(store: Fleet) -> list[PresenceChange]:
     changes: list[PresenceChange] = []
     while page := store.presence_changes(after_pos=changes[-1].pos if changes else 0,
                                          limit=_PAGE):
@@ -32,7 +36,7 @@ def _presence_log(store: SqliteStore) -> list[PresenceChange]:
     return changes
 
 
-def collect(store: SqliteStore, *, days: int, now_ms: int) -> Report:
+def collect(store: ReportStore, *, days: int, now_ms: int) -> Report:
     """Read what the report needs from the store and compute it."""
     start_ms = now_ms - days * DAY_MS
     incidents: list[Incident] = []

@@ -8,7 +8,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import typer
 from rich.console import Group
@@ -40,8 +40,9 @@ from careflow.hub.datadir_lock import DataDirLock
 from careflow.hub.fleet.presence import device_state
 from careflow.hub.ingest.embedded_broker import EmbeddedBroker
 from careflow.hub.sinks.influx.sink import sink_for
-from careflow.hub.store.interface import EventFilter
-from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.store.adapters import open_store
+from careflow.hub.store.interface import EventLog, Fleet, Health
+from careflow.hub.store.records import EventFilter
 from careflow.provisioning.service import provisioning_for
 
 __all__ = ["demo", "simulate"]
@@ -124,7 +125,11 @@ def simulate(
         child.join(timeout=90)
 
 
-def _view(store: SqliteStore, simulator: FleetSimulator) -> Group:
+class _ViewStore(EventLog, Fleet, Health, Protocol):
+    """What the live view reads."""
+
+
+def _view(store: _ViewStore, simulator: FleetSimulator) -> Group:
     now_ms = time.time_ns() // 1_000_000
     presence = store.presence()
     devices = store.devices()
@@ -185,8 +190,7 @@ def demo(
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     lock = DataDirLock(settings.data_dir, command="careflow demo")  # it runs a hub too
     lock.acquire()
-    store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
-                        max_devices_per_gateway=settings.max_devices_per_gateway)
+    store = open_store(settings)
     broker = EmbeddedBroker(settings.listen.host, settings.listen.port)
     broker.start()
     provisioning = provisioning_for(settings)  # the claim flow works in the demo too
@@ -203,7 +207,7 @@ def demo(
                                devices_per_gateway=devices_per_gateway, interval_s=interval,
                                faults=faults, keepalive_s=5, prefix="demo")
     runner = _run_in_thread(simulator, duration)
-    viewer = SqliteStore(settings.db_path)
+    viewer = open_store(settings)  # the live view reads on a connection of its own
     try:
         with Live(_view(viewer, simulator), console=console, refresh_per_second=2) as live:
             while runner.is_alive():

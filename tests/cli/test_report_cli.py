@@ -13,7 +13,7 @@ import pytest
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest.decode import PresenceUpdate
-from careflow.hub.store.interface import IncomingBatch
+from careflow.hub.store.records import IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import careflow_cmd, store_event
 

@@ -12,7 +12,7 @@ import pytest
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest.decode import decode_message
-from careflow.hub.store.interface import IncomingBatch
+from careflow.hub.store.records import IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.registry import SqliteProvisioningRegistry

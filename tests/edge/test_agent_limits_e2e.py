@@ -25,7 +25,7 @@ from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.alerting.rules import load_rules
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.schemas.limits import MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, RunningHub, wait_until
 from tests.edge.conftest import AgentThread

@@ -10,7 +10,7 @@ import pytest
 from careflow.core.config import parse_broker_url
 from careflow.core.errors import ConfigError
 from careflow.edge.simulator import Fault, FleetSimulator, parse_fault
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

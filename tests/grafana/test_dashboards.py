@@ -29,7 +29,7 @@ from careflow.hub.sinks.influx.points import (
     incident_points,
     presence_points,
 )
-from careflow.hub.store.interface import Incident, PresenceChange, StoredEvent
+from careflow.hub.store.records import Incident, PresenceChange, StoredEvent
 from tests.conftest import Influxd
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"

@@ -20,7 +20,7 @@ from careflow.hub.alerting.evaluate import Evaluator
 from careflow.hub.alerting.incidents import ALERTS_CURSOR, AlertStage, conflicting_alarm
 from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.rules import load_rules
-from careflow.hub.store.interface import DeadLetter, EventFilter, IncomingBatch
+from careflow.hub.store.records import DeadLetter, EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.hostile import hostile_payloads
 from tests.hub.test_sqlite_store import batch_of

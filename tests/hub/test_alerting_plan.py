@@ -36,7 +36,7 @@ from careflow.hub.alerting.plan import (
 from careflow.hub.alerting.routing import Reminder, decide, next_reminder_ms
 from careflow.hub.alerting.rules import RuleSet, load_rules
 from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY
-from careflow.hub.store.interface import Incident
+from careflow.hub.store.records import Incident
 
 T0 = 1_800_000_000_000
 S, M, H = 1_000, 60_000, 3_600_000

@@ -20,7 +20,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
 from careflow.hub.alerting.notify import NotificationSender, load_channels
 from careflow.hub.alerting.rules import load_rules
-from careflow.hub.store.interface import Notification
+from careflow.hub.store.records import Notification
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import (
     HttpReceiver,

@@ -14,7 +14,7 @@ import pytest
 from careflow.core.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import Mosquitto, careflow_cmd, heartbeat, wait_until
 

@@ -17,7 +17,7 @@ from careflow.hub.app import HubService
 from careflow.hub.ingest import decode_worker as decoder_module
 from careflow.hub.ingest.decode import Decoded
 from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
 from tests.hub.test_hub_mosquitto import fleet_events, publish
 

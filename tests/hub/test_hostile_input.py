@@ -27,7 +27,7 @@ from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.app import HubService
 from careflow.hub.ingest.decode import Decoded
 from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely
-from careflow.hub.store.interface import AppendResult, EventFilter, IncomingBatch
+from careflow.hub.store.records import AppendResult, EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas.limits import MAX_BATCH_EVENTS, MAX_DATA_DEPTH, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, careflow_cmd, heartbeat, make_settings, wait_until

@@ -15,7 +15,7 @@ from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.app import RESEND_REQUESTS_PER_GATEWAY
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
 
 pytestmark = pytest.mark.broker

@@ -25,7 +25,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.ingest.decode import PresenceUpdate, decode_message
 from careflow.hub.sinks.influx.points import line, tag_value_as_stored
 from careflow.hub.sinks.influx.sink import EVENTS_CURSOR, InfluxSink, V1Writer, V2Writer, read_refusal
-from careflow.hub.store.interface import EventFilter, IncomingBatch
+from careflow.hub.store.records import EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import (
     Influxd,

@@ -49,8 +49,9 @@ from careflow.hub.alerting.notify import (
 )
 from careflow.hub.alerting.rules import load_rules
 from careflow.hub.app import HubService
-from careflow.hub.store.interface import Incident, Notification
-from careflow.hub.store.sqlite_store import MAX_GROUP_CLAIM, SqliteStore
+from careflow.hub.store.interface import MAX_GROUP_CLAIM
+from careflow.hub.store.records import Incident, Notification
+from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import JsonReceiver, careflow_cmd, free_port, make_settings, wait_until
 from tests.hub.test_notify_e2e import Mailbox
 

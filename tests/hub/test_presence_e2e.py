@@ -11,7 +11,7 @@ import pytest
 
 from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, wait_until
 from tests.hub.test_hub_mosquitto import publish_raw
 

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from careflow.hub.ingest.resend import ResendRequest, ResendThrottle
-from careflow.hub.store.interface import SourceGap
+from careflow.hub.store.records import SourceGap
 
 
 def gaps(gateway: str, devices: int, boot: str = "b") -> list[SourceGap]:

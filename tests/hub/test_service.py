@@ -9,7 +9,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub import app as service_module
 from careflow.hub.app import HubService, _worth_a_worker
 from careflow.hub.ingest.ingress import IncomingMessage
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import heartbeat, make_settings
 

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.ingest.decode import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
 from careflow.hub.replay import replay
-from careflow.hub.store.interface import EventFilter, IncomingBatch
-from careflow.hub.store.sqlite_store import (
+from careflow.hub.store.interface import (
     CONFLICTS_CURSOR,
     MAX_DEAD_LETTER_PAYLOAD,
     OVER_BOUND_CURSOR,
-    SqliteStore,
 )
+from careflow.hub.store.records import EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
 

@@ -11,7 +11,7 @@ import pytest
 
 from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.provisioning.pki import write_atomic
 from tests.conftest import RunningHub, wait_until
 from tests.provisioning.conftest import TlsBroker, mqtt_handshake

@@ -23,7 +23,7 @@ from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
 from careflow.edge.identity import CERT_FILE, KEY_FILE
 from careflow.hub.ingest.embedded_broker import EmbeddedBroker
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import Reject, hash_token
 from careflow.provisioning.service import Provisioning

@@ -12,7 +12,7 @@ import pytest
 
 from careflow.core.errors import BrokerError
 from careflow.edge.claim import ClaimResult, claim_identity
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.pki import current_certificate
 from careflow.provisioning.service import Provisioning

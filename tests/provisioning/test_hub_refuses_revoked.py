@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.store.interface import EventFilter
+from careflow.hub.store.records import EventFilter
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.provisioning.service import Activation

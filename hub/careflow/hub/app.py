@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from careflow.core import clock
 from careflow.core.clock import Clock
@@ -37,13 +37,19 @@ from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely, inter
 from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
 from careflow.hub.ingest.resend import ResendThrottle
 from careflow.hub.sinks.influx.sink import InfluxSink
-from careflow.hub.store.interface import AppendResult, EventStore, IncomingBatch
+from careflow.hub.store.interface import EventLog, Health, Outbox
+from careflow.hub.store.records import AppendResult, IncomingBatch, NotificationState
 from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 
 __all__ = ["HubCounters", "HubService", "tune_gc_for_ingest"]
 
 log = logging.getLogger(__name__)
+
+
+class WriterStore(EventLog, Health, Outbox, Protocol):
+    """What the writer loop uses of the store: it appends, publishes the hub's health, and reads
+    the notification outbox for the hub's self-checks."""
 
 QUEUE_BOUND = 20_000
 MAX_MESSAGES_PER_COMMIT = 2_000
@@ -141,7 +147,7 @@ class _AbandonedError(Exception):
 class HubService:
     """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
 
-    def __init__(self, settings: Settings, store: EventStore, *,
+    def __init__(self, settings: Settings, store: WriterStore, *,
                  queue_bound: int = QUEUE_BOUND, alerts: AlertStage | None = None,
                  sink: InfluxSink | None = None,
                  provisioning: Activation | None = None, decode_worker: bool = False,
@@ -406,8 +412,8 @@ class HubService:
         overdue = self.store.overdue_notifications(
             due_before_ms=now_ms - NOTIFICATION_OVERDUE_MS) \
             if now_ms - self._started_ms >= NOTIFICATION_OVERDUE_MS else {}
-        failed = self.store.count_notifications(states=("failed",)) + \
-            self.store.count_notifications(states=("pending",), min_attempts=MAX_ATTEMPTS,
+        failed = self.store.count_notifications(states=(NotificationState.FAILED,)) + \
+            self.store.count_notifications(states=(NotificationState.PENDING,), min_attempts=MAX_ATTEMPTS,
                                            critical_min_attempts=FAILING_AFTER_ATTEMPTS) + \
             sum(overdue.values())
         failing = failing_or_stuck(self.store, now_ms) if failed else {}

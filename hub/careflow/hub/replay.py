@@ -13,7 +13,8 @@ from typing import Protocol
 
 from careflow.core.errors import ConfigError
 from careflow.hub.alerting.evaluate import Evaluator, Observation
-from careflow.hub.store.interface import EventFilter, EventStore, StoredEvent
+from careflow.hub.store.interface import Store
+from careflow.hub.store.records import EventFilter, StoredEvent
 from careflow.schemas import format_rfc3339
 
 __all__ = ["STAGES", "RegistryStage", "ReplayReport", "RulesDryRun", "Stage", "replay"]
@@ -25,7 +26,7 @@ class Stage(Protocol):
     name: str
     needs_whole_log: bool
 
-    def begin(self, store: EventStore) -> int | None:
+    def begin(self, store: Store) -> int | None:
         """Prepare; may return the last log position this replay must cover."""
         ...
 
@@ -41,9 +42,9 @@ class RegistryStage:
     needs_whole_log = True
 
     def __init__(self) -> None:
-        self._store: EventStore | None = None
+        self._store: Store | None = None
 
-    def begin(self, store: EventStore) -> int | None:
+    def begin(self, store: Store) -> int | None:
         """Empty the registry; the rebuild covers the log up to this moment."""
         self._store = store
         return store.reset_registry()
@@ -69,7 +70,7 @@ class RulesDryRun:
         self.evaluator = Evaluator(default_rules().rules)
         self.lines: list[str] = []
 
-    def begin(self, store: EventStore) -> int | None:
+    def begin(self, store: Store) -> int | None:
         """Nothing to prepare."""
         return None
 
@@ -110,7 +111,7 @@ class ReplayReport:
 
 
 def replay(
-    store: EventStore,
+    store: Store,
     flt: EventFilter,
     stage_names: Sequence[str],
     *,

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from careflow.core.errors import ConfigError, ContractError, StoreError
 from careflow.hub.alerting.evaluate import Evaluator, Observation, Transition
@@ -55,7 +55,16 @@ from careflow.hub.alerting.selfwatch import (
     lagging_since,
 )
 from careflow.hub.fleet.sites import SiteBook
-from careflow.hub.store.interface import DeadLetter, EventFilter, EventStore, StoredEvent
+from careflow.hub.store.interface import (
+    Cursors,
+    EventLog,
+    Fleet,
+    Incidents,
+    Mutes,
+    Outbox,
+    UnitOfWork,
+)
+from careflow.hub.store.records import DeadLetter, EventFilter, StoredEvent
 from careflow.schemas import decode_json, validate_event
 
 __all__ = [
@@ -151,12 +160,16 @@ def conflicting_alarm(letter: DeadLetter) -> Observation | None:
                        value["data"])
 
 
+class AlertStore(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, UnitOfWork, Protocol):
+    """What the alert stage uses of the store (the outbox: for the hub's self-checks)."""
+
+
 class AlertStage:
     """Feeds the evaluator and records incidents; runs on the hub's writer thread."""
 
     name = "alerts"
 
-    def __init__(self, store: EventStore, rules: RuleSet,
+    def __init__(self, store: AlertStore, rules: RuleSet,
                  channels: Mapping[str, Channel] | None = None, *,
                  runbook_url: str | None = None) -> None:
         self.store = store

@@ -41,13 +41,15 @@ import time
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import apprise
 
 from careflow.core.config import read_secret
 from careflow.core.errors import ConfigError, TransportError
 from careflow.hub.alerting.apprise_transport import AppriseTransport
-from careflow.hub.store.interface import EventStore, Incident, Notification
+from careflow.hub.store.interface import Incidents, Outbox
+from careflow.hub.store.records import Incident, Notification
 
 __all__ = [
     "FAILING_AFTER_ATTEMPTS",
@@ -266,7 +268,7 @@ def gives_up(*, attempts: int, permanent: bool, critical_open: bool) -> bool:
     return permanent or attempts >= MAX_ATTEMPTS
 
 
-def failing_or_stuck(store: EventStore, now_ms: int) -> dict[str, str]:
+def failing_or_stuck(store: Outbox, now_ms: int) -> dict[str, str]:
     """Channels whose latest attempt failed, and channels with notifications overdue by
     ``NOTIFICATION_OVERDUE_MS`` that no attempt was recorded for (a stuck or dead sender),
     each with why."""
@@ -288,6 +290,10 @@ def avoid_failing(preferred: Sequence[str], *, failing: Collection[str],
     return others or tuple(preferred)
 
 
+class SenderStore(Outbox, Incidents, Protocol):
+    """What the senders use of the store: the outbox, and the incidents it announces."""
+
+
 class NotificationSender:
     """Delivers pending notifications from the store: one thread per channel, so a slow or
     failing channel never holds up another.
@@ -298,12 +304,12 @@ class NotificationSender:
     The store's connection is shared by the threads, one call at a time.
     """
 
-    def __init__(self, store: EventStore, channels: Mapping[str, Channel]) -> None:
+    def __init__(self, store: SenderStore, channels: Mapping[str, Channel]) -> None:
         if len(channels) > MAX_CHANNELS:
             msg = (f"{len(channels)} notification channels are configured; careflow runs one "
                    f"thread per channel and takes at most {MAX_CHANNELS}")
             raise ConfigError(msg)
-        self.store = store  # a second SqliteStore on the same file (its own connection)
+        self.store = store  # a connection of its own (the writer keeps appending meanwhile)
         self.channels = dict(channels)
         self._transports = {name: AppriseTransport(c.url) for name, c in self.channels.items()}
         self._templated = {name for name, c in self.channels.items() if c.template}

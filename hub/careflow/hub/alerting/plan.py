@@ -28,7 +28,7 @@ from careflow.hub.alerting.routing import (
 )
 from careflow.hub.alerting.rules import EscalationStep, Routing, Rule
 from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES
-from careflow.hub.store.interface import Incident, Outgoing
+from careflow.hub.store.records import Incident, IncidentState, Outgoing, Severity
 
 __all__ = [
     "EVALUATION_FAILED_RULE",
@@ -353,7 +353,8 @@ def _plan_one(view: _View, transition: Transition) -> None:
             expect_new=new, muted=muted, mute_error=error))
         if new:
             view.opened(Incident(ref, rule.name, transition.gateway, transition.device,
-                                 rule.severity, "open", summary, transition.detail,
+                                 Severity(rule.severity), IncidentState.OPEN, summary,
+                                 transition.detail,
                                  transition.at_ms, None, None, None, None,
                                  first_raised_ms=transition.at_ms,
                                  last_raised_ms=transition.at_ms), notify, wait)
@@ -402,7 +403,7 @@ def _raise_unresolved(view: _View, rule: str, severity: str, gateway: str, devic
             at_ms=at_ms, detail=detail, notify=notify, group_wait_ms=wait,
             next_due_ms=_first_due_ms(view.setup, rule, severity, gateway, device, at_ms),
             raises=existing.raises + 1, muted=muted, mute_error=error))
-        view.opened(replace(existing, id=ref, state="open", detail=detail, triggered_ms=at_ms,
+        view.opened(replace(existing, id=ref, state=IncidentState.OPEN, detail=detail, triggered_ms=at_ms,
                             acknowledged_ms=None, acknowledged_by=None, escalation_sent=0,
                             raises=existing.raises + 1, first_raised_ms=first,
                             last_raised_ms=at_ms, follows_id=existing.id), notify, wait)
@@ -589,7 +590,7 @@ def _raise_self(view: _View, rule: str, severity: str, detail: str, now_ms: int,
         group_wait_ms=0,
         next_due_ms=_first_due_ms(view.setup, rule, severity, HUB_GATEWAY, HUB_DEVICE, now_ms),
         expect_new=True, self_alert=True))
-    view.opened(Incident(ref, rule, HUB_GATEWAY, HUB_DEVICE, severity, "open",
+    view.opened(Incident(ref, rule, HUB_GATEWAY, HUB_DEVICE, Severity(severity), IncidentState.OPEN,
                          f"careflow hub: {rule}", detail, now_ms, None, None, None, None,
                          first_raised_ms=now_ms, last_raised_ms=now_ms), notify, 0)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from careflow.hub.store.interface import StoredEvent
+from careflow.hub.store.records import StoredEvent
 
 __all__ = ["FACTS", "JSON_FACTS", "DeviceUpdate", "SourceUpdate", "beyond_bound", "summarize"]
 

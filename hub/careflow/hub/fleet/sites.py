@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from careflow.hub.store.interface import StoredEvent
+from careflow.hub.store.records import StoredEvent
 
 __all__ = ["UNASSIGNED", "SiteBook"]
 

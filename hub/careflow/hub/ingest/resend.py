@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from careflow.hub.store.interface import SourceGap
+from careflow.hub.store.records import SourceGap
 
 __all__ = ["ResendRequest", "ResendThrottle"]
 

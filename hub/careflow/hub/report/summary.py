@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from careflow.hub.fleet.sites import UNASSIGNED, SiteBook
-from careflow.hub.store.interface import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.hub.store.records import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 __all__ = [
     "DayFigures",

@@ -1,4 +1,5 @@
-"""SQLite adapter for :class:`~careflow.hub.store.interface.EventStore`: WAL, one transaction per batch.
+"""SQLite adapter of the store (:class:`~careflow.hub.store.interface.Store`): WAL, one
+transaction per batch.
 
 sqlite3 errors become :class:`StoreError` here. ``synchronous=FULL`` (the default) makes a commit
 survive power loss; ``normal`` survives a crash of the process but may lose the last commits on
@@ -37,29 +38,39 @@ from careflow.hub.fleet.presence import PresenceRecord, supersedes
 from careflow.hub.ingest.decode import Accepted, Rejected
 from careflow.hub.ingest.dedupe import Candidate, Verdict, judge
 from careflow.hub.store.interface import (
+    CONFLICTS_CURSOR,
+    MAX_DEAD_LETTER_PAYLOAD,
+    MAX_GROUP_CLAIM,
+    OVER_BOUND_CURSOR,
+)
+from careflow.hub.store.records import (
     AppendResult,
     DeadLetter,
     DeviceRecord,
     EventFilter,
     Incident,
+    IncidentState,
     IncomingBatch,
     Notification,
+    NotificationKind,
+    NotificationState,
     Outgoing,
     OverBound,
     PresenceChange,
+    Severity,
     SourceGap,
     StoredEvent,
 )
 from careflow.schemas import check_depth
 
-__all__ = ["MAX_DEAD_LETTER_PAYLOAD", "MAX_GROUP_CLAIM", "SqliteStore"]
+__all__ = ["SqliteStore"]
 
-MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
-MAX_GROUP_CLAIM = 1000  # held notifications of a group claimed along with a due one
-# Conflicts the alert stage has not evaluated yet are never pruned (alerting/incidents.py's cursor).
-CONFLICTS_CURSOR = "alerts-conflicts"
-OVER_BOUND_CURSOR = "alerts-over-bound"  # alerting/incidents.py's, over too_many_devices letters
 SCHEMA_VERSION = "1"
+# The state words, each spelled once (in careflow.hub.store.records): the SQL is built from them.
+_I, _N, _K, _S = IncidentState, NotificationState, NotificationKind, Severity
+# The dead-letter codes this store gives a meaning to (ingest's vocabulary).
+CONFLICT = "conflict"
+TOO_MANY_DEVICES = "too_many_devices"
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
 _SCHEMA = f"""
@@ -169,7 +180,7 @@ CREATE TABLE IF NOT EXISTS incidents (
 );
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
-    ON incidents (rule, gateway, device) WHERE state != 'resolved';
+    ON incidents (rule, gateway, device) WHERE state != '{_I.RESOLVED}';
 CREATE TABLE IF NOT EXISTS notifications (
     id INTEGER PRIMARY KEY,
     incident_id INTEGER NOT NULL,
@@ -177,7 +188,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     kind TEXT NOT NULL,
     title TEXT NOT NULL,
     body TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
+    state TEXT NOT NULL DEFAULT '{_N.PENDING}',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
     last_error TEXT,
@@ -313,6 +324,17 @@ def _stored(row: sqlite3.Row | tuple[Any, ...]) -> StoredEvent:
     return StoredEvent(*row)
 
 
+def _incident(row: Sequence[Any]) -> Incident:
+    """An incident from its row (columns as ``_INCIDENT_COLUMNS``), its words as enums."""
+    return Incident(row[0], row[1], row[2], row[3], _S(row[4]), _I(row[5]), *row[6:])
+
+
+def _notification(row: Sequence[Any]) -> Notification:
+    """A notification from its row (every column, in table order), its words as enums."""
+    return Notification(row[0], row[1], row[2], _K(row[3]), row[4], row[5], _N(row[6]),
+                        *row[7:])
+
+
 def _candidate(event_id: str, key: tuple[str, str, str, int], type_: str, time_text: str,
                data: Mapping[str, Any]) -> Candidate:
     return Candidate(event_id, key, type_, time_text, data)
@@ -332,7 +354,7 @@ def _event_row(accepted: Accepted, received_ms: int) -> tuple[Any, ...]:
             int(ev.seq), accepted.body)
 
 
-_KEPT_WHOLE = frozenset({"conflict", "internal_error"})
+_KEPT_WHOLE = frozenset({CONFLICT, "internal_error"})
 
 
 def _dead_letter_row(rejected: Rejected, received_ms: int,
@@ -415,7 +437,7 @@ class SqliteStore:
                         conn.execute(f"UPDATE incidents SET {name} = {backfill}")
         # after the columns: a database from before next_due_ms has no such column until now
         self._conn.execute("CREATE INDEX IF NOT EXISTS incidents_due ON incidents (next_due_ms) "
-                           "WHERE state = 'open'")
+                           f"WHERE state = '{_I.OPEN}'")
         # the self-check reads refused care alarms after its cursor once a second: without this,
         # every other refusal after the cursor (up to the dead-letter bound) is read each time
         self._conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_placed ON dead_letters "
@@ -480,7 +502,7 @@ class SqliteStore:
                     duplicates += 1
                 else:
                     conflicts += 1
-                    conflicted.append((Rejected(accepted.topic, "conflict", reason,
+                    conflicted.append((Rejected(accepted.topic, CONFLICT, reason,
                                                 accepted.body.encode()), received_ms))
         if conflicted:  # placed after this commit's events, where the alert stage reads them
             end = int(conn.execute("SELECT COALESCE(MAX(pos), 0) FROM events").fetchone()[0])
@@ -536,7 +558,7 @@ class SqliteStore:
                       f"{bound} devices, the bound (CAREFLOW_MAX_DEVICES_PER_GATEWAY={bound}): "
                       "its events are kept here and it is not registered. Raise the bound if the "
                       "gateway really serves this many devices; else find out what invents them")
-            rejected.append((Rejected(accepted.topic, "too_many_devices", reason,
+            rejected.append((Rejected(accepted.topic, TOO_MANY_DEVICES, reason,
                                       accepted.body.encode()), received_ms))
             over.append(OverBound(event.gateway, event.device, event.type,
                                   event.type == "alert" and accepted.data.get("state") == "raised"))
@@ -574,8 +596,8 @@ class SqliteStore:
             # The newest row always stays: a position is a rowid, and SQLite gives a deleted
             # maximum out again, which would put a new conflict behind the alert stage's cursor.
             # Care alarms refused beyond the device bound stay until the hub announced them.
-            conn.execute("DELETE FROM dead_letters WHERE pos <= ? AND (code != 'conflict' OR "
-                         "pos <= ?) AND (code != 'too_many_devices' OR log_pos IS NULL OR "
+            conn.execute(f"DELETE FROM dead_letters WHERE pos <= ? AND (code != '{CONFLICT}' OR "
+                         f"pos <= ?) AND (code != '{TOO_MANY_DEVICES}' OR log_pos IS NULL OR "
                          "pos <= ?) AND pos < (SELECT MAX(pos) FROM dead_letters)",
                          (cut, protected, over_bound))
 
@@ -632,6 +654,12 @@ class SqliteStore:
         row = self._read("SELECT COALESCE(MAX(pos), 0) FROM events")[0]
         return int(row[0])
 
+    def count_after(self, after_pos: int) -> int:
+        """How many events the log holds after a position: here a difference of positions, as
+        they are rowids of a table no row is ever deleted from, given out one writer at a time
+        (consecutive; a rolled-back insert takes none)."""
+        return max(self.last_pos() - after_pos, 0)
+
     def incidents_changed(self, *, since_ms: int, after_id: int = 0,
                           limit: int = 1000) -> list[Incident]:
         """Incidents opened, acknowledged or resolved at or after a moment, by id."""
@@ -639,7 +667,7 @@ class SqliteStore:
             f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id > ? AND MAX(triggered_ms, "
             "COALESCE(acknowledged_ms, 0), COALESCE(resolved_ms, 0)) >= ? ORDER BY id LIMIT ?",
             (after_id, since_ms, limit))
-        return [Incident(*row) for row in rows]
+        return [_incident(row) for row in rows]
 
     def queue_lines(self, sink: str, lines: Sequence[str], *, max_rows: int) -> int:
         """Keep lines for a sink until it confirms them; oldest dropped past ``max_rows``.
@@ -712,18 +740,18 @@ class SqliteStore:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO incidents (rule, gateway, device, severity, state, "
                 "summary, detail, triggered_ms, first_raised_ms, last_raised_ms, next_due_ms) "
-                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
+                f"VALUES (?, ?, ?, ?, '{_I.OPEN}', ?, ?, ?, ?, ?, ?)",
                 (rule, gateway, device, severity, summary, detail, at_ms, at_ms, at_ms,
                  next_due_ms))
             if cursor.rowcount != 1:
                 return None
             incident_id = cursor.lastrowid
             assert incident_id is not None
-            self._queue(incident_id, "firing", notify, at_ms, group_key=gateway,
+            self._queue(incident_id, _K.FIRING, notify, at_ms, group_key=gateway,
                         delay_ms=group_wait_ms)
             return incident_id
 
-    def _queue(self, incident_id: int, kind: str, notify: Sequence[Outgoing], at_ms: int, *,
+    def _queue(self, incident_id: int, kind: NotificationKind, notify: Sequence[Outgoing], at_ms: int, *,
                group_key: str = "", delay_ms: int = 0) -> None:
         self._conn.executemany(
             "INSERT INTO notifications (incident_id, channel, kind, title, body, "
@@ -741,22 +769,22 @@ class SqliteStore:
         with self._transaction("escalate an incident") as conn:
             won = conn.execute(
                 "UPDATE incidents SET escalation_sent = escalation_sent + 1, next_due_ms = ? "
-                "WHERE id = ? AND state = 'open' AND escalation_sent = ?",
+                f"WHERE id = ? AND state = '{_I.OPEN}' AND escalation_sent = ?",
                 (next_due_ms, incident_id, sent_before)).rowcount
             if won:
-                self._queue(incident_id, "escalation", notify, at_ms, group_key=group_key)
+                self._queue(incident_id, _K.ESCALATION, notify, at_ms, group_key=group_key)
             return bool(won)
 
     def due_incidents(self, *, now_ms: int, limit: int) -> list[Incident]:
         """Open incidents whose reminder is due, the longest due first."""
-        return [Incident(*row) for row in self._read(
-            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE state = 'open' AND "
+        return [_incident(row) for row in self._read(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE state = '{_I.OPEN}' AND "
             "next_due_ms <= ? ORDER BY next_due_ms, id LIMIT ?", (now_ms, limit))]
 
     def set_incident_due(self, incident_id: int, *, next_due_ms: int | None) -> None:
         """When the walk must look at an open incident again (None: never)."""
         with self._transaction("schedule an incident's reminder") as conn:
-            conn.execute("UPDATE incidents SET next_due_ms = ? WHERE id = ? AND state = 'open'",
+            conn.execute(f"UPDATE incidents SET next_due_ms = ? WHERE id = ? AND state = '{_I.OPEN}'",
                          (next_due_ms, incident_id))
 
     def make_open_incidents_due(self) -> int:
@@ -764,7 +792,7 @@ class SqliteStore:
         start: the escalation policies may have changed); how many."""
         with self._transaction("reschedule open incidents") as conn:
             return conn.execute("UPDATE incidents SET next_due_ms = triggered_ms "
-                                "WHERE state = 'open'").rowcount
+                                f"WHERE state = '{_I.OPEN}'").rowcount
 
     def resolve_incidents(self, *, rule: str, gateway: str, device: str, at_ms: int,
                           by: str, notify: Sequence[Outgoing] = ()) -> int:
@@ -772,34 +800,34 @@ class SqliteStore:
         with self._transaction("resolve an incident") as conn:
             row = conn.execute(
                 "SELECT id FROM incidents WHERE rule = ? AND gateway = ? AND device = ? "
-                "AND state != 'resolved'", (rule, gateway, device)).fetchone()
+                f"AND state != '{_I.RESOLVED}'", (rule, gateway, device)).fetchone()
             if row is None:
                 return 0
-            conn.execute("UPDATE incidents SET state = 'resolved', resolved_ms = ?, "
+            conn.execute(f"UPDATE incidents SET state = '{_I.RESOLVED}', resolved_ms = ?, "
                          "resolved_by = ? WHERE id = ?", (at_ms, by, row[0]))
-            self._queue(int(row[0]), "resolved", notify, at_ms)
+            self._queue(int(row[0]), _K.RESOLVED, notify, at_ms)
             return 1
 
     def unresolved_incident(self, *, rule: str, gateway: str, device: str) -> Incident | None:
         """The open or acknowledged incident of this rule and source (the unique index holds
         at most one)."""
         rows = self._read(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE rule = ? AND "
-                          "gateway = ? AND device = ? AND state != 'resolved'",
+                          f"gateway = ? AND device = ? AND state != '{_I.RESOLVED}'",
                           (rule, gateway, device))
-        return Incident(*rows[0]) if rows else None
+        return _incident(rows[0]) if rows else None
 
     def raise_again(self, incident_id: int, *, at_ms: int, detail: str,
                     notify: Sequence[Outgoing] = (), group_wait_ms: int = 0) -> bool:
         """Count a new raise on a still-open incident, with its messages, in one transaction
         (compare-and-set: False when someone acknowledged or resolved it meanwhile)."""
         with self._transaction("record a raise of an incident") as conn:
-            row = conn.execute("SELECT gateway FROM incidents WHERE id = ? AND state = 'open'",
+            row = conn.execute(f"SELECT gateway FROM incidents WHERE id = ? AND state = '{_I.OPEN}'",
                                (incident_id,)).fetchone()
             if row is None:
                 return False
             conn.execute("UPDATE incidents SET raises = raises + 1, last_raised_ms = ?, "
                          "detail = ? WHERE id = ?", (at_ms, detail, incident_id))
-            self._queue(incident_id, "firing", notify, at_ms, group_key=row[0],
+            self._queue(incident_id, _K.FIRING, notify, at_ms, group_key=row[0],
                         delay_ms=group_wait_ms)
             return True
 
@@ -816,16 +844,16 @@ class SqliteStore:
         """
         with self._transaction("open an incident for a new raise") as conn:
             row = conn.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ? AND "
-                               "state = 'acknowledged'", (incident_id,)).fetchone()
+                               f"state = '{_I.ACKNOWLEDGED}'", (incident_id,)).fetchone()
             if row is None:
                 return None
-            old = Incident(*row)
-            conn.execute("UPDATE incidents SET state = 'resolved', resolved_ms = ? WHERE id = ?",
+            old = _incident(row)
+            conn.execute(f"UPDATE incidents SET state = '{_I.RESOLVED}', resolved_ms = ? WHERE id = ?",
                          (at_ms, incident_id))
             cursor = conn.execute(
                 "INSERT INTO incidents (rule, gateway, device, severity, state, summary, detail, "
                 "triggered_ms, raises, first_raised_ms, last_raised_ms, follows_id, next_due_ms) "
-                "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"VALUES (?, ?, ?, ?, '{_I.OPEN}', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (old.rule, old.gateway, old.device, old.severity, old.summary, detail, at_ms,
                  old.raises + 1, old.first_raised_ms or old.triggered_ms, at_ms, incident_id,
                  next_due_ms))
@@ -833,7 +861,7 @@ class SqliteStore:
             assert new_id is not None
             conn.execute("UPDATE incidents SET resolved_by = ? WHERE id = ?",
                          (f"careflow (raised again: incident {new_id})", incident_id))
-            self._queue(new_id, "firing", notify, at_ms, group_key=old.gateway,
+            self._queue(new_id, _K.FIRING, notify, at_ms, group_key=old.gateway,
                         delay_ms=group_wait_ms)
             return new_id
 
@@ -841,9 +869,9 @@ class SqliteStore:
         """When the group's last firing message went out, and when its waiting batch goes."""
         row = self._read(
             "SELECT (SELECT MAX(sent_ms) FROM notifications WHERE channel = ?1 AND "
-            "group_key = ?2 AND kind = 'firing' AND state = 'sent'), (SELECT "
+            f"group_key = ?2 AND kind = '{_K.FIRING}' AND state = '{_N.SENT}'), (SELECT "
             "MIN(next_attempt_ms) FROM notifications WHERE channel = ?1 AND group_key = ?2 AND "
-            "kind = 'firing' AND state = 'pending' AND attempts = 0)", (channel, group_key))[0]
+            f"kind = '{_K.FIRING}' AND state = '{_N.PENDING}' AND attempts = 0)", (channel, group_key))[0]
         return row[0], row[1]
 
     def claim_notifications(self, *, now_ms: int, limit: int,
@@ -855,26 +883,26 @@ class SqliteStore:
         claimed: list[Notification] = []
         only = "" if channel is None else "channel = ? AND "
         rows = self._read(  # critical ones first: a care alarm never waits behind warnings
-            "SELECT id, channel, group_key, kind FROM notifications WHERE state = 'pending' AND "
+            f"SELECT id, channel, group_key, kind FROM notifications WHERE state = '{_N.PENDING}' AND "
             f"{only}next_attempt_ms <= ? ORDER BY (SELECT severity FROM incidents WHERE "
-            "incidents.id = notifications.incident_id) = 'critical' DESC, id LIMIT ?",
+            f"incidents.id = notifications.incident_id) = '{_S.CRITICAL}' DESC, id LIMIT ?",
             (now_ms, limit) if channel is None else (channel, now_ms, limit))
         # a due notification brings along the rest of its group (same channel, gateway and
         # kind: firing messages, or repeats, which escalation queues with a group key)
         groups = {(channel, key, kind) for _, channel, key, kind in rows if key}
         extra = [row[0] for channel, key, kind in sorted(groups) for row in self._read(
-            "SELECT id FROM notifications WHERE state = 'pending' AND channel = ? AND "
+            f"SELECT id FROM notifications WHERE state = '{_N.PENDING}' AND channel = ? AND "
             "group_key = ? AND kind = ? AND attempts = 0", (channel, key, kind))]
         due = list(dict.fromkeys([row[0] for row in rows] + extra[:MAX_GROUP_CLAIM]))
         with self._transaction("claim notifications") as conn:
             for notification_id in due:
-                won = conn.execute("UPDATE notifications SET state = 'sending' "
-                                   "WHERE id = ? AND state = 'pending'",
+                won = conn.execute(f"UPDATE notifications SET state = '{_N.SENDING}' "
+                                   f"WHERE id = ? AND state = '{_N.PENDING}'",
                                    (notification_id,)).rowcount == 1
                 if won:
                     row = conn.execute("SELECT * FROM notifications WHERE id = ?",
                                        (notification_id,)).fetchone()
-                    claimed.append(Notification(*row))
+                    claimed.append(_notification(row))
         return claimed
 
     def finish_notification(self, notification_id: int, *, ok: bool, now_ms: int,
@@ -882,12 +910,12 @@ class SqliteStore:
                             attempts: int | None = None) -> None:
         """Sent, failed for good, or back to pending for a later attempt (``attempts``: the
         count to record, when not one more than before)."""
-        state = "sent" if ok else ("failed" if final else "pending")
+        state = _N.SENT if ok else (_N.FAILED if final else _N.PENDING)
         with self._transaction("record a notification") as conn:
             conn.execute(
                 "UPDATE notifications SET state = ?, attempts = COALESCE(?, attempts + 1), "
                 "last_error = ?, sent_ms = CASE WHEN ? THEN ? ELSE sent_ms END, "
-                "next_attempt_ms = ? WHERE id = ? AND state = 'sending'",
+                f"next_attempt_ms = ? WHERE id = ? AND state = '{_N.SENDING}'",
                 (state, attempts, error, ok, now_ms, now_ms + retry_in_ms, notification_id))
 
     def cancel_notification(self, notification_id: int, *, now_ms: int, reason: str) -> bool:
@@ -895,14 +923,14 @@ class SqliteStore:
         or resolved meanwhile): cancelled, with the reason, for `careflow notify list`."""
         with self._transaction("cancel a notification") as conn:
             return conn.execute(
-                "UPDATE notifications SET state = 'cancelled', last_error = ?, "
-                "next_attempt_ms = ? WHERE id = ? AND state = 'sending'",
+                f"UPDATE notifications SET state = '{_N.CANCELLED}', last_error = ?, "
+                f"next_attempt_ms = ? WHERE id = ? AND state = '{_N.SENDING}'",
                 (reason, now_ms, notification_id)).rowcount == 1
 
     def overdue_notifications(self, *, due_before_ms: int) -> dict[str, int]:
         """Per channel, how many notifications are pending that were due before this moment
         (none is, while the channel's sender keeps up)."""
-        rows = self._read("SELECT channel, COUNT(*) FROM notifications WHERE state = 'pending' "
+        rows = self._read(f"SELECT channel, COUNT(*) FROM notifications WHERE state = '{_N.PENDING}' "
                           "AND next_attempt_ms < ? GROUP BY channel", (due_before_ms,))
         return {str(channel): int(count) for channel, count in rows}
 
@@ -910,9 +938,10 @@ class SqliteStore:
         """Channels whose latest attempt failed, with that attempt's reason."""
         rows = self._read(
             "SELECT n.channel, n.last_error FROM notifications AS n JOIN (SELECT MAX(id) AS id "
-            "FROM notifications WHERE attempts > 0 AND state IN ('pending', 'sent', 'failed') "
+            "FROM notifications WHERE attempts > 0 AND "
+            f"state IN ('{_N.PENDING}', '{_N.SENT}', '{_N.FAILED}') "
             "GROUP BY channel) AS latest ON n.id = latest.id "
-            "WHERE n.state != 'sent' AND n.last_error IS NOT NULL")
+            f"WHERE n.state != '{_N.SENT}' AND n.last_error IS NOT NULL")
         return {str(channel): str(error) for channel, error in rows}
 
     def release_claimed_notifications(self, channel: str | None = None) -> int:
@@ -920,8 +949,8 @@ class SqliteStore:
         pending again (it may go out twice, never zero)."""
         only = "" if channel is None else " AND channel = ?"
         with self._transaction("release notifications") as conn:
-            return conn.execute("UPDATE notifications SET state = 'pending' "
-                                f"WHERE state = 'sending'{only}",
+            return conn.execute(f"UPDATE notifications SET state = '{_N.PENDING}' "
+                                f"WHERE state = '{_N.SENDING}'{only}",
                                 () if channel is None else (channel,)).rowcount
 
     def _in_states(self, what: str, table: str, states: Sequence[str] | None,
@@ -936,7 +965,7 @@ class SqliteStore:
     def notifications(self, *, states: Sequence[str] | None = None,
                       limit: int = 50) -> list[Notification]:
         """Newest first."""
-        return [Notification(*row) for row in self._in_states(
+        return [_notification(row) for row in self._in_states(
             "*", "notifications", states, " ORDER BY id DESC LIMIT ?", [limit])]
 
     def count_notifications(self, *, states: Sequence[str] | None = None,
@@ -947,7 +976,7 @@ class SqliteStore:
             return int(self._in_states(
                 "COUNT(*)", "notifications", states,
                 f" {'AND' if states else 'WHERE'} attempts >= CASE WHEN incident_id IN (SELECT id "
-                "FROM incidents WHERE severity = 'critical') THEN ? ELSE ? END",
+                f"FROM incidents WHERE severity = '{_S.CRITICAL}') THEN ? ELSE ? END",
                 [critical_min_attempts, min_attempts])[0][0])
         if min_attempts:
             return int(self._in_states("COUNT(*)", "notifications", states,
@@ -971,21 +1000,21 @@ class SqliteStore:
     def acknowledge_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:
         """Mark an open incident acknowledged (compare-and-set: only from open)."""
         return self._change_incident(
-            incident_id, "UPDATE incidents SET state = 'acknowledged', acknowledged_ms = ?, "
-            "acknowledged_by = ? WHERE id = ? AND state = 'open'", (at_ms, by, incident_id),
+            incident_id, f"UPDATE incidents SET state = '{_I.ACKNOWLEDGED}', acknowledged_ms = ?, "
+            f"acknowledged_by = ? WHERE id = ? AND state = '{_I.OPEN}'", (at_ms, by, incident_id),
             "acknowledge")
 
     def resolve_incident(self, incident_id: int, *, by: str, at_ms: int) -> Incident:
         """Resolve an open or acknowledged incident by hand."""
         return self._change_incident(
-            incident_id, "UPDATE incidents SET state = 'resolved', resolved_ms = ?, "
-            "resolved_by = ? WHERE id = ? AND state != 'resolved'", (at_ms, by, incident_id),
+            incident_id, f"UPDATE incidents SET state = '{_I.RESOLVED}', resolved_ms = ?, "
+            f"resolved_by = ? WHERE id = ? AND state != '{_I.RESOLVED}'", (at_ms, by, incident_id),
             "resolve")
 
     def incidents(self, *, states: Sequence[str] | None = None,
                   limit: int = 50) -> list[Incident]:
         """Newest first, optionally only in some states."""
-        return [Incident(*row) for row in self._in_states(
+        return [_incident(row) for row in self._in_states(
             _INCIDENT_COLUMNS, "incidents", states, " ORDER BY id DESC LIMIT ?", [limit])]
 
     def count_incidents(self, *, states: Sequence[str] | None = None) -> int:
@@ -1003,7 +1032,7 @@ class SqliteStore:
         """One incident."""
         rows = self._read(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?",
                           (incident_id,))
-        return Incident(*rows[0]) if rows else None
+        return _incident(rows[0]) if rows else None
 
     def add_silence(self, *, gateway: str, device: str, rule: str, starts_ms: int, ends_ms: int,
                     created_by: str, comment: str) -> Silence:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from careflow.hub.fleet.sites import SiteBook
-from careflow.hub.store.interface import DeviceRecord, Incident, PresenceChange, StoredEvent
+from careflow.hub.store.records import DeviceRecord, Incident, PresenceChange, StoredEvent
 
 __all__ = [
     "UNREPRESENTABLE",

@@ -37,7 +37,9 @@ from careflow.hub.sinks.influx.points import (
     incident_points,
     presence_points,
 )
-from careflow.hub.store.interface import EventFilter, EventStore, StoredEvent
+from careflow.hub.store.adapters import open_store
+from careflow.hub.store.interface import Cursors, EventLog, Fleet, Incidents, SinkQueue, Store
+from careflow.hub.store.records import UNRESOLVED, EventFilter, StoredEvent
 
 __all__ = [
     "InfluxSink", "InfluxStage", "PointWriter", "V1Writer", "V2Writer", "make_writer",
@@ -228,6 +230,15 @@ def make_writer(settings: InfluxSettings) -> PointWriter:
     return V2Writer(settings) if settings.api == "v2" else V1Writer(settings)
 
 
+class SinkStore(EventLog, Fleet, Incidents, Cursors, SinkQueue, Protocol):
+    """What the sink uses of the store (a connection of its own, closed with the hub): the log
+    after its cursors, presence and the registry, incident phases, its queue of lines."""
+
+    def close(self) -> None:
+        """Release the store."""
+        ...
+
+
 @dataclass(slots=True)
 class SinkCounters:
     """What the sink has done, for `careflow status` and the `hub` measurement."""
@@ -249,7 +260,7 @@ class InfluxSink:
     the points before it.
     """
 
-    def __init__(self, store: EventStore, writer: PointWriter, *, hub_name: str = "careflow-hub",
+    def __init__(self, store: SinkStore, writer: PointWriter, *, hub_name: str = "careflow-hub",
                  backlog_warn: int = 100_000, chunk: int = 5000,
                  health: Callable[[], Mapping[str, Any]] | None = None,
                  snapshots: bool = True, clock: Clock = clock.now_ms) -> None:
@@ -294,7 +305,7 @@ class InfluxSink:
 
     def backlog(self) -> int:
         """Events stored but not yet confirmed by InfluxDB."""
-        return max(self.store.last_pos() - self.store.cursor(EVENTS_CURSOR), 0)
+        return self.store.count_after(self.store.cursor(EVENTS_CURSOR))
 
     def status(self) -> dict[str, Any]:
         """The sink's part of the hub's health report."""
@@ -366,7 +377,7 @@ class InfluxSink:
             self._queue(hub_points(self.health(), hub=self.hub_name,
                                    backlog_events=self.backlog(),
                                    open_incidents=self.store.count_incidents(
-                                       states=("open", "acknowledged")),
+                                       states=UNRESOLVED),
                                    now_ms=now_ms or self.clock()))
             self._next_hub = now + HUB_HEALTH_INTERVAL_S
         if self.snapshots and now >= self._next_snapshot:
@@ -567,7 +578,7 @@ class InfluxSink:
             self._warned_backlog = False
 
 
-def reset_cursors(store: EventStore) -> None:
+def reset_cursors(store: Cursors) -> None:
     """Make the next drain rewrite everything from the logs (replay --target influx)."""
     for name in (EVENTS_CURSOR, PRESENCE_CURSOR, INCIDENTS_CURSOR):
         store.set_cursor(name, 0)
@@ -593,7 +604,7 @@ class InfluxStage:
         self.target = settings
         self._sink: InfluxSink | None = None
 
-    def begin(self, store: EventStore) -> int | None:
+    def begin(self, store: Store) -> int | None:
         """Rewind the sink's cursors; the rewrite covers the log up to this moment."""
         reset_cursors(store)
         self._sink = InfluxSink(store, make_writer(self.target), snapshots=False)
@@ -620,8 +631,6 @@ def sink_for(settings: Settings) -> InfluxSink | None:
     CAREFLOW_INFLUX_URL is unset."""
     if settings.influx is None:
         return None
-    from careflow.hub.store.sqlite_store import SqliteStore  # noqa: PLC0415 - the adapter, not the API
-
-    return InfluxSink(SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous),
+    return InfluxSink(open_store(settings),
                       make_writer(settings.influx), hub_name=settings.hub_client_id,
                       backlog_warn=settings.influx.backlog_warn)

@@ -1,0 +1,257 @@
+"""The records that cross the store's interface, and the states they move through.
+
+One module (as healthchecks keeps its ``models.py``): every adapter returns these, every consumer
+reads them. States are ``StrEnum`` words, so they compare equal to the strings they are stored,
+logged and printed as, and each word is spelled once, here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NamedTuple, TypeAlias
+
+from careflow.hub.ingest.decode import Accepted, PresenceUpdate, Rejected
+
+__all__ = [
+    "UNRESOLVED",
+    "AppendResult",
+    "DeadLetter",
+    "DeviceRecord",
+    "EventFilter",
+    "Incident",
+    "IncidentState",
+    "IncomingBatch",
+    "Notification",
+    "NotificationKind",
+    "NotificationState",
+    "Outgoing",
+    "OverBound",
+    "PresenceChange",
+    "Severity",
+    "SourceGap",
+    "StoredEvent",
+]
+
+
+class IncidentState(StrEnum):
+    """open → acknowledged → resolved, or open → resolved; at most one of a rule and source is
+    unresolved (open or acknowledged) at a time."""
+
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+UNRESOLVED = (IncidentState.OPEN, IncidentState.ACKNOWLEDGED)  # "active" in the CLI
+
+
+class NotificationState(StrEnum):
+    """pending → sending (claimed by one sender) → sent, failed or cancelled; back to pending for
+    a retry, or when its sender died before it finished."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class NotificationKind(StrEnum):
+    """What a notification announces: a firing (grouped per gateway), an escalation step or
+    repeat, or the end."""
+
+    FIRING = "firing"
+    ESCALATION = "escalation"
+    RESOLVED = "resolved"
+
+
+class Severity(StrEnum):
+    """How urgent an incident is (a rule's ``severity``); critical ones never wait."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingBatch:
+    """Decoded messages to commit in one transaction, with their arrival times."""
+
+    accepted: Sequence[tuple[Accepted, int]]  # (event, received_ms)
+    rejected: Sequence[tuple[Rejected, int]]
+    presence: Sequence[tuple[PresenceUpdate, int]] = ()
+
+
+class StoredEvent(NamedTuple):
+    """One event in the log; ``pos`` is its place in arrival order (the replay cursor).
+
+    A NamedTuple rather than a frozen dataclass: the hub builds one per event on its hot path.
+    """
+
+    pos: int
+    id: str
+    gateway: str
+    device: str
+    type: str
+    time: str
+    time_ms: int
+    received_ms: int
+    boot: str
+    seq: int
+    body: str
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The event as it was published."""
+        loaded: dict[str, Any] = json.loads(self.body)
+        return loaded
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The event's ``data`` object."""
+        data: dict[str, Any] = self.envelope["data"]
+        return data
+
+
+class PresenceChange(NamedTuple):
+    """One accepted change of a gateway's presence; ``pos`` orders the presence log."""
+
+    pos: int
+    gateway: str
+    state: str
+    conn: int
+    boot: str
+    changed_ms: int
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceGap:
+    """A source (one boot of one device) with events missing below its highest seq."""
+
+    gateway: str
+    device: str
+    boot: str
+    missing: int
+
+
+@dataclass(frozen=True, slots=True)
+class OverBound:
+    """An event dead-lettered as ``too_many_devices``: its device, new to the registry, would
+    have taken its gateway beyond the per-gateway device bound."""
+
+    gateway: str
+    device: str
+    type: str
+    alarm: bool  # a care alarm (an alert that is raised): someone must hear of it
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What a commit did: events stored, repeats skipped, conflicts and rejections dead-lettered,
+    and the sources it touched that still miss events."""
+
+    stored: tuple[StoredEvent, ...]
+    duplicates: int
+    conflicts: int
+    dead_lettered: int
+    gaps: tuple[SourceGap, ...] = ()
+    data: tuple[Mapping[str, Any], ...] = ()  # each stored event's data, already decoded
+    over_bound: tuple[OverBound, ...] = ()  # dead-lettered: beyond the per-gateway device bound
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Input the hub refused, kept with its reason so nothing is silently lost."""
+
+    pos: int
+    received_ms: int
+    topic: str
+    code: str
+    reason: str
+    payload: bytes
+    payload_size: int
+    batch_index: int | None
+    log_pos: int | None = None  # a conflict: the end of the event log after its commit
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """The registry's view of one source (a gateway is a device of itself)."""
+
+    gateway: str
+    device: str
+    first_seen_ms: int
+    last_seen_ms: int
+    events: int
+    last_time_ms: int
+    last_type: str
+    boot: str
+    seq: int
+    skew_ms: int
+    gaps: int
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """A rule fired for a source: who was told, who acknowledged, when it ended."""
+
+    id: int
+    rule: str
+    gateway: str
+    device: str
+    severity: Severity
+    state: IncidentState
+    summary: str
+    detail: str
+    triggered_ms: int
+    acknowledged_ms: int | None
+    acknowledged_by: str | None
+    resolved_ms: int | None
+    resolved_by: str | None
+    escalation_sent: int = 0  # escalation steps already sent
+    # A care alarm raised again while this incident was unresolved: how many raises it carries
+    # (with those of the acknowledged incidents it follows), the first and the newest.
+    raises: int = 1
+    first_raised_ms: int | None = None
+    last_raised_ms: int | None = None
+    follows_id: int | None = None  # the acknowledged incident this raise superseded
+    next_due_ms: int | None = None  # when the escalation walk looks at it next (None: never)
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A message to one channel about one incident change, kept until delivered."""
+
+    id: int
+    incident_id: int
+    channel: str
+    kind: NotificationKind
+    title: str
+    body: str
+    state: NotificationState
+    attempts: int
+    next_attempt_ms: int
+    last_error: str | None  # the channel's reason for the last failure, or why it was cancelled
+    created_ms: int
+    sent_ms: int | None
+    group_key: str = ""  # the gateway: firing notifications of one gateway go out together
+
+
+# (channel, title, body) of a notification to write with an incident change
+Outgoing: TypeAlias = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventFilter:
+    """Which events a query selects; ``None`` means any."""
+
+    gateway: str | None = None
+    device: str | None = None
+    type: str | None = None
+    since_ms: int | None = None  # event time, inclusive
+    until_ms: int | None = None  # event time, exclusive
