@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from careflow.core import clock
 from careflow.core.config import BrokerUrl, TlsFiles, load_settings
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
@@ -70,7 +71,7 @@ def onboard(prov: Provisioning, broker: BrokerUrl, root: Path, count: int, first
             claim_tls: TlsFiles | None, workers: list[Any], stop: Any) -> list[float]:
     """Register ``count`` serials, have them all claim at once from worker processes and run
     their agents; seconds from registration to active, per gateway."""
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     tokens: dict[str, str] = {}
     started: dict[str, float] = {}
     for i in range(count):

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from careflow.core import clock
 from careflow.core.config import Settings, load_settings
 from careflow.core.errors import ConfigError
 from careflow.schemas import format_rfc3339, parse_rfc3339
@@ -182,7 +182,7 @@ def use_rules_dir(folder: Path | None) -> None:
 
 def parse_when(text: str, *, now_ms: int | None = None) -> int:
     """``2026-11-27T05:00:00Z``, ``now`` or an age such as ``15m``/``2h``/``7d`` → epoch ms."""
-    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now_ms = clock.now_ms() if now_ms is None else now_ms
     cleaned = text.strip().lower()
     if cleaned == "now":
         return now_ms
@@ -213,7 +213,7 @@ def format_age(ms: int | None, *, now_ms: int | None = None) -> str:
     """How long ago, compactly: ``4s``, ``3m``, ``2h``, ``5d``."""
     if ms is None:
         return "-"
-    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    now_ms = clock.now_ms() if now_ms is None else now_ms
     seconds = max(0, (now_ms - ms) // 1000)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:

@@ -30,6 +30,7 @@ from careflow.cli.common import (
     styled,
 )
 from careflow.cli.ops import devices_app
+from careflow.core import clock
 from careflow.core.config import TlsFiles
 from careflow.core.errors import ConfigError
 from careflow.provisioning.pki import crl_next_update, load_pki, write_device_acl
@@ -170,7 +171,7 @@ def _withdraw_in_registry(db_path: Path, gateway: str, say: Callable[..., None])
         return "not here"
     registry = SqliteProvisioningRegistry(db_path)
     try:
-        if registry.withdraw(gateway, now_ms=time.time_ns() // 1_000_000):
+        if registry.withdraw(gateway, now_ms=clock.now_ms()):
             say("Marked revoked in the provisioning registry.")
             return "marked"
         return "unknown"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import time
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from careflow.cli.common import (
     styled,
 )
 from careflow.cli.ops import open_store
+from careflow.core import clock
 from careflow.core.errors import RefusedError
 from careflow.hub.store.records import UNRESOLVED, Incident
 
@@ -107,7 +107,7 @@ def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: By
     Example: `careflow incidents ack 42 --by nurse-kari`.
     """
     incident = open_store(data_dir).acknowledge_incident(
-        incident_id, by=by or getpass.getuser(), at_ms=time.time_ns() // 1_000_000)
+        incident_id, by=by or getpass.getuser(), at_ms=clock.now_ms())
     _show(incident, as_json)
 
 
@@ -121,7 +121,7 @@ def resolve(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
     Example: `careflow incidents resolve 42`.
     """
     incident = open_store(data_dir).resolve_incident(
-        incident_id, by=by or getpass.getuser(), at_ms=time.time_ns() // 1_000_000)
+        incident_id, by=by or getpass.getuser(), at_ms=clock.now_ms())
     _show(incident, as_json)
 
 

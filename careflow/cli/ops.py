@@ -26,6 +26,7 @@ from careflow.cli.common import (
     styled,
     use_rules_dir,
 )
+from careflow.core import clock
 from careflow.core.errors import ConfigError, ContractError, RefusedError
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
@@ -210,7 +211,7 @@ def _device_row(rec: Any, presence: dict[str, PresenceRecord],  # noqa: ANN401 -
                 paused: dict[tuple[str, str], tuple[int, str]],
                 sites: dict[str, str] | None = None) -> dict[str, Any]:
     window = paused.get((rec.gateway, rec.device)) or paused.get((rec.gateway, "*"))
-    state, why = device_state(now_ms=time.time_ns() // 1_000_000, last_seen_ms=rec.last_seen_ms,
+    state, why = device_state(now_ms=clock.now_ms(), last_seen_ms=rec.last_seen_ms,
                               interval_s=rec.facts.get("interval_s"),
                               presence=presence.get(rec.gateway), paused=window is not None)
     if window is not None:
@@ -251,7 +252,7 @@ def devices_list(
     store = open_store(data_dir)
     records = store.devices(gateway=gateway)
     presence = store.presence()
-    paused = store.paused(time.time_ns() // 1_000_000)
+    paused = store.paused(clock.now_ms())
     sites = _sites(data_dir)
     rows = [_device_row(r, presence, paused, sites) for r in records]
     if as_json:
@@ -291,7 +292,7 @@ def devices_show(
         msg = (f"no device {gateway}/{device or gateway} in the registry; "
                "`careflow devices list` shows the known ones")
         raise RefusedError(msg)
-    row = _device_row(record, store.presence(), store.paused(time.time_ns() // 1_000_000),
+    row = _device_row(record, store.presence(), store.paused(clock.now_ms()),
                       _sites(data_dir))
     if as_json:
         print_json_lines([row])
@@ -317,7 +318,7 @@ def devices_pause(
 
     Example: `careflow devices pause gw-0042 --for 90m --reason "battery swap"`.
     """
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     until_ms = 2 * now_ms - parse_when(duration, now_ms=now_ms)  # an age, counted forwards
     if until_ms <= now_ms:
         msg = f"--for {duration!r} must be a positive duration such as 30m or 2h"
@@ -401,7 +402,7 @@ def status(
     """
     store = open_store(data_dir)
     health = store.read_health()
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     report: dict[str, Any] = {"running": False}
     if health is not None:
         written_ms, report = health

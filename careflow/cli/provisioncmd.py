@@ -27,6 +27,7 @@ from careflow.cli.common import (
     settings_from,
     styled,
 )
+from careflow.core import clock
 from careflow.core.config import Settings
 from careflow.core.errors import ConfigError, RefusedError
 from careflow.provisioning import pki as pki_mod
@@ -81,7 +82,7 @@ def register(
     Example: `careflow provision register --serial SN-0042 --site berlin-3 --ttl 24h`.
     """
     settings = settings_from(data_dir=data_dir)
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     expires_ms = 2 * now_ms - parse_when(ttl, now_ms=now_ms)
     if expires_ms <= now_ms:
         msg = f"--ttl {ttl!r} must be a positive duration such as 30m or 24h"
@@ -275,7 +276,7 @@ def watch(
     """
     settings = settings_from(data_dir=data_dir)
     registry = _registry(settings)
-    started_ms = time.time_ns() // 1_000_000
+    started_ms = clock.now_ms()
     deadline = time.monotonic() + timeout
     try:
         record = registry.get(serial)
@@ -288,7 +289,7 @@ def watch(
                     and time.monotonic() < deadline:
                 time.sleep(0.1)
                 record = registry.get(serial) or record
-                live.update(_watch_table(record, time.time_ns() // 1_000_000, started_ms))
+                live.update(_watch_table(record, clock.now_ms(), started_ms))
     finally:
         registry.close()
     steps = _steps(record)

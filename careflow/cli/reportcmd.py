@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Protocol
 
@@ -13,6 +12,7 @@ from rich.table import Table
 
 from careflow.cli.common import DataDirOption, JsonOption, console, format_ms, styled
 from careflow.cli.ops import open_store
+from careflow.core import clock
 from careflow.core.errors import ConfigError
 from careflow.hub.report.html_page import format_duration, format_pct, render_html
 from careflow.hub.report.summary import DAY_MS, Report, build_report
@@ -109,7 +109,7 @@ def report(
     * `careflow report --days 30 --html report.html` — the month as a page to mail or archive
     * `careflow report --json | jq .sites` — for scripts
     """
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     store = open_store(data_dir)
     try:
         result = collect(store, days=days, now_ms=now_ms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import sys
-import time
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +19,7 @@ from careflow.cli.common import (
     print_json_lines,
 )
 from careflow.cli.ops import open_store
+from careflow.core import clock
 from careflow.core.errors import ConfigError, RefusedError
 from careflow.hub.alerting.mute import Silence
 
@@ -62,7 +62,7 @@ def add(
     if (gateway, device, rule) == ("*", "*", "*"):
         msg = "a silence for everything would hide care alarms: narrow it with -g, -d or -r"
         raise ConfigError(msg)
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     ends_ms = 2 * now_ms - parse_when(duration, now_ms=now_ms)
     if ends_ms <= now_ms:
         msg = f"--for {duration!r} must be a positive duration such as 30m or 2h"
@@ -88,7 +88,7 @@ def list_silences(
 
     Example: `careflow silences list --all`.
     """
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     rows = [_row(s) for s in open_store(data_dir).silences(
         active_at_ms=None if include_expired else now_ms)]
     if as_json:
@@ -109,7 +109,7 @@ def expire(silence_id: Annotated[int, typer.Argument(help="Silence id.")],
 
     Example: `careflow silences expire 12`.
     """
-    if not open_store(data_dir).expire_silence(silence_id, now_ms=time.time_ns() // 1_000_000):
+    if not open_store(data_dir).expire_silence(silence_id, now_ms=clock.now_ms()):
         msg = f"no active silence #{silence_id}; `careflow silences list` shows them"
         raise RefusedError(msg)
     if as_json:

@@ -25,6 +25,7 @@ from careflow.cli.common import (
     styled,
     use_rules_dir,
 )
+from careflow.core import clock
 from careflow.core.log import setup_logging
 from careflow.edge.simulator import (
     FAULT_KINDS,
@@ -130,7 +131,7 @@ class _ViewStore(EventLog, Fleet, Health, Protocol):
 
 
 def _view(store: _ViewStore, simulator: FleetSimulator) -> Group:
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     presence = store.presence()
     devices = store.devices()
     health = (store.read_health() or (0, {}))[1]

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from careflow.cli.common import literal
+from careflow.core import clock
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest.decode import decode_message
 from careflow.hub.store.records import IncomingBatch
@@ -37,7 +37,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A hub store where devices said hostile things in every field an operator reads."""
     data = tmp_path_factory.mktemp("hostile") / "data"
     data.mkdir()
-    now = time.time_ns() // 1_000_000
+    now = clock.now_ms()
     store = SqliteStore(data / "careflow.db", synchronous="normal")
     for index, text in enumerate((*HOSTILE, ESCAPE)):
         gateway = f"gw-{index}"

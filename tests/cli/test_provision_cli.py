@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
+from careflow.core import clock
 from careflow.provisioning.claims import Refusal, hash_token
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from tests.conftest import careflow_cmd
@@ -24,7 +24,7 @@ def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_it_lists_refusals_newest_first_and_watch_names_them(tmp_path: Path) -> None:
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     registry = SqliteProvisioningRegistry(tmp_path / "careflow.db", synchronous="normal")
     try:
         registry.register(serial="SN-1", site="lab", gateway_id="gw-sn-1",

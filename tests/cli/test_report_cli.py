@@ -6,11 +6,11 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from careflow.core import clock
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest.decode import PresenceUpdate
 from careflow.hub.store.records import IncomingBatch
@@ -28,7 +28,7 @@ def _presence(store: SqliteStore, gateway: str, state: str, at_ms: int) -> None:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     """A hub store with a week: gw-1 (oslo-12) always online, gw-2 (bergen-3) down half of it."""
-    now = time.time_ns() // 1_000_000
+    now = clock.now_ms()
     data = tmp_path / "data"
     data.mkdir()
     store = SqliteStore(data / "careflow.db", synchronous="normal")

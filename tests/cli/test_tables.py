@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from careflow.core import clock
 from careflow.edge.stamper import Stamper
 from careflow.hub.ingest.decode import decode_message
 from careflow.hub.store.records import IncomingBatch
@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A hub store with names and values as long as a real fleet's, in every view."""
     data = tmp_path_factory.mktemp("tables") / "data"
     data.mkdir()
-    now = time.time_ns() // 1_000_000
+    now = clock.now_ms()
     store = SqliteStore(data / "careflow.db", synchronous="normal")
     for n in range(3):
         gateway = f"gw-berlin-{n:04d}"

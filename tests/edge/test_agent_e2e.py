@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from careflow.core import clock
 from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store.records import EventFilter
@@ -190,7 +191,7 @@ def test_it_asks_the_gateway_to_resend_what_never_arrived(
         events = [agent.add("door-1", "status", {"state": "ok", "n": n}) for n in range(5)]
         lost = [p for p in agent.outbox.due(now_ms=0, resend_after_ms=0, limit=10)
                 if json.loads(p.body)["seq"] == 3]
-        agent.outbox.mark_sent(lost, now_ms=time.time_ns() // 1_000_000)  # "sent", never arrived
+        agent.outbox.mark_sent(lost, now_ms=clock.now_ms())  # "sent", never arrived
         agent.tick()
         deadline = time.monotonic() + 20
         while hub.store.count(EventFilter(device="door-1")) < 5 and time.monotonic() < deadline:

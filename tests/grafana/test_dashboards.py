@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from careflow.core import clock
 from careflow.hub.fleet.sites import SiteBook
 from careflow.hub.sinks.influx.points import (
     DeviceSnapshot,
@@ -39,7 +39,7 @@ DASHBOARDS = {path.stem: json.loads(path.read_text())
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
 DAY_MS = 24 * HOUR_MS
-NOW_MS = time.time_ns() // 1_000_000 // MINUTE_MS * MINUTE_MS
+NOW_MS = clock.now_ms() // MINUTE_MS * MINUTE_MS
 START_MS = NOW_MS - 7 * DAY_MS  # the synthetic week
 MID_MS = START_MS + 7 * DAY_MS // 2  # gw-3 goes offline here and stays offline
 SNAPSHOT_EVERY_MS = 10 * MINUTE_MS  # the sink writes each minute; coarser is the same mean

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from careflow.core import clock
 from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting import incidents as alerting
@@ -426,7 +426,7 @@ def test_a_burst_firing_across_a_restart_is_not_declared_over_by_its_next_event(
     windows it had: the first error after it counted as a window of one, so a burst still
     going on was announced as over. The window must be watched whole before it may clear."""
     (tmp_path / "r.yaml").write_text(RULES + RATE_RULE)
-    now = time.time_ns() // 1_000_000  # the events carry the time they were stamped
+    now = clock.now_ms()  # the events carry the time they were stamped
     store = SqliteStore(tmp_path / "db")
     stage = stage_on(store, tmp_path)
     noisy = Stamper(gateway="gw", device="noisy")
@@ -446,7 +446,7 @@ def test_a_burst_firing_across_a_restart_is_not_declared_over_by_its_next_event(
 
 def test_a_burst_firing_across_a_restart_clears_when_nothing_more_comes(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(RULES + RATE_RULE)
-    now = time.time_ns() // 1_000_000  # the events carry the time they were stamped
+    now = clock.now_ms()  # the events carry the time they were stamped
     store = SqliteStore(tmp_path / "db")
     stage = stage_on(store, tmp_path)
     noisy = Stamper(gateway="gw", device="noisy")
@@ -506,7 +506,7 @@ def test_a_restart_does_not_count_a_sources_last_event_twice_in_a_rate_window(
     more_than: 1
     within: 60s
 """)
-    now = time.time_ns() // 1_000_000
+    now = clock.now_ms()
     store = SqliteStore(tmp_path / "db")
     stage = stage_on(store, tmp_path)
     door = Stamper(gateway="gw", device="door")

@@ -10,12 +10,12 @@ import json
 import os
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from careflow.cli.common import iso_ms
+from careflow.core import clock
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
 from careflow.hub.alerting.notify import NotificationSender, load_channels
@@ -172,7 +172,7 @@ def test_on_call_hears_an_acknowledged_sos_raised_again_through_a_live_hub(
         wait_until(lambda: len(http_receiver.bodies) == 1, what="the first alarm on on-call")
         (first,) = hub.store.incidents()
         hub.store.acknowledge_incident(first.id, by="nurse-kari",
-                                       at_ms=time.time_ns() // 1_000_000)
+                                       at_ms=clock.now_ms())
 
         publish(mosquitto, [button.stamp("alert", {"kind": "sos", "state": "raised"})])
         wait_until(lambda: len(http_receiver.bodies) == 2, what="the second raise on on-call")

@@ -3,11 +3,11 @@ injected clock (the stage's `now_ms` and the sender's `deliver_due(now_ms)`)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
+from careflow.core import clock
 from careflow.core.errors import ConfigError
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
@@ -71,7 +71,7 @@ def test_it_announces_a_gateway_outage_with_50_devices_in_one_message(
     tmp_path: Path, http_receiver: HttpReceiver,
 ) -> None:
     store, stage, sender = setup(tmp_path, http_receiver)
-    t0 = time.time_ns() // 1_000_000 + 5 * S  # the events, stamped now, are in its past
+    t0 = clock.now_ms() + 5 * S  # the events, stamped now, are in its past
     gateway = Stamper(gateway="gw-1", device="gw-1")
     devices = [Stamper(gateway="gw-1", device=f"dev-{n:02}") for n in range(50)]
     feed(store, stage, [s.stamp("heartbeat", {"interval_s": 60}) for s in (gateway, *devices)],
@@ -88,7 +88,7 @@ def test_it_holds_a_second_wave_for_group_interval_and_repeats_after_repeat_inte
     tmp_path: Path, http_receiver: HttpReceiver,
 ) -> None:
     store, stage, sender = setup(tmp_path, http_receiver)
-    t0 = time.time_ns() // 1_000_000 + 5 * S  # the events, stamped now, are in its past
+    t0 = clock.now_ms() + 5 * S  # the events, stamped now, are in its past
     doors = [Stamper(gateway="gw-1", device=f"door-{n:02}") for n in range(53)]
     feed(store, stage, [d.stamp("status", {"state": "ok", "battery_pct": 5})
                         for d in doors[:50]], t0)
@@ -152,7 +152,7 @@ def test_it_routes_and_escalates_by_site_and_kind(tmp_path: Path,
     routed = {f"CAREFLOW_CHANNEL_{n.upper()}": hook(http_receiver, n)
               for n in ("north", "north_lead", "facility")}
     store, stage, sender = setup(tmp_path, http_receiver, ROUTED, **routed)
-    t0 = time.time_ns() // 1_000_000 + 5 * S  # the events, stamped now, are in its past
+    t0 = clock.now_ms() + 5 * S  # the events, stamped now, are in its past
     north = Stamper(gateway="gw-n", device="gw-n")
     door = Stamper(gateway="gw-s", device="door-1")
     site = {"action": "added", "kind": "gateway"}

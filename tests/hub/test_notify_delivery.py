@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import threading
-import time
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import given
 from hypothesis import strategies as st
 
+from careflow.core import clock
 from careflow.core.errors import StoreError, TransportError
 from careflow.hub.alerting import apprise_transport
 from careflow.hub.alerting.apprise_transport import (
@@ -452,7 +452,7 @@ def test_it_tells_another_channel_when_a_channels_sender_is_stuck(tmp_path: Path
     settings = make_settings(tmp_path / "data", "mqtt://127.0.0.1:1")  # never connected here
     store = SqliteStore(settings.db_path)
     service = HubService(settings, store)
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     alarm = open_alarm(store, 1, "oncall", at_ms=now_ms - NOTIFICATION_OVERDUE_MS - 1000)
     assert "hub-notifications-failing" not in service._self_problems()  # it just started
     service._started_ms -= NOTIFICATION_OVERDUE_MS  # up for a while, and still not sent

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from careflow.core import clock
 from careflow.core.errors import BrokerError
 from careflow.edge.claim import ClaimResult, claim_identity
 from careflow.hub.store.records import EventFilter
@@ -32,7 +33,7 @@ class TlsHub:
     hub: RunningHub
 
     def register(self, serial: str, gateway_id: str, token: str = "t0ken") -> None:
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = clock.now_ms()
         self.provisioning.registry.register(serial=serial, site="lab", gateway_id=gateway_id,
                                             token_hash=hash_token(token),
                                             token_expires_ms=now_ms + 60_000, replace=False,

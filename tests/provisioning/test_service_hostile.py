@@ -14,6 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
+from careflow.core import clock
 from careflow.core.config import parse_broker_url
 from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.claim import claim_identity
@@ -85,7 +86,7 @@ NESTED = b'{"serial": "SN-X", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"  # 2
 def assert_a_real_claim_is_served(running: Running, serial: str, gateway_id: str,
                                   out: Path) -> None:
     """Register ``serial`` as ``gateway_id`` and claim it as a gateway would: still served."""
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = clock.now_ms()
     running.registry.register(serial=serial, site="lab", gateway_id=gateway_id,
                               token_hash=hash_token("t0ken"), token_expires_ms=now_ms + 60_000,
                               replace=False, now_ms=now_ms)
