@@ -202,6 +202,7 @@ def test_a_database_from_before_raises_and_due_times_gains_the_columns(tmp_path:
     store.close()
     with sqlite3.connect(tmp_path / "db") as conn:  # as the previous release left it
         conn.execute("DROP INDEX incidents_due")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         for column in ("raises", "first_raised_ms", "last_raised_ms", "follows_id",
                        "next_due_ms"):
             conn.execute(f"ALTER TABLE incidents DROP COLUMN {column}")

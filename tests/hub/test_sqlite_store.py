@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.ingest.decode import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
 from careflow.hub.replay import replay
@@ -21,7 +23,7 @@ from careflow.hub.store.interface import (
     OVER_BOUND_CURSOR,
 )
 from careflow.hub.store.records import EventFilter, IncomingBatch
-from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store import SCHEMA_VERSION, SqliteStore
 from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
 
@@ -211,6 +213,7 @@ def test_it_adds_the_conflict_log_column_to_a_database_made_before_it(tmp_path: 
     store = SqliteStore(tmp_path / "old.db")
     store._conn.execute("DROP INDEX dead_letters_placed")  # made with the column, after it
     store._conn.execute("ALTER TABLE dead_letters DROP COLUMN log_pos")
+    store._conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store.close()
     reopened = SqliteStore(tmp_path / "old.db")
     source = Stamper(gateway="gw-1", device="s-1", boot="b1")
@@ -335,3 +338,63 @@ def test_it_never_prunes_refused_care_alarms_the_hub_has_yet_to_announce(tmp_pat
     store.set_cursor(OVER_BOUND_CURSOR, max(letter.pos for letter in kept))  # announced
     store.append(batch_of([heartbeat(Stamper(gateway="gw", device=f"y{n}")) for n in range(30)]))
     assert not [d for d in store.dead_letters(limit=100) if b"sos-" in d.payload]
+
+
+def _layout(path: Path) -> dict[str, Any]:
+    """Every table's columns and every index of a database, as SQLite reports them."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = [row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {"columns": {t: conn.execute(f"PRAGMA table_info({t})").fetchall() for t in tables},
+                "indexes": conn.execute("SELECT name, tbl_name, sql FROM sqlite_master WHERE "
+                                        "type = 'index' ORDER BY name").fetchall(),
+                "meta": conn.execute("SELECT key, value FROM meta").fetchall()}
+    finally:
+        conn.close()
+
+
+def _as_version_1(path: Path) -> None:
+    """Make a database what a careflow from before the schema version left: without the
+    columns and indexes added since, at version 1."""
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        DROP INDEX incidents_due; DROP INDEX dead_letters_placed;
+        ALTER TABLE dead_letters DROP COLUMN log_pos;
+        ALTER TABLE incidents DROP COLUMN next_due_ms; ALTER TABLE incidents DROP COLUMN follows_id;
+        ALTER TABLE incidents DROP COLUMN last_raised_ms;
+        ALTER TABLE incidents DROP COLUMN first_raised_ms; ALTER TABLE incidents DROP COLUMN raises;
+        UPDATE meta SET value = '1' WHERE key = 'schema_version';
+    """)
+    conn.close()
+
+
+def test_it_records_the_schema_version_of_a_new_store(tmp_path: Path) -> None:
+    SqliteStore(tmp_path / "new.db").close()
+    assert _layout(tmp_path / "new.db")["meta"] == [("schema_version", str(SCHEMA_VERSION))]
+
+
+def test_it_upgrades_a_version_1_store_to_the_layout_of_a_new_one(tmp_path: Path) -> None:
+    SqliteStore(tmp_path / "new.db").close()
+    old = SqliteStore(tmp_path / "old.db")
+    incident_id = old.open_incident(rule="r", gateway="g", device="d", severity="warning",
+                                    summary="s", detail="d", at_ms=5)
+    old.close()
+    _as_version_1(tmp_path / "old.db")
+    upgraded = SqliteStore(tmp_path / "old.db")
+    incident = upgraded.incident(incident_id or 0)
+    upgraded.close()
+    assert _layout(tmp_path / "old.db") == _layout(tmp_path / "new.db")
+    assert incident is not None  # filled in as the escalation walk needs it: due at once
+    assert (incident.raises, incident.first_raised_ms, incident.next_due_ms) == (1, 5, 5)
+
+
+def test_it_refuses_a_store_made_by_a_newer_careflow(tmp_path: Path) -> None:
+    SqliteStore(tmp_path / "db").close()
+    conn = sqlite3.connect(tmp_path / "db")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                 (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this careflow knows"):
+        SqliteStore(tmp_path / "db")

@@ -14,7 +14,7 @@ import json
 import operator
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,10 @@ from careflow.schemas import check_depth
 
 __all__ = ["SqliteStore"]
 
-SCHEMA_VERSION = "1"
+# The layout this code reads and writes, kept in meta.schema_version. 1: any database from
+# before the version was kept (it may lack columns and indexes added since); 2: this layout.
+# A change of layout adds a version and its step to _MIGRATIONS.
+SCHEMA_VERSION = 2
 # The state words, each spelled once (in careflow.hub.store.records): the SQL is built from them.
 _I, _N, _K, _S = IncidentState, NotificationState, NotificationKind, Severity
 # The dead-letter codes this store gives a meaning to (ingest's vocabulary).
@@ -228,6 +231,33 @@ _INCIDENT_ADDED = (
     ("follows_id", "INTEGER", None),
     ("next_due_ms", "INTEGER", "triggered_ms"),  # due at once: the walk computes the real one
 )
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _to_version_2(conn: sqlite3.Connection) -> None:
+    """What was added before the version was kept: conflicts' place in the log, the incident
+    columns of raises and escalation (filled in), and the indexes that read them."""
+    if "log_pos" not in _columns(conn, "dead_letters"):
+        conn.execute("ALTER TABLE dead_letters ADD COLUMN log_pos INTEGER")
+    present = _columns(conn, "incidents")
+    for name, declaration, backfill in _INCIDENT_ADDED:
+        if name not in present:
+            conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {declaration}")
+            if backfill is not None:
+                conn.execute(f"UPDATE incidents SET {name} = {backfill}")
+    conn.execute("CREATE INDEX IF NOT EXISTS incidents_due ON incidents (next_due_ms) "
+                 f"WHERE state = '{_I.OPEN}'")
+    # the self-check reads refused care alarms after its cursor once a second: without this,
+    # every other refusal after the cursor (up to the dead-letter bound) is read each time
+    conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_placed ON dead_letters "
+                 "(code, pos) WHERE log_pos IS NOT NULL")
+
+
+# version -> the step that brings a database at that version to the next
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_version_2}
 _EVENT_COLUMNS = "pos, id, gateway, device, type, time, time_ms, received_ms, boot, seq, body"
 _INSERT_EVENT = (
     "INSERT OR IGNORE INTO events "
@@ -392,11 +422,8 @@ class SqliteStore:
         self._registered: set[tuple[str, str]] = set()  # (gateway, device) known registered
         try:
             self._conn = open_wal(path, synchronous=synchronous, schema=_SCHEMA)
-            self._add_fact_columns()
-            self._add_dead_letter_column()
-            self._add_incident_columns()
-            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                               (SCHEMA_VERSION,))
+            self._add_fact_columns()  # at every open: the facts follow the contract
+            self._migrate()
         except (sqlite3.Error, OSError) as exc:
             msg = (f"cannot open the event store at {path}: {exc}. Check that the directory is "
                    "writable (set CAREFLOW_DATA_DIR or --data-dir to choose another).")
@@ -410,38 +437,28 @@ class SqliteStore:
                 if column not in known:
                     self._conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
 
-    def _add_dead_letter_column(self) -> None:
-        """A database made before conflicts kept their place in the log gains the column."""
-        def known() -> set[str]:
-            return {row[1] for row in self._conn.execute("PRAGMA table_info(dead_letters)")}
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier careflow up to :data:`SCHEMA_VERSION`, one step
+        per version, in one transaction; refuse one made by a later careflow (its layout may
+        mean what this code does not know)."""
+        version = self._schema_version()
+        if version > SCHEMA_VERSION:
+            msg = (f"the event store at {self.path} has schema version {version}, newer than this "
+                   f"careflow knows ({SCHEMA_VERSION}): upgrade careflow, or point "
+                   "CAREFLOW_DATA_DIR / --data-dir at another directory")
+            raise StoreError(msg)
+        if version == SCHEMA_VERSION:
+            return
+        with immediate_transaction(self._conn, "upgrade the event store's schema") as conn:
+            # read again inside the lock: the hub and a CLI command may both be upgrading
+            for step in range(self._schema_version(), SCHEMA_VERSION):
+                _MIGRATIONS[step](conn)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
 
-        if "log_pos" not in known():
-            with immediate_transaction(self._conn, "add a dead-letter column") as conn:
-                if "log_pos" not in known():  # again inside the lock: hub and CLI may both
-                    conn.execute("ALTER TABLE dead_letters ADD COLUMN log_pos INTEGER")
-
-    def _add_incident_columns(self) -> None:
-        """A database made before an incident column existed gains it, filled in."""
-        def known() -> set[str]:
-            return {row[1] for row in self._conn.execute("PRAGMA table_info(incidents)")}
-
-        missing = [added for added in _INCIDENT_ADDED if added[0] not in known()]
-        if missing:
-            with immediate_transaction(self._conn, "add incident columns") as conn:
-                present = known()  # again inside the lock: the hub and a CLI may both upgrade
-                for name, declaration, backfill in missing:
-                    if name in present:
-                        continue
-                    conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {declaration}")
-                    if backfill is not None:
-                        conn.execute(f"UPDATE incidents SET {name} = {backfill}")
-        # after the columns: a database from before next_due_ms has no such column until now
-        self._conn.execute("CREATE INDEX IF NOT EXISTS incidents_due ON incidents (next_due_ms) "
-                           f"WHERE state = '{_I.OPEN}'")
-        # the self-check reads refused care alarms after its cursor once a second: without this,
-        # every other refusal after the cursor (up to the dead-letter bound) is read each time
-        self._conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_placed ON dead_letters "
-                           "(code, pos) WHERE log_pos IS NOT NULL")
+    def _schema_version(self) -> int:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 1  # new, or made before the version was written
 
     # -- writing ----------------------------------------------------------------------------
 
