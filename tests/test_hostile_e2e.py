@@ -24,7 +24,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, careflow_cmd, wait_until
-from tests.hub.test_hub_mosquitto import publish, publish_raw
+from tests.hub.conftest import publish, publish_raw
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +38,12 @@ def run_agent() -> Iterator[Callable[[AgentConfig], AgentThread]]:
     for runner in started:
         if runner.thread.is_alive():
             runner.stop()
+
+
+def spool(agent_dir: Path, name: str, readings: list[dict[str, object]]) -> None:
+    """Drop ``readings`` into the agent's spool directory as one file, as a sensor bridge does."""
+    target = agent_dir / "spool"
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f"{name}.tmp"
+    tmp.write_text("\n".join(json.dumps(r) for r in readings) + "\n")
+    tmp.rename(target / f"{name}.jsonl")

@@ -17,7 +17,7 @@ from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, careflow_cmd, wait_until
-from tests.edge.conftest import AgentThread
+from tests.edge.conftest import AgentThread, spool
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -31,14 +31,6 @@ def agents(mosquitto: Mosquitto, tmp_path: Path,
                                      keepalive_s=5, batch_linger_s=0.1, resend_after_s=3, **kw))
 
     return start
-
-
-def spool(agent_dir: Path, name: str, readings: list[dict[str, object]]) -> None:
-    target = agent_dir / "spool"
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f"{name}.tmp"
-    tmp.write_text("\n".join(json.dumps(r) for r in readings) + "\n")
-    tmp.rename(target / f"{name}.jsonl")
 
 
 def readings(count: int, start: int = 0) -> list[dict[str, object]]:
@@ -152,7 +144,7 @@ def test_it_keeps_a_reconnected_gateway_online_when_a_stale_will_arrives_late(
     # The Will of the first connection, delivered late (as after a broker-side takeover):
     stale = json.dumps({"v": 1, "state": "offline", "conn": first_conn, "boot": agent.agent.boot,
                         "reason": "connection lost"}).encode()
-    from tests.hub.test_hub_mosquitto import publish_raw  # noqa: PLC0415
+    from tests.hub.conftest import publish_raw  # noqa: PLC0415
 
     publish_raw(mosquitto, [("careflow/v1/gw-flap/state", stale)])
     publish_raw(mosquitto, [("careflow/v1/gw-flap/gw-flap/status",

@@ -28,8 +28,7 @@ from careflow.hub.alerting.rules import load_rules
 from careflow.hub.store.records import EventFilter
 from careflow.schemas.limits import MAX_EVENT_BYTES, MAX_MESSAGE_BYTES
 from tests.conftest import Mosquitto, RunningHub, wait_until
-from tests.edge.conftest import AgentThread
-from tests.edge.test_agent_e2e import spool
+from tests.edge.conftest import AgentThread, spool
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -30,7 +30,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas import ack_topic
 from tests.conftest import HttpReceiver, HubProcess, Mosquitto, wait_until
-from tests.hub.test_hub_mosquitto import publish
+from tests.hub.conftest import publish
 
 pytestmark = [pytest.mark.broker]
 

@@ -23,7 +23,7 @@ from careflow.hub.alerting.rules import load_rules
 from careflow.hub.store.records import DeadLetter, EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.hostile import hostile_payloads
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import batch_of
 
 RULES = """
 rules:

@@ -14,7 +14,7 @@ import pytest
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.rules import load_rules
 from tests.conftest import Mosquitto, RunningHub, careflow_cmd, wait_until
-from tests.hub.test_hub_mosquitto import publish
+from tests.hub.conftest import publish
 
 pytestmark = pytest.mark.broker
 

@@ -31,8 +31,7 @@ from tests.conftest import (
     make_settings,
     wait_until,
 )
-from tests.hub.test_hub_mosquitto import publish
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import batch_of, publish
 
 RULES = """
 rules:

@@ -19,7 +19,7 @@ from careflow.hub.ingest.decode import Decoded
 from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely
 from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
-from tests.hub.test_hub_mosquitto import fleet_events, publish
+from tests.hub.conftest import fleet_events, publish
 
 LIMIT = 256 * 1024
 

@@ -24,9 +24,8 @@ from careflow.hub.alerting.selfwatch import (
 from careflow.hub.fleet.device_registry import beyond_bound
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, RunningHub, make_settings, wait_until
+from tests.hub.conftest import batch_of, publish
 from tests.hub.test_alerting_e2e import RULES
-from tests.hub.test_hub_mosquitto import publish
-from tests.hub.test_sqlite_store import batch_of
 
 T0 = 1_800_000_000_000
 names = st.sampled_from(["gw-a", "gw-b", "d1", "d2", "d3", "d4", "d5", "d6"])

@@ -13,7 +13,7 @@ from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.routing import Reminder, reminder_due
 from careflow.hub.alerting.rules import load_rules
 from careflow.hub.store.sqlite_store import SqliteStore
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import batch_of
 
 RULES = """
 rules:

@@ -17,7 +17,7 @@ from careflow.hub.alerting.routing import next_reminder_ms, reminder_due
 from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import alert_stage
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import batch_of
 
 RULES = """
 rules:

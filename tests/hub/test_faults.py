@@ -13,7 +13,7 @@ from careflow.hub.app import HubService
 from careflow.hub.store.records import AppendResult, EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import Mosquitto, RunningHub, make_settings, wait_until
-from tests.hub.test_hub_mosquitto import fleet_events, publish
+from tests.hub.conftest import fleet_events, publish
 
 pytestmark = pytest.mark.broker
 

@@ -16,7 +16,7 @@ from careflow.hub.alerting.rules import load_rules
 from careflow.hub.store.records import StoredEvent
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import batch_of
 
 RULES = """
 rules:

@@ -39,7 +39,7 @@ from tests.hostile import (
     json_depth,
     nested_json,
 )
-from tests.hub.test_hub_mosquitto import publish_raw
+from tests.hub.conftest import publish_raw
 
 LIMIT = MAX_MESSAGE_BYTES
 HOSTILE = settings(max_examples=150, deadline=None,

@@ -6,47 +6,20 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from careflow.core.config import parse_broker_url
 from careflow.core.mqtt import connect_blocking, make_client
-from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.app import RESEND_REQUESTS_PER_GATEWAY
 from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
+from tests.hub.conftest import fleet_events, publish, publish_raw
 
 pytestmark = pytest.mark.broker
 
 EXAMPLES = Path(__file__).parents[2] / "schemas" / "careflow" / "schemas" / "examples"
-
-
-def publish(mosquitto: Mosquitto, events: list[dict[str, Any]], *, batch: bool = False) -> None:
-    publish_events(parse_broker_url(mosquitto.url), events, client_id=f"test-{new_event_id()}",
-                   batch=batch)
-
-
-def publish_raw(mosquitto: Mosquitto, items: list[tuple[str, bytes]]) -> None:
-    url = parse_broker_url(mosquitto.url)
-    client = make_client(client_id=f"raw-{new_event_id()}", clean_session=True, url=url)
-    connect_blocking(client, url)
-    try:
-        for topic, payload in items:
-            client.publish(topic, payload, qos=1).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def fleet_events(gateways: int, devices: int, per_device: int) -> list[dict[str, Any]]:
-    events = []
-    for g in range(gateways):
-        for d in range(devices):
-            source = Stamper(gateway=f"gw-{g}", device=f"dev-{d}", boot="boot-1")
-            events += [heartbeat(source, battery_pct=50) for _ in range(per_device)]
-    return events
 
 
 def test_it_stores_each_event_exactly_once_however_it_is_repeated(

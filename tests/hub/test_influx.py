@@ -35,7 +35,7 @@ from tests.conftest import (
     heartbeat,
     wait_until,
 )
-from tests.hub.test_hub_mosquitto import publish
+from tests.hub.conftest import publish
 
 pytestmark = pytest.mark.broker
 

@@ -24,7 +24,7 @@ import pytest
 from careflow.edge.stamper import Stamper
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HubProcess, JsonReceiver, Mosquitto, wait_until
-from tests.hub.test_hub_mosquitto import publish
+from tests.hub.conftest import publish
 
 pytestmark = [pytest.mark.broker]
 

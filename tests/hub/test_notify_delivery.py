@@ -53,7 +53,7 @@ from careflow.hub.store.interface import MAX_GROUP_CLAIM
 from careflow.hub.store.records import Incident, Notification
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import JsonReceiver, careflow_cmd, free_port, make_settings, wait_until
-from tests.hub.test_notify_e2e import Mailbox
+from tests.hub.conftest import Mailbox
 
 
 class RefusingMailbox:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
@@ -22,32 +20,10 @@ from tests.conftest import (
     make_settings,
     wait_until,
 )
+from tests.hub.conftest import Mailbox, publish
 from tests.hub.test_alerting_e2e import RULES
-from tests.hub.test_hub_mosquitto import publish
 
 pytestmark = pytest.mark.broker
-
-
-class Mailbox:
-    """A real SMTP server on a free loopback port that keeps what it receives."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.messages: list[str] = []
-        mailbox = self
-
-        class Handler:
-            async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:  # noqa: N802
-                mailbox.messages.append(envelope.content.decode("utf-8", "replace"))
-                return "250 OK"
-
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=port)
-
-    def start(self) -> None:
-        self.controller.start()
-
-    def stop(self) -> None:
-        self.controller.stop()
 
 
 def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(

@@ -13,7 +13,7 @@ from careflow.core.config import parse_broker_url
 from careflow.edge.agent import AgentConfig, EdgeAgent
 from careflow.hub.store.records import EventFilter
 from tests.conftest import Mosquitto, RunningHub, wait_until
-from tests.hub.test_hub_mosquitto import publish_raw
+from tests.hub.conftest import publish_raw
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

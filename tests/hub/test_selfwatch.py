@@ -20,7 +20,7 @@ from careflow.hub.alerting.selfwatch import (
 )
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, heartbeat, wait_until
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import batch_of
 
 ROOT = Path(__file__).parents[2]
 M = 60_000

@@ -24,25 +24,10 @@ from careflow.hub.store.interface import (
 )
 from careflow.hub.store.records import EventFilter, IncomingBatch
 from careflow.hub.store.sqlite_store import SCHEMA_VERSION, SqliteStore
-from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import heartbeat
+from tests.hub.conftest import batch_of
 
 LIMIT = 256 * 1024
-
-
-def batch_of(events: list[dict[str, Any]], received_ms: int = 1_000) -> IncomingBatch:
-    by_gateway: dict[str, list[dict[str, Any]]] = {}
-    for e in events:
-        by_gateway.setdefault(e["gateway"], []).append(e)
-    accepted, rejected = [], []
-    for gateway, items in by_gateway.items():
-        for start in range(0, len(items), MAX_BATCH_EVENTS):  # as gateways pack them
-            decoded = decode_message(f"careflow/v1/{gateway}/batch",
-                                     json.dumps(items[start:start + MAX_BATCH_EVENTS]).encode(),
-                                     max_bytes=LIMIT)
-            accepted += [(a, received_ms) for a in decoded.accepted]
-            rejected += [(r, received_ms) for r in decoded.rejected]
-    return IncomingBatch(accepted, rejected)
 
 
 def test_it_stores_each_event_once_and_skips_faithful_retries(tmp_path: Path) -> None:

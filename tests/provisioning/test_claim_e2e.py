@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from cryptography import x509
 
 from careflow.core.config import Settings, parse_broker_url
 from careflow.core.errors import ClaimError
-from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
 from careflow.edge.identity import CERT_FILE, KEY_FILE
 from careflow.hub.ingest.embedded_broker import EmbeddedBroker
@@ -28,8 +26,7 @@ from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import Reject, hash_token
 from careflow.provisioning.service import Provisioning
 from tests.conftest import RunningHub, careflow_cmd, free_port, make_settings, wait_until
-
-DAY_S = 86_400
+from tests.provisioning.conftest import RenewalClock, run_agent
 
 
 @dataclass
@@ -71,28 +68,6 @@ def flow(tmp_path: Path) -> Iterator[Flow]:
     hub.stop()
     provisioning.stop()
     broker.stop()
-
-
-class Clock:
-    """The agent's clock, 21 days ahead (past two thirds of 30) until its first renewal."""
-
-    def __init__(self) -> None:
-        self.agent: EdgeAgent | None = None
-
-    def __call__(self) -> float:
-        renewer = self.agent.renewer if self.agent is not None else None
-        ahead = self.ahead and renewer is not None and renewer.state.renewals == 0
-        return time.time() + (21 * DAY_S if ahead else 0)
-
-    ahead = False
-
-
-def run_agent(config_path: Path, clock: Clock | None = None) -> tuple[EdgeAgent, threading.Thread]:
-    config = load_agent_config(config_path, {"heartbeat_interval_s": 1, "batch_linger_s": 0.1})
-    agent = EdgeAgent(config, clock=clock or time.time)
-    thread = threading.Thread(target=agent.run, daemon=True)
-    thread.start()
-    return agent, thread
 
 
 def test_it_onboards_a_gateway_from_registration_to_active(flow: Flow, tmp_path: Path) -> None:
@@ -178,7 +153,7 @@ def test_it_renews_the_certificate_with_no_gap_in_events(flow: Flow, tmp_path: P
                             timeout_s=10)
     first = flow.provisioning.registry.get("SN-R")
     assert first is not None
-    clock = Clock()
+    clock = RenewalClock()
     agent, thread = run_agent(result.edge_config, clock)
     try:
         wait_until(lambda: (r := flow.provisioning.registry.get("SN-R")) is not None

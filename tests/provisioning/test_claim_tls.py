@@ -18,8 +18,7 @@ from careflow.provisioning.claims import hash_token
 from careflow.provisioning.pki import current_certificate
 from careflow.provisioning.service import Provisioning
 from tests.conftest import RunningHub, make_settings, wait_until
-from tests.provisioning.conftest import TlsBroker, mqtt_handshake
-from tests.provisioning.test_claim_e2e import Clock, run_agent
+from tests.provisioning.conftest import RenewalClock, TlsBroker, mqtt_handshake, run_agent
 
 pytestmark = pytest.mark.broker
 
@@ -97,7 +96,7 @@ def test_it_renews_over_mutual_tls_with_no_gap_in_events(tls_hub: TlsHub,
     result = tls_hub.claim("SN-ROT", tmp_path / "gw")
     first = registry.get("SN-ROT")
     assert first is not None
-    clock = Clock()
+    clock = RenewalClock()
     agent, thread = run_agent(result.edge_config, clock)
     try:
         wait_until(lambda: tls_hub.active("SN-ROT"), timeout_s=15, what="active over mutual TLS")

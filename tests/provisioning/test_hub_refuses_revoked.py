@@ -14,7 +14,7 @@ from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.provisioning.service import Activation
 from tests.conftest import Mosquitto, RunningHub, heartbeat, make_settings, wait_until
-from tests.hub.test_hub_mosquitto import publish
+from tests.hub.conftest import publish
 
 pytestmark = pytest.mark.broker
 
