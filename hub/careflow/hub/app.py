@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -37,12 +38,13 @@ from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely, inter
 from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
 from careflow.hub.ingest.resend import ResendThrottle
 from careflow.hub.sinks.influx.sink import InfluxSink
+from careflow.hub.stage import Committed, Stage
 from careflow.hub.store.interface import EventLog, Health, Outbox
 from careflow.hub.store.records import AppendResult, IncomingBatch, NotificationState
 from careflow.provisioning.service import Activation
 from careflow.schemas import ack_topic, command_topic
 
-__all__ = ["HubCounters", "HubService", "tune_gc_for_ingest"]
+__all__ = ["ActivationStage", "HubCounters", "HubService", "tune_gc_for_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +99,17 @@ class HubCounters:
     dead_lettered: int = 0
     store_errors: int = 0
     resend_requests: int = 0
-    alert_errors: int = 0
+    stage_errors: Counter[str] = field(default_factory=Counter)  # by stage name
     alert_lag_ms: int = 0  # how far rule evaluation ran behind ingest, worst of the last second
     last_error: str | None = None
     commit_latency_ms: float = 0.0
     event_age_ms: int | None = None
     rejects_by_code: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def alert_errors(self) -> int:
+        """Failures of the alert stage (after a commit, on the clock)."""
+        return self.stage_errors[AlertStage.name]
 
     def add(self, result: AppendResult, messages: int) -> None:
         """Count one committed batch."""
@@ -144,6 +151,28 @@ class _AbandonedError(Exception):
     """The hub stopped while a batch could not be stored; it stays unacknowledged."""
 
 
+class ActivationStage:
+    """Provisioning as a stage after each commit: a provisioned gateway is active once its own
+    heartbeat is stored (after the commit, so `provision watch` never shows active for a
+    heartbeat that could still be lost), or once it says it is online."""
+
+    name = "provisioning"
+
+    def __init__(self, activation: Activation) -> None:
+        self.activation = activation
+
+    def after_commit(self, commit: Committed, now_ms: int) -> None:
+        """Record the provisioning steps this commit completes."""
+        try:
+            self.activation.observe(
+                heartbeats=[e.gateway for e in commit.events
+                            if e.type == "heartbeat" and e.device == e.gateway],
+                online=[p.gateway for p in commit.presence if p.state == "online"],
+                now_ms=now_ms)
+        except StoreError as exc:  # the next heartbeat tries again; ingest goes on
+            log.warning("cannot record a provisioning step", extra={"error": str(exc)})
+
+
 class HubService:
     """Runs ingest until :meth:`stop` is called (by a signal handler or a test)."""
 
@@ -159,6 +188,7 @@ class HubService:
         self.sink = sink
         self.last_health: dict[str, Any] = {}  # read by the sink thread: replaced, never mutated
         self.provisioning = provisioning
+        self._activation: ActivationStage | None = None  # provisioning's stage, made once
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
         self.ingress = MqttIngress(settings, self.inbox)
         self.counters = HubCounters()
@@ -318,19 +348,16 @@ class HubService:
     def _after_commit(self, messages: list[IncomingMessage], accepted: list[tuple[Accepted, int]],
                       rejected: list[tuple[Rejected, int]],
                       presence: list[tuple[PresenceUpdate, int]], result: AppendResult) -> None:
-        """Confirmations, resend requests, alerting and counters for a committed group."""
+        """Confirmations, resend requests, the stages after a commit, and counters."""
         self._confirm_to_gateways(accepted)
         self._ask_for_missing(result)
         now_ms = self.clock()
         # After the acknowledgements: the alert stage follows the log with a cursor of its own,
         # so what a crash leaves unevaluated here is evaluated from the log after the restart.
-        if result.stored or result.conflicts:
-            self._alerting(lambda stage: stage.handle(result.stored, now_ms, result.data,
-                                                      conflicts=result.conflicts))
-        if result.stored and self.sink is not None:
-            self.sink.wake()
-        if self.provisioning is not None:
-            self._observe_provisioning(result, presence, now_ms)
+        commit = Committed(result.stored, result.data, result.conflicts,
+                           [update for update, _ in presence])
+        for stage in self.stages:
+            self._run_stage(stage, functools.partial(stage.after_commit, commit, now_ms))
         self.counters.add(result, len(messages))
         self.counters.commit_latency_ms = float(now_ms - messages[0].received_ms)
         if result.stored:
@@ -372,29 +399,33 @@ class HubService:
         self._failing_told = self._failing_channels
         return news
 
-    def _alerting(self, work: Callable[[AlertStage], None]) -> None:
-        """Run alert evaluation; events are already stored and acknowledged, so a failure here
-        is logged and counted, never allowed to stop ingest."""
-        if self.alerts is None:
-            return
-        try:
-            work(self.alerts)
-        except Exception as exc:
-            self.counters.alert_errors += 1
-            log.exception("alert evaluation failed", extra={"error": str(exc)})
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """What runs after each commit, in order: alerts, the InfluxDB sink, provisioning (read
+        at each commit: a test or benchmark may set its own alert stage after construction)."""
+        stages: list[Stage] = [part for part in (self.alerts, self.sink) if part is not None]
+        if self.provisioning is not None:
+            if self._activation is None or self._activation.activation is not self.provisioning:
+                self._activation = ActivationStage(self.provisioning)
+            stages.append(self._activation)
+        return tuple(stages)
 
-    def _observe_provisioning(self, result: AppendResult,
-                              presence: list[tuple[PresenceUpdate, int]], now_ms: int) -> None:
-        """A provisioned gateway is active once its own heartbeat is stored (after the commit,
-        so `provision watch` never shows active for a heartbeat that could still be lost)."""
-        assert self.provisioning is not None
+    def _alerting(self, work: Callable[[AlertStage], None]) -> None:
+        """Let the clock drive the alert stage (ticks, self-checks); see :meth:`_run_stage`."""
+        alerts = self.alerts
+        if alerts is not None:
+            self._run_stage(alerts, functools.partial(work, alerts))
+
+    def _run_stage(self, stage: Stage, work: Callable[[], None]) -> None:
+        """Run one stage; events are already stored and acknowledged, so a failure here is
+        logged and counted (the alert stage's as alert_errors in the health report), never
+        allowed to stop ingest or the stages after it."""
         try:
-            self.provisioning.observe(
-                heartbeats=[e.gateway for e in result.stored
-                            if e.type == "heartbeat" and e.device == e.gateway],
-                online=[p.gateway for p, _ in presence if p.state == "online"], now_ms=now_ms)
-        except StoreError as exc:  # the next heartbeat tries again; ingest goes on
-            log.warning("cannot record a provisioning step", extra={"error": str(exc)})
+            work()
+        except Exception as exc:
+            self.counters.stage_errors[stage.name] += 1
+            log.exception("a stage after the commit failed; its events are stored",
+                          extra={"stage": stage.name, "error": str(exc)})
 
     def _self_problems(self) -> dict[str, str]:
         now_ms = self.clock()

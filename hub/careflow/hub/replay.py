@@ -1,7 +1,8 @@
-"""Replaying the event log through downstream stages.
+"""Replaying the event log through the stages after a commit (:mod:`careflow.hub.stage`).
 
-A stage is anything that consumes stored events: the device registry, the alert rules (dry run)
-and the InfluxDB sink. ``careflow replay`` drives them from the log in arrival order.
+``careflow replay`` hands the stored log, chunk by chunk in arrival order, to the stages it
+rebuilds (its targets): the device registry, the alert rules (a dry run) and InfluxDB, through
+the same ``after_commit`` live ingest calls after each commit.
 """
 
 from __future__ import annotations
@@ -13,25 +14,25 @@ from typing import Protocol
 
 from careflow.core.errors import ConfigError
 from careflow.hub.alerting.evaluate import Evaluator, Observation
+from careflow.hub.stage import Committed, Stage
 from careflow.hub.store.interface import Store
-from careflow.hub.store.records import EventFilter, StoredEvent
+from careflow.hub.store.records import EventFilter
 from careflow.schemas import format_rfc3339
 
-__all__ = ["STAGES", "RegistryStage", "ReplayReport", "RulesDryRun", "Stage", "replay"]
+__all__ = ["STAGES", "RegistryStage", "ReplayReport", "ReplayTarget", "RulesDryRun", "replay"]
 
 
-class Stage(Protocol):
-    """A consumer of stored events that can be re-run from the log."""
+class ReplayTarget(Stage, Protocol):
+    """A stage ``careflow replay`` can run again over the log (its ``--target``)."""
 
-    name: str
     needs_whole_log: bool
 
     def begin(self, store: Store) -> int | None:
         """Prepare; may return the last log position this replay must cover."""
         ...
 
-    def handle(self, events: Sequence[StoredEvent]) -> None:
-        """Consume one chunk of events in log order."""
+    def summary(self) -> list[str]:
+        """What the replay has to say about this target (nothing: [])."""
         ...
 
 
@@ -49,10 +50,14 @@ class RegistryStage:
         self._store = store
         return store.reset_registry()
 
-    def handle(self, events: Sequence[StoredEvent]) -> None:
+    def after_commit(self, commit: Committed, now_ms: int) -> None:
         """Fold a chunk into the registry."""
         assert self._store is not None
-        self._store.fold_registry(events)
+        self._store.fold_registry(commit.events)
+
+    def summary(self) -> list[str]:
+        """Nothing to add: the registry is what `careflow devices list` shows."""
+        return []
 
 
 class RulesDryRun:
@@ -74,9 +79,9 @@ class RulesDryRun:
         """Nothing to prepare."""
         return None
 
-    def handle(self, events: Sequence[StoredEvent]) -> None:
+    def after_commit(self, commit: Committed, now_ms: int) -> None:
         """Advance the clock to each event, then show it to the rules."""
-        for event in events:
+        for event in commit.events:
             transitions = self.evaluator.tick(event.received_ms)
             transitions += self.evaluator.observe(
                 Observation(event.gateway, event.device, event.type, event.time_ms,
@@ -90,13 +95,13 @@ class RulesDryRun:
         return self.lines or ["no rule would have fired"]
 
 
-def _influx() -> Stage:
+def _influx() -> ReplayTarget:
     from careflow.hub.sinks.influx.sink import InfluxStage  # noqa: PLC0415 - only when asked for
 
     return InfluxStage()
 
 
-STAGES: dict[str, Callable[[], Stage]] = {
+STAGES: dict[str, Callable[[], ReplayTarget]] = {
     "registry": RegistryStage, "rules": RulesDryRun, "influx": _influx}
 OPT_IN = frozenset({"influx"})  # run only when named: they need a server configured
 
@@ -138,10 +143,11 @@ def replay(
     up_to = min((limit for limit in limits if limit is not None), default=None)
     total = 0
     for chunk in store.iter_log(flt, up_to_pos=up_to):
+        commit = Committed(chunk)
         for stage in stages:
-            stage.handle(chunk)
+            stage.after_commit(commit, chunk[-1].received_ms)  # the log's own clock
         total += len(chunk)
         if progress is not None:
             progress(len(chunk))
-    notes = [line for stage in stages if hasattr(stage, "summary") for line in stage.summary()]
+    notes = [line for stage in stages for line in stage.summary()]
     return ReplayReport(total, tuple(stage.name for stage in stages), tuple(notes))

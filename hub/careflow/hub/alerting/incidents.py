@@ -55,6 +55,7 @@ from careflow.hub.alerting.selfwatch import (
     lagging_since,
 )
 from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.stage import Committed
 from careflow.hub.store.interface import (
     Cursors,
     EventLog,
@@ -165,7 +166,8 @@ class AlertStore(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, UnitOfWork,
 
 
 class AlertStage:
-    """Feeds the evaluator and records incidents; runs on the hub's writer thread."""
+    """Feeds the evaluator and records incidents; runs on the hub's writer thread, as the first
+    stage after each commit (:class:`careflow.hub.stage.Stage`) and on the clock."""
 
     name = "alerts"
 
@@ -318,6 +320,11 @@ class AlertStage:
         """Where an incident goes and how it escalates (routing.py decides)."""
         return decide(self.routing, self.labels(rule=rule, severity=severity, gateway=gateway,
                                                 device=device), self.escalation)
+
+    def after_commit(self, commit: Committed, now_ms: int) -> None:
+        """Evaluate what a commit stored: its events, and the alarms of its conflicts."""
+        if commit.events or commit.conflicts:
+            self.handle(commit.events, now_ms, commit.data, conflicts=commit.conflicts)
 
     def handle(self, events: Sequence[StoredEvent], now_ms: int,
                data: Sequence[Mapping[str, Any]] | None = None, *, conflicts: int = 0) -> None:

@@ -37,6 +37,7 @@ from careflow.hub.sinks.influx.points import (
     incident_points,
     presence_points,
 )
+from careflow.hub.stage import Committed
 from careflow.hub.store.adapters import open_store
 from careflow.hub.store.interface import Cursors, EventLog, Fleet, Incidents, SinkQueue, Store
 from careflow.hub.store.records import UNRESOLVED, EventFilter, StoredEvent
@@ -260,6 +261,8 @@ class InfluxSink:
     the points before it.
     """
 
+    name = "influx"
+
     def __init__(self, store: SinkStore, writer: PointWriter, *, hub_name: str = "careflow-hub",
                  backlog_warn: int = 100_000, chunk: int = 5000,
                  health: Callable[[], Mapping[str, Any]] | None = None,
@@ -302,6 +305,12 @@ class InfluxSink:
     def wake(self) -> None:
         """New events are stored: drain now rather than at the next poll."""
         self._wake.set()
+
+    def after_commit(self, commit: Committed, now_ms: int) -> None:
+        """A stage after each commit: the drain follows the log with its own cursor, in its own
+        thread; a commit that stored events only wakes it."""
+        if commit.events:
+            self.wake()
 
     def backlog(self) -> int:
         """Events stored but not yet confirmed by InfluxDB."""
@@ -610,10 +619,10 @@ class InfluxStage:
         self._sink = InfluxSink(store, make_writer(self.target), snapshots=False)
         return store.last_pos()
 
-    def handle(self, events: Sequence[StoredEvent]) -> None:
-        """Write a chunk and move the cursor past it."""
+    def after_commit(self, commit: Committed, now_ms: int) -> None:
+        """Write a chunk of the log and move the cursor past it."""
         assert self._sink is not None
-        self._sink.write_events(events)
+        self._sink.write_events(commit.events)
 
     def summary(self) -> list[str]:
         """Presence and incidents follow the events; then say what was written."""
