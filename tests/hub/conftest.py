@@ -1,4 +1,5 @@
-"""Builders the hub's tests share: committed batches, MQTT publishers and a real SMTP server."""
+"""Builders the hub's tests share: committed batches, MQTT publishers, a real SMTP server and a
+recording stand-in for the MQTT ingress."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from careflow.core.mqtt import connect_blocking, make_client
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.ingest.decode import decode_message
-from careflow.hub.store.records import IncomingBatch
+from careflow.hub.ingest.ingress import IncomingMessage
+from careflow.hub.store.records import EventFilter, IncomingBatch
+from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.schemas.limits import MAX_BATCH_EVENTS
 from tests.conftest import Mosquitto, heartbeat
 
@@ -84,3 +87,26 @@ class Mailbox:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class RecordingIngress:
+    """Stands in for the MQTT ingress: records acks, and checks each against the store.
+
+    A fake, not Mosquitto: what this test needs is the moment of each ack relative to the
+    commit, which a broker does not show (the end-to-end tests against Mosquitto cover the rest).
+    """
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.acks: list[int] = []
+        self.connected = True
+
+    def ack(self, messages: list[IncomingMessage]) -> None:
+        stored = {event.id for event in self.store.query(EventFilter(), limit=10**6)}
+        for message in messages:
+            ids = {event["id"] for event in json.loads(message.payload)}
+            assert ids <= stored, f"message {message.mid} acknowledged before its commit"
+            self.acks.append(message.mid)
+
+    def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
+        """Confirmations to gateways are not what this test looks at."""

@@ -12,6 +12,7 @@ from careflow.hub.ingest.ingress import IncomingMessage
 from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import heartbeat, make_settings
+from tests.hub.conftest import RecordingIngress
 
 
 def waiting(service: HubService, sizes: list[int]) -> None:
@@ -50,29 +51,6 @@ def test_the_decode_worker_takes_batches_and_leaves_single_events_here() -> None
     assert _worth_a_worker(20, 20 * 21_000)  # batches of a hundred
     assert _worth_a_worker(3, 3 * bound)
     assert not _worth_a_worker(3, 3 * bound - 1)
-
-
-class RecordingIngress:
-    """Stands in for the MQTT ingress: records acks, and checks each against the store.
-
-    A fake, not Mosquitto: what this test needs is the moment of each ack relative to the
-    commit, which a broker does not show (the end-to-end tests against Mosquitto cover the rest).
-    """
-
-    def __init__(self, store: SqliteStore) -> None:
-        self.store = store
-        self.acks: list[int] = []
-        self.connected = True
-
-    def ack(self, messages: list[IncomingMessage]) -> None:
-        stored = {event.id for event in self.store.query(EventFilter(), limit=10**6)}
-        for message in messages:
-            ids = {event["id"] for event in json.loads(message.payload)}
-            assert ids <= stored, f"message {message.mid} acknowledged before its commit"
-            self.acks.append(message.mid)
-
-    def publish(self, topic: str, payload: str, *, qos: int = 1) -> None:
-        """Confirmations to gateways are not what this test looks at."""
 
 
 def test_worker_and_in_process_groups_commit_and_ack_in_the_order_taken(tmp_path: Path) -> None:

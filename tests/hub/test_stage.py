@@ -15,8 +15,7 @@ from careflow.hub.stage import Committed
 from careflow.hub.store.records import EventFilter
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import heartbeat, make_settings
-from tests.hub.test_service import RecordingIngress
-from tests.hub.test_sqlite_store import batch_of
+from tests.hub.conftest import RecordingIngress, batch_of
 
 T0 = 1_800_000_000_000
 
