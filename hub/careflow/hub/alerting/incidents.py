@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -19,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
+from careflow.core import clock
 from careflow.core.errors import ConfigError, ContractError, StoreError
 from careflow.hub.alerting.evaluate import Evaluator, Observation, Transition
 from careflow.hub.alerting.mute import FLAP_WINDOW_MS
@@ -98,7 +98,6 @@ CATCH_UP_CHUNK = 1_000  # events read from the log per step when catching up
 CATCH_UP_PER_CALL = 20 * CATCH_UP_CHUNK
 
 
-GROUP_WAIT_MS = 30_000  # the default; `routing: group_wait:` in the rules sets it
 # Due incidents the escalation walk looks at per clock tick (4 ticks a second); more wait for the
 # next tick, the longest due first, and each one looked at is moved on to its next due time.
 REMIND_PER_TICK = 1_000
@@ -740,7 +739,7 @@ class AlertStage:
         """How long since the last clock tick (0 before the first): read by the dead man's
         switch from its own thread, so a stuck evaluation loop stops its pings."""
         last = self._last_tick_ms
-        now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         return 0 if last is None else max(0, now - last)
 
     def lag(self, now_ms: int) -> tuple[int, int | None]:

@@ -45,6 +45,7 @@ from typing import Protocol
 
 import apprise
 
+from careflow.core import clock
 from careflow.core.config import read_secret
 from careflow.core.errors import ConfigError, TransportError
 from careflow.hub.alerting.apprise_transport import AppriseTransport
@@ -357,7 +358,7 @@ class NotificationSender:
                     return
             wake.clear()
             try:
-                claimed, messages = self._deliver_channel(channel, time.time_ns() // 1_000_000)
+                claimed, messages = self._deliver_channel(channel, clock.now_ms())
             except Exception:
                 log.exception("notification delivery failed unexpectedly",
                               extra={"channel": channel})
@@ -386,7 +387,7 @@ class NotificationSender:
     def _sweep(self) -> None:
         while not self._stop.is_set():
             try:
-                self._fail_unrouted(time.time_ns() // 1_000_000)
+                self._fail_unrouted(clock.now_ms())
             except Exception:
                 log.exception("cannot check for notifications to unknown channels")
             self._stop.wait(UNROUTED_CHECK_S)
@@ -487,7 +488,7 @@ class NotificationSender:
     def _record(self, notes: Sequence[Notification], incidents: Mapping[int, Incident | None],
                 error: TransportError | None) -> None:
         """Each notification of a message records the outcome, with the channel's reason."""
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = clock.now_ms()
         with self._store_lock:
             for note in notes:
                 attempts = note.attempts + 1
