@@ -23,7 +23,8 @@ from careflow.hub.store.interface import (
     OVER_BOUND_CURSOR,
 )
 from careflow.hub.store.records import EventFilter, IncomingBatch
-from careflow.hub.store.sqlite_store import SCHEMA_VERSION, SqliteStore
+from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.store.sqlite_store._schema import SCHEMA_VERSION
 from tests.conftest import heartbeat
 from tests.hub.conftest import batch_of
 

@@ -1,0 +1,200 @@
+"""The adapter's tables, the version of their layout, and the steps between versions."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from careflow.hub.fleet.device_registry import FACTS
+from careflow.hub.store.records import IncidentState, NotificationState
+
+__all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION"]
+
+# the state words, each spelled once in careflow.hub.store.records
+_I, _N = IncidentState, NotificationState
+
+# The layout this code reads and writes, kept in meta.schema_version. 1: any database from
+# before the version was kept (it may lack columns and indexes added since); 2: this layout.
+# A change of layout adds a version and its step to MIGRATIONS.
+SCHEMA_VERSION = 2
+
+_FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    pos INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    type TEXT NOT NULL,
+    time TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (gateway, device, boot, seq)
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (time_ms);
+CREATE TABLE IF NOT EXISTS devices (
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    last_time_ms INTEGER NOT NULL,
+    last_type TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    skew_ms INTEGER NOT NULL{_FACT_COLUMNS},
+    PRIMARY KEY (gateway, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sources (
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    max_seq INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway, device, boot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    pos INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    payload_size INTEGER NOT NULL,
+    batch_index INTEGER,
+    log_pos INTEGER  -- a conflict, a refused care alarm: the end of the event log after its commit
+);
+-- the alert stage reads the conflicts after its cursor, however many other refusals there are
+CREATE INDEX IF NOT EXISTS dead_letters_by_code ON dead_letters (code, pos);
+CREATE INDEX IF NOT EXISTS dead_letters_by_topic ON dead_letters (topic);
+CREATE TABLE IF NOT EXISTS presence (
+    gateway TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    conn INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    changed_ms INTEGER NOT NULL,
+    reason TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS presence_log (  -- every accepted change, for charts and uptime
+    pos INTEGER PRIMARY KEY,
+    gateway TEXT NOT NULL,
+    state TEXT NOT NULL,
+    conn INTEGER NOT NULL,
+    boot TEXT NOT NULL,
+    changed_ms INTEGER NOT NULL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS presence_log_by_boot ON presence_log (gateway, boot);
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (  -- lines for an external sink that are in no other log
+    pos INTEGER PRIMARY KEY,
+    sink TEXT NOT NULL,
+    line TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS maintenance (
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,  -- '*' pauses the whole gateway
+    until_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (gateway, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY,
+    rule TEXT NOT NULL,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    state TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    triggered_ms INTEGER NOT NULL,
+    acknowledged_ms INTEGER,
+    acknowledged_by TEXT,
+    resolved_ms INTEGER,
+    resolved_by TEXT,
+    escalation_sent INTEGER NOT NULL DEFAULT 0,
+    raises INTEGER NOT NULL DEFAULT 1,
+    first_raised_ms INTEGER,
+    last_raised_ms INTEGER,
+    follows_id INTEGER,
+    next_due_ms INTEGER  -- when the escalation walk must look at it next (NULL: never)
+);
+-- at most one unresolved incident per rule and source
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
+    ON incidents (rule, gateway, device) WHERE state != '{_I.RESOLVED}';
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT '{_N.PENDING}',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error TEXT,
+    created_ms INTEGER NOT NULL,
+    sent_ms INTEGER,
+    group_key TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
+CREATE INDEX IF NOT EXISTS notifications_group
+    ON notifications (channel, group_key, kind, state);
+CREATE TABLE IF NOT EXISTS silences (
+    id INTEGER PRIMARY KEY,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    starts_ms INTEGER NOT NULL,
+    ends_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    comment TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    written_ms INTEGER NOT NULL,
+    report TEXT NOT NULL
+);
+"""
+
+# Columns added to incidents after the first release: (name, declaration, backfill or None).
+_INCIDENT_ADDED = (
+    ("raises", "INTEGER NOT NULL DEFAULT 1", None),
+    ("first_raised_ms", "INTEGER", "triggered_ms"),
+    ("last_raised_ms", "INTEGER", "triggered_ms"),
+    ("follows_id", "INTEGER", None),
+    ("next_due_ms", "INTEGER", "triggered_ms"),  # due at once: the walk computes the real one
+)
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _to_version_2(conn: sqlite3.Connection) -> None:
+    """What was added before the version was kept: conflicts' place in the log, the incident
+    columns of raises and escalation (filled in), and the indexes that read them."""
+    if "log_pos" not in _columns(conn, "dead_letters"):
+        conn.execute("ALTER TABLE dead_letters ADD COLUMN log_pos INTEGER")
+    present = _columns(conn, "incidents")
+    for name, declaration, backfill in _INCIDENT_ADDED:
+        if name not in present:
+            conn.execute(f"ALTER TABLE incidents ADD COLUMN {name} {declaration}")
+            if backfill is not None:
+                conn.execute(f"UPDATE incidents SET {name} = {backfill}")
+    conn.execute("CREATE INDEX IF NOT EXISTS incidents_due ON incidents (next_due_ms) "
+                 f"WHERE state = '{_I.OPEN}'")
+    # the self-check reads refused care alarms after its cursor once a second: without this,
+    # every other refusal after the cursor (up to the dead-letter bound) is read each time
+    conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_placed ON dead_letters "
+                 "(code, pos) WHERE log_pos IS NOT NULL")
+
+
+# version -> the step that brings a database at that version to the next
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_version_2}
