@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
+from careflow.core import clock
 from careflow.hub.store.sqlite_store._base import SqliteBase
 
 __all__ = ["SqliteHealth"]
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class SqliteHealth(SqliteBase):
@@ -21,7 +17,7 @@ class SqliteHealth(SqliteBase):
     def write_health(self, report: dict[str, Any]) -> None:
         """Replace the single health row."""
         self._write("INSERT OR REPLACE INTO health (id, written_ms, report) VALUES (1, ?, ?)",
-                    (_now_ms(), json.dumps(report)))
+                    (clock.now_ms(), json.dumps(report)))
 
     def read_health(self) -> tuple[int, dict[str, Any]] | None:
         """The last health report and when it was written."""
