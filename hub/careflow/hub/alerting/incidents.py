@@ -57,6 +57,8 @@ from careflow.hub.alerting.selfwatch import (
 from careflow.hub.fleet.sites import SiteBook
 from careflow.hub.stage import Committed
 from careflow.hub.store.interface import (
+    CONFLICTS_CURSOR,
+    OVER_BOUND_CURSOR,
     Cursors,
     EventLog,
     Fleet,
@@ -70,8 +72,6 @@ from careflow.schemas import decode_json, validate_event
 
 __all__ = [
     "ALERTS_CURSOR",
-    "CONFLICTS_CURSOR",
-    "OVER_BOUND_CURSOR",
     "AlertStage",
     "conflicting_alarm",
     "default_rules",
@@ -81,9 +81,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ALERTS_CURSOR = "alerts"  # the newest log position whose evaluation is recorded
-CONFLICTS_CURSOR = "alerts-conflicts"  # the same over the conflict dead letters
-# the newest too_many_devices dead letter whose care alarm (if it held one) the hub announced
-OVER_BOUND_CURSOR = "alerts-over-bound"
+# CONFLICTS_CURSOR: the same over the conflict dead letters; OVER_BOUND_CURSOR: the newest
+# too_many_devices dead letter whose care alarm (if it held one) the hub announced. Both are the
+# store's names: it never prunes a dead letter that these have yet to pass.
 OVER_BOUND_RULE = "hub-devices-over-bound"
 # hub-evaluation-failed (an event set aside: see plan.py) stays open this long after the last
 EVALUATION_FAILED_WINDOW_MS = 600_000
