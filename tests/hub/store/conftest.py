@@ -3,12 +3,12 @@
 The tests name no adapter: they get a :class:`Store` from the ``adapter`` fixture, which is
 parametrised over :data:`ADAPTERS`. A second database joins the suite by adding its entry there
 (for PostgreSQL: a server started on a free port, as ``tests/conftest.py`` starts InfluxDB).
-Builders of what the hub hands a store (decoded batches, refusals, presence) live here too.
+Builders of what the hub hands a store (refusals, presence, incidents) live here too; events
+and decoded batches come from ``tests/conftest.py`` and ``tests/hub/conftest.py``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,13 +17,11 @@ from typing import Any, Protocol
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.ingest.decode import PresenceUpdate, Rejected, decode_message
+from careflow.hub.ingest.decode import PresenceUpdate, Rejected
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
-from careflow.schemas.limits import MAX_BATCH_EVENTS
 
-LIMIT = 256 * 1024
 T0 = datetime(2026, 11, 27, 5, 0, tzinfo=UTC)
 
 
@@ -70,27 +68,6 @@ def adapter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Adapter]
 @pytest.fixture
 def store(adapter: Adapter) -> Store:
     return adapter.open()
-
-
-def batch_of(events: list[dict[str, Any]], received_ms: int = 1_000) -> IncomingBatch:
-    """Events decoded as the hub decodes them, packed per gateway as gateways pack them."""
-    by_gateway: dict[str, list[dict[str, Any]]] = {}
-    for e in events:
-        by_gateway.setdefault(e["gateway"], []).append(e)
-    accepted, rejected = [], []
-    for gateway, items in by_gateway.items():
-        for start in range(0, len(items), MAX_BATCH_EVENTS):
-            decoded = decode_message(f"careflow/v1/{gateway}/batch",
-                                     json.dumps(items[start:start + MAX_BATCH_EVENTS]).encode(),
-                                     max_bytes=LIMIT)
-            accepted += [(a, received_ms) for a in decoded.accepted]
-            rejected += [(r, received_ms) for r in decoded.rejected]
-    return IncomingBatch(accepted, rejected)
-
-
-def heartbeat(source: Stamper, **data: Any) -> dict[str, Any]:
-    """A valid heartbeat event from ``source``."""
-    return source.stamp("heartbeat", {"interval_s": 60, **data})
 
 
 def source(gateway: str = "gw-1", device: str | None = None, boot: str = "b1",

@@ -12,16 +12,9 @@ from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.ingest.decode import decode_message
 from careflow.hub.store.interface import CONFLICTS_CURSOR, MAX_DEAD_LETTER_PAYLOAD, OVER_BOUND_CURSOR
 from careflow.hub.store.records import EventFilter, IncomingBatch
-from tests.hub.store.conftest import (
-    LIMIT,
-    Adapter,
-    Store,
-    at,
-    batch_of,
-    heartbeat,
-    refused,
-    source,
-)
+from tests.conftest import heartbeat
+from tests.hub.conftest import BATCH_LIMIT, batch_of
+from tests.hub.store.conftest import Adapter, Store, at, refused, source
 
 
 def test_it_stores_each_event_once_and_skips_faithful_retries(store: Store) -> None:
@@ -87,7 +80,7 @@ def test_it_places_a_conflict_after_the_events_of_its_own_commit(store: Store) -
 
 
 def test_it_keeps_refusals_with_topic_reason_payload_and_arrival(store: Store) -> None:
-    decoded = decode_message("careflow/v1/gw-1/gw-1/status", b"\x00garbage", max_bytes=LIMIT)
+    decoded = decode_message("careflow/v1/gw-1/gw-1/status", b"\x00garbage", max_bytes=BATCH_LIMIT)
     result = store.append(IncomingBatch([], [(r, 5) for r in decoded.rejected]))
     assert result.dead_lettered == 1
     (letter,) = store.dead_letters()
@@ -98,7 +91,7 @@ def test_it_keeps_refusals_with_topic_reason_payload_and_arrival(store: Store) -
 
 
 def test_it_truncates_huge_refusals_but_records_their_size(store: Store) -> None:
-    decoded = decode_message("careflow/v1/gw-1/batch", b"x" * 500_000, max_bytes=LIMIT)
+    decoded = decode_message("careflow/v1/gw-1/batch", b"x" * 500_000, max_bytes=BATCH_LIMIT)
     store.append(IncomingBatch([], [(r, 5) for r in decoded.rejected]))
     (letter,) = store.dead_letters()
     assert letter.code == "oversized"

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 from careflow.hub.store.records import EventFilter
-from tests.hub.store.conftest import (
-    Adapter,
-    Store,
-    at,
-    batch_of,
-    heartbeat,
-    presence,
-    source,
-)
+from tests.conftest import heartbeat
+from tests.hub.conftest import batch_of
+from tests.hub.store.conftest import Adapter, Store, at, presence, source
 
 
 def test_it_registers_each_source_with_its_counts_and_last_event(store: Store) -> None:
