@@ -35,16 +35,11 @@ from careflow.edge.simulator import (
     parse_fault,
     run_fleet_process,
 )
-from careflow.hub.alerting.incidents import AlertStage, default_rules
-from careflow.hub.app import HubService
-from careflow.hub.datadir_lock import DataDirLock
+from careflow.hub.app import build_hub
 from careflow.hub.fleet.presence import device_state
-from careflow.hub.ingest.embedded_broker import EmbeddedBroker
-from careflow.hub.sinks.influx.sink import sink_for
 from careflow.hub.store.adapters import open_store
 from careflow.hub.store.interface import EventLog, Fleet, Health
 from careflow.hub.store.records import EventFilter
-from careflow.provisioning.service import provisioning_for
 
 __all__ = ["demo", "simulate"]
 
@@ -189,45 +184,30 @@ def demo(
     # amqtt reports each simulated link cut (a socket closed without DISCONNECT) as an asyncio
     # error; in the demo that is the point, not a fault.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    lock = DataDirLock(settings.data_dir, command="careflow demo")  # it runs a hub too
-    lock.acquire()
-    store = open_store(settings)
-    broker = EmbeddedBroker(settings.listen.host, settings.listen.port)
-    broker.start()
-    provisioning = provisioning_for(settings)  # the claim flow works in the demo too
-    if provisioning is not None:
-        provisioning.start()
-    sink = sink_for(settings)  # the demo feeds InfluxDB too when CAREFLOW_INFLUX_URL is set
-    alerts = AlertStage(store, default_rules(), runbook_url=settings.runbook_url)
-    hub = HubService(settings, store, alerts=alerts, sink=sink,
-                     provisioning=provisioning.activation if provisioning else None)
-    hub_thread = threading.Thread(target=hub.run, name="hub", daemon=True)
-    hub_thread.start()
-    faults = (Fault("alarm", 1, 8.0), Fault("battery", 1, 12.0), Fault("outage", 1, 15.0, 30.0))
-    simulator = FleetSimulator(broker=settings.effective_broker_url, gateways=gateways,
-                               devices_per_gateway=devices_per_gateway, interval_s=interval,
-                               faults=faults, keepalive_s=5, prefix="demo")
-    runner = _run_in_thread(simulator, duration)
-    viewer = open_store(settings)  # the live view reads on a connection of its own
-    try:
-        with Live(_view(viewer, simulator), console=console, refresh_per_second=2) as live:
-            while runner.is_alive():
-                runner.join(timeout=0.5)
-                live.update(_view(viewer, simulator))
-    finally:
-        simulator.stop()
-        runner.join(timeout=15)
-        hub.stop()
-        hub_thread.join(timeout=15)
-        if provisioning is not None:
-            provisioning.stop()
-        broker.stop()
-        viewer.close()
-        if sink is not None:
-            sink.store.close()
-        store.close()
-        lock.release()
-    summary: dict[str, Any] = {"events_stored": hub.counters.events_stored,
-                               "duplicates": hub.counters.duplicates,
+    # the demo's hub: its embedded broker even when a broker is configured, open to anyone,
+    # no notifications, decoding in this process, no dead man's switch; the claim flow works
+    # (provisioning), and InfluxDB is fed when CAREFLOW_INFLUX_URL is set
+    with build_hub(settings, lock="careflow demo", embedded_broker=True, broker_credentials=None,
+                   channels={}, decode_worker=False, deadman=False) as hub:
+        hub.run_in_thread()
+        faults = (Fault("alarm", 1, 8.0), Fault("battery", 1, 12.0),
+                  Fault("outage", 1, 15.0, 30.0))
+        simulator = FleetSimulator(broker=settings.effective_broker_url, gateways=gateways,
+                                   devices_per_gateway=devices_per_gateway, interval_s=interval,
+                                   faults=faults, keepalive_s=5, prefix="demo")
+        runner = _run_in_thread(simulator, duration)
+        viewer = open_store(settings)  # the live view reads on a connection of its own
+        try:
+            with Live(_view(viewer, simulator), console=console, refresh_per_second=2) as live:
+                while runner.is_alive():
+                    runner.join(timeout=0.5)
+                    live.update(_view(viewer, simulator))
+        finally:
+            simulator.stop()
+            runner.join(timeout=15)
+            viewer.close()
+    counters = hub.service.counters
+    summary: dict[str, Any] = {"events_stored": counters.events_stored,
+                               "duplicates": counters.duplicates,
                                "data": str(settings.data_dir)}
     console.print(f"demo stopped: {summary}", highlight=False)

@@ -3,48 +3,86 @@
 One writer thread owns the store. It takes whatever messages are waiting (up to a bound),
 decodes them, commits everything in one transaction, and only then acknowledges them to the
 broker. A failing store is retried with backoff and never acknowledged, so nothing is lost.
+
+:func:`build_hub` is the one place a hub is wired (for `careflow hub`, `careflow demo`, the
+benchmarks and the tests): data directory lock, store, embedded broker, rules and alert stage,
+InfluxDB sink, provisioning, notification sender, dead man's switch; it returns a :class:`Hub`
+that starts and stops them together.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import gc
 import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import InitVar, dataclass, field
+from types import TracebackType
+from typing import Any, Final, Protocol
 
 from careflow.core import clock
 from careflow.core.clock import Clock
 from careflow.core.config import Settings
-from careflow.core.errors import StoreError
-from careflow.hub.alerting.incidents import AlertStage
+from careflow.core.errors import ConfigError, StoreError
+from careflow.hub.alerting.incidents import AlertStage, default_rules
 from careflow.hub.alerting.notify import (
     FAILING_AFTER_ATTEMPTS,
     MAX_ATTEMPTS,
     NOTIFICATION_OVERDUE_MS,
+    Channel,
+    NotificationSender,
     failing_or_stuck,
+    load_channels,
 )
-from careflow.hub.alerting.selfwatch import Refusals, self_problems, tally_refusals
+from careflow.hub.alerting.rules import RuleSet
+from careflow.hub.alerting.selfwatch import (
+    STALL_LIMIT_MS,
+    DeadMansSwitch,
+    Refusals,
+    self_problems,
+    tally_refusals,
+)
+from careflow.hub.datadir_lock import DataDirLock
 from careflow.hub.ingest.decode import Accepted, Decoded, PresenceUpdate, Rejected, shut_out
 from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely, internal_error
+from careflow.hub.ingest.embedded_broker import (
+    GENERATED_USERNAME,
+    BrokerCredentials,
+    EmbeddedBroker,
+    exposed_without_credentials,
+    generate_password_file,
+)
 from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
 from careflow.hub.ingest.resend import ResendThrottle
-from careflow.hub.sinks.influx.sink import InfluxSink
+from careflow.hub.sinks.influx.sink import InfluxSink, sink_for
 from careflow.hub.stage import Committed, Stage
-from careflow.hub.store.interface import EventLog, Health, Outbox
+from careflow.hub.store.adapters import open_store
+from careflow.hub.store.interface import EventLog, Health, Outbox, Store
 from careflow.hub.store.records import AppendResult, IncomingBatch, NotificationState
-from careflow.provisioning.service import Activation
+from careflow.provisioning.service import Activation, Provisioning, provisioning_for
 from careflow.schemas import ack_topic, command_topic
 
-__all__ = ["ActivationStage", "HubCounters", "HubService", "tune_gc_for_ingest"]
+__all__ = [
+    "AUTO",
+    "ActivationStage",
+    "Auto",
+    "Hub",
+    "HubCounters",
+    "HubService",
+    "build_hub",
+    "embedded_credentials",
+    "tune_gc_for_ingest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -568,3 +606,229 @@ class HubService:
             self.store.write_health(self.last_health)
         except StoreError as exc:
             log.warning("cannot write health report", extra={"error": str(exc)})
+
+
+# -- wiring: the one place a hub is assembled ------------------------------------------------
+
+# How long closing waits for the ingest thread to finish what it holds.
+INGEST_JOIN_S = 15.0
+
+
+class Auto(enum.Enum):
+    """The type of :data:`AUTO`."""
+
+    AUTO = "auto"
+
+
+AUTO: Final = Auto.AUTO
+"""build_hub's default for a part: as `careflow hub` makes it, from the settings, the
+environment (CAREFLOW_RULES_DIR, CAREFLOW_CHANNEL_*) and the machine (its cores)."""
+
+
+def embedded_credentials(settings: Settings) -> BrokerCredentials | None:
+    """The user the embedded broker demands (CAREFLOW_BROKER_USERNAME and
+    CAREFLOW_BROKER_PASSWORD[_FILE]), or None: anyone, which only loopback allows.
+
+    An address off this machine without them is refused, with a password made for it in the
+    data directory (0600) and the lines that use it.
+    """
+    if settings.broker_username and settings.broker_password:
+        return BrokerCredentials(settings.broker_username, settings.broker_password)
+    if not exposed_without_credentials(settings.listen.host, None):
+        return None
+    path = generate_password_file(settings.data_dir)
+    msg = (f"refusing to run the embedded broker on {settings.listen} without credentials: "
+           "anyone who reaches it could publish as any gateway, fake the hub's confirmations "
+           "(gateways would delete events no hub stored) and read claim answers. A password "
+           f"for it is in {path} (0600). Start the hub with\n"
+           f"  CAREFLOW_BROKER_USERNAME={GENERATED_USERNAME} CAREFLOW_BROKER_PASSWORD_FILE={path} "
+           f"careflow hub --listen {settings.listen}\n"
+           "and give every client the same: CAREFLOW_BROKER_USERNAME and "
+           "CAREFLOW_BROKER_PASSWORD_FILE for careflow commands, CAREFLOW_EDGE_USERNAME and "
+           "CAREFLOW_EDGE_PASSWORD_FILE for gateways (a copy of the file, kept 0600). Or keep "
+           "the default address 127.0.0.1.")
+    raise ConfigError(msg)
+
+
+@dataclass(slots=True)
+class _Life:
+    """What a Hub changes while it runs (the Hub itself is frozen)."""
+
+    closing: ExitStack = field(default_factory=ExitStack)  # undone by close(), last first
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hub:
+    """A wired hub: ingest (:attr:`service`) and what runs beside it, started and stopped
+    together. Made by :func:`build_hub`; a context manager::
+
+        with build_hub(settings) as hub:  # starts broker, provisioning, sender, dead man's switch
+            hub.run()                     # ingest in this thread until hub.stop()
+
+    Leaving the ``with`` stops ingest (it finishes what it holds), then the rest; it closes the
+    stores and releases the data directory.
+    """
+
+    settings: Settings
+    store: Store  # the writer's connection; the sink and the sender have their own
+    service: HubService
+    alerts: AlertStage | None
+    sink: InfluxSink | None
+    provisioning: Provisioning | None  # the claim service, when this hub runs it
+    sender: NotificationSender | None
+    deadman: DeadMansSwitch | None
+    broker: EmbeddedBroker | None  # the embedded broker, when this hub runs one
+    resources: InitVar[ExitStack]  # closed last: the stores and the lock
+    _life: _Life = field(default_factory=_Life, init=False, repr=False, compare=False)
+
+    def __post_init__(self, resources: ExitStack) -> None:
+        self._life.closing.push(resources)
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended ingest run by :meth:`run_in_thread`, if anything did."""
+        return self._life.error
+
+    def __enter__(self) -> Hub:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start what runs beside ingest: the embedded broker, the claim service, the
+        notification sender and the dead man's switch, in that order."""
+        closing = self._life.closing
+        for part in (self.broker, self.provisioning, self.sender, self.deadman):
+            if part is not None:
+                part.start()
+                closing.callback(part.stop)
+
+    def run(self) -> None:
+        """Ingest in this thread until :meth:`stop`; raises what ended it otherwise (e.g.
+        another hub took this hub's broker session)."""
+        self.service.run()
+
+    def run_in_thread(self) -> threading.Thread:
+        """Ingest in a daemon thread; what ends it is logged and kept in :attr:`error`."""
+        thread = threading.Thread(target=self._run_keeping_error, name="hub", daemon=True)
+        self._life.thread = thread
+        thread.start()
+        return thread
+
+    def _run_keeping_error(self) -> None:
+        try:
+            self.service.run()
+        except BaseException as exc:  # the thread's owner reads it; nobody else would
+            self._life.error = exc
+            log.exception("the hub stopped on an error")
+
+    def stop(self) -> None:
+        """Ask ingest to finish what it holds and return (safe in a signal handler)."""
+        self.service.stop()
+
+    def close(self) -> None:
+        """Stop ingest, then what runs beside it; close the stores, release the data
+        directory. Safe to call again."""
+        self.service.stop()
+        if self._life.thread is not None:
+            self._life.thread.join(timeout=INGEST_JOIN_S)
+        self._life.closing.close()
+
+
+def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
+              embedded_broker: bool | Auto = AUTO,
+              broker_credentials: BrokerCredentials | Auto | None = AUTO,
+              rules: RuleSet | Auto | None = AUTO,
+              channels: Mapping[str, Channel] | Auto = AUTO,
+              provisioning: Activation | Auto | None = AUTO,
+              decode_worker: bool | Auto = AUTO,
+              influx_snapshots: bool = True,
+              deadman: bool = True) -> Hub:
+    """Wire a hub as ``settings`` say; every default is what `careflow hub` runs.
+
+    Nothing runs yet (use the returned :class:`Hub` as a context manager), but the data
+    directory is locked and the stores are open; a failure here releases them again and is a
+    careflow error saying what to fix.
+
+    Args:
+        settings: The hub's settings (data directory, broker, store, InfluxDB, PKI...).
+        lock: The command the data directory's lock names to a second hub; None takes no lock
+            (tests that run hubs side by side).
+        embedded_broker: Run the embedded broker on ``settings.listen``; AUTO: when no broker
+            is configured.
+        broker_credentials: The user the embedded broker demands; AUTO: from the settings,
+            and refused off loopback without them (:func:`embedded_credentials`).
+        rules: The alert rules; AUTO: CAREFLOW_RULES_DIR, else the shipped ones; None: no
+            alerting.
+        channels: Where notifications go; AUTO: CAREFLOW_CHANNEL_*. A sender delivers them
+            when there is any (and rules).
+        provisioning: The claim flow; AUTO: the hub's own claim service when a PKI is there
+            (:func:`provisioning_for`); an Activation: that one, with no claim service.
+        decode_worker: Decode batches in a second process; AUTO: when there is a second core.
+        influx_snapshots: Write device-status snapshots to InfluxDB (when it is configured).
+        deadman: Ping CAREFLOW_DEADMAN_URL, when set, while the alert loop ticks.
+
+    Returns:
+        The hub, not started.
+    """
+    if embedded_broker is AUTO:
+        embedded_broker = settings.embedded
+    if broker_credentials is AUTO:
+        broker_credentials = embedded_credentials(settings) if embedded_broker else None
+    with ExitStack() as resources:
+        if lock is not None:
+            datadir_lock = DataDirLock(settings.data_dir, command=lock)
+            datadir_lock.acquire()  # before anything in the data directory is opened
+            resources.callback(datadir_lock.release)
+        store = open_store(settings)
+        resources.callback(store.close)
+        broker = EmbeddedBroker(settings.listen.host, settings.listen.port,
+                                credentials=broker_credentials) if embedded_broker else None
+        if channels is AUTO:
+            channels = load_channels()
+        if rules is AUTO:
+            rules = default_rules()
+        alerts = None if rules is None else AlertStage(store, rules, channels,
+                                                       runbook_url=settings.runbook_url)
+        sink = sink_for(settings, snapshots=influx_snapshots)
+        if sink is not None:
+            resources.callback(sink.store.close)
+        if provisioning is AUTO:
+            claims = provisioning_for(settings)
+            activation = claims.activation if claims is not None else None
+        else:
+            claims, activation = None, provisioning
+        service = HubService(settings, store, alerts=alerts, sink=sink, provisioning=activation,
+                             decode_worker=(os.cpu_count() or 1) > 1 if decode_worker is AUTO
+                             else decode_worker)
+        sender = None
+        if alerts is not None and channels:
+            outbox = open_store(settings)
+            resources.callback(outbox.close)  # the sender's own connection
+            sender = NotificationSender(outbox, channels)
+            alerts.on_queued = sender.wake
+        watch = None
+        if deadman and settings.deadman_url:
+            # a writer loop that stopped ticking cannot raise alerts about itself: stop the
+            # pings too, so the outside service notices
+            watch = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
+                                   healthy=_ticking(alerts))
+        return Hub(settings=settings, store=store, service=service, alerts=alerts, sink=sink,
+                   provisioning=claims, sender=sender, deadman=watch, broker=broker,
+                   resources=resources.pop_all())
+
+
+def _ticking(alerts: AlertStage | None) -> Callable[[], bool]:
+    """The dead man's switch's health: the alert loop still ticks (always, without one)."""
+    if alerts is None:
+        return lambda: True
+    return lambda: alerts.stalled_ms() < STALL_LIMIT_MS

@@ -635,11 +635,11 @@ class InfluxStage:
         return lines
 
 
-def sink_for(settings: Settings) -> InfluxSink | None:
+def sink_for(settings: Settings, *, snapshots: bool = True) -> InfluxSink | None:
     """The sink on its own store connection (it reads while ingest writes), or None when
-    CAREFLOW_INFLUX_URL is unset."""
+    CAREFLOW_INFLUX_URL is unset; ``snapshots``: device-status snapshots too."""
     if settings.influx is None:
         return None
     return InfluxSink(open_store(settings),
                       make_writer(settings.influx), hub_name=settings.hub_client_id,
-                      backlog_warn=settings.influx.backlog_warn)
+                      backlog_warn=settings.influx.backlog_warn, snapshots=snapshots)
