@@ -36,10 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from careflow.core.config import parse_broker_url
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting.incidents import AlertStage
-from careflow.hub.alerting.notify import Channel, NotificationSender, load_channels
+from careflow.hub.alerting.notify import Channel, load_channels
 from careflow.hub.alerting.rules import load_rules
-from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import HttpReceiver, Mosquitto, RunningHub, free_port, make_settings
 from tests.hub.test_alerting_e2e import RULES  # the same rules the end-to-end test uses
 
@@ -98,26 +96,20 @@ def summary(latencies_ms: list[float]) -> dict[str, float | int]:
 
 
 def start_hub(prefix: str, rules: str, channels: dict[str, Channel],
-              ) -> tuple[Mosquitto, RunningHub, NotificationSender]:
-    """A real broker, a hub alerting by ``rules`` on ``channels`` (SQLite synchronous=full, as
-    in production), and its notification sender woken by every queued notification."""
+              ) -> tuple[Mosquitto, RunningHub]:
+    """A real broker and a hub alerting by ``rules`` on ``channels`` (SQLite synchronous=full,
+    as in production), its notification sender woken by every queued notification."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     (tmp / "rules.yaml").write_text(rules)
     broker = Mosquitto(tmp)
     broker.start()
     settings = make_settings(tmp / "data", broker.url, CAREFLOW_SQLITE_SYNC="full")
-    hub = RunningHub(settings)
-    hub.service.alerts = AlertStage(hub.store, load_rules([tmp / "rules.yaml"]), channels)
-    hub.start()
-    sender = NotificationSender(SqliteStore(settings.db_path), channels)
-    hub.service.alerts.on_queued = sender.wake
-    sender.start()
-    return broker, hub, sender
+    hub = RunningHub(settings, load_rules([tmp / "rules.yaml"]), channels=channels).start()
+    return broker, hub
 
 
-def stop_hub(broker: Mosquitto, hub: RunningHub, sender: NotificationSender) -> None:
-    """Stop what start_hub started, the sender first."""
-    sender.stop()
+def stop_hub(broker: Mosquitto, hub: RunningHub) -> None:
+    """Stop what start_hub started."""
     hub.stop()
     broker.stop()
 
@@ -131,7 +123,7 @@ def burst(alarms: int, warnings: int) -> None:
         "CAREFLOW_CHANNEL_ONCALL": f"mailto://127.0.0.1:{mailbox.port}?from=careflow@example.org"
                                    "&to=oncall@example.org",
         "CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{receiver.port}/ops"})
-    broker, hub, sender = start_hub("careflow-burst-bench-", BURST_RULES, channels)
+    broker, hub = start_hub("careflow-burst-bench-", BURST_RULES, channels)
     try:
         events = [Stamper(gateway=f"gw-burst-{i}", device=f"fall-{i}").stamp(
             "alert", {"kind": "fall", "state": "raised"}) for i in range(alarms)]
@@ -162,7 +154,7 @@ def burst(alarms: int, warnings: int) -> None:
                   "webhook_posts": len(receiver.requests)}
         print(json.dumps(result, indent=2))
     finally:
-        stop_hub(broker, hub, sender)
+        stop_hub(broker, hub)
         receiver.close()
         mailbox.controller.stop()
 
@@ -187,7 +179,7 @@ def main() -> None:
                      if body and body.get("title") == title), None)
 
     channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": hook, "CAREFLOW_CHANNEL_OPS": hook})
-    broker, hub, sender = start_hub("careflow-alert-bench-", RULES, channels)
+    broker, hub = start_hub("careflow-alert-bench-", RULES, channels)
     url = parse_broker_url(broker.url)
     try:
         alarm_ms: list[float] = []
@@ -225,7 +217,7 @@ def main() -> None:
         }
         print(json.dumps(result, indent=2))
     finally:
-        stop_hub(broker, hub, sender)
+        stop_hub(broker, hub)
         receiver.close()
 
 

@@ -31,9 +31,7 @@ from careflow.core import clock
 from careflow.core.config import BrokerUrl, TlsFiles, load_settings
 from careflow.edge.agent import EdgeAgent, load_agent_config
 from careflow.edge.claim import claim_identity
-from careflow.hub.app import HubService
-from careflow.hub.ingest.embedded_broker import EmbeddedBroker
-from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.app import build_hub
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import hash_token, new_token
 from careflow.provisioning.service import Provisioning
@@ -131,7 +129,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         mosquitto: subprocess.Popen[bytes] | None = None
-        broker: EmbeddedBroker | None = None
         claim_tls: TlsFiles | None = None
         if args.tls:
             mosquitto, device_port, claim_port = start_tls_broker(root)
@@ -151,43 +148,38 @@ def main() -> None:
             settings = load_settings({"CAREFLOW_DATA_DIR": str(root / "data"),
                                       "CAREFLOW_LISTEN": f"127.0.0.1:{port}",
                                       "CAREFLOW_PKI_DIR": str(root / "pki")})
-            broker = EmbeddedBroker("127.0.0.1", port)
-            broker.start()
             claim_url = settings.effective_broker_url
-        prov = Provisioning(settings, pki_dir=root / "pki")
-        prov.start()
-        store = SqliteStore(settings.db_path)
-        hub = HubService(settings, store, provisioning=prov.activation)
-        hub_thread = threading.Thread(target=hub.run, daemon=True)
-        hub_thread.start()
+        # the hub as `careflow hub` wires it (embedded broker without --tls, the claim service
+        # of CAREFLOW_PKI_DIR), without alerting and decoding in this process
+        hub = build_hub(settings, rules=None, channels={}, decode_worker=False)
+        prov = hub.provisioning
+        assert prov is not None  # CAREFLOW_PKI_DIR is set
         workers: list[Any] = []
         stop = multiprocessing.get_context("spawn").Event()
         mode = "Mosquitto, shipped TLS configuration" if args.tls else "embedded amqtt, no TLS"
         try:
+            hub.start()  # the broker, then the claim service
+            hub.run_in_thread()
             one = onboard(prov, claim_url, root / "gw", 1, 0, claim_tls, workers, stop)
             print(f"[{mode}] 1 gateway: register → active {one[0]:.2f} s" if one
                   else "1 gateway: FAILED")
             t0 = time.monotonic()
-            many = onboard(prov, claim_url, root / "gw", args.gateways, 1, claim_tls, workers,
-                           stop)
+            many = onboard(prov, claim_url, root / "gw", args.gateways, 1, claim_tls,
+                           workers, stop)
             wall = time.monotonic() - t0
             if many:
-                print(f"[{mode}] {args.gateways} gateways at once: all active in {wall:.1f} s; "
-                      f"per gateway median {statistics.median(many):.1f} s, max {many[-1]:.1f} s;"
-                      f" {len(many) / wall:.1f} gateways/s; answers {dict(prov.service.answered)}")
+                print(f"[{mode}] {args.gateways} gateways at once: all active in "
+                      f"{wall:.1f} s; per gateway median {statistics.median(many):.1f} s, "
+                      f"max {many[-1]:.1f} s; {len(many) / wall:.1f} gateways/s; "
+                      f"answers {dict(prov.service.answered)}")
         finally:
             stop.set()
             for worker in workers:
                 worker.join(15)
-            hub.stop()
-            hub_thread.join(15)
-            prov.stop()
-            if broker is not None:
-                broker.stop()
+            hub.close()
             if mosquitto is not None:
                 mosquitto.terminate()
                 mosquitto.wait(10)
-            store.close()
 
 
 if __name__ == "__main__":

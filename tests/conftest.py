@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,11 @@ import pytest
 from careflow.core.config import Settings, load_settings
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
-from careflow.hub.alerting.notify import load_channels
+from careflow.hub.alerting.notify import Channel, load_channels
 from careflow.hub.alerting.rules import RuleSet, load_rules
-from careflow.hub.app import HubService
+from careflow.hub.app import build_hub
 from careflow.hub.ingest.decode import decode_message
-from careflow.hub.sinks.influx.sink import EVENTS_CURSOR, InfluxSink, make_writer
+from careflow.hub.sinks.influx.sink import EVENTS_CURSOR
 from careflow.hub.store.records import IncomingBatch
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.provisioning.service import Activation
@@ -119,34 +119,35 @@ def make_settings(data_dir: Path, broker_url: str | None, **env: str) -> Setting
 
 
 class RunningHub:
-    """A HubService in a background thread of the test process."""
+    """A hub wired by careflow.hub.app.build_hub, ingesting in a background thread of the test
+    process: no data directory lock, no embedded broker, no InfluxDB snapshots, no dead man's
+    switch; alerting only with ``rules``, a notification sender only with ``channels``."""
 
     def __init__(self, settings: Settings, rules: RuleSet | None = None,
-                 provisioning: Activation | None = None) -> None:
+                 provisioning: Activation | None = None, *,
+                 channels: Mapping[str, Channel] | None = None,
+                 decode_worker: bool = False) -> None:
         self.settings = settings
-        self.store = SqliteStore(settings.db_path, synchronous=settings.sqlite_synchronous,
-                                 max_devices_per_gateway=settings.max_devices_per_gateway)
-        alerts = AlertStage(self.store, rules) if rules is not None else None
-        sink = None
-        if settings.influx is not None:
-            sink = InfluxSink(SqliteStore(settings.db_path, synchronous="normal"),
-                              make_writer(settings.influx), snapshots=False)
-        self.service = HubService(settings, self.store, alerts=alerts, sink=sink,
-                                  provisioning=provisioning)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.hub = build_hub(settings, lock=None, embedded_broker=False, rules=rules,
+                             channels=channels or {}, provisioning=provisioning,
+                             decode_worker=decode_worker, influx_snapshots=False, deadman=False)
+        self.store = self.hub.store
+        self.service = self.hub.service
+        self.alerts = self.hub.alerts
+        self.sender = self.hub.sender
+        self.thread: threading.Thread | None = None
 
-    def _run(self) -> None:
-        try:
-            self.service.run()
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
+    @property
+    def error(self) -> BaseException | None:
+        return self.hub.error
 
     def start(self) -> RunningHub:
-        self.thread.start()
+        self.hub.start()
+        self.thread = self.hub.run_in_thread()
         wait_until(lambda: self.service.ingress.connected or self.error is not None,
                    what="hub to connect")
         if self.error:
+            self.hub.close()
             raise self.error
         return self
 
@@ -155,11 +156,7 @@ class RunningHub:
         return self.store.last_pos() - self.store.cursor(EVENTS_CURSOR)
 
     def stop(self) -> None:
-        self.service.stop()
-        self.thread.join(timeout=15)
-        self.store.close()
-        if self.service.sink is not None:
-            self.service.sink.store.close()
+        self.hub.close()
         if self.error:
             raise self.error
 
@@ -175,7 +172,7 @@ def hub_factory(tmp_path: Path) -> Iterator[Callable[..., RunningHub]]:
 
     yield start
     for hub in hubs:
-        if hub.thread.is_alive():
+        if hub.thread is not None and hub.thread.is_alive():
             hub.stop()
 
 

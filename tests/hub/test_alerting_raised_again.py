@@ -18,7 +18,7 @@ from careflow.cli.common import iso_ms
 from careflow.core import clock
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
-from careflow.hub.alerting.notify import NotificationSender, load_channels
+from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.rules import load_rules
 from careflow.hub.store.records import Notification
 from careflow.hub.store.sqlite_store import SqliteStore
@@ -159,12 +159,7 @@ def test_on_call_hears_an_acknowledged_sos_raised_again_through_a_live_hub(
     (tmp_path / "r.yaml").write_text(RULES)
     rules = load_rules([tmp_path / "r.yaml"])
     settings = make_settings(tmp_path / "data", mosquitto.url)
-    hub = RunningHub(settings, rules)
-    hub.service.alerts = AlertStage(hub.store, rules, channels)
-    sender = NotificationSender(SqliteStore(settings.db_path), channels)
-    hub.service.alerts.on_queued = sender.wake
-    hub.start()
-    sender.start()
+    hub = RunningHub(settings, rules, channels=channels).start()
     try:
         button = Stamper(gateway="gw-e", device="sos-7")
         publish(mosquitto, [button.stamp("alert", {"kind": "sos", "state": "raised"})])
@@ -190,7 +185,6 @@ def test_on_call_hears_an_acknowledged_sos_raised_again_through_a_live_hub(
         assert row["first_raised"] == iso_ms(first.triggered_ms)
         assert row["last_raised"] == iso_ms(current.triggered_ms)
     finally:
-        sender.stop()
         hub.stop()
 
 

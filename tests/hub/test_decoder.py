@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from careflow.edge.stamper import Stamper
-from careflow.hub.app import HubService
 from careflow.hub.ingest import decode_worker as decoder_module
 from careflow.hub.ingest.decode import Decoded
 from careflow.hub.ingest.decode_worker import DecodeWorker, decode_safely
@@ -128,8 +127,7 @@ def test_it_stores_each_event_exactly_once_with_a_worker_that_dies_mid_ingest(
     mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(decoder_module, "RESTART_DELAY_S", 0.0)  # replaced at the next batch
-    hub = RunningHub(make_settings(tmp_path / "data", mosquitto.url))
-    hub.service = HubService(hub.settings, hub.store, decode_worker=True)
+    hub = RunningHub(make_settings(tmp_path / "data", mosquitto.url), decode_worker=True)
     hub.start()
     try:
         events = fleet_events(gateways=3, devices=4, per_device=25)  # 300 events

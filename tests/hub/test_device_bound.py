@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
-from careflow.hub.alerting.notify import NotificationSender, load_channels
+from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.rules import load_rules
 from careflow.hub.alerting.selfwatch import (
     HUB_DEVICE,
@@ -112,12 +112,7 @@ def test_a_live_hub_refuses_an_invented_device_and_announces_its_care_alarms(
     rules = load_rules([tmp_path / "r.yaml"])
     settings = make_settings(tmp_path / "data", mosquitto.url,
                              CAREFLOW_MAX_DEVICES_PER_GATEWAY="2")
-    hub = RunningHub(settings, rules)
-    stage = hub.service.alerts = AlertStage(hub.store, rules, channels)
-    sender = NotificationSender(SqliteStore(settings.db_path), channels)
-    stage.on_queued = sender.wake
-    hub.start()
-    sender.start()
+    hub = RunningHub(settings, rules, channels=channels).start()
     try:
         publish(mosquitto, _events("gw-z", ["gw-z", "door-1", "door-2"]))
         wait_until(lambda: len(hub.store.devices()) == 3, what="the gateway and two devices")
@@ -132,7 +127,7 @@ def test_a_live_hub_refuses_an_invented_device_and_announces_its_care_alarms(
         assert b"sos-3" in letter.payload
         assert [d.device for d in hub.store.devices()] == ["door-1", "door-2", "gw-z"]
         assert not [i for i in hub.store.incidents(states=None) if i.rule == "care-alarm"]
-        assert ("gw-z", "sos-3") not in {subject for _, subject, _ in stage.evaluator.active()}
+        assert ("gw-z", "sos-3") not in {subject for _, subject, _ in hub.alerts.evaluator.active()}
 
         other = Stamper(gateway="gw-z", device="sos-4")
         publish(mosquitto, [other.stamp("alert", {"kind": "sos", "state": "raised"})])
@@ -145,7 +140,6 @@ def test_a_live_hub_refuses_an_invented_device_and_announces_its_care_alarms(
                                             device=HUB_DEVICE)
         assert own is not None and own.raises == 2
     finally:
-        sender.stop()
         hub.stop()
 
 

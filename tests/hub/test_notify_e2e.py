@@ -40,12 +40,11 @@ def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
     (tmp_path / "rules.yaml").write_text(RULES.replace("kind: event\n", "kind: event\n"
                                                        "    severity: critical\n"))
     settings = make_settings(tmp_path / "data", mosquitto.url)
-    hub = RunningHub(settings, load_rules([tmp_path / "rules.yaml"]))
-    hub.service.alerts = AlertStage(hub.store, load_rules([tmp_path / "rules.yaml"]), channels)
-    hub.service.alerts.group_wait_ms = 1500  # short, so the test need not wait 30 s
+    hub = RunningHub(settings, load_rules([tmp_path / "rules.yaml"]), channels=channels)
+    assert hub.alerts is not None and hub.sender is not None
+    hub.alerts.group_wait_ms = 1500  # short, so the test need not wait 30 s
+    sender = hub.sender
     hub.start()
-    sender = NotificationSender(SqliteStore(settings.db_path), channels)
-    sender.start()
     try:
         doors = [Stamper(gateway="gw-n", device=f"door-{n}") for n in range(3)]
         fall = Stamper(gateway="gw-n", device="fall-1")
@@ -74,7 +73,6 @@ def test_it_notifies_by_channel_and_delivers_after_an_smtp_outage(
                                                                   "failed")),
                    what="nothing left to send (the hub's own alert, if any, resolved)")
     finally:
-        sender.stop()
         hub.stop()
         mailbox.stop()
 
