@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
-from careflow.core.errors import ConfigError, HubRunningError
+from careflow.core.errors import BrokerError, ConfigError, HubRunningError
 from careflow.hub.alerting.notify import load_channels
 from careflow.hub.app import build_hub
 from tests.conftest import UNREACHABLE_CHANNELS, free_port, make_settings
@@ -73,3 +74,16 @@ def test_it_refuses_the_embedded_broker_off_loopback_without_credentials(
         build_hub(settings, rules=None, channels={}, provisioning=None)
     build_hub(settings, broker_credentials=None, rules=None, channels={},
               provisioning=None).close()  # as the demo runs it: open to anyone
+
+
+def test_it_stops_what_started_and_releases_the_data_directory_when_a_part_cannot_start(
+        tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = make_settings(tmp_path / "data", None, CAREFLOW_LISTEN=f"127.0.0.1:{port}")
+        hub = build_hub(settings, rules=None, channels={}, provisioning=None)
+        with pytest.raises(BrokerError, match="--listen"), hub:
+            pytest.fail("the hub started on a port that is taken")
+    build_hub(settings, rules=None, channels={}, provisioning=None).close()  # not locked
