@@ -26,7 +26,7 @@ from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import AlertStage
 from careflow.hub.alerting.notify import Channel, load_channels
 from careflow.hub.alerting.rules import RuleSet, load_rules
-from careflow.hub.app import build_hub
+from careflow.hub.app import Auto, build_hub
 from careflow.hub.ingest.decode import decode_message
 from careflow.hub.sinks.influx.sink import EVENTS_CURSOR
 from careflow.hub.store.records import IncomingBatch
@@ -120,21 +120,23 @@ def make_settings(data_dir: Path, broker_url: str | None, **env: str) -> Setting
 
 class RunningHub:
     """A hub wired by careflow.hub.app.build_hub, ingesting in a background thread of the test
-    process: no data directory lock, no embedded broker, no InfluxDB snapshots, no dead man's
-    switch; alerting only with ``rules``, a notification sender only with ``channels``."""
+    process: no data directory lock, no InfluxDB snapshots, no dead man's switch; alerting only
+    with ``rules``, a notification sender only with ``channels``, the embedded broker only when
+    asked, and provisioning as given (AUTO: the claim service of CAREFLOW_PKI_DIR)."""
 
     def __init__(self, settings: Settings, rules: RuleSet | None = None,
-                 provisioning: Activation | None = None, *,
+                 provisioning: Activation | Auto | None = None, *,
                  channels: Mapping[str, Channel] | None = None,
-                 decode_worker: bool = False) -> None:
+                 decode_worker: bool = False, embedded_broker: bool = False) -> None:
         self.settings = settings
-        self.hub = build_hub(settings, lock=None, embedded_broker=False, rules=rules,
+        self.hub = build_hub(settings, lock=None, embedded_broker=embedded_broker, rules=rules,
                              channels=channels or {}, provisioning=provisioning,
                              decode_worker=decode_worker, influx_snapshots=False, deadman=False)
         self.store = self.hub.store
         self.service = self.hub.service
         self.alerts = self.hub.alerts
         self.sender = self.hub.sender
+        self.provisioning = self.hub.provisioning  # the claim service, with provisioning=AUTO
         self.thread: threading.Thread | None = None
 
     @property

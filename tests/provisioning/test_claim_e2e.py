@@ -20,7 +20,7 @@ from careflow.core.config import Settings, parse_broker_url
 from careflow.core.errors import ClaimError
 from careflow.edge.claim import claim_identity
 from careflow.edge.identity import CERT_FILE, KEY_FILE
-from careflow.hub.ingest.embedded_broker import EmbeddedBroker
+from careflow.hub.app import AUTO
 from careflow.hub.store.records import EventFilter
 from careflow.provisioning import pki as pki_mod
 from careflow.provisioning.claims import Reject, hash_token
@@ -57,17 +57,13 @@ def flow(tmp_path: Path) -> Iterator[Flow]:
     pki_mod.init_pki(pki_dir, now=datetime.now(UTC), force=True)
     env = {"CAREFLOW_LISTEN": f"127.0.0.1:{port}", "CAREFLOW_PKI_DIR": str(pki_dir)}
     settings = make_settings(tmp_path / "data", None, **env)
-    broker = EmbeddedBroker("127.0.0.1", port)
-    broker.start()
-    provisioning = Provisioning(settings, pki_dir=pki_dir)
-    provisioning.start()
-    hub = RunningHub(settings, provisioning=provisioning.activation).start()
-    yield Flow(settings, hub, provisioning,
+    # the embedded broker, then the claim service of CAREFLOW_PKI_DIR, then ingest
+    hub = RunningHub(settings, provisioning=AUTO, embedded_broker=True).start()
+    assert hub.provisioning is not None
+    yield Flow(settings, hub, hub.provisioning,
                {**os.environ, **env, "CAREFLOW_DATA_DIR": str(settings.data_dir),
                 "CAREFLOW_SQLITE_SYNC": "normal"})
     hub.stop()
-    provisioning.stop()
-    broker.stop()
 
 
 def test_it_onboards_a_gateway_from_registration_to_active(flow: Flow, tmp_path: Path) -> None:

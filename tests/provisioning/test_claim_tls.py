@@ -13,6 +13,7 @@ import pytest
 from careflow.core import clock
 from careflow.core.errors import BrokerError
 from careflow.edge.claim import ClaimResult, claim_identity
+from careflow.hub.app import AUTO
 from careflow.hub.store.records import EventFilter
 from careflow.provisioning.claims import hash_token
 from careflow.provisioning.pki import current_certificate
@@ -55,12 +56,10 @@ def tls_hub(tls_broker: TlsBroker, tmp_path: Path) -> Iterator[TlsHub]:
         tmp_path / "data", f"mqtts://127.0.0.1:{tls_broker.device_port}",
         CAREFLOW_PKI_DIR=str(pki.dir), CAREFLOW_BROKER_CA=str(pki.device_ca_path),
         CAREFLOW_BROKER_CERT=str(pki.cert_path("hub")), CAREFLOW_BROKER_KEY=str(pki.key_path("hub")))
-    provisioning = Provisioning(settings, pki_dir=pki.dir)
-    provisioning.start()
-    hub = RunningHub(settings, provisioning=provisioning.activation).start()
-    yield TlsHub(tls_broker, provisioning, hub)
+    hub = RunningHub(settings, provisioning=AUTO).start()  # the claim service of CAREFLOW_PKI_DIR
+    assert hub.provisioning is not None
+    yield TlsHub(tls_broker, hub.provisioning, hub)
     hub.stop()
-    provisioning.stop()
 
 
 def test_it_claims_on_the_claim_listener_and_runs_on_the_device_listener(
