@@ -73,10 +73,11 @@ def wheel(wheels: dict[str, Path]) -> Path:
     return wheels["careflow"]
 
 
-def _venv_with(wheels: list[Path], root: Path) -> Path:
-    """A fresh venv with only these wheels of careflow installed (see the module docstring)."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True,
-                   timeout=120)
+def _venv_with(wheels: list[Path], root: Path, *, clear: bool = False) -> Path:
+    """A fresh venv with only these wheels of careflow installed (see the module docstring); an
+    existing one keeps what it has unless cleared."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", *(["--clear"] * clear),
+                    str(root)], check=True, timeout=120)
     python = root / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
                     "--no-deps", "--no-index", *map(str, wheels)], check=True,
@@ -274,3 +275,44 @@ def test_it_renders_a_pki_whose_broker_config_mosquitto_loads(venv: Path, elsewh
         broker.terminate()
         broker.wait(timeout=10)
     assert "Unable to" not in log.read_text(), log.read_text()
+
+
+def _release_0_1_0_wheel(folder: Path) -> Path:
+    """A stand-in for careflow 0.1.0's wheel: one distribution, ``careflow``, that held every
+    part in the folders the parts install into now, a regular ``careflow`` package, and its own
+    ``careflow`` command (which prints ``careflow 0.1.0``)."""
+    files = {"careflow/__init__.py": '"""careflow."""\n',
+             "careflow/cli/__init__.py": "def main() -> None:\n    print('careflow 0.1.0')\n",
+             "careflow/hub/service.py": "", "careflow/edge/agent.py": "",
+             **{f"careflow/{part}/__init__.py": "" for part in ("hub", "edge", "schemas",
+                                                                 "provisioning")}}
+    info = "careflow-0.1.0.dist-info"
+    files |= {f"{info}/METADATA": "Metadata-Version: 2.1\nName: careflow\nVersion: 0.1.0\n",
+              f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                               "Tag: py3-none-any\n",
+              f"{info}/entry_points.txt": "[console_scripts]\ncareflow = careflow.cli:main\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    path = folder / "careflow-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as built:
+        for name, text in files.items():
+            built.writestr(name, text)
+    return path
+
+
+def test_it_upgrades_an_install_of_release_0_1_0_as_the_deploy_readme_says(
+        wheels: dict[str, Path], tmp_path: Path, elsewhere: Path) -> None:
+    """0.1.0 was one distribution named careflow: installed over it without emptying the venv,
+    the new parts ran under its old command (the same version number, so pip kept it), or lost
+    files when pip removed it. deploy/README.md's upgrade reinstalls with ``venv --clear``."""
+    upgrade = (ROOT / "deploy" / "README.md").read_text().split("## Upgrading", 1)[1]
+    (reinstall,) = [line for line in upgrade.splitlines()
+                    if "python3 -m venv" in line and "bin/pip install dist/careflow*.whl" in line]
+    venv = _venv_with([_release_0_1_0_wheel(tmp_path)], tmp_path / "opt-careflow")
+    assert run(venv, elsewhere, "--help").stdout.strip() == "careflow 0.1.0"
+    _venv_with(list(wheels.values()), venv, clear="--clear" in reinstall.split())
+    helped = run(venv, elsewhere, "--help")
+    assert "careflow hub" in " ".join(helped.stdout.split()), helped.stdout
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    leftovers = [name for name in ("careflow/__init__.py", "careflow/hub/service.py")
+                 if (site / name).exists()]
+    assert not leftovers, leftovers
