@@ -637,3 +637,44 @@ def test_an_event_the_rules_cannot_evaluate_holds_back_no_alarm_and_is_announced
     again.tick(T0 + 3_000)
     assert [i.rule for i in store.incidents()].count("hub-evaluation-failed") == 1
     assert again.evaluation_failures == 0
+
+
+class ResolveFailsFor(SqliteStore):
+    """A real store with a bug resolving one device's incidents (simulated: no real input is
+    known to cause one): not a refusal of the store, a bug in writing one change."""
+
+    def resolve_incidents(self, **kwargs: Any) -> int:  # type: ignore[override]
+        if kwargs["device"] == "poison":
+            raise RuntimeError("a bug")
+        return super().resolve_incidents(**kwargs)
+
+
+def test_a_bug_writing_one_change_holds_back_no_later_change_of_its_source_nor_any_alarm(
+    tmp_path: Path,
+) -> None:
+    """A change a bug kept from being written is set aside; the changes planned after it in the
+    same commit must not assume it was written. A condition that cleared (the write fails) and
+    fired again in one commit was planned as a new incident, which the store (one unresolved
+    per source) did not open: the step was planned again and again, then refused, and
+    evaluation stopped there for good, holding every care alarm after it."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = ResolveFailsFor(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    poison, sos = Stamper(gateway="gw", device="poison"), Stamper(gateway="gw", device="sos")
+
+    def battery(pct: int) -> dict[str, Any]:
+        return poison.stamp("status", {"state": "ok", "battery_pct": pct})
+
+    stage.handle(store.append(batch_of([battery(5)])).stored, now_ms=T0)
+    stage.handle(store.append(batch_of([
+        battery(90),  # clears: resolving it fails (the bug)
+        battery(5)])).stored, now_ms=T0 + 1_000)  # and fires again, in the same commit
+    stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})]))
+                 .stored, now_ms=T0 + 2_000)
+    stage.tick(T0 + 3_000)
+    stage.tick(T0 + 5_000)
+    assert ("care-alarm", "sos", "firing") in announced(store)
+    (failed,) = [i for i in store.incidents() if i.rule == "hub-evaluation-failed"]
+    assert "gw/poison battery-low resolved (not recorded)" in failed.detail
+    assert [i.state for i in store.incidents() if i.rule == "battery-low"] == ["open"]
+    assert stage.unrecorded == 0 and store.cursor(ALERTS_CURSOR) == store.last_pos()

@@ -109,6 +109,16 @@ class _PlanOutdatedError(Exception):
     """The store did not do what a plan assumed of it (see AlertStage._in_one_transaction)."""
 
 
+class _WriteBugError(Exception):
+    """A bug (not a refusal of the store) while writing the change planned for one transition:
+    the transaction is rolled back and the step planned again without it (AlertStage._record)."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index = index  # of the action, in the plan that was being applied
+        self.error = error
+
+
 @dataclass(slots=True)
 class _Applied:
     """What one transaction recorded: each change, the incident it opened or moved, and the
@@ -538,11 +548,17 @@ class AlertStage:
         rules could not evaluate, changes a bug kept from being recorded) is announced in it."""
         setup = self._setup()
         failed_before = list(self._failed)
+        # Transitions whose change a bug kept from being written: the step is planned again
+        # without them, so no change after one assumes it was written (a resolve that failed
+        # followed by a new raise of that source would otherwise expect a new incident the
+        # store cannot open, and the step would be refused for ever).
+        left_out: list[int] = []
 
         def work() -> _Applied:
             self._failed[:] = failed_before  # a plan made again finds its set-asides again
-            snapshot = self._change_snapshot(transitions)
-            plan = plan_changes(transitions, snapshot, setup)
+            todo = [t for i, t in enumerate(transitions) if i not in left_out]
+            snapshot = self._change_snapshot(todo)
+            plan = plan_changes(todo, snapshot, setup)
             for aside in plan.set_aside:
                 self._evaluation_failed(aside.what, alarm=aside.alarm, error=aside.error)
             applied = self._apply(plan.actions, set_aside=True)
@@ -553,7 +569,23 @@ class AlertStage:
             self._save_cursors(events_pos, conflicts_pos)
             return applied
 
-        applied = self._in_one_transaction("record alert changes", work)
+        while True:
+            try:
+                applied = self._in_one_transaction("record alert changes", work)
+                break
+            except _WriteBugError as bug:  # rolled back: nothing of that change is written
+                # the plan has one action per transition, in order (plan_changes)
+                index = [i for i in range(len(transitions)) if i not in left_out][bug.index]
+                left_out.append(index)
+                transition = transitions[index]
+                rule = self.rules.get(transition.rule)
+                self._failed[:] = failed_before
+                self._evaluation_failed(
+                    f"{transition.gateway}/{transition.device} {transition.rule} "
+                    f"{transition.status} (not recorded)",
+                    alarm=transition.status == "firing" and rule is not None
+                    and rule.kind == "event", error=bug.error)
+                failed_before[:] = self._failed
         if self._failed:
             self._failed_alert = (now_ms + EVALUATION_FAILED_WINDOW_MS,
                                   failure_detail(self._failed))
@@ -634,26 +666,22 @@ class AlertStage:
 
     def _apply(self, actions: Sequence[Change | SetAside], *, set_aside: bool) -> _Applied:
         """Write planned changes in order, inside the caller's transaction. ``set_aside``: a bug
-        while writing one change (not a refusal of the store) sets it aside like an event the
-        rules cannot evaluate, rather than hold it and every change after it."""
+        while writing one change (not a refusal of the store) is raised as _WriteBugError, so
+        that the caller rolls back and sets it aside like an event the rules cannot evaluate,
+        rather than hold it and every change after it."""
         applied = _Applied()
         ids: dict[int, int] = {}  # the plan's refs of incidents it opens -> their ids
-        for action in actions:
+        for index, action in enumerate(actions):
             if isinstance(action, SetAside):
                 continue
             try:
                 applied.changes.append((action, *self._apply_one(action, ids)))
             except (StoreError, _PlanOutdatedError):
                 raise
-            except Exception:
+            except Exception as exc:
                 if not set_aside:
                     raise
-                rule = self.rules.get(action.rule)
-                firing = not isinstance(action, Resolve)
-                self._evaluation_failed(
-                    f"{action.gateway}/{action.device} {action.rule} "
-                    f"{'firing' if firing else 'resolved'} (not recorded)",
-                    alarm=firing and rule is not None and rule.kind == "event")
+                raise _WriteBugError(index, exc) from exc
         return applied
 
     def _apply_one(self, action: Change, ids: dict[int, int]) -> tuple[int | None, int | None]:
