@@ -7,16 +7,21 @@ newest 50: a gateway that opened many incidents could stop an older care alarm's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
-from careflow.hub.alerting.incidents import REMIND_PER_TICK
+from careflow.hub.alerting.incidents import REMIND_PER_TICK, RETRY_INTERVAL_MS, AlertStage
+from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.routing import next_reminder_ms, reminder_due
+from careflow.hub.alerting.rules import load_rules
 from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY
 from careflow.hub.store.sqlite_store import SqliteStore
-from tests.conftest import alert_stage
+from tests.conftest import UNREACHABLE_CHANNELS, alert_stage
 from tests.hub.conftest import batch_of
 
 RULES = """
@@ -123,3 +128,48 @@ def test_a_restart_recomputes_when_open_incidents_are_due(tmp_path: Path) -> Non
     _, restarted = alert_stage(tmp_path, RULES, synchronous="normal")
     restarted.tick(T0 + 5 * MINUTE)
     assert store.incidents()[0].escalation_sent == 1
+
+
+class EscalationFailsFor(SqliteStore):
+    """A real store that cannot record the escalation of some incidents (simulated: a damaged
+    row, or a bug; one incident's write fails every time it is tried)."""
+
+    broken: frozenset[int] = frozenset()
+
+    def escalate_incident(self, incident_id: int, **kwargs: Any) -> bool:
+        if incident_id in self.broken:
+            msg = "cannot escalate an incident in the event store: database disk image is malformed"
+            raise StoreError(msg)
+        return super().escalate_incident(incident_id, **kwargs)
+
+
+@pytest.mark.parametrize("broken", [0, 1], ids=["the-longest-due", "the-next"])
+def test_an_incident_whose_escalation_cannot_be_recorded_holds_back_no_other(
+    tmp_path: Path, broken: int,
+) -> None:
+    """The walk records a tick's reminders in one transaction: one incident whose escalation
+    always fails rolled back every other's, at every tick, for ever. The others escalate; the
+    failure is still raised (the hub counts and logs it) and that one is tried again."""
+    (tmp_path / "r.yaml").write_text(RULES)
+    store = EscalationFailsFor(tmp_path / "db", synchronous="normal")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]),
+                       load_channels(UNREACHABLE_CHANNELS))
+    buttons = [Stamper(gateway="gw-care", device=f"sos-{n}") for n in (1, 2)]
+    stage.handle(store.append(batch_of([b.stamp("alert", {"kind": "sos", "state": "raised"})
+                                        for b in buttons], received_ms=T0)).stored, now_ms=T0)
+    stage.tick(T0 + 1)
+    alarms = sorted(store.incidents(states=("open",)), key=lambda i: i.id)
+    store.broken = frozenset({alarms[broken].id})
+    due = T0 + 5 * MINUTE
+    with pytest.raises(StoreError, match="malformed"):
+        stage.tick(due)
+    stage.tick(due + 250)  # the failing one waits a moment; nothing else is due
+    with pytest.raises(StoreError, match="malformed"):
+        stage.tick(due + RETRY_INTERVAL_MS)  # tried again: still failing
+    sent = {i.id: i.escalation_sent for i in store.incidents(states=("open",))}
+    assert sent == {alarms[broken].id: 0, alarms[1 - broken].id: 1}
+    escalations = [n for n in store.notifications() if n.kind == "escalation"]
+    assert [n.incident_id for n in escalations] == [alarms[1 - broken].id]
+    store.broken = frozenset()  # repaired: it escalates when tried again
+    stage.tick(due + 2 * RETRY_INTERVAL_MS)
+    assert {i.escalation_sent for i in store.incidents(states=("open",))} == {1}

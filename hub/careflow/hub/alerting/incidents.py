@@ -109,6 +109,15 @@ class _PlanOutdatedError(Exception):
     """The store did not do what a plan assumed of it (see AlertStage._in_one_transaction)."""
 
 
+class _ReminderError(Exception):
+    """Planning or writing one incident's reminder failed (AlertStage._remind)."""
+
+    def __init__(self, incident_id: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.incident_id = incident_id
+        self.error = error
+
+
 class _WriteBugError(Exception):
     """A bug (not a refusal of the store) while writing the change planned for one transition:
     the transaction is rolled back and the step planned again without it (AlertStage._record)."""
@@ -223,6 +232,9 @@ class AlertStage:
         self._last_tick_ms: int | None = None
         self._lagging_since_ms: int | None = None
         self._rescheduled = False  # open incidents' due times recomputed since start
+        # incidents whose reminder could not be recorded (incident id -> when to try again):
+        # left out of the walk meanwhile, so one that always fails holds back no other
+        self._reminders_held: dict[int, int] = {}
         # care alarms refused beyond the device bound, announced from their dead letters with
         # a cursor (the hub's in-memory tally dies with it), and the alert kept open this long
         self._over_bound_pos = 0
@@ -850,23 +862,34 @@ class AlertStage:
         so no number of newer incidents can hold back an older care alarm's escalation.
 
         Most ticks find nothing due and write nothing; otherwise what is due is read, planned
-        (:func:`plan_reminders`, pure) and recorded in one transaction."""
+        (:func:`plan_reminders`, pure) and recorded in one transaction. An incident whose
+        reminder cannot be planned or recorded (a damaged row, a bug) rolls it back; the walk
+        is then recorded without that one, which is tried again after RETRY_INTERVAL_MS, and
+        the failure is raised once the others are recorded (the hub counts and logs it): one
+        incident that always fails never holds back the escalation of every other."""
         if not self._rescheduled:  # the policies may have changed since the last run
             self.store.make_open_incidents_due()
             self._rescheduled = True
-        if not self.store.due_incidents(now_ms=now_ms, limit=1):
+        held = self._reminders_held
+        for incident_id, until in list(held.items()):
+            if not 0 < until - now_ms <= RETRY_INTERVAL_MS:  # its time (or the clock went back)
+                del held[incident_id]
+        if not any(incident.id not in held for incident in self.store.due_incidents(
+                now_ms=now_ms, limit=len(held) + 1)):
             return
-        won: list[Remind] = []  # recorded: not sent meanwhile, and still open (compare-and-set)
-        with self.store.atomically("record escalation steps and repeats"):
-            for action in plan_reminders(self._reminder_snapshot(now_ms), self._setup()):
-                if isinstance(action, Reschedule):
-                    self.store.set_incident_due(action.incident_id,
-                                                next_due_ms=action.next_due_ms)
-                elif self.store.escalate_incident(
-                        action.incident_id, sent_before=action.sent_before, at_ms=now_ms,
-                        notify=action.notify, group_key=action.group_key,
-                        next_due_ms=action.next_due_ms):
-                    won.append(action)
+        failure: Exception | None = None
+        for _ in range(PLAN_ATTEMPTS):
+            try:
+                won = self._record_reminders(now_ms)
+                break
+            except _ReminderError as exc:  # rolled back: recorded again without that one
+                log.error("cannot record an incident's reminder; the others go on without it",
+                          extra={"incident": exc.incident_id, "error": str(exc.error)})
+                held[exc.incident_id] = now_ms + RETRY_INTERVAL_MS
+                failure = failure or exc.error
+        else:
+            assert failure is not None
+            raise failure
         for action in won:  # once committed, so the sender finds what it is woken for
             if action.kind is Reminder.ESCALATE:
                 log.warning("incident escalated", extra={
@@ -877,11 +900,37 @@ class AlertStage:
                                                             "channels": list(action.channels)})
         if any(action.kind is Reminder.ESCALATE or action.notify for action in won):
             self.on_queued()
+        if failure is not None:
+            raise failure
+
+    def _record_reminders(self, now_ms: int) -> list[Remind]:
+        """Plan and record the due reminders in one transaction; those recorded (not sent
+        meanwhile, and still open: compare-and-set). One incident's failure is raised as
+        _ReminderError, naming it."""
+        won: list[Remind] = []
+        setup = self._setup()
+        with self.store.atomically("record escalation steps and repeats"):
+            snapshot = self._reminder_snapshot(now_ms)
+            for incident in snapshot.due:  # planned one by one: each is its own
+                try:
+                    for action in plan_reminders(replace(snapshot, due=(incident,)), setup):
+                        if isinstance(action, Reschedule):
+                            self.store.set_incident_due(action.incident_id,
+                                                        next_due_ms=action.next_due_ms)
+                        elif self.store.escalate_incident(
+                                action.incident_id, sent_before=action.sent_before,
+                                at_ms=now_ms, notify=action.notify,
+                                group_key=action.group_key, next_due_ms=action.next_due_ms):
+                            won.append(action)
+                except Exception as exc:
+                    raise _ReminderError(incident.id, exc) from exc
+        return won
 
     def _reminder_snapshot(self, now_ms: int) -> ReminderSnapshot:
         """What the escalation walk decides on, read once: the due incidents, the silences
         active now, and (for absences only: inhibition) which gateways are offline."""
-        due = tuple(self.store.due_incidents(now_ms=now_ms, limit=REMIND_PER_TICK))
+        due = tuple(incident for incident in self.store.due_incidents(
+            now_ms=now_ms, limit=REMIND_PER_TICK) if incident.id not in self._reminders_held)
         absent = {incident.gateway for incident in due
                   if getattr(self.rules.get(incident.rule), "kind", None) == "absence"}
         return ReminderSnapshot(now_ms=now_ms, due=due,
