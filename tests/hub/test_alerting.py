@@ -678,3 +678,36 @@ def test_a_bug_writing_one_change_holds_back_no_later_change_of_its_source_nor_a
     assert "gw/poison battery-low resolved (not recorded)" in failed.detail
     assert [i.state for i in store.incidents() if i.rule == "battery-low"] == ["open"]
     assert stage.unrecorded == 0 and store.cursor(ALERTS_CURSOR) == store.last_pos()
+
+
+class PresenceBug(SqliteStore):
+    """A real store whose presence cannot be read for a bug (simulated: no real input is known
+    to cause one); inhibition is the only decision that reads it."""
+
+    def presence(self) -> Any:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_reading_what_inhibition_looks_at_never_holds_an_alarm(tmp_path: Path) -> None:
+    """Whether a gateway is offline is read for inhibition only; a bug there was announced
+    past (better announced than held) while the stage read it change by change. Read once per
+    step, it failed the whole step at every retry from the log: the device's silence and every
+    care alarm after it were held for good."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE + """
+  - name: device-silent
+    kind: absence
+    grace: 2
+""")
+    store = PresenceBug(tmp_path / "db")
+    stage = stage_on(store, tmp_path)  # with channels: the escalation walk looks too
+    door, sos = Stamper(gateway="gw", device="door"), Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([door.stamp("heartbeat", {"interval_s": 30})],
+                                       received_ms=T0)).stored, now_ms=T0)
+    stage.tick(T0 + 10 * 60_000)  # door silent: is its gateway offline? (the bug)
+    stage.handle(store.append(batch_of([sos.stamp("alert", {"kind": "sos", "state": "raised"})],
+                                       received_ms=T0 + 10 * 60_000 + 1_000)).stored,
+                 now_ms=T0 + 10 * 60_000 + 1_000)
+    stage.tick(T0 + 10 * 60_000 + 3_000)
+    assert sorted(i.rule for i in store.incidents()) == ["care-alarm", "device-silent"]
+    assert ("device-silent", "door", "firing") in announced(store)
+    assert stage.unrecorded == 0

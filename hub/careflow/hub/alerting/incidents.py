@@ -640,6 +640,7 @@ class AlertStage:
             if transition.status == "firing" and rule.severity != "critical":
                 groups.update(self._groups_joined(rule.name, rule.severity, transition))
         store = self.store
+        offline, gateway_firing = self._inhibition_facts(absent)
         silences = {silence.id: silence for at_ms in {t.at_ms for t in transitions}
                     for silence in store.silences(active_at_ms=at_ms)}
         return ChangeSnapshot(
@@ -649,8 +650,7 @@ class AlertStage:
                 rule=key[0], gateway=key[1], device=key[2], since_ms=at_ms - FLAP_WINDOW_MS))
                 for key, at_ms in since.items()},
             silences=tuple(sorted(silences.values(), key=lambda s: -s.id)),  # newest first
-            offline=self._offline() if absent else frozenset(),
-            gateway_firing=self._gateway_firing(absent),
+            offline=offline, gateway_firing=gateway_firing,
             groups={(channel, gateway): GroupTiming(*store.group_timing(
                 channel=channel, group_key=gateway)) for channel, gateway in groups})
 
@@ -933,10 +933,10 @@ class AlertStage:
             now_ms=now_ms, limit=REMIND_PER_TICK) if incident.id not in self._reminders_held)
         absent = {incident.gateway for incident in due
                   if getattr(self.rules.get(incident.rule), "kind", None) == "absence"}
+        offline, gateway_firing = self._inhibition_facts(absent)
         return ReminderSnapshot(now_ms=now_ms, due=due,
                                 silences=tuple(self.store.silences(active_at_ms=now_ms)),
-                                offline=self._offline() if absent else frozenset(),
-                                gateway_firing=self._gateway_firing(absent))
+                                offline=offline, gateway_firing=gateway_firing)
 
     def _setup(self) -> Setup:
         """What the pure planners need to know of this stage's configuration."""
@@ -946,6 +946,23 @@ class AlertStage:
 
     def _decide(self, rule: str, severity: str, gateway: str, device: str) -> Decision:
         return self.decision(rule=rule, severity=severity, gateway=gateway, device=device)
+
+    def _inhibition_facts(self, gateways: Collection[str],
+                          ) -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
+        """What inhibition (absences only) looks at for these gateways: which gateways are
+        offline, and the rules firing for each gateway itself. A bug reading them (not a
+        refusal of the store) is logged and inhibits nothing: better announced than held, and
+        never a step that fails at every retry with every alarm after it."""
+        if not gateways:
+            return frozenset(), {}
+        try:
+            return self._offline(), self._gateway_firing(gateways)
+        except StoreError:
+            raise
+        except Exception:
+            log.exception("cannot tell whether gateways are offline; nothing is inhibited",
+                          extra={"gateways": sorted(gateways)[:5]})
+            return frozenset(), {}
 
     def _offline(self) -> frozenset[str]:
         """The gateways whose last presence is offline."""
