@@ -711,3 +711,31 @@ def test_a_bug_reading_what_inhibition_looks_at_never_holds_an_alarm(tmp_path: P
     assert sorted(i.rule for i in store.incidents()) == ["care-alarm", "device-silent"]
     assert ("device-silent", "door", "firing") in announced(store)
     assert stage.unrecorded == 0
+
+
+class MuteReadBug(SqliteStore):
+    """A real store with a bug reading the silences and the flapping history (simulated: a
+    row the record cannot be built from, say)."""
+
+    def silences(self, **_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    def incident_triggers(self, **_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_reading_silences_or_flapping_history_never_holds_an_alarm(tmp_path: Path) -> None:
+    """Silences and earlier triggers only decide whether to mute; a bug reading them was
+    announced past while the stage read them change by change. Read once per step, it failed
+    every step at every retry: no alarm was recorded any more. Announced, as before."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = MuteReadBug(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    door, sos = Stamper(gateway="gw", device="door"), Stamper(gateway="gw", device="sos")
+    stage.handle(store.append(batch_of([
+        door.stamp("status", {"state": "ok", "battery_pct": 5}),
+        sos.stamp("alert", {"kind": "sos", "state": "raised"})])).stored, now_ms=T0)
+    stage.tick(T0 + 2_000)
+    assert ("care-alarm", "sos", "firing") in announced(store)
+    assert ("battery-low", "door", "firing") in announced(store)
+    assert stage.unrecorded == 0

@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from careflow.core import clock
 from careflow.core.errors import ConfigError, ContractError, StoreError
 from careflow.hub.alerting.evaluate import Evaluator, Observation, Transition
-from careflow.hub.alerting.mute import FLAP_WINDOW_MS
+from careflow.hub.alerting.mute import FLAP_WINDOW_MS, Silence
 from careflow.hub.alerting.notify import Channel, failing_or_stuck
 from careflow.hub.alerting.plan import (
     EVALUATION_FAILED_RULE,
@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 ALERTS_CURSOR = "alerts"  # the newest log position whose evaluation is recorded
 # CONFLICTS_CURSOR: the same over the conflict dead letters; OVER_BOUND_CURSOR: the newest
@@ -641,14 +642,17 @@ class AlertStage:
                 groups.update(self._groups_joined(rule.name, rule.severity, transition))
         store = self.store
         offline, gateway_firing = self._inhibition_facts(absent)
-        silences = {silence.id: silence for at_ms in {t.at_ms for t in transitions}
-                    for silence in store.silences(active_at_ms=at_ms)}
+        none: dict[int, Silence] = {}
+        silences = self._for_muting("the silences", lambda: {
+            silence.id: silence for at_ms in {t.at_ms for t in transitions}
+            for silence in store.silences(active_at_ms=at_ms)}, none)
         return ChangeSnapshot(
             unresolved={key: found for key in keys if (found := store.unresolved_incident(
                 rule=key[0], gateway=key[1], device=key[2])) is not None},
-            triggers={key: tuple(store.incident_triggers(
-                rule=key[0], gateway=key[1], device=key[2], since_ms=at_ms - FLAP_WINDOW_MS))
-                for key, at_ms in since.items()},
+            triggers=self._for_muting("earlier triggers (flapping)", lambda: {
+                key: tuple(store.incident_triggers(rule=key[0], gateway=key[1], device=key[2],
+                                                   since_ms=at_ms - FLAP_WINDOW_MS))
+                for key, at_ms in since.items()}, {}),
             silences=tuple(sorted(silences.values(), key=lambda s: -s.id)),  # newest first
             offline=offline, gateway_firing=gateway_firing,
             groups={(channel, gateway): GroupTiming(*store.group_timing(
@@ -934,8 +938,8 @@ class AlertStage:
         absent = {incident.gateway for incident in due
                   if getattr(self.rules.get(incident.rule), "kind", None) == "absence"}
         offline, gateway_firing = self._inhibition_facts(absent)
-        return ReminderSnapshot(now_ms=now_ms, due=due,
-                                silences=tuple(self.store.silences(active_at_ms=now_ms)),
+        return ReminderSnapshot(now_ms=now_ms, due=due, silences=self._for_muting(
+            "the silences", lambda: tuple(self.store.silences(active_at_ms=now_ms)), ()),
                                 offline=offline, gateway_firing=gateway_firing)
 
     def _setup(self) -> Setup:
@@ -950,19 +954,28 @@ class AlertStage:
     def _inhibition_facts(self, gateways: Collection[str],
                           ) -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
         """What inhibition (absences only) looks at for these gateways: which gateways are
-        offline, and the rules firing for each gateway itself. A bug reading them (not a
-        refusal of the store) is logged and inhibits nothing: better announced than held, and
-        never a step that fails at every retry with every alarm after it."""
+        offline, and the rules firing for each gateway itself (see :meth:`_for_muting`)."""
+        nothing: tuple[frozenset[str], dict[str, tuple[str, ...]]] = (frozenset(), {})
         if not gateways:
-            return frozenset(), {}
+            return nothing
+        return self._for_muting("which gateways are offline", lambda: (
+            self._offline(), self._gateway_firing(gateways)), nothing)
+
+    @staticmethod
+    def _for_muting(what: str, read: Callable[[], _T], nothing: _T) -> _T:
+        """Read something only muting looks at (silences, earlier triggers, offline gateways).
+        A bug reading it (not a refusal of the store) is logged and mutes nothing: better
+        announced than held, and never a step that fails at every retry from the log with
+        every alarm after it (the stage once read these change by change, and announced past
+        such a bug)."""
         try:
-            return self._offline(), self._gateway_firing(gateways)
+            return read()
         except StoreError:
             raise
         except Exception:
-            log.exception("cannot tell whether gateways are offline; nothing is inhibited",
-                          extra={"gateways": sorted(gateways)[:5]})
-            return frozenset(), {}
+            log.exception("cannot tell whether to mute; nothing is muted by it",
+                          extra={"reading": what})
+            return nothing
 
     def _offline(self) -> frozenset[str]:
         """The gateways whose last presence is offline."""
