@@ -739,3 +739,43 @@ def test_a_bug_reading_silences_or_flapping_history_never_holds_an_alarm(tmp_pat
     assert ("care-alarm", "sos", "firing") in announced(store)
     assert ("battery-low", "door", "firing") in announced(store)
     assert stage.unrecorded == 0
+
+
+class IncidentReadBug(SqliteStore):
+    """A real store with a bug reading one source's unresolved incident, and the timing of one
+    gateway's groups (simulated: a row a record cannot be built from, say)."""
+
+    def unresolved_incident(self, **kwargs: Any) -> Any:
+        if kwargs["device"] == "poison":
+            raise RuntimeError("a bug")
+        return super().unresolved_incident(**kwargs)
+
+    def group_timing(self, **kwargs: Any) -> Any:
+        if kwargs["group_key"] == "gw-poison":
+            raise RuntimeError("a bug")
+        return super().group_timing(**kwargs)
+
+
+def test_a_bug_reading_one_sources_incident_or_group_holds_back_no_other_alarm(
+    tmp_path: Path,
+) -> None:
+    """Read change by change, a bug reading one source's incident set that change aside (and
+    announced it), as did a bug reading a group's timing; the other changes were recorded.
+    Read once per step, it failed the whole step at every retry, holding every alarm after it.
+    The changes that need what cannot be read are set aside and announced again."""
+    (tmp_path / "r.yaml").write_text(RULES + ALARM_RULE)
+    store = IncidentReadBug(tmp_path / "db")
+    stage = stage_on(store, tmp_path)
+    poison, sos = Stamper(gateway="gw", device="poison"), Stamper(gateway="gw", device="sos")
+    door = Stamper(gateway="gw-poison", device="door")
+    stage.handle(store.append(batch_of([
+        poison.stamp("alert", {"kind": "sos", "state": "raised"}),
+        door.stamp("status", {"state": "ok", "battery_pct": 5}),
+        sos.stamp("alert", {"kind": "sos", "state": "raised"})])).stored, now_ms=T0)
+    stage.tick(T0 + 2_000)
+    assert ("care-alarm", "sos", "firing") in announced(store)
+    (failed,) = [i for i in store.incidents() if i.rule == "hub-evaluation-failed"]
+    assert "gw/poison care-alarm firing (not recorded)" in failed.detail
+    assert "gw-poison/door battery-low firing (not recorded)" in failed.detail
+    assert "1 of them a CARE ALARM" in failed.detail
+    assert stage.unrecorded == 0

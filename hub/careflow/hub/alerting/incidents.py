@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -67,7 +68,7 @@ from careflow.hub.store.interface import (
     Outbox,
     UnitOfWork,
 )
-from careflow.hub.store.records import DeadLetter, EventFilter, StoredEvent
+from careflow.hub.store.records import DeadLetter, EventFilter, Incident, StoredEvent
 from careflow.schemas import decode_json, validate_event
 
 __all__ = [
@@ -119,13 +120,14 @@ class _ReminderError(Exception):
         self.error = error
 
 
-class _WriteBugError(Exception):
-    """A bug (not a refusal of the store) while writing the change planned for one transition:
-    the transaction is rolled back and the step planned again without it (AlertStage._record)."""
+class _SetAsideError(Exception):
+    """A bug (not a refusal of the store) while reading for, or writing, the changes of some
+    transitions: the transaction is rolled back and the step planned again without them
+    (AlertStage._record)."""
 
-    def __init__(self, index: int, error: Exception) -> None:
+    def __init__(self, indexes: Sequence[int], error: Exception) -> None:
         super().__init__(str(error))
-        self.index = index  # of the action, in the plan that was being applied
+        self.indexes = tuple(indexes)  # of the transitions, in the list being planned
         self.error = error
 
 
@@ -561,10 +563,10 @@ class AlertStage:
         rules could not evaluate, changes a bug kept from being recorded) is announced in it."""
         setup = self._setup()
         failed_before = list(self._failed)
-        # Transitions whose change a bug kept from being written: the step is planned again
-        # without them, so no change after one assumes it was written (a resolve that failed
-        # followed by a new raise of that source would otherwise expect a new incident the
-        # store cannot open, and the step would be refused for ever).
+        # Transitions whose change a bug kept from being read for or written: the step is
+        # planned again without them, so no change after one assumes it was written (a resolve
+        # that failed followed by a new raise of that source would otherwise expect a new
+        # incident the store cannot open), and no such bug fails the step at every retry.
         left_out: list[int] = []
 
         def work() -> _Applied:
@@ -586,18 +588,18 @@ class AlertStage:
             try:
                 applied = self._in_one_transaction("record alert changes", work)
                 break
-            except _WriteBugError as bug:  # rolled back: nothing of that change is written
-                # the plan has one action per transition, in order (plan_changes)
-                index = [i for i in range(len(transitions)) if i not in left_out][bug.index]
-                left_out.append(index)
-                transition = transitions[index]
-                rule = self.rules.get(transition.rule)
+            except _SetAsideError as bug:  # rolled back: nothing of those changes is written
+                planned = [i for i in range(len(transitions)) if i not in left_out]
                 self._failed[:] = failed_before
-                self._evaluation_failed(
-                    f"{transition.gateway}/{transition.device} {transition.rule} "
-                    f"{transition.status} (not recorded)",
-                    alarm=transition.status == "firing" and rule is not None
-                    and rule.kind == "event", error=bug.error)
+                for index in sorted(planned[i] for i in bug.indexes):
+                    left_out.append(index)
+                    transition = transitions[index]
+                    rule = self.rules.get(transition.rule)
+                    self._evaluation_failed(
+                        f"{transition.gateway}/{transition.device} {transition.rule} "
+                        f"{transition.status} (not recorded)",
+                        alarm=transition.status == "firing" and rule is not None
+                        and rule.kind == "event", error=bug.error)
                 failed_before[:] = self._failed
         if self._failed:
             self._failed_alert = (now_ms + EVALUATION_FAILED_WINDOW_MS,
@@ -622,41 +624,63 @@ class AlertStage:
     def _change_snapshot(self, transitions: Sequence[Transition]) -> ChangeSnapshot:
         """What one step's changes are decided on, read once: the unresolved incident of each
         source that fires, recent triggers (flapping), the silences active then, the timing of
-        the groups a held message may join, and which gateways are offline (absences only)."""
-        keys: set[Key] = set()
+        the groups a held message may join, and which gateways are offline (absences only).
+
+        A bug (not a refusal of the store) reading one source's incident or one group's timing
+        is raised as _SetAsideError naming the changes that needed it (set aside, as they were
+        when the stage read these change by change), never a step failing at every retry."""
+        keys: dict[Key, list[int]] = {}  # -> the firing transitions that need it
         since: dict[Key, int] = {}
-        groups: set[tuple[str, str]] = set()
+        groups: dict[tuple[str, str], list[int]] = {}
         absent: set[str] = set()
-        for transition in transitions:
+        for index, transition in enumerate(transitions):
             rule = self.rules.get(transition.rule)
             if rule is None:
                 continue  # the plan sets it aside
             key = (rule.name, transition.gateway, transition.device)
             if transition.status == "firing":
-                keys.add(key)
+                keys.setdefault(key, []).append(index)
             if rule.kind != "event":
                 since[key] = min(since.get(key, transition.at_ms), transition.at_ms)
             if rule.kind == "absence":
                 absent.add(transition.gateway)
             if transition.status == "firing" and rule.severity != "critical":
-                groups.update(self._groups_joined(rule.name, rule.severity, transition))
+                for group in self._groups_joined(rule.name, rule.severity, transition):
+                    groups.setdefault(group, []).append(index)
         store = self.store
         offline, gateway_firing = self._inhibition_facts(absent)
         none: dict[int, Silence] = {}
         silences = self._for_muting("the silences", lambda: {
             silence.id: silence for at_ms in {t.at_ms for t in transitions}
             for silence in store.silences(active_at_ms=at_ms)}, none)
+        unresolved: dict[Key, Incident] = {}
+        for key, needed_by in keys.items():
+            found = self._for_changes(needed_by, partial(
+                store.unresolved_incident, rule=key[0], gateway=key[1], device=key[2]))
+            if found is not None:
+                unresolved[key] = found
+        timing = {group: GroupTiming(*self._for_changes(needed_by, partial(
+            store.group_timing, channel=group[0], group_key=group[1])))
+            for group, needed_by in groups.items()}
         return ChangeSnapshot(
-            unresolved={key: found for key in keys if (found := store.unresolved_incident(
-                rule=key[0], gateway=key[1], device=key[2])) is not None},
+            unresolved=unresolved,
             triggers=self._for_muting("earlier triggers (flapping)", lambda: {
                 key: tuple(store.incident_triggers(rule=key[0], gateway=key[1], device=key[2],
                                                    since_ms=at_ms - FLAP_WINDOW_MS))
                 for key, at_ms in since.items()}, {}),
             silences=tuple(sorted(silences.values(), key=lambda s: -s.id)),  # newest first
-            offline=offline, gateway_firing=gateway_firing,
-            groups={(channel, gateway): GroupTiming(*store.group_timing(
-                channel=channel, group_key=gateway)) for channel, gateway in groups})
+            offline=offline, gateway_firing=gateway_firing, groups=timing)
+
+    @staticmethod
+    def _for_changes(needed_by: Sequence[int], read: Callable[[], _T]) -> _T:
+        """Read what some changes (by index) are decided on; a bug reading it (not a refusal
+        of the store) is raised as _SetAsideError, to set those changes aside."""
+        try:
+            return read()
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise _SetAsideError(needed_by, exc) from exc
 
     def _groups_joined(self, rule: str, severity: str,
                        transition: Transition) -> list[tuple[str, str]]:
@@ -682,7 +706,7 @@ class AlertStage:
 
     def _apply(self, actions: Sequence[Change | SetAside], *, set_aside: bool) -> _Applied:
         """Write planned changes in order, inside the caller's transaction. ``set_aside``: a bug
-        while writing one change (not a refusal of the store) is raised as _WriteBugError, so
+        while writing one change (not a refusal of the store) is raised as _SetAsideError, so
         that the caller rolls back and sets it aside like an event the rules cannot evaluate,
         rather than hold it and every change after it."""
         applied = _Applied()
@@ -697,7 +721,7 @@ class AlertStage:
             except Exception as exc:
                 if not set_aside:
                     raise
-                raise _WriteBugError(index, exc) from exc
+                raise _SetAsideError([index], exc) from exc  # one action per transition
         return applied
 
     def _apply_one(self, action: Change, ids: dict[int, int]) -> tuple[int | None, int | None]:
