@@ -384,3 +384,20 @@ def test_it_refuses_a_store_made_by_a_newer_careflow(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="newer than this careflow knows"):
         SqliteStore(tmp_path / "db")
+
+
+def test_it_leaves_a_store_made_by_a_newer_careflow_as_it_found_it(tmp_path: Path) -> None:
+    """A later layout may have dropped what this one creates: refusing it must not put back
+    this careflow's tables, indexes and fact columns first (an old CLI run by mistake, or a
+    rollback, would change the newer hub's database)."""
+    SqliteStore(tmp_path / "db").close()
+    conn = sqlite3.connect(tmp_path / "db")
+    conn.executescript(f"""
+        DROP TABLE outbox; DROP INDEX events_by_time; ALTER TABLE devices DROP COLUMN firmware_ms;
+        UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE key = 'schema_version';
+    """)
+    conn.close()
+    before = _layout(tmp_path / "db")
+    with pytest.raises(StoreError, match="newer than this careflow knows"):
+        SqliteStore(tmp_path / "db")
+    assert _layout(tmp_path / "db") == before

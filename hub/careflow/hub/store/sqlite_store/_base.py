@@ -56,7 +56,9 @@ class SqliteBase:
         self.max_devices_per_gateway = max_devices_per_gateway
         self._registered: set[tuple[str, str]] = set()  # (gateway, device) known registered
         try:
-            self._conn = open_wal(path, synchronous=synchronous, schema=SCHEMA)
+            self._conn = open_wal(path, synchronous=synchronous, schema="")
+            self._refuse_newer()  # before anything below changes a layout this code cannot read
+            self._conn.executescript(SCHEMA)
             self._add_fact_columns()  # at every open: the facts follow the contract
             self._migrate()
         except (sqlite3.Error, OSError) as exc:
@@ -72,26 +74,33 @@ class SqliteBase:
                 if column not in known:
                     self._conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
 
-    def _migrate(self) -> None:
-        """Bring a database made by an earlier careflow up to :data:`SCHEMA_VERSION`, one step
-        per version, in one transaction; refuse one made by a later careflow (its layout may
-        mean what this code does not know)."""
+    def _refuse_newer(self) -> None:
+        """Refuse, untouched, a database made by a later careflow: its layout may mean what this
+        code does not know, and may lack on purpose what this code's schema would create."""
         version = self._schema_version()
         if version > SCHEMA_VERSION:
             msg = (f"the event store at {self.path} has schema version {version}, newer than this "
                    f"careflow knows ({SCHEMA_VERSION}): upgrade careflow, or point "
                    "CAREFLOW_DATA_DIR / --data-dir at another directory")
             raise StoreError(msg)
-        if version == SCHEMA_VERSION:
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier careflow up to :data:`SCHEMA_VERSION`, one step
+        per version, in one transaction."""
+        if self._schema_version() == SCHEMA_VERSION:
             return
         with immediate_transaction(self._conn, "upgrade the event store's schema") as conn:
             # read again inside the lock: the hub and a CLI command may both be upgrading
+            self._refuse_newer()
             for step in range(self._schema_version(), SCHEMA_VERSION):
                 MIGRATIONS[step](conn)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
 
     def _schema_version(self) -> int:
+        if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                  "name = 'meta'").fetchone():
+            return 1  # a new database: the schema is not applied yet
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else 1  # new, or made before the version was written
 
