@@ -316,3 +316,23 @@ def test_it_upgrades_an_install_of_release_0_1_0_as_the_deploy_readme_says(
     leftovers = [name for name in ("careflow/__init__.py", "careflow/hub/service.py")
                  if (site / name).exists()]
     assert not leftovers, leftovers
+
+
+def test_the_documented_wheel_build_ships_nothing_an_earlier_build_left(tmp_path: Path) -> None:
+    """setuptools builds through build/, and a wheel takes what an earlier build left there: a
+    module or a rule file deleted since would ship (and the hub would load that rule)."""
+    deploy = (ROOT / "deploy" / "README.md").read_text()
+    (command,) = [line for line in deploy.splitlines() if "pip wheel" in line]
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=_not_sources)
+    left = [src / "build" / "lib" / "careflow" / "rules" / "removed.yaml",
+            src / "hub" / "build" / "lib" / "careflow" / "hub" / "removed.py"]
+    for path in left:
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+    subprocess.run(["bash", "-c", command.replace("pip wheel", f"{sys.executable} -m pip wheel -q")],
+                   cwd=src, check=True, capture_output=True, timeout=600)
+    names = {name for built in (src / "dist").glob("*.whl")
+             for name in zipfile.ZipFile(built).namelist()}
+    assert "careflow/rules/default.yaml" in names
+    assert not {"careflow/rules/removed.yaml", "careflow/hub/removed.py"} & names
