@@ -80,3 +80,5 @@ def test_it_exits_75_when_the_broker_is_away(tmp_path: Path) -> None:
     claim = cli(tmp_path, "edge", "claim", "--serial", "SN-1", "--token", "t", "--broker",
                 f"mqtt://127.0.0.1:{free_port()}", "--out", str(tmp_path / "gw"))
     assert claim.returncode == EXIT_TEMPFAIL, claim.stderr
+    # A gateway has no `careflow hub` to start: the hint says what to check there.
+    assert "careflow hub" not in claim.stderr and "--broker" in claim.stderr, claim.stderr

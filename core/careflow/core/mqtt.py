@@ -146,14 +146,24 @@ def tls_context(files: TlsFiles) -> ssl.SSLContext:
     return context
 
 
+# What to do when the broker is away, on the hub's machine (the default) and on a gateway.
+HUB_SIDE_HINT = "Is it running? Start `careflow hub` (embedded broker) or set CAREFLOW_BROKER_URL."
+GATEWAY_SIDE_HINT = ("Is the hub's broker up, and reachable from this gateway? Check --broker "
+                     "(or `broker:` in edge.yaml) and the network; then run this again.")
+
+
 def connect_blocking(
     client: paho.Client,
     url: BrokerUrl,
     *,
     timeout_s: float = 10.0,
     on_connected: Callable[[paho.Client], None] | None = None,
+    unreachable_hint: str = HUB_SIDE_HINT,
 ) -> None:
     """Connect, start paho's network thread, and return once the broker said yes.
+
+    ``unreachable_hint`` ends the error when the broker cannot be reached: what to do next
+    where the caller runs (a gateway has no `careflow hub` to start).
 
     ``on_connected`` runs on this and on every automatic reconnect (subscribe there).
 
@@ -180,8 +190,7 @@ def connect_blocking(
     try:
         client.connect(url.host, url.port, keepalive=KEEPALIVE_S)
     except OSError as exc:
-        msg = (f"cannot reach the MQTT broker at {url}: {exc.strerror or exc}. "
-               "Is it running? Start `careflow hub` (embedded broker) or set CAREFLOW_BROKER_URL.")
+        msg = f"cannot reach the MQTT broker at {url}: {exc.strerror or exc}. {unreachable_hint}"
         raise BrokerError(msg) from exc
     client.loop_start()
     if not answered.wait(timeout_s):

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from careflow.core.config import BrokerUrl, TlsFiles, parse_broker_url
 from careflow.core.errors import BrokerError, ClaimError, ConfigError
-from careflow.core.mqtt import connect_blocking, make_client
+from careflow.core.mqtt import GATEWAY_SIDE_HINT, connect_blocking, make_client
 from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.provisioning.pki import new_device_key, write_atomic
 from careflow.provisioning.protocol import (
@@ -93,7 +93,8 @@ def exchange(*, broker: BrokerUrl, tls: TlsFiles | None, client_id: str, request
         connected.subscribe([(accepted_topic(answer_client), 1),
                              (rejected_topic(answer_client), 1)])
 
-    connect_blocking(client, broker, timeout_s=timeout_s, on_connected=subscribe)
+    connect_blocking(client, broker, timeout_s=timeout_s, on_connected=subscribe,
+                     unreachable_hint=GATEWAY_SIDE_HINT)
     try:
         if not subscribed.wait(min(timeout_s, 10)):
             msg = f"the broker at {broker} did not confirm the subscription to the answers"

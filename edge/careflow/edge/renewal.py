@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from careflow.core.config import BrokerUrl, TlsFiles
 from careflow.core.errors import CareflowError
-from careflow.core.mqtt import connect_blocking, make_client
+from careflow.core.mqtt import GATEWAY_SIDE_HINT, connect_blocking, make_client
 from careflow.edge.identity import CA_FILE, CERT_FILE, KEY_FILE, IdentityStore
 from careflow.provisioning.claims import renew_at_ms
 from careflow.provisioning.pki import make_csr, new_device_key
@@ -141,7 +141,7 @@ class Renewer:
                                                   generation / KEY_FILE)
         probe = make_client(client_id=f"careflow-gw-{self.gateway}-probe", clean_session=True,
                             url=self.broker, tls=files)
-        connect_blocking(probe, self.broker, timeout_s=10.0)
+        connect_blocking(probe, self.broker, timeout_s=10.0, unreachable_hint=GATEWAY_SIDE_HINT)
         probe.disconnect()
         probe.loop_stop()
 
