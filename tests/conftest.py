@@ -36,6 +36,11 @@ from careflow.schemas import event_topic
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
+# Every hub a test starts (in-process or `careflow hub` as a child, which inherits this) serves
+# its web on a free port, never the default 8080: hubs run side by side in some tests. A test of
+# the default passes its own environment.
+os.environ["CAREFLOW_HTTP_LISTEN"] = "127.0.0.1:0"
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
@@ -112,7 +117,8 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 def make_settings(data_dir: Path, broker_url: str | None, **env: str) -> Settings:
     """Settings as the CLI would build them, from an explicit environment."""
-    base = {"CAREFLOW_DATA_DIR": str(data_dir), "CAREFLOW_SQLITE_SYNC": "normal", **env}
+    base = {"CAREFLOW_DATA_DIR": str(data_dir), "CAREFLOW_SQLITE_SYNC": "normal",
+            "CAREFLOW_HTTP_LISTEN": "127.0.0.1:0", **env}
     if broker_url:
         base["CAREFLOW_BROKER_URL"] = broker_url
     return load_settings(base)
@@ -122,16 +128,19 @@ class RunningHub:
     """A hub wired by careflow.hub.app.build_hub, ingesting in a background thread of the test
     process: no data directory lock, no InfluxDB snapshots, no dead man's switch; alerting only
     with ``rules``, a notification sender only with ``channels``, the embedded broker only when
-    asked, and provisioning as given (AUTO: the claim service of CAREFLOW_PKI_DIR)."""
+    asked, provisioning as given (AUTO: the claim service of CAREFLOW_PKI_DIR), and the on-call
+    web only with ``web`` (on a free port: ``hub.web.url``)."""
 
     def __init__(self, settings: Settings, rules: RuleSet | None = None,
                  provisioning: Activation | Auto | None = None, *,
                  channels: Mapping[str, Channel] | None = None,
-                 decode_worker: bool = False, embedded_broker: bool = False) -> None:
+                 decode_worker: bool = False, embedded_broker: bool = False,
+                 web: bool = False) -> None:
         self.settings = settings
         self.hub = build_hub(settings, lock=None, embedded_broker=embedded_broker, rules=rules,
                              channels=channels or {}, provisioning=provisioning,
-                             decode_worker=decode_worker, influx_snapshots=False, deadman=False)
+                             decode_worker=decode_worker, influx_snapshots=False, deadman=False,
+                             web=web)
         self.store = self.hub.store
         self.service = self.hub.service
         self.alerts = self.hub.alerts

@@ -58,6 +58,10 @@ def hub(
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: running.stop())
         say_where(settings, embedded=running.broker is not None)
+        if running.web is not None:
+            err_console.print(f"web console: {running.web.url} (one-tap links in messages open "
+                              f"{settings.web_url}; Prometheus: {running.web.url}/metrics)",
+                              highlight=False)
         running.run()
 
 

@@ -196,6 +196,9 @@ def demo(
                                    devices_per_gateway=devices_per_gateway, interval_s=interval,
                                    faults=faults, keepalive_s=5, prefix="demo")
         runner = _run_in_thread(simulator, duration)
+        if hub.web is not None:
+            console.print(f"web console: {hub.web.url} (add a login: careflow users add NAME "
+                          "--role operator)", highlight=False)
         viewer = open_store(settings)  # the live view reads on a connection of its own
         try:
             with Live(_view(viewer, simulator), console=console, refresh_per_second=2) as live:

@@ -17,6 +17,7 @@ from careflow.core.errors import ConfigError
 __all__ = [
     "DEFAULT_DEAD_LETTER_MAX_MB",
     "DEFAULT_DEAD_LETTER_MAX_ROWS",
+    "DEFAULT_HTTP_LISTEN",
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_DEVICES_PER_GATEWAY",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -30,11 +31,14 @@ __all__ = [
     "load_settings",
     "parse_broker_url",
     "parse_host_port",
+    "parse_http_listen",
     "read_secret",
     "tls_files",
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:1883"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"  # the on-call web: links, console, /metrics
+DEFAULT_LINK_TTL_S = 24 * 3600  # how long a one-tap link in a message works
 # The contract's careflow.schemas.limits.MAX_MESSAGE_BYTES, spelled here because the core sits
 # below the contract (which imports the core's errors); tests/test_config.py keeps them equal.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
@@ -197,6 +201,20 @@ class Settings:
     max_devices_per_gateway: int = DEFAULT_MAX_DEVICES_PER_GATEWAY
     dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS  # the newest dead letters kept...
     dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_MAX_MB << 20  # ...within this much payload
+    http_listen: HostPort | None = None  # the on-call web (None: off); port 0: any free port
+    public_url: str | None = None  # how people reach the web, for links in messages
+    auth_header: str | None = None  # a trusted reverse proxy's header naming the user (SSO)
+    link_ttl_s: int = DEFAULT_LINK_TTL_S
+
+    @property
+    def web_url(self) -> str | None:
+        """Where the links in messages point: CAREFLOW_PUBLIC_URL, else the listen address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        if self.http_listen is None:
+            return None
+        host = self.http_listen.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_listen.port}"
 
     @property
     def embedded(self) -> bool:
@@ -274,7 +292,33 @@ def load_settings(
                                           DEFAULT_DEAD_LETTER_MAX_ROWS),
         dead_letter_max_bytes=_int_setting(env, "CAREFLOW_DEAD_LETTER_MAX_MB",
                                            DEFAULT_DEAD_LETTER_MAX_MB) << 20,
+        http_listen=parse_http_listen(env.get("CAREFLOW_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN),
+        public_url=_public_url(env.get("CAREFLOW_PUBLIC_URL")),
+        auth_header=env.get("CAREFLOW_AUTH_HEADER") or None,
+        link_ttl_s=_int_setting(env, "CAREFLOW_LINK_TTL_S", DEFAULT_LINK_TTL_S),
     )
+
+
+def parse_http_listen(text: str) -> HostPort | None:
+    """CAREFLOW_HTTP_LISTEN: ``HOST:PORT`` (port 0: any free port), or ``off``."""
+    if text.strip().lower() in ("off", "none", "no", "0"):
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        msg = (f"CAREFLOW_HTTP_LISTEN={text!r} is not HOST:PORT or off (for example "
+               f"{DEFAULT_HTTP_LISTEN}; put TLS in a reverse proxy in front of it)")
+        raise ConfigError(msg)
+    return HostPort(host.strip("[]"), int(port_text))
+
+
+def _public_url(text: str | None) -> str | None:
+    if not text:
+        return None
+    if not text.startswith(("http://", "https://")):
+        msg = (f"CAREFLOW_PUBLIC_URL={text!r} must start with https:// (or http://): it is "
+               "the address the links in messages open, e.g. https://careflow.example.org")
+        raise ConfigError(msg)
+    return text.rstrip("/")
 
 
 def tls_files(ca: str | os.PathLike[str] | None, cert: str | os.PathLike[str] | None,

@@ -69,6 +69,9 @@ from careflow.hub.stage import Committed, Stage
 from careflow.hub.store.adapters import open_store
 from careflow.hub.store.interface import EventLog, Health, Outbox, Store
 from careflow.hub.store.records import AppendResult, IncomingBatch, NotificationState
+from careflow.hub.web.app import WebDeps, create_app
+from careflow.hub.web.links import load_link_key
+from careflow.hub.web.server import WebServer
 from careflow.provisioning.service import Activation, Provisioning, provisioning_for
 from careflow.schemas import ack_topic, command_topic
 
@@ -112,6 +115,8 @@ RESEND_SOURCES_TRACKED = 10_000
 # A commit costs one fsync; waiting this long for more messages lets a burst share it.
 LINGER_S = 0.002
 _RATE_WINDOW_S = 10.0
+# /readyz: the store is not writable when no health report was written for this long
+STORE_STALE_S = 5.0
 
 
 def tune_gc_for_ingest() -> None:
@@ -232,6 +237,7 @@ class HubService:
         self.counters = HubCounters()
         self._stop = threading.Event()
         self._started_ms = clock()
+        self._store_written = time.monotonic()  # the store was opened (written) just now
         self._rate_samples: collections.deque[tuple[float, int]] = collections.deque()
         self._resend = ResendThrottle(interval_s=RESEND_REQUEST_INTERVAL_S,
                                       per_gateway=RESEND_REQUESTS_PER_GATEWAY,
@@ -604,8 +610,20 @@ class HubService:
         try:
             self.last_health = self.health()
             self.store.write_health(self.last_health)
+            self._store_written = time.monotonic()
         except StoreError as exc:
             log.warning("cannot write health report", extra={"error": str(exc)})
+
+    def readiness(self) -> dict[str, str | None]:
+        """What /readyz checks: connected to the broker, and the store took a write lately
+        (the health report, every second); each None when fine, else what is wrong."""
+        since = time.monotonic() - self._store_written
+        return {
+            "broker": None if self.ingress.connected else
+            f"not connected to the broker at {self.settings.effective_broker_url}",
+            "store": None if since < STORE_STALE_S else
+            f"no write to the store succeeded for {since:.0f} s: {self.counters.last_error}",
+        }
 
 
 # -- wiring: the one place a hub is assembled ------------------------------------------------
@@ -680,6 +698,7 @@ class Hub:
     sender: NotificationSender | None
     deadman: DeadMansSwitch | None
     broker: EmbeddedBroker | None  # the embedded broker, when this hub runs one
+    web: WebServer | None  # the on-call web (links, console, /metrics), when it is on
     resources: InitVar[ExitStack]  # closed last: the stores and the lock
     _life: _Life = field(default_factory=_Life, init=False, repr=False, compare=False)
 
@@ -705,9 +724,9 @@ class Hub:
 
     def start(self) -> None:
         """Start what runs beside ingest: the embedded broker, the claim service, the
-        notification sender and the dead man's switch, in that order."""
+        notification sender, the dead man's switch and the web, in that order."""
         closing = self._life.closing
-        for part in (self.broker, self.provisioning, self.sender, self.deadman):
+        for part in (self.broker, self.provisioning, self.sender, self.deadman, self.web):
             if part is not None:
                 part.start()
                 closing.callback(part.stop)
@@ -752,7 +771,8 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
               provisioning: Activation | Auto | None = AUTO,
               decode_worker: bool | Auto = AUTO,
               influx_snapshots: bool = True,
-              deadman: bool = True) -> Hub:
+              deadman: bool = True,
+              web: bool | Auto = AUTO) -> Hub:
     """Wire a hub as ``settings`` say; every default is what `careflow hub` runs.
 
     Nothing runs yet (use the returned :class:`Hub` as a context manager), but the data
@@ -776,6 +796,7 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
         decode_worker: Decode batches in a second process; AUTO: when there is a second core.
         influx_snapshots: Write device-status snapshots to InfluxDB (when it is configured).
         deadman: Ping CAREFLOW_DEADMAN_URL, when set, while the alert loop ticks.
+        web: Serve the on-call web on CAREFLOW_HTTP_LISTEN; AUTO: unless that is ``off``.
 
     Returns:
         The hub, not started.
@@ -822,9 +843,27 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
             # pings too, so the outside service notices
             watch = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
                                    healthy=_ticking(alerts))
+        server = None
+        if (web is AUTO or web) and settings.http_listen is not None:
+            server = _web_server(settings, service, sender, resources)
         return Hub(settings=settings, store=store, service=service, alerts=alerts, sink=sink,
                    provisioning=claims, sender=sender, deadman=watch, broker=broker,
-                   resources=resources.pop_all())
+                   web=server, resources=resources.pop_all())
+
+
+def _web_server(settings: Settings, service: HubService, sender: NotificationSender | None,
+                resources: ExitStack) -> WebServer:
+    """The on-call web on its own store connection, its socket bound now (a taken port is an
+    error before anything starts)."""
+    assert settings.http_listen is not None
+    web_store = open_store(settings)
+    resources.callback(web_store.close)
+    deps = WebDeps(settings=settings, store=web_store, link_key=load_link_key(settings),
+                   readiness=service.readiness, health=lambda: service.last_health,
+                   wake_sender=sender.wake if sender is not None else lambda: None)
+    server = WebServer(create_app(deps), settings.http_listen)
+    resources.callback(server.stop)  # closes the socket when the hub never starts
+    return server
 
 
 def _ticking(alerts: AlertStage | None) -> Callable[[], bool]:

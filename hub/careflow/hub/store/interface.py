@@ -35,11 +35,14 @@ from careflow.hub.store.records import (
     DeviceRecord,
     EventFilter,
     Incident,
+    IncidentAction,
     IncomingBatch,
     Notification,
     Outgoing,
     PresenceChange,
     StoredEvent,
+    User,
+    WebSession,
 )
 
 __all__ = [
@@ -47,15 +50,18 @@ __all__ = [
     "MAX_DEAD_LETTER_PAYLOAD",
     "MAX_GROUP_CLAIM",
     "OVER_BOUND_CURSOR",
+    "Accounts",
     "Cursors",
     "EventLog",
     "Fleet",
     "Health",
     "Incidents",
+    "Links",
     "Mutes",
     "Outbox",
     "SinkQueue",
     "Store",
+    "Timeline",
     "UnitOfWork",
 ]
 
@@ -363,6 +369,67 @@ class Health(Protocol):
         ...
 
 
+class Timeline(Protocol):
+    """What people did to incidents (acknowledge, resolve, silence), and by which way."""
+
+    def record_action(self, incident_id: int, *, at_ms: int, action: str, by: str, via: str,
+                      detail: str = "") -> IncidentAction:
+        """Add one entry to an incident's timeline."""
+        ...
+
+    def incident_actions(self, incident_id: int, *, limit: int = 200) -> list[IncidentAction]:
+        """An incident's timeline entries, oldest first."""
+        ...
+
+
+class Links(Protocol):
+    """Signed one-tap links are single use: each link's id is spent once."""
+
+    def spend_link(self, link_id: str, *, incident_id: int, action: str, channel: str,
+                   at_ms: int) -> bool:
+        """Mark a link used (compare-and-set: False when it was used before)."""
+        ...
+
+    def link_spent(self, link_id: str) -> int | None:
+        """When a link was used (None: never)."""
+        ...
+
+
+class Accounts(Protocol):
+    """Console users (Argon2 hashes only) and their sessions (by the hash of the cookie)."""
+
+    def add_user(self, name: str, *, role: str, password_hash: str, at_ms: int,
+                 replace: bool = False) -> User:
+        """Add a user (RefusedError when the name is taken, unless ``replace``: then the role
+        and password change, and the user's sessions end)."""
+        ...
+
+    def user(self, name: str) -> User | None:
+        """One user."""
+        ...
+
+    def users(self) -> list[User]:
+        """Every user, by name."""
+        ...
+
+    def remove_user(self, name: str) -> bool:
+        """Remove a user and end their sessions; False if there was none."""
+        ...
+
+    def start_session(self, token_hash: str, *, user: str, csrf: str, at_ms: int,
+                      expires_ms: int) -> None:
+        """Keep a new login's session."""
+        ...
+
+    def session(self, token_hash: str, *, now_ms: int) -> WebSession | None:
+        """The live session of a cookie (None: unknown, expired, or its user is gone)."""
+        ...
+
+    def end_session(self, token_hash: str) -> None:
+        """Log out (and prune expired sessions)."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """Several writes committed as one."""
 
@@ -372,8 +439,8 @@ class UnitOfWork(Protocol):
         ...
 
 
-class Store(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, SinkQueue, Health, UnitOfWork,
-            Protocol):
+class Store(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, SinkQueue, Health, Timeline,
+            Links, Accounts, UnitOfWork, Protocol):
     """Every port at once: what an adapter implements and ``open_store`` returns."""
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "DeviceRecord",
     "EventFilter",
     "Incident",
+    "IncidentAction",
     "IncidentState",
     "IncomingBatch",
     "Notification",
@@ -30,9 +31,12 @@ __all__ = [
     "Outgoing",
     "OverBound",
     "PresenceChange",
+    "Role",
     "Severity",
     "SourceGap",
     "StoredEvent",
+    "User",
+    "WebSession",
 ]
 
 
@@ -61,11 +65,20 @@ class NotificationState(StrEnum):
 
 class NotificationKind(StrEnum):
     """What a notification announces: a firing (grouped per gateway), an escalation step or
-    repeat, or the end."""
+    repeat, the end, or a status digest (a shift handover: no incident of its own)."""
 
     FIRING = "firing"
     ESCALATION = "escalation"
     RESOLVED = "resolved"
+    DIGEST = "digest"
+
+
+class Role(StrEnum):
+    """What a console user may do: a viewer reads; an operator also acknowledges, resolves
+    and silences."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
 
 
 class Severity(StrEnum):
@@ -255,3 +268,40 @@ class EventFilter:
     type: str | None = None
     since_ms: int | None = None  # event time, inclusive
     until_ms: int | None = None  # event time, exclusive
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentAction:
+    """One thing a person did to an incident (acknowledged, resolved, silenced it), in its
+    timeline: who (a console user, a channel's name or a name typed on a link's page), when,
+    and by which way (``cli``, ``console``, ``link``: with the link's id in ``detail``)."""
+
+    id: int
+    incident_id: int
+    at_ms: int
+    action: str
+    by: str
+    via: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A console user: an Argon2 hash of the password, never the password."""
+
+    name: str
+    role: Role
+    password_hash: str = field(repr=False)
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebSession:
+    """A console login: kept by the hash of its cookie (a stolen database holds no usable
+    cookie), with the CSRF token its forms carry."""
+
+    user: str
+    role: Role
+    csrf: str = field(repr=False)
+    created_ms: int
+    expires_ms: int

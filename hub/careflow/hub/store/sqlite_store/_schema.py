@@ -14,9 +14,11 @@ __all__ = ["MIGRATIONS", "SCHEMA", "SCHEMA_VERSION"]
 _I, _N = IncidentState, NotificationState
 
 # The layout this code reads and writes, kept in meta.schema_version. 1: any database from
-# before the version was kept (it may lack columns and indexes added since); 2: this layout.
-# A change of layout adds a version and its step to MIGRATIONS.
-SCHEMA_VERSION = 2
+# before the version was kept (it may lack columns and indexes added since); 2: that layout
+# kept; 3: incident timelines, spent one-tap links, console users and sessions (new tables
+# only: the step to it is the schema's CREATE IF NOT EXISTS). A change of layout adds a version
+# and its step to MIGRATIONS.
+SCHEMA_VERSION = 3
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
 
@@ -161,6 +163,36 @@ CREATE TABLE IF NOT EXISTS health (
     written_ms INTEGER NOT NULL,
     report TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS incident_actions (  -- what people did, for the incident's timeline
+    id INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    by TEXT NOT NULL,
+    via TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incident_actions_incident ON incident_actions (incident_id, id);
+CREATE TABLE IF NOT EXISTS spent_links (  -- one-tap links are single use
+    link_id TEXT PRIMARY KEY,
+    incident_id INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS web_sessions (  -- by the hash of the cookie, never the cookie
+    token_hash TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
 # Columns added to incidents after the first release: (name, declaration, backfill or None).
@@ -196,5 +228,11 @@ def _to_version_2(conn: sqlite3.Connection) -> None:
                  "(code, pos) WHERE log_pos IS NOT NULL")
 
 
+def _to_version_3(conn: sqlite3.Connection) -> None:
+    """Version 3 only adds tables, which the schema creates at every open."""
+    del conn
+
+
 # version -> the step that brings a database at that version to the next
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_version_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_version_2,
+                                                                2: _to_version_3}
