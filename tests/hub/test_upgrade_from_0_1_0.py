@@ -57,7 +57,7 @@ def test_it_upgrades_a_database_of_release_0_1_0_in_place_and_keeps_every_row(
     assert after["rows"].pop("meta") == [("schema_version", str(SCHEMA_VERSION))]
     before["rows"].pop("meta")
     added = {"incident_actions", "spent_links", "users", "web_sessions"}  # version 3, empty
-    assert {name: after["rows"].pop(name) for name in added} == dict.fromkeys(added, [])
+    assert {name: after["rows"].pop(name) for name in added} == {name: [] for name in added}
     assert after["rows"] == before["rows"]  # events, incidents, notifications, silences, cursors
     SqliteStore(tmp_path / "new.db").close()
     new = _dump(tmp_path / "new.db")["layout"]
