@@ -423,3 +423,52 @@ def influxd(tmp_path: Path) -> Iterator[Influxd]:
     server.start()
     yield server
     server.stop()
+
+
+# -- a real browser: Debian's chromium, driven by Playwright (no browser download) ------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Screenshots and other artefacts of the browser tests, kept after the run to be looked at.
+ARTIFACTS = Path(os.environ.get("CAREFLOW_TEST_ARTIFACTS")
+                 or Path(__file__).resolve().parent.parent / "build" / "test-artifacts")
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """One headless chromium for the session (a page per test: see ``page_at``)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("the browser tests need Debian's chromium (apt-get install chromium; "
+                    ".ci/run does)")
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 (only browser tests)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page_at(chromium: Any) -> Iterator[Callable[..., Any]]:
+    """New pages in a fresh browser context (its own cookies) at a viewport (``PHONE`` or
+    ``DESKTOP``), closed after the test."""
+    contexts: list[Any] = []
+
+    def open_page(viewport: Mapping[str, int] = DESKTOP) -> Any:
+        context = chromium.new_context(viewport=dict(viewport))
+        contexts.append(context)
+        return context.new_page()
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+def screenshot(page: Any, name: str) -> Path:
+    """Save a full-page screenshot as a test artefact (build/test-artifacts/screenshots)."""
+    path = ARTIFACTS / "screenshots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    return path
