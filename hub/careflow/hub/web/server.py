@@ -61,8 +61,12 @@ class WebServer:
         self._sock = bind(address)
         host, port = self._sock.getsockname()[:2]
         self.address = HostPort(host, port)
+        # X-Forwarded-For/-Proto are believed from a proxy on this machine only (Caddy or
+        # nginx in front, README): the client's address for login rate limits, https for
+        # Secure cookies
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
-                                server_header=False, proxy_headers=False)
+                                server_header=False, proxy_headers=True,
+                                forwarded_allow_ips="127.0.0.1,::1")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
 
