@@ -206,6 +206,21 @@ def test_it_says_when_a_rule_fired_for_a_source(store: Store) -> None:
                                           since_ms=2_000)) == [2_000, 3_000]
 
 
+def test_it_counts_incidents_by_severity_and_state(store: Store) -> None:
+    open_ = opener(store)
+    assert store.incident_counts() == {}
+    open_(device="a", severity="critical")
+    acked = open_(device="b", severity="critical")
+    store.acknowledge_incident(acked, by="ana", at_ms=2_000)
+    open_(device="c")
+    gone = open_(device="d")
+    store.resolve_incident(gone, by="ana", at_ms=2_000)
+    assert store.incident_counts() == {("critical", "open"): 1, ("critical", "acknowledged"): 1,
+                                       ("warning", "open"): 1, ("warning", "resolved"): 1}
+    assert store.incident_counts(states=("open",)) == {("critical", "open"): 1,
+                                                       ("warning", "open"): 1}
+
+
 def test_it_lists_incidents_changed_since_a_moment(store: Store) -> None:
     open_ = opener(store)
     quiet = open_(device="a", at_ms=1_000)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from careflow.core.errors import RefusedError
 from careflow.hub.store.records import Notification
 from tests.hub.store.conftest import Adapter, Store, opener
 
@@ -166,3 +169,43 @@ def test_it_queues_notifications_only_with_their_incident(store: Store) -> None:
     _queue(store)
     assert store.count_notifications() == len(store.notifications()) == 1
     assert store.claim_notifications(now_ms=1_000, limit=0) == []
+
+
+def test_it_counts_notifications_by_channel_and_state(store: Store) -> None:
+    assert store.notification_counts() == {}
+    _queue(store, device="a", channels=("oncall", "ops"))
+    _queue(store, device="b", gateway="gw-2", channels=("oncall",))  # another group
+    (first,) = store.claim_notifications(now_ms=1_000, limit=1, channel="oncall")
+    store.finish_notification(first.id, ok=True, now_ms=1_100, error=None, final=True)
+    assert store.notification_counts() == {("oncall", "sent"): 1, ("oncall", "pending"): 1,
+                                           ("ops", "pending"): 1}
+
+
+def test_it_queues_a_notification_of_no_incident(store: Store) -> None:
+    note_id = store.queue_notification("ops", kind="digest", title="Status", body="all fine",
+                                       at_ms=5_000)
+    assert store.claim_notifications(now_ms=4_999, limit=10) == []
+    (claimed,) = store.claim_notifications(now_ms=5_000, limit=10)
+    assert (claimed.id, claimed.incident_id, claimed.channel, claimed.kind, claimed.title,
+            claimed.body, claimed.created_ms, claimed.group_key) == (
+        note_id, 0, "ops", "digest", "Status", "all fine", 5_000, "")
+    store.finish_notification(note_id, ok=True, now_ms=5_100, error=None, final=True)
+    assert [n.state for n in store.notifications()] == ["sent"]
+
+
+def test_a_queued_notification_and_a_cursor_commit_together_or_not_at_all(
+        adapter: Adapter) -> None:
+    store, other = adapter.open(), adapter.open()
+
+    def queue(fail: bool) -> None:
+        with store.atomically("send a digest"):
+            store.queue_notification("ops", kind="digest", title="t", body="b", at_ms=1)
+            store.set_cursor("digest:morning", 1)
+            if fail:
+                raise RefusedError("crash between the two")
+
+    with pytest.raises(RefusedError):
+        queue(fail=True)
+    assert (other.notifications(), other.cursor("digest:morning")) == ([], 0)
+    queue(fail=False)
+    assert (len(other.notifications()), other.cursor("digest:morning")) == (1, 1)

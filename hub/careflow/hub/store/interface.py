@@ -248,6 +248,11 @@ class Incidents(Protocol):
         """How many incidents are in these states."""
         ...
 
+    def incident_counts(self, *, states: Sequence[str] | None = None) -> dict[tuple[str, str], int]:
+        """How many incidents there are per (severity, state) (only in these states, when
+        given): /metrics."""
+        ...
+
     def incidents_changed(self, *, since_ms: int, after_id: int = 0,
                           limit: int = 1000) -> list[Incident]:
         """Incidents with a phase (opened, acknowledged, resolved) at or after ``since_ms``,
@@ -309,6 +314,16 @@ class Outbox(Protocol):
                             min_attempts: int = 0, critical_min_attempts: int | None = None) -> int:
         """How many notifications are in these states (tried at least ``min_attempts`` times;
         those of critical incidents at least ``critical_min_attempts``, when given)."""
+        ...
+
+    def notification_counts(self) -> dict[tuple[str, str], int]:
+        """How many notifications there are per (channel, state): /metrics."""
+        ...
+
+    def queue_notification(self, channel: str, *, kind: str, title: str, body: str,
+                           at_ms: int) -> int:
+        """Queue a notification of no incident (incident id 0: a status digest), due at
+        ``at_ms``; its id. Joins the unit of work it is called in."""
         ...
 
 

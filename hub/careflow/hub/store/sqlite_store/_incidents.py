@@ -217,6 +217,12 @@ class SqliteIncidents(SqliteBase):
         """How many incidents are in these states."""
         return int(self._in_states("COUNT(*)", "incidents", states)[0][0])
 
+    def incident_counts(self, *, states: Sequence[str] | None = None) -> dict[tuple[str, str], int]:
+        """How many incidents per (severity, state), only in some states when given."""
+        rows = self._in_states("severity, state, COUNT(*)", "incidents", states,
+                               " GROUP BY severity, state")
+        return {(str(severity), str(state)): int(count) for severity, state, count in rows}
+
     def incidents_changed(self, *, since_ms: int, after_id: int = 0,
                           limit: int = 1000) -> list[Incident]:
         """Incidents opened, acknowledged or resolved at or after a moment, by id."""

@@ -124,3 +124,20 @@ class SqliteOutbox(SqliteBase):
                                        f" {'AND' if states else 'WHERE'} attempts >= ?",
                                        [min_attempts])[0][0])
         return int(self._in_states("COUNT(*)", "notifications", states)[0][0])
+
+    def notification_counts(self) -> dict[tuple[str, str], int]:
+        """How many notifications per (channel, state)."""
+        rows = self._read("SELECT channel, state, COUNT(*) FROM notifications "
+                          "GROUP BY channel, state")
+        return {(str(channel), str(state)): int(count) for channel, state, count in rows}
+
+    def queue_notification(self, channel: str, *, kind: str, title: str, body: str,
+                           at_ms: int) -> int:
+        """A notification of no incident (id 0: a status digest), due at ``at_ms``."""
+        with self._transaction("queue a notification") as conn:
+            cursor = conn.execute(
+                "INSERT INTO notifications (incident_id, channel, kind, title, body, "
+                "next_attempt_ms, created_ms) VALUES (0, ?, ?, ?, ?, ?, ?)",
+                (channel, _K(kind), title, body, at_ms, at_ms))
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
