@@ -70,7 +70,7 @@ from careflow.hub.store.adapters import open_store
 from careflow.hub.store.interface import EventLog, Health, Outbox, Store
 from careflow.hub.store.records import AppendResult, IncomingBatch, NotificationState
 from careflow.hub.web.app import WebDeps, create_app
-from careflow.hub.web.links import load_link_key
+from careflow.hub.web.links import LinkSigner, load_link_key
 from careflow.hub.web.server import WebServer
 from careflow.provisioning.service import Activation, Provisioning, provisioning_for
 from careflow.schemas import ack_topic, command_topic
@@ -831,39 +831,48 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
         service = HubService(settings, store, alerts=alerts, sink=sink, provisioning=activation,
                              decode_worker=(os.cpu_count() or 1) > 1 if decode_worker is AUTO
                              else decode_worker)
+        server = deps = None
+        if (web is AUTO or web) and settings.http_listen is not None:
+            server, deps = _web_server(settings, service, resources)
         sender = None
         if alerts is not None and channels:
             outbox = open_store(settings)
             resources.callback(outbox.close)  # the sender's own connection
-            sender = NotificationSender(outbox, channels)
+            sender = NotificationSender(outbox, channels, links=None if server is None or
+                                        deps is None else _link_signer(settings, server, deps))
             alerts.on_queued = sender.wake
+            if deps is not None:
+                deps.wake_sender = sender.wake
         watch = None
         if deadman and settings.deadman_url:
             # a writer loop that stopped ticking cannot raise alerts about itself: stop the
             # pings too, so the outside service notices
             watch = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
                                    healthy=_ticking(alerts))
-        server = None
-        if (web is AUTO or web) and settings.http_listen is not None:
-            server = _web_server(settings, service, sender, resources)
         return Hub(settings=settings, store=store, service=service, alerts=alerts, sink=sink,
                    provisioning=claims, sender=sender, deadman=watch, broker=broker,
                    web=server, resources=resources.pop_all())
 
 
-def _web_server(settings: Settings, service: HubService, sender: NotificationSender | None,
-                resources: ExitStack) -> WebServer:
+def _web_server(settings: Settings, service: HubService,
+                resources: ExitStack) -> tuple[WebServer, WebDeps]:
     """The on-call web on its own store connection, its socket bound now (a taken port is an
-    error before anything starts)."""
+    error before anything starts); the sender, made next, sets ``wake_sender``."""
     assert settings.http_listen is not None
     web_store = open_store(settings)
     resources.callback(web_store.close)
     deps = WebDeps(settings=settings, store=web_store, link_key=load_link_key(settings),
-                   readiness=service.readiness, health=lambda: service.last_health,
-                   wake_sender=sender.wake if sender is not None else lambda: None)
+                   readiness=service.readiness, health=lambda: service.last_health)
     server = WebServer(create_app(deps), settings.http_listen)
     resources.callback(server.stop)  # closes the socket when the hub never starts
-    return server
+    return server, deps
+
+
+def _link_signer(settings: Settings, server: WebServer, deps: WebDeps) -> LinkSigner:
+    """What signs the links in messages: under CAREFLOW_PUBLIC_URL, else where the web
+    listens (the bound port, when CAREFLOW_HTTP_LISTEN asks for any free one)."""
+    return LinkSigner(deps.link_key, settings.public_url or server.url,
+                      ttl_s=settings.link_ttl_s)
 
 
 def _ticking(alerts: AlertStage | None) -> Callable[[], bool]:

@@ -25,7 +25,7 @@ import logging
 import re
 import threading
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -203,6 +203,7 @@ class AppriseTransport:
     """One channel's Apprise client; used by one thread at a time (its channel's worker)."""
 
     def __init__(self, url: str) -> None:
+        self._url = url
         self.client = apprise.Apprise()
         self.client.add(url)
         self._secrets = url_secrets(url)
@@ -218,14 +219,29 @@ class AppriseTransport:
             plugin.request_rate_per_sec = self.pace_s
         self._log = _capture()
 
-    def send(self, title: str, body: str) -> None:
-        """Deliver one message or raise :class:`TransportError` with the channel's reason."""
+    def send(self, title: str, body: str, *, html: str | None = None,
+             params: Mapping[str, str] | None = None) -> None:
+        """Deliver one message or raise :class:`TransportError` with the channel's reason.
+
+        ``html``: the same message as HTML, sent instead of ``body`` (email: Apprise adds a
+        plain-text alternative made from it). ``params``: added to the channel's Apprise URL
+        for this message only (a WhatsApp template's link parameter, ``:2=URL``).
+        """
+        client = self.client
+        if params:
+            client = apprise.Apprise()
+            client.add(f"{self._url}{'&' if '?' in self._url else '?'}"
+                       f"{urllib.parse.urlencode(dict(params))}")
+            for plugin in client:
+                plugin.request_rate_per_sec = self.pace_s
         self._log.start()
         try:
-            # careflow's messages are plain text: said so, Apprise turns line breaks into
-            # <br/> for HTML channels (email) instead of running the lines together
-            ok = bool(self.client.notify(title=title, body=body,
-                                         body_format=apprise.NotifyFormat.TEXT))
+            # careflow's messages are plain text unless given as HTML: said so, so that Apprise
+            # neither runs the lines together nor reads markup into them
+            ok = bool(client.notify(
+                title=title, body=body if html is None else html,
+                body_format=apprise.NotifyFormat.TEXT if html is None
+                else apprise.NotifyFormat.HTML))
         except Exception as exc:  # a plugin bug must not end the channel's thread
             self._log.stop()
             msg = redact(f"Apprise failed: {type(exc).__name__}: {exc}", self._secrets)

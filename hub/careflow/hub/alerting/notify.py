@@ -10,6 +10,17 @@ WhatsApp business messages outside the 24-hour customer window must use an appro
 the template, with careflow's message as its body parameter ``{{1}}`` — flattened to one line,
 because WhatsApp refuses template parameters with line breaks.
 
+A WhatsApp template may also take the acknowledge link as its own parameter:
+``CAREFLOW_CHANNEL_<NAME>_TEMPLATE_LINK=2`` fills ``{{2}}`` with the acknowledge link of the
+message's first (most urgent) incident, or ``-`` when the message has none (a resolution); the
+template then has exactly the two body parameters (Apprise sends them in order).
+
+One-tap links: with the on-call web on, each notification of an incident still unresolved
+carries, at send time, links signed for the channel it goes to (``Acknowledge: URL``,
+``Resolve: URL``, ``Silence 2 h: URL``; see careflow.hub.web.links) instead of the hint to use
+the CLI, and they survive the shortening of a message too long for its channel, as its ref does.
+Email (mailto/mailtos) goes as HTML with clickable links and Apprise's plain-text alternative.
+
 Every message ends with ``Ref: careflow-n<id>[+n<id>...]``: the ids of the notifications it
 carries. Delivery is at least once: a hub killed after a channel accepted a message but before
 recording it sends it again after the restart, with the same ref, so a receiver can drop the
@@ -40,7 +51,8 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from html import escape
 from typing import Protocol
 
 import apprise
@@ -50,15 +62,18 @@ from careflow.core.config import read_secret
 from careflow.core.errors import ConfigError, TransportError
 from careflow.hub.alerting.apprise_transport import AppriseTransport
 from careflow.hub.store.interface import Incidents, Outbox
-from careflow.hub.store.records import Incident, Notification
+from careflow.hub.store.records import Incident, IncidentState, Notification, NotificationKind
 
 __all__ = [
+    "CLI_HINT",
     "FAILING_AFTER_ATTEMPTS",
+    "LINK_ACTIONS",
     "MAX_ATTEMPTS",
     "MAX_CHANNELS",
     "MAX_DIGEST",
     "NOTIFICATION_OVERDUE_MS",
     "Channel",
+    "LinkMaker",
     "NotificationSender",
     "avoid_failing",
     "cancel_reason",
@@ -68,13 +83,17 @@ __all__ = [
     "failing_or_stuck",
     "fitting",
     "gives_up",
+    "html_body",
+    "link_lines",
     "load_channels",
     "raised_again_text",
     "reference",
     "render",
     "retry_delay_ms",
+    "takes_links",
     "template_fits",
     "template_text",
+    "with_actions",
     "with_template",
 ]
 
@@ -87,8 +106,15 @@ MAX_CHANNELS = 32  # one sender thread each
 MAX_DIGEST = 50  # notifications claimed at once (a message takes what the channel's limit fits)
 UNROUTED_CHECK_S = 30.0
 _SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
-_CHANNEL_VAR = re.compile(r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE)?$")
+_CHANNEL_VAR = re.compile(
+    r"^CAREFLOW_CHANNEL_([A-Z0-9_]+?)(_FILE|_TEMPLATE|_LANGUAGE|_TEMPLATE_LINK)?$")
 _TEMPLATE_SCHEMES = ("whatsapp",)
+_HTML_SCHEMES = ("mailto", "mailtos")  # Apprise's email: HTML with a plain-text alternative
+TEMPLATE_LINK_PARAMETER = 2  # {{1}} is the message
+CLI_HINT = "Acknowledge: careflow incidents list, then careflow incidents ack <id>"
+# what a message's links do, in the order shown, with their labels
+LINK_ACTIONS = (("acknowledge", "Acknowledge"), ("resolve", "Resolve"), ("silence", "Silence 2 h"))
+_URL = re.compile(r"https?://[^\s<>\"']+")
 DEFAULT_TEMPLATE_LANGUAGE = "en_US"
 TEMPLATE_MAX = 1024  # characters of a WhatsApp template parameter
 
@@ -100,6 +126,56 @@ class Channel:
     name: str
     url: str = field(repr=False)
     template: str | None = None  # a WhatsApp message template, already in ``url``
+    template_link: bool = False  # the template's parameter 2 is the acknowledge link
+
+
+class LinkMaker(Protocol):
+    """Makes a signed one-tap link (careflow.hub.web.links.LinkSigner)."""
+
+    def url(self, *, incident_id: int, action: str, channel: str, now_ms: int) -> str:
+        """A fresh link doing ``action`` on the incident, for a message to ``channel``."""
+        ...
+
+
+def takes_links(note: Notification, incident: Incident | None) -> bool:
+    """Whether a notification gets one-tap links: it announces an incident (not a digest nor
+    its end) that is still unresolved when the message is built."""
+    return (note.kind in (NotificationKind.FIRING, NotificationKind.ESCALATION)
+            and note.incident_id > 0 and incident is not None
+            and incident.state != IncidentState.RESOLVED)
+
+
+def link_lines(links: LinkMaker, *, incident_id: int, channel: str, now_ms: int) -> list[str]:
+    """``Acknowledge: URL``, ``Resolve: URL``, ``Silence 2 h: URL``: signed for ``channel``."""
+    return [f"{label}: {links.url(incident_id=incident_id, action=action, channel=channel, now_ms=now_ms)}"
+            for action, label in LINK_ACTIONS]
+
+
+def with_actions(note: Notification, lines: Sequence[str]) -> str:
+    """The notification's body saying what a person can do: its links at the end, in place of
+    the hint to use the CLI written when it was queued; without links, that hint with the
+    incident's id."""
+    if not lines:
+        return note.body.replace(CLI_HINT, f"Acknowledge: careflow incidents ack {note.incident_id}")
+    return "\n".join([_without_hint(note.body), *lines])
+
+
+def _without_hint(body: str) -> str:
+    return "\n".join(line for line in body.split("\n") if line != CLI_HINT)
+
+
+def html_body(text: str) -> str:
+    """A plain-text message as HTML: escaped, line breaks kept, every URL a link. Apprise's
+    plain-text alternative of it reads as ``text`` does (each link's text is its URL)."""
+    lines = []
+    for line in text.split("\n"):
+        label, sep, rest = line.partition(": ")
+        if sep and _URL.fullmatch(rest) and len(label) <= 20:
+            lines.append(f"<b>{escape(label)}</b>: <a href=\"{escape(rest)}\">{escape(rest)}</a>")
+        else:
+            lines.append(_URL.sub(lambda m: f'<a href="{m[0]}">{m[0]}</a>', escape(line, quote=False)))
+    return ("<div style=\"font-family:sans-serif;font-size:15px;line-height:1.5\">"
+            + "<br>\n".join(lines) + "</div>")
 
 
 def with_template(url: str, template: str, language: str) -> str:
@@ -109,20 +185,22 @@ def with_template(url: str, template: str, language: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
-def template_text(title: str, body: str, ref: str) -> str:
+def template_text(title: str, body: str, ref: str, keep: Sequence[str] = ()) -> str:
     """One line for a template parameter: WhatsApp refuses line breaks, tabs and long runs of
-    spaces in one, and caps a message body at 1024 characters (the ref survives the cut)."""
-    text, tail = _template_parts(title, body, ref)
+    spaces in one, and caps a message body at 1024 characters (the ``keep`` lines, its links,
+    and the ref survive the cut)."""
+    text, tail = _template_parts(title, body, ref, keep)
     return text[:TEMPLATE_MAX - len(tail)] + tail
 
 
-def _template_parts(title: str, body: str, ref: str) -> tuple[str, str]:
-    return re.sub(r"\s+", " ", f"{title} | {body}").strip(), f" | Ref: {ref}"
+def _template_parts(title: str, body: str, ref: str, keep: Sequence[str]) -> tuple[str, str]:
+    kept = "".join(f" | {line}" for line in keep)
+    return re.sub(r"\s+", " ", f"{title} | {body}").strip(), f"{kept} | Ref: {ref}"
 
 
-def template_fits(title: str, body: str, ref: str) -> bool:
+def template_fits(title: str, body: str, ref: str, keep: Sequence[str] = ()) -> bool:
     """Whether :func:`template_text` keeps all of the message (cuts nothing)."""
-    text, tail = _template_parts(title, body, ref)
+    text, tail = _template_parts(title, body, ref, keep)
     return len(text) + len(tail) <= TEMPLATE_MAX
 
 
@@ -148,13 +226,14 @@ def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
         match = _CHANNEL_VAR.match(key)
         if not match:
             continue
-        if match[2] in ("_TEMPLATE", "_LANGUAGE"):
+        if match[2] in ("_TEMPLATE", "_LANGUAGE", "_TEMPLATE_LINK"):
             continue  # a setting of the channel, read with it below
         name = match[1].lower()
         url = read_secret(env, f"CAREFLOW_CHANNEL_{match[1]}")
         if not url:
             continue
         template = env.get(f"CAREFLOW_CHANNEL_{match[1]}_TEMPLATE") or None
+        template_link = _template_link(env, match[1], template)
         if template is not None:
             if url.split("://", 1)[0].lower() not in _TEMPLATE_SCHEMES:
                 msg = (f"CAREFLOW_CHANNEL_{match[1]}_TEMPLATE is set, but message templates "
@@ -167,8 +246,21 @@ def load_channels(env: Mapping[str, str] | None = None) -> dict[str, Channel]:
                    "(e.g. mailtos://user:pass@smtp.example.org?to=oncall@example.org, "
                    "json://hooks.example.org/careflow)")
             raise ConfigError(msg)
-        channels[name] = Channel(name, url, template)
+        channels[name] = Channel(name, url, template, template_link)
     return channels
+
+
+def _template_link(env: Mapping[str, str], name: str, template: str | None) -> bool:
+    """CAREFLOW_CHANNEL_<NAME>_TEMPLATE_LINK: 2 (the acknowledge link is ``{{2}}``), or unset."""
+    given = (env.get(f"CAREFLOW_CHANNEL_{name}_TEMPLATE_LINK") or "").strip()
+    if not given:
+        return False
+    if template is None or given != str(TEMPLATE_LINK_PARAMETER):
+        msg = (f"CAREFLOW_CHANNEL_{name}_TEMPLATE_LINK={given!r}: set it to 2, with "
+               f"CAREFLOW_CHANNEL_{name}_TEMPLATE, for a WhatsApp template whose {{{{1}}}} is "
+               "the message and {{2}} the acknowledge link; or leave it unset")
+        raise ConfigError(msg)
+    return True
 
 
 def reference(notes: Sequence[Notification]) -> str:
@@ -291,6 +383,17 @@ def avoid_failing(preferred: Sequence[str], *, failing: Collection[str],
     return others or tuple(preferred)
 
 
+@dataclass(frozen=True, slots=True)
+class _Message:
+    """One message as a channel gets it."""
+
+    title: str
+    body: str
+    whole: bool  # False: shortened to fit the channel
+    html: str | None = None  # the same as HTML, for email
+    params: Mapping[str, str] = field(default_factory=dict)  # Apprise URL additions (template)
+
+
 class SenderStore(Outbox, Incidents, Protocol):
     """What the senders use of the store: the outbox, and the incidents it announces."""
 
@@ -303,9 +406,13 @@ class NotificationSender:
     once as one message (``combine``: critical first), at most one message per the channel's
     pace (``AppriseTransport.pace_s``); what comes due meanwhile waits for the next digest.
     The store's connection is shared by the threads, one call at a time.
+
+    ``links`` signs the one-tap links each message carries (None: the web is off, and messages
+    say how to acknowledge with the CLI).
     """
 
-    def __init__(self, store: SenderStore, channels: Mapping[str, Channel]) -> None:
+    def __init__(self, store: SenderStore, channels: Mapping[str, Channel],
+                 links: LinkMaker | None = None) -> None:
         if len(channels) > MAX_CHANNELS:
             msg = (f"{len(channels)} notification channels are configured; careflow runs one "
                    f"thread per channel and takes at most {MAX_CHANNELS}")
@@ -314,6 +421,9 @@ class NotificationSender:
         self.channels = dict(channels)
         self._transports = {name: AppriseTransport(c.url) for name, c in self.channels.items()}
         self._templated = {name for name, c in self.channels.items() if c.template}
+        self._html = {name for name, c in self.channels.items()
+                      if c.url.split("://", 1)[0].lower() in _HTML_SCHEMES}
+        self.links = links
         self._store_lock = threading.Lock()
         self._stop = threading.Event()
         self._wakes = {name: threading.Event() for name in self.channels}
@@ -452,12 +562,14 @@ class NotificationSender:
             return len(claimed), 0
         severity = {i: inc.severity for i, inc in incidents.items() if inc is not None}
         due = digest_order(due, severity)
+        actions = self._actions(channel, due, incidents, now_ms)
         # as many as the channel takes in one message; the rest go in the next (paced) one
-        count = fitting(len(due), lambda n: self._message(channel, due[:n])[2])
-        title, body, _ = self._message(channel, due[:count])
+        count = fitting(len(due), lambda n: self._message(channel, due[:n], actions).whole)
+        message = self._message(channel, due[:count], actions)
         error: TransportError | None = None
         try:
-            self._transports[channel].send(title, body)
+            self._transports[channel].send(message.title, message.body, html=message.html,
+                                           params=message.params)
         except TransportError as exc:
             error = exc
         try:
@@ -470,20 +582,45 @@ class NotificationSender:
                 self.store.release_claimed_notifications(channel)
         return len(claimed), 1
 
-    def _message(self, channel: str, notes: Sequence[Notification]) -> tuple[str, str, bool]:
-        """Title and body of one message to ``channel`` carrying ``notes``, and whether the
-        channel takes all of it (False: shortened, which only a single notification may be)."""
-        title, body = combine(notes)
+    def _actions(self, channel: str, notes: Sequence[Notification],
+                 incidents: Mapping[int, Incident | None], now_ms: int) -> dict[int, list[str]]:
+        """The link lines of each notification that takes links, signed for ``channel``."""
+        if self.links is None:
+            return {}
+        return {note.id: link_lines(self.links, incident_id=note.incident_id, channel=channel,
+                                    now_ms=now_ms)
+                for note in notes if takes_links(note, incidents.get(note.incident_id))}
+
+    def _message(self, channel: str, notes: Sequence[Notification],
+                 actions: Mapping[int, Sequence[str]]) -> _Message:
+        """One message to ``channel`` carrying ``notes`` with their links (``actions``), and
+        whether the channel takes all of it (not: shortened, which only a single notification
+        may be; its links and ref kept)."""
+        keep = actions.get(notes[0].id, ()) if len(notes) == 1 else ()
         ref = reference(notes)
         limits = self._transports[channel].limits
         if channel in self._templated:
-            text = template_text(title, body, ref)
-            return "", text, template_fits(title, body, ref) and limits.fits("", text)
-        title, body, tail = limits.title(title), f"{body}\n\nRef: {ref}", f"\n\nRef: {ref}"
-        if limits.fits(title, body):
-            return title, body, True
-        title, body = limits.shorten(title, body, tail=tail)
-        return title, body, False
+            # a single notification's links go in the tail that survives a cut, not the text
+            title, body = combine([replace(n, body=_without_hint(n.body)) if keep else
+                                   replace(n, body=with_actions(n, actions.get(n.id, ())))
+                                   for n in notes])
+            text = template_text(title, body, ref, keep)
+            params = {}
+            if self.channels[channel].template_link:
+                first = next((actions[n.id][0] for n in notes if n.id in actions), None)
+                params[f":{TEMPLATE_LINK_PARAMETER}"] = (first.split(": ", 1)[1]
+                                                         if first else "-")
+            return _Message("", text, template_fits(title, body, ref, keep)
+                            and limits.fits("", text), params=params)
+        title, body = combine([replace(n, body=with_actions(n, actions.get(n.id, ())))
+                               for n in notes])
+        tail = "".join(f"\n{line}" for line in keep) + f"\n\nRef: {ref}"
+        title, body = limits.title(title), f"{body}\n\nRef: {ref}"
+        whole = limits.fits(title, body)
+        if not whole:
+            title, body = limits.shorten(title, body, tail=tail)
+        return _Message(title, body, whole,
+                        html=html_body(body) if channel in self._html else None)
 
     def _record(self, notes: Sequence[Notification], incidents: Mapping[int, Incident | None],
                 error: TransportError | None) -> None:
