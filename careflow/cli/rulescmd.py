@@ -40,7 +40,15 @@ def check(
         table.add_row(rule.name, rule.kind, rule.severity,
                       f"{rule.select.gateway}/{rule.select.device}", ruleset.origins[rule.name])
     console.print(table.table)
-    console.print(f"{len(ruleset.rules)} rule(s) OK", highlight=False)
+    digests = ruleset.routing.digests
+    if digests:
+        listed = ListTable("digest", "at", "time zone", "channel", "defined at",
+                           text={"defined at"})
+        for digest, origin in zip(digests, ruleset.digest_origins, strict=True):
+            listed.add_row(digest.key, digest.at, digest.timezone, digest.channel, origin)
+        console.print(listed.table)
+    console.print(f"{len(ruleset.rules)} rule(s)"
+                  + (f", {len(digests)} digest(s)" if digests else "") + " OK", highlight=False)
 
 
 @rules_app.command("test")

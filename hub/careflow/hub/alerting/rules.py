@@ -12,13 +12,15 @@ Rules are structured YAML, never code: four kinds, each a small typed model.
 
 Besides ``rules:``, a file may declare ``escalation:`` policies and (in one file only) a
 ``routing:`` section: grouping intervals and ordered routes that pick channels and an escalation
-policy by severity, rule, site, gateway, device and kind (the decisions are in ``routing.py``).
+policy by severity, rule, site, gateway, device and kind (the decisions are in ``routing.py``),
+and ``digests:``, status messages at set times of day (scheduling and text in ``digest.py``).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from careflow.core.errors import ConfigError
 
 __all__ = [
     "AbsenceRule",
+    "Digest",
     "EscalationPolicy",
     "EscalationStep",
     "EventRule",
@@ -205,14 +208,71 @@ class Route(BaseModel):
     repeat_interval: Duration | None = None
 
 
+_TIME_OF_DAY = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+
+
+def _time_of_day(value: object) -> str:
+    """``HH:MM`` (24 h), as written; YAML reads an unquoted ``19:00`` as the number 1140."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = f"{value // 60:02d}:{value % 60:02d}" if 0 <= value < 1440 else "07:30"
+        msg = (f"YAML reads an unquoted time as a number ({value}): quote it, e.g. "
+               f"at: \"{text}\"")
+        raise ValueError(msg)
+    if not isinstance(value, str) or _TIME_OF_DAY.match(value.strip()) is None:
+        msg = f"{value!r} is not a time of day such as \"07:30\" or \"19:00\" (24 h, HH:MM)"
+        raise ValueError(msg)
+    hour, minute = value.strip().split(":")
+    return f"{int(hour):02d}:{minute}"
+
+
+def _time_zone(value: object) -> str:
+    """An IANA time zone the system's zoneinfo knows (``Europe/Berlin``, ``UTC``)."""
+    if not isinstance(value, str) or not value.strip():
+        msg = "give an IANA time zone such as Europe/Berlin or UTC"
+        raise ValueError(msg)
+    try:
+        zoneinfo.ZoneInfo(value.strip())
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        msg = (f"unknown time zone {value!r}: give an IANA name such as Europe/Berlin, "
+               "America/New_York or UTC (the tz database; on Debian the tzdata package)")
+        raise ValueError(msg) from exc
+    return value.strip()
+
+
+class Digest(BaseModel):
+    """A status message (a shift handover) to one channel at a time of day in a time zone:
+    open, unacknowledged incidents, offline gateways, low batteries, and what changed since
+    the last one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    at: Annotated[str, BeforeValidator(_time_of_day)]
+    timezone: Annotated[str, BeforeValidator(_time_zone)]
+    channel: ChannelName
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")] | None = None
+    low_battery_pct: Annotated[float, Field(gt=0, le=100)] = 20  # below this: listed as low
+
+    @property
+    def key(self) -> str:
+        """Its name, by default channel and time (``ops-0700``): it keeps the last one sent."""
+        return self.name or f"{self.channel}-{self.at.replace(':', '')}"
+
+    @property
+    def hour_minute(self) -> tuple[int, int]:
+        """The time of day as numbers."""
+        hour, minute = self.at.split(":")
+        return int(hour), int(minute)
+
+
 class Routing(BaseModel):
-    """Grouping intervals (Alertmanager's defaults) and the ordered routes; first match wins."""
+    """Grouping intervals (Alertmanager's defaults) and the ordered routes; first match wins;
+    and the status digests."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     group_wait: Duration = 30_000
     group_interval: Duration = 300_000
     repeat_interval: Duration = 4 * 3_600_000  # 0 turns repeats off
     routes: Annotated[tuple[Route, ...], Field(max_length=200)] = ()
+    digests: Annotated[tuple[Digest, ...], Field(max_length=50)] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +284,7 @@ class RuleSet:
     escalation: dict[str, tuple[EscalationStep, ...]] = field(default_factory=dict)
     routing: Routing = field(default_factory=Routing)
     route_origins: tuple[str, ...] = ()  # "file:line" of each route
+    digest_origins: tuple[str, ...] = ()  # "file:line" of each digest
 
 
 _SECTIONS = ("rules", "escalation", "routing")
@@ -249,9 +310,10 @@ def _sections(text: str, path: Path) -> dict[str, list[tuple[Any, int]]]:
     for key, value in node.value:
         if key.value == "routing":  # one mapping; its routes keep their own lines
             out["routing"] = [(data["routing"], key.start_mark.line + 1)]
-            routes = next((v for k, v in value.value if k.value == "routes"), None)
-            if isinstance(routes, yaml.SequenceNode):
-                out["routes"] = [(None, item.start_mark.line + 1) for item in routes.value]
+            for part in ("routes", "digests"):
+                items = next((v for k, v in value.value if k.value == part), None)
+                if isinstance(items, yaml.SequenceNode):
+                    out[part] = [(None, item.start_mark.line + 1) for item in items.value]
             continue
         out[key.value] = [(item, value.value[i].start_mark.line + 1)
                           for i, item in enumerate(data[key.value])]
@@ -270,6 +332,7 @@ def load_rules(paths: Sequence[Path]) -> RuleSet:
     escalation: dict[str, tuple[EscalationStep, ...]] = {}
     routing, routing_at = Routing(), ""
     route_origins: tuple[str, ...] = ()
+    digest_origins: tuple[str, ...] = ()
     files = sorted(p for path in paths for p in (path.glob("*.yaml") if path.is_dir() else [path]))
     for path in files:
         sections = _sections(path.read_text(encoding="utf-8"), path)
@@ -289,12 +352,14 @@ def load_rules(paths: Sequence[Path]) -> RuleSet:
             except ValidationError as exc:
                 at = line
                 loc = exc.errors()[0]["loc"]
-                if len(loc) > 1 and loc[0] == "routes" and isinstance(loc[1], int):
-                    at = sections["routes"][loc[1]][1]  # the line of the offending route
+                if len(loc) > 1 and loc[0] in ("routes", "digests") and isinstance(loc[1], int):
+                    at = sections[str(loc[0])][loc[1]][1]  # the line of the offending entry
                 msg = f"{path}:{at}: routing: {_problems(exc)}"
                 raise ConfigError(msg) from exc
             routing_at = f"{path}:{line}"
             route_origins = tuple(f"{path}:{n}" for _, n in sections.get("routes", []))
+            digest_origins = tuple(f"{path}:{n}" for _, n in sections.get("digests", []))
+            _unique_digests(routing.digests, digest_origins)
         for item, line in sections.get("rules", []):
             where = f"{path}:{line}"
             name = item.get("name", "?") if isinstance(item, dict) else "?"
@@ -313,4 +378,15 @@ def load_rules(paths: Sequence[Path]) -> RuleSet:
             msg = (f"{origin}: route names escalation policy {route.escalation!r}, which no "
                    f"`escalation:` entry declares (known: {', '.join(sorted(escalation)) or 'none'})")
             raise ConfigError(msg)
-    return RuleSet(tuple(rules), origins, escalation, routing, route_origins)
+    return RuleSet(tuple(rules), origins, escalation, routing, route_origins, digest_origins)
+
+
+def _unique_digests(digests: Sequence[Digest], origins: Sequence[str]) -> None:
+    """Each digest keeps its last sending under its name: two of one name would share it."""
+    seen: dict[str, str] = {}
+    for digest, origin in zip(digests, origins, strict=True):
+        if digest.key in seen:
+            msg = (f"{origin}: digest {digest.key!r} is already declared at {seen[digest.key]}"
+                   + ("" if digest.name else "; give each a `name:`"))
+            raise ConfigError(msg)
+        seen[digest.key] = origin
