@@ -1,0 +1,175 @@
+"""The one-tap link pages (Starlette's TestClient over a real SQLite store): GET shows and
+changes nothing, only a POST with the page's CSRF field acts, once, and lands in the timeline."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from careflow.hub.store.sqlite_store import SqliteStore
+from careflow.hub.web.app import WebDeps, create_app
+from careflow.hub.web.link_pages import SILENCE_MS, typed_name
+from careflow.hub.web.links import LinkAction, csrf_token, sign
+from tests.conftest import make_settings
+
+KEY = b"k" * 64
+NOW = 1_800_000_000_000
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+class Web:
+    """The web app over a store with one open care alarm, at a fixed time."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = SqliteStore(tmp_path / "db")
+        incident = self.store.open_incident(
+            rule="care-alarm", gateway="gw-1", device="fall-1", severity="critical",
+            summary="CARE ALARM fall-1", detail="fall detected", at_ms=NOW - 300_000)
+        assert incident is not None
+        self.incident = incident
+        self.wakes = 0
+        self.now_ms = NOW
+        deps = WebDeps(settings=make_settings(tmp_path / "data", None), store=self.store,
+                       link_key=KEY, readiness=dict, health=dict, now_ms=lambda: self.now_ms,
+                       wake_sender=self._wake)
+        self.client = TestClient(create_app(deps))
+
+    def _wake(self) -> None:
+        self.wakes += 1
+
+    def link(self, action: LinkAction = LinkAction.ACKNOWLEDGE, *, link_id: str = "L" * 16,
+             expires_ms: int = NOW + 3_600_000, incident: int | None = None) -> str:
+        token = sign(KEY, incident_id=incident or self.incident, action=action,
+                     channel="oncall", expires_ms=expires_ms, link_id=link_id)
+        return f"/l/{token}"
+
+    def confirm(self, path: str, name: str = "") -> tuple[int, str]:
+        """Open the link's page and press its button, as a person does."""
+        page = self.client.get(path)
+        assert page.status_code == 200, page.text
+        (csrf,) = CSRF.findall(page.text)
+        answer = self.client.post(path, data={"csrf": csrf, "name": name})
+        return answer.status_code, answer.text
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Web:
+    return Web(tmp_path)
+
+
+def test_it_shows_what_a_link_will_do_and_a_get_changes_nothing(web: Web) -> None:
+    for _ in range(3):  # a mail scanner, a chat preview, the person
+        page = web.client.get(web.link())
+        assert page.status_code == 200
+    assert "Acknowledge?" in page.text and "CARE ALARM fall-1" in page.text
+    assert "gw-1 / fall-1" in page.text and "5 min ago" in page.text
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-robots-tag"].startswith("noindex")
+    assert page.headers["referrer-policy"] == "no-referrer"
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "open"
+    assert web.store.link_spent("L" * 16) is None
+    assert web.store.incident_actions(web.incident) == [] and web.wakes == 0
+
+
+def test_it_acknowledges_once_and_records_who_by_which_link(web: Web) -> None:
+    status, text = web.confirm(web.link(), name="  Nurse\x00 Kari ")
+    assert status == 200 and "Acknowledged: incident" in text
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "acknowledged"
+    assert incident.acknowledged_by == "Nurse Kari" and incident.acknowledged_ms == NOW
+    (entry,) = web.store.incident_actions(web.incident)
+    assert (entry.action, entry.by, entry.via, entry.at_ms) == (
+        "acknowledge", "Nurse Kari", "link", NOW)
+    assert entry.detail == f"link {'L' * 16} sent to oncall"
+    assert web.wakes == 1
+    again = web.client.get(web.link())
+    assert again.status_code == 410 and "already used" in again.text
+
+
+def test_it_names_the_channel_when_no_name_is_typed(web: Web) -> None:
+    web.confirm(web.link())
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.acknowledged_by == "oncall"
+    assert typed_name("x" * 500, "oncall") == "x" * 60
+
+
+def test_it_refuses_a_post_without_the_pages_csrf_field(web: Web) -> None:
+    path = web.link()
+    other_link = web.link(link_id="M" * 16)
+    for data in ({}, {"csrf": ""}, {"csrf": "x" * 22},
+                 {"csrf": csrf_token(KEY, other_link.rsplit("/", 1)[1])}):
+        answer = web.client.post(path, data=data)
+        assert answer.status_code == 403 and "Nothing was changed" in answer.text
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "open"
+    assert web.store.link_spent("L" * 16) is None
+
+
+def test_it_refuses_a_reused_link_and_changes_nothing_more(web: Web) -> None:
+    path = web.link(LinkAction.RESOLVE)
+    (csrf,) = CSRF.findall(web.client.get(path).text)
+    assert web.client.post(path, data={"csrf": csrf}).status_code == 200
+    answer = web.client.post(path, data={"csrf": csrf, "name": "someone else"})
+    assert answer.status_code == 409 and "already resolved" in answer.text
+    assert len(web.store.incident_actions(web.incident)) == 1
+
+
+def test_it_refuses_to_acknowledge_what_someone_else_has_and_leaves_the_link_unspent(
+    web: Web,
+) -> None:
+    path = web.link()
+    (csrf,) = CSRF.findall(web.client.get(path).text)
+    web.store.acknowledge_incident(web.incident, by="nurse-ola", at_ms=NOW)
+    answer = web.client.post(path, data={"csrf": csrf})
+    assert answer.status_code == 409
+    assert "already acknowledged" in answer.text and "nurse-ola" in answer.text
+    assert web.store.link_spent("L" * 16) is None  # the transaction was rolled back
+    assert web.store.incident_actions(web.incident) == []
+    resolve = web.link(LinkAction.RESOLVE, link_id="R" * 16)
+    assert web.confirm(resolve)[0] == 200  # an acknowledged incident can still be resolved
+
+
+def test_it_silences_the_incidents_rule_for_its_source_for_two_hours(web: Web) -> None:
+    status, text = web.confirm(web.link(LinkAction.SILENCE), name="tech-anne")
+    assert status == 200 and "Silenced" in text
+    (silence,) = web.store.silences(active_at_ms=NOW)
+    assert (silence.rule, silence.gateway, silence.device) == ("care-alarm", "gw-1", "fall-1")
+    assert (silence.starts_ms, silence.ends_ms) == (NOW, NOW + SILENCE_MS)
+    assert silence.created_by == "tech-anne" and "sent to oncall" in silence.comment
+    (entry,) = web.store.incident_actions(web.incident)
+    assert entry.action == "silence"
+
+
+@pytest.mark.parametrize(("path", "status", "says"), [
+    ("/l/garbage", 403, "not valid"),
+    ("/l/" + "x" * 60_000, 403, "not valid"),  # httpx sends up to 64 KiB
+    ("/l/%C3%B6%00%FF", 403, "not valid"),
+])
+def test_it_refuses_garbage_links(web: Web, path: str, status: int, says: str) -> None:
+    for method in ("GET", "POST"):
+        answer = web.client.request(method, path)
+        assert answer.status_code == status and says in answer.text
+        assert answer.headers["cache-control"] == "no-store"
+
+
+def test_it_refuses_a_tampered_link_and_an_expired_one(web: Web) -> None:
+    path = web.link()
+    tampered = path.replace(f"/l/1.{web.incident}.a.", f"/l/1.{web.incident}.r.")
+    assert web.client.get(tampered).status_code == 403
+    expired = web.link(expires_ms=NOW - 1000, link_id="E" * 16)
+    page = web.client.get(expired)
+    assert page.status_code == 410 and "expired" in page.text
+    web.now_ms = NOW + 3_600_000  # the first link's expiry: between the GET and the POST
+    (csrf,) = CSRF.findall(web.client.get(path).text) or [csrf_token(KEY, path[3:])]
+    assert web.client.post(path, data={"csrf": csrf}).status_code == 410
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "open"
+
+
+def test_it_says_when_the_incident_does_not_exist(web: Web) -> None:
+    page = web.client.get(web.link(incident=9999))
+    assert page.status_code == 404 and "No such incident" in page.text
