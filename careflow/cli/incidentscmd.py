@@ -23,7 +23,8 @@ from careflow.cli.common import (
 from careflow.cli.ops import open_store
 from careflow.core import clock
 from careflow.core.errors import RefusedError
-from careflow.hub.store.records import UNRESOLVED, Incident
+from careflow.hub.store.interface import Store
+from careflow.hub.store.records import UNRESOLVED, Incident, IncidentAction
 
 __all__ = ["incidents_app"]
 
@@ -76,12 +77,25 @@ def list_incidents(
         console.print(f"no {state} incidents")
 
 
-def _show(incident: Incident, as_json: bool) -> None:
+def _action_row(entry: IncidentAction) -> dict[str, Any]:
+    return {"at": iso_ms(entry.at_ms), "action": entry.action, "by": entry.by, "via": entry.via,
+            "detail": entry.detail}
+
+
+def _show(store: Store, incident: Incident, as_json: bool) -> None:
+    """The incident, then its timeline: who acknowledged, resolved or silenced it, how."""
     row = _row(incident)
+    timeline = [_action_row(entry) for entry in store.incident_actions(incident.id)]
     if as_json:
-        print_json_lines([row])
+        print_json_lines([{**row, "timeline": timeline}])
         return
     print_fields(row, width=22)
+    console.print(styled((f"{'timeline':>22}", "bold"), "  " + ("" if timeline else "nothing done "
+                                                                "by hand yet")), highlight=False)
+    for entry in timeline:
+        detail = f" ({entry['detail']})" if entry["detail"] else ""
+        console.print(styled(f"{'':>22}  {entry['at']}  {entry['action']} by {entry['by']} "
+                             f"via {entry['via']}{detail}"), highlight=False)
 
 
 @incidents_app.command("show")
@@ -92,11 +106,12 @@ def show(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
 
     Example: `careflow incidents show 42`.
     """
-    incident = open_store(data_dir).incident(incident_id)
+    store = open_store(data_dir)
+    incident = store.incident(incident_id)
     if incident is None:
         msg = f"no incident {incident_id}; see `careflow incidents list`"
         raise RefusedError(msg)
-    _show(incident, as_json)
+    _show(store, incident, as_json)
 
 
 @incidents_app.command("ack")
@@ -106,9 +121,7 @@ def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: By
 
     Example: `careflow incidents ack 42 --by nurse-kari`.
     """
-    incident = open_store(data_dir).acknowledge_incident(
-        incident_id, by=by or getpass.getuser(), at_ms=clock.now_ms())
-    _show(incident, as_json)
+    _act(data_dir, incident_id, "acknowledge", by or getpass.getuser(), as_json)
 
 
 @incidents_app.command("resolve")
@@ -120,8 +133,19 @@ def resolve(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
 
     Example: `careflow incidents resolve 42`.
     """
-    incident = open_store(data_dir).resolve_incident(
-        incident_id, by=by or getpass.getuser(), at_ms=clock.now_ms())
-    _show(incident, as_json)
+    _act(data_dir, incident_id, "resolve", by or getpass.getuser(), as_json)
 
 
+
+
+def _act(data_dir: Any, incident_id: int, action: str, by: str,  # noqa: ANN401
+         as_json: bool) -> None:
+    """Acknowledge or resolve, and record it in the incident's timeline, in one transaction;
+    then show the incident."""
+    store = open_store(data_dir)
+    now_ms = clock.now_ms()
+    with store.atomically(f"{action} an incident"):
+        change = store.acknowledge_incident if action == "acknowledge" else store.resolve_incident
+        incident = change(incident_id, by=by, at_ms=now_ms)
+        store.record_action(incident_id, at_ms=now_ms, action=action, by=by, via="cli")
+    _show(store, incident, as_json)
