@@ -81,6 +81,7 @@ def list_notifications(
     table = ListTable("id", "incident", "channel", "state", "attempts", "title", "reason",
                       wide={"attempts"}, text={"title", "reason"}, show_wide=wide)
     for row in rows:
-        table.add_row(str(row["id"]), str(row["incident"]), row["channel"], row["state"],
+        table.add_row(str(row["id"]), str(row["incident"] or "-"),  # 0: a digest, of none
+                      row["channel"], row["state"],
                       str(row["attempts"]), row["title"], row["last_error"] or "")
     console.print(table.table)

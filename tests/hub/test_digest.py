@@ -25,11 +25,13 @@ from careflow.hub.alerting.digest import (
     slot_ms,
 )
 from careflow.hub.alerting.digest_scheduler import DigestScheduler, cursor_name
+from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.rules import Digest, load_rules
+from careflow.hub.app import build_hub
 from careflow.hub.ingest.decode import PresenceUpdate
 from careflow.hub.store.records import Incident, IncidentState, IncomingBatch, Severity
 from careflow.hub.store.sqlite_store import SqliteStore
-from tests.conftest import store_event
+from tests.conftest import make_settings, store_event
 
 
 def utc_ms(text: str) -> int:
@@ -288,3 +290,23 @@ def test_a_crash_before_the_commit_leaves_the_digest_due(tmp_path: Path) -> None
     (note,) = again.notifications()
     assert note.id == note_id and "late: it was due at 07:00 (was the hub down?)" in note.body
     again.close()
+
+
+def test_a_hub_refuses_a_digest_to_a_channel_without_a_url(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text('routing:\n  digests:\n'
+                                     '    - {at: "07:00", timezone: UTC, channel: night}\n')
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/ops",
+                              "CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/oncall"})
+    with pytest.raises(ConfigError, match=r"digest 'night-0700' \(.*r.yaml:3\) goes to channel "
+                                          r"'night', which has no URL: set CAREFLOW_CHANNEL_NIGHT"):
+        build_hub(make_settings(tmp_path / "data", "mqtt://127.0.0.1:9"), lock=None,
+                  rules=load_rules([tmp_path]), channels=channels, web=False)
+
+
+def test_the_shipped_example_loads_once_uncommented(tmp_path: Path) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "rules" / "default.yaml"
+    text = re.sub(r"(?m)^  # (digests:|  - |    )", lambda m: "  " + m[1], shipped.read_text())
+    (tmp_path / "r.yaml").write_text(text)
+    assert [d.key for d in load_rules([tmp_path]).routing.digests] == [
+        "morning-handover", "ops-1900"]
+    assert load_rules([shipped]).routing.digests == ()  # off as shipped

@@ -34,6 +34,7 @@ from careflow.core import clock
 from careflow.core.clock import Clock
 from careflow.core.config import Settings
 from careflow.core.errors import ConfigError, StoreError
+from careflow.hub.alerting.digest_scheduler import DigestScheduler
 from careflow.hub.alerting.incidents import AlertStage, default_rules
 from careflow.hub.alerting.notify import (
     FAILING_AFTER_ATTEMPTS,
@@ -699,6 +700,7 @@ class Hub:
     deadman: DeadMansSwitch | None
     broker: EmbeddedBroker | None  # the embedded broker, when this hub runs one
     web: WebServer | None  # the on-call web (links, console, /metrics), when it is on
+    digests: DigestScheduler | None = None  # status digests, when rules ask for any
     resources: InitVar[ExitStack]  # closed last: the stores and the lock
     _life: _Life = field(default_factory=_Life, init=False, repr=False, compare=False)
 
@@ -724,9 +726,11 @@ class Hub:
 
     def start(self) -> None:
         """Start what runs beside ingest: the embedded broker, the claim service, the
-        notification sender, the dead man's switch and the web, in that order."""
+        notification sender, the status digests, the dead man's switch and the web, in that
+        order."""
         closing = self._life.closing
-        for part in (self.broker, self.provisioning, self.sender, self.deadman, self.web):
+        for part in (self.broker, self.provisioning, self.sender, self.digests, self.deadman,
+                     self.web):
             if part is not None:
                 part.start()
                 closing.callback(part.stop)
@@ -788,7 +792,8 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
         broker_credentials: The user the embedded broker demands; AUTO: from the settings,
             and refused off loopback without them (:func:`embedded_credentials`).
         rules: The alert rules; AUTO: CAREFLOW_RULES_DIR, else the shipped ones; None: no
-            alerting.
+            alerting. Their ``routing.digests`` are queued by a scheduler of their own (when
+            there are channels).
         channels: Where notifications go; AUTO: CAREFLOW_CHANNEL_*. A sender delivers them
             when there is any (and rules).
         provisioning: The claim flow; AUTO: the hub's own claim service when a PKI is there
@@ -843,6 +848,7 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
             alerts.on_queued = sender.wake
             if deps is not None:
                 deps.wake_sender = sender.wake
+        digests = _digest_scheduler(settings, rules, sender, resources)
         watch = None
         if deadman and settings.deadman_url:
             # a writer loop that stopped ticking cannot raise alerts about itself: stop the
@@ -850,8 +856,8 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
             watch = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
                                    healthy=_ticking(alerts))
         return Hub(settings=settings, store=store, service=service, alerts=alerts, sink=sink,
-                   provisioning=claims, sender=sender, deadman=watch, broker=broker,
-                   web=server, resources=resources.pop_all())
+                   provisioning=claims, sender=sender, digests=digests, deadman=watch,
+                   broker=broker, web=server, resources=resources.pop_all())
 
 
 def _web_server(settings: Settings, service: HubService,
@@ -873,6 +879,29 @@ def _link_signer(settings: Settings, server: WebServer, deps: WebDeps) -> LinkSi
     listens (the bound port, when CAREFLOW_HTTP_LISTEN asks for any free one)."""
     return LinkSigner(deps.link_key, settings.public_url or server.url,
                       ttl_s=settings.link_ttl_s)
+
+
+def _digest_scheduler(settings: Settings, rules: RuleSet | None,
+                      sender: NotificationSender | None,
+                      resources: ExitStack) -> DigestScheduler | None:
+    """The status digests (when the rules have any) on their own store connection, queued for
+    the sender; each channel they name needs a URL (said at start-up, not when a digest has
+    nowhere to go)."""
+    if rules is None or not rules.routing.digests:
+        return None
+    if sender is None:
+        log.warning("status digests are configured but no notification channel is: none "
+                    "will be sent (set CAREFLOW_CHANNEL_<NAME>)",
+                    extra={"digests": [d.key for d in rules.routing.digests]})
+        return None
+    for digest, origin in zip(rules.routing.digests, rules.digest_origins, strict=True):
+        if digest.channel not in sender.channels:
+            msg = (f"digest {digest.key!r} ({origin}) goes to channel {digest.channel!r}, which "
+                   f"has no URL: set CAREFLOW_CHANNEL_{digest.channel.upper()} (or ..._FILE)")
+            raise ConfigError(msg)
+    store = open_store(settings)
+    resources.callback(store.close)  # the scheduler's own connection
+    return DigestScheduler(store, rules.routing.digests, on_queued=sender.wake)
 
 
 def _ticking(alerts: AlertStage | None) -> Callable[[], bool]:
