@@ -54,14 +54,14 @@ _DONE = {LinkAction.ACKNOWLEDGE: "Acknowledged", LinkAction.RESOLVE: "Resolved",
          LinkAction.SILENCE: "Silenced"}
 _REFUSED = {  # (HTTP status, heading, what to do)
     Refusal.MALFORMED: (403, "This link is not valid",
-                        "It may have been cut short or changed on the way. Open it again from "
-                        "the message, the whole link, or use the console."),
+                        "It may have been cut short or changed on the way: open the whole link "
+                        "from the message again, or use the console. Nothing was changed."),
     Refusal.FORGED: (403, "This link is not valid",
-                     "It may have been cut short or changed on the way. Open it again from the "
-                     "message, the whole link, or use the console."),
+                     "It may have been cut short or changed on the way: open the whole link "
+                     "from the message again, or use the console. Nothing was changed."),
     Refusal.EXPIRED: (410, "This link has expired",
-                      "Links in messages work for a limited time. Use the console, or "
-                      "`careflow incidents` on the hub."),
+                      "Links in messages work for a limited time: use the console, or "
+                      "`careflow incidents` on the hub. Nothing was changed."),
 }
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
@@ -105,10 +105,10 @@ def _state_refusal(incident: Incident, action: LinkAction) -> LinkOutcome | None
     return None
 
 
-def _spent(at_ms: int) -> LinkOutcome:
+def _spent(at_ms: int, incident: Incident | None) -> LinkOutcome:
     return LinkOutcome(410, "This link was already used",
                        f"It was used at {_utc(at_ms)}; each link works once. Nothing was "
-                       "changed.")
+                       "changed.", incident)
 
 
 def preview(store: Store, claim: LinkClaim) -> LinkOutcome:
@@ -119,7 +119,7 @@ def preview(store: Store, claim: LinkClaim) -> LinkOutcome:
                            f"There is no incident {claim.incident_id} on this hub.")
     spent = store.link_spent(claim.link_id)
     if spent is not None:
-        return _spent(spent)
+        return _spent(spent, incident)
     return _state_refusal(incident, claim.action) or LinkOutcome(200, "", "", incident)
 
 
@@ -144,7 +144,7 @@ def act(store: Store, claim: LinkClaim, *, by: str, now_ms: int) -> LinkOutcome:
                 raise _RefusedError(refusal)
             if not store.spend_link(claim.link_id, incident_id=incident.id,
                                     action=claim.action, channel=claim.channel, at_ms=now_ms):
-                raise _RefusedError(_spent(store.link_spent(claim.link_id) or now_ms))
+                raise _RefusedError(_spent(store.link_spent(claim.link_id) or now_ms, incident))
             detail = f"link {claim.link_id} sent to {claim.channel}"
             message = _apply(store, incident, claim.action, by=by, now_ms=now_ms,
                              detail=detail)
@@ -229,7 +229,8 @@ async def _post(request: Request, deps: WebDeps, env: Environment, token: str,
 def _about(incident: Incident, now_ms: int, timeline: list[IncidentAction]) -> dict[str, Any]:
     """What a link's pages say about its incident."""
     minutes = max(0, (now_ms - incident.triggered_ms) // 60_000)
-    ago = f"{minutes} min ago" if minutes < 120 else f"{minutes // 60} h ago"
+    ago = ("just now" if minutes < 1 else f"{minutes} min ago" if minutes < 120
+           else f"{minutes // 60} h ago")
     return {"incident": incident, "since": f"{_utc(incident.triggered_ms)} ({ago})",
             "silence_until": _utc(now_ms + SILENCE_MS),
             "timeline": [(_utc(a.at_ms), a) for a in timeline]}
