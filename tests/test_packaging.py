@@ -19,6 +19,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,8 +216,9 @@ def test_it_checks_and_tests_the_shipped_rules_from_any_directory(venv: Path,
 
 def test_it_runs_the_hub_on_the_embedded_default_and_stores_events(venv: Path, elsewhere: Path,
                                                                     tmp_path: Path) -> None:
+    web = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "CAREFLOW_DATA_DIR": str(tmp_path / "data"),
-           "CAREFLOW_LISTEN": f"127.0.0.1:{free_port()}"}
+           "CAREFLOW_LISTEN": f"127.0.0.1:{free_port()}", "CAREFLOW_HTTP_LISTEN": web}
     with (tmp_path / "hub.log").open("wb") as log:
         hub = subprocess.Popen([str(venv / "bin" / "careflow"), "hub"], cwd=elsewhere, env=env,
                                stdout=log, stderr=log)
@@ -226,6 +229,13 @@ def test_it_runs_the_hub_on_the_embedded_default_and_stores_events(venv: Path, e
         run(venv, elsewhere, "events", "publish", "--gateway", "gw-1", "--count", "3", env=env)
         wait_until(lambda: run(venv, elsewhere, "events", "count", env=env).stdout.strip() == "3",
                    what="3 events stored")
+        # the web, its templates read from the installed wheel
+        with urllib.request.urlopen(f"http://{web}/readyz", timeout=10) as ready:
+            assert ready.status == 200
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://{web}/l/not-a-link", timeout=10)
+        assert "This link is not valid" in refused.value.read().decode()
+        assert f"web console: http://{web}" in (tmp_path / "hub.log").read_text()
     finally:
         hub.send_signal(signal.SIGTERM)
         assert hub.wait(timeout=30) == 0, (tmp_path / "hub.log").read_text()
