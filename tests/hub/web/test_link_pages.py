@@ -109,6 +109,17 @@ def test_it_refuses_a_post_without_the_pages_csrf_field(web: Web) -> None:
     assert web.store.link_spent("L" * 16) is None
 
 
+def test_it_refuses_an_oversized_or_unframed_post(web: Web) -> None:
+    path = web.link()
+    (csrf,) = CSRF.findall(web.client.get(path).text)
+    huge = web.client.post(path, data={"csrf": csrf, "name": "x" * 10_000})
+    assert huge.status_code == 413
+    unframed = web.client.post(path, content=iter([f"csrf={csrf}".encode()]),
+                               headers={"content-type": "application/x-www-form-urlencoded"})
+    assert unframed.status_code == 413  # chunked: no length to check before reading
+    assert web.store.link_spent("L" * 16) is None
+
+
 def test_it_refuses_a_reused_link_and_changes_nothing_more(web: Web) -> None:
     path = web.link(LinkAction.RESOLVE)
     (csrf,) = CSRF.findall(web.client.get(path).text)

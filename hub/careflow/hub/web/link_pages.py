@@ -204,7 +204,8 @@ def routes(deps: WebDeps) -> list[BaseRoute]:
 
 async def _post(request: Request, deps: WebDeps, env: Environment, token: str,
                 claim: LinkClaim) -> Response:
-    if int(request.headers.get("content-length") or MAX_FORM + 1) > MAX_FORM:
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > MAX_FORM:  # a browser's form always says
         return _page(env, "link_refused.html", 413, heading="Too much sent",
                      message="Open the link again and press the button.")
     form = await request.form(max_files=0, max_fields=8)
