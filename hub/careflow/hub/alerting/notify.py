@@ -164,18 +164,30 @@ def _without_hint(body: str) -> str:
     return "\n".join(line for line in body.split("\n") if line != CLI_HINT)
 
 
+_BUTTON = ("display:inline-block;padding:10px 18px;background:#0b57d0;color:#ffffff;"
+           "border-radius:6px;text-decoration:none;font-weight:bold")
+_SMALL_URL = ("display:block;margin-top:4px;font-size:12px;color:#5b6470;"
+              "overflow-wrap:anywhere;word-break:break-all")
+
+
 def html_body(text: str) -> str:
-    """A plain-text message as HTML: escaped, line breaks kept, every URL a link. Apprise's
-    plain-text alternative of it reads as ``text`` does (each link's text is its URL)."""
+    """A plain-text message as HTML: escaped, line breaks kept, every URL a link, and each
+    one-tap link a button with its address small below it. Apprise's plain-text alternative of
+    it reads as ``text`` does (``Acknowledge: URL``: a link's text is what it keeps)."""
+    labels = {label for _action, label in LINK_ACTIONS}
     lines = []
     for line in text.split("\n"):
         label, sep, rest = line.partition(": ")
-        if sep and _URL.fullmatch(rest) and len(label) <= 20:
-            lines.append(f"<b>{escape(label)}</b>: <a href=\"{escape(rest)}\">{escape(rest)}</a>")
+        if sep and label in labels and _URL.fullmatch(rest):
+            url = escape(rest)
+            lines.append(f'<p style="margin:14px 0"><a href="{url}" style="{_BUTTON}">'
+                         f'{escape(label)}</a><span style="display:none">: </span>'
+                         f'<a href="{url}" style="{_SMALL_URL}">{url}</a></p>')
         else:
-            lines.append(_URL.sub(lambda m: f'<a href="{m[0]}">{m[0]}</a>', escape(line, quote=False)))
-    return ("<div style=\"font-family:sans-serif;font-size:15px;line-height:1.5\">"
-            + "<br>\n".join(lines) + "</div>")
+            lines.append(_URL.sub(lambda m: f'<a href="{m[0]}" style="overflow-wrap:anywhere">'
+                                            f"{m[0]}</a>", escape(line, quote=False)) + "<br>")
+    return ('<div style="font-family:sans-serif;font-size:15px;line-height:1.5;'
+            'overflow-wrap:anywhere">' + "".join(lines) + "</div>")
 
 
 def with_template(url: str, template: str, language: str) -> str:
