@@ -14,9 +14,10 @@ from apprise.plugins.whatsapp import NotifyWhatsApp
 
 from careflow.core.errors import ConfigError
 from careflow.hub.alerting.notify import CLI_HINT, NotificationSender, load_channels, render
+from careflow.hub.app import build_hub
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.hub.web.links import LinkAction, LinkClaim, LinkSigner, verify
-from tests.conftest import HttpReceiver, free_port
+from tests.conftest import HttpReceiver, free_port, make_settings
 from tests.hub.conftest import Mailbox
 
 KEY = b"k" * 64
@@ -166,3 +167,29 @@ def test_it_gives_a_whatsapp_template_the_acknowledge_link_as_parameter_2(
 def test_it_refuses_a_template_link_parameter_it_cannot_fill(env: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="TEMPLATE_LINK"):
         load_channels({"CAREFLOW_CHANNEL_FAMILY": WHATSAPP, **env})
+
+
+@pytest.mark.parametrize(("env", "base"), [
+    ({"CAREFLOW_PUBLIC_URL": "https://care.example.org/"}, "https://care.example.org"),
+    ({}, None),  # where the web listens: the port it was given (any free one here)
+    ({"CAREFLOW_HTTP_LISTEN": "off"}, "no links"),
+])
+def test_the_hub_signs_the_links_it_sends_for_where_people_reach_its_web(
+    tmp_path: Path, env: dict[str, str], base: str | None,
+) -> None:
+    channels = load_channels({"CAREFLOW_CHANNEL_ONCALL": "json://127.0.0.1:9/a",
+                              "CAREFLOW_CHANNEL_OPS": "json://127.0.0.1:9/b"})
+    hub = build_hub(make_settings(tmp_path / "data", "mqtt://127.0.0.1:9", **env), lock=None,
+                    embedded_broker=False, channels=channels, provisioning=None,
+                    influx_snapshots=False, deadman=False)
+    try:
+        assert hub.sender is not None
+        signer = hub.sender.links
+        if base == "no links":
+            assert signer is None and hub.web is None
+            return
+        assert isinstance(signer, LinkSigner) and hub.web is not None
+        assert signer.base_url == (base or hub.web.url) and not signer.base_url.endswith(":0")
+        assert signer.ttl_s == 86_400
+    finally:
+        hub.close()
