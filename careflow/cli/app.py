@@ -18,6 +18,7 @@ from careflow.cli import (
     schemascmd,
     silencescmd,
     simcmd,
+    userscmd,
 )
 from careflow.edge.cli import edge_app
 
@@ -50,4 +51,5 @@ app.add_typer(notifycmd.notify_app, name="notify")
 app.add_typer(silencescmd.silences_app, name="silences")
 app.add_typer(provisioncmd.provision_app, name="provision")
 app.add_typer(cacmd.ca_app, name="ca")
+app.add_typer(userscmd.users_app, name="users")
 app.add_typer(devicecmd.device_app, name="device", hidden=True)  # old: devices revoke

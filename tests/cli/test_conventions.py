@@ -30,7 +30,8 @@ CHANGES_SOMETHING = [
     ("events", "publish"), ("devices", "pause"), ("devices", "resume"), ("devices", "revoke"),
     ("silences", "add"), ("silences", "expire"), ("incidents", "ack"), ("incidents", "resolve"),
     ("notify", "test"), ("provision", "register"), ("ca", "init"), ("ca", "crl-refresh"),
-    ("replay",), ("report",), ("edge", "claim"), ("gateway", "cmd"),
+    ("replay",), ("report",), ("edge", "claim"), ("gateway", "cmd"), ("users", "add"),
+    ("users", "remove"),
 ]
 
 
@@ -48,7 +49,7 @@ def test_the_list_of_commands_that_change_something_is_complete() -> None:
         ("deadletter", "list"), ("schemas", "validate"), ("rules", "check"), ("rules", "test"),
         ("incidents", "list"), ("incidents", "show"), ("notify", "list"), ("silences", "list"),
         ("provision", "list"), ("provision", "refusals"), ("provision", "watch"),
-        ("ca", "status"),
+        ("ca", "status"), ("users", "list"),
     }
     visible = {path for path, command in COMMANDS.items() if not command.hidden}
     assert visible == reads_or_runs | set(CHANGES_SOMETHING)
