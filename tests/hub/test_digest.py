@@ -310,3 +310,22 @@ def test_the_shipped_example_loads_once_uncommented(tmp_path: Path) -> None:
     assert [d.key for d in load_rules([tmp_path]).routing.digests] == [
         "morning-handover", "ops-1900"]
     assert load_rules([shipped]).routing.digests == ()  # off as shipped
+
+
+def test_a_last_sending_ahead_of_the_clock_does_not_stop_the_digests(tmp_path: Path) -> None:
+    """A clock that was ahead when a digest went out (set wrong, a bad time source), then put
+    right: the digest goes at its next time of day, not once the clock reaches that sending."""
+    store = SqliteStore(tmp_path / "db", synchronous="normal")
+    now = [utc_ms("2026-11-29 17:00")]
+    entry = digest()  # 07:00 Europe/Berlin, 06:00 UTC in winter
+    scheduler = DigestScheduler(store, [entry], clock=lambda: now[0])
+    scheduler.run_once()
+    store.set_cursor(cursor_name(entry), utc_ms("2027-11-29 06:00"))  # sent a year "ahead"
+    assert scheduler.run_once() == []  # not due now: 18:00 in Berlin
+    now[0] = utc_ms("2026-11-30 06:00")
+    (note_id,) = scheduler.run_once()
+    assert scheduler.run_once() == []  # once
+    (note,) = store.notifications()
+    assert note.id == note_id
+    assert store.cursor(cursor_name(entry)) == now[0]
+    store.close()

@@ -90,6 +90,13 @@ class DigestScheduler:
                                                            "at": digest.at,
                                                            "timezone": digest.timezone})
                 continue
+            if sent > now_ms:  # the clock was ahead when it was sent, or was set back since:
+                # waiting for the clock to reach that sending would skip days (or years)
+                self.store.set_cursor(cursor_name(digest), now_ms)
+                log.warning("status digest's last sending is ahead of the clock: scheduled "
+                            "again from now", extra={"digest": digest.key, "sent_ms": sent,
+                                                     "now_ms": now_ms})
+                sent = now_ms
             last[digest.key] = sent
         queued = [self._queue(due, now_ms) for due in due_digests(self.digests, last, now_ms)]
         if queued:
