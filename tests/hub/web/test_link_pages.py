@@ -145,14 +145,40 @@ def test_it_refuses_to_acknowledge_what_someone_else_has_and_leaves_the_link_uns
 
 
 def test_it_silences_the_incidents_rule_for_its_source_for_two_hours(web: Web) -> None:
-    status, text = web.confirm(web.link(LinkAction.SILENCE), name="tech-anne")
+    battery = web.store.open_incident(
+        rule="battery-low", gateway="gw-1", device="bed-[2]", severity="warning",
+        summary="battery low bed-[2]", detail="12 %", at_ms=NOW - 60_000)
+    assert battery is not None
+    status, text = web.confirm(web.link(LinkAction.SILENCE, incident=battery), name="tech-anne")
     assert status == 200 and "Silenced" in text
     (silence,) = web.store.silences(active_at_ms=NOW)
-    assert (silence.rule, silence.gateway, silence.device) == ("care-alarm", "gw-1", "fall-1")
+    assert (silence.rule, silence.gateway, silence.device) == ("battery-low", "gw-1",
+                                                               "bed-[[]2]")
     assert (silence.starts_ms, silence.ends_ms) == (NOW, NOW + SILENCE_MS)
     assert silence.created_by == "tech-anne" and "sent to oncall" in silence.comment
-    (entry,) = web.store.incident_actions(web.incident)
+    (entry,) = web.store.incident_actions(battery)
     assert entry.action == "silence"
+
+
+def test_it_will_not_silence_a_care_alarm_from_a_link(web: Web) -> None:
+    """A silence of a care alarm (a critical incident) would hold its escalation with no one
+    having it, and hide the device's next raise, a new emergency, for two hours: a link only
+    acknowledges or resolves one (a silence for maintenance is `careflow silences add`)."""
+    path = web.link(LinkAction.SILENCE)
+    page = web.client.get(path)
+    assert page.status_code == 403 and "cannot be silenced from a link" in page.text
+    assert not CSRF.findall(page.text)  # no button to press
+    answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:])})
+    assert answer.status_code == 403 and "Nothing was changed" in answer.text
+    assert web.store.silences(active_at_ms=NOW) == []
+    assert web.store.link_spent("L" * 16) is None
+    assert web.store.incident_actions(web.incident) == []
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "open"
+    # nor once it is over: the device's next raise is a new emergency
+    web.store.resolve_incident(web.incident, by="nurse-kari", at_ms=NOW)
+    answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:])})
+    assert answer.status_code == 403 and web.store.silences(active_at_ms=NOW) == []
 
 
 @pytest.mark.parametrize(("path", "status", "says"), [

@@ -69,8 +69,7 @@ def test_it_mails_signed_links_in_the_text_and_as_html_links(tmp_path: Path) -> 
     found = claims(text_body)
     assert {label: (c.incident_id, c.action, c.channel) for label, c in found.items()} == {
         "Acknowledge": (incident, LinkAction.ACKNOWLEDGE, "oncall"),
-        "Resolve": (incident, LinkAction.RESOLVE, "oncall"),
-        "Silence 2 h": (incident, LinkAction.SILENCE, "oncall")}
+        "Resolve": (incident, LinkAction.RESOLVE, "oncall")}  # no silence for a care alarm
     assert found["Acknowledge"].expires_ms == 3_600_000  # 10 ms + 1 h, in whole seconds
     for label, url in LINK.findall(text_body):  # the same link, a button in the HTML
         assert re.search(rf'<a href="{re.escape(url)}" style="[^"]*">{label}</a>', html_body)
@@ -113,12 +112,35 @@ def test_it_keeps_the_links_when_it_shortens_a_message_for_a_small_channel(
     shortened, digest = (b["text"] for b in http_receiver.bodies)
     assert len(shortened) <= 4000 and "\u2026" in shortened
     assert {c.incident_id for c in claims(shortened).values()} == {long_one}
-    assert len(claims(shortened)) == 3 and shortened.endswith(f"Ref: careflow-n{long_one}")
-    # a digest: each alarm with its own three links
+    assert len(claims(shortened)) == 2 and shortened.endswith(f"Ref: careflow-n{long_one}")
+    # a digest: each alarm with its own links
     digest_links = [claims(section) for section in digest.split("--- ")[1:]]
     assert [{c.incident_id for c in found.values()} for found in digest_links] == [
         {two[0]}, {two[1]}]
-    assert all(len(found) == 3 for found in digest_links)
+    assert all(len(found) == 2 for found in digest_links)
+
+
+def test_it_offers_a_silence_link_for_a_warning_but_never_for_a_care_alarm(
+    tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    """A care alarm silenced from a link would hide the device's next raise for two hours
+    (see test_link_pages): its messages offer acknowledge and resolve only."""
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/"})
+    store = SqliteStore(tmp_path / "db")
+    title, body = render(kind="firing", severity="warning", summary="battery low bed-2",
+                         detail="12 %", gateway="gw-1", device="bed-2", since_ms=1,
+                         runbook=None)
+    battery = store.open_incident(rule="battery-low", gateway="gw-1", device="bed-2",
+                                  severity="warning", summary="battery low bed-2",
+                                  detail="12 %", at_ms=1, notify=[("ops", title, body)])
+    care = alarm(store, "ops", n=2)
+    sender = NotificationSender(store, channels, links=LinkSigner(KEY, BASE, ttl_s=60))
+    sender.deliver_due(now_ms=10)
+    (digest,) = (b["message"] for b in http_receiver.bodies)
+    found = [{label: c.incident_id for label, c in claims(section).items()}
+             for section in digest.split("--- ")[1:]]
+    assert found == [{"Acknowledge": care, "Resolve": care},  # critical first
+                     {"Acknowledge": battery, "Resolve": battery, "Silence 2 h": battery}]
 
 
 WHATSAPP = "whatsapp://abc123token@1234567/+4799999999"
@@ -155,7 +177,7 @@ def test_it_gives_a_whatsapp_template_the_acknowledge_link_as_parameter_2(
     assert isinstance(claim, LinkClaim)
     assert (claim.incident_id, claim.action, claim.channel) == (
         incident, LinkAction.ACKNOWLEDGE, "family")
-    assert len(claims(text)) == 3  # and all three in the message itself
+    assert len(claims(text)) == 2  # and both in the message itself
     assert [p["text"] for p in resolved][1] == "-"  # a resolution has no link to give
 
 

@@ -17,8 +17,9 @@ template then has exactly the two body parameters (Apprise sends them in order).
 
 One-tap links: with the on-call web on, each notification of an incident still unresolved
 carries, at send time, links signed for the channel it goes to (``Acknowledge: URL``,
-``Resolve: URL``, ``Silence 2 h: URL``; see careflow.hub.web.links) instead of the hint to use
-the CLI, and they survive the shortening of a message too long for its channel, as its ref does.
+``Resolve: URL``, and but for a care alarm ``Silence 2 h: URL``; see careflow.hub.web.links)
+instead of the hint to use the CLI, and they survive the shortening of a message too long for
+its channel, as its ref does.
 Email (mailto/mailtos) goes as HTML with clickable links and Apprise's plain-text alternative.
 
 Every message ends with ``Ref: careflow-n<id>[+n<id>...]``: the ids of the notifications it
@@ -90,6 +91,7 @@ __all__ = [
     "reference",
     "render",
     "retry_delay_ms",
+    "silenceable",
     "takes_links",
     "template_fits",
     "template_text",
@@ -145,10 +147,20 @@ def takes_links(note: Notification, incident: Incident | None) -> bool:
             and incident.state != IncidentState.RESOLVED)
 
 
-def link_lines(links: LinkMaker, *, incident_id: int, channel: str, now_ms: int) -> list[str]:
-    """``Acknowledge: URL``, ``Resolve: URL``, ``Silence 2 h: URL``: signed for ``channel``."""
+def link_lines(links: LinkMaker, *, incident_id: int, channel: str, now_ms: int,
+               silence: bool = True) -> list[str]:
+    """``Acknowledge: URL``, ``Resolve: URL``, ``Silence 2 h: URL``: signed for ``channel``
+    (``silence`` False: without the last, see :func:`silenceable`)."""
     return [f"{label}: {links.url(incident_id=incident_id, action=action, channel=channel, now_ms=now_ms)}"
-            for action, label in LINK_ACTIONS]
+            for action, label in LINK_ACTIONS if silence or action != "silence"]
+
+
+def silenceable(incident: Incident) -> bool:
+    """Whether a one-tap link may silence the incident: not a care alarm (nor any critical
+    one). A silence holds its escalation with no one having it, and hides the device's next
+    raise, a new emergency, for hours; a link acknowledges or resolves it instead (a silence for
+    maintenance is ``careflow silences add``, by someone at the hub)."""
+    return incident.severity != "critical"
 
 
 def with_actions(note: Notification, lines: Sequence[str]) -> str:
@@ -600,8 +612,10 @@ class NotificationSender:
         if self.links is None:
             return {}
         return {note.id: link_lines(self.links, incident_id=note.incident_id, channel=channel,
-                                    now_ms=now_ms)
-                for note in notes if takes_links(note, incidents.get(note.incident_id))}
+                                    now_ms=now_ms, silence=silenceable(incident))
+                for note in notes
+                if takes_links(note, incident := incidents.get(note.incident_id))
+                and incident is not None}
 
     def _message(self, channel: str, notes: Sequence[Notification],
                  actions: Mapping[int, Sequence[str]]) -> _Message:

@@ -21,6 +21,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from careflow.core.errors import RefusedError
+from careflow.hub.alerting.notify import silenceable
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import Incident, IncidentAction, IncidentState
 from careflow.hub.web.links import (
@@ -93,6 +94,12 @@ def typed_name(given: str, channel: str) -> str:
 
 def _state_refusal(incident: Incident, action: LinkAction) -> LinkOutcome | None:
     """Why ``action`` cannot be done on ``incident`` as it is now (None: it can)."""
+    if action == LinkAction.SILENCE and not silenceable(incident):
+        return LinkOutcome(403, "A care alarm cannot be silenced from a link",
+                           "A silence would stop its escalation with no one having it, and "
+                           "hide the next alarm of this device. Acknowledge it if you take it; "
+                           "a silence for maintenance is set on the hub (`careflow silences "
+                           "add`). Nothing was changed.", incident)
     if incident.state == IncidentState.RESOLVED and action != LinkAction.SILENCE:
         return LinkOutcome(409, f"Incident {incident.id} is already resolved",
                            f"Resolved by {incident.resolved_by or 'someone'} at "
