@@ -418,6 +418,9 @@ def status(
     influx = report.pop("influx", None)
     if isinstance(influx, dict):
         report.update({f"influx_{key}": value for key, value in influx.items()})
+    digests = report.pop("digests", None)
+    if isinstance(digests, dict):
+        report.update({f"digests_{key}": value for key, value in digests.items()})
     healthy = bool(report["running"] and report.get("connected"))
     if as_json:
         print_json_lines([report])
@@ -433,6 +436,9 @@ def status(
             console.print(styled(("InfluxDB writes are failing", "yellow"), ": events wait in the "
                                  "log and follow when it is back; check CAREFLOW_INFLUX_URL and "
                                  "the server"), highlight=False)
+        if report.get("digests_failing_since_ms"):
+            console.print(styled(("status digests cannot be queued", "yellow"), ": none goes out "
+                                 "until this is fixed; the hub log says why"), highlight=False)
     raise typer.Exit(0 if healthy else 1)
 
 

@@ -3,7 +3,10 @@ that was down), and the message, written with a frozen clock from a real store."
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from careflow.hub.app import build_hub
 from careflow.hub.ingest.decode import PresenceUpdate
 from careflow.hub.store.records import Incident, IncidentState, IncomingBatch, Severity
 from careflow.hub.store.sqlite_store import SqliteStore
-from tests.conftest import make_settings, store_event
+from tests.conftest import careflow_cmd, make_settings, store_event, wait_until
 
 
 def utc_ms(text: str) -> int:
@@ -329,3 +332,33 @@ def test_a_last_sending_ahead_of_the_clock_does_not_stop_the_digests(tmp_path: P
     assert note.id == note_id
     assert store.cursor(cursor_name(entry)) == now[0]
     store.close()
+
+
+def test_careflow_status_says_when_digests_cannot_be_queued(tmp_path: Path) -> None:
+    """A failing check is logged and tried again; the health report carries it, so
+    `careflow status` tells the operator the handovers stopped."""
+    data = tmp_path / "data"
+    data.mkdir()
+    broken = SqliteStore(data / "careflow.db", synchronous="normal")
+    broken.close()  # the scheduler's connection: every check fails
+    scheduler = DigestScheduler(broken, [digest()], check_s=0.02)
+    scheduler.start()
+    try:
+        wait_until(lambda: scheduler.errors >= 2, what="checks failing")
+        status = scheduler.status()
+    finally:
+        scheduler.stop()
+    assert status["failing_since_ms"] is not None and "closed" in status["last_error"]
+    store = SqliteStore(data / "careflow.db", synchronous="normal")
+    store.write_health({"connected": True, "digests": status})
+    store.close()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CAREFLOW_")},
+           "CAREFLOW_DATA_DIR": str(data), "COLUMNS": "200"}
+    shown = subprocess.run(careflow_cmd("status"), env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert "status digests cannot be queued" in shown.stdout, shown.stdout + shown.stderr
+    as_json = subprocess.run(careflow_cmd("status", "--json"), env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+    report = json.loads(as_json.stdout)
+    assert report["digests_errors"] >= 2
+    assert report["digests_failing_since_ms"] == status["failing_since_ms"]

@@ -231,6 +231,8 @@ class HubService:
         self.alerts = alerts
         self.sink = sink
         self.last_health: dict[str, Any] = {}  # read by the sink thread: replaced, never mutated
+        # the status digests' scheduler's status, when there is one (set by build_hub)
+        self.digests: Callable[[], dict[str, Any]] | None = None
         self.provisioning = provisioning
         self._activation: ActivationStage | None = None  # provisioning's stage, made once
         self.inbox: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_bound)
@@ -605,6 +607,7 @@ class HubService:
             "alerts_unrecorded": self.alerts.unrecorded if self.alerts else None,
             "last_error": c.last_error,
             "influx": self.sink.status() if self.sink is not None else None,
+            "digests": self.digests() if self.digests is not None else None,
         }
 
     def _report_health(self) -> None:
@@ -849,6 +852,7 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
             if deps is not None:
                 deps.wake_sender = sender.wake
         digests = _digest_scheduler(settings, rules, sender, resources)
+        service.digests = None if digests is None else digests.status  # in its health
         watch = None
         if deadman and settings.deadman_url:
             # a writer loop that stopped ticking cannot raise alerts about itself: stop the

@@ -132,3 +132,41 @@ def test_it_names_every_family_as_prometheus_asks() -> None:
     assert "careflow_store_read_ok" in unreadable
     assert {f.name for f in families({}, {}, StoreCounts())} >= {"careflow_hub_up"}
     assert [s.value for s in by_name["careflow_hub_up"].samples] == [1]
+
+
+DIGEST_RULES = RULES + """
+routing:
+  digests:
+    - {name: morning, at: "07:00", timezone: Europe/Berlin, channel: ops}
+"""
+
+
+def test_it_shows_status_digests_that_cannot_be_queued(mosquitto: Mosquitto, tmp_path: Path,
+                                                      http_receiver: HttpReceiver) -> None:
+    """The digests' thread logs a failure and tries again; the health report (careflow
+    status) and /metrics say so, or no one would notice the handovers stopped."""
+    (tmp_path / "rules.yaml").write_text(DIGEST_RULES)
+    channels = load_channels({f"CAREFLOW_CHANNEL_{name}": f"json://127.0.0.1:"
+                              f"{http_receiver.port}/{name}" for name in ("ONCALL", "OPS")})
+    hub = RunningHub(make_settings(tmp_path / "data", mosquitto.url),
+                     load_rules([tmp_path / "rules.yaml"]), channels=channels, web=True)
+    digests = hub.hub.digests
+    assert digests is not None and hub.hub.web is not None
+    digests.check_s = 0.05
+    hub.start()
+    try:
+        url = hub.hub.web.url
+        wait_until(lambda: scrape(url)[1].get(("careflow_digests_failing", ())) == 0,
+                   what="the digests reported working")
+        assert scrape(url)[1][("careflow_digest_errors_total", ())] == 0
+        digests.store.close()  # its connection fails from here on: every check fails
+        wait_until(lambda: scrape(url)[1].get(("careflow_digests_failing", ())) == 1,
+                   what="the digests reported failing")
+        samples, types = scrape(url)[1:]
+        assert samples[("careflow_digest_errors_total", ())] >= 1
+        assert types["careflow_digest_errors"] == "counter"
+        report = hub.service.last_health["digests"]
+        assert report["failing_since_ms"] is not None
+        assert "closed" in report["last_error"]
+    finally:
+        hub.stop()

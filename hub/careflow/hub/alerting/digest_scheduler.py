@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from careflow.core import clock
 from careflow.core.clock import Clock
@@ -53,8 +53,17 @@ class DigestScheduler:
         self.on_queued = on_queued  # the sender's wake
         self.clock = clock
         self.check_s = check_s
+        self.errors = 0  # checks that failed (each logged, and tried again)
+        self.failing_since_ms: int | None = None  # since the first of the failing checks
+        self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="digests", daemon=True)
+
+    def status(self) -> dict[str, Any]:
+        """For the hub's health report (`careflow status`, /metrics): a failing check is
+        retried, but no digest goes out meanwhile, and nothing else would tell."""
+        return {"errors": self.errors, "failing_since_ms": self.failing_since_ms,
+                "last_error": self.last_error}
 
     def start(self) -> None:
         """Check now, then every ``check_s``."""
@@ -70,8 +79,14 @@ class DigestScheduler:
         while not self._stop.is_set():
             try:
                 self.run_once()
-            except Exception:  # the next check tries again; the digest is still due
+            except Exception as exc:  # the next check tries again; the digest is still due
                 log.exception("cannot queue a status digest")
+                self.errors += 1
+                self.last_error = str(exc)[:500]
+                if self.failing_since_ms is None:
+                    self.failing_since_ms = self.clock()
+            else:
+                self.failing_since_ms = None
             self._stop.wait(self.check_s)
 
     def run_once(self) -> list[int]:

@@ -131,6 +131,17 @@ def _influx(status: Mapping[str, Any] | None) -> Iterator[Metric]:
                       float(status.get("failing_since_ms") is not None))
 
 
+def _digests(status: Mapping[str, Any] | None) -> Iterator[Metric]:
+    """The status digests' scheduler (nothing when no digest is configured)."""
+    if not status:
+        return
+    yield from _counter("careflow_digest_errors", "Checks of the status digests that failed "
+                        "(each tried again 15 s later; the hub log says why)",
+                        _number(status, "errors"))
+    yield from _gauge("careflow_digests_failing", "1 while the status digests cannot be queued "
+                      "(none goes out)", float(status.get("failing_since_ms") is not None))
+
+
 def families(health: Mapping[str, Any], readiness: Mapping[str, str | None],
              counts: StoreCounts | None) -> list[Metric]:
     """Every metric family of one scrape, from the hub's last health report, its readiness
@@ -150,6 +161,7 @@ def families(health: Mapping[str, Any], readiness: Mapping[str, str | None],
                   _seconds(_number(health, "started_ms")))
     out += _ingest(health)
     out += _influx(health.get("influx"))
+    out += _digests(health.get("digests"))
     out += _gauge("careflow_store_read_ok", "1 when this scrape could read the store",
                   float(counts is not None))
     if counts is None:
