@@ -18,6 +18,14 @@ from tests.conftest import make_settings
 KEY = b"k" * 64
 NOW = 1_800_000_000_000
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+HIDDEN = re.compile(r'<input type="hidden" name="([a-z]+)" value="([^"]*)">')
+
+
+def fields(page: str) -> dict[str, str]:
+    """The hidden fields of a link's page, which its button posts."""
+    found = dict(HIDDEN.findall(page))
+    assert "csrf" in found, page
+    return found
 
 
 class Web:
@@ -50,8 +58,7 @@ class Web:
         """Open the link's page and press its button, as a person does."""
         page = self.client.get(path)
         assert page.status_code == 200, page.text
-        (csrf,) = CSRF.findall(page.text)
-        answer = self.client.post(path, data={"csrf": csrf, "name": name})
+        answer = self.client.post(path, data={**fields(page.text), "name": name})
         return answer.status_code, answer.text
 
 
@@ -122,9 +129,9 @@ def test_it_refuses_an_oversized_or_unframed_post(web: Web) -> None:
 
 def test_it_refuses_a_reused_link_and_changes_nothing_more(web: Web) -> None:
     path = web.link(LinkAction.RESOLVE)
-    (csrf,) = CSRF.findall(web.client.get(path).text)
-    assert web.client.post(path, data={"csrf": csrf}).status_code == 200
-    answer = web.client.post(path, data={"csrf": csrf, "name": "someone else"})
+    form = fields(web.client.get(path).text)
+    assert web.client.post(path, data=form).status_code == 200
+    answer = web.client.post(path, data={**form, "name": "someone else"})
     assert answer.status_code == 409 and "already resolved" in answer.text
     assert len(web.store.incident_actions(web.incident)) == 1
 
@@ -133,9 +140,9 @@ def test_it_refuses_to_acknowledge_what_someone_else_has_and_leaves_the_link_uns
     web: Web,
 ) -> None:
     path = web.link()
-    (csrf,) = CSRF.findall(web.client.get(path).text)
+    form = fields(web.client.get(path).text)
     web.store.acknowledge_incident(web.incident, by="nurse-ola", at_ms=NOW)
-    answer = web.client.post(path, data={"csrf": csrf})
+    answer = web.client.post(path, data=form)
     assert answer.status_code == 409
     assert "already acknowledged" in answer.text and "nurse-ola" in answer.text
     assert web.store.link_spent("L" * 16) is None  # the transaction was rolled back
@@ -168,7 +175,7 @@ def test_it_will_not_silence_a_care_alarm_from_a_link(web: Web) -> None:
     page = web.client.get(path)
     assert page.status_code == 403 and "cannot be silenced from a link" in page.text
     assert not CSRF.findall(page.text)  # no button to press
-    answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:])})
+    answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:]), "seen": "1"})
     assert answer.status_code == 403 and "Nothing was changed" in answer.text
     assert web.store.silences(active_at_ms=NOW) == []
     assert web.store.link_spent("L" * 16) is None
@@ -177,7 +184,7 @@ def test_it_will_not_silence_a_care_alarm_from_a_link(web: Web) -> None:
     assert incident is not None and incident.state == "open"
     # nor once it is over: the device's next raise is a new emergency
     web.store.resolve_incident(web.incident, by="nurse-kari", at_ms=NOW)
-    answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:])})
+    answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:]), "seen": "1"})
     assert answer.status_code == 403 and web.store.silences(active_at_ms=NOW) == []
 
 
@@ -201,10 +208,34 @@ def test_it_refuses_a_tampered_link_and_an_expired_one(web: Web) -> None:
     page = web.client.get(expired)
     assert page.status_code == 410 and "expired" in page.text
     web.now_ms = NOW + 3_600_000  # the first link's expiry: between the GET and the POST
-    (csrf,) = CSRF.findall(web.client.get(path).text) or [csrf_token(KEY, path[3:])]
-    assert web.client.post(path, data={"csrf": csrf}).status_code == 410
+    assert web.client.post(path, data={"csrf": csrf_token(KEY, path[3:]), "seen": "1"}
+                           ).status_code == 410
     incident = web.store.incident(web.incident)
     assert incident is not None and incident.state == "open"
+
+
+def test_it_never_lets_a_page_cover_a_raise_it_did_not_show(web: Web) -> None:
+    """The care alarm is raised again (a new emergency) between opening an old link's page and
+    pressing its button: the press acknowledges nothing; the page opened again shows the new
+    raise, and then it may."""
+    path = web.link()
+    form = fields(web.client.get(path).text)
+    assert web.store.raise_again(web.incident, at_ms=NOW + 1000, detail="fall detected again")
+    web.now_ms = NOW + 2000
+    answer = web.client.post(path, data={**form, "name": "Nurse Kari"})
+    assert answer.status_code == 409 and "raised again" in answer.text
+    assert "Nothing was changed" in answer.text
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "open"
+    assert web.store.link_spent("L" * 16) is None and web.store.incident_actions(web.incident) == []
+    for data in ({"csrf": form["csrf"]}, {"csrf": form["csrf"], "seen": "x"}):  # not its page
+        assert web.client.post(path, data=data).status_code == 403
+    page = web.client.get(path)
+    assert "raised 2 times" in page.text and "fall detected again" in page.text
+    status, _text = web.confirm(path, name="Nurse Kari")
+    assert status == 200
+    incident = web.store.incident(web.incident)
+    assert incident is not None and incident.state == "acknowledged"
 
 
 def test_it_says_when_the_incident_does_not_exist(web: Web) -> None:

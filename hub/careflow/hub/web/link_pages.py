@@ -65,6 +65,7 @@ _REFUSED = {  # (HTTP status, heading, what to do)
                       "`careflow incidents` on the hub. Nothing was changed."),
 }
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_SEEN = re.compile(r"[1-9][0-9]{0,8}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,15 +139,30 @@ class _RefusedError(Exception):
         self.outcome = outcome
 
 
-def act(store: Store, claim: LinkClaim, *, by: str, now_ms: int) -> LinkOutcome:
+def _raised_since(incident: Incident, seen_raises: int) -> LinkOutcome | None:
+    """Why the page's button may not act: the alarm was raised again after the page showed
+    it (a new emergency the person has not seen; acting would cover it unseen)."""
+    if incident.raises == seen_raises:
+        return None
+    return LinkOutcome(409, f"Incident {incident.id} was raised again",
+                       f"It was raised again at {_utc(incident.last_raised_ms or 0)} "
+                       f"({incident.raises} times now) after this page was opened: a new alarm. "
+                       "Look at it again below; open the link again to act on it. Nothing was "
+                       "changed.", incident)
+
+
+def act(store: Store, claim: LinkClaim, *, by: str, now_ms: int,
+        seen_raises: int | None = None) -> LinkOutcome:
     """Spend the link, do its action and record it in the incident's timeline, all in one
-    transaction; a refusal (used, incident gone or already in that state) changes nothing."""
+    transaction; a refusal (used, incident gone or already in that state, or raised again since
+    its page showed ``seen_raises`` raises) changes nothing."""
     try:
         with store.atomically("act on a one-tap link"):
             incident = store.incident(claim.incident_id)
             if incident is None:
                 raise _RefusedError(preview(store, claim))
-            refusal = _state_refusal(incident, claim.action)
+            refusal = _state_refusal(incident, claim.action) or (
+                None if seen_raises is None else _raised_since(incident, seen_raises))
             if refusal is not None:
                 raise _RefusedError(refusal)
             if not store.spend_link(claim.link_id, incident_id=incident.id,
@@ -217,14 +233,17 @@ async def _post(request: Request, deps: WebDeps, env: Environment, token: str,
                      message="Open the link again and press the button.")
     form = await request.form(max_files=0, max_fields=8)
     given = form.get("csrf")
-    if not isinstance(given, str) or not csrf_ok(deps.link_key, token, given):
+    seen = form.get("seen")  # the raises the page showed
+    if not isinstance(given, str) or not csrf_ok(deps.link_key, token, given) or not (
+            isinstance(seen, str) and _SEEN.fullmatch(seen)):
         return _page(env, "link_refused.html", 403, heading="Please confirm on the link's page",
                      message="This request did not come from the page of this link. Open "
                              "the link again and press the button there. Nothing was changed.")
     name = form.get("name")
     by = typed_name(name if isinstance(name, str) else "", claim.channel)
     now_ms = deps.now_ms()
-    outcome = await deps.call(lambda: act(deps.store, claim, by=by, now_ms=now_ms))
+    outcome = await deps.call(lambda: act(deps.store, claim, by=by, now_ms=now_ms,
+                                          seen_raises=int(seen)))
     timeline = await deps.call(lambda: deps.store.incident_actions(claim.incident_id))
     if outcome.status != 200:
         return _refused(env, outcome, now_ms, timeline)
@@ -239,7 +258,10 @@ def _about(incident: Incident, now_ms: int, timeline: list[IncidentAction]) -> d
     minutes = max(0, (now_ms - incident.triggered_ms) // 60_000)
     ago = ("just now" if minutes < 1 else f"{minutes} min ago" if minutes < 120
            else f"{minutes // 60} h ago")
+    raised = (f"raised {incident.raises} times, last at {_utc(incident.last_raised_ms or 0)}"
+              if incident.raises > 1 else "")
     return {"incident": incident, "since": f"{_utc(incident.triggered_ms)} ({ago})",
+            "raised": raised,
             "silence_until": _utc(now_ms + SILENCE_MS),
             "timeline": [(_utc(a.at_ms), a) for a in timeline]}
 
