@@ -401,3 +401,21 @@ def test_it_leaves_a_store_made_by_a_newer_careflow_as_it_found_it(tmp_path: Pat
     with pytest.raises(StoreError, match="newer than this careflow knows"):
         SqliteStore(tmp_path / "db")
     assert _layout(tmp_path / "db") == before
+
+
+def test_a_metrics_scrape_counts_from_indexes_not_by_reading_every_row(tmp_path: Path) -> None:
+    """The outbox keeps every notification ever sent and incidents are never deleted: a
+    scrape (every 15 s, holding the web's connection, which the one-tap links wait for) must
+    not read and sort every row of either table."""
+    store = SqliteStore(tmp_path / "db", synchronous="normal")
+    conn = store._conn
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    store.notification_counts()
+    store.incident_counts(states=("open", "acknowledged"))
+    conn.set_trace_callback(None)
+    assert len(statements) == 2
+    for sql in statements:  # as run, with the parameters bound
+        plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "COVERING INDEX" in plan and "TEMP B-TREE" not in plan, plan
+    store.close()

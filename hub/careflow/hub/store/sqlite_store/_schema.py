@@ -130,6 +130,8 @@ CREATE TABLE IF NOT EXISTS incidents (
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
     ON incidents (rule, gateway, device) WHERE state != '{_I.RESOLVED}';
+-- counts by state (/metrics at every scrape, careflow status) without reading every incident
+CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, severity);
 CREATE TABLE IF NOT EXISTS notifications (
     id INTEGER PRIMARY KEY,
     incident_id INTEGER NOT NULL,
@@ -148,6 +150,8 @@ CREATE TABLE IF NOT EXISTS notifications (
 CREATE INDEX IF NOT EXISTS notifications_due ON notifications (state, next_attempt_ms);
 CREATE INDEX IF NOT EXISTS notifications_group
     ON notifications (channel, group_key, kind, state);
+-- /metrics counts per channel and state at every scrape: from this, not every row kept
+CREATE INDEX IF NOT EXISTS notifications_channel_state ON notifications (channel, state);
 CREATE TABLE IF NOT EXISTS silences (
     id INTEGER PRIMARY KEY,
     gateway TEXT NOT NULL,
