@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apprise.plugins.seven import NotifySeven
 from apprise.plugins.whatsapp import NotifyWhatsApp
 
 from careflow.core.errors import ConfigError
@@ -141,6 +142,23 @@ def test_it_offers_a_silence_link_for_a_warning_but_never_for_a_care_alarm(
              for section in digest.split("--- ")[1:]]
     assert found == [{"Acknowledge": care, "Resolve": care},  # critical first
                      {"Acknowledge": battery, "Resolve": battery, "Silence 2 h": battery}]
+
+
+def test_it_keeps_a_care_alarm_readable_on_a_channel_too_small_for_its_links(
+    tmp_path: Path, http_receiver: HttpReceiver, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An SMS takes 160 characters: links that would leave no room for what and where are left
+    out (the message says how to acknowledge with the CLI instead), so the alarm still reads as
+    it did and fits. seven.io's address points at a local HTTP receiver."""
+    monkeypatch.setattr(NotifySeven, "notify_url", f"http://127.0.0.1:{http_receiver.port}/sms")
+    channels = load_channels({"CAREFLOW_CHANNEL_SMS": "seven://abcdefghijklmnop/4799999999"})
+    store = SqliteStore(tmp_path / "db")
+    alarm(store, "sms", n=3)
+    NotificationSender(store, channels, links=LinkSigner(KEY, BASE, ttl_s=60)).deliver_due(
+        now_ms=10)
+    (sms,) = (body["text"] for _method, _path, body, _at in http_receiver.requests)
+    assert len(sms) <= 160, sms
+    assert "Where: gateway gw-3, device fall-3" in sms and sms.endswith("Ref: careflow-n1")
 
 
 WHATSAPP = "whatsapp://abc123token@1234567/+4799999999"

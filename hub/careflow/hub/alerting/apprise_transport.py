@@ -78,12 +78,16 @@ class MessageLimits:
             return len(body) + (len(title) + 2 if title else 0) <= self.body_max
         return len(title) <= self.title_max and len(body) <= self.body_max
 
+    def body_room(self, title: str) -> int:
+        """How long the body may be with this (already cut) title."""
+        return self.body_max - (len(title) + 2 if title and (
+            self.title_in_body or self.title_max == 0) else 0)
+
     def shorten(self, title: str, body: str, *, tail: str) -> tuple[str, str]:
         """Title and body cut to fit, the body keeping ``tail`` (the ref) at its end: for one
         notification longer than the channel takes (its start says what and where)."""
         title = self.title(title)
-        room = self.body_max - (len(title) + 2 if title and (
-            self.title_in_body or self.title_max == 0) else 0)
+        room = self.body_room(title)
         head = body[:len(body) - len(tail)] if body.endswith(tail) else body
         return title, head[:max(0, room - len(tail) - 1)] + "\u2026" + tail
 

@@ -85,6 +85,7 @@ __all__ = [
     "fitting",
     "gives_up",
     "html_body",
+    "kept_links",
     "link_lines",
     "load_channels",
     "raised_again_text",
@@ -161,6 +162,17 @@ def silenceable(incident: Incident) -> bool:
     raise, a new emergency, for hours; a link acknowledges or resolves it instead (a silence for
     maintenance is ``careflow silences add``, by someone at the hub)."""
     return incident.severity != "critical"
+
+
+def kept_links(lines: Sequence[str], ref: str, *, room: int) -> Sequence[str]:
+    """The link lines a shortened message keeps at its end: all, else the acknowledge link
+    alone, else none, whichever leaves at least half of ``room`` (the body's length) for what
+    happened and where. On a small channel (an SMS takes 160 characters) links would leave
+    nothing of an alarm but its title."""
+    for kept in (lines, lines[:1]):
+        if len("".join(f"\n{line}" for line in kept) + f"\n\nRef: {ref}") <= room // 2:
+            return kept
+    return ()
 
 
 def with_actions(note: Notification, lines: Sequence[str]) -> str:
@@ -640,10 +652,13 @@ class NotificationSender:
                             and limits.fits("", text), params=params)
         title, body = combine([replace(n, body=with_actions(n, actions.get(n.id, ())))
                                for n in notes])
-        tail = "".join(f"\n{line}" for line in keep) + f"\n\nRef: {ref}"
         title, body = limits.title(title), f"{body}\n\nRef: {ref}"
         whole = limits.fits(title, body)
         if not whole:
+            kept = kept_links(keep, ref, room=limits.body_room(title))
+            if len(kept) < len(keep):  # the body says so without the links left out
+                body = f"{with_actions(notes[0], kept)}\n\nRef: {ref}"
+            tail = "".join(f"\n{line}" for line in kept) + f"\n\nRef: {ref}"
             title, body = limits.shorten(title, body, tail=tail)
         return _Message(title, body, whole,
                         html=html_body(body) if channel in self._html else None)
