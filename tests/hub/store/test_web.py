@@ -22,6 +22,17 @@ def test_it_keeps_an_incidents_timeline_in_order_and_apart_from_others(store: St
     assert store.incident_actions(9999) == []
 
 
+def test_it_lists_the_messages_queued_about_one_incident_oldest_first(store: Store) -> None:
+    first = opener(store)("a", notify=[("oncall", "fired a", "b"), ("ops", "fired a", "b")])
+    opener(store)("b", notify=[("oncall", "fired b", "b")])
+    notes = store.incident_notifications(first)
+    assert [(n.incident_id, n.channel, n.title) for n in notes] == [
+        (first, "oncall", "fired a"), (first, "ops", "fired a")]
+    assert notes[0].id < notes[1].id
+    assert store.incident_notifications(first, limit=1) == notes[:1]
+    assert store.incident_notifications(9999) == []
+
+
 def test_it_spends_a_link_once_across_connections(adapter: Adapter) -> None:
     store, other = adapter.open(), adapter.open()
     assert store.link_spent("l1") is None

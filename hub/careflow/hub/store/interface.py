@@ -396,6 +396,11 @@ class Timeline(Protocol):
         """An incident's timeline entries, oldest first."""
         ...
 
+    def incident_notifications(self, incident_id: int, *,
+                               limit: int = 200) -> list[Notification]:
+        """The messages queued about an incident, oldest first: its timeline's notifications."""
+        ...
+
 
 class Links(Protocol):
     """Signed one-tap links are single use: each link's id is spent once."""

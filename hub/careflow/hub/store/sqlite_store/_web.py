@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 
 from careflow.core.errors import RefusedError
-from careflow.hub.store.records import IncidentAction, Role, User, WebSession
+from careflow.hub.store.records import IncidentAction, Notification, Role, User, WebSession
 from careflow.hub.store.sqlite_store._base import SqliteBase
+from careflow.hub.store.sqlite_store._outbox import _notification
 
 __all__ = ["SqliteWeb"]
 
@@ -30,6 +31,13 @@ class SqliteWeb(SqliteBase):
                           "incident_actions WHERE incident_id = ? ORDER BY id LIMIT ?",
                           (incident_id, limit))
         return [IncidentAction(*row) for row in rows]
+
+    def incident_notifications(self, incident_id: int, *,
+                               limit: int = 200) -> list[Notification]:
+        """The messages queued about an incident, oldest first."""
+        rows = self._read("SELECT * FROM notifications WHERE incident_id = ? ORDER BY id LIMIT ?",
+                          (incident_id, limit))
+        return [_notification(row) for row in rows]
 
     def spend_link(self, link_id: str, *, incident_id: int, action: str, channel: str,
                    at_ms: int) -> bool:
