@@ -4,14 +4,17 @@ changes nothing, only a POST with the page's CSRF field acts, once, and lands in
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.hub.web.app import WebDeps, create_app
-from careflow.hub.web.link_pages import SILENCE_MS, typed_name
+from careflow.hub.web.link_pages import MAX_NAME, SILENCE_MS, typed_name
 from careflow.hub.web.links import LinkAction, csrf_token, sign
 from tests.conftest import make_settings
 
@@ -102,6 +105,17 @@ def test_it_names_the_channel_when_no_name_is_typed(web: Web) -> None:
     incident = web.store.incident(web.incident)
     assert incident is not None and incident.acknowledged_by == "oncall"
     assert typed_name("x" * 500, "oncall") == "x" * 60
+
+
+@given(st.text(max_size=300))
+def test_a_typed_name_is_one_short_line_that_reads_as_it_shows(given_name: str) -> None:
+    """Shown in the timeline, the console, the CLI and later messages ("the previous raise was
+    acknowledged by ..."): no control or invisible formatting characters (a right-to-left
+    override makes one name read as another's), at most MAX_NAME characters, never empty."""
+    name = typed_name(given_name, "oncall")
+    assert 0 < len(name) <= MAX_NAME and name == name.strip()
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name), name
+    assert typed_name("\u202eNurse\u200b Kari\u2066 ", "oncall") == "Nurse Kari"
 
 
 def test_it_refuses_a_post_without_the_pages_csrf_field(web: Web) -> None:
@@ -236,6 +250,26 @@ def test_it_never_lets_a_page_cover_a_raise_it_did_not_show(web: Web) -> None:
     assert status == 200
     incident = web.store.incident(web.incident)
     assert incident is not None and incident.state == "acknowledged"
+
+
+def test_an_old_link_of_an_alarm_raised_again_points_at_the_new_one_and_leaves_it_alone(
+    web: Web,
+) -> None:
+    """Acknowledged, then raised again: a new incident follows (a new emergency). The first
+    message's links act on none of it, and their page does not read as if it were over."""
+    web.confirm(web.link(), name="Nurse Kari")
+    new = web.store.supersede_incident(web.incident, at_ms=NOW + 1000, detail="fall again")
+    assert new is not None
+    for action, link_id in ((LinkAction.RESOLVE, "R" * 16), (LinkAction.ACKNOWLEDGE, "A" * 16)):
+        path = web.link(action, link_id=link_id)
+        page = web.client.get(path)
+        assert page.status_code == 409 and "was raised again" in page.text
+        assert f"incident {new} is open" in page.text and not CSRF.findall(page.text)
+        answer = web.client.post(path, data={"csrf": csrf_token(KEY, path[3:]), "seen": "1"})
+        assert answer.status_code == 409 and f"incident {new} is open" in answer.text
+    follower = web.store.incident(new)
+    assert follower is not None and follower.state == "open"
+    assert web.store.incident_actions(new) == []
 
 
 def test_it_says_when_the_incident_does_not_exist(web: Web) -> None:

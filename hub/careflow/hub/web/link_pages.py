@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +89,13 @@ def _pattern(name: str) -> str:
 
 
 def typed_name(given: str, channel: str) -> str:
-    """Who used the link: the name typed on its page (cleaned, capped), else the channel's."""
-    name = " ".join(_CONTROL.sub(" ", given).split())[:MAX_NAME]
+    """Who used the link: the name typed on its page (cleaned, capped), else the channel's.
+
+    Invisible formatting characters go too: a right-to-left override or a zero-width space
+    makes one name read as, or look like, another's wherever it is shown."""
+    visible = "".join(c for c in _CONTROL.sub(" ", given)
+                      if unicodedata.category(c) not in ("Cf", "Cs"))
+    name = " ".join(visible.split())[:MAX_NAME].strip()
     return name or channel
 
 
@@ -113,6 +119,25 @@ def _state_refusal(incident: Incident, action: LinkAction) -> LinkOutcome | None
     return None
 
 
+def _refusal(store: Store, incident: Incident, action: LinkAction) -> LinkOutcome | None:
+    """Why ``action`` cannot be done on ``incident`` now (None: it can): a resolved one that a
+    newer incident of its rule and source follows says so first (it was raised again, and
+    that is not over)."""
+    refusal = _state_refusal(incident, action)
+    if incident.state != IncidentState.RESOLVED:
+        return refusal
+    newer = store.unresolved_incident(rule=incident.rule, gateway=incident.gateway,
+                                      device=incident.device)
+    if newer is None or newer.id <= incident.id:
+        return refusal
+    return LinkOutcome(409, f"Incident {incident.id} was raised again",
+                       f"A new alarm of {incident.gateway} / {incident.device} came after it: "
+                       f"incident {newer.id} is {newer.state}"
+                       f"{f' (by {newer.acknowledged_by})' if newer.acknowledged_by else ''}. "
+                       "This link is for the earlier one: use the links of the newest message "
+                       "about it, or the console. Nothing was changed.", incident)
+
+
 def _spent(at_ms: int, incident: Incident | None) -> LinkOutcome:
     return LinkOutcome(410, "This link was already used",
                        f"It was used at {_utc(at_ms)}; each link works once. Nothing was "
@@ -128,7 +153,7 @@ def preview(store: Store, claim: LinkClaim) -> LinkOutcome:
     spent = store.link_spent(claim.link_id)
     if spent is not None:
         return _spent(spent, incident)
-    return _state_refusal(incident, claim.action) or LinkOutcome(200, "", "", incident)
+    return _refusal(store, incident, claim.action) or LinkOutcome(200, "", "", incident)
 
 
 class _RefusedError(Exception):
@@ -161,7 +186,7 @@ def act(store: Store, claim: LinkClaim, *, by: str, now_ms: int,
             incident = store.incident(claim.incident_id)
             if incident is None:
                 raise _RefusedError(preview(store, claim))
-            refusal = _state_refusal(incident, claim.action) or (
+            refusal = _refusal(store, incident, claim.action) or (
                 None if seen_raises is None else _raised_since(incident, seen_raises))
             if refusal is not None:
                 raise _RefusedError(refusal)
