@@ -419,3 +419,22 @@ def test_a_metrics_scrape_counts_from_indexes_not_by_reading_every_row(tmp_path:
         plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
         assert "COVERING INDEX" in plan and "TEMP B-TREE" not in plan, plan
     store.close()
+
+
+def test_the_escalation_walk_and_the_senders_read_only_what_is_due(tmp_path: Path) -> None:
+    """The 250 ms tick and each channel's sender look up what is due through the indexes
+    that order it by due time: an index added for something else (counting) must not
+    win them over, or every tick reads and sorts every open incident."""
+    store = SqliteStore(tmp_path / "db", synchronous="normal")
+    conn = store._conn
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    store.due_incidents(now_ms=5, limit=1000)
+    store.overdue_notifications(due_before_ms=5)
+    conn.set_trace_callback(None)
+    assert len(statements) == 2
+    due, overdue = (" ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                    for sql in statements)
+    assert "USING INDEX incidents_due (next_due_ms<?)" in due and "TEMP B-TREE" not in due, due
+    assert "USING INDEX notifications_due (state=? AND next_attempt_ms<?)" in overdue, overdue
+    store.close()

@@ -130,8 +130,9 @@ CREATE TABLE IF NOT EXISTS incidents (
 -- at most one unresolved incident per rule and source
 CREATE UNIQUE INDEX IF NOT EXISTS incidents_unresolved
     ON incidents (rule, gateway, device) WHERE state != '{_I.RESOLVED}';
--- counts by state (/metrics at every scrape, careflow status) without reading every incident
-CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, severity);
+-- counts by state (/metrics at every scrape, careflow status) without reading every incident;
+-- severity first, so that the escalation walk's `state = 'open'` keeps using incidents_due
+CREATE INDEX IF NOT EXISTS incidents_severity_state ON incidents (severity, state);
 CREATE TABLE IF NOT EXISTS notifications (
     id INTEGER PRIMARY KEY,
     incident_id INTEGER NOT NULL,
