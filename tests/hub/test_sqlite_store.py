@@ -431,10 +431,13 @@ def test_the_escalation_walk_and_the_senders_read_only_what_is_due(tmp_path: Pat
     conn.set_trace_callback(statements.append)
     store.due_incidents(now_ms=5, limit=1000)
     store.overdue_notifications(due_before_ms=5)
+    store.claim_notifications(now_ms=5, limit=50, channel="oncall")
     conn.set_trace_callback(None)
-    assert len(statements) == 2
-    due, overdue = (" ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
-                    for sql in statements)
+    selects = [sql for sql in statements if sql.startswith("SELECT")]
+    assert len(selects) == 3
+    due, overdue, claim = (" ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                           for sql in selects)
     assert "USING INDEX incidents_due (next_due_ms<?)" in due and "TEMP B-TREE" not in due, due
-    assert "USING INDEX notifications_due (state=? AND next_attempt_ms<?)" in overdue, overdue
+    for plan in (overdue, claim):
+        assert "USING INDEX notifications_due (state=? AND next_attempt_ms<?)" in plan, plan
     store.close()
