@@ -101,9 +101,11 @@ def test_it_acknowledges_once_and_records_who_by_which_link(web: Web) -> None:
 
 
 def test_it_names_the_channel_when_no_name_is_typed(web: Web) -> None:
-    web.confirm(web.link())
+    web.confirm(web.link(), name=" \u200b\t")  # nothing visible typed
     incident = web.store.incident(web.incident)
     assert incident is not None and incident.acknowledged_by == "oncall"
+    (entry,) = web.store.incident_actions(web.incident)
+    assert (entry.by, entry.via) == ("oncall", "link")
     assert typed_name("x" * 500, "oncall") == "x" * 60
 
 
