@@ -209,6 +209,16 @@ def test_it_keeps_each_list_short_for_a_chat_message() -> None:
     assert len(body) < 2000
 
 
+def test_it_tells_the_newest_changes_since_the_last_digest_and_counts_the_earlier() -> None:
+    changed = [incident(n, IncidentState.OPEN, at_ms=100 + n) for n in range(1, 16)]
+    _, body = compose(Due(MORNING, 50, 0, late=False), now_ms=1_000, incidents=[],
+                      changed=changed, fleet=FleetNow())
+    section = body.split("Since ", 1)[1]
+    told = [int(n) for n in re.findall(r"#(\d+) opened", section)]
+    assert told == list(range(6, 16))  # a handover needs the latest, in order
+    assert "- and 5 earlier (careflow incidents list --state all)" in section
+
+
 def test_it_lists_only_open_incidents_whatever_it_is_given() -> None:
     given_ = [incident(1, IncidentState.OPEN), incident(2, IncidentState.ACKNOWLEDGED),
               incident(3, IncidentState.RESOLVED),

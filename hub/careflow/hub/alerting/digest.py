@@ -217,6 +217,9 @@ def compose(due: Due, *, now_ms: int, incidents: Sequence[Incident],
     counts, lines = _changes(changed, due.since_ms, now_ms, zone)
     body += ["", f"Since {_when(due.since_ms, zone, now_ms)}: "
                  + ", ".join(f"{count} {phase}" for phase, count in counts.items())]
-    body += _capped(lines, "careflow incidents list --state all")
+    if len(lines) > MAX_LISTED:  # a handover needs the latest: the earlier are counted first
+        lines = [f"- and {len(lines) - MAX_LISTED} earlier (careflow incidents list --state all)",
+                 *lines[-MAX_LISTED:]]
+    body += lines
     return title, "\n".join(body)
 
