@@ -4,6 +4,7 @@ changes nothing, only a POST with the page's CSRF field acts, once, and lands in
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from starlette.testclient import TestClient
 
 from careflow.hub.store.sqlite_store import SqliteStore
 from careflow.hub.web.app import WebDeps, create_app
-from careflow.hub.web.link_pages import MAX_NAME, SILENCE_MS, typed_name
-from careflow.hub.web.links import LinkAction, csrf_token, sign
+from careflow.hub.web.link_pages import MAX_NAME, SILENCE_MS, act, typed_name
+from careflow.hub.web.links import LinkAction, LinkClaim, csrf_token, sign
 from tests.conftest import make_settings
 
 KEY = b"k" * 64
@@ -272,6 +273,34 @@ def test_an_old_link_of_an_alarm_raised_again_points_at_the_new_one_and_leaves_i
     follower = web.store.incident(new)
     assert follower is not None and follower.state == "open"
     assert web.store.incident_actions(new) == []
+
+
+def test_two_taps_of_one_link_at_once_act_once_and_record_once(tmp_path: Path) -> None:
+    """Two phones (or a double tap through two hub connections) pressing one link's button at
+    the same moment: one acts, the others are refused, one timeline entry."""
+    store = SqliteStore(tmp_path / "db")
+    incident = store.open_incident(rule="care-alarm", gateway="gw-1", device="fall-1",
+                                   severity="critical", summary="CARE ALARM", detail="fall",
+                                   at_ms=NOW)
+    assert incident is not None
+    claim = LinkClaim(incident, LinkAction.RESOLVE, "oncall", NOW + 60_000, "L" * 16)
+    connections = [SqliteStore(tmp_path / "db") for _ in range(4)]
+    start = threading.Barrier(len(connections))
+    statuses: list[int] = []
+
+    def tap(connection: SqliteStore, n: int) -> None:
+        start.wait()
+        statuses.append(act(connection, claim, by=f"carer-{n}", now_ms=NOW, seen_raises=1).status)
+
+    taps = [threading.Thread(target=tap, args=(c, n)) for n, c in enumerate(connections)]
+    for thread in taps:
+        thread.start()
+    for thread in taps:
+        thread.join()
+    assert sorted(statuses) == [200, 409, 409, 409]
+    (entry,) = store.incident_actions(incident)
+    resolved = store.incident(incident)
+    assert resolved is not None and resolved.resolved_by == entry.by
 
 
 def test_it_says_when_the_incident_does_not_exist(web: Web) -> None:
