@@ -24,6 +24,7 @@ from careflow.hub.store.records import (
 )
 
 __all__ = [
+    "LOW_BATTERY_PCT",
     "STATE_ORDER",
     "DeviceRow",
     "SiteView",
@@ -40,6 +41,7 @@ __all__ = [
     "visible",
 ]
 
+LOW_BATTERY_PCT = 20  # the shipped battery-low rule's threshold
 # Problems first: what needs someone's attention leads each site.
 STATE_ORDER = (State.OFFLINE, State.LATE, State.PAUSED, State.NEW, State.ONLINE)
 
@@ -116,6 +118,16 @@ class DeviceRow:
     firmware: str
 
     @property
+    def low_battery(self) -> bool:
+        """Under :data:`LOW_BATTERY_PCT`."""
+        return self.battery is not None and self.battery < LOW_BATTERY_PCT
+
+    @property
+    def attention(self) -> bool:
+        """Worth a look: not online, or its battery is low."""
+        return self.state is not State.ONLINE or self.low_battery
+
+    @property
     def is_gateway(self) -> bool:
         """A gateway is a device of itself."""
         return self.gateway == self.device
@@ -136,14 +148,14 @@ class SiteView:
         return {state: n for state, n in counted.items() if n}
 
     @property
-    def problems(self) -> list[DeviceRow]:
-        """Rows not online (offline, late, paused, new)."""
-        return [row for row in self.rows if row.state is not State.ONLINE]
+    def attention(self) -> list[DeviceRow]:
+        """Rows worth a look (not online, or a low battery), shown first and open."""
+        return [row for row in self.rows if row.attention]
 
     @property
-    def online(self) -> list[DeviceRow]:
-        """Rows online."""
-        return [row for row in self.rows if row.state is State.ONLINE]
+    def fine(self) -> list[DeviceRow]:
+        """The rest: online, and a battery that is fine (or none)."""
+        return [row for row in self.rows if not row.attention]
 
 
 def device_row(record: DeviceRecord, *, now_ms: int, presence: Mapping[str, PresenceRecord],
@@ -176,7 +188,8 @@ def fleet(records: Iterable[DeviceRecord], *, now_ms: int,
         row = device_row(record, now_ms=now_ms, presence=presence, paused=paused, sites=sites)
         by_site.setdefault(row.site, SiteView(row.site)).rows.append(row)
     for view in by_site.values():
-        view.rows.sort(key=lambda r: (STATE_ORDER.index(r.state), r.gateway, r.device))
+        view.rows.sort(key=lambda r: (STATE_ORDER.index(r.state), not r.low_battery, r.gateway,
+                                      r.device))
     return sorted(by_site.values(), key=lambda v: (v.name == UNASSIGNED, v.name))
 
 
@@ -198,8 +211,8 @@ _KIND = {"firing": "Alert", "escalation": "Escalation", "resolved": "Resolved me
 
 def _notification_entry(note: Notification) -> TimelineEntry:
     what = f"{_KIND.get(note.kind, note.kind)} to {note.channel}: {note.state}"
-    if note.sent_ms is not None:
-        what += f" at {format_when(note.sent_ms)}"
+    if note.sent_ms is not None and note.sent_ms - note.created_ms >= 1000:
+        what += f" {format_age(note.created_ms, now_ms=note.sent_ms)} later"
     detail = note.title
     if note.last_error:
         detail += f" ({note.last_error})"
