@@ -328,3 +328,24 @@ def test_behind_a_trusted_proxy_the_header_names_the_user(tmp_path: Path) -> Non
         assert made.store.incident_actions(incident_id)[0].by == "olga"
         login = client.post("/login", data={"name": "olga", "password": PASSWORD})
         assert SESSION_COOKIE not in login.headers.get("set-cookie", "")  # no passwords here
+
+
+def test_a_body_longer_than_any_form_is_refused_unread(console: Console) -> None:
+    client = console.login()
+    csrf = csrf_of(client.get("/").text)
+    incident_id = _incident(console.store)
+    huge = client.post(f"/incidents/{incident_id}/acknowledge",
+                       data={"csrf": csrf, "pad": "x" * 20_000})
+    assert huge.status_code == 413
+    assert console.store.incident(incident_id).state == "open"  # type: ignore[union-attr]
+    assert console.client().post("/login", data={"name": "x" * 20_000}).status_code == 413
+
+
+def test_a_proxy_header_on_a_public_address_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for _ in _console(tmp_path, CAREFLOW_AUTH_HEADER="X-Remote-User",
+                      CAREFLOW_HTTP_LISTEN="0.0.0.0:0"):
+        assert "listen only where the proxy alone reaches the hub" in caplog.text
+    caplog.clear()
+    for _ in _console(tmp_path / "again", CAREFLOW_AUTH_HEADER="X-Remote-User"):
+        assert "CAREFLOW_AUTH_HEADER" not in caplog.text

@@ -10,6 +10,7 @@ only operators change incidents. Store work runs through :meth:`WebDeps.call`.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PUBLIC_PATHS", "routes"]
 
+log = logging.getLogger(__name__)
+
 # Reachable without a login (a test enumerates the app's routes against this); the one-tap
 # link pages under /l/ check their own signatures.
 PUBLIC_PATHS = frozenset({"/login", "/healthz", "/readyz", "/metrics"})
@@ -58,6 +61,8 @@ _LIST_STATES: dict[str, tuple[str, ...] | None] = {
     "active": UNRESOLVED, "open": (IncidentState.OPEN,), "resolved": (IncidentState.RESOLVED,),
     "all": None}
 _MAX_FORM = 4096  # a console form is a few short fields
+_MAX_BODY = 16 * 1024  # ...so a longer body is refused before it is read
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
@@ -67,6 +72,14 @@ def _safe_next(target: str | None) -> str:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
+
+
+def _too_long(request: Request) -> bool:
+    """A body longer than any console form (or of a length it does not declare)."""
+    try:
+        return int(request.headers.get("content-length", "")) > _MAX_BODY
+    except ValueError:
+        return True
 
 
 def _address(request: Request) -> str:
@@ -152,29 +165,38 @@ class _Console:
             if isinstance(who, _Refusal):
                 return self.notice(who)
             if request.method == "POST":
-                if who is None:
-                    return self.notice(_Refusal(403, "Not signed in",
-                                                "Log in first, then try again."))
-                form = await request.form(max_fields=20, max_part_size=_MAX_FORM)
-                given = form.get(CSRF_FIELD)
-                if not auth.csrf_matches(who.csrf, given if isinstance(given, str) else None):
-                    return self.notice(_Refusal(
-                        403, "Refused: the form has expired",
-                        "This form is not from your current login. Go back, reload the page "
-                        "and try again."), who)
-                if operator and not who.may_act:
-                    return self.notice(_Refusal(
-                        403, "Refused: viewers cannot change incidents",
-                        f"{who.user} is a viewer. An operator can acknowledge and resolve; "
-                        "an administrator can change your role with careflow users add "
-                        "--replace."), who)
+                refusal = await self._post_refusal(request, who, operator=operator)
+                if refusal is not None:
+                    return self.notice(refusal, who)
             elif who is None:
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/login?next={quote(target, safe='')}", 303,
                                         headers=_HEADERS)
+            assert who is not None
             return await handler(request, who)
 
         return endpoint
+
+    async def _post_refusal(self, request: Request, who: Principal | None, *,
+                            operator: bool) -> _Refusal | None:
+        """Why a POST is refused (None: it may go on): too long, nobody signed in, not the
+        form's CSRF token, or a viewer asking for an operator's change."""
+        if _too_long(request):
+            return _Refusal(413, "Refused: too long", "A console form is a few short fields.")
+        if who is None:
+            return _Refusal(403, "Not signed in", "Log in first, then try again.")
+        form = await request.form(max_fields=20, max_part_size=_MAX_FORM)
+        given = form.get(CSRF_FIELD)
+        if not auth.csrf_matches(who.csrf, given if isinstance(given, str) else None):
+            return _Refusal(403, "Refused: the form has expired",
+                            "This form is not from your current login. Go back, reload the "
+                            "page and try again.")
+        if operator and not who.may_act:
+            return _Refusal(403, "Refused: viewers cannot change incidents",
+                            f"{who.user} is a viewer. An operator can acknowledge and resolve; "
+                            "an administrator can change your role with careflow users add "
+                            "--replace.")
+        return None
 
     # -- login and logout ----------------------------------------------------------------------
 
@@ -193,6 +215,9 @@ class _Console:
 
     async def _check_login(self, request: Request) -> Response:
         """A submitted login form: its CSRF token, the limiter, then the password."""
+        if _too_long(request):
+            return self.notice(_Refusal(413, "Refused: too long",
+                                        "A login form is a name and a password."))
         form = await request.form(max_fields=20, max_part_size=_MAX_FORM)
         name, password, given = (str(form.get(key) or "") for key in ("name", "password",
                                                                      CSRF_FIELD))
@@ -421,6 +446,13 @@ class _Console:
 
 def routes(deps: WebDeps) -> list[BaseRoute]:
     """The console's routes: /login and /logout, then the pages behind the login."""
+    listen = deps.settings.http_listen
+    if deps.settings.auth_header is not None and listen is not None \
+            and listen.host not in _LOOPBACK:
+        # anyone who reaches the hub directly could name any user in the header
+        log.warning("the console believes the header CAREFLOW_AUTH_HEADER names; listen only "
+                    "where the proxy alone reaches the hub (CAREFLOW_HTTP_LISTEN=127.0.0.1:8080)",
+                    extra={"header": deps.settings.auth_header, "listen": str(listen)})
     console = _Console(deps)
     page = console.page
     return [
