@@ -59,9 +59,15 @@ def hub(
             signal.signal(signum, lambda *_: running.stop())
         say_where(settings, embedded=running.broker is not None)
         if running.web is not None:
-            err_console.print(f"web console: {running.web.url} (one-tap links in messages open "
-                              f"{settings.web_url}; Prometheus: {running.web.url}/metrics)",
-                              highlight=False)
+            err_console.print(f"web console: {running.web.url} (Prometheus: "
+                              f"{running.web.url}/metrics)", highlight=False)
+            links = running.sender.links if running.sender is not None else None
+            if links is not None and not links.reachable:
+                err_console.print(
+                    f"the one-tap links in messages point at {running.web.url}, which phones "
+                    "cannot open: set CAREFLOW_PUBLIC_URL to the address people reach through "
+                    "your reverse proxy (docs/oncall-web.md); until then messages also say how "
+                    "to acknowledge on the hub", highlight=False)
         running.run()
 
 

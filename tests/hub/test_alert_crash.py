@@ -118,6 +118,9 @@ def test_an_alarm_confirmed_but_not_evaluated_when_the_hub_dies_is_notified_once
     assert "not stored" in conflict and boot in conflict
     assert {path for _, path, _, _ in http_receiver.requests} == {"/oncall"}
     assert store.count_incidents() == 2
+    # no CAREFLOW_PUBLIC_URL and the web on loopback: said at start, and in every message
+    assert "phones cannot open: set CAREFLOW_PUBLIC_URL" in " ".join(log.read_text().split())
+    assert all("On the hub: careflow incidents ack" in m for m in messages)
 
 
 def test_a_care_alarm_refused_beyond_the_device_bound_is_announced_after_a_kill(

@@ -62,6 +62,7 @@ from careflow.hub.ingest.embedded_broker import (
     EmbeddedBroker,
     exposed_without_credentials,
     generate_password_file,
+    is_loopback,
 )
 from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
 from careflow.hub.ingest.resend import ResendThrottle
@@ -881,8 +882,11 @@ def _web_server(settings: Settings, service: HubService,
 def _link_signer(settings: Settings, server: WebServer, deps: WebDeps) -> LinkSigner:
     """What signs the links in messages: under CAREFLOW_PUBLIC_URL, else where the web
     listens (the bound port, when CAREFLOW_HTTP_LISTEN asks for any free one)."""
+    host = server.address.host
+    reachable = settings.public_url is not None or not (
+        is_loopback(host) or host in ("0.0.0.0", "::"))  # noqa: S104 (compared, not bound)
     return LinkSigner(deps.link_key, settings.public_url or server.url,
-                      ttl_s=settings.link_ttl_s)
+                      ttl_s=settings.link_ttl_s, reachable=reachable)
 
 
 def _digest_scheduler(settings: Settings, rules: RuleSet | None,

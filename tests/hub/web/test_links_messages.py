@@ -231,5 +231,20 @@ def test_the_hub_signs_the_links_it_sends_for_where_people_reach_its_web(
         assert isinstance(signer, LinkSigner) and hub.web is not None
         assert signer.base_url == (base or hub.web.url) and not signer.base_url.endswith(":0")
         assert signer.ttl_s == 86_400
+        assert signer.reachable == (base is not None)  # loopback: phones cannot open it
     finally:
         hub.close()
+
+
+def test_links_that_phones_cannot_open_come_with_the_way_to_acknowledge_on_the_hub(
+    tmp_path: Path, http_receiver: HttpReceiver,
+) -> None:
+    channels = load_channels({"CAREFLOW_CHANNEL_OPS": f"json://127.0.0.1:{http_receiver.port}/"})
+    store = SqliteStore(tmp_path / "db")
+    first, second = alarm(store, "ops", n=1), alarm(store, "ops", n=2)
+    loopback = LinkSigner(KEY, "http://127.0.0.1:8080", ttl_s=60, reachable=False)
+    NotificationSender(store, channels, links=loopback).deliver_due(now_ms=10)
+    (body,) = (b["message"] for b in http_receiver.bodies)
+    assert f"On the hub: careflow incidents ack {first}" in body
+    assert f"On the hub: careflow incidents ack {second}" in body
+    assert body.count("http://127.0.0.1:8080/l/") == 4  # the links all the same: ack, resolve

@@ -135,6 +135,8 @@ class Channel:
 class LinkMaker(Protocol):
     """Makes a signed one-tap link (careflow.hub.web.links.LinkSigner)."""
 
+    reachable: bool  # False: phones cannot open the links (no public URL is set)
+
     def url(self, *, incident_id: int, action: str, channel: str, now_ms: int) -> str:
         """A fresh link doing ``action`` on the incident, for a message to ``channel``."""
         ...
@@ -151,9 +153,13 @@ def takes_links(note: Notification, incident: Incident | None) -> bool:
 def link_lines(links: LinkMaker, *, incident_id: int, channel: str, now_ms: int,
                silence: bool = True) -> list[str]:
     """``Acknowledge: URL``, ``Resolve: URL``, ``Silence 2 h: URL``: signed for ``channel``
-    (``silence`` False: without the last, see :func:`silenceable`)."""
-    return [f"{label}: {links.url(incident_id=incident_id, action=action, channel=channel, now_ms=now_ms)}"
-            for action, label in LINK_ACTIONS if silence or action != "silence"]
+    (``silence`` False: without the last, see :func:`silenceable`); when phones cannot open
+    them (no public URL), then how to acknowledge on the hub."""
+    lines = [f"{label}: {links.url(incident_id=incident_id, action=action, channel=channel, now_ms=now_ms)}"
+             for action, label in LINK_ACTIONS if silence or action != "silence"]
+    if not links.reachable:
+        lines.append(f"On the hub: careflow incidents ack {incident_id}")
+    return lines
 
 
 def silenceable(incident: Incident) -> bool:

@@ -163,10 +163,13 @@ class LinkSigner:
     """Makes the links a message carries: each one signed for its channel, with a new id, good
     for ``ttl_s`` from when the message is built, under ``base_url`` (no trailing slash)."""
 
-    def __init__(self, key: bytes, base_url: str, *, ttl_s: int) -> None:
+    def __init__(self, key: bytes, base_url: str, *, ttl_s: int, reachable: bool = True) -> None:
         self.key = key
         self.base_url = base_url.rstrip("/")
         self.ttl_s = ttl_s
+        # False: the links point where phones cannot go (no CAREFLOW_PUBLIC_URL, the web on
+        # loopback or a wildcard address); messages then keep the way to acknowledge on the hub
+        self.reachable = reachable
 
     def url(self, *, incident_id: int, action: str, channel: str, now_ms: int) -> str:
         """A fresh link: ``action`` on ``incident_id``, sent to ``channel``."""
