@@ -25,6 +25,7 @@ from careflow.core import clock
 from careflow.core.errors import RefusedError
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import UNRESOLVED, Incident, IncidentAction
+from careflow.hub.web.link_pages import typed_name
 
 __all__ = ["incidents_app"]
 
@@ -114,6 +115,12 @@ def show(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
     _show(store, incident, as_json)
 
 
+def _who(by: str | None) -> str:
+    """Who acts, as one visible line: the name goes into later messages ("acknowledged by
+    ..."), where a line break or an invisible character could pass for something else."""
+    return typed_name(by or "", "") or getpass.getuser()
+
+
 @incidents_app.command("ack")
 def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: ByOption = None,
         as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
@@ -121,7 +128,7 @@ def ack(incident_id: Annotated[int, typer.Argument(help="Incident id.")], by: By
 
     Example: `careflow incidents ack 42 --by nurse-kari`.
     """
-    _act(data_dir, incident_id, "acknowledge", by or getpass.getuser(), as_json)
+    _act(data_dir, incident_id, "acknowledge", _who(by), as_json)
 
 
 @incidents_app.command("resolve")
@@ -133,7 +140,7 @@ def resolve(incident_id: Annotated[int, typer.Argument(help="Incident id.")],
 
     Example: `careflow incidents resolve 42`.
     """
-    _act(data_dir, incident_id, "resolve", by or getpass.getuser(), as_json)
+    _act(data_dir, incident_id, "resolve", _who(by), as_json)
 
 
 

@@ -55,3 +55,20 @@ def test_the_cli_records_its_acknowledge_and_resolve_and_shows_the_timeline(
     (entry,) = [e for e in store.incident_actions(incident) if e.action == "resolve"]
     resolved = store.incident(incident)
     assert resolved is not None and resolved.resolved_ms == entry.at_ms  # one moment, one commit
+
+
+def test_the_name_given_to_the_cli_is_one_visible_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    store = SqliteStore(data / "careflow.db")
+    incident = store.open_incident(rule="care-alarm", gateway="gw-1", device="fall-1",
+                                   severity="critical", summary="CARE ALARM fall-1",
+                                   detail="fall", at_ms=clock.now_ms())
+    assert incident is not None
+    forged = "ana\nAcknowledge: https://evil.example/l/x\u202e"
+    assert cli(data, "incidents", "ack", str(incident), "--by", forged).returncode == 0
+    acknowledged = store.incident(incident)
+    assert acknowledged is not None  # it goes into later messages: "acknowledged by ..."
+    assert acknowledged.acknowledged_by == "ana Acknowledge: https://evil.example/l/x"
+    (entry,) = store.incident_actions(incident)
+    assert entry.by == acknowledged.acknowledged_by
