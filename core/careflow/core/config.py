@@ -39,6 +39,7 @@ __all__ = [
 DEFAULT_LISTEN = "127.0.0.1:1883"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"  # the on-call web: links, console, /metrics
 DEFAULT_LINK_TTL_S = 24 * 3600  # how long a one-tap link in a message works
+MAX_LINK_TTL_S = 7 * 24 * 3600  # a link forwarded or leaked stays a key to the incident that long
 # The contract's careflow.schemas.limits.MAX_MESSAGE_BYTES, spelled here because the core sits
 # below the contract (which imports the core's errors); tests/test_config.py keeps them equal.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
@@ -295,7 +296,8 @@ def load_settings(
         http_listen=parse_http_listen(env.get("CAREFLOW_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN),
         public_url=_public_url(env.get("CAREFLOW_PUBLIC_URL")),
         auth_header=env.get("CAREFLOW_AUTH_HEADER") or None,
-        link_ttl_s=_int_setting(env, "CAREFLOW_LINK_TTL_S", DEFAULT_LINK_TTL_S),
+        link_ttl_s=_int_setting(env, "CAREFLOW_LINK_TTL_S", DEFAULT_LINK_TTL_S,
+                                maximum=MAX_LINK_TTL_S),
     )
 
 

@@ -48,6 +48,8 @@ def test_it_listens_on_8080_on_loopback_by_default_and_can_be_turned_off(tmp_pat
     assert public.web_url == "https://care.example.org"
     with pytest.raises(ConfigError, match="https://"):
         load_settings({"CAREFLOW_PUBLIC_URL": "care.example.org"}, data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="CAREFLOW_LINK_TTL_S must be from 1 to 604800"):
+        load_settings({"CAREFLOW_LINK_TTL_S": str(8 * 24 * 3600)}, data_dir=tmp_path)
 
 
 def test_it_keeps_a_generated_link_secret_private_and_stable(tmp_path: Path) -> None:
