@@ -73,7 +73,9 @@ def _console(tmp_path: Path, **env: str) -> Iterator[Console]:
     deps = WebDeps(settings=settings, store=store, link_key=b"k" * 32,
                    readiness=lambda: {"broker": None, "store": None},
                    health=lambda: {"connected": True, "broker": "mqtt://127.0.0.1:1883",
-                                   "events_stored": 3, "last_error": HOSTILE},
+                                   "events_stored": 3, "last_error": HOSTILE,
+                                   "digests": {"errors": 2, "failing_since_ms": NOW,
+                                               "last_error": "disk I/O error"}},
                    now_ms=clock, wake_sender=lambda: woken.append(1))
     hashed = hash_password(PASSWORD)
     store.add_user("olga", role="operator", password_hash=hashed, at_ms=NOW)
@@ -267,6 +269,8 @@ def test_device_text_is_shown_as_text_never_as_markup(console: Console) -> None:
     assert "&lt;script&gt;" in pages["/"].text  # the site's name
     assert "\\x00" in pages["/deadletters"].text  # control bytes made visible
     assert "9%" in pages["/"].text and "badge offline" not in pages["/"].text
+    assert "cannot be queued since" in pages["/health"].text
+    assert f'href="/incidents/{incident_id}"' in pages["/devices/gw-1/fall-1"].text
 
 
 def test_the_fleet_groups_devices_by_site_problems_first(console: Console) -> None:

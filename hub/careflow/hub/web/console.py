@@ -375,36 +375,45 @@ class _Console:
         gateway, device = request.path_params["gateway"], request.path_params["device"]
         now = self.deps.now_ms()
 
-        def read() -> tuple[DeviceRecord | None, Any, list[Any], list[Any]]:
+        def read() -> dict[str, Any] | None:
             record = self.store.device(gateway, device)
             if record is None:
-                return None, None, [], []
+                return None
             sites = views.site_book(self.store.query(
                 EventFilter(type="provision", gateway=gateway), newest_first=False))
-            row = views.device_row(record, now_ms=now, presence=self.store.presence(),
-                                   paused=self.store.paused(now), sites=sites)
-            statuses = self.store.query(EventFilter(gateway=gateway, device=device,
-                                                    type="status"), limit=20)
-            events = self.store.query(EventFilter(gateway=gateway, device=device), limit=20)
-            return record, row, statuses, events
+            presence = self.store.presence()
+            return {
+                "record": record, "presence": presence.get(gateway),
+                "row": views.device_row(record, now_ms=now, presence=presence,
+                                        paused=self.store.paused(now), sites=sites),
+                "statuses": self.store.query(EventFilter(gateway=gateway, device=device,
+                                                         type="status"), limit=20),
+                "events": self.store.query(EventFilter(gateway=gateway, device=device),
+                                           limit=20),
+                # the newest unresolved ones (a fleet has few), this source's among them
+                "incidents": [i for i in self.store.incidents(states=UNRESOLVED, limit=500)
+                              if (i.gateway, i.device) == (gateway, device)],
+            }
 
-        record, row, statuses, events = await self.deps.call(read)
-        if record is None:
+        found = await self.deps.call(read)
+        if found is None:
             return self.notice(_Refusal(404, "No such device",
                                         f"No device {gateway}/{device} has been heard from."),
                                who)
+        record: DeviceRecord = found["record"]
         history = [{"at_ms": event.time_ms, "state": str(event.data.get("state", "-")),
                     "battery": views.battery(event.data),
                     "detail": views.compact_json({k: v for k, v in event.data.items()
                                                   if k not in ("state", "battery_pct")},
                                                  limit=120)}
-                   for event in statuses]
+                   for event in found["statuses"]]
         last = [{"at_ms": event.time_ms, "type": event.type,
-                 "data": views.compact_json(event.data)} for event in events]
+                 "data": views.compact_json(event.data)} for event in found["events"]]
         facts = {key: views.compact_json(value, limit=120) if not isinstance(value, str)
                  else value for key, value in sorted(record.facts.items())}
-        return self.render("device.html", viewer=who, record=record, row=row, history=history,
-                           events=last, facts=facts, request_path=request.url.path)
+        return self.render("device.html", viewer=who, record=record, row=found["row"],
+                           presence=found["presence"], incidents=found["incidents"],
+                           history=history, events=last, facts=facts)
 
     async def dead_letters(self, request: Request, who: Principal) -> Response:
         """Refused input, newest first, with its reason (payloads as escaped text previews)."""
