@@ -88,6 +88,14 @@ def test_the_limiter_refuses_after_five_failures_until_the_oldest_leaves_the_win
     assert limiter.retry_at("ana", "10.0.0.1", now_ms=15 * MINUTE) == 16 * MINUTE
 
 
+def test_the_limiter_keeps_little_of_a_long_name() -> None:
+    limiter = LoginLimiter(max_failures=1)
+    limiter.failed("x" * 10_000, "a" * 1_000, now_ms=0)
+    ((user, address),) = limiter._failures
+    assert len(user) <= 80 and len(address) <= 64
+    assert limiter.retry_at("x" * 10_000, "a" * 1_000, now_ms=1) is not None
+
+
 def test_a_good_login_forgets_the_failures() -> None:
     limiter = LoginLimiter(max_failures=2)
     limiter.failed("ana", "a", now_ms=0)

@@ -156,7 +156,8 @@ def test_the_login_form_needs_its_csrf_token_and_next_stays_on_this_site(
     stolen = other.post("/login", data={"name": "olga", "password": PASSWORD,
                                         "csrf": csrf_of(client.get("/login").text)})
     assert stolen.status_code == 403  # a token without its cookie
-    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example",
+                   "/\t/evil.example", "/\n/evil.example"):
         client = console.client()
         token = csrf_of(client.get("/login").text)
         went = client.post("/login", data={"name": "olga", "password": PASSWORD,
@@ -353,3 +354,24 @@ def test_a_proxy_header_on_a_public_address_is_warned_about(
     caplog.clear()
     for _ in _console(tmp_path / "again", CAREFLOW_AUTH_HEADER="X-Remote-User"):
         assert "CAREFLOW_AUTH_HEADER" not in caplog.text
+
+
+def test_a_flood_of_logins_waits_its_turn_a_few_at_a_time_or_is_told_to_come_back(
+        console: Console) -> None:
+    """Argon2 takes 64 MiB a check: forty at once would take 2.5 GB of the hub's memory."""
+    import asyncio  # noqa: PLC0415
+
+    import httpx2  # noqa: PLC0415
+
+    async def flood() -> list[int]:
+        transport = httpx2.ASGITransport(app=console.app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://hub") as client:
+            token = csrf_of((await client.get("/login")).text)
+            answers = await asyncio.gather(*(
+                client.post("/login", data={"name": f"user{n}", "password": "wrong",
+                                            "csrf": token}) for n in range(40)))
+            return [answer.status_code for answer in answers]
+
+    statuses = asyncio.run(flood())
+    assert statuses.count(401) <= 2 + 16 and statuses.count(503) >= 40 - 2 - 16
+    assert set(statuses) == {401, 503}

@@ -145,6 +145,11 @@ class Principal:
         return self.role is Role.OPERATOR
 
 
+def _key(user: str, address: str) -> tuple[str, str]:
+    """What the limiter remembers of a pair: bounded in size (a valid name is at most 64)."""
+    return user[:80].lower(), address[:64]
+
+
 @dataclass(slots=True)
 class LoginLimiter:
     """Failed logins per (user name, client address): after ``max_failures`` inside
@@ -162,19 +167,20 @@ class LoginLimiter:
 
     def retry_at(self, user: str, address: str, *, now_ms: int) -> int | None:
         """When this pair may try again, or None when it may now."""
-        times = self._failures.get((user.lower(), address))
+        key = _key(user, address)
+        times = self._failures.get(key)
         if times is None:
             return None
         while times and times[0] <= now_ms - self.window_ms:
             times.popleft()
         if not times:
-            del self._failures[(user.lower(), address)]
+            del self._failures[key]
             return None
         return times[0] + self.window_ms if len(times) >= self.max_failures else None
 
     def failed(self, user: str, address: str, *, now_ms: int) -> None:
         """Count a failed login."""
-        key = (user.lower(), address)
+        key = _key(user, address)
         times = self._failures.pop(key, None) or deque(maxlen=self.max_failures)
         times.append(now_ms)
         self._failures[key] = times  # now the most recent
@@ -183,7 +189,7 @@ class LoginLimiter:
 
     def succeeded(self, user: str, address: str) -> None:
         """A good login forgets the pair's failures."""
-        self._failures.pop((user.lower(), address), None)
+        self._failures.pop(_key(user, address), None)
 
     def __len__(self) -> int:
         return len(self._failures)

@@ -62,6 +62,8 @@ _LIST_STATES: dict[str, tuple[str, ...] | None] = {
     "all": None}
 _MAX_FORM = 4096  # a console form is a few short fields
 _MAX_BODY = 16 * 1024  # ...so a longer body is refused before it is read
+_HASHING_AT_ONCE = 2
+_MAX_HASHING_WAITING = 16
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
@@ -69,8 +71,9 @@ Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 def _safe_next(target: str | None) -> str:
     """Where to go after logging in: a path of ours, never another site (``//evil``)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
+    if (not target or not target.startswith("/") or target.startswith("//") or "\\" in target
+            or any(ord(char) <= 0x20 or ord(char) == 0x7F for char in target)):
+        return "/"  # browsers drop tabs and newlines: "/\t/evil" would be "//evil"
     return target
 
 
@@ -104,6 +107,10 @@ class _Console:
         self.deps = deps
         self.store = deps.store
         self.limiter = auth.LoginLimiter()
+        # Argon2 takes 64 MiB and a core per check: a flood of logins must neither exhaust the
+        # hub's memory nor hold its cores, so checks run a few at a time, and few may wait.
+        self._hashing: anyio.CapacityLimiter | None = None  # made in the event loop
+        self._hashing_waiting = 0
         self.env = templates()
         self.env.filters["when"] = views.format_when
         self.env.filters["visible"] = views.visible
@@ -237,7 +244,18 @@ class _Console:
                       "min), or ask an administrator to check the name.")
         user = await self.deps.call(functools.partial(self.store.user, name)) \
             if auth.valid_user_name(name) else None
-        ok, rehash = await anyio.to_thread.run_sync(auth.check_password, user, password)
+        if self._hashing_waiting >= _MAX_HASHING_WAITING:
+            return self.render("login.html", status=503, headers={"Retry-After": "5"},
+                               login_csrf=given, next=target, name=name,
+                               error="Too many logins at once. Please try again in a moment.")
+        self._hashing_waiting += 1
+        try:
+            if self._hashing is None:
+                self._hashing = anyio.CapacityLimiter(_HASHING_AT_ONCE)
+            ok, rehash = await anyio.to_thread.run_sync(auth.check_password, user, password,
+                                                        limiter=self._hashing)
+        finally:
+            self._hashing_waiting -= 1
         if not ok or user is None:
             self.limiter.failed(name, address, now_ms=now)
             return self._login_form(request, target=target, name=name, status=401,
