@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from careflow.core import clock
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.rules import load_rules
@@ -91,6 +92,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
                 "status", {"state": "degraded", "battery_pct": 9, "firmware": HOSTILE}),
             Stamper(gateway="gw-elm-01", device="fall-1").stamp(
                 "alert", {"kind": "fall", "state": "raised", "message": HOSTILE}),
+            Stamper(gateway="gw-oak-02").stamp("heartbeat", {"interval_s": 1}),  # soon offline
             Stamper(gateway="gw-oak-02", device="sos-2").stamp(
                 "alert", {"kind": "sos", "state": "raised"}),
         ])
@@ -98,6 +100,8 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         wait_until(lambda: _incidents_ready(hub) and hub.store.dead_letter_count() >= 1
                    and len(receiver.bodies) >= 1,
                    what="two care alarms (announced together), a low battery and a dead letter")
+        hub.store.pause("gw-elm-01", "fall-1", until_ms=clock.now_ms() + 3_600_000,
+                        reason="battery swap")
         yield Console(hub)
     finally:
         hub.stop()
@@ -149,6 +153,7 @@ def test_every_page_renders_and_is_saved(console: Console, page_at: Any,
     assert page.url == f"{console.url}/"
     main = page.inner_text("main")
     assert "Elm House" in main and "unassigned" in main and "door-3" in main
+    assert "battery swap" in main  # paused: shown first, with why
     assert "2 active incidents" not in main  # three: two alarms and a battery
     assert "3 active incidents" in main
     assert page.title() != "owned"  # device text is never run
