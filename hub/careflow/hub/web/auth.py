@@ -38,6 +38,7 @@ from careflow.hub.store.records import Role, User
 
 __all__ = [
     "CSRF_FIELD",
+    "DUMMY_HASH",
     "LOGIN_COOKIE",
     "MIN_PASSWORD_LENGTH",
     "NO_PASSWORD",
@@ -66,7 +67,11 @@ NO_PASSWORD = "!sso"  # noqa: S105 (a marker, not a password)
 _USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 _hasher = PasswordHasher()  # argon2id, the library's current (RFC 9106 low-memory) parameters
-_dummy: list[str] = []  # a hash to verify against for unknown users, made on first need
+# Verified against for unknown users, so that their login costs what a real one does (from the
+# first: no hash is made on first use). Made once, of a random password nobody kept, with the
+# parameters _hasher uses (a test checks they still agree).
+DUMMY_HASH = ("$argon2id$v=19$m=65536,t=3,p=4$jgoDXGSLWAHzc3JqUUZaoQ$"
+              "BxcVxBKAz4LdYZ/Gaumj8u2jocaVsH3VYQVf9zvMhFc")
 
 
 def valid_user_name(name: str) -> bool:
@@ -88,9 +93,7 @@ def check_password(user: User | None, password: str) -> tuple[bool, str | None]:
     """
     stored = user.password_hash if user is not None else None
     if stored is None or not stored.startswith("$argon2"):
-        if not _dummy:
-            _dummy.append(_hasher.hash(secrets.token_hex(16)))
-        stored, user = _dummy[0], None
+        stored, user = DUMMY_HASH, None
     try:
         _hasher.verify(stored, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
