@@ -75,8 +75,9 @@ def add(
     password_stdin: Annotated[bool, typer.Option(
         "--password-stdin", help="Read the password from the first line of stdin.")] = False,
     sso: Annotated[bool, typer.Option(
-        "--sso", help="No password: the user signs in only through the trusted proxy "
-        "(CAREFLOW_AUTH_HEADER).")] = False,
+        "--sso", help="No password: the user signs in only through the trusted proxy that "
+        "names them in CAREFLOW_AUTH_HEADER (the hub must then listen only where that proxy "
+        "alone reaches it, e.g. CAREFLOW_HTTP_LISTEN=127.0.0.1:8080).")] = False,
     replace: Annotated[bool, typer.Option(
         "--replace", help="Change an existing user's role and password (ends their "
         "sessions).")] = False,
