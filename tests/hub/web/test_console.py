@@ -157,7 +157,7 @@ def test_the_login_form_needs_its_csrf_token_and_next_stays_on_this_site(
                                         "csrf": csrf_of(client.get("/login").text)})
     assert stolen.status_code == 403  # a token without its cookie
     for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example",
-                   "/\t/evil.example", "/\n/evil.example"):
+                   "/\t/evil.example", "/\n/evil.example", "/login?next=/login"):
         client = console.client()
         token = csrf_of(client.get("/login").text)
         went = client.post("/login", data={"name": "olga", "password": PASSWORD,

@@ -74,6 +74,8 @@ def _safe_next(target: str | None) -> str:
     if (not target or not target.startswith("/") or target.startswith("//") or "\\" in target
             or any(ord(char) <= 0x20 or ord(char) == 0x7F for char in target)):
         return "/"  # browsers drop tabs and newlines: "/\t/evil" would be "//evil"
+    if target.split("?", 1)[0].rstrip("/") in ("/login", "/logout"):
+        return "/"  # signed in already: /login would send there again, and again
     return target
 
 
