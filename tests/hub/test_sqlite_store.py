@@ -17,6 +17,7 @@ from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper, new_event_id
 from careflow.hub.ingest.decode import Accepted, EventHead, PresenceUpdate, Rejected, decode_message
 from careflow.hub.replay import replay
+from careflow.hub.store.audit_chain import first_broken
 from careflow.hub.store.interface import (
     CONFLICTS_CURSOR,
     MAX_DEAD_LETTER_PAYLOAD,
@@ -440,4 +441,22 @@ def test_the_escalation_walk_and_the_senders_read_only_what_is_due(tmp_path: Pat
     assert "USING INDEX incidents_due (next_due_ms<?)" in due and "TEMP B-TREE" not in due, due
     for plan in (overdue, claim):
         assert "USING INDEX notifications_due (state=? AND next_attempt_ms<?)" in plan, plan
+    store.close()
+
+
+def test_an_edited_or_deleted_audit_row_is_found_and_named(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a.db", synchronous="normal")
+    for n in range(1, 6):
+        store.append_audit(at_ms=n, actor="ana", event="e", subject=f"s{n}", detail={"n": n})
+    with sqlite3.connect(tmp_path / "a.db") as conn:
+        conn.execute("UPDATE audit_log SET actor = 'mallory' WHERE pos = 3")
+    broken = first_broken(store.audit_log())
+    assert broken is not None and broken[0] is not None and broken[0].pos == 3
+    assert "row 3 was edited" in broken[1]
+    with sqlite3.connect(tmp_path / "a.db") as conn:
+        conn.execute("UPDATE audit_log SET actor = 'ana' WHERE pos = 3")
+        conn.execute("DELETE FROM audit_log WHERE pos = 2")
+    broken = first_broken(store.audit_log())
+    assert broken is not None and broken[0] is not None and broken[0].pos == 3
+    assert "does not follow" in broken[1]
     store.close()

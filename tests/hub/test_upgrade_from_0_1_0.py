@@ -56,7 +56,8 @@ def test_it_upgrades_a_database_of_release_0_1_0_in_place_and_keeps_every_row(
     after = _dump(old_db)
     assert after["rows"].pop("meta") == [("schema_version", str(SCHEMA_VERSION))]
     before["rows"].pop("meta")
-    added = {"incident_actions", "spent_links", "users", "web_sessions"}  # version 3, empty
+    added = {"incident_actions", "spent_links", "users", "web_sessions",  # versions 3 and 4
+             "proposals", "audit_log", "automation", "rule_controls"}  # (empty)
     assert {name: after["rows"].pop(name) for name in added} == {name: [] for name in added}
     assert after["rows"] == before["rows"]  # events, incidents, notifications, silences, cursors
     SqliteStore(tmp_path / "new.db").close()

@@ -24,13 +24,15 @@ Promises every adapter keeps (the SQL, the dialect and its rowids are the adapte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from careflow.hub.alerting.mute import Silence
 from careflow.hub.fleet.presence import PresenceRecord
 from careflow.hub.store.records import (
     AppendResult,
+    AuditEntry,
+    AutomationSetting,
     DeadLetter,
     DeviceRecord,
     EventFilter,
@@ -40,6 +42,8 @@ from careflow.hub.store.records import (
     Notification,
     Outgoing,
     PresenceChange,
+    Proposal,
+    RuleControl,
     StoredEvent,
     User,
     WebSession,
@@ -51,6 +55,8 @@ __all__ = [
     "MAX_GROUP_CLAIM",
     "OVER_BOUND_CURSOR",
     "Accounts",
+    "Audit",
+    "Automation",
     "Cursors",
     "EventLog",
     "Fleet",
@@ -59,6 +65,8 @@ __all__ = [
     "Links",
     "Mutes",
     "Outbox",
+    "Proposals",
+    "RuleControls",
     "SinkQueue",
     "Store",
     "Timeline",
@@ -450,6 +458,82 @@ class Accounts(Protocol):
         ...
 
 
+class Proposals(Protocol):
+    """The operations agent's proposals: what it would do about an incident, and what became of
+    it (states in :class:`~careflow.hub.store.records.ProposalState`)."""
+
+    def add_proposal(self, *, incident_id: int, runbook: str, action: str,
+                     params: Mapping[str, Any], why: str, evidence: Mapping[str, Any],
+                     dry_run: str, expected: str, verify: str, planner: str, at_ms: int,
+                     expires_ms: int) -> Proposal:
+        """Record a new pending proposal."""
+        ...
+
+    def proposal(self, proposal_id: int) -> Proposal | None:
+        """One proposal."""
+        ...
+
+    def proposals(self, *, states: Sequence[str] | None = None, incident_id: int | None = None,
+                  limit: int = 50) -> list[Proposal]:
+        """Newest first (only in these states, or of one incident, when given)."""
+        ...
+
+    def move_proposal(self, proposal_id: int, *, from_states: Sequence[str], to: str,
+                      at_ms: int, by: str | None = None, reason: str | None = None,
+                      result: Mapping[str, Any] | None = None) -> Proposal | None:
+        """Change a proposal's state, compare-and-set: only from one of ``from_states`` (None:
+        it was in none of them; nothing is written). ``by`` and ``reason`` record a decision
+        (approved, rejected) or why it failed; ``result`` what running it returned; the time
+        goes to decided_ms (approved, rejected, expired), executed_ms (executed, failed) or
+        verified_ms (verified)."""
+        ...
+
+
+class Audit(Protocol):
+    """The audit trail: append-only, each row chained to the one before by hash."""
+
+    def append_audit(self, *, at_ms: int, actor: str, event: str, subject: str,
+                     detail: Mapping[str, Any]) -> AuditEntry:
+        """Append a row, its hash chained to the last row's in the same transaction (so two
+        writers never fork the chain); ``detail`` must already have its secrets masked."""
+        ...
+
+    def audit_log(self, *, after_pos: int = 0, limit: int = 1000) -> list[AuditEntry]:
+        """Rows after a position, oldest first."""
+        ...
+
+
+class Automation(Protocol):
+    """The operations agent's mode, as a person last set it."""
+
+    def automation_mode(self) -> AutomationSetting | None:
+        """The mode last set (None: never set; the agent's default applies)."""
+        ...
+
+    def set_automation_mode(self, *, mode: str, by: str, reason: str,
+                            at_ms: int) -> AutomationSetting:
+        """Set the mode."""
+        ...
+
+
+class RuleControls(Protocol):
+    """Noisy rules quieted by a person: muted for a while, or disabled."""
+
+    def set_rule_control(self, rule: str, *, kind: str, until_ms: int | None, by: str,
+                         reason: str, at_ms: int) -> RuleControl:
+        """Mute (until ``until_ms``) or disable (``until_ms`` None) a rule, replacing what was
+        set for it before."""
+        ...
+
+    def clear_rule_control(self, rule: str) -> bool:
+        """Unmute or enable a rule; False if nothing was set for it."""
+        ...
+
+    def rule_controls(self, *, now_ms: int | None = None) -> list[RuleControl]:
+        """By rule; with ``now_ms``, only those in force then (a mute ends at ``until_ms``)."""
+        ...
+
+
 class UnitOfWork(Protocol):
     """Several writes committed as one."""
 
@@ -460,7 +544,7 @@ class UnitOfWork(Protocol):
 
 
 class Store(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, SinkQueue, Health, Timeline,
-            Links, Accounts, UnitOfWork, Protocol):
+            Links, Accounts, Proposals, Audit, Automation, RuleControls, UnitOfWork, Protocol):
     """Every port at once: what an adapter implements and ``open_store`` returns."""
 
     def close(self) -> None:

@@ -18,6 +18,9 @@ from careflow.hub.ingest.decode import Accepted, PresenceUpdate, Rejected
 __all__ = [
     "UNRESOLVED",
     "AppendResult",
+    "AuditEntry",
+    "AutomationMode",
+    "AutomationSetting",
     "DeadLetter",
     "DeviceRecord",
     "EventFilter",
@@ -31,7 +34,11 @@ __all__ = [
     "Outgoing",
     "OverBound",
     "PresenceChange",
+    "Proposal",
+    "ProposalState",
     "Role",
+    "RuleControl",
+    "RuleControlKind",
     "Severity",
     "SourceGap",
     "StoredEvent",
@@ -305,3 +312,98 @@ class WebSession:
     csrf: str = field(repr=False)
     created_ms: int
     expires_ms: int
+
+
+class ProposalState(StrEnum):
+    """pending → approved / rejected / expired → executed → verified, or failed (its
+    verification did not pass, or it could not run) and then escalated to a person."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    EXECUTED = "executed"
+    VERIFIED = "verified"
+    FAILED = "failed"
+    ESCALATED = "escalated"
+
+
+class AutomationMode(StrEnum):
+    """How far the operations agent goes: ``off`` proposes nothing; ``manual`` (the default)
+    proposes and runs only what a person approved; ``auto`` also runs, unapproved, the actions
+    the registry allows in auto mode."""
+
+    OFF = "off"
+    MANUAL = "manual"
+    AUTO = "auto"
+
+
+class RuleControlKind(StrEnum):
+    """A noisy rule quieted by a person: ``muted`` (incidents still recorded, nothing
+    announced, until it expires) or ``disabled`` (not evaluated at all, until enabled)."""
+
+    MUTED = "muted"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """An action the agent proposes for an incident, from a runbook, with what it found."""
+
+    id: int
+    incident_id: int
+    runbook: str
+    action: str
+    params: Mapping[str, Any]
+    why: str
+    evidence: Mapping[str, Any]
+    dry_run: str
+    expected: str
+    verify: str
+    planner: str  # "runbook", or the model that ranked it
+    state: ProposalState
+    created_ms: int
+    expires_ms: int
+    decided_by: str | None = None
+    decided_ms: int | None = None
+    reason: str | None = None  # why rejected, failed or escalated
+    executed_ms: int | None = None
+    result: Mapping[str, Any] | None = None
+    verified_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audit row: what happened (a proposal's transition, a mode change, a rule muted),
+    who did it, chained to the row before by hash, so an edited or deleted row is found."""
+
+    pos: int
+    at_ms: int
+    actor: str
+    event: str
+    subject: str
+    detail: Mapping[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class AutomationSetting:
+    """The agent's mode, and who set it, when and why."""
+
+    mode: AutomationMode
+    by: str
+    reason: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuleControl:
+    """A rule muted (until ``until_ms``) or disabled (``until_ms`` None), by whom and why."""
+
+    rule: str
+    kind: RuleControlKind
+    until_ms: int | None
+    by: str
+    reason: str
+    at_ms: int

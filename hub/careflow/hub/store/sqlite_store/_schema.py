@@ -16,9 +16,10 @@ _I, _N = IncidentState, NotificationState
 # The layout this code reads and writes, kept in meta.schema_version. 1: any database from
 # before the version was kept (it may lack columns and indexes added since); 2: that layout
 # kept; 3: incident timelines, spent one-tap links, console users and sessions (new tables
-# only: the step to it is the schema's CREATE IF NOT EXISTS). A change of layout adds a version
-# and its step to MIGRATIONS.
-SCHEMA_VERSION = 3
+# only: the step to it is the schema's CREATE IF NOT EXISTS); 4: the operations agent's
+# proposals, audit trail and mode, rule controls, and an index of notifications by incident
+# (again new only). A change of layout adds a version and its step to MIGRATIONS.
+SCHEMA_VERSION = 4
 
 _FACT_COLUMNS = "".join(f", {name}, {name}_ms" for name in FACTS)
 
@@ -191,6 +192,56 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     created_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS notifications_incident ON notifications (incident_id, id);
+CREATE TABLE IF NOT EXISTS proposals (  -- the operations agent's proposals and what became of them
+    id INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL,
+    runbook TEXT NOT NULL,
+    action TEXT NOT NULL,
+    params TEXT NOT NULL,
+    why TEXT NOT NULL,
+    evidence TEXT NOT NULL,
+    dry_run TEXT NOT NULL,
+    expected TEXT NOT NULL,
+    verify TEXT NOT NULL,
+    planner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    decided_by TEXT,
+    decided_ms INTEGER,
+    reason TEXT,
+    executed_ms INTEGER,
+    result TEXT,
+    verified_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS proposals_state ON proposals (state, id);
+CREATE INDEX IF NOT EXISTS proposals_incident ON proposals (incident_id, id);
+CREATE TABLE IF NOT EXISTS audit_log (  -- append-only, each row chained to the one before
+    pos INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS automation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    mode TEXT NOT NULL,
+    by TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rule_controls (  -- noisy rules muted or disabled by a person
+    rule TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    until_ms INTEGER,
+    by TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS web_sessions (  -- by the hash of the cookie, never the cookie
     token_hash TEXT PRIMARY KEY,
     user TEXT NOT NULL,
@@ -233,11 +284,13 @@ def _to_version_2(conn: sqlite3.Connection) -> None:
                  "(code, pos) WHERE log_pos IS NOT NULL")
 
 
-def _to_version_3(conn: sqlite3.Connection) -> None:
-    """Version 3 only adds tables, which the schema creates at every open."""
+def _new_tables_only(conn: sqlite3.Connection) -> None:
+    """Versions 3 and 4 only add tables and indexes, which the schema creates at every open."""
     del conn
 
 
-# version -> the step that brings a database at that version to the next
+# version -> the step that brings a database at that version to the next (3 -> 4 adds tables
+# and an index only, as 2 -> 3 did)
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _to_version_2,
-                                                                2: _to_version_3}
+                                                                2: _new_tables_only,
+                                                                3: _new_tables_only}
