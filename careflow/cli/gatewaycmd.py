@@ -7,20 +7,15 @@ as `careflow-edge ...` of the gateway install.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from typing import Annotated, Any
 
-import paho.mqtt.client as paho
 import typer
 
 from careflow.cli.common import console, deprecated_alias, print_json_lines, settings_from
-from careflow.core.errors import BrokerError, ConfigError
-from careflow.core.mqtt import connect_blocking, make_client
+from careflow.core.errors import ConfigError
 from careflow.edge import cli as edge_cli
 from careflow.edge.commands import ALLOWED
-from careflow.edge.stamper import new_event_id
-from careflow.schemas import command_topic, reply_topic
+from careflow.hub.ops.gateway import send_command
 
 __all__ = ["gateway_app"]
 
@@ -52,44 +47,7 @@ def cmd(
             msg = f"--arg {item!r} must look like KEY=VALUE"
             raise ConfigError(msg)
         args[key] = value
-    settings = settings_from(broker=broker)
-    url = settings.effective_broker_url
-    correlation = new_event_id()
-    answered = threading.Event()
-    reply: dict[str, Any] = {}
-
-    def on_message(_c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
-        try:
-            body = json.loads(message.payload)
-        except ValueError:
-            return
-        if isinstance(body, dict) and body.get("id") == correlation:
-            reply.update(body)
-            answered.set()
-
-    subscribed = threading.Event()
-    client = make_client(client_id=f"careflow-cmd-{correlation}", clean_session=True, url=url,
-                         username=settings.broker_username, password=settings.broker_password,
-                         tls=settings.broker_tls)
-    client.on_message = on_message
-    client.on_subscribe = lambda *_: subscribed.set()
-    def subscribe(connected: paho.Client) -> None:
-        connected.subscribe(reply_topic(gateway), qos=1)
-
-    connect_blocking(client, url, on_connected=subscribe)
-    try:
-        subscribed.wait(5)  # subscribe before asking, so the answer cannot be missed
-        started = time.monotonic()
-        client.publish(command_topic(gateway),
-                       json.dumps({"id": correlation, "name": name, "args": args}), qos=1)
-        if not answered.wait(timeout):
-            msg = (f"no reply from {gateway} within {timeout:g}s. Is it online? "
-                   f"`careflow devices show {gateway}` shows its state.")
-            raise BrokerError(msg)
-        reply["elapsed_ms"] = round((time.monotonic() - started) * 1000, 1)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    reply = send_command(settings_from(broker=broker), gateway, name, args, timeout_s=timeout)
     if as_json:
         print_json_lines([reply])
     else:

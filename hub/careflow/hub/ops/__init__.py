@@ -1,0 +1,1 @@
+"""The operations agent's parts: runbooks, the action registry, gateway commands (issue 14)."""
