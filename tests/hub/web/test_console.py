@@ -193,7 +193,7 @@ def test_an_operator_acknowledges_and_resolves_with_the_timeline_kept(
     assert client.post(f"/incidents/{incident_id}/acknowledge",
                        data={"csrf": "x" * 43}).status_code == 403
     assert console.store.incident(incident_id).state == "open"  # type: ignore[union-attr]
-    done = client.post(f"/incidents/{incident_id}/acknowledge", data={"csrf": csrf})
+    done = client.post(f"/incidents/{incident_id}/acknowledge", data={"csrf": csrf, "seen": "1"})
     assert done.status_code == 303
     assert done.headers["location"] == f"/incidents/{incident_id}?done=acknowledged"
     incident = console.store.incident(incident_id)
@@ -202,16 +202,43 @@ def test_an_operator_acknowledges_and_resolves_with_the_timeline_kept(
     (action,) = console.store.incident_actions(incident_id)
     assert (action.action, action.by, action.via, action.at_ms) == (
         "acknowledge", "olga", "console", NOW)
-    again = client.post(f"/incidents/{incident_id}/acknowledge", data={"csrf": csrf})
+    again = client.post(f"/incidents/{incident_id}/acknowledge",
+                        data={"csrf": csrf, "seen": "1"})
     assert again.status_code == 409 and "Not acknowledged" in again.text
     assert len(console.store.incident_actions(incident_id)) == 1  # nothing recorded
     shown = client.get(done.headers["location"]).text
     assert "Incident acknowledged." in shown and "olga via console" in shown
     assert "Alert to oncall" in shown  # the message queued when it fired
     assert client.post(f"/incidents/{incident_id}/resolve",
-                       data={"csrf": csrf}).status_code == 303
+                       data={"csrf": csrf, "seen": "1"}).status_code == 303
     assert console.store.incident(incident_id).state == "resolved"  # type: ignore[union-attr]
     assert console.woken
+
+
+def test_it_refuses_to_act_on_an_alarm_raised_again_since_the_page_showed_it(
+        console: Console) -> None:
+    """The page's button acts on the raises it showed: a raise after it is a new emergency
+    the operator has not seen, and acknowledging it unseen would stop its escalation."""
+    incident_id = _incident(console.store)
+    client = console.login()
+    page = client.get(f"/incidents/{incident_id}")
+    csrf = csrf_of(page.text)
+    assert 'name="seen" value="1"' in page.text
+    assert console.store.raise_again(incident_id, at_ms=NOW, detail="fell again")
+    for action in ("acknowledge", "resolve"):
+        stale = client.post(f"/incidents/{incident_id}/{action}",
+                            data={"csrf": csrf, "seen": "1"})
+        assert stale.status_code == 409 and "raised again" in stale.text, action
+        assert 'name="seen" value="2"' in stale.text  # the page shows the new raise
+        for seen in ({}, {"seen": ""}, {"seen": "0"}, {"seen": "x"}):
+            assert client.post(f"/incidents/{incident_id}/{action}",
+                               data={"csrf": csrf, **seen}).status_code == 409
+    assert console.store.incident(incident_id).state == "open"  # type: ignore[union-attr]
+    assert console.store.incident_actions(incident_id) == []
+    done = client.post(f"/incidents/{incident_id}/acknowledge",
+                       data={"csrf": csrf, "seen": "2"})
+    assert done.status_code == 303
+    assert console.store.incident(incident_id).state == "acknowledged"  # type: ignore[union-attr]
 
 
 def test_a_viewer_reads_but_a_forged_acknowledge_is_refused(console: Console) -> None:
@@ -327,8 +354,8 @@ def test_behind_a_trusted_proxy_the_header_names_the_user(tmp_path: Path) -> Non
                            headers={"X-Remote-User": "vik"}).status_code == 403
         assert client.post(f"/incidents/{incident_id}/acknowledge",
                            headers={"X-Remote-User": "olga"}).status_code == 403  # no token
-        done = client.post(f"/incidents/{incident_id}/acknowledge", data={"csrf": csrf},
-                           headers={"X-Remote-User": "olga"})
+        done = client.post(f"/incidents/{incident_id}/acknowledge",
+                           data={"csrf": csrf, "seen": "1"}, headers={"X-Remote-User": "olga"})
         assert done.status_code == 303
         assert made.store.incident_actions(incident_id)[0].by == "olga"
         login = client.post("/login", data={"name": "olga", "password": PASSWORD})

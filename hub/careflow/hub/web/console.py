@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ _MAX_BODY = 16 * 1024  # ...so a longer body is refused before it is read
 _HASHING_AT_ONCE = 2
 _MAX_HASHING_WAITING = 16
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+_SEEN = re.compile(r"[1-9][0-9]{0,8}")  # the raises an incident page showed
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
@@ -370,10 +372,23 @@ class _Console:
         if action not in _ACTIONS:
             return self.notice(_Refusal(404, "No such action",
                                         "An incident can be acknowledged or resolved."), who)
+        seen = (await request.form(max_fields=20, max_part_size=_MAX_FORM)).get("seen")
+        if not isinstance(seen, str) or not _SEEN.fullmatch(seen):
+            return await self._incident_page(
+                who, incident_id, status=409,
+                error=f"Not {_ACTIONS[action]}: the form did not say which raise of the alarm "
+                      "it showed. Look at the incident again below, then act.")
         now = self.deps.now_ms()
 
         def change() -> None:
             with self.store.atomically(f"{action} an incident from the console"):
+                incident = self.store.incident(incident_id)
+                if incident is not None and incident.raises != int(seen):
+                    # a new emergency the person has not seen: acting would cover it unseen
+                    msg = (f"it was raised again at {views.format_when(incident.last_raised_ms)}"
+                           f" ({incident.raises} times now) after the page was shown: a new "
+                           "alarm. Look at it again below, then act")
+                    raise RefusedError(msg)
                 if action == "acknowledge":
                     self.store.acknowledge_incident(incident_id, by=who.user, at_ms=now)
                 else:
