@@ -88,6 +88,21 @@ def test_the_limiter_refuses_after_five_failures_until_the_oldest_leaves_the_win
     assert limiter.retry_at("ana", "10.0.0.1", now_ms=15 * MINUTE) == 16 * MINUTE
 
 
+def test_the_limiter_counts_an_ipv6_client_by_its_64_and_a_mapped_ipv4_as_ipv4() -> None:
+    """One IPv6 subscriber holds 2**64 addresses: a new one per try must not mean new tries."""
+    limiter = LoginLimiter()
+    for n in range(5):
+        limiter.failed("ana", f"2001:db8:1:2::{n + 1:x}", now_ms=n)
+    assert limiter.retry_at("ana", "2001:db8:1:2:ffff:ffff:ffff:fffe", now_ms=5) is not None
+    assert limiter.retry_at("ana", "2001:db8:1:2::1%eth0", now_ms=5) is not None
+    assert limiter.retry_at("ana", "2001:db8:1:3::1", now_ms=5) is None  # another subscriber
+    for n in range(5):
+        limiter.failed("bo", "::ffff:10.0.0.1", now_ms=n)
+    assert limiter.retry_at("bo", "10.0.0.1", now_ms=5) is not None
+    assert limiter.retry_at("bo", "10.0.0.2", now_ms=5) is None
+    assert auth.client_network("testclient") == "testclient"
+
+
 def test_the_limiter_keeps_little_of_a_long_name() -> None:
     limiter = LoginLimiter(max_failures=1)
     limiter.failed("x" * 10_000, "a" * 1_000, now_ms=0)

@@ -182,6 +182,19 @@ def test_five_failures_refuse_the_name_from_that_address_for_fifteen_minutes(
     console.login(client=console.client())
 
 
+def test_a_new_ipv6_address_of_the_same_64_gets_no_new_tries(console: Console) -> None:
+    for n in range(5):
+        client = console.client(client=(f"2001:db8:7:7::{n + 1}", 40000))
+        token = csrf_of(client.get("/login").text)
+        assert client.post("/login", data={"name": "olga", "password": "nope",
+                                           "csrf": token}).status_code == 401
+    client = console.client(client=("2001:db8:7:7:abcd::9", 40000))
+    token = csrf_of(client.get("/login").text)
+    assert client.post("/login", data={"name": "olga", "password": PASSWORD,
+                                       "csrf": token}).status_code == 429
+    console.login(client=console.client(client=("2001:db8:7:8::1", 40000)))  # another /64
+
+
 def test_an_operator_acknowledges_and_resolves_with_the_timeline_kept(
         console: Console) -> None:
     incident_id = _incident(console.store)

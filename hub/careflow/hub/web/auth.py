@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections import OrderedDict, deque
@@ -47,6 +48,7 @@ __all__ = [
     "LoginLimiter",
     "Principal",
     "check_password",
+    "client_network",
     "cookie_flags",
     "csrf_matches",
     "hash_password",
@@ -148,14 +150,31 @@ class Principal:
         return self.role is Role.OPERATOR
 
 
+def client_network(address: str) -> str:
+    """Who is trying, as the limiter counts them: an IPv4 address, or an IPv6 address's /64.
+
+    One IPv6 subscriber holds a whole /64 (2**64 addresses, each free to use), so counting by
+    address would give them as many tries as they care to make; an IPv4-mapped address is its
+    IPv4 address. Anything else (no address) is kept as it comes, cut short."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, 64), strict=False))
+    return str(parsed)
+
+
 def _key(user: str, address: str) -> tuple[str, str]:
     """What the limiter remembers of a pair: bounded in size (a valid name is at most 64)."""
-    return user[:80].lower(), address[:64]
+    return user[:80].lower(), client_network(address)
 
 
 @dataclass(slots=True)
 class LoginLimiter:
-    """Failed logins per (user name, client address): after ``max_failures`` inside
+    """Failed logins per (user name, client address or IPv6 /64): after ``max_failures`` inside
     ``window_ms``, that pair is refused until the oldest of them leaves the window.
 
     Bounded: at most ``max_keys`` pairs are remembered (the least recently failed are
