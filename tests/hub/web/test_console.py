@@ -371,6 +371,12 @@ def test_behind_a_trusted_proxy_the_header_names_the_user(tmp_path: Path) -> Non
                            data={"csrf": csrf, "seen": "1"}, headers={"X-Remote-User": "olga"})
         assert done.status_code == 303
         assert made.store.incident_actions(incident_id)[0].by == "olga"
+        for twice in ([("X-Remote-User", "olga"), ("X-Remote-User", "vik")],
+                      [("x-remote-user", "vik"), ("X-REMOTE-USER", "olga")]):
+            doubled = client.get("/", headers=twice)  # a client's own and the proxy's
+            assert doubled.status_code == 400 and "more than once" in doubled.text
+        assert client.get("/", headers={"X-Remote-User": " "}).status_code == 401
+        assert client.get("/", headers={"x-REMOTE-user": "vik"}).status_code == 200
         login = client.post("/login", data={"name": "olga", "password": PASSWORD})
         assert SESSION_COOKIE not in login.headers.get("set-cookie", "")  # no passwords here
 

@@ -144,7 +144,13 @@ class _Console:
         """The signed-in user (None: nobody; a refusal: the proxy named someone we refuse)."""
         header = self.deps.settings.auth_header
         if header is not None:
-            name = request.headers.get(header, "").strip()
+            named = request.headers.getlist(header)
+            if len(named) > 1:  # the proxy's and one the client sent: which is whose?
+                return _Refusal(400, "Not signed in",
+                                f"The request named its user more than once (header {header}). "
+                                "The sign-in proxy must set that header itself, replacing any "
+                                "the browser sent.")
+            name = named[0].strip() if named else ""
             if not name:
                 return _Refusal(401, "Not signed in",
                                 f"The sign-in proxy did not name a user (header {header}). "
