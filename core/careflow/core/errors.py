@@ -16,6 +16,7 @@ The tree::
     ├── InfluxError               InfluxDB refused or could not take a write
     │   └── InfluxRefusedError    InfluxDB refused points themselves (malformed, too old, type)
     ├── TransportError            a notification channel refused a message (permanent or not)
+    ├── ModelError                a language model's endpoint failed or did not answer (``retry``)
     ├── PkiError                  a CA, certificate, CRL or PKI directory is missing or unusable
     │   └── CsrError              a gateway's certificate request is refused (carries a reason code)
     └── ClaimError                the hub refused a gateway's claim or renewal (code, retry_after_s)
@@ -33,6 +34,7 @@ __all__ = [
     "HubRunningError",
     "InfluxError",
     "InfluxRefusedError",
+    "ModelError",
     "PkiError",
     "RefusedError",
     "SessionTakenError",
@@ -132,6 +134,19 @@ class TransportError(CareflowError):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class ModelError(CareflowError):
+    """A language model's chat endpoint (the optional planner) failed: unreachable, too slow,
+    an HTTP error, or an answer that is not a chat completion. The agent then plans without it.
+
+    ``retry``: the same call can succeed later unchanged (down, slow, 5xx, 429); false when the
+    settings must change first (401/403: the key; 404: the URL or the model's name).
+    """
+
+    def __init__(self, message: str, *, retry: bool) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class PkiError(CareflowError):

@@ -28,6 +28,7 @@ from careflow.core.errors import (
     CsrError,
     HubRunningError,
     InfluxError,
+    ModelError,
     PkiError,
     SessionTakenError,
     TransportError,
@@ -56,7 +57,7 @@ _USAGE = (ConfigError, PkiError, HubRunningError, ContractError, BrokerError, Tr
 
 def _can_retry(exc: CareflowError) -> bool:
     """Whether the same command can succeed later unchanged, for the errors that know."""
-    if isinstance(exc, BrokerError | InfluxError):
+    if isinstance(exc, BrokerError | InfluxError | ModelError):
         return exc.retry
     if isinstance(exc, TransportError):
         return not exc.permanent
