@@ -144,25 +144,7 @@ class _Console:
         """The signed-in user (None: nobody; a refusal: the proxy named someone we refuse)."""
         header = self.deps.settings.auth_header
         if header is not None:
-            named = request.headers.getlist(header)
-            if len(named) > 1:  # the proxy's and one the client sent: which is whose?
-                return _Refusal(400, "Not signed in",
-                                f"The request named its user more than once (header {header}). "
-                                "The sign-in proxy must set that header itself, replacing any "
-                                "the browser sent.")
-            name = named[0].strip() if named else ""
-            if not name:
-                return _Refusal(401, "Not signed in",
-                                f"The sign-in proxy did not name a user (header {header}). "
-                                "Open the console through the proxy's address.")
-            user = await self.deps.call(functools.partial(self.store.user, name))
-            if user is None:
-                return _Refusal(403, "Not a careflow user",
-                                f"You are signed in as {name}, who is not a careflow user. An "
-                                f"administrator can add you: careflow users add {name} "
-                                "--role viewer --sso")
-            return Principal(user.name, user.role, auth.header_csrf(self.deps.link_key, name),
-                             "header")
+            return await self._proxy_principal(request, header)
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return None
@@ -171,6 +153,28 @@ class _Console:
         if session is None:
             return None
         return Principal(session.user, session.role, session.csrf, "session")
+
+    async def _proxy_principal(self, request: Request, header: str) -> Principal | _Refusal:
+        """The user the trusted proxy names in ``header`` (or why not)."""
+        named = request.headers.getlist(header)
+        if len(named) > 1:  # the proxy's and one the client sent: which is whose?
+            return _Refusal(400, "Not signed in",
+                            f"The request named its user more than once (header {header}). "
+                            "The sign-in proxy must set that header itself, replacing any "
+                            "the browser sent.")
+        name = named[0].strip() if named else ""
+        if not name:
+            return _Refusal(401, "Not signed in",
+                            f"The sign-in proxy did not name a user (header {header}). "
+                            "Open the console through the proxy's address.")
+        user = await self.deps.call(functools.partial(self.store.user, name))
+        if user is None:
+            return _Refusal(403, "Not a careflow user",
+                            f"You are signed in as {name}, who is not a careflow user. An "
+                            f"administrator can add you: careflow users add {name} "
+                            "--role viewer --sso")
+        return Principal(user.name, user.role, auth.header_csrf(self.deps.link_key, name),
+                         "header")
 
     def page(self, handler: Handler, *, operator: bool = False) -> Callable[[Request],
                                                                               Awaitable[Response]]:
