@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from careflow.cli.app import app
 from careflow.hub.alerting.incidents import default_rules
+from careflow.hub.ops.runbooks import load_runbooks
 
 ROOT = Path(__file__).parents[1]
 RUNBOOKS = sorted(p for p in (ROOT / "runbooks").glob("*.md") if p.name != "README.md")
@@ -31,3 +32,11 @@ def test_the_commands_a_runbook_names_exist(runbook: Path) -> None:
     for command in sorted(commands):
         result = CliRunner().invoke(app, [*command.split(), "--help"])
         assert result.exit_code == 0, f"{runbook.name}: `careflow {command}`: {result.output}"
+
+
+def test_each_rule_links_the_runbook_whose_front_matter_answers_it() -> None:
+    """The link people follow and the runbook the agent follows are one file."""
+    runbooks = load_runbooks(ROOT / "runbooks")
+    for rule in default_rules().rules:
+        assert rule.runbook is not None
+        assert rule.name in runbooks[Path(rule.runbook).stem].rules, rule.name

@@ -15,6 +15,7 @@ from careflow.cli import (
     provisioncmd,
     reportcmd,
     rulescmd,
+    runbookscmd,
     schemascmd,
     silencescmd,
     simcmd,
@@ -46,6 +47,7 @@ app.add_typer(schemascmd.schemas_app, name="schemas")
 app.add_typer(edge_app, name="edge")
 app.add_typer(gatewaycmd.gateway_app, name="gateway")
 app.add_typer(rulescmd.rules_app, name="rules")
+app.add_typer(runbookscmd.runbooks_app, name="runbooks")
 app.add_typer(incidentscmd.incidents_app, name="incidents")
 app.add_typer(notifycmd.notify_app, name="notify")
 app.add_typer(silencescmd.silences_app, name="silences")

@@ -49,7 +49,7 @@ def test_the_list_of_commands_that_change_something_is_complete() -> None:
         ("deadletter", "list"), ("schemas", "validate"), ("rules", "check"), ("rules", "test"),
         ("incidents", "list"), ("incidents", "show"), ("notify", "list"), ("silences", "list"),
         ("provision", "list"), ("provision", "refusals"), ("provision", "watch"),
-        ("ca", "status"), ("users", "list"),
+        ("ca", "status"), ("users", "list"), ("runbooks", "list"), ("runbooks", "check"),
     }
     visible = {path for path, command in COMMANDS.items() if not command.hidden}
     assert visible == reads_or_runs | set(CHANGES_SOMETHING)
