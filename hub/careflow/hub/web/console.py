@@ -65,6 +65,7 @@ _MAX_FORM = 4096  # a console form is a few short fields
 _MAX_BODY = 16 * 1024  # ...so a longer body is refused before it is read
 _HASHING_AT_ONCE = 2
 _MAX_HASHING_WAITING = 16
+_HASHING_PER_CLIENT = 2  # of those, from one client address (an IPv6 /64)
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _SEEN = re.compile(r"[1-9][0-9]{0,8}")  # the raises an incident page showed
 
@@ -115,6 +116,7 @@ class _Console:
         # hub's memory nor hold its cores, so checks run a few at a time, and few may wait.
         self._hashing: anyio.CapacityLimiter | None = None  # made in the event loop
         self._hashing_waiting = 0
+        self._hashing_by_client: dict[str, int] = {}  # checks in hand per client (network)
         self.env = templates()
         self.env.filters["when"] = views.format_when
         self.env.filters["visible"] = views.visible
@@ -258,11 +260,15 @@ class _Console:
                       "min), or ask an administrator to check the name.")
         user = await self.deps.call(functools.partial(self.store.user, name)) \
             if auth.valid_user_name(name) else None
-        if self._hashing_waiting >= _MAX_HASHING_WAITING:
+        client = auth.client_network(address)
+        in_hand = self._hashing_by_client.get(client, 0)
+        if self._hashing_waiting >= _MAX_HASHING_WAITING or in_hand >= _HASHING_PER_CLIENT:
+            # one client cannot fill the queue on its own and keep everyone else out
             return self.render("login.html", status=503, headers={"Retry-After": "5"},
                                login_csrf=given, next=target, name=name,
                                error="Too many logins at once. Please try again in a moment.")
         self._hashing_waiting += 1
+        self._hashing_by_client[client] = in_hand + 1
         try:
             if self._hashing is None:
                 self._hashing = anyio.CapacityLimiter(_HASHING_AT_ONCE)
@@ -270,6 +276,9 @@ class _Console:
                                                         limiter=self._hashing)
         finally:
             self._hashing_waiting -= 1
+            left = self._hashing_by_client.pop(client) - 1
+            if left:
+                self._hashing_by_client[client] = left
         if not ok or user is None:
             self.limiter.failed(name, address, now_ms=now)
             return self._login_form(request, target=target, name=name, status=401,
