@@ -13,7 +13,7 @@ from careflow.hub.store.records import (
     ProposalState,
     RuleControlKind,
 )
-from tests.hub.store.conftest import Adapter, Store
+from tests.hub.store.conftest import OUT, Adapter, Store, opener
 
 P = ProposalState
 
@@ -128,3 +128,18 @@ def test_a_rule_is_muted_until_it_expires_or_disabled_until_enabled(store: Store
     assert store.clear_rule_control("battery-low")
     assert not store.clear_rule_control("battery-low")
     assert [c.rule for c in store.rule_controls()] == ["error-burst"]
+
+
+def test_it_counts_each_rules_incidents_and_notifications_since_a_moment(store: Store) -> None:
+    open_ = opener(store)
+    open_("battery-low", "gw-1", "s-1", at_ms=500, notify=[OUT])  # before: not counted
+    store.resolve_incidents(rule="battery-low", gateway="gw-1", device="s-1", at_ms=600,
+                            by="careflow")
+    open_("battery-low", "gw-1", "s-1", at_ms=1_000, notify=[OUT, ("ops", "t", "b")])
+    open_("battery-low", "gw-1", "s-2", at_ms=2_000)  # muted: recorded, nothing written
+    open_("error-burst", "gw-2", "s-1", at_ms=3_000, notify=[OUT])
+    store.resolve_incidents(rule="error-burst", gateway="gw-2", device="s-1", at_ms=4_000,
+                            by="careflow", notify=[OUT])
+    assert store.rule_activity(since_ms=1_000) == {"battery-low": (2, 2),
+                                                   "error-burst": (1, 2)}
+    assert store.rule_activity(since_ms=5_000) == {}

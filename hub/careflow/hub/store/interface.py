@@ -533,6 +533,11 @@ class RuleControls(Protocol):
         """By rule; with ``now_ms``, only those in force then (a mute ends at ``until_ms``)."""
         ...
 
+    def rule_activity(self, *, since_ms: int) -> dict[str, tuple[int, int]]:
+        """Per rule, the incidents triggered and the notifications written (of its incidents)
+        at or after ``since_ms``: which rule is noisy. Rules with neither are left out."""
+        ...
+
 
 class UnitOfWork(Protocol):
     """Several writes committed as one."""

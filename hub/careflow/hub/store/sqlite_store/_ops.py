@@ -181,3 +181,15 @@ class SqliteOps(SqliteBase):
         return [RuleControl(rule, RuleControlKind(kind), until, by, reason, at)
                 for rule, kind, until, by, reason, at in self._read(sql + " ORDER BY rule",
                                                                      params)]
+
+    def rule_activity(self, *, since_ms: int) -> dict[str, tuple[int, int]]:
+        """Per rule: incidents triggered and notifications written since a moment."""
+        found: dict[str, tuple[int, int]] = {}
+        for rule, count in self._read("SELECT rule, COUNT(*) FROM incidents WHERE triggered_ms "
+                                      ">= ? GROUP BY rule", (since_ms,)):
+            found[rule] = (int(count), 0)
+        for rule, count in self._read(
+                "SELECT i.rule, COUNT(*) FROM notifications n JOIN incidents i ON i.id = "
+                "n.incident_id WHERE n.created_ms >= ? GROUP BY i.rule", (since_ms,)):
+            found[rule] = (found.get(rule, (0, 0))[0], int(count))
+        return found
