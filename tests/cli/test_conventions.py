@@ -31,7 +31,8 @@ CHANGES_SOMETHING = [
     ("silences", "add"), ("silences", "expire"), ("incidents", "ack"), ("incidents", "resolve"),
     ("notify", "test"), ("provision", "register"), ("ca", "init"), ("ca", "crl-refresh"),
     ("replay",), ("report",), ("edge", "claim"), ("gateway", "cmd"), ("users", "add"),
-    ("users", "remove"),
+    ("users", "remove"), ("rules", "mute"), ("rules", "unmute"), ("rules", "disable"),
+    ("rules", "enable"),
 ]
 
 
@@ -47,9 +48,10 @@ def test_the_list_of_commands_that_change_something_is_complete() -> None:
         ("hub",), ("demo",), ("simulate",), ("status",), ("edge", "run"),
         ("events", "query"), ("events", "count"), ("devices", "list"), ("devices", "show"),
         ("deadletter", "list"), ("schemas", "validate"), ("rules", "check"), ("rules", "test"),
-        ("incidents", "list"), ("incidents", "show"), ("notify", "list"), ("silences", "list"),
-        ("provision", "list"), ("provision", "refusals"), ("provision", "watch"),
-        ("ca", "status"), ("users", "list"), ("runbooks", "list"), ("runbooks", "check"),
+        ("rules", "list"), ("incidents", "list"), ("incidents", "show"), ("notify", "list"),
+        ("silences", "list"), ("provision", "list"), ("provision", "refusals"),
+        ("provision", "watch"), ("ca", "status"), ("users", "list"), ("runbooks", "list"),
+        ("runbooks", "check"),
     }
     visible = {path for path, command in COMMANDS.items() if not command.hidden}
     assert visible == reads_or_runs | set(CHANGES_SOMETHING)
