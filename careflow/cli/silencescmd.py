@@ -12,16 +12,20 @@ from careflow.cli.common import (
     DataDirOption,
     JsonOption,
     ListTable,
+    RulesDirOption,
     WideOption,
     console,
     iso_ms,
     parse_when,
     print_json_lines,
+    use_rules_dir,
 )
 from careflow.cli.ops import open_store
 from careflow.core import clock
 from careflow.core.errors import ConfigError, RefusedError
+from careflow.hub.alerting.incidents import default_rules
 from careflow.hub.alerting.mute import Silence
+from careflow.hub.ops.rule_controls import silence_refusal
 
 __all__ = ["silences_app"]
 
@@ -50,8 +54,10 @@ def add(
     by: Annotated[str | None, typer.Option("--by", help="Who [default: login name].")] = None,
     as_json: JsonOption = False,
     data_dir: DataDirOption = None,
+    rules_dir: RulesDirOption = None,
 ) -> None:
-    """Silence matching incidents from now on.
+    """Silence matching incidents from now on. One that covers a critical rule (a care alarm,
+    a gateway offline, the hub's own alerts) must name one gateway, without a pattern.
 
     Example: `careflow silences add -g gw-0042 --for 90m --reason "battery swap by Ola"`.
     """
@@ -62,6 +68,11 @@ def add(
     if (gateway, device, rule) == ("*", "*", "*"):
         msg = "a silence for everything would hide care alarms: narrow it with -g, -d or -r"
         raise ConfigError(msg)
+    use_rules_dir(rules_dir)
+    refusal = silence_refusal(gateway=gateway, rule=rule, severities={
+        r.name: r.severity for r in default_rules().rules})
+    if refusal is not None:
+        raise RefusedError(f"refused: {refusal}")
     now_ms = clock.now_ms()
     ends_ms = 2 * now_ms - parse_when(duration, now_ms=now_ms)
     if ends_ms <= now_ms:
