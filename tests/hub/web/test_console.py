@@ -287,6 +287,39 @@ def test_logging_out_ends_the_session_and_a_removed_user_is_out_at_once(
     assert late.get("/").status_code == 303
 
 
+def test_a_password_changed_while_a_login_is_checked_starts_no_session(
+        console: Console) -> None:
+    """`users add --replace` (a stolen password) ends every session: also the one a login
+    checked against the old hash was about to start, a check (Argon2) being slow."""
+    import asyncio  # noqa: PLC0415
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from starlette.requests import Request  # noqa: PLC0415
+
+    def run(coroutine: Any) -> Any:
+        with ThreadPoolExecutor(1) as thread:  # its own loop (playwright's may be running)
+            return thread.submit(asyncio.run, coroutine).result(timeout=60)
+
+    (login,) = (route for route in console.app.routes
+                if isinstance(route, Route) and route.path == "/login")
+    pages = login.endpoint.__self__  # the console's handlers
+    checked = console.store.user("olga")  # what the login read before its check
+    assert checked is not None
+    console.store.add_user("olga", role="operator", password_hash=hash_password("new " * 4),
+                           at_ms=NOW, replace=True)
+    request = Request({"type": "http", "method": "POST", "path": "/login", "headers": [],
+                       "query_string": b"", "scheme": "http", "server": ("hub", 80)})
+    answer = run(pages._start_session(request, checked, None, "/"))
+    assert answer.status_code == 401 and SESSION_COOKIE not in answer.headers.get(
+        "set-cookie", "")
+    renewed = run(pages._start_session(request, checked, hash_password(PASSWORD), "/"))
+    assert renewed.status_code == 401  # nor is the old password put back
+    assert console.store.user("olga").password_hash != checked.password_hash  # type: ignore[union-attr]
+    console.store.remove_user("olga")
+    assert run(pages._start_session(request, checked, None, "/")).status_code == 401
+    assert console.store.user("olga") is None
+
+
 def test_device_text_is_shown_as_text_never_as_markup(console: Console) -> None:
     stamp = Stamper(gateway="gw-1", device="fall-1")
     store_event(console.store, Stamper(gateway="gw-1"), "provision",

@@ -302,8 +302,13 @@ class _Console:
         token, csrf, now = auth.new_token(), auth.new_token(), self.deps.now_ms()
         old = request.cookies.get(SESSION_COOKIE)
 
-        def start() -> None:
+        def start() -> bool:
             with self.store.atomically("start a console session"):
+                now_user = self.store.user(user.name)
+                if now_user is None or now_user.password_hash != user.password_hash:
+                    # removed, or the password changed while this one was checked: a change
+                    # ends every session, and must end one that was about to start too
+                    return False
                 if rehash is not None:  # stronger parameters than when it was set
                     self.store.add_user(user.name, role=user.role, password_hash=rehash,
                                         at_ms=now, replace=True)
@@ -311,8 +316,11 @@ class _Console:
                     self.store.end_session(auth.token_hash(old))
                 self.store.start_session(auth.token_hash(token), user=user.name, csrf=csrf,
                                          at_ms=now, expires_ms=now + auth.SESSION_TTL_MS)
+                return True
 
-        await self.deps.call(start)
+        if not await self.deps.call(start):
+            return self._login_form(request, target=target, name=user.name, status=401,
+                                    error="Wrong name or password.")
         response = RedirectResponse(target, 303, headers=_HEADERS)
         response.set_cookie(SESSION_COOKIE, token, max_age=auth.SESSION_TTL_MS // 1000,
                             path="/", **self._cookie_flags(request))
