@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from careflow.core.clock import now_ms
 from careflow.core.errors import BrokerError, RefusedError
+from careflow.edge.commands import ALLOWED
 from careflow.hub.ops import actions
 from careflow.hub.ops.actions import (
     CHECKS,
@@ -248,3 +249,26 @@ def test_a_runbook_check_polls_until_it_holds(ctx: ActionContext, stamper: Any) 
     assert late.ok is False
     with pytest.raises(RefusedError, match="does not match"):
         actions.run_check(ctx, "gateway.online", {"gateway": "gw;ls"}, started_ms=NOW)
+
+
+def test_the_gateway_commands_it_sends_are_the_ones_gateways_allow() -> None:
+    sent = {"ping", "diagnostics", "resend", "restart-agent"}
+    names = {argv[4] for name, action in REGISTRY.items() if name.startswith("gateway.")
+             for argv in [action.command({"gateway": "gw-1"})]}
+    assert names == sent and sent <= set(ALLOWED)
+
+
+def test_a_rollback_unmutes_only_a_mute(ctx: ActionContext) -> None:
+    ctx.store.set_rule_control("error-burst", kind="disabled", until_ms=None, by="kari",
+                               reason="broken sensor model", at_ms=NOW)
+    assert actions.rollback(ctx, "rules.mute", {"rule": "error-burst", "for": "1h",
+                                                "reason": "x"})["unmuted"] is False
+    assert [c.kind for c in ctx.store.rule_controls()] == ["disabled"]
+
+
+def test_it_judges_a_clock_by_an_event_sent_since_the_action(ctx: ActionContext,
+                                                              stamper: Any) -> None:
+    _fleet(ctx, stamper)
+    params = {"gateway": "gw-1"}
+    assert actions.run_check(ctx, "clock.in_sync", params, started_ms=NOW).ok is False
+    assert actions.run_check(ctx, "clock.in_sync", params, started_ms=NOW - 10_000).ok is True

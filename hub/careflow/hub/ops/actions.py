@@ -430,7 +430,10 @@ def _muted(ctx: ActionContext, params: Params, _started_ms: int) -> Check:
 
 
 def _unmute(ctx: ActionContext, params: Params) -> Evidence:
-    return {"rule": params["rule"], "unmuted": ctx.store.clear_rule_control(params["rule"])}
+    # only a mute: a rule a person disabled since stays disabled
+    muted = _muted(ctx, params, 0).ok
+    return {"rule": params["rule"],
+            "unmuted": muted and ctx.store.clear_rule_control(params["rule"])}
 
 
 def _ack_open(ctx: ActionContext, params: Params) -> str | None:
@@ -486,6 +489,16 @@ def _device_heard(ctx: ActionContext, params: Params, started_ms: int) -> Check:
                  {"last_seen": _iso(seen)})
 
 
+def _in_sync(ctx: ActionContext, params: Params, started_ms: int) -> Check:
+    gateway = params["gateway"]
+    record = ctx.store.device(gateway, params.get("device") or gateway)
+    if record is None or record.last_seen_ms < started_ms:
+        return Check(False, f"no event from {gateway} since the action to judge its clock by")
+    skew_s = round(record.skew_ms / 1000, 1)
+    return Check(abs(skew_s) <= params.get("max_skew_s", 5), f"{gateway}'s clock is {skew_s} s "
+                 "off the hub's", {"clock_skew_s": skew_s})
+
+
 def _hub_healthy(ctx: ActionContext, _params: Params, _started_ms: int) -> Check:
     report = health_report(ctx.store, ctx.clock())
     lag = report.get("alert_lag_ms")
@@ -505,6 +518,12 @@ CHECKS: dict[str, CheckSpec] = {spec.name: spec for spec in (
               _object(("gateway",), gateway=_ID), _gateway_online),
     CheckSpec("device.heard", "the device sent an event since the action ran",
               _object(("gateway",), gateway=_ID, device=_ID), _device_heard),
+    CheckSpec("clock.in_sync", "the device's newest event, sent since the action ran, carries "
+              "a time within max_skew_s (default 5) of the hub's clock",
+              _object(("gateway",), gateway=_ID, device=_ID,
+                      max_skew_s={"type": "number", "minimum": 0, "maximum": 3600}), _in_sync),
+    CheckSpec("rule.muted", "the rule is muted (its incidents recorded, nothing announced)",
+              _object(("rule",), rule=_RULE), _muted),
     CheckSpec("hub.healthy", "the hub runs, is connected, and evaluates rules within 10 s",
               _object(), _hub_healthy),
 )}
