@@ -370,6 +370,10 @@ def test_unknown_incidents_and_devices_are_clear_pages(console: Console) -> None
     gone = client.post("/incidents/999/acknowledge", data={"csrf": csrf})
     assert gone.status_code == 404 and "There is no incident 999" in gone.text
     assert client.post("/incidents/1/explode", data={"csrf": csrf}).status_code == 404
+    huge = 2**63  # more than SQLite's integers: a clear page, not a server error
+    assert client.get(f"/incidents/{huge}").status_code == 404
+    assert client.post(f"/incidents/{huge}/acknowledge",
+                       data={"csrf": csrf, "seen": "1"}).status_code == 404
 
 
 def test_cookies_are_secure_behind_https(tmp_path: Path) -> None:

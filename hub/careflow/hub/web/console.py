@@ -67,6 +67,7 @@ _HASHING_AT_ONCE = 2
 _MAX_HASHING_WAITING = 16
 _HASHING_PER_CLIENT = 2  # of those, from one client address (an IPv6 /64)
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+_MAX_ID = 2**63 - 1  # an incident id is a SQLite integer
 _SEEN = re.compile(r"[1-9][0-9]{0,8}")  # the raises an incident page showed
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
@@ -373,6 +374,8 @@ class _Console:
     async def _incident_page(self, who: Principal, incident_id: int, *, status: int = 200,
                              error: str | None = None, done: str | None = None) -> Response:
         def read() -> tuple[Incident | None, list[views.TimelineEntry]]:
+            if incident_id > _MAX_ID:  # SQLite cannot even look for it
+                return None, []
             incident = self.store.incident(incident_id)
             if incident is None:
                 return None, []
@@ -396,6 +399,8 @@ class _Console:
         """Acknowledge or resolve, with its timeline entry, in one transaction."""
         incident_id = int(request.path_params["incident_id"])
         action = request.path_params["action"]
+        if incident_id > _MAX_ID:
+            return await self._incident_page(who, incident_id)
         if action not in _ACTIONS:
             return self.notice(_Refusal(404, "No such action",
                                         "An incident can be acknowledged or resolved."), who)
