@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from careflow.core.errors import ConfigError
 from careflow.hub.ops.actions import REGISTRY, Risk, validate_params
@@ -178,3 +180,23 @@ def test_a_file_without_front_matter_is_a_problem(tmp_path: Path) -> None:
         "the agent's YAML, and a closing `---`"]
     runbook, _ = parse_runbook(SHIPPED / "gateway-offline.md")
     assert runbook is not None and runbook.sections[:2] == ("Meaning", "Impact")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 900), st.integers(0, 30),
+       st.text(alphabet="{}[]:-,'\"\n #&*!|>?%@`ab0.", max_size=12))
+def test_a_mangled_runbook_is_problems_never_a_crash(tmp_path_factory: pytest.TempPathFactory,
+                                                     at: int, cut: int, insert: str) -> None:
+    text = (SHIPPED / "error-burst.md").read_text()
+    path = tmp_path_factory.mktemp("fuzz") / "error-burst.md"
+    path.write_text(text[:at] + insert + text[at + cut:])
+    runbook, problems = parse_runbook(path)
+    assert runbook is not None or problems
+    assert all(p.line >= 1 and "\n" not in p.message for p in problems)
+
+
+@pytest.mark.parametrize("front", ["? [a]\n: b", "&a [*a]", "a: &x [1]\nb: *x",
+                                   "!!python/object/apply:os.system [ls]", "[1, 2]"])
+def test_it_refuses_yaml_a_runbook_has_no_use_for(tmp_path: Path, front: str) -> None:
+    problems = problems_of(tmp_path, f"---\n{front}\n---\n" + BODY)
+    assert problems and problems[0].startswith(f"{tmp_path}/rb/rb.md:2: ")

@@ -196,18 +196,28 @@ def render(params: Mapping[str, Any], incident: Incident | Mapping[str, Any]) ->
 
 
 def _plain(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[Any, ...],
-           lines: dict[tuple[Any, ...], int], offset: int) -> Any:  # noqa: ANN401
+           lines: dict[tuple[Any, ...], int], offset: int,
+           seen: set[int]) -> Any:  # noqa: ANN401 - YAML values
+    """The node as plain Python, noting the file line of every value under its key path."""
+    if id(node) in seen:  # an alias: a runbook cannot refer to itself or expand a billion times
+        raise yaml.constructor.ConstructorError(
+            None, None, "anchors and aliases (& and *) are not used in runbooks: spell it out",
+            node.start_mark)
+    seen.add(id(node))
     lines[path] = node.start_mark.line + offset
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
-            lines[(*path, key)] = key_node.start_mark.line + offset
-            out[key] = _plain(loader, value_node, (*path, key), lines, offset)
+            if not isinstance(key, str | int | float | bool | None):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain word, not a list or a mapping",
+                    key_node.start_mark)
+            out[key] = _plain(loader, value_node, (*path, key), lines, offset, seen)
             lines[(*path, key)] = key_node.start_mark.line + offset
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_plain(loader, item, (*path, index), lines, offset)
+        return [_plain(loader, item, (*path, index), lines, offset, seen)
                 for index, item in enumerate(node.value)]
     return loader.construct_object(node, deep=True)
 
@@ -283,10 +293,10 @@ def _step(read: _Reader, where: tuple[Any, ...], item: object, *, section: str,
         return None
     undo = section == "rollback" and "undo" in item
     name = item.get("undo" if undo else "action")
-    unknown = set(item) - {"action", "undo", "params", "why"}
+    unknown = sorted(set(item) - {"action", "undo", "params", "why"}, key=str)
     if unknown:
-        read.add((*where, sorted(unknown)[0]), f"unknown key {sorted(unknown)[0]!r} in a "
-                 f"{section} entry (action, params, why)")
+        read.add((*where, unknown[0]), f"unknown key {unknown[0]!r} in a {section} entry "
+                 "(action, params, why)")
     if not isinstance(name, str) or name not in REGISTRY:
         read.add((*where, "undo" if undo else "action"), f"unknown action {name!r}; the "
                  f"registry has: {', '.join(sorted(REGISTRY))}")
@@ -377,13 +387,15 @@ def parse_runbook(path: Path) -> tuple[Runbook | None, list[Problem]]:
         loader = yaml.SafeLoader(source)
         try:
             node = loader.get_single_node()
-            data = _plain(loader, node, (), lines, first_line) if node is not None else None
+            data = (_plain(loader, node, (), lines, first_line, set()) if node is not None
+                    else None)
         finally:
             loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = first_line + (mark.line if mark is not None else 0)
-        return None, [Problem(path, line, f"the front matter is not YAML: {exc}")]
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+        return None, [Problem(path, line, f"the front matter is not YAML: {what}")]
     read = _Reader(path, lines)
     if not isinstance(data, Mapping):
         read.add((), "the front matter must be a mapping (id, title, rules, diagnose, ...)")
