@@ -254,6 +254,26 @@ def test_it_refuses_to_act_on_an_alarm_raised_again_since_the_page_showed_it(
     assert console.store.incident(incident_id).state == "acknowledged"  # type: ignore[union-attr]
 
 
+def test_an_incident_resolved_by_a_new_raise_points_to_the_new_incident(
+        console: Console) -> None:
+    """An acknowledged alarm raised again is closed and followed by a new incident: its page,
+    and a button pressed on it, must send the operator there, not just say 'resolved'."""
+    incident_id = _incident(console.store)
+    client = console.login()
+    csrf = csrf_of(client.get(f"/incidents/{incident_id}").text)
+    console.store.acknowledge_incident(incident_id, by="kim", at_ms=NOW)
+    newer = console.store.supersede_incident(incident_id, at_ms=NOW + 1, detail="fell again")
+    assert newer is not None
+    refused = client.post(f"/incidents/{incident_id}/resolve", data={"csrf": csrf, "seen": "1"})
+    assert refused.status_code == 409
+    for page in (refused, client.get(f"/incidents/{incident_id}")):
+        assert "Raised again since" in page.text
+        assert f'href="/incidents/{newer}">incident #{newer}</a> is open' in page.text
+    assert "Raised again since" not in client.get(f"/incidents/{newer}").text
+    console.store.resolve_incident(newer, by="kim", at_ms=NOW + 2)
+    assert "Raised again since" not in client.get(f"/incidents/{incident_id}").text
+
+
 def test_a_viewer_reads_but_a_forged_acknowledge_is_refused(console: Console) -> None:
     incident_id = _incident(console.store)
     client = console.login("vik")

@@ -373,21 +373,28 @@ class _Console:
 
     async def _incident_page(self, who: Principal, incident_id: int, *, status: int = 200,
                              error: str | None = None, done: str | None = None) -> Response:
-        def read() -> tuple[Incident | None, list[views.TimelineEntry]]:
+        def read() -> tuple[Incident | None, list[views.TimelineEntry], Incident | None]:
             if incident_id > _MAX_ID:  # SQLite cannot even look for it
-                return None, []
+                return None, [], None
             incident = self.store.incident(incident_id)
             if incident is None:
-                return None, []
-            return incident, views.timeline(incident, self.store.incident_actions(incident_id),
-                                            self.store.incident_notifications(incident_id))
+                return None, [], None
+            newer = None  # resolved, and its alarm raised again since: a new incident has it
+            if incident.state == IncidentState.RESOLVED:
+                newer = self.store.unresolved_incident(rule=incident.rule,
+                                                       gateway=incident.gateway,
+                                                       device=incident.device)
+                newer = newer if newer is not None and newer.id > incident.id else None
+            return (incident, views.timeline(incident, self.store.incident_actions(incident_id),
+                                             self.store.incident_notifications(incident_id)),
+                    newer)
 
-        incident, entries = await self.deps.call(read)
+        incident, entries, newer = await self.deps.call(read)
         if incident is None:
             return self.notice(_Refusal(404, "No such incident",
                                         f"There is no incident {incident_id}."), who)
         return self.render("incident.html", status=status, viewer=who, incident=incident,
-                           timeline=entries, error=error, done=done)
+                           timeline=entries, error=error, done=done, newer=newer)
 
     async def incident(self, request: Request, who: Principal) -> Response:
         """One incident, its timeline, and (for operators) what can be done."""
