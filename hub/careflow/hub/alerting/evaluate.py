@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import heapq
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -164,6 +164,23 @@ class Evaluator:
         self.firing[(rule, subject)] = since_ms
         if isinstance(self._named.get(rule), RateRule):
             self._rates.setdefault((rule, subject), collections.deque())
+
+    def forget_firing(self, rule: str, *, keep: Collection[Subject]) -> int:
+        """Forget that ``rule`` fires for the sources not in ``keep``: changes never recorded
+        (the rule was disabled). Each fires again when its condition is next judged: a
+        threshold at its next value, a rate at the next tick, an absence at the next tick (its
+        deadline is set again from when the source was last heard from); how many."""
+        named = self._named.get(rule)
+        gone = [subject for (name, subject) in self.firing
+                if name == rule and subject not in keep]
+        for subject in gone:
+            del self.firing[(rule, subject)]
+            live = self._alive.get(subject)
+            if isinstance(named, AbsenceRule) and live is not None:
+                self._schedule(named, subject, live)
+            elif isinstance(named, ThresholdRule) and (rule, subject) in self._thresholds:
+                self._pending.add((rule, subject))  # still breached: fires at the next tick
+        return len(gone)
 
     def tick(self, now_ms: int) -> list[Transition]:
         """Let time pass: absences, threshold ``for`` windows and rate windows move on."""

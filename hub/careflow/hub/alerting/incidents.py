@@ -56,6 +56,7 @@ from careflow.hub.alerting.selfwatch import (
     lagging_since,
 )
 from careflow.hub.fleet.sites import SiteBook
+from careflow.hub.ops.rule_controls import InForce, announce_again, describe, in_force
 from careflow.hub.stage import Committed
 from careflow.hub.store.interface import (
     CONFLICTS_CURSOR,
@@ -66,9 +67,19 @@ from careflow.hub.store.interface import (
     Incidents,
     Mutes,
     Outbox,
+    RuleControls,
     UnitOfWork,
 )
-from careflow.hub.store.records import DeadLetter, EventFilter, Incident, StoredEvent
+from careflow.hub.store.records import (
+    UNRESOLVED,
+    DeadLetter,
+    EventFilter,
+    Incident,
+    IncidentState,
+    NotificationKind,
+    RuleControl,
+    StoredEvent,
+)
 from careflow.schemas import decode_json, validate_event
 
 __all__ = [
@@ -105,6 +116,9 @@ CATCH_UP_PER_CALL = 20 * CATCH_UP_CHUNK
 REMIND_PER_TICK = 1_000
 # A plan the store outdated (a compare-and-set lost) is made again at most this often.
 PLAN_ATTEMPTS = 3
+# The rules a person muted or disabled are read from the store at most this often (the writer
+# thread's 250 ms tick and every commit must stay cheap); a mute's end is judged at every tick.
+CONTROLS_REFRESH_MS = 1_000
 
 
 class _PlanOutdatedError(Exception):
@@ -182,8 +196,10 @@ def conflicting_alarm(letter: DeadLetter) -> Observation | None:
                        value["data"])
 
 
-class AlertStore(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, UnitOfWork, Protocol):
-    """What the alert stage uses of the store (the outbox: for the hub's self-checks)."""
+class AlertStore(EventLog, Fleet, Incidents, Outbox, Mutes, Cursors, RuleControls, UnitOfWork,
+                 Protocol):
+    """What the alert stage uses of the store (the outbox: for the hub's self-checks and the
+    end of a rule's mute)."""
 
 
 class AlertStage:
@@ -222,6 +238,14 @@ class AlertStage:
         self._stale_since_ms: int | None = None
         self._retry_at_ms = 0
         self.muted = 0
+        # rules muted or disabled by a person (careflow rules mute/disable): the store's rows,
+        # read at most every CONTROLS_REFRESH_MS, and what is in force as of the last tick
+        self._severities = {**SELF_RULES, **{name: r.severity for name, r in self.rules.items()}}
+        self._control_rows: tuple[RuleControl, ...] = ()
+        self._controls_read_ms: int | None = None
+        self._in_force: InForce | None = None
+        # rules no longer quieted -> since when: what they opened before is to be announced
+        self._announce: dict[str, int] = {}
         # Non-critical alerts wait this long so that a burst on one gateway becomes one message
         # (Alertmanager's group_wait); critical ones, care alarms above all, never wait. Set from
         # the rules' `routing:` section; a route may set its own.
@@ -388,6 +412,7 @@ class AlertStage:
         if self._last_tick_ms is not None:  # a late tick judges absences late by as much
             self._lag_ms = max(self._lag_ms, now_ms - self._last_tick_ms)
         self._last_tick_ms = now_ms
+        self._refresh_controls(now_ms, diff=True)
         # the clock is judged only once the rules have seen everything stored
         if self._catch_up(now_ms, look_at_the_log=True):
             self._guarded(now_ms, lambda: self._step(
@@ -396,7 +421,81 @@ class AlertStage:
         if self._stale_since_ms is None:  # a long catch-up keeps its progress too
             self._save_progress(now_ms)
         if self.channels:
+            if self._announce:
+                self._announce_unquieted(now_ms)
             self._remind(now_ms)
+
+    def in_force(self, now_ms: int) -> InForce:
+        """The rule controls in force (as of the last tick, once one has run)."""
+        if self._in_force is None:
+            self._refresh_controls(now_ms, diff=False)
+        assert self._in_force is not None
+        return self._in_force
+
+    def _refresh_controls(self, now_ms: int, *, diff: bool) -> None:
+        """Judge the rule controls at ``now_ms`` (reading the store's rows when due). With
+        ``diff``: a rule enabled again has its never-recorded firings forgotten (they fire
+        again), and a rule no longer quieted has what it holds open announced."""
+        read = self._controls_read_ms
+        if read is None or not 0 <= now_ms - read < CONTROLS_REFRESH_MS:
+            self._controls_read_ms = now_ms
+            try:
+                self._control_rows = tuple(self.store.rule_controls())
+            except StoreError as exc:  # the last rows read stay (a mute still ends in time)
+                log.warning("cannot read the rule controls", extra={"error": str(exc)})
+            except Exception:  # a bug: announce rather than hold
+                log.exception("cannot read the rule controls; none is applied")
+                self._control_rows = ()
+        before, now = self._in_force, in_force(self._control_rows, self._severities, now_ms)
+        self._in_force = now
+        if not diff or before is None:
+            return
+        for rule in before.disabled.keys() - now.disabled.keys():
+            keep = {(i.gateway, i.device) for i in self.store.incidents(
+                states=UNRESOLVED, limit=100_000) if i.rule == rule}
+            forgotten = self.evaluator.forget_firing(rule, keep=keep)
+            log.warning("rule enabled again", extra={"rule": rule, "firing_again": forgotten})
+        for rule in {*before.muted, *before.disabled} - {*now.muted, *now.disabled}:
+            control = before.quieted(rule)
+            log.warning("rule announced again", extra={"rule": rule, "was": describe(control)
+                                                       if control else None})
+            self._announce.setdefault(rule, now_ms)
+
+    def _quieted(self, now_ms: int) -> dict[str, str]:
+        """Rule -> who quieted it and why, for the planners (never a critical rule)."""
+        now = self.in_force(now_ms)
+        return {rule: describe(control) for rule, control in
+                {**now.muted, **now.disabled}.items()} if now else {}
+
+    def _announce_unquieted(self, now_ms: int) -> None:
+        """A rule's mute ended (or it was enabled): announce what it holds open and
+        unacknowledged, none of which went out meanwhile; one message per channel, written in
+        one transaction (retried at the next tick if the store refuses)."""
+        rules = dict(self._announce)
+        try:
+            with self.store.atomically("announce rules no longer muted"):
+                held = [i for i in self.store.incidents(states=(IncidentState.OPEN,),
+                                                         limit=100_000)
+                        if i.triggered_ms < rules.get(i.rule, 0)]  # not the ones announced
+                for rule in sorted(rules):
+                    incidents = sorted((i for i in held if i.rule == rule), key=lambda i: i.id)
+                    channels = dict.fromkeys(
+                        name for i in incidents for name in self._decide(
+                            i.rule, i.severity, i.gateway, i.device).channels
+                        if name in self.channels)
+                    if not incidents or not channels:
+                        continue
+                    title, body = announce_again(rule, incidents)
+                    for channel in channels:
+                        self.store.queue_notification(channel, kind=NotificationKind.DIGEST,
+                                                      title=title, body=body, at_ms=now_ms)
+        except StoreError as exc:
+            log.warning("cannot announce a rule no longer muted; trying again",
+                        extra={"error": str(exc), "rules": sorted(rules)})
+            return
+        for rule in rules:
+            del self._announce[rule]
+        self.on_queued()
 
     def _catch_up(self, now_ms: int, *, look_at_the_log: bool = False) -> bool:
         """Evaluate from the log whatever is stored and not yet evaluated (events, then
@@ -547,7 +646,13 @@ class AlertStage:
     def _step(self, transitions: list[Transition], events_pos: int, conflicts_pos: int,
               now_ms: int) -> None:
         """Record the changes found up to these positions together with the cursors (one
-        transaction); with no changes, only move on in memory (see _save_progress)."""
+        transaction); with no changes, only move on in memory (see _save_progress). A rule a
+        person disabled opens nothing (what it holds open may still resolve, unannounced)."""
+        if transitions:
+            disabled = self.in_force(now_ms).disabled
+            if disabled:
+                transitions = [t for t in transitions
+                               if t.status != "firing" or t.rule not in disabled]
         if transitions or self._failed:
             try:
                 self._record(transitions, events_pos, conflicts_pos, now_ms)
@@ -669,7 +774,8 @@ class AlertStage:
                                                    since_ms=at_ms - FLAP_WINDOW_MS))
                 for key, at_ms in since.items()}, {}),
             silences=tuple(sorted(silences.values(), key=lambda s: -s.id)),  # newest first
-            offline=offline, gateway_firing=gateway_firing, groups=timing)
+            offline=offline, gateway_firing=gateway_firing, groups=timing,
+            quieted=self._quieted(max((t.at_ms for t in transitions), default=0)))
 
     @staticmethod
     def _for_changes(needed_by: Sequence[int], read: Callable[[], _T]) -> _T:
@@ -964,7 +1070,8 @@ class AlertStage:
         offline, gateway_firing = self._inhibition_facts(absent)
         return ReminderSnapshot(now_ms=now_ms, due=due, silences=self._for_muting(
             "the silences", lambda: tuple(self.store.silences(active_at_ms=now_ms)), ()),
-                                offline=offline, gateway_firing=gateway_firing)
+                                offline=offline, gateway_firing=gateway_firing,
+                                quieted=self._quieted(now_ms))
 
     def _setup(self) -> Setup:
         """What the pure planners need to know of this stage's configuration."""

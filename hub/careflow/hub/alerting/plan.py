@@ -28,6 +28,7 @@ from careflow.hub.alerting.routing import (
 )
 from careflow.hub.alerting.rules import EscalationStep, Routing, Rule
 from careflow.hub.alerting.selfwatch import HUB_DEVICE, HUB_GATEWAY, SELF_RULES
+from careflow.hub.ops.rule_controls import quiet_refusal
 from careflow.hub.store.records import Incident, IncidentState, Outgoing, Severity
 
 __all__ = [
@@ -118,6 +119,9 @@ class ChangeSnapshot:
     gateway_firing: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # (gw, gw)'s
     groups: Mapping[tuple[str, str], GroupTiming] = field(default_factory=dict)
     failing: Mapping[str, str] = field(default_factory=dict)  # channels failing, with why
+    # rules a person muted or disabled (careflow rules mute), with who and why: never a
+    # critical one (careflow.hub.ops.rule_controls, checked again here)
+    quieted: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +133,7 @@ class ReminderSnapshot:
     silences: tuple[Silence, ...]  # active now
     offline: frozenset[str] = frozenset()
     gateway_firing: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    quieted: Mapping[str, str] = field(default_factory=dict)  # as in ChangeSnapshot
 
 
 # -- what the plan asks for -------------------------------------------------------------------
@@ -454,6 +459,9 @@ def _muted(view: _View, rule: Rule, transition: Transition) -> str | None:
             [at for at in view.triggers.get(key, ()) if at >= transition.at_ms - FLAP_WINDOW_MS],
             now_ms=transition.at_ms):
         return "flapping: it fired and cleared again and again; see careflow incidents list"
+    quieted = _quieted(view.snapshot.quieted, rule.name, rule.severity)
+    if quieted is not None:
+        return quieted
     silence = silenced_by(view.snapshot.silences, rule.name, transition.gateway,
                           transition.device, transition.at_ms)
     if silence is not None:
@@ -465,6 +473,15 @@ def _muted(view: _View, rule: Rule, transition: Transition) -> str | None:
                                                          transition.gateway),
                         gateway_announced_by=_gateway_rule_firing(
                             view.setup, view.snapshot.gateway_firing, rule, transition.gateway))
+
+
+def _quieted(quieted: Mapping[str, str], rule: str, severity: str) -> str | None:
+    """Why a rule a person quieted is not announced; never a critical one, whatever the
+    snapshot says (a care alarm is never muted by mistake)."""
+    why = quieted.get(rule)
+    if why is None or quiet_refusal(rule, severity) is not None:
+        return None
+    return f"rule {why}"
 
 
 def _gateway_offline(setup: Setup, offline: frozenset[str],
@@ -645,15 +662,18 @@ def plan_reminders(snapshot: ReminderSnapshot, setup: Setup) -> tuple[Remind | R
                                  repeat_interval_ms=decision.repeat_interval_ms)
         silenced = silenced_by(snapshot.silences, incident.rule, incident.gateway,
                                incident.device, now)
+        quieted = _quieted(snapshot.quieted, incident.rule, incident.severity)
         if due is Reminder.ESCALATE:
-            if silenced is None:
+            if silenced is None and quieted is None:
                 out.append(_reminder(setup, incident, due, steps[sent].channels, now,
                                      after))
             else:  # a silenced step waits for the silence to end (or to be expired early)
-                out.append(Reschedule(incident_id=incident.id,
-                                      next_due_ms=min(silenced.ends_ms, now + SILENCED_RECHECK_MS)))
+                ends_ms = now + SILENCED_RECHECK_MS
+                out.append(Reschedule(incident_id=incident.id, next_due_ms=ends_ms if
+                                      silenced is None else min(silenced.ends_ms, ends_ms)))
             continue
-        muted = silenced is not None or _inhibited(setup, snapshot, incident)
+        muted = silenced is not None or quieted is not None or _inhibited(setup, snapshot,
+                                                                          incident)
         channels = () if due is Reminder.SKIP or muted else decision.channels
         out.append(_reminder(setup, incident, due, channels, now, after))
     return tuple(out)

@@ -17,17 +17,19 @@ behind careflow's back, or a rule made critical since it was muted, never quiets
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from careflow.hub.alerting.selfwatch import SELF_RULES
-from careflow.hub.store.records import RuleControl, RuleControlKind
+from careflow.hub.store.records import Incident, RuleControl, RuleControlKind
 
 __all__ = [
     "ALWAYS_ANNOUNCED",
     "MAX_MUTE_MS",
     "SELF_RULE_PREFIX",
     "InForce",
+    "announce_again",
     "describe",
     "in_force",
     "mute_refusal",
@@ -105,10 +107,30 @@ def in_force(controls: Iterable[RuleControl], severities: Mapping[str, str],
 
 
 def describe(control: RuleControl, *, iso: str | None = None) -> str:
-    """One line for people: status, digests, logs (``iso``: the mute's end, formatted)."""
+    """One line for people: status, digests, logs (``iso``: the mute's end as the caller
+    writes times; by default UTC to the minute)."""
     if control.kind is RuleControlKind.DISABLED:
         return f"{control.rule} disabled by {control.by}: {control.reason}"
-    return f"{control.rule} muted until {iso or control.until_ms} by {control.by}: {control.reason}"
+    until = iso or _utc(control.until_ms or 0)
+    return f"{control.rule} muted until {until} by {control.by}: {control.reason}"
+
+
+def _utc(at_ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at_ms / 1000))
+
+
+def announce_again(rule: str, open_incidents: Sequence[Incident], *,
+                   limit: int = 10) -> tuple[str, str]:
+    """The message when a rule's mute (or disable) ends and some of its incidents are still
+    open and unacknowledged: nothing about them was announced meanwhile (title, body)."""
+    lines = [f"- #{i.id} {i.gateway}/{i.device}: {i.summary} (since {_utc(i.triggered_ms)})"
+             for i in open_incidents[:limit]]
+    more = len(open_incidents) - limit
+    if more > 0:
+        lines.append(f"- and {more} more: careflow incidents list")
+    return (f"{rule} is announced again: {len(open_incidents)} incident(s) still open",
+            f"The rule {rule} was muted or disabled, so these were not announced. Still open "
+            "and unacknowledged:\n" + "\n".join(lines))
 
 
 def silence_refusal(*, gateway: str, rule: str, severities: Mapping[str, str]) -> str | None:
