@@ -227,9 +227,15 @@ def test_it_mutes_a_noisy_rule_and_never_a_care_alarm(ctx: ActionContext) -> Non
     assert execute(ctx, "rules.mute", params)["kind"] == "muted"
     assert verify(ctx, "rules.mute", params, started_ms=NOW).ok is True
     assert actions.rollback(ctx, "rules.mute", params) == {"rule": "error-burst", "unmuted": True}
-    for rule in ("care-alarm", "hub-alerts-lagging"):
+    assert [(a.event, a.subject) for a in ctx.store.audit_log()] == [
+        ("rule.muted", "rule error-burst")]
+    for rule in ("care-alarm", "gateway-offline", "hub-alerts-lagging"):
         with pytest.raises(RefusedError, match="never muted"):
             execute(ctx, "rules.mute", {**params, "rule": rule})
+    with pytest.raises(RefusedError, match="at most 7 days"):
+        execute(ctx, "rules.mute", {**params, "for": "8d"})
+    with pytest.raises(RefusedError, match="no rule 'no-such-rule'"):
+        execute(ctx, "rules.mute", {**params, "rule": "no-such-rule"})
     assert ctx.store.rule_controls() == []
 
 

@@ -37,9 +37,11 @@ from jsonschema import Draft202012Validator
 from careflow.core.clock import Clock
 from careflow.core.config import Settings
 from careflow.core.errors import CareflowError, PkiError, RefusedError
+from careflow.hub.alerting.incidents import default_rules
 from careflow.hub.alerting.selfwatch import SELF_RULES
 from careflow.hub.fleet.presence import device_state
 from careflow.hub.ops.gateway import GatewayCommands
+from careflow.hub.ops.rule_controls import mute_refusal, quiet_refusal
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import (
     UNRESOLVED,
@@ -100,10 +102,6 @@ _INCIDENT = {"type": "integer", "minimum": 1}
 _RULE = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.-]{0,63}(?![\s\S])"}
 STALE_HEALTH_MS = 5_000  # as `careflow status`: an older health report means the hub is down
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-# Care alarms and the hub watching itself are never quieted by the agent (nor by anyone:
-# rules mute refuses them too).
-_NEVER_MUTED = frozenset({"care-alarm", "refused-care-alarm", "spool-entry-unreadable",
-                          *SELF_RULES})
 
 
 class Risk(StrEnum):
@@ -405,18 +403,30 @@ def _resume(ctx: ActionContext, params: Params) -> Evidence:
             "resumed": ctx.store.resume(params["gateway"], params.get("device"))}
 
 
+def _severities() -> dict[str, str]:
+    """The severities of the rules the hub loads (CAREFLOW_RULES_DIR or shipped) and its own."""
+    return {**SELF_RULES, **{rule.name: rule.severity for rule in default_rules().rules}}
+
+
 def _mutable(_ctx: ActionContext, params: Params) -> str | None:
-    if params["rule"] in _NEVER_MUTED:
-        return (f"{params['rule']} is never muted: care alarms and the hub's own alerts are "
-                "always announced")
-    return None
+    """As `careflow rules mute` decides: never a critical rule (care alarms, gateways offline)
+    nor the hub's own, and a mute ends within a week."""
+    return (quiet_refusal(params["rule"], _severities().get(params["rule"]))
+            or mute_refusal(_duration_ms(params["for"])))
 
 
 def _mute(ctx: ActionContext, params: Params) -> Evidence:
     now_ms = ctx.clock()
-    control = ctx.store.set_rule_control(
-        params["rule"], kind=RuleControlKind.MUTED, until_ms=now_ms + _duration_ms(params["for"]),
-        by=params.get("by", "careflow-agent"), reason=params["reason"], at_ms=now_ms)
+    by = params.get("by", "careflow-agent")
+    until_ms = now_ms + _duration_ms(params["for"])
+    with ctx.store.atomically("mute a rule"):
+        control = ctx.store.set_rule_control(params["rule"], kind=RuleControlKind.MUTED,
+                                             until_ms=until_ms, by=by, reason=params["reason"],
+                                             at_ms=now_ms)
+        # the same row `careflow rules mute` writes, so every mute reads alike in the log
+        ctx.store.append_audit(at_ms=now_ms, actor=by, event="rule.muted",
+                               subject=f"rule {params['rule']}",
+                               detail={"reason": params["reason"], "until": _iso(until_ms)})
     return {"rule": control.rule, "kind": str(control.kind), "until": _iso(control.until_ms),
             "reason": control.reason, "by": control.by}
 
