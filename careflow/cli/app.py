@@ -10,6 +10,7 @@ from careflow.cli import (
     gatewaycmd,
     hubcmd,
     incidentscmd,
+    mcpcmd,
     notifycmd,
     ops,
     provisioncmd,
@@ -40,6 +41,7 @@ app.command("replay")(ops.replay_command)
 app.command("simulate")(simcmd.simulate)
 app.command("demo")(simcmd.demo)
 app.command("report")(reportcmd.report)
+app.command("mcp")(mcpcmd.mcp)
 app.add_typer(ops.events_app, name="events")
 app.add_typer(ops.devices_app, name="devices")
 app.add_typer(ops.deadletter_app, name="deadletter")

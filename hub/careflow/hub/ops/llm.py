@@ -38,8 +38,10 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from careflow.core.config import read_secret
 from careflow.core.errors import ConfigError, ModelError, RefusedError
+from careflow.hub.ops.actions import REGISTRY
+from careflow.hub.ops.runbooks import CARE_ALARM_RULES, Runbook, render
 from careflow.hub.store.interface import Audit, Proposals
-from careflow.hub.store.records import Proposal
+from careflow.hub.store.records import Incident, Proposal
 
 __all__ = [
     "MAX_CHOICES",
@@ -60,6 +62,7 @@ __all__ = [
     "parse_reply",
     "propose_with_model",
     "record_in_store",
+    "runbook_options",
 ]
 
 Params: TypeAlias = Mapping[str, Any]
@@ -157,6 +160,28 @@ class Option:
     risk: str = "read"
     verify: str = ""
     command: Callable[[Params], Sequence[str]] = lambda _p: ()
+
+
+def runbook_options(runbook: Runbook, incident: Incident) -> tuple[Option, ...]:
+    """What the runbook lets anyone propose for this incident, as the fence knows it: each
+    action it lists (not its undo steps), with the registry's schema and the runbook's
+    parameters filled from the incident as the fixed ones. None for a care alarm (a person
+    acts) or a read-only runbook."""
+    if runbook.read_only or incident.rule in CARE_ALARM_RULES:
+        return ()
+    options = []
+    for step in runbook.actions:
+        found = REGISTRY.get(step.action)
+        if step.undo or found is None:  # an unknown action fails `careflow runbooks check`
+            continue
+        verification = found.verification
+        options.append(Option(
+            step.action, step.why or found.summary, found.params,
+            fixed=render(step.params, incident), risk=str(found.risk),
+            verify="" if verification is None else
+            f"{verification.summary} (within {verification.deadline_s:g} s)",
+            command=found.command))
+    return tuple(options)
 
 
 @dataclass(frozen=True, slots=True)
