@@ -1,21 +1,126 @@
-"""careflow-check.sh proves the pipeline end to end; it must pass on a working checkout."""
+"""careflow-check.sh proves what careflow promises, stage by stage; it must pass on a working
+checkout, fail naming the stage when the hub dies under it, and --live must leave on-call alone."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from careflow.hub.alerting.routing import CHECK_CHANNEL, decide
+from careflow.hub.alerting.rules import load_rules
+from tests.conftest import JsonReceiver, careflow_cmd, free_port, wait_until
+
 ROOT = Path(__file__).parents[1]
+CAREFLOW = str(Path(sys.executable).parent / "careflow")
+STAGE = re.compile(r"^(PASS|FAIL|SKIP)  (.+?)\s+(\d+) ms  (.*)$")
 
 
+def stages(stdout: str) -> dict[str, str]:
+    """Stage name → PASS, FAIL or SKIP."""
+    return {m[2]: m[1] for line in stdout.splitlines() if (m := STAGE.match(line))}
+
+
+def check_env(**extra: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "CAREFLOW_BIN": CAREFLOW, "HOME": os.environ.get("HOME", "/"),
+            **extra}
+
+
+@pytest.mark.slow
 def test_it_passes_end_to_end() -> None:
-    careflow = Path(sys.executable).parent / "careflow"
     done = subprocess.run(["bash", str(ROOT / "careflow-check.sh")], capture_output=True,
-                          text=True, timeout=180, check=False,
-                          env={"PATH": "/usr/bin:/bin", "CAREFLOW_BIN": str(careflow)})
+                          text=True, timeout=300, check=False, env=check_env())
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("PASS")
+    verdicts = stages(done.stdout)
+    assert list(verdicts) == ["hub starts", "gateway online", "readings stored once",
+                              "confirmed to the gateway", "no gaps, no dead letters",
+                              "alerts route", "dashboards' queries", "provisioning",
+                              "runbook dry run"]
+    assert all(v == "PASS" for name, v in verdicts.items()
+               if name not in {"dashboards' queries", "runbook dry run"}), done.stdout
+    if os.path.exists("/usr/bin/influxd"):
+        assert verdicts["dashboards' queries"] == "PASS", done.stdout
+
+
+@pytest.mark.slow
+def test_it_fails_naming_the_stage_when_the_hub_is_killed_mid_run() -> None:
+    check = subprocess.Popen(["bash", str(ROOT / "careflow-check.sh")], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=check_env())
+    assert check.stdout is not None
+    lines = []
+    for line in check.stdout:
+        lines.append(line)
+        if line.startswith("PASS  hub starts"):
+            pid = re.search(r"hub pid (\d+)", line)
+            assert pid, line
+            os.kill(int(pid[1]), signal.SIGKILL)
+    assert check.wait(timeout=120) == 1, "".join(lines)
+    assert stages("".join(lines))["gateway online"] == "FAIL", "".join(lines)
+    assert lines[-1].startswith("FAIL: gateway online: "), "".join(lines)
+
+
+def test_it_routes_the_check_gateways_away_from_on_call_in_the_shipped_rules() -> None:
+    """--live's synthetic gateway (check-*) must never page on-call, whatever its severity."""
+    rules = load_rules([ROOT / "rules"])
+    policies = {"critical": (), "warning": ()}
+    for severity in ("critical", "warning", "info"):
+        check = decide(rules.routing, {"severity": severity, "rule": "care-alarm",
+                                       "gateway": "check-host-1", "device": "sos-1"}, policies)
+        assert check.channels == (CHECK_CHANNEL,) and check.escalation is None
+    real = decide(rules.routing, {"severity": "critical", "rule": "care-alarm",
+                                  "gateway": "gw-0001", "device": "sos-1"}, policies)
+    assert real.channels == ("oncall",)
+
+
+def test_it_refuses_to_provision_a_gateway_id_under_the_check_prefix(tmp_path: Path) -> None:
+    done = subprocess.run(careflow_cmd("provision", "register", "--serial", "SN-9", "--site", "s",
+                                       "--gateway-id", "check-real-home"),
+                          env={**os.environ, "CAREFLOW_DATA_DIR": str(tmp_path)},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "reserved" in done.stderr, done.stderr
+
+
+@pytest.fixture
+def receiver() -> Iterator[JsonReceiver]:
+    server = JsonReceiver()
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_it_checks_a_live_installation_without_paging_on_call(
+        tmp_path: Path, receiver: JsonReceiver) -> None:
+    """A running hub whose channels are oncall and ops only (no CAREFLOW_CHANNEL_CHECK): the
+    synthetic gateway's care alarm is recorded and reaches neither."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "CAREFLOW_DATA_DIR": str(tmp_path / "data"),
+           "CAREFLOW_LISTEN": f"127.0.0.1:{free_port()}",
+           "CAREFLOW_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+           "CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall"),
+           "CAREFLOW_CHANNEL_OPS": receiver.url("/ops")}
+    with (tmp_path / "hub.log").open("ab") as log:
+        hub = subprocess.Popen(careflow_cmd("hub"), env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: subprocess.run([CAREFLOW, "status"], env=env, capture_output=True,
+                                          check=False).returncode == 0, timeout_s=60,
+                   what="the hub")
+        done = subprocess.run(["bash", str(ROOT / "careflow-check.sh"), "--live"],
+                              capture_output=True, text=True, timeout=300, check=False,
+                              env={**env, "CAREFLOW_BIN": CAREFLOW})
+        assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "hub.log").read_text()
+        assert stages(done.stdout) == {"health (read-only)": "PASS",
+                                       "synthetic gateway check-*": "PASS"}
+        incidents = subprocess.run([CAREFLOW, "incidents", "list", "--state", "resolved", "--json"], env=env,
+                                   capture_output=True, text=True, check=True).stdout
+        assert "care-alarm" in incidents and '"check-' in incidents
+        assert receiver.requests == [], receiver.requests
+    finally:
+        hub.terminate()
+        hub.wait(timeout=20)

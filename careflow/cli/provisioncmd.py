@@ -89,6 +89,11 @@ def register(
         raise ConfigError(msg)
     token = new_token()
     gateway = gateway_id or gateway_id_for(serial)
+    if gateway.startswith("check-"):  # the shipped rules route check-* away from on-call
+        msg = (f"gateway id {gateway!r}: ids starting with check- are reserved for "
+               "careflow-check.sh --live, whose incidents never page on-call; choose another "
+               "--gateway-id")
+        raise ConfigError(msg)
     registry = _registry(settings)
     try:
         decision = registry.register(serial=serial, site=site, gateway_id=gateway,

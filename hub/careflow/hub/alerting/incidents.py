@@ -46,7 +46,13 @@ from careflow.hub.alerting.plan import (
     plan_reminders,
     plan_self_check,
 )
-from careflow.hub.alerting.routing import Decision, Reminder, decide, reachable_channels
+from careflow.hub.alerting.routing import (
+    CHECK_CHANNEL,
+    Decision,
+    Reminder,
+    decide,
+    reachable_channels,
+)
 from careflow.hub.alerting.rules import RuleSet, load_rules
 from careflow.hub.alerting.selfwatch import (
     HUB_DEVICE,
@@ -288,7 +294,7 @@ class AlertStage:
                         raise ConfigError(msg)
         for index, item in enumerate(rules.routing.routes):
             for name in item.channels:
-                if name not in self.channels:
+                if name not in self.channels and name != CHECK_CHANNEL:
                     msg = (f"route {index + 1} ({rules.route_origins[index]}) sends to channel "
                            f"{name!r}, which has no URL: set CAREFLOW_CHANNEL_{name.upper()} "
                            "(or ..._FILE)")
@@ -296,7 +302,7 @@ class AlertStage:
         # the hub's own alerts are critical, so the critical route must exist in any case
         for rule in (*rules.rules, *_SELF_RULE_STUBS):
             for name, why in reachable_channels(rules.routing, rule.severity).items():
-                if name not in self.channels:
+                if name not in self.channels and name != CHECK_CHANNEL:
                     msg = (f"rule {rule.name!r} ({rule.severity}) routes to channel {name!r} "
                            f"({why}), which has no URL: set CAREFLOW_CHANNEL_{name.upper()} "
                            "(or ..._FILE)")

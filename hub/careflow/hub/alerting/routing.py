@@ -24,6 +24,7 @@ from enum import StrEnum
 from careflow.hub.alerting.rules import EscalationStep, Routing
 
 __all__ = [
+    "CHECK_CHANNEL",
     "DEFAULT_ROUTE",
     "Decision",
     "Reminder",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_ROUTE = -1  # Decision.route of the built-in default
+# careflow-check.sh --live's channel (shipped route: gateway check-*): may have no URL, its
+# synthetic incidents are then recorded and announced nowhere (never to on-call)
+CHECK_CHANNEL = "check"
 
 
 def default_channels(severity: str) -> tuple[str, ...]:
