@@ -49,6 +49,8 @@ def _password(password_file: Path | None, password_stdin: bool) -> str:
             msg = f"cannot read --password-file {password_file}: {exc.strerror or exc}"
             raise ConfigError(msg) from exc
         password = text.removesuffix("\n").removesuffix("\r")
+    elif password_stdin and sys.stdin.isatty():  # typed, not piped: never on the screen
+        password = typer.prompt("Password", hide_input=True)
     elif password_stdin:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     else:

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import termios
 import time
@@ -72,6 +73,8 @@ def at_a_terminal(data_dir: Path, args: list[str], answers: list[str]) -> tuple[
                            timeout_s=10, what="the prompt to hide the input")
                 os.write(fd, pending.pop(0).encode() + b"\n")
                 asked = len(output)
+    if pending:  # it never asked for what is left: it would wait for it for ever
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
@@ -90,6 +93,14 @@ def test_it_asks_twice_at_a_terminal_and_keeps_only_an_argon2_hash(data_dir: Pat
         assert not check_password(store.user("kari"), PASSWORD + "x")[0]
     finally:
         store.close()
+
+
+def test_password_stdin_at_a_terminal_hides_what_is_typed(data_dir: Path) -> None:
+    code, output = at_a_terminal(data_dir, ["users", "add", "kari", "--role", "viewer",
+                                            "--password-stdin"], [PASSWORD])
+    assert code == 0, output
+    assert PASSWORD not in output and "added kari (viewer)" in output
+    assert stored(data_dir, "kari") is not None
 
 
 def test_two_different_typings_are_asked_again(data_dir: Path) -> None:
