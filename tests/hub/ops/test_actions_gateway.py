@@ -93,6 +93,7 @@ def test_it_pings_and_diagnoses_a_live_gateway(ctx: ActionContext,
     assert ping["elapsed_ms"] < 5000
     diagnostics = execute(ctx, "gateway.diagnostics", {"gateway": "gw-act"})
     assert diagnostics["result"]["boot"] == boot and "outbox_waiting" in diagnostics["result"]
+    wait_until(lambda: execute(ctx, "hub.status", {})["healthy"] is True, what="hub healthy")
     shown = execute(ctx, "device.show", {"gateway": "gw-act"})
     assert shown["presence"]["state"] == "online" and shown["presence"]["boot"] == boot
 
