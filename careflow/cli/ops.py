@@ -27,14 +27,17 @@ from careflow.cli.common import (
     use_rules_dir,
 )
 from careflow.core import clock
-from careflow.core.errors import ConfigError, ContractError, RefusedError
+from careflow.core.errors import CareflowError, ConfigError, ContractError, RefusedError
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
+from careflow.hub.alerting.incidents import default_rules
+from careflow.hub.alerting.selfwatch import SELF_RULES
 from careflow.hub.fleet.presence import PresenceRecord, device_state
+from careflow.hub.ops.rule_controls import describe, in_force
 from careflow.hub.replay import OPT_IN, STAGES, replay
 from careflow.hub.store import adapters
 from careflow.hub.store.interface import Store
-from careflow.hub.store.records import UNRESOLVED, EventFilter, NotificationState
+from careflow.hub.store.records import UNRESOLVED, EventFilter, NotificationState, RuleControl
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.schemas import EVENT_TYPES, parse_event
 
@@ -421,11 +424,19 @@ def status(
     digests = report.pop("digests", None)
     if isinstance(digests, dict):
         report.update({f"digests_{key}": value for key, value in digests.items()})
+    quieted = _rules_quieted(store, now_ms)
+    report["rules_quieted"] = [
+        {"rule": c.rule, "control": str(c.kind),
+         "until": None if c.until_ms is None else iso_ms(c.until_ms), "by": c.by,
+         "reason": c.reason} for c in quieted]
     healthy = bool(report["running"] and report.get("connected"))
     if as_json:
         print_json_lines([report])
     else:
-        print_fields(report)
+        print_fields({k: v for k, v in report.items() if k != "rules_quieted"})
+        for control in quieted:
+            console.print(styled(("rule quieted", "yellow"), ": ", describe(control),
+                                 " (careflow rules list)"), highlight=False)
         if not report["running"]:
             console.print(styled(("the hub is not running", "red"), " (no health report in the "
                                  "last 5 s): start it with `careflow hub`"), highlight=False)
@@ -440,6 +451,17 @@ def status(
             console.print(styled(("status digests cannot be queued", "yellow"), ": none goes out "
                                  "until this is fixed; the hub log says why"), highlight=False)
     raise typer.Exit(0 if healthy else 1)
+
+
+def _rules_quieted(store: Store, now_ms: int) -> list[RuleControl]:
+    """The rule controls the hub applies now (never one of a critical rule), by rule."""
+    try:
+        rules = default_rules().rules
+    except CareflowError:  # a broken rules folder: the hub would not start; show the rows
+        return store.rule_controls(now_ms=now_ms)
+    severities = {**SELF_RULES, **{rule.name: rule.severity for rule in rules}}
+    now = in_force(store.rule_controls(now_ms=now_ms), severities, now_ms)
+    return sorted([*now.muted.values(), *now.disabled.values()], key=lambda c: c.rule)
 
 
 def replay_command(

@@ -145,3 +145,23 @@ def test_a_silence_of_a_critical_rule_across_gateways_is_refused(
         assert done.returncode == 1 and "name one gateway" in done.stderr
     else:
         assert done.returncode == 0, done.stderr
+
+
+def test_careflow_status_shows_the_rules_quieted(data_dir: Path) -> None:
+    assert cli(data_dir, "rules", "mute", "battery-low", "--for", "2h", "--reason",
+               "cells swapped", "--by", "ana").returncode == 0
+    assert cli(data_dir, "rules", "disable", "error-burst", "--reason", "firmware 2.3",
+               "--by", "bo").returncode == 0
+    store = SqliteStore(data_dir / "careflow.db", synchronous="normal")
+    store.set_rule_control("care-alarm", kind="disabled", until_ms=None, by="x",
+                           reason="behind careflow's back", at_ms=0)  # the hub ignores it
+    store.close()
+    shown = cli(data_dir, "status")
+    assert shown.returncode == 1  # no hub runs here
+    assert "rule quieted: battery-low muted until" in shown.stdout
+    assert "by ana: cells swapped" in shown.stdout
+    assert "rule quieted: error-burst disabled by bo: firmware 2.3" in shown.stdout
+    assert "care-alarm" not in shown.stdout
+    report = json.loads(cli(data_dir, "status", "--json").stdout)
+    assert [(r["rule"], r["control"], r["by"]) for r in report["rules_quieted"]] == [
+        ("battery-low", "muted", "ana"), ("error-burst", "disabled", "bo")]

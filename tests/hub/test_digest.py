@@ -372,3 +372,30 @@ def test_careflow_status_says_when_digests_cannot_be_queued(tmp_path: Path) -> N
     report = json.loads(as_json.stdout)
     assert report["digests_errors"] >= 2
     assert report["digests_failing_since_ms"] == status["failing_since_ms"]
+
+
+def test_every_digest_repeats_the_rules_muted_or_disabled_while_in_force(
+        tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db", synchronous="normal")
+    now = [utc_ms("2026-11-29 17:00")]
+    entry = digest("07:00", "Europe/Berlin")
+    scheduler = DigestScheduler(store, [entry], clock=lambda: now[0], severities={
+        "battery-low": "warning", "error-burst": "warning", "care-alarm": "critical"})
+    scheduler.run_once()
+    store.set_rule_control("battery-low", kind="muted", until_ms=utc_ms("2026-11-30 09:00"),
+                           by="ana", reason="cells swapped", at_ms=now[0])
+    store.set_rule_control("error-burst", kind="disabled", until_ms=None, by="bo",
+                           reason="firmware 2.3", at_ms=now[0])
+    store.set_rule_control("care-alarm", kind="disabled", until_ms=None, by="x",
+                           reason="never in force", at_ms=now[0])  # the hub ignores it
+    now[0] = utc_ms("2026-11-30 06:00")
+    scheduler.run_once()
+    now[0] = utc_ms("2026-12-01 06:00")  # the next morning: the mute is over
+    scheduler.run_once()
+    first, second = sorted(store.notifications(), key=lambda n: n.id)
+    assert ("Rules muted or disabled (2): their incidents are not announced\n"
+            "- battery-low muted until 2026-11-30 09:00 UTC by ana: cells swapped\n"
+            "- error-burst disabled by bo: firmware 2.3\n") in first.body
+    assert "care-alarm" not in first.body
+    assert "Rules muted or disabled (1)" in second.body and "battery-low" not in second.body
+    store.close()

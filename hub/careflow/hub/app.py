@@ -909,7 +909,8 @@ def _digest_scheduler(settings: Settings, rules: RuleSet | None,
             raise ConfigError(msg)
     store = open_store(settings)
     resources.callback(store.close)  # the scheduler's own connection
-    return DigestScheduler(store, rules.routing.digests, on_queued=sender.wake)
+    return DigestScheduler(store, rules.routing.digests, on_queued=sender.wake,
+                           severities={rule.name: rule.severity for rule in rules.rules})
 
 
 def _ticking(alerts: AlertStage | None) -> Callable[[], bool]:

@@ -176,7 +176,8 @@ def _changes(changed: Sequence[Incident], since_ms: int, now_ms: int,
 
 
 def compose(due: Due, *, now_ms: int, incidents: Sequence[Incident],
-            changed: Sequence[Incident], fleet: FleetNow) -> tuple[str, str]:
+            changed: Sequence[Incident], fleet: FleetNow,
+            quieted: Sequence[str] = ()) -> tuple[str, str]:
     """Title and body of a digest.
 
     Args:
@@ -187,6 +188,8 @@ def compose(due: Due, *, now_ms: int, incidents: Sequence[Incident],
         changed: Incidents with a change since the last digest (``Incidents.incidents_changed``);
             changes in [``due.since_ms``, ``now_ms``) are told.
         fleet: Gateways offline and low batteries.
+        quieted: The rules muted or disabled now, one line each (who, why, until when):
+            repeated in every digest while in force, so no shift forgets a quiet rule.
 
     Returns:
         The title (counts, for a phone's notification line) and the body.
@@ -202,7 +205,11 @@ def compose(due: Due, *, now_ms: int, incidents: Sequence[Incident],
     if due.late:
         head += (f", late: it was due at {_when(due.slot_ms, zone, now_ms)} "
                  "(was the hub down?)")
-    body = [head, "", f"Open, not acknowledged ({len(waiting)}):"]
+    body = [head, ""]
+    if quieted:  # first: what the rest of the digest (and the night) will not say
+        body += [f"Rules muted or disabled ({len(quieted)}): their incidents are not "
+                 "announced", *(f"- {line}" for line in quieted), ""]
+    body += [f"Open, not acknowledged ({len(waiting)}):"]
     body += _capped([f"- #{i.id} [{i.severity.upper()}] {i.summary} ({i.gateway}/{i.device}), "
                      f"for {_age(now_ms - i.triggered_ms)}" for i in waiting],
                     "careflow incidents list --state open") or ["- none"]

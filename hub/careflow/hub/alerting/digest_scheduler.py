@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from careflow.core import clock
 from careflow.core.clock import Clock
 from careflow.hub.alerting.digest import Due, compose, due_digests, fleet_now
 from careflow.hub.alerting.rules import Digest
-from careflow.hub.store.interface import Cursors, Fleet, Incidents, Outbox, UnitOfWork
+from careflow.hub.ops.rule_controls import describe, in_force
+from careflow.hub.store.interface import (
+    Cursors,
+    Fleet,
+    Incidents,
+    Outbox,
+    RuleControls,
+    UnitOfWork,
+)
 from careflow.hub.store.records import IncidentState, NotificationKind
 
 __all__ = ["CHECK_S", "DigestScheduler", "cursor_name"]
@@ -38,8 +46,9 @@ def cursor_name(digest: Digest) -> str:
     return f"digest:{digest.key}"
 
 
-class DigestStore(Incidents, Outbox, Fleet, Cursors, UnitOfWork, Protocol):
-    """What the scheduler reads (incidents, the fleet) and writes (the outbox, its cursors)."""
+class DigestStore(Incidents, Outbox, Fleet, Cursors, RuleControls, UnitOfWork, Protocol):
+    """What the scheduler reads (incidents, the fleet, rules quieted) and writes (the outbox,
+    its cursors)."""
 
 
 class DigestScheduler:
@@ -47,8 +56,12 @@ class DigestScheduler:
 
     def __init__(self, store: DigestStore, digests: Sequence[Digest], *,
                  on_queued: Callable[[], None] = lambda: None, clock: Clock = clock.now_ms,
-                 check_s: float = CHECK_S) -> None:
+                 check_s: float = CHECK_S, severities: Mapping[str, str] | None = None,
+                 ) -> None:
         self.store = store  # a connection of its own
+        # the loaded rules' severities: a stored control of a critical rule, which the hub
+        # ignores, is not reported as in force either
+        self.severities = dict(severities or {})
         self.digests = tuple(digests)
         self.on_queued = on_queued  # the sender's wake
         self.clock = clock
@@ -118,6 +131,12 @@ class DigestScheduler:
             self.on_queued()
         return queued
 
+    def _quieted(self, now_ms: int) -> list[str]:
+        """The rules muted or disabled now, one line each."""
+        now = in_force(self.store.rule_controls(now_ms=now_ms), self.severities, now_ms)
+        return [describe(control) for control in sorted(
+            [*now.disabled.values(), *now.muted.values()], key=lambda c: c.rule)]
+
     def _queue(self, due: Due, now_ms: int) -> int:
         """Write one digest and its cursor together."""
         digest = due.digest
@@ -128,7 +147,7 @@ class DigestScheduler:
             due, now_ms=now_ms,
             incidents=self.store.incidents(states=(IncidentState.OPEN,), limit=10_000),
             changed=self.store.incidents_changed(since_ms=due.since_ms, limit=10_000),
-            fleet=fleet)
+            fleet=fleet, quieted=self._quieted(now_ms))
         with self.store.atomically("queue a status digest"):
             note_id = self.store.queue_notification(
                 digest.channel, kind=NotificationKind.DIGEST, title=title, body=body,
