@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Read-only health check of the configured careflow installation: one line per check
 # (PASS, FAIL or SKIP with what it saw), then exit 0, or exit 1 naming the first failure.
-# It changes nothing: it asks `careflow status --json`, `careflow devices list --json`,
-# `careflow ca status --json` and the hub's /readyz, with the same settings as the CLI
+# It changes nothing: it asks `careflow status --json`, `careflow incidents list --json`,
+# `careflow devices list --json`, `careflow ca status --json` and the hub's /readyz, with the same settings as the CLI
 # (CAREFLOW_DATA_DIR, CAREFLOW_PKI_DIR, CAREFLOW_HTTP_LISTEN, ...). Runbooks and monitors call it.
 #
 #   scripts/check-health.sh            # careflow on PATH (CAREFLOW=path/to/careflow otherwise)
@@ -99,11 +99,19 @@ fi
 judge influxdb 'print("SKIP time series off (CAREFLOW_INFLUX_URL unset)" if not any(k.startswith("influx_") for k in r) else
       "FAIL writes failing since " + str(r["influx_failing_since_ms"]) + ": " + str(r.get("influx_last_error")) + " (events wait in the log)" if r.get("influx_failing_since_ms") else
       "PASS " + str(r.get("influx_backlog_events", 0)) + " events waiting for InfluxDB")' <<<"$status_json"
+incidents_json=$("$careflow" incidents list --json --limit 1000 2>/dev/null | "$py" -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))') || incidents_json='null'
+# the hub's own alerts (careflow-hub): a channel whose latest attempt failed, and the rest
 judge notifications 'f, w = r.get("notifications_failed"), r.get("notifications_waiting")
+hub = json.loads(sys.argv[1]) or []
+failing = [i for i in hub if i.get("gateway") == "careflow-hub" and i.get("rule") == "hub-notifications-failing"]
 print("FAIL the outbox is not readable" if f is None else
-      f"FAIL {f} notifications failed (careflow notify list; careflow notify test CHANNEL)" if f else
+      "FAIL notifications are failing: " + str(failing[0].get("summary") or failing[0].get("title")) + " (careflow notify list; careflow notify test CHANNEL)" if failing else
       "FAIL status digests cannot be queued since " + str(r["digests_failing_since_ms"]) if r.get("digests_failing_since_ms") else
-      f"PASS none failed, {w} waiting")' <<<"$status_json"
+      f"PASS no channel failing, {w} waiting, {f} failed in the outbox history")' "$incidents_json" <<<"$status_json"
+judge self-alerts 'open_ = [i for i in (r or []) if i.get("gateway") == "careflow-hub"]
+print("FAIL careflow incidents list failed" if r is None else
+      "FAIL the hub alerts about itself: " + ", ".join(sorted({i["rule"] for i in open_})) + " (runbooks/hub-unhealthy.md)" if open_ else
+      "PASS no open alert of the hub about itself")' <<<"$incidents_json"
 
 devices_json=$("$careflow" devices list --json 2>/dev/null | "$py" -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))') || devices_json='null'
 judge gateways "rows = r

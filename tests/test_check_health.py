@@ -57,7 +57,7 @@ def test_it_passes_a_healthy_hub_then_names_an_offline_gateway_and_a_stopped_hub
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     verdicts = lines(healthy)
     assert set(verdicts) == {"hub", "broker", "web", "queue", "lag", "store", "disk", "influxdb",
-                             "notifications", "gateways", "clock", "ca"}
+                             "notifications", "self-alerts", "gateways", "clock", "ca"}
     assert verdicts["hub"] == verdicts["web"] == verdicts["gateways"] == "PASS"
     assert verdicts["influxdb"] == verdicts["ca"] == "SKIP"  # not configured here
     assert healthy.stdout.splitlines()[-1] == "PASS: every check"
