@@ -284,7 +284,12 @@ def _unquiet(rule: str, kind: RuleControlKind, by: str | None, data_dir: Path | 
         msg = (f"{rule} is not {kind}" + ("" if current is None else
                                          f" but {current.kind}: use `{other[current.kind]}`"))
         raise RefusedError(msg)
-    store.clear_rule_control(rule)
+    if kind is RuleControlKind.MUTED:  # ends now: the hub announces what is open, even if
+        # it is down at this moment (it finds the ended mute at its start)
+        store.set_rule_control(rule, kind=kind, until_ms=now_ms, by=current.by,
+                               reason=current.reason, at_ms=current.at_ms)
+    else:
+        store.clear_rule_control(rule)
     event = "rule.unmuted" if kind is RuleControlKind.MUTED else "rule.enabled"
     store.append_audit(at_ms=now_ms, actor=by, event=event, subject=f"rule {rule}",
                        detail={"was": describe(current, iso=None if current.until_ms is None

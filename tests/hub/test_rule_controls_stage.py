@@ -138,3 +138,20 @@ def test_a_care_alarm_is_announced_whatever_the_store_says(tmp_path: Path) -> No
     assert sorted(n.channel for n in store.notifications() if n.kind == "firing") == [
         "oncall", "oncall"]
     assert stage.muted == 0
+
+
+def test_a_mute_that_ended_while_the_hub_was_down_is_announced_at_its_start_once(
+        tmp_path: Path) -> None:
+    store, stage = _stage(tmp_path)
+    store.set_rule_control("battery-low", kind="muted", until_ms=T + 60_000, by="ana",
+                           reason="x", at_ms=T)
+    stage.tick(T)
+    _send(store, stage, Stamper(gateway="gw-1", device="door-1"), T + 1, "status",
+          {"state": "ok", "battery_pct": 5})
+    del stage  # the hub stops while muted...
+    store, restarted = _stage(tmp_path)
+    restarted.tick(T + 120_000)  # ...and starts after the mute ended
+    assert [n.kind for n in store.notifications()] == ["digest"]
+    store, again = _stage(tmp_path)
+    again.tick(T + 180_000)  # announced already: not at every start
+    assert len(store.notifications()) == 1

@@ -84,6 +84,7 @@ from careflow.hub.store.records import (
     IncidentState,
     NotificationKind,
     RuleControl,
+    RuleControlKind,
     StoredEvent,
 )
 from careflow.schemas import decode_json, validate_event
@@ -100,6 +101,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ALERTS_CURSOR = "alerts"  # the newest log position whose evaluation is recorded
+MUTES_CURSOR = "rule-mutes-announced"  # the newest end of a rule's mute that was announced
 # CONFLICTS_CURSOR: the same over the conflict dead letters; OVER_BOUND_CURSOR: the newest
 # too_many_devices dead letter whose care alarm (if it held one) the hub announced. Both are the
 # store's names: it never prunes a dead letter that these have yet to pass.
@@ -252,6 +254,10 @@ class AlertStage:
         self._in_force: InForce | None = None
         # rules no longer quieted -> since when: what they opened before is to be announced
         self._announce: dict[str, int] = {}
+        # the newest mute end announced (a cursor): a mute that ended while the hub was down
+        # is announced at its start, and only once
+        self._mutes_announced_ms = self.store.cursor(MUTES_CURSOR, missing=0)
+        self._mutes_ended_ms = self._mutes_announced_ms  # the newest end to announce
         # Non-critical alerts wait this long so that a burst on one gateway becomes one message
         # (Alertmanager's group_wait); critical ones, care alarms above all, never wait. Set from
         # the rules' `routing:` section; a route may set its own.
@@ -454,6 +460,13 @@ class AlertStage:
                 self._control_rows = ()
         before, now = self._in_force, in_force(self._control_rows, self._severities, now_ms)
         self._in_force = now
+        for row in self._control_rows:  # mutes over, and not announced yet (a restart)
+            until = row.until_ms
+            if row.kind is RuleControlKind.MUTED and until is not None \
+                    and self._mutes_announced_ms < until <= now_ms \
+                    and row.rule not in now.disabled:
+                self._announce.setdefault(row.rule, until)
+                self._mutes_ended_ms = max(self._mutes_ended_ms, until)
         if not diff or before is None:
             return
         for rule in before.disabled.keys() - now.disabled.keys():
@@ -495,12 +508,16 @@ class AlertStage:
                     for channel in channels:
                         self.store.queue_notification(channel, kind=NotificationKind.DIGEST,
                                                       title=title, body=body, at_ms=now_ms)
+                ended = self._mutes_ended_ms
+                if ended > self._mutes_announced_ms:
+                    self.store.set_cursor(MUTES_CURSOR, ended)
         except StoreError as exc:
             log.warning("cannot announce a rule no longer muted; trying again",
                         extra={"error": str(exc), "rules": sorted(rules)})
             return
         for rule in rules:
             del self._announce[rule]
+        self._mutes_announced_ms = max(self._mutes_announced_ms, ended)
         self.on_queued()
 
     def _catch_up(self, now_ms: int, *, look_at_the_log: bool = False) -> bool:
