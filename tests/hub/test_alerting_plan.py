@@ -287,6 +287,30 @@ def test_it_mutes_what_a_silence_covers_and_what_an_offline_gateway_explains() -
     assert said.muted == "inhibited: gateway-offline announces gateway gw"  # type: ignore[union-attr]
 
 
+def test_it_mutes_a_rule_a_person_quieted_but_never_a_critical_one() -> None:
+    quieted = {"battery-low": "battery-low muted until ... by ana: x",
+               "care-alarm": "care-alarm disabled by x: a row the CLI refuses"}
+    muted, alarm, cleared = changes(fires("battery-low", "door"), fires("care-alarm"),
+                                    clears("battery-low", "door"), quieted=quieted,
+                                    groups={("ops", "gw"): GroupTiming(None, None)})
+    assert isinstance(muted, Open) and muted.notify == ()
+    assert muted.muted == "rule battery-low muted until ... by ana: x"
+    assert isinstance(alarm, Open) and alarm.muted is None and alarm.notify  # announced
+    assert isinstance(cleared, Resolve) and cleared.notify == ()
+
+
+def test_the_walk_mutes_a_quieted_rules_repeats_and_never_a_critical_step() -> None:
+    quieted = {"battery-low": "muted", "care-alarm": "muted"}
+    (repeat,) = plan_reminders(ReminderSnapshot(
+        now_ms=T0 + 4 * H, due=(incident("battery-low", device="door"),), silences=(),
+        quieted=quieted), SETUP)
+    assert isinstance(repeat, Remind) and repeat.kind is Reminder.REPEAT
+    assert (repeat.channels, repeat.notify) == ((), ())
+    (step,) = plan_reminders(ReminderSnapshot(now_ms=T0 + 5 * M, due=(incident(),),
+                                              silences=(), quieted=quieted), SETUP)
+    assert isinstance(step, Remind) and step.channels == ("oncall",) and step.notify
+
+
 def test_a_change_a_bug_keeps_from_being_planned_is_set_aside_and_the_rest_go_on() -> None:
     aside, opened = changes(fires("removed-rule", "door"), fires("care-alarm"))
     assert isinstance(aside, SetAside) and isinstance(opened, Open)
