@@ -36,14 +36,28 @@ $2" "${@:3}" 2>&1) || verdict="FAIL could not read the answer: ${verdict##*$'\n'
     report "${verdict%% *}" "$name" "${verdict#* }"
 }
 
-status_json=$("$careflow" status --json 2>/dev/null) || true
+# the four questions at once (each is a Python start-up of its own), answers read in order below
+answers=$(mktemp -d -t careflow-health-XXXXXX)
+trap 'rm -rf "$answers"' EXIT
+ask() {
+    local name=$1; shift
+    { local rc=0; "$careflow" "$@" >"$answers/$name" 2>/dev/null || rc=$?; echo "$rc" >"$answers/$name.rc"; } &
+}
+ask status status --json
+ask incidents incidents list --json --limit 1000
+ask devices devices list --json
+ask ca ca status --json
+wait
+lines_as_list() { "$py" -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))'; }
+
+status_json=$(cat "$answers/status")
 [[ -n $status_json ]] || status_json='{}'
 
 judge hub 'print("PASS running, reported " + r["reported"] if r.get("running") else
       "FAIL not running: no health report in the last 5 s (start it: systemctl start careflow-hub, or careflow hub)")' <<<"$status_json"
-judge broker 'print(("PASS connected to " + str(r.get("broker"))) if r.get("connected") else
-      "FAIL not connected to the broker (check the broker and CAREFLOW_BROKER_URL)" if r.get("running") else
-      "FAIL unknown: the hub is not running")' <<<"$status_json"
+judge broker 'print("FAIL unknown: the hub is not running" if not r.get("running") else
+      ("PASS connected to " + str(r.get("broker"))) if r.get("connected") else
+      "FAIL not connected to the broker (check the broker and CAREFLOW_BROKER_URL)")' <<<"$status_json"
 
 listen=${CAREFLOW_HTTP_LISTEN:-127.0.0.1:8080}
 if [[ $listen == off ]]; then
@@ -68,11 +82,11 @@ EOF
 fi
 
 judge queue 'd, b = r.get("queue_depth"), r.get("queue_bound")
-print("SKIP the hub is not running" if d is None else
+print("SKIP the hub is not running" if d is None or not r.get("running") else
       f"PASS {d} of {b} messages waiting" if d < 0.8 * b else
       f"FAIL {d} of {b} messages waiting: ingest is falling behind (hub log, disk, CPU)")' <<<"$status_json"
 judge lag "a, c = r.get('alert_lag_ms'), r.get('commit_latency_ms')
-print('SKIP the hub is not running' if a is None else
+print('SKIP the hub is not running' if a is None or not r.get('running') else
       f'PASS alert evaluation {a} ms behind, commits {c} ms' if a <= $max_lag_ms and (c or 0) <= $max_lag_ms else
       f'FAIL alert evaluation {a} ms behind, commits {c} ms (over $max_lag_ms ms; alerts_unrecorded: {r.get(\"alerts_unrecorded\")})')" <<<"$status_json"
 judge store 'errors = r.get("store_errors") or 0
@@ -99,7 +113,8 @@ fi
 judge influxdb 'print("SKIP time series off (CAREFLOW_INFLUX_URL unset)" if not any(k.startswith("influx_") for k in r) else
       "FAIL writes failing since " + str(r["influx_failing_since_ms"]) + ": " + str(r.get("influx_last_error")) + " (events wait in the log)" if r.get("influx_failing_since_ms") else
       "PASS " + str(r.get("influx_backlog_events", 0)) + " events waiting for InfluxDB")' <<<"$status_json"
-incidents_json=$("$careflow" incidents list --json --limit 1000 2>/dev/null | "$py" -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))') || incidents_json='null'
+incidents_json=null
+[[ $(cat "$answers/incidents.rc") != 0 ]] || incidents_json=$(lines_as_list <"$answers/incidents") || incidents_json=null
 # the hub's own alerts (careflow-hub): a channel whose latest attempt failed, and the rest
 judge notifications 'f, w = r.get("notifications_failed"), r.get("notifications_waiting")
 hub = json.loads(sys.argv[1]) or []
@@ -113,7 +128,8 @@ print("FAIL careflow incidents list failed" if r is None else
       "FAIL the hub alerts about itself: " + ", ".join(sorted({i["rule"] for i in open_})) + " (runbooks/hub-unhealthy.md)" if open_ else
       "PASS no open alert of the hub about itself")' <<<"$incidents_json"
 
-devices_json=$("$careflow" devices list --json 2>/dev/null | "$py" -c 'import json, sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))') || devices_json='null'
+devices_json=null
+[[ $(cat "$answers/devices.rc") != 0 ]] || devices_json=$(lines_as_list <"$answers/devices") || devices_json=null
 judge gateways "rows = r
 ignore = '$ignore_prefix'
 if rows is None:
@@ -128,8 +144,7 @@ bad = sorted(f\"{x['gateway']}/{x['device']} {x['clock_skew_s']}s\" for x in row
 print(f'FAIL {len(bad)} sources more than ${max_skew_s}s off the hub clock (NTP): ' + ', '.join(bad[:10]) if bad else
       f'PASS no source more than ${max_skew_s}s off the hub clock')" <<<"$devices_json"
 
-ca_rc=0
-ca_json=$("$careflow" ca status --json 2>/dev/null) || ca_rc=$?
+ca_rc=$(cat "$answers/ca.rc") ca_json=$(cat "$answers/ca")
 case $ca_rc in
     0) report PASS ca "CAs, certificates and CRL valid for more than the warning window" ;;
     2) report SKIP ca "no PKI (CAREFLOW_PKI_DIR): the embedded broker's demo PKI, or careflow ca init not run" ;;
