@@ -16,8 +16,9 @@
 # outage to `oncall`, a local HTTP receiver as json:// channels); the synthetic events appear in
 # the Grafana dashboards' own panel queries (InfluxDB: `influxd` on PATH, started here, or
 # CAREFLOW_INFLUX_URL, a scratch database dropped after; SKIP without either); provisioning
-# (register → claim → active); a runbook dry run (`careflow agent propose`; SKIP until the
-# agent is installed).
+# (register → claim → active); a runbook dry run (`careflow agent propose` for the check
+# gateway's error burst proposes an action, which nothing runs; SKIP until the agent is
+# installed).
 #
 # --live never changes the installation beyond the synthetic gateway: check-health.sh, then a
 # gateway `check-<host>-<pid>` publishes a heartbeat and a care alarm (raised, then cleared) with
@@ -208,10 +209,14 @@ stage_readings() {
         echo "{\"device\": \"check-sensor-$((i % 5))\", \"type\": \"status\", \"data\": {\"state\": \"ok\", \"battery_pct\": 80}}"
     done >"$work/edge/spool/check.tmp"
     echo '{"device": "check-fall", "type": "alert", "data": {"kind": "fall", "state": "raised"}}' >>"$work/edge/spool/check.tmp"
+    for i in $(seq 1 11); do  # an error burst (more than 10 in 5 min): the runbook stage's incident
+        echo "{\"device\": \"check-err\", \"type\": \"error\", \"data\": {\"code\": \"E_CHECK\", \"message\": \"synthetic error $i\", \"severity\": \"warning\"}}"
+    done >>"$work/edge/spool/check.tmp"
     mv "$work/edge/spool/check.tmp" "$work/edge/spool/check.jsonl"
-    stored() { [[ $("$bin" events count --gateway check-gw --type status) == 50 && $("$bin" events count --type alert) == 1 ]]; }
+    stored() { [[ $("$bin" events count --gateway check-gw --type status) == 50 && $("$bin" events count --type alert) == 1 \
+        && $("$bin" events count --type error) == 11 ]]; }
     wait_for 30 stored || { echo "readings were not stored once each (careflow events count)"; return 1; }
-    echo "50 readings and a care alarm through the spool, stored once each"
+    echo "50 readings, 11 errors and a care alarm through the spool, stored once each"
 }
 
 stage_confirmed() {
@@ -301,12 +306,21 @@ stage_runbook() {
     incident=$("$bin" incidents list --json | "$py" -c 'import json,sys
 for line in sys.stdin:
     r = json.loads(line)
-    if r.get("gateway") == "gw-check-route" and r.get("rule") == "gateway-offline":
+    if r.get("gateway") == "check-gw" and r.get("rule") == "error-burst":
         print(r["id"]); break')
-    [[ -n $incident ]] || { echo "no gateway-offline incident of gw-check-route to propose for"; return 1; }
-    "$bin" agent propose "$incident" --json >"$work/proposal.json" || {
-        echo "careflow agent propose $incident failed: $(tail -n 1 "$work/proposal.json")"; return 1; }
-    echo "proposal for incident $incident: $(head -c 200 "$work/proposal.json")"
+    [[ -n $incident ]] || { echo "no error-burst incident of check-gw to propose for (careflow incidents list)"; return 1; }
+    "$bin" agent propose "$incident" --json >"$work/proposal.json" 2>"$work/proposal.err" || {
+        echo "careflow agent propose $incident failed: $(tail -n 1 "$work/proposal.err")"; return 1; }
+    "$py" - "$work/proposal.json" "$incident" <<'EOF'
+import json, sys
+made = json.loads(open(sys.argv[1]).readline())
+proposal = made.get("proposal")
+if not proposal or not proposal.get("action"):
+    raise SystemExit(f"no action proposed for incident {sys.argv[2]}: {made.get('note')}")
+print(f"incident {sys.argv[2]} (error-burst of check-gw): proposal {proposal.get('id')}, "
+      f"{proposal['action']} {json.dumps(proposal.get('params'), sort_keys=True)}, "
+      f"{proposal.get('state')}; nothing runs without approval")
+EOF
 }
 
 echo "careflow-check.sh: a throw-away installation in $work"
