@@ -382,6 +382,34 @@ def test_the_fleet_groups_devices_by_site_problems_first(console: Console) -> No
     assert "no heartbeat for 500s" in page
 
 
+def test_the_fleet_learns_sites_from_new_provisions_only_never_scanning_the_whole_log(
+        console: Console) -> None:
+    """The event log has no index by type: a page reading every provision scanned millions of
+    rows while holding the web's store connection, which the one-tap links wait for."""
+    gw = Stamper(gateway="gw-1")
+    store_event(console.store, gw, "provision",
+                {"action": "added", "kind": "gateway", "labels": {"site": "Elm House"}},
+                NOW - 600_000)
+    client = console.login()
+    assert "Elm House" in client.get("/").text
+    store_event(console.store, gw, "provision",
+                {"action": "added", "kind": "gateway", "labels": {"site": "Oak House"}},
+                NOW - 500_000)
+    store_event(console.store, Stamper(gateway="gw-1", device="fall-1"), "status",
+                {"state": "ok"}, NOW - 400_000)
+    read: list[str] = []
+    console.store._conn.set_trace_callback(read.append)
+    try:
+        fleet, device = client.get("/").text, client.get("/devices/gw-1/fall-1").text
+    finally:
+        console.store._conn.set_trace_callback(None)
+    assert "Oak House" in fleet and "Elm House" not in fleet
+    assert "Oak House" in device
+    scans = [sql for sql in read if "provision" in sql]
+    assert scans and all(re.search(r"pos > \d+ AND pos <= \d+", sql) for sql in scans), scans
+    assert all(int(m[1]) > 0 for sql in scans if (m := re.search(r"pos > (\d+)", sql))), scans
+
+
 def test_unknown_incidents_and_devices_are_clear_pages(console: Console) -> None:
     client = console.login()
     assert client.get("/incidents/999").status_code == 404

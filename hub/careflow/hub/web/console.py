@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from careflow.core.errors import RefusedError
+from careflow.hub.fleet.sites import SiteBook
 from careflow.hub.store.records import (
     UNRESOLVED,
     DeadLetter,
@@ -67,6 +68,7 @@ _HASHING_AT_ONCE = 2
 _MAX_HASHING_WAITING = 16
 _HASHING_PER_CLIENT = 2  # of those, from one client address (an IPv6 /64)
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+_SITE_SCAN = 50_000  # events of the log one store call looks through for provisions
 _MAX_ID = 2**63 - 1  # an incident id is a SQLite integer
 _SEEN = re.compile(r"[1-9][0-9]{0,8}")  # the raises an incident page showed
 
@@ -118,6 +120,9 @@ class _Console:
         self._hashing: anyio.CapacityLimiter | None = None  # made in the event loop
         self._hashing_waiting = 0
         self._hashing_by_client: dict[str, int] = {}  # checks in hand per client (network)
+        # each gateway's site, learnt from the log's provision events up to _sites_pos
+        self._sites = SiteBook()
+        self._sites_pos = 0
         self.env = templates()
         self.env.filters["when"] = views.format_when
         self.env.filters["visible"] = views.visible
@@ -341,15 +346,35 @@ class _Console:
 
     # -- pages ---------------------------------------------------------------------------------
 
+    async def _site_book(self) -> SiteBook:
+        """Each gateway's site (:class:`SiteBook`'s rule), learnt from the provision events
+        once and then from the new ones only, a bounded stretch of the log per store call.
+
+        Reading every provision on each view scanned the whole event log (millions of rows, no
+        index by type) while holding the web's store connection, which the one-tap links and
+        every other page wait for."""
+        def more() -> bool:
+            last = self.store.last_pos()
+            upto = min(last, self._sites_pos + _SITE_SCAN)
+            for chunk in self.store.iter_log(EventFilter(type="provision"), up_to_pos=upto,
+                                             after_pos=self._sites_pos):
+                for event in chunk:
+                    self._sites.learn(event, event.data)
+            self._sites_pos = upto
+            return upto < last
+
+        while await self.deps.call(more):
+            pass
+        return self._sites
+
     async def fleet(self, request: Request, who: Principal) -> Response:
         """Every gateway and device by site, problems first."""
         now = self.deps.now_ms()
+        book = await self._site_book()
 
         def read() -> tuple[list[views.SiteView], int]:
-            sites = views.site_book(self.store.query(EventFilter(type="provision"),
-                                                     newest_first=False))
             return (views.fleet(self.store.devices(), now_ms=now, presence=self.store.presence(),
-                                paused=self.store.paused(now), sites=sites),
+                                paused=self.store.paused(now), sites=book),
                     self.store.count_incidents(states=UNRESOLVED))
 
         sites, active = await self.deps.call(read)
@@ -448,13 +473,12 @@ class _Console:
         """One gateway or device: its state now, its status history and last events."""
         gateway, device = request.path_params["gateway"], request.path_params["device"]
         now = self.deps.now_ms()
+        sites = await self._site_book()
 
         def read() -> dict[str, Any] | None:
             record = self.store.device(gateway, device)
             if record is None:
                 return None
-            sites = views.site_book(self.store.query(
-                EventFilter(type="provision", gateway=gateway), newest_first=False))
             presence = self.store.presence()
             return {
                 "record": record, "presence": presence.get(gateway),
