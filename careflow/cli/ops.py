@@ -424,6 +424,7 @@ def status(
     digests = report.pop("digests", None)
     if isinstance(digests, dict):
         report.update({f"digests_{key}": value for key, value in digests.items()})
+    report.pop("rules_in_force", None)  # the hub's view; the store's rows are read here
     quieted = _rules_quieted(store, now_ms)
     report["rules_quieted"] = [
         {"rule": c.rule, "control": str(c.kind),

@@ -82,6 +82,9 @@ def test_a_live_hub_mutes_and_announces_when_unmuted(
     _cli(hub, "rules", "mute", "battery-low", "--for", "1h", "--reason", "cells swapped")
     wait_until(lambda: bool(hub.alerts and hub.alerts.in_force(0).muted), timeout_s=5,
                what="the hub reads the mute")
+    wait_until(lambda: any("battery-low muted until" in line and "cells swapped" in line
+                           for line in hub.service.health()["rules_in_force"]),
+               what="its health report (the console's health page) says so")
     door = Stamper(gateway="gw-a", device="door-1")
     sos = Stamper(gateway="gw-a", device="sos-1")
     publish(mosquitto, [door.stamp("status", {"state": "ok", "battery_pct": 5}),

@@ -606,6 +606,8 @@ class HubService:
             "alert_lag_ms": c.alert_lag_ms,
             "incidents_opened": self.alerts.opened if self.alerts else None,
             "alerts_unrecorded": self.alerts.unrecorded if self.alerts else None,
+            # the rules muted or disabled that evaluation applies now (the console shows them)
+            "rules_in_force": self.alerts.quieted_lines() if self.alerts else [],
             "last_error": c.last_error,
             "influx": self.sink.status() if self.sink is not None else None,
             "digests": self.digests() if self.digests is not None else None,

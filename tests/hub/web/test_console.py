@@ -75,7 +75,9 @@ def _console(tmp_path: Path, **env: str) -> Iterator[Console]:
                    health=lambda: {"connected": True, "broker": "mqtt://127.0.0.1:1883",
                                    "events_stored": 3, "last_error": HOSTILE,
                                    "digests": {"errors": 2, "failing_since_ms": NOW,
-                                               "last_error": "disk I/O error"}},
+                                               "last_error": "disk I/O error"},
+                                   "rules_in_force": [f"battery-low muted until 2026-11-30 "
+                                                      f"14:00 UTC by ana: {HOSTILE}"]},
                    now_ms=clock, wake_sender=lambda: woken.append(1))
     hashed = hash_password(PASSWORD)
     store.add_user("olga", role="operator", password_hash=hashed, at_ms=NOW)
@@ -364,6 +366,9 @@ def test_device_text_is_shown_as_text_never_as_markup(console: Console) -> None:
     assert "\\x00" in pages["/deadletters"].text  # control bytes made visible
     assert "9%" in pages["/"].text and "badge offline" not in pages["/"].text
     assert "cannot be queued since" in pages["/health"].text
+    assert "Rule quieted" in pages["/health"].text
+    assert "battery-low muted until 2026-11-30 14:00 UTC by ana: &lt;script&gt;" in pages[
+        "/health"].text
     assert f'href="/incidents/{incident_id}"' in pages["/devices/gw-1/fall-1"].text
 
 

@@ -480,6 +480,14 @@ class AlertStage:
                                                        if control else None})
             self._announce.setdefault(rule, now_ms)
 
+    def quieted_lines(self) -> list[str]:
+        """The rules muted or disabled as of the last tick, one line each, for people (read
+        from the health report's thread: no store read)."""
+        now = self._in_force
+        if not now:
+            return []
+        return [describe(control) for _, control in sorted({**now.muted, **now.disabled}.items())]
+
     def _quieted(self, now_ms: int) -> dict[str, str]:
         """Rule -> who quieted it and why, for the planners (never a critical rule)."""
         now = self.in_force(now_ms)
