@@ -299,6 +299,16 @@ def test_it_mutes_a_rule_a_person_quieted_but_never_a_critical_one() -> None:
     assert isinstance(cleared, Resolve) and cleared.notify == ()
 
 
+@given(st.dictionaries(st.sampled_from(["care-alarm", "gateway-offline", "battery-low",
+                                         "device-silent", "hub-store-failing"]),
+                       st.text(max_size=8)))
+def test_no_quieted_map_mutes_a_care_alarm_or_a_gateway_offline(quieted: dict[str, str]) -> None:
+    alarm, offline = changes(fires("care-alarm"), fires("gateway-offline", "gw"),
+                             quieted=quieted)
+    for change in (alarm, offline):
+        assert isinstance(change, Open) and change.muted is None and change.notify
+
+
 def test_the_walk_mutes_a_quieted_rules_repeats_and_never_a_critical_step() -> None:
     quieted = {"battery-low": "muted", "care-alarm": "muted"}
     (repeat,) = plan_reminders(ReminderSnapshot(
