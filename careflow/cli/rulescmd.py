@@ -238,6 +238,11 @@ def mute(
         raise ConfigError(msg)
     store = open_store(data_dir)
     now_ms = clock.now_ms()
+    if any(c.rule == rule and c.kind is RuleControlKind.DISABLED
+           for c in store.rule_controls(now_ms=now_ms)):
+        msg = (f"{rule} is disabled (careflow rules list): a mute would evaluate it again; "
+               "`careflow rules enable` it first")
+        raise RefusedError(msg)
     refusal = quiet_refusal(rule, _severities().get(rule)) or mute_refusal(duration_ms)
     control = _quiet(store, rule, kind=RuleControlKind.MUTED,
                      until_ms=None if duration_ms is None else now_ms + duration_ms, by=by,

@@ -81,6 +81,8 @@ def test_it_disables_and_enables_a_rule(data_dir: Path) -> None:
     assert (row["control"], row["until"], row["by"]) == ("disabled", None, "ana")
     wrong = cli(data_dir, "rules", "unmute", "error-burst")
     assert wrong.returncode == 1 and "careflow rules enable" in wrong.stderr
+    weaker = cli(data_dir, "rules", "mute", "error-burst", "--for", "1h", "--reason", "x")
+    assert weaker.returncode == 1 and "enable` it first" in weaker.stderr
     assert cli(data_dir, "rules", "enable", "error-burst", "--by", "bo").returncode == 0
     assert _audit(data_dir) == [("ana", "rule.disabled", "rule error-burst"),
                                 ("bo", "rule.enabled", "rule error-burst")]
