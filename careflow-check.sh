@@ -127,6 +127,7 @@ unset CAREFLOW_BROKER_URL CAREFLOW_PKI_DIR CAREFLOW_RULES_DIR CAREFLOW_INFLUX_DB
     CAREFLOW_INFLUX_ORG CAREFLOW_INFLUX_TOKEN CAREFLOW_INFLUX_TOKEN_FILE CAREFLOW_RUNBOOKS_DIR
 for var in $(compgen -e | grep '^CAREFLOW_CHANNEL_' || true); do unset "$var"; done
 export CAREFLOW_DATA_DIR=$work/hub CAREFLOW_LISTEN=127.0.0.1:$port CAREFLOW_HTTP_LISTEN=127.0.0.1:$http_port
+export CAREFLOW_AUTOMATION=manual  # the agent proposes, nothing runs: a dry run
 export CAREFLOW_CHANNEL_ONCALL=json://127.0.0.1:$receiver_port/oncall \
     CAREFLOW_CHANNEL_OPS=json://127.0.0.1:$receiver_port/ops \
     CAREFLOW_CHANNEL_CHECK=json://127.0.0.1:$receiver_port/check

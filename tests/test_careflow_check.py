@@ -47,6 +47,8 @@ def test_it_passes_end_to_end() -> None:
                if name not in {"dashboards' queries", "runbook dry run"}), done.stdout
     if os.path.exists("/usr/bin/influxd"):
         assert verdicts["dashboards' queries"] == "PASS", done.stdout
+    agent = subprocess.run([CAREFLOW, "agent", "--help"], capture_output=True, check=False)
+    assert verdicts["runbook dry run"] == ("PASS" if agent.returncode == 0 else "SKIP"), done.stdout
 
 
 @pytest.mark.slow
