@@ -9,6 +9,7 @@
 #   ./careflow-check.sh --live            # against the configured running installation:
 #                                         # read-only health, then a synthetic gateway check-*
 #   CAREFLOW_BIN=/opt/careflow/bin/careflow ./careflow-check.sh
+#   CAREFLOW_CHECK_INFLUXD=/opt/influxdb/influxd ./careflow-check.sh   # influxd not on PATH
 #
 # Stages (throw-away installation): the hub starts; a gateway agent connects; readings and a
 # care alarm go through its spool and are stored once each; the hub confirms them; no gaps or
@@ -33,7 +34,7 @@ for arg in "$@"; do
     case $arg in
         --live) live=1 ;;
         --require-influx) require_influx=1 ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -151,13 +152,13 @@ EOF
 }
 
 influx_url="" influx_db=careflow
+influxd_bin=${CAREFLOW_CHECK_INFLUXD:-$(command -v influxd || echo /usr/bin/influxd)}
 start_influx() {
     if [[ -n ${CAREFLOW_INFLUX_URL:-} ]]; then
         influx_url=$CAREFLOW_INFLUX_URL influx_db=careflow_check_$$
         influx_drop="$influx_url $influx_db"
-    elif command -v influxd >/dev/null 2>&1 || [[ -x /usr/bin/influxd ]]; then
-        local ip bind influxd_bin
-        influxd_bin=$(command -v influxd || echo /usr/bin/influxd)
+    elif [[ -x $influxd_bin ]]; then
+        local ip bind
         ip=$(free_port) bind=$(free_port)
         mkdir -p "$work/influxd"
         cat >"$work/influxd/influxdb.conf" <<EOF
