@@ -201,7 +201,7 @@ stage_gateway() {
     "$bin" edge run --gateway check-gw --broker "mqtt://127.0.0.1:$port" --data-dir "$work/edge" \
         --heartbeat-interval 5 >"$work/agent.log" 2>&1 & pids+=($!)
     online() { "$bin" devices show check-gw --json | grep -q '"state":"online"'; }
-    wait_for 30 online || { echo "the gateway's heartbeat or presence did not reach the hub"; return 1; }
+    wait_for 20 online || { echo "the gateway's heartbeat or presence did not reach the hub within 20 s"; return 1; }
     echo "check-gw online (heartbeat and retained presence)"
 }
 

@@ -147,7 +147,11 @@ print(f'FAIL {len(bad)} sources more than ${max_skew_s}s off the hub clock (NTP)
 ca_rc=$(cat "$answers/ca.rc") ca_json=$(cat "$answers/ca")
 case $ca_rc in
     0) report PASS ca "CAs, certificates and CRL valid for more than the warning window" ;;
-    2) report SKIP ca "no PKI (CAREFLOW_PKI_DIR): the embedded broker's demo PKI, or careflow ca init not run" ;;
+    2) if [[ -n ${CAREFLOW_PKI_DIR:-} ]]; then
+           report FAIL ca "no PKI at CAREFLOW_PKI_DIR=$CAREFLOW_PKI_DIR (careflow ca status)"
+       else
+           report SKIP ca "no PKI (CAREFLOW_PKI_DIR unset): the embedded broker's demo PKI, or careflow ca init not run"
+       fi ;;
     *) judge ca 'print("FAIL needs action (careflow ca status; careflow ca crl-refresh): " + json.dumps(r)[:300])' \
            <<<"$(printf '%s' "$ca_json" | head -n 1)" ;;
 esac
