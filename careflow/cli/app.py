@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from careflow.cli import (
+    agentcmd,
     cacmd,
     devicecmd,
     gatewaycmd,
@@ -56,4 +57,5 @@ app.add_typer(silencescmd.silences_app, name="silences")
 app.add_typer(provisioncmd.provision_app, name="provision")
 app.add_typer(cacmd.ca_app, name="ca")
 app.add_typer(userscmd.users_app, name="users")
+app.add_typer(agentcmd.agent_app, name="agent")
 app.add_typer(devicecmd.device_app, name="device", hidden=True)  # old: devices revoke

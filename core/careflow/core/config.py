@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from careflow.core.errors import ConfigError
 
 __all__ = [
+    "AUTOMATION_LEVELS",
     "DEFAULT_DEAD_LETTER_MAX_MB",
     "DEFAULT_DEAD_LETTER_MAX_ROWS",
     "DEFAULT_HTTP_LISTEN",
@@ -206,6 +207,7 @@ class Settings:
     public_url: str | None = None  # how people reach the web, for links in messages
     auth_header: str | None = None  # a trusted reverse proxy's header naming the user (SSO)
     link_ttl_s: int = DEFAULT_LINK_TTL_S
+    automation: str = "manual"  # CAREFLOW_AUTOMATION: the most the operations agent may do
 
     @property
     def web_url(self) -> str | None:
@@ -298,7 +300,21 @@ def load_settings(
         auth_header=env.get("CAREFLOW_AUTH_HEADER") or None,
         link_ttl_s=_int_setting(env, "CAREFLOW_LINK_TTL_S", DEFAULT_LINK_TTL_S,
                                 maximum=MAX_LINK_TTL_S),
+        automation=_automation(env.get("CAREFLOW_AUTOMATION")),
     )
+
+
+AUTOMATION_LEVELS = ("off", "manual", "auto")  # in order: each allows what the one before does
+
+
+def _automation(text: str | None) -> str:
+    """CAREFLOW_AUTOMATION: the ceiling of the operations agent's mode (default manual)."""
+    value = (text or "manual").strip().lower()
+    if value not in AUTOMATION_LEVELS:
+        msg = (f"CAREFLOW_AUTOMATION must be one of {', '.join(AUTOMATION_LEVELS)}, not "
+               f"{text!r}")
+        raise ConfigError(msg)
+    return value
 
 
 def parse_http_listen(text: str) -> HostPort | None:
