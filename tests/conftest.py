@@ -129,18 +129,19 @@ class RunningHub:
     process: no data directory lock, no InfluxDB snapshots, no dead man's switch; alerting only
     with ``rules``, a notification sender only with ``channels``, the embedded broker only when
     asked, provisioning as given (AUTO: the claim service of CAREFLOW_PKI_DIR), and the on-call
-    web only with ``web`` (on a free port: ``hub.web.url``)."""
+    web only with ``web`` (on a free port: ``hub.web.url``), the operations agent's loop only
+    with ``agent``."""
 
     def __init__(self, settings: Settings, rules: RuleSet | None = None,
                  provisioning: Activation | Auto | None = None, *,
                  channels: Mapping[str, Channel] | None = None,
                  decode_worker: bool = False, embedded_broker: bool = False,
-                 web: bool = False) -> None:
+                 web: bool = False, agent: bool = False) -> None:
         self.settings = settings
         self.hub = build_hub(settings, lock=None, embedded_broker=embedded_broker, rules=rules,
                              channels=channels or {}, provisioning=provisioning,
                              decode_worker=decode_worker, influx_snapshots=False, deadman=False,
-                             web=web)
+                             web=web, agent=agent)
         self.store = self.hub.store
         self.service = self.hub.service
         self.alerts = self.hub.alerts

@@ -3,8 +3,11 @@ confirmations, Last Will); only its sensors are made up.
 
 Faults are injected on a schedule so operators and tests can watch the system react:
 ``outage`` (gateways lose their link; the broker publishes their Last Will), ``battery`` (devices
-drain to a low battery), ``errors`` (an error burst), ``alarm`` (a care alarm), ``skew`` (a
-gateway's clock runs ten minutes fast), ``duplicates`` (gateways resend everything repeatedly).
+drain to a low battery), ``errors`` (an error burst: fifty at once, then more for its
+duration), ``alarm`` (a care alarm), ``skew`` (a gateway's clock runs ten minutes fast),
+``duplicates`` (gateways resend everything repeatedly), ``silent`` (one device behind a live
+gateway stops sending, for its duration). :meth:`FleetSimulator.fix` ends every fault in force
+at once (a technician came: links back, batteries replaced, devices speaking, errors stopped).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ GATEWAYS_PER_PROCESS = 100
 
 log = logging.getLogger(__name__)
 
-FAULT_KINDS = ("outage", "battery", "errors", "alarm", "skew", "duplicates")
+FAULT_KINDS = ("outage", "battery", "errors", "alarm", "skew", "duplicates", "silent")
 _FAULT = re.compile(r"^(?P<kind>[a-z]+)(?::(?P<count>\d+))?(?:@(?P<at>\d+(?:\.\d+)?))?"
                     r"(?:\+(?P<duration>\d+(?:\.\d+)?))?$")
 
@@ -65,6 +68,7 @@ class _Device:
     name: str
     battery: float
     next_heartbeat: float
+    silent_until: float | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +77,8 @@ class _Gateway:
     devices: list[_Device]
     cut_until: float | None = None
     storm_until: float | None = None
+    errors_until: float | None = None
+    errors_device: str = ""
 
 
 class FleetSimulator:
@@ -88,6 +94,7 @@ class FleetSimulator:
         self.faults = list(faults)
         self._random = random.Random(seed)  # noqa: S311 - made-up sensor values, not secrets
         self._stop = threading.Event()
+        self._fix = threading.Event()
         self.started = time.monotonic()
         self.gateways: list[_Gateway] = []
         for g in range(first_index, first_index + gateways):
@@ -106,6 +113,11 @@ class FleetSimulator:
         """Ask :meth:`run` to finish."""
         self._stop.set()
 
+    def fix(self) -> None:
+        """End every fault in force on the next pass (outages, silent devices, low batteries,
+        error bursts): the cause of their incidents is gone."""
+        self._fix.set()
+
     def run(self) -> None:
         """Start every agent, then drive sensors, faults and agents from one thread."""
         for gateway in self.gateways:
@@ -113,6 +125,9 @@ class FleetSimulator:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if self._fix.is_set():
+                    self._fix.clear()
+                    self._repair(now)
                 self._apply_faults(now)
                 for gateway in self.gateways:
                     self._sense(gateway, now)
@@ -129,12 +144,23 @@ class FleetSimulator:
 
     def _sense(self, gateway: _Gateway, now: float) -> None:
         for device in gateway.devices:
+            if device.silent_until is not None:
+                if now < device.silent_until:
+                    continue
+                device.silent_until = None
             if now < device.next_heartbeat:
                 continue
             device.next_heartbeat = now + self.interval_s * self._random.uniform(0.95, 1.05)
             device.battery = max(0.0, device.battery - self._random.uniform(0, 0.05))
             gateway.agent.add(device.name, "heartbeat", {
                 "interval_s": self.interval_s, "battery_pct": round(device.battery, 1)})
+        if gateway.errors_until is not None:
+            if now < gateway.errors_until:
+                gateway.agent.add(gateway.errors_device, "error", {
+                    "code": "E_SENSOR_TIMEOUT", "severity": "warning",
+                    "message": "sensor did not answer (still)"})
+            else:
+                gateway.errors_until = None
         if gateway.storm_until is not None:
             if now < gateway.storm_until:
                 gateway.agent.outbox.resend_all()
@@ -169,6 +195,7 @@ class FleetSimulator:
             agent.add(target, "status", {"state": "degraded", "battery_pct": 8.0,
                                          "message": "battery low"})
         elif fault.kind == "errors":
+            gateway.errors_until, gateway.errors_device = now + fault.duration_s, target
             for n in range(50):
                 agent.add(target, "error", {"code": "E_SENSOR_TIMEOUT", "severity": "warning",
                                             "message": f"sensor did not answer (#{n + 1})"})
@@ -181,6 +208,23 @@ class FleetSimulator:
                              at_ms=skewed_ms)
         elif fault.kind == "duplicates":
             gateway.storm_until = now + fault.duration_s
+        elif fault.kind == "silent" and device is not None:
+            device.silent_until = now + fault.duration_s
+
+    def _repair(self, now: float) -> None:
+        """Every fault in force ends (see :meth:`fix`)."""
+        for gateway in self.gateways:
+            if gateway.cut_until is not None:
+                gateway.cut_until = now  # restored by the next _sense
+            gateway.errors_until = gateway.storm_until = None
+            for device in gateway.devices:
+                device.silent_until = None
+                device.next_heartbeat = now
+                if device.battery < 20:
+                    device.battery = 95.0
+                    gateway.agent.add(device.name, "status", {
+                        "state": "ok", "battery_pct": 95.0, "message": "battery replaced"})
+        log.warning("faults fixed")
 
     # -- figures ------------------------------------------------------------------------------
 

@@ -66,11 +66,18 @@ from careflow.hub.ingest.embedded_broker import (
 )
 from careflow.hub.ingest.ingress import IncomingMessage, MqttIngress
 from careflow.hub.ingest.resend import ResendThrottle
+from careflow.hub.ops.agent import AgentLoop, agent_for
+from careflow.hub.ops.runbooks import load_runbooks
 from careflow.hub.sinks.influx.sink import InfluxSink, sink_for
 from careflow.hub.stage import Committed, Stage
 from careflow.hub.store.adapters import open_store
 from careflow.hub.store.interface import EventLog, Health, Outbox, Store
-from careflow.hub.store.records import AppendResult, IncomingBatch, NotificationState
+from careflow.hub.store.records import (
+    AppendResult,
+    AutomationMode,
+    IncomingBatch,
+    NotificationState,
+)
 from careflow.hub.web.app import WebDeps, create_app
 from careflow.hub.web.links import LinkSigner, load_link_key
 from careflow.hub.web.server import WebServer
@@ -707,6 +714,7 @@ class Hub:
     broker: EmbeddedBroker | None  # the embedded broker, when this hub runs one
     web: WebServer | None  # the on-call web (links, console, /metrics), when it is on
     digests: DigestScheduler | None = None  # status digests, when rules ask for any
+    agent: AgentLoop | None = None  # the operations agent's loop, unless CAREFLOW_AUTOMATION=off
     resources: InitVar[ExitStack]  # closed last: the stores and the lock
     _life: _Life = field(default_factory=_Life, init=False, repr=False, compare=False)
 
@@ -736,7 +744,7 @@ class Hub:
         order."""
         closing = self._life.closing
         for part in (self.broker, self.provisioning, self.sender, self.digests, self.deadman,
-                     self.web):
+                     self.web, self.agent):
             if part is not None:
                 part.start()
                 closing.callback(part.stop)
@@ -782,7 +790,8 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
               decode_worker: bool | Auto = AUTO,
               influx_snapshots: bool = True,
               deadman: bool = True,
-              web: bool | Auto = AUTO) -> Hub:
+              web: bool | Auto = AUTO,
+              agent: bool | Auto = AUTO) -> Hub:
     """Wire a hub as ``settings`` say; every default is what `careflow hub` runs.
 
     Nothing runs yet (use the returned :class:`Hub` as a context manager), but the data
@@ -808,6 +817,9 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
         influx_snapshots: Write device-status snapshots to InfluxDB (when it is configured).
         deadman: Ping CAREFLOW_DEADMAN_URL, when set, while the alert loop ticks.
         web: Serve the on-call web on CAREFLOW_HTTP_LISTEN; AUTO: unless that is ``off``.
+        agent: Run the operations agent's loop (its own thread and store connection; the
+            runbooks of CAREFLOW_RUNBOOKS_DIR); AUTO: unless CAREFLOW_AUTOMATION is ``off``.
+            Each pass reads the mode a person set (`careflow agent mode`).
 
     Returns:
         The hub, not started.
@@ -862,9 +874,32 @@ def build_hub(settings: Settings, *, lock: str | None = "careflow hub",
             # pings too, so the outside service notices
             watch = DeadMansSwitch(settings.deadman_url, settings.deadman_interval_s,
                                    healthy=_ticking(alerts))
+        loop = _agent_loop(settings, agent, resources)
         return Hub(settings=settings, store=store, service=service, alerts=alerts, sink=sink,
                    provisioning=claims, sender=sender, digests=digests, deadman=watch,
-                   broker=broker, web=server, resources=resources.pop_all())
+                   broker=broker, web=server, agent=loop, resources=resources.pop_all())
+
+
+def _agent_loop(settings: Settings, agent: bool | Auto,
+                resources: ExitStack) -> AgentLoop | None:
+    """The operations agent's loop on its own store connection (AUTO: unless
+    CAREFLOW_AUTOMATION is off). With AUTO, runbooks that cannot be loaded leave the hub
+    without its agent, said loudly, rather than stop it: ingest and care alarms come first;
+    asked for explicitly (True), they stop it."""
+    if not (agent if agent is not AUTO else settings.automation != AutomationMode.OFF):
+        return None
+    try:
+        runbooks = list(load_runbooks().values())
+    except ConfigError as exc:
+        if agent is not AUTO:
+            raise
+        log.error("the operations agent does not run: its runbooks cannot be loaded (fix "
+                  "them: `careflow runbooks check`, or set CAREFLOW_AUTOMATION=off)",
+                  extra={"why": str(exc)})
+        return None
+    store = open_store(settings)
+    resources.callback(store.close)  # the agent's own connection
+    return AgentLoop(agent_for(settings, store, runbooks=runbooks))
 
 
 def _web_server(settings: Settings, service: HubService,

@@ -173,13 +173,16 @@ def test_it_decides_the_next_step(state: P, mode: M, auto: bool, now: int, step:
     assert next_step(_proposal(state=state), mode=mode, auto_allowed=auto, now_ms=now) == step
 
 
-def test_it_waits_for_a_verification_until_its_deadline() -> None:
-    assert verification_outcome([True, True], started_ms=0, deadline_ms=10,
+def test_it_waits_for_each_verification_until_its_own_deadline() -> None:
+    assert verification_outcome([(True, 10), (True, 10)], started_ms=0,
                                 now_ms=99) == Outcome.PASSED
-    assert verification_outcome([True, False], started_ms=0, deadline_ms=10,
+    assert verification_outcome([(True, 10), (False, 10)], started_ms=0,
                                 now_ms=9) == Outcome.WAITING
-    assert verification_outcome([False], started_ms=0, deadline_ms=10,
-                                now_ms=10) == Outcome.FAILED
+    assert verification_outcome([(False, 10)], started_ms=5, now_ms=15) == Outcome.FAILED
+    assert verification_outcome([(False, 60), (False, 10)], started_ms=0,
+                                now_ms=10) == Outcome.FAILED  # the shorter deadline decides
+    assert verification_outcome([(True, 10), (False, 60)], started_ms=0,
+                                now_ms=59) == Outcome.WAITING
 
 
 def test_it_masks_secrets_in_audit_details() -> None:
@@ -298,7 +301,7 @@ def test_a_failed_verification_escalates_and_leaves_the_incident_open(world: Any
     proposal = agent.propose(incident).proposal
     agent.approve(proposal.id, by="ana")
     agent.run_once()
-    clock.ms += 5_001  # past both deadlines (ack: 5 s, the runbook: 2 s)
+    clock.ms += 2_000  # past the runbook's deadline (2 s; the ack's own is 5 s)
     done = agent.run_once()
     assert done[-1].startswith(f"proposal {proposal.id} escalated to oncall")
     ended = store.proposal(proposal.id)

@@ -56,6 +56,7 @@ __all__ = [
     "AGENT",
     "DEFAULT_EXPIRY_MS",
     "Agent",
+    "AgentLoop",
     "Outcome",
     "ProposeResult",
     "Step",
@@ -158,13 +159,15 @@ class Outcome(StrEnum):
     WAITING = "waiting"
 
 
-def verification_outcome(looks: Sequence[bool], *, started_ms: int, deadline_ms: int,
+def verification_outcome(looks: Sequence[tuple[bool, int]], *, started_ms: int,
                          now_ms: int) -> Outcome:
-    """Passed when every check holds; failed when they do not by ``deadline_ms`` after the
-    action ran; waiting until then."""
-    if all(looks):
+    """``looks``: each check's answer and its deadline (ms after the action ran). Passed when
+    every check holds; failed as soon as one does not by its own deadline; waiting until
+    then."""
+    if all(ok for ok, _ in looks):
         return Outcome.PASSED
-    return Outcome.FAILED if now_ms >= started_ms + deadline_ms else Outcome.WAITING
+    late = any(not ok and now_ms >= started_ms + deadline_ms for ok, deadline_ms in looks)
+    return Outcome.FAILED if late else Outcome.WAITING
 
 
 # -- the service -----------------------------------------------------------------------------
@@ -506,15 +509,14 @@ class Agent:
             return []
         return [f"proposal {proposal.id} executed ({proposal.action})", *self._verify(executed)]
 
-    def _looks(self, proposal: Proposal) -> tuple[list[actions.Check], int]:
-        """One look at each verification (the action's, the runbook's), and the longest
-        deadline, in ms. When the runbook's check passes (the incident is handled), that look
+    def _looks(self, proposal: Proposal) -> list[tuple[actions.Check, int]]:
+        """One look at each verification (the runbook's, the action's), each with its
+        deadline in ms. When the runbook's check passes (the incident is handled), that look
         alone is the answer: the action's own effect no longer matters (an acknowledged
         incident that has since resolved)."""
         ctx = self._context()
         started = proposal.executed_ms or proposal.created_ms
-        looks: list[actions.Check] = []
-        deadline_s = 0.0
+        looks: list[tuple[actions.Check, int]] = []
         incident = self.store.incident(proposal.incident_id)
         runbook = self.runbook_for(incident.rule) if incident is not None else None
         if runbook is not None and runbook.verify is not None and incident is not None:
@@ -523,21 +525,20 @@ class Agent:
             handled = _look(lambda: actions.run_check(ctx, spec.check, check_params,
                                                       started_ms=started))
             if handled.ok:
-                return [handled], 0
-            looks.append(handled)
-            deadline_s = float(spec.within_s)
+                return [(handled, 0)]
+            looks.append((handled, spec.within_s * 1000))
         verification = actions.action(proposal.action).verification
         if verification is not None:
-            looks.append(_look(lambda: verification.check(ctx, proposal.params, started)))
-            deadline_s = max(deadline_s, verification.deadline_s)
-        return looks, int(deadline_s * 1000)
+            looks.append((_look(lambda: verification.check(ctx, proposal.params, started)),
+                          int(verification.deadline_s * 1000)))
+        return looks
 
     def _verify(self, proposal: Proposal) -> list[str]:
-        looks, deadline_ms = self._looks(proposal)
-        started = proposal.executed_ms or proposal.created_ms
-        outcome = verification_outcome([c.ok for c in looks], started_ms=started,
-                                       deadline_ms=deadline_ms, now_ms=self.clock())
-        seen = {"checks": [{"ok": c.ok, "detail": c.detail} for c in looks]}
+        looks = self._looks(proposal)
+        outcome = verification_outcome(
+            [(check.ok, deadline) for check, deadline in looks],
+            started_ms=proposal.executed_ms or proposal.created_ms, now_ms=self.clock())
+        seen = {"checks": [{"ok": c.ok, "detail": c.detail} for c, _ in looks]}
         if outcome == Outcome.PASSED:
             self._move(proposal, to=_P.VERIFIED, event=AuditEvent.VERIFIED, actor=AGENT,
                        detail=seen)
@@ -545,7 +546,7 @@ class Agent:
         if outcome == Outcome.WAITING:
             return []
         why = "verification failed by its deadline: " + "; ".join(
-            c.detail for c in looks if not c.ok)
+            c.detail for c, _ in looks if not c.ok)
         failed = self._move(proposal, to=_P.FAILED, event=AuditEvent.FAILED, actor=AGENT,
                             reason=why, detail=seen)
         return [f"proposal {proposal.id} failed: {why}",
@@ -593,6 +594,31 @@ class Agent:
             stop.wait(interval_s)
 
 
+class AgentLoop:
+    """The agent's loop in a thread of the hub, on its own store connection (started and
+    stopped with the hub; each pass reads the mode, so `careflow agent mode off` takes effect
+    at the next pass)."""
+
+    def __init__(self, agent: Agent, *, interval_s: float = 1.0) -> None:
+        self.agent = agent
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run passes in a daemon thread."""
+        self._thread = threading.Thread(target=self.agent.run, args=(self._stop,),
+                                        kwargs={"interval_s": self.interval_s},
+                                        name="careflow-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the pass under way (a gateway command waits at most its timeout)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+
 def agent_for(settings: Settings, store: Store, *, runbooks: Sequence[Runbook] | None = None,
               gateway: GatewayCommands | None = None, clock: Clock = now_ms,
               expiry_ms: int = DEFAULT_EXPIRY_MS) -> Agent:
@@ -606,7 +632,7 @@ def agent_for(settings: Settings, store: Store, *, runbooks: Sequence[Runbook] |
     books = list(load_runbooks().values()) if runbooks is None else list(runbooks)
     ctx = actions.ActionContext(store=store, settings=settings,
                                 gateway=gateway or MqttGatewayCommands(settings), clock=clock,
-                                pki_dir=settings.pki_dir)
+                                pki_dir=settings.pki_dir, gateway_timeout_s=5.0)
     return Agent(store, ceiling=parse_mode(settings.automation), ctx=ctx, runbooks=books,
                  planner=RunbookPlanner(ctx), clock=clock, expiry_ms=expiry_ms)
 
