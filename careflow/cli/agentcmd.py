@@ -197,7 +197,7 @@ def reject(proposal_id: Annotated[int, typer.Argument(help="Proposal id.")],
 def run(once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
         interval: Annotated[float, typer.Option("--interval", min=0.1,
                                                 help="Seconds between passes.")] = 1.0,
-        data_dir: DataDirOption = None) -> None:
+        as_json: JsonOption = False, data_dir: DataDirOption = None) -> None:
     """The agent's loop (the hub runs it too, unless the mode is off): propose for new
     incidents, expire stale proposals, run approved ones (in auto, also those the registry
     allows), verify them, escalate a failed verification to on-call. Prints what it did.
@@ -205,15 +205,21 @@ def run(once: Annotated[bool, typer.Option("--once", help="One pass, then exit."
     Example: `careflow agent run --once`.
     """
     agent = _agent(data_dir)
+
+    def say(lines: list[str]) -> None:
+        if as_json:
+            print_json_lines([{"did": line} for line in lines])
+        else:
+            for line in lines:
+                console.print(line)
+
     if once:
-        for line in agent.run_once():
-            console.print(line)
+        say(agent.run_once())
         return
     stop = threading.Event()
     try:
         while not stop.is_set():
-            for line in agent.run_once():
-                console.print(line)
+            say(agent.run_once())
             stop.wait(interval)
     except KeyboardInterrupt:
         stop.set()

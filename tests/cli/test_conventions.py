@@ -32,7 +32,8 @@ CHANGES_SOMETHING = [
     ("notify", "test"), ("provision", "register"), ("ca", "init"), ("ca", "crl-refresh"),
     ("replay",), ("report",), ("edge", "claim"), ("gateway", "cmd"), ("users", "add"),
     ("users", "remove"), ("rules", "mute"), ("rules", "unmute"), ("rules", "disable"),
-    ("rules", "enable"),
+    ("rules", "enable"), ("agent", "propose"), ("agent", "approve"), ("agent", "reject"),
+    ("agent", "run"), ("agent", "mode"),
 ]
 
 
@@ -51,7 +52,7 @@ def test_the_list_of_commands_that_change_something_is_complete() -> None:
         ("rules", "list"), ("incidents", "list"), ("incidents", "show"), ("notify", "list"),
         ("silences", "list"), ("provision", "list"), ("provision", "refusals"),
         ("provision", "watch"), ("ca", "status"), ("users", "list"), ("runbooks", "list"),
-        ("runbooks", "check"),
+        ("runbooks", "check"), ("agent", "list"), ("agent", "show"), ("agent", "log"),
         ("mcp",),  # a server on stdio: what propose_action leaves, it answers as MCP JSON
     }
     visible = {path for path, command in COMMANDS.items() if not command.hidden}

@@ -156,9 +156,10 @@ class FleetSimulator:
                 "interval_s": self.interval_s, "battery_pct": round(device.battery, 1)})
         if gateway.errors_until is not None:
             if now < gateway.errors_until:
-                gateway.agent.add(gateway.errors_device, "error", {
-                    "code": "E_SENSOR_TIMEOUT", "severity": "warning",
-                    "message": "sensor did not answer (still)"})
+                for _ in range(3):  # six a second: a burst rule stays firing
+                    gateway.agent.add(gateway.errors_device, "error", {
+                        "code": "E_SENSOR_TIMEOUT", "severity": "warning",
+                        "message": "sensor did not answer (still)"})
             else:
                 gateway.errors_until = None
         if gateway.storm_until is not None:
