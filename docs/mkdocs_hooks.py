@@ -11,6 +11,7 @@ path (``runbooks/NAME.md``) opens the rendered page.
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", ".git", "build", "dist", "site", "tests", "bench", "node_modules",
              "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 # linked from the pages: configuration, dashboards and rules readers open from the site
-STATIC = ("*.conf", "*.acl", "*.json", "*.yaml", "*.yml", "*.service", "*.sh", "*.toml", "*.html",
-          "*.png", "*.svg")
+STATIC = ("*.conf", "*.acl", "*.json", "*.yaml", "*.yml", "*.service", "*.sh", "*.toml", "*.png",
+          "*.svg")
 
 
 def _repository_files() -> list[str]:
     """Repository paths of the pages and the files they may link to, sorted."""
     found = []
-    for path in ROOT.rglob("*"):
-        relative = path.relative_to(ROOT)
-        if (not path.is_file() or any(part in SKIP_DIRS or part.endswith(".egg-info")
-                                      for part in relative.parts)):
-            continue
-        name = relative.name
-        if name.endswith(".md") or any(fnmatch.fnmatch(name, pattern) for pattern in STATIC):
-            found.append(relative.as_posix())
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        for name in names:
+            if name.endswith(".md") or any(fnmatch.fnmatch(name, p) for p in STATIC):
+                found.append((Path(folder) / name).relative_to(ROOT).as_posix())
     return sorted(found)
 
 
