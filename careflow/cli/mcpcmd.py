@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import typer
 
-from careflow.cli.common import DataDirOption
+from careflow.cli.common import DataDirOption, settings_from
 from careflow.cli.ops import open_store
 from careflow.core import clock
-from careflow.hub.ops.llm import record_in_store
+from careflow.hub.ops.agent import agent_for
 from careflow.hub.ops.mcp_server import PLANNER, LoadedRunbooks, build_server
-from careflow.hub.ops.runbooks import load_runbooks
+from careflow.hub.store.records import Proposal
 from careflow.hub.web.link_pages import typed_name
 
-__all__ = ["PROPOSAL_TTL_MS", "mcp"]
-
-PROPOSAL_TTL_MS = 30 * 60_000  # a proposal is about the fleet as it is now: stale after 30 min
+__all__ = ["mcp"]
 
 
 def mcp(
@@ -31,9 +30,15 @@ def mcp(
     "--by", "kari"]}`.
     """
     store = open_store(data_dir)
-    actor = f"{PLANNER}:{typed_name(by, '')}" if by and typed_name(by, "") else PLANNER
-    server = build_server(store, runbooks=LoadedRunbooks(load_runbooks()),
-                          record=record_in_store(store, now_ms=clock.now_ms,
-                                                 ttl_ms=PROPOSAL_TTL_MS),
-                          clock=clock.now_ms, actor=actor)
+    name = typed_name(by or "", "")
+    actor = f"{PLANNER}:{name}" if name else PLANNER
+    agent = agent_for(settings_from(data_dir=data_dir), store)
+
+    def propose(incident_id: int, *, action: str, params: Mapping[str, Any],
+                why: str) -> Proposal | None:
+        return agent.propose(incident_id, actor=actor, action=action, params=params, why=why,
+                             planner=PLANNER).proposal
+
+    server = build_server(store, runbooks=LoadedRunbooks({b.id: b for b in agent.runbooks}),
+                          propose=propose, clock=clock.now_ms, actor=actor)
     server.run("stdio")

@@ -26,9 +26,10 @@ itself (``decided_by`` says so). Care alarms get diagnosis and evidence only, ne
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -38,6 +39,7 @@ from careflow.core.errors import CareflowError, ConfigError, RefusedError
 from careflow.hub.ops import actions
 from careflow.hub.ops.audit import AuditEvent, mask_secrets, mask_text
 from careflow.hub.ops.gateway import GatewayCommands, MqttGatewayCommands
+from careflow.hub.ops.llm import model_planner
 from careflow.hub.ops.planner import Plan, Planner, RunbookPlanner, gather_evidence
 from careflow.hub.ops.runbooks import CARE_ALARM_RULES, Runbook, load_runbooks, render
 from careflow.hub.store.interface import Store
@@ -54,6 +56,7 @@ from careflow.hub.store.records import (
 
 __all__ = [
     "AGENT",
+    "AUTO_PLANNERS",
     "DEFAULT_EXPIRY_MS",
     "Agent",
     "AgentLoop",
@@ -74,6 +77,9 @@ log = logging.getLogger(__name__)
 
 AGENT = "careflow-agent"  # the actor of what the agent does by itself
 DEFAULT_EXPIRY_MS = 15 * 60_000  # a proposal older than this is stale: the fleet moved on
+# The planners whose proposals auto mode may run unapproved: the runbook's own, never a
+# model's (llm:<model>) or an assistant's over MCP (mcp)
+AUTO_PLANNERS = frozenset({RunbookPlanner().name})
 _P = ProposalState
 _RANK = {AutomationMode.OFF: 0, AutomationMode.MANUAL: 1, AutomationMode.AUTO: 2}
 _CURSOR = "agent-considered"  # the newest incident id the loop has considered
@@ -379,6 +385,7 @@ class Agent:
         else:
             plan = self._given_plan(incident, runbook, action, params or {}, why, actor)
         plan = self._checked(incident, runbook, plan, actor)
+        evidence = {**evidence, **plan.notes}  # a model planner's summary and ranking
         return ProposeResult(incident, self._record(incident, runbook, plan, evidence, actor,
                                                     planner or plan.planner), evidence, plan.why)
 
@@ -406,7 +413,7 @@ class Agent:
         except RefusedError as exc:
             raise self.refuse(f"refused parameters: {exc}", actor=actor, subject=subject,
                               action=plan.action, params=dict(plan.params)) from exc
-        return Plan(action=plan.action, params=checked, why=plan.why, planner=plan.planner)
+        return replace(plan, params=checked)
 
     def _record(self, incident: Incident, runbook: Runbook, plan: Plan,
                 evidence: Mapping[str, Any], actor: str, planner: str) -> Proposal:
@@ -448,7 +455,10 @@ class Agent:
         live = self.store.proposals(states=[_P.PENDING, _P.APPROVED, _P.EXECUTED], limit=500)
         for proposal in reversed(live):  # oldest first
             found = actions.REGISTRY.get(proposal.action)
-            auto_allowed = found is not None and found.auto and not found.never_automated
+            # auto mode runs only what the runbook itself chose: a model's or an assistant's
+            # (mcp) pick always waits for a person, so no model can act on its own
+            auto_allowed = (found is not None and found.auto and not found.never_automated
+                            and proposal.planner in AUTO_PLANNERS)
             step = next_step(proposal, mode=mode, auto_allowed=auto_allowed, now_ms=self.clock())
             try:
                 done += self._take(step, proposal)
@@ -633,8 +643,9 @@ def agent_for(settings: Settings, store: Store, *, runbooks: Sequence[Runbook] |
     ctx = actions.ActionContext(store=store, settings=settings,
                                 gateway=gateway or MqttGatewayCommands(settings), clock=clock,
                                 pki_dir=settings.pki_dir, gateway_timeout_s=5.0)
+    planner = model_planner(os.environ, fallback=RunbookPlanner(ctx), audit=store, clock=clock)
     return Agent(store, ceiling=parse_mode(settings.automation), ctx=ctx, runbooks=books,
-                 planner=RunbookPlanner(ctx), clock=clock, expiry_ms=expiry_ms)
+                 planner=planner, clock=clock, expiry_ms=expiry_ms)
 
 
 def _look(check: Callable[[], actions.Check]) -> actions.Check:

@@ -15,8 +15,11 @@ lists. It is fenced in code, not in the prompt, so no text it reads can widen wh
 - the evidence, which holds text that devices and gateways wrote, reaches it as data
   (:func:`fence`): JSON-encoded, ``<`` and ``>`` escaped, between marker lines carrying a random
   nonce, so the data can neither end the fence nor forge one;
-- it only ever produces a *proposal* (state pending, ``planner`` = ``llm:<model>``); approving
-  and running stay with a person and the agent.
+- it only ever shapes a *proposal* (pending, ``planner`` = ``llm:<model>``, its summary and
+  ranking in the evidence), and auto mode never runs one unapproved
+  (:data:`careflow.hub.ops.agent.AUTO_PLANNERS`): approving stays with a person;
+- it ranks, it cannot veto or stall: when it is down, refused or ranks nothing, the runbook's
+  own plan stands (:class:`ModelPlanner`, the agent's planner when ``CAREFLOW_LLM_URL`` is set).
 
 The HTTP call is a plain POST to ``{CAREFLOW_LLM_URL}/chat/completions`` (urllib, no SDK) with a
 timeout; failures become :class:`~careflow.core.errors.ModelError`, and the agent then plans
@@ -26,22 +29,25 @@ without the model.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
-import shlex
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeAlias
 
 from jsonschema import Draft202012Validator, ValidationError
 
+from careflow.core.clock import Clock
 from careflow.core.config import read_secret
 from careflow.core.errors import ConfigError, ModelError, RefusedError
 from careflow.hub.ops.actions import REGISTRY
+from careflow.hub.ops.audit import AuditEvent
+from careflow.hub.ops.planner import Plan, Planner
 from careflow.hub.ops.runbooks import CARE_ALARM_RULES, Runbook, render
-from careflow.hub.store.interface import Audit, Proposals
-from careflow.hub.store.records import Incident, Proposal
+from careflow.hub.store.interface import Audit
+from careflow.hub.store.records import Incident
 
 __all__ = [
     "MAX_CHOICES",
@@ -49,8 +55,8 @@ __all__ = [
     "Choice",
     "LlmPlanner",
     "LlmSettings",
+    "ModelPlanner",
     "Option",
-    "RecordProposal",
     "Situation",
     "Suggestion",
     "build_messages",
@@ -60,12 +66,11 @@ __all__ = [
     "load_llm",
     "model_planner",
     "parse_reply",
-    "propose_with_model",
-    "record_in_store",
     "runbook_options",
 ]
 
 Params: TypeAlias = Mapping[str, Any]
+log = logging.getLogger(__name__)
 
 MAX_CHOICES = 5
 MAX_REPLY_CHARS = 16_000  # a ranking of five actions is far shorter; more is not a reply to us
@@ -411,72 +416,82 @@ class LlmPlanner:
         return parse_reply(content, situation.options, runbook=situation.runbook)
 
 
-def model_planner(env: Mapping[str, str]) -> LlmPlanner | None:
-    """The model planner when ``CAREFLOW_LLM_URL`` is set, else None (the runbook's own)."""
-    settings = load_llm(env)
-    return None if settings is None else LlmPlanner(settings)
+def _facts(incident: Incident) -> dict[str, Any]:
+    """What the model is told of the incident (its summary and detail hold device text)."""
+    return {"rule": incident.rule, "gateway": incident.gateway, "device": incident.device,
+            "severity": str(incident.severity), "state": str(incident.state),
+            "summary": incident.summary, "detail": incident.detail, "raises": incident.raises}
 
 
-class RecordProposal(Protocol):
-    """Records a pending proposal (and audits it): the agent's, or the store's directly."""
+class ModelPlanner:
+    """The agent's planner when a model is configured (:class:`~careflow.hub.ops.planner.Planner`).
 
-    def __call__(self, situation: Situation, option: Option, params: Mapping[str, Any], *,
-                 why: str, evidence: Mapping[str, Any], planner: str) -> Proposal:
-        """The proposal as recorded."""
-        ...
+    The model ranks; it never vetoes and never widens: its first choice (through the fence)
+    becomes the plan, with its summary and ranking as notes for the evidence. When the model
+    cannot be reached, its reply is refused (audited, actor ``llm:<model>``), or it ranks
+    nothing, the runbook's own plan stands (``fallback``), so a model that is down, steered or
+    silent costs the agent nothing it had without one.
+    """
+
+    def __init__(self, model: LlmPlanner, *, fallback: Planner, audit: Audit,
+                 clock: Clock) -> None:
+        self.model = model
+        self.fallback = fallback
+        self.audit = audit
+        self.clock = clock
+
+    @property
+    def name(self) -> str:
+        """``llm:<model>``: what its proposals record as their planner."""
+        return self.model.name
+
+    def plan(self, incident: Incident, runbook: Runbook,
+             evidence: Mapping[str, Any]) -> Plan | None:
+        """The model's first choice, or the runbook's plan when the model gives none."""
+        options = runbook_options(runbook, incident)
+        if not options:
+            return self.fallback.plan(incident, runbook, evidence)
+        situation = Situation(incident_id=incident.id, runbook=runbook.id,
+                              incident=_facts(incident), options=options, evidence=evidence)
+        try:
+            suggestion = self.model.suggest(situation)
+        except RefusedError as exc:
+            self.audit.append_audit(
+                at_ms=self.clock(), actor=self.name, event=AuditEvent.REFUSED,
+                subject=f"incident {incident.id}",
+                detail={"why": str(exc), "runbook": runbook.id, "then": self.fallback.name})
+            return self._fallback(incident, runbook, evidence, f"refused: {exc}")
+        except ModelError as exc:
+            log.warning("the model planner is unavailable; the runbook's plan stands",
+                        extra={"incident": incident.id, "why": str(exc)})
+            return self._fallback(incident, runbook, evidence, f"unavailable: {exc}")
+        if not suggestion.ranking:
+            return self._fallback(incident, runbook, evidence,
+                                  f"ranked nothing; its summary: {suggestion.summary}")
+        best = suggestion.ranking[0]
+        return Plan(best.option.action, best.params, best.why, self.name, notes={"model": {
+            "planner": self.name, "summary": suggestion.summary,
+            "ranking": [{"action": c.option.action, "params": c.params, "why": c.why}
+                        for c in suggestion.ranking]}})
+
+    def _fallback(self, incident: Incident, runbook: Runbook, evidence: Mapping[str, Any],
+                  what: str) -> Plan | None:
+        plan = self.fallback.plan(incident, runbook, evidence)
+        if plan is None:
+            return None
+        return replace(plan, notes={**plan.notes, "model": {"planner": self.name,
+                                                            "outcome": what}})
 
 
-def propose_with_model(situation: Situation, planner: LlmPlanner, *, record: RecordProposal,
-                       audit: Audit, now_ms: int) -> Proposal | None:
-    """Ask the model and record its best choice as a pending proposal (None: it ranked
-    nothing). Its summary and whole ranking go into the evidence, marked as the model's.
+def model_planner(env: Mapping[str, str], *, fallback: Planner, audit: Audit,
+                  clock: Clock) -> Planner:
+    """The agent's planner: the model's (over ``fallback``) when ``CAREFLOW_LLM_URL`` is set,
+    else ``fallback`` itself, the runbook's.
 
     Raises:
-        RefusedError: the reply was refused; the refusal is audited first (actor: the planner).
-        ModelError: the endpoint failed; nothing is recorded.
+        ConfigError: the model's settings are incomplete or malformed (see :func:`load_llm`).
     """
-    try:
-        suggestion = planner.suggest(situation)
-    except RefusedError as exc:
-        audit.append_audit(at_ms=now_ms, actor=planner.name, event="proposal.refused",
-                           subject=f"incident:{situation.incident_id}",
-                           detail={"runbook": situation.runbook, "reason": str(exc)})
-        raise
-    if not suggestion.ranking:
-        return None
-    best = suggestion.ranking[0]
-    evidence = {**situation.evidence, "model": {
-        "planner": planner.name, "summary": suggestion.summary,
-        "ranking": [{"action": c.option.action, "params": c.params, "why": c.why}
-                    for c in suggestion.ranking]}}
-    return record(situation, best.option, best.params, why=best.why, evidence=evidence,
-                  planner=planner.name)
-
-
-class ProposalStore(Proposals, Audit, Protocol):
-    """What recording a proposal needs of the store."""
-
-
-def record_in_store(store: ProposalStore, *, now_ms: Callable[[], int],
-                    ttl_ms: int) -> RecordProposal:
-    """A :class:`RecordProposal` that writes a pending proposal expiring after ``ttl_ms`` and
-    its audit row (actor: the planner): the dry run is the ``careflow`` command a person would
-    type."""
-    def record(situation: Situation, option: Option, params: Mapping[str, Any], *, why: str,
-               evidence: Mapping[str, Any], planner: str) -> Proposal:
-        at_ms = now_ms()
-        argv = list(option.command(params))
-        dry_run = shlex.join(argv) if argv else f"{option.action} {json.dumps(params)}"
-        made = store.add_proposal(
-            incident_id=situation.incident_id, runbook=situation.runbook, action=option.action,
-            params=params, why=why, evidence=evidence, dry_run=dry_run, expected=option.summary,
-            verify=option.verify or "nothing to verify", planner=planner, at_ms=at_ms,
-            expires_ms=at_ms + ttl_ms)
-        store.append_audit(at_ms=at_ms, actor=planner, event="proposal.pending",
-                           subject=f"proposal:{made.id}",
-                           detail={"incident": situation.incident_id,
-                                   "runbook": situation.runbook, "action": option.action,
-                                   "params": dict(params)})
-        return made
-
-    return record
+    settings = load_llm(env)
+    if settings is None:
+        return fallback
+    return ModelPlanner(LlmPlanner(settings), fallback=fallback, audit=audit, clock=clock)

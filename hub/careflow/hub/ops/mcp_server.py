@@ -27,12 +27,12 @@ from pydantic import Field
 
 from careflow.core.clock import Clock
 from careflow.core.errors import CareflowError, RefusedError
-from careflow.hub.ops.llm import Option, RecordProposal, Situation, check_choice, runbook_options
+from careflow.hub.ops.audit import AuditEvent
+from careflow.hub.ops.llm import Option, check_choice, runbook_options
 from careflow.hub.ops.runbooks import Runbook, runbook_for
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import (
     UNRESOLVED,
-    AutomationMode,
     EventFilter,
     Incident,
     IncidentState,
@@ -41,7 +41,8 @@ from careflow.hub.store.records import (
 )
 from careflow.schemas import EVENT_TYPES, format_rfc3339
 
-__all__ = ["PLANNER", "READ_TOOLS", "TOOLS", "LoadedRunbooks", "Runbooks", "build_server"]
+__all__ = ["PLANNER", "READ_TOOLS", "TOOLS", "LoadedRunbooks", "Propose", "Runbooks",
+           "build_server"]
 
 PLANNER = "mcp"
 READ_TOOLS = ("incidents_list", "incident_show", "device_show", "events_recent",
@@ -74,6 +75,16 @@ class Runbooks(Protocol):
 
     def options_for(self, incident: Incident) -> tuple[str, Sequence[Option]]:
         """The runbook answering this incident's rule and its options (RefusedError: none)."""
+        ...
+
+
+class Propose(Protocol):
+    """Records a pending proposal the agent's way (``Agent.propose`` with the action given:
+    its own checks, the evidence gathered, the audit row); None when it made none."""
+
+    def __call__(self, incident_id: int, *, action: str, params: Mapping[str, Any],
+                 why: str) -> Proposal | None:
+        """The proposal made."""
         ...
 
 
@@ -128,14 +139,14 @@ def _one_line(text: str, what: str, limit: int) -> str:
     return text.strip()
 
 
-def build_server(store: Store, *, runbooks: Runbooks, record: RecordProposal, clock: Clock,
+def build_server(store: Store, *, runbooks: Runbooks, propose: Propose, clock: Clock,
                  actor: str = PLANNER) -> MCPServer:
     """The MCP server over ``store``: the read tools and ``propose_action``, nothing else.
 
     Args:
         store: the hub's store (read; proposals and audit rows written through ``record``).
         runbooks: which actions each incident's runbook lists.
-        record: writes a pending proposal and its audit row.
+        propose: records a pending proposal (the agent's ``propose``), after the fence.
         clock: now, in milliseconds.
         actor: who the audit rows name (``mcp``, or ``mcp:<operator>``).
     """
@@ -251,43 +262,34 @@ def build_server(store: Store, *, runbooks: Runbooks, record: RecordProposal, cl
                        action: Annotated[str, Field(min_length=1, max_length=64)],
                        why: Annotated[str, Field(min_length=1, max_length=500)],
                        params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return guarded(lambda: _propose(store, runbooks=runbooks, record=record, clock=clock,
+        return guarded(lambda: _propose(store, runbooks=runbooks, propose=propose, clock=clock,
                                         actor=actor, incident_id=incident, action=action,
                                         params=params or {}, why=why))
 
     return server
 
 
-def _propose(store: Store, *, runbooks: Runbooks, record: RecordProposal, clock: Clock,
+def _propose(store: Store, *, runbooks: Runbooks, propose: Propose, clock: Clock,
              actor: str, incident_id: int, action: str, params: Mapping[str, Any],
              why: str) -> dict[str, Any]:
-    """The fence, then the record; a refusal is audited before the assistant hears of it."""
-    incident = store.incident(incident_id)
+    """The fence (a refusal audited before the assistant hears of it), then the agent's own
+    propose, which checks and audits again (the mode, the incident's state) and records."""
     try:
+        incident = store.incident(incident_id)
         if incident is None:
             msg = f"no incident {incident_id}; see incidents_list"
             raise RefusedError(msg)
-        if incident.state == IncidentState.RESOLVED:
-            msg = f"incident {incident_id} is resolved: nothing to propose"
-            raise RefusedError(msg)
-        setting = store.automation_mode()
-        if setting is not None and setting.mode == AutomationMode.OFF:
-            msg = (f"the agent is off (set by {setting.by}: {setting.reason}): nothing is "
-                   "proposed until a person sets `careflow agent mode manual`")
-            raise RefusedError(msg)
         runbook, options = runbooks.options_for(incident)
-        option, checked = check_choice(options, action, params, runbook=runbook)
+        _option, checked = check_choice(options, action, params, runbook=runbook)
         line = _one_line(why, "why", 500)
     except RefusedError as exc:
-        store.append_audit(at_ms=clock(), actor=actor, event="proposal.refused",
-                           subject=f"incident:{incident_id}",
-                           detail={"action": action[:64], "reason": str(exc)})
+        store.append_audit(at_ms=clock(), actor=actor, event=AuditEvent.REFUSED,
+                           subject=f"incident {incident_id}",
+                           detail={"why": str(exc), "action": action[:64]})
         raise
-    situation = Situation(incident_id=incident.id, runbook=runbook,
-                          incident=_incident(incident), options=options, evidence={})
-    made = record(situation, option, checked, why=line,
-                  evidence={"source": "an operator's assistant over MCP", "by": actor,
-                            "incident": _incident(incident)},
-                  planner=PLANNER)
+    made = propose(incident_id, action=action, params=checked, why=line)
+    if made is None:
+        msg = f"no proposal was made for incident {incident_id}"
+        raise RefusedError(msg)
     return {"proposal": _proposal(made),
             "next": f"a person approves it: `careflow agent approve {made.id} --by NAME`"}

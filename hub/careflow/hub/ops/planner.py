@@ -12,7 +12,7 @@ incident, pass the action's schema and precondition. Another planner (a language
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from careflow.core.errors import CareflowError
@@ -35,6 +35,9 @@ class Plan:
     params: Mapping[str, Any]
     why: str
     planner: str
+    # added to the proposal's evidence: a model planner's summary and ranking, or why the
+    # runbook's plan stood instead of the model's
+    notes: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Planner(Protocol):
