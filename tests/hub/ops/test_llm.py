@@ -321,6 +321,9 @@ def situation(detail: str = "no heartbeat for 5 min") -> Situation:
     ('{"summary": "", "ranking": [{"action": "gateway.resend", "params": {}, "why": "a\\nb"}]}',
      "does not match"),
     (reply(*[{"action": "gateway.resend", "params": {}, "why": "x"}] * 6), "breaks maxItems 5"),
+    (reply({"action": "gateway.resend", "params": {}, "why": "resend \u202eredda"}),
+     "invisible formatting characters"),
+    (reply(summary="all fine\u200b"), "invisible formatting characters"),
 ])
 def test_it_refuses_anything_but_the_reply_object(model: ModelStandIn, content: str,
                                                   reason: str) -> None:

@@ -92,6 +92,9 @@ def test_it_serves_reads_and_proposals_and_nothing_that_executes(data_dir: Path)
                 "other gateway": await client.call_tool("propose_action", {
                     "incident": 1, "action": "gateway.resend",
                     "params": {"gateway": "gw-0002"}, "why": "x"}),
+                "hidden text": await client.call_tool("propose_action", {
+                    "incident": 1, "action": "gateway.resend", "params": {},
+                    "why": "routine \u202etrats"}),
                 "care alarm": await client.call_tool("propose_action", {
                     "incident": 2, "action": "gateway.resend", "params": {}, "why": "x"}),
             }
@@ -127,6 +130,7 @@ def test_it_serves_reads_and_proposals_and_nothing_that_executes(data_dir: Path)
     assert "'device.revoke' is not one runbook gateway-offline lists" in reasons["invented"]
     assert "boot" in reasons["metachar"] and "does not match" in reasons["metachar"]
     assert "'gateway' is fixed by runbook gateway-offline" in reasons["other gateway"]
+    assert "invisible formatting" in reasons["hidden text"]
     assert "care-alarm" in reasons["care alarm"] or "none" in reasons["care alarm"]
 
     store = SqliteStore(data_dir / "careflow.db", synchronous="normal")
@@ -136,8 +140,8 @@ def test_it_serves_reads_and_proposals_and_nothing_that_executes(data_dir: Path)
         events = [(row.actor, row.event) for row in store.audit_log()]
     finally:
         store.close()
-    assert events.count(("mcp:kari", "refused")) == 4
-    assert events.count(("mcp:kari", "proposed")) == 1 and len(events) == 5
+    assert events.count(("mcp:kari", "refused")) == 5
+    assert events.count(("mcp:kari", "proposed")) == 1 and len(events) == 6
 
 
 def test_the_proposal_shows_in_careflow_agent_list(data_dir: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import unicodedata
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +64,7 @@ __all__ = [
     "chat",
     "check_choice",
     "fence",
+    "has_hidden_characters",
     "load_llm",
     "model_planner",
     "parse_reply",
@@ -258,6 +260,12 @@ def _problem(errors: list[ValidationError], root: str) -> str:
     return f"{where}: {text}"
 
 
+def has_hidden_characters(text: str) -> bool:
+    """Whether ``text`` holds invisible formatting (a right-to-left override, a zero-width
+    space) or C1 controls: what a person reads in a proposal must be what it says."""
+    return any(unicodedata.category(c) in {"Cf", "Cc"} and c != "\n" for c in text)
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -291,6 +299,10 @@ def parse_reply(content: str, options: Sequence[Option], *, runbook: str) -> Sug
     errors = sorted(_REPLY.iter_errors(reply), key=lambda e: list(e.absolute_path))
     if errors:
         raise refuse(_problem(errors, "the reply"))
+    hidden = [text for text in (reply["summary"], *(e["why"] for e in reply["ranking"]))
+              if has_hidden_characters(text)]
+    if hidden:
+        raise refuse(f"invisible formatting characters in {hidden[0][:60]!r}")
     ranking = []
     for entry in reply["ranking"]:
         try:

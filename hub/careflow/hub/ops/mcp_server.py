@@ -28,7 +28,7 @@ from pydantic import Field
 from careflow.core.clock import Clock
 from careflow.core.errors import CareflowError, RefusedError
 from careflow.hub.ops.audit import AuditEvent
-from careflow.hub.ops.llm import Option, check_choice, runbook_options
+from careflow.hub.ops.llm import Option, check_choice, has_hidden_characters, runbook_options
 from careflow.hub.ops.runbooks import Runbook, runbook_for
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import (
@@ -132,9 +132,9 @@ def _proposal(proposal: Proposal) -> dict[str, Any]:
 
 def _one_line(text: str, what: str, limit: int) -> str:
     """A person reads it in a list: one visible line, bounded."""
-    if not text.strip() or len(text) > limit or any(
-            ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        msg = f"{what} must be one line of 1 to {limit} characters, without control characters"
+    if not text.strip() or len(text) > limit or "\n" in text or has_hidden_characters(text):
+        msg = (f"{what} must be one line of 1 to {limit} characters, without control or "
+               "invisible formatting characters")
         raise RefusedError(msg)
     return text.strip()
 
