@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -77,6 +78,7 @@ class ModelStandIn:
         self.headers: list[dict[str, str]] = []
         self.content: Callable[[dict[str, Any]], str] = lambda _r: "{}"
         self.status = 200
+        self.drip_s = 0.0  # > 0: send the answer a byte at a time, this far apart
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,7 +99,13 @@ class ModelStandIn:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if not stand_in.drip_s:
+                    self.wfile.write(data)
+                    return
+                for byte in data:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(stand_in.drip_s)
 
             def log_message(self, *_args: Any) -> None:
                 pass
@@ -370,6 +378,16 @@ def test_a_model_that_cannot_be_reached_is_a_retryable_model_error() -> None:
     with pytest.raises(ModelError, match="did not answer") as caught:
         LlmPlanner(settings).suggest(situation())
     assert caught.value.retry
+
+
+def test_a_model_that_drips_its_answer_is_cut_off_at_the_timeout(model: ModelStandIn) -> None:
+    model.content = lambda _r: reply()
+    model.drip_s = 0.05  # each read well within the timeout, the whole far beyond it
+    settings = LlmSettings(url=model.url, model="stand-in", timeout_s=1)
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="did not answer") as caught:
+        LlmPlanner(settings).suggest(situation())
+    assert caught.value.retry and time.monotonic() - started < 3
 
 
 @pytest.mark.parametrize(("status", "fix", "retry"), [

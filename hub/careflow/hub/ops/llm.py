@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 import unicodedata
 import urllib.error
 import urllib.request
@@ -359,6 +360,23 @@ def build_messages(situation: Situation, *, nonce: str) -> list[dict[str, str]]:
             {"role": "user", "content": user}]
 
 
+def _read_by(response: Any, deadline: float) -> bytes:  # noqa: ANN401 - urllib's response
+    """The body, at most MAX_RESPONSE_BYTES + 1, read by ``deadline``: the socket timeout
+    bounds each read, not the whole, and a server dripping bytes would hold the agent's loop
+    (and the verifications and escalations waiting in it)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_RESPONSE_BYTES:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took longer than the timeout")
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def chat(settings: LlmSettings, messages: Sequence[Mapping[str, str]]) -> str:
     """One chat completion's text: POST ``{url}/chat/completions``, temperature 0, JSON mode.
 
@@ -375,9 +393,10 @@ def chat(settings: LlmSettings, messages: Sequence[Mapping[str, str]]) -> str:
     # http(s) only (LlmSettings refuses other schemes), so urllib never opens a file: URL
     request = urllib.request.Request(endpoint, data=body, headers=headers,  # noqa: S310
                                      method="POST")
+    deadline = time.monotonic() + settings.timeout_s
     try:
         with urllib.request.urlopen(request, timeout=settings.timeout_s) as response:  # noqa: S310
-            raw = response.read(MAX_RESPONSE_BYTES + 1)
+            raw = _read_by(response, deadline)
     except urllib.error.HTTPError as exc:
         detail = exc.read(300).decode("utf-8", "replace").strip()
         fix = {401: "check CAREFLOW_LLM_KEY", 403: "check CAREFLOW_LLM_KEY",
