@@ -33,6 +33,7 @@ from careflow.hub.ops.llm import (
     ModelPlanner,
     Option,
     Situation,
+    bounded,
     fence,
     load_llm,
 )
@@ -295,14 +296,29 @@ def test_a_model_ranking_nothing_cannot_veto_the_runbook(world: Callable[..., Wo
     assert made.evidence["model"]["outcome"].startswith("ranked nothing")
 
 
-def test_a_model_that_is_down_leaves_the_runbook_plan(world: Callable[..., World],
-                                                      model: ModelStandIn) -> None:
+def test_a_model_that_is_down_leaves_the_runbook_plan_and_rests(world: Callable[..., World],
+                                                                model: ModelStandIn) -> None:
     model.status = 503
     w = world()
     made = w.propose()
     assert (made.action, made.planner) == ("gateway.resend", "runbook")
     assert "HTTP 503" in made.evidence["model"]["outcome"]
     assert w.audit() == [("careflow-agent", "proposed")]
+    # the next incident does not wait for the model again (for five minutes)
+    again = w.agent.propose(w.incident).proposal
+    assert again is not None and again.planner == "runbook"
+    assert again.evidence["model"]["outcome"].startswith("not asked: it failed lately")
+    assert len(model.requests) == 1
+
+
+def test_it_leaves_out_the_largest_evidence_to_fit() -> None:
+    evidence = {"recent_events": ["x" * 5_000] * 10, "diagnose": [{"ok": True}],
+                "device_state": {"state": "offline"}}
+    kept = bounded(evidence, 2_000)
+    size = len(json.dumps(evidence["recent_events"]))
+    assert kept["recent_events"] == f"(left out: {size} characters)"
+    assert kept["diagnose"] == [{"ok": True}] and kept["device_state"] == evidence["device_state"]
+    assert bounded(evidence, 100_000) == evidence
 
 
 def planner_for(model: ModelStandIn) -> LlmPlanner:

@@ -61,6 +61,7 @@ __all__ = [
     "Option",
     "Situation",
     "Suggestion",
+    "bounded",
     "build_messages",
     "chat",
     "check_choice",
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 MAX_CHOICES = 5
 MAX_REPLY_CHARS = 16_000  # a ranking of five actions is far shorter; more is not a reply to us
 MAX_RESPONSE_BYTES = 1 << 20
+MAX_EVIDENCE_CHARS = 32_000  # about 8k tokens: room in a small local model's context
 DEFAULT_TIMEOUT_S = 30.0
 _ONE_LINE = r"^[^\x00-\x1f\x7f]+(?![\s\S])"  # (?![\s\S]), not $: $ matches before a final \n
 _TEXT = r"^[^\x00-\x09\x0b-\x1f\x7f]*(?![\s\S])"  # lines, no other control characters
@@ -318,6 +320,18 @@ def parse_reply(content: str, options: Sequence[Option], *, runbook: str) -> Sug
 _FENCE_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
 
 
+def bounded(evidence: Mapping[str, Any], max_chars: int) -> dict[str, Any]:
+    """The evidence, its largest parts left out (named, with their size) until its JSON fits
+    ``max_chars``: a model's context is finite, and what overflows it is an error."""
+    sizes = {key: len(json.dumps(value, default=str)) for key, value in evidence.items()}
+    kept = dict(evidence)
+    for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
+        if len(json.dumps(kept, default=str)) <= max_chars:
+            break
+        kept[key] = f"(left out: {sizes[key]} characters)"
+    return kept
+
+
 def fence(data: object, nonce: str) -> str:
     """``data`` as JSON between ``<<<DATA nonce`` and ``DATA nonce>>>`` lines. JSON-encoding
     (ASCII only) keeps it on one line with every quote and control character escaped; ``<``,
@@ -461,15 +475,20 @@ class ModelPlanner:
     becomes the plan, with its summary and ranking as notes for the evidence. When the model
     cannot be reached, its reply is refused (audited, actor ``llm:<model>``), or it ranks
     nothing, the runbook's own plan stands (``fallback``), so a model that is down, steered or
-    silent costs the agent nothing it had without one.
+    silent costs the agent nothing it had without one. After the endpoint fails, the model is
+    not asked again for ``rest_ms`` (5 min): the agent's loop, where verifications and
+    escalations wait, does not sit through one timeout per incident of an outage.
     """
 
     def __init__(self, model: LlmPlanner, *, fallback: Planner, audit: Audit,
-                 clock: Clock) -> None:
+                 clock: Clock, rest_ms: int = 5 * 60_000) -> None:
         self.model = model
         self.fallback = fallback
         self.audit = audit
         self.clock = clock
+        self.rest_ms = rest_ms
+        self._resting_until_ms = 0
+        self._failure = ""
 
     @property
     def name(self) -> str:
@@ -482,8 +501,12 @@ class ModelPlanner:
         options = runbook_options(runbook, incident)
         if not options:
             return self.fallback.plan(incident, runbook, evidence)
+        if self.clock() < self._resting_until_ms:
+            return self._fallback(incident, runbook, evidence,
+                                  f"not asked: it failed lately ({self._failure})")
         situation = Situation(incident_id=incident.id, runbook=runbook.id,
-                              incident=_facts(incident), options=options, evidence=evidence)
+                              incident=_facts(incident), options=options,
+                              evidence=bounded(evidence, MAX_EVIDENCE_CHARS))
         try:
             suggestion = self.model.suggest(situation)
         except RefusedError as exc:
@@ -495,6 +518,8 @@ class ModelPlanner:
         except ModelError as exc:
             log.warning("the model planner is unavailable; the runbook's plan stands",
                         extra={"incident": incident.id, "why": str(exc)})
+            self._resting_until_ms = self.clock() + self.rest_ms
+            self._failure = str(exc)[:200]
             return self._fallback(incident, runbook, evidence, f"unavailable: {exc}")
         if not suggestion.ranking:
             return self._fallback(incident, runbook, evidence,
