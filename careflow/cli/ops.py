@@ -27,17 +27,16 @@ from careflow.cli.common import (
     use_rules_dir,
 )
 from careflow.core import clock
-from careflow.core.errors import CareflowError, ConfigError, ContractError, RefusedError
+from careflow.core.errors import ConfigError, ContractError, RefusedError
 from careflow.edge.publish import publish_events
 from careflow.edge.stamper import Stamper, new_boot_id
-from careflow.hub.alerting.incidents import default_rules
-from careflow.hub.alerting.selfwatch import SELF_RULES
 from careflow.hub.fleet.presence import PresenceRecord, device_state
-from careflow.hub.ops.rule_controls import describe, in_force
+from careflow.hub.ops.rule_controls import describe
+from careflow.hub.ops.status import health_report, is_healthy, rules_quieted
 from careflow.hub.replay import OPT_IN, STAGES, replay
 from careflow.hub.store import adapters
 from careflow.hub.store.interface import Store
-from careflow.hub.store.records import UNRESOLVED, EventFilter, NotificationState, RuleControl
+from careflow.hub.store.records import EventFilter
 from careflow.provisioning.registry import SqliteProvisioningRegistry
 from careflow.schemas import EVENT_TYPES, parse_event
 
@@ -56,7 +55,6 @@ devices_app = typer.Typer(help="Gateways and devices: what each last said, maint
                           no_args_is_help=True)
 deadletter_app = typer.Typer(help="Input the hub refused, with the reason.", no_args_is_help=True)
 
-STALE_HEALTH_MS = 5_000
 DEFAULT_DATA: dict[str, dict[str, Any]] = {
     "heartbeat": {"interval_s": 60},
     "status": {"state": "ok"},
@@ -404,33 +402,12 @@ def status(
     Example: `careflow status` or, from a monitor, `careflow status --json`.
     """
     store = open_store(data_dir)
-    health = store.read_health()
     now_ms = clock.now_ms()
-    report: dict[str, Any] = {"running": False}
-    if health is not None:
-        written_ms, report = health
-        report["running"] = now_ms - written_ms < STALE_HEALTH_MS
-        report["reported"] = format_age(written_ms, now_ms=now_ms) + " ago"
-    report["dead_letters_kept"] = store.dead_letter_count()
-    report["sequence_gaps"] = store.total_gaps()
-    report["events_kept"] = store.count(EventFilter())
-    report["incidents_active"] = store.count_incidents(states=UNRESOLVED)
-    report["notifications_waiting"] = store.count_notifications(
-        states=(NotificationState.PENDING, NotificationState.SENDING))
-    report["notifications_failed"] = store.count_notifications(states=(NotificationState.FAILED,))
-    influx = report.pop("influx", None)
-    if isinstance(influx, dict):
-        report.update({f"influx_{key}": value for key, value in influx.items()})
-    digests = report.pop("digests", None)
-    if isinstance(digests, dict):
-        report.update({f"digests_{key}": value for key, value in digests.items()})
-    report.pop("rules_in_force", None)  # the hub's view; the store's rows are read here
-    quieted = _rules_quieted(store, now_ms)
-    report["rules_quieted"] = [
-        {"rule": c.rule, "control": str(c.kind),
-         "until": None if c.until_ms is None else iso_ms(c.until_ms), "by": c.by,
-         "reason": c.reason} for c in quieted]
-    healthy = bool(report["running"] and report.get("connected"))
+    report = {("reported" if key == "reported_ms_ago" else key):
+              (format_age(now_ms - value, now_ms=now_ms) + " ago" if key == "reported_ms_ago"
+               else value) for key, value in health_report(store, now_ms).items()}
+    quieted = rules_quieted(store, now_ms)
+    healthy = is_healthy(report)
     if as_json:
         print_json_lines([report])
     else:
@@ -452,17 +429,6 @@ def status(
             console.print(styled(("status digests cannot be queued", "yellow"), ": none goes out "
                                  "until this is fixed; the hub log says why"), highlight=False)
     raise typer.Exit(0 if healthy else 1)
-
-
-def _rules_quieted(store: Store, now_ms: int) -> list[RuleControl]:
-    """The rule controls the hub applies now (never one of a critical rule), by rule."""
-    try:
-        rules = default_rules().rules
-    except CareflowError:  # a broken rules folder: the hub would not start; show the rows
-        return store.rule_controls(now_ms=now_ms)
-    severities = {**SELF_RULES, **{rule.name: rule.severity for rule in rules}}
-    now = in_force(store.rule_controls(now_ms=now_ms), severities, now_ms)
-    return sorted([*now.muted.values(), *now.disabled.values()], key=lambda c: c.rule)
 
 
 def replay_command(

@@ -42,9 +42,9 @@ from careflow.hub.alerting.selfwatch import SELF_RULES
 from careflow.hub.fleet.presence import device_state
 from careflow.hub.ops.gateway import GatewayCommands
 from careflow.hub.ops.rule_controls import mute_refusal, quiet_refusal
+from careflow.hub.ops.status import health_report, is_healthy
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import (
-    UNRESOLVED,
     EventFilter,
     IncidentState,
     NotificationState,
@@ -80,7 +80,6 @@ __all__ = [
     "check_param_problems",
     "command_line",
     "execute",
-    "health_report",
     "param_problems",
     "rollback",
     "run_check",
@@ -100,7 +99,6 @@ _REASON = {"type": "string", "minLength": 1, "maxLength": 200,
            "pattern": r"^[^\x00-\x1f\x7f]+(?![\s\S])"}  # one visible line
 _INCIDENT = {"type": "integer", "minimum": 1}
 _RULE = {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.-]{0,63}(?![\s\S])"}
-STALE_HEALTH_MS = 5_000  # as `careflow status`: an older health report means the hub is down
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -202,30 +200,9 @@ def _iso(ms: int | None) -> str | None:
 # -- reads -----------------------------------------------------------------------------------
 
 
-def health_report(store: Store, now_ms: int) -> Evidence:
-    """The hub's health as ``careflow status --json`` reports it (``running``: a health report
-    younger than 5 s; ``connected``: to its broker)."""
-    health = store.read_health()
-    report: Evidence = {"running": False}
-    if health is not None:
-        written_ms, report = health[0], dict(health[1])
-        report["running"] = now_ms - written_ms < STALE_HEALTH_MS
-        report["reported_ms_ago"] = now_ms - written_ms
-    report["dead_letters_kept"] = store.dead_letter_count()
-    report["sequence_gaps"] = store.total_gaps()
-    report["incidents_active"] = store.count_incidents(states=UNRESOLVED)
-    report["notifications_waiting"] = store.count_notifications(
-        states=(NotificationState.PENDING, NotificationState.SENDING))
-    report["notifications_failed"] = store.count_notifications(states=(NotificationState.FAILED,))
-    report["rule_controls"] = [
-        {"rule": c.rule, "kind": str(c.kind), "until": _iso(c.until_ms), "by": c.by,
-         "reason": c.reason} for c in store.rule_controls(now_ms=now_ms)]
-    report["healthy"] = bool(report["running"] and report.get("connected"))
-    return report
-
-
 def _status(ctx: ActionContext, _params: Params) -> Evidence:
-    return health_report(ctx.store, ctx.clock())
+    report = health_report(ctx.store, ctx.clock())
+    return {**report, "healthy": is_healthy(report)}
 
 
 def _device_show(ctx: ActionContext, params: Params) -> Evidence:
@@ -510,7 +487,7 @@ def _in_sync(ctx: ActionContext, params: Params, started_ms: int) -> Check:
 
 
 def _hub_healthy(ctx: ActionContext, _params: Params, _started_ms: int) -> Check:
-    report = health_report(ctx.store, ctx.clock())
+    report = _status(ctx, {})
     lag = report.get("alert_lag_ms")
     ok = bool(report["healthy"]) and (not isinstance(lag, int | float) or lag < 10_000)
     return Check(ok, f"hub running={report['running']} connected={report.get('connected')} "
