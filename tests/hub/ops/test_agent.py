@@ -291,7 +291,8 @@ def test_an_approved_proposal_runs_and_verifies(world: Any) -> None:
     clock.ms += 500
     assert agent.run_once() == [f"proposal {proposal.id} verified"]
     assert [e.event for e in store.audit_log()] == [
-        "proposed", "approved", "executed", "verified"]
+        "proposed", "approved", "executed", "result", "verified"]
+    assert store.audit_log()[3].detail["result"]["state"] == "acknowledged"
     assert chain_problem(store.audit_log()) is None
 
 
@@ -339,3 +340,42 @@ def test_the_audit_chain_names_an_edited_row(world: Any, tmp_path: Path) -> None
         conn.execute("UPDATE audit_log SET actor = 'mallory' WHERE pos = 1")
     broken = chain_problem(store.audit_log())
     assert broken is not None and broken[0].pos == 1 and "edited" in broken[1]
+
+
+def test_two_loops_never_both_run_one_approved_write(world: Any) -> None:
+    agent, store, _clock, gateways = world
+    store.append(batch_of([Stamper(gateway="gw-1").stamp("heartbeat", {"interval_s": 60})]))
+    incident = _incident(store)
+    store.acknowledge_incident(incident, by="bo", at_ms=999_500)
+    proposal = agent.propose(incident).proposal
+    assert proposal.action == "gateway.resend"
+    agent.approve(proposal.id, by="ana")
+    approved = store.proposal(proposal.id)
+    other = Agent(store, ceiling=agent.ceiling, ctx=agent.ctx, runbooks=agent.runbooks,
+                  clock=agent.clock)
+    assert other.run_once()[0] == f"proposal {proposal.id} executed (gateway.resend)"
+    assert agent._take(Step.EXECUTE, approved) == []  # read as approved, claimed already
+    assert gateways.sent.count(("gw-1", "resend")) == 1
+
+
+class Exploding(Gateways):
+    def send(self, gateway: str, name: str, args: Mapping[str, Any], *,
+             timeout_s: float) -> dict[str, Any]:
+        if name == "resend":
+            raise ZeroDivisionError("a bug")
+        return super().send(gateway, name, args, timeout_s=timeout_s)
+
+
+def test_an_action_that_fails_unforeseen_is_escalated(world: Any) -> None:
+    agent, store, _clock, _gw = world
+    store.append(batch_of([Stamper(gateway="gw-1").stamp("heartbeat", {"interval_s": 60})]))
+    incident = _incident(store)
+    store.acknowledge_incident(incident, by="bo", at_ms=999_500)
+    proposal = agent.propose(incident).proposal
+    agent.approve(proposal.id, by="ana")
+    broken = agent_for(make_settings(Path("/nonexistent"), None), store,
+                       runbooks=agent.runbooks, gateway=Exploding(), clock=agent.clock)
+    done = broken.run_once()
+    assert done[0].startswith(f"proposal {proposal.id} failed: gateway.resend could not run")
+    assert store.proposal(proposal.id).state == P.ESCALATED
+    assert store.incident(incident).state == "acknowledged"

@@ -504,20 +504,38 @@ class Agent:
         return []
 
     def _execute(self, proposal: Proposal) -> list[str]:
+        """Claim the proposal (approved → executed, compare-and-set) and only then run its
+        action: two loops (the hub's, `careflow agent run`) never both run one write. What it
+        returned goes into the proposal and the trail; an action that could not run, or
+        failed in a way nobody foresaw, is failed and escalated: a person must hear of it."""
         ctx = self._context()
+        claimed = self._move(proposal, to=_P.EXECUTED, event=AuditEvent.EXECUTED, actor=AGENT,
+                             detail={"params": dict(proposal.params)})
+        if claimed is None:
+            return []  # another loop has it
         try:
             result = actions.execute(ctx, proposal.action, proposal.params)
-        except CareflowError as exc:
+        except Exception as exc:  # whatever it was, a person must hear of it
+            if not isinstance(exc, CareflowError):
+                log.exception("an action failed unexpectedly", extra={
+                    "proposal": proposal.id, "action": proposal.action})
             why = f"{proposal.action} could not run: {exc}"
-            failed = self._move(proposal, to=_P.FAILED, event=AuditEvent.FAILED, actor=AGENT,
+            failed = self._move(claimed, to=_P.FAILED, event=AuditEvent.FAILED, actor=AGENT,
                                 reason=why)
             return [f"proposal {proposal.id} failed: {why}",
                     *([] if failed is None else self._escalate(failed))]
-        executed = self._move(proposal, to=_P.EXECUTED, event=AuditEvent.EXECUTED, actor=AGENT,
-                              result=result)
-        if executed is None:
-            return []
-        return [f"proposal {proposal.id} executed ({proposal.action})", *self._verify(executed)]
+        at = self.clock()
+        masked = mask_secrets(dict(result))
+        with self.store.atomically(f"keep what proposal {proposal.id} returned"):
+            done = self.store.move_proposal(proposal.id, from_states=[_P.EXECUTED],
+                                            to=_P.EXECUTED, at_ms=at, result=masked)
+            if done is not None:
+                self.audit(actor=AGENT, event=AuditEvent.RESULT, at_ms=at,
+                           subject=f"proposal {proposal.id}",
+                           detail={"action": proposal.action, "result": masked})
+        if done is None:
+            return []  # verified (or failed) meanwhile by another loop
+        return [f"proposal {proposal.id} executed ({proposal.action})", *self._verify(done)]
 
     def _looks(self, proposal: Proposal) -> list[tuple[actions.Check, int]]:
         """One look at each verification (the runbook's, the action's), each with its

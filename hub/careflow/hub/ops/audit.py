@@ -44,7 +44,8 @@ class AuditEvent:
     APPROVED = "approved"
     REJECTED = "rejected"
     EXPIRED = "expired"
-    EXECUTED = "executed"
+    EXECUTED = "executed"  # claimed: the action runs now
+    RESULT = "result"  # what it returned
     VERIFIED = "verified"
     FAILED = "failed"
     ESCALATED = "escalated"
