@@ -36,6 +36,7 @@ from careflow.hub.store.records import AutomationMode, Proposal, ProposalState
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.conftest import make_settings
 from tests.hub.conftest import batch_of
+from tests.hub.store.conftest import presence
 
 M = AutomationMode
 P = ProposalState
@@ -379,3 +380,14 @@ def test_an_action_that_fails_unforeseen_is_escalated(world: Any) -> None:
     assert done[0].startswith(f"proposal {proposal.id} failed: gateway.resend could not run")
     assert store.proposal(proposal.id).state == P.ESCALATED
     assert store.incident(incident).state == "acknowledged"
+
+
+def test_it_does_not_wait_on_a_gateway_whose_last_will_says_offline(world: Any) -> None:
+    agent, store, _clock, gateways = world
+    store.append(presence("gw-1", "online", 1, "boot-1", 990_000))
+    store.append(presence("gw-1", "offline", 1, "boot-1", 995_000, reason="connection lost"))
+    made = agent.propose(_incident(store))
+    assert gateways.sent == []  # no ping waiting out its timeout in the agent's loop
+    step = made.evidence["diagnose"][0]
+    assert step["action"] == "gateway.ping" and "offline" in step["skipped"]
+    assert [c["state"] for c in made.evidence["presence_history"]] == ["online", "offline"]

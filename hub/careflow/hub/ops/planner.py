@@ -116,6 +116,10 @@ def gather_evidence(ctx: actions.ActionContext, incident: Incident,
                               "only"})
             continue
         params = render(step.params, incident)
+        gone = _unreachable(ctx, step.action, params)
+        if gone is not None:
+            diagnosis.append({"action": step.action, "params": params, "skipped": gone})
+            continue
         diagnosis.append({"action": step.action, "params": params,
                           "result": _safely(step.action, lambda a=step.action, p=params:
                                             actions.execute(ctx, a, p))})
@@ -124,6 +128,20 @@ def gather_evidence(ctx: actions.ActionContext, incident: Incident,
         evidence["for_people"] = ("a care alarm: a person acts; this is what the hub knows, "
                                   "for whoever goes")
     return evidence
+
+
+def _unreachable(ctx: actions.ActionContext, action: str, params: Mapping[str, Any]) -> str | None:
+    """Why a command to a gateway is not sent while diagnosing (None: send it): its presence
+    is offline (the broker published its Last Will), so it would only wait out the timeout,
+    holding the agent's loop (and the verifications and escalations due in it) during an
+    outage of many gateways. The presence history in the evidence says the same."""
+    gateway = params.get("gateway")
+    if not action.startswith("gateway.") or not isinstance(gateway, str):
+        return None
+    presence = ctx.store.presence().get(gateway)
+    if presence is not None and presence.state == "offline":
+        return f"gateway {gateway} is offline ({presence.reason or 'its Last Will'}): not asked"
+    return None
 
 
 def _related(ctx: actions.ActionContext, incident: Incident) -> dict[str, Any]:
