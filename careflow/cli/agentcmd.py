@@ -150,7 +150,7 @@ def list_proposals(
                       p.why)
     console.print(table.table)
     if not proposals:
-        console.print(f"no {state} proposals")
+        console.print("no proposals" if state == "all" else f"no {state} proposals")
 
 
 @agent_app.command("show")
@@ -296,6 +296,7 @@ def mode(new_mode: Annotated[str | None, typer.Argument(
         agent.set_mode(parse_mode(new_mode), by=_who(by), reason=reason)
     setting = agent.store.automation_mode()
     row = {"mode": str(agent.mode()), "ceiling": str(agent.ceiling),
+           "set": None if setting is None else str(setting.mode),  # above the ceiling: capped
            "set_by": None if setting is None else setting.by,
            "reason": None if setting is None else setting.reason,
            "set_at": None if setting is None else iso_ms(setting.at_ms)}
