@@ -391,3 +391,14 @@ def test_it_does_not_wait_on_a_gateway_whose_last_will_says_offline(world: Any) 
     step = made.evidence["diagnose"][0]
     assert step["action"] == "gateway.ping" and "offline" in step["skipped"]
     assert [c["state"] for c in made.evidence["presence_history"]] == ["online", "offline"]
+
+
+def test_it_proposes_one_action_once_while_it_is_live(world: Any) -> None:
+    agent, store, _clock, _gw = world
+    incident = _incident(store)
+    first = agent.propose(incident).proposal
+    again = agent.propose(incident, actor="ana")
+    assert again.proposal == first and "already proposed" in again.note
+    assert [e.event for e in store.audit_log()] == ["proposed"]
+    agent.reject(first.id, by="ana", reason="not now")
+    assert agent.propose(incident).proposal.id != first.id  # a new one, once rejected

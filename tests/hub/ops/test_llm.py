@@ -304,7 +304,9 @@ def test_a_model_that_is_down_leaves_the_runbook_plan_and_rests(world: Callable[
     assert (made.action, made.planner) == ("gateway.resend", "runbook")
     assert "HTTP 503" in made.evidence["model"]["outcome"]
     assert w.audit() == [("careflow-agent", "proposed")]
-    # the next incident does not wait for the model again (for five minutes)
+    # the next proposal does not wait for the model again (for five minutes); the first is
+    # rejected, or the agent would answer with it (one live proposal per action)
+    w.agent.reject(made.id, by="ana", reason="ask again")
     again = w.agent.propose(w.incident).proposal
     assert again is not None and again.planner == "runbook"
     assert again.evidence["model"]["outcome"].startswith("not asked: it failed lately")

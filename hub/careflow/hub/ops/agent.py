@@ -82,6 +82,7 @@ DEFAULT_EXPIRY_MS = 15 * 60_000  # a proposal older than this is stale: the flee
 AUTO_PLANNERS = frozenset({RunbookPlanner().name})
 _P = ProposalState
 _RANK = {AutomationMode.OFF: 0, AutomationMode.MANUAL: 1, AutomationMode.AUTO: 2}
+_LIVE = (ProposalState.PENDING, ProposalState.APPROVED, ProposalState.EXECUTED)
 _CURSOR = "agent-considered"  # the newest incident id the loop has considered
 
 
@@ -386,6 +387,11 @@ class Agent:
             plan = self._given_plan(incident, runbook, action, params or {}, why, actor)
         plan = self._checked(incident, runbook, plan, actor)
         evidence = {**evidence, **plan.notes}  # a model planner's summary and ranking
+        live = [p for p in self.store.proposals(incident_id=incident.id, states=list(_LIVE))
+                if p.action == plan.action and dict(p.params) == dict(plan.params)]
+        if live:  # one write approved twice would run twice (two restarts of one gateway)
+            return ProposeResult(incident, live[0], evidence,
+                                 f"already proposed: proposal {live[0].id} is {live[0].state}")
         return ProposeResult(incident, self._record(incident, runbook, plan, evidence, actor,
                                                     planner or plan.planner), evidence, plan.why)
 
