@@ -253,6 +253,7 @@ def test_it_refuses_and_audits_and_its_log_names_an_edited_row(scene: Scene) -> 
                            timeout=60, check=False)
     assert above.returncode == 1 and "above CAREFLOW_AUTOMATION=manual" in above.stderr
     scene.cli("agent", "mode", "manual", "--by", "bo", "--reason", "day")
+    scene.cli("agent", "reject", str(proposal.id), "--by", "bo", "--reason", "see below")
     short = scene.cli("agent", "propose", str(incident.id), "--expires", "1s", "--json")
     stale = json.loads(short.stdout)["proposal"]["id"]
     wait_until(lambda: getattr(scene.store.proposal(stale), "state", None) == "expired",
