@@ -247,7 +247,9 @@ class _Reader:
         return self.lines.get(where, 1)
 
     def add(self, where: tuple[Any, ...], message: str) -> None:
-        self.problems.append(Problem(self.path, self.line(where), message))
+        # one line per problem, whatever the file holds (a name quoted from it may hold breaks)
+        one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+        self.problems.append(Problem(self.path, self.line(where), one_line))
 
 
 def _duration_s(text: object) -> int | None:
