@@ -165,8 +165,12 @@ def test_it_approves_only_a_pending_proposal_before_it_expires() -> None:
     (P.PENDING, M.AUTO, False, 50, Step.WAIT),
     (P.PENDING, M.AUTO, True, 100, Step.EXPIRE),
     (P.PENDING, M.OFF, False, 100, Step.EXPIRE),
-    (P.APPROVED, M.MANUAL, False, 500, Step.EXECUTE),
+    (P.APPROVED, M.MANUAL, False, 50, Step.EXECUTE),
     (P.APPROVED, M.OFF, True, 50, Step.WAIT),
+    # an approval does not outlive its proposal: given while off (or the hub down), it
+    # must not act hours later on a fleet that has moved on
+    (P.APPROVED, M.MANUAL, False, 500, Step.EXPIRE),
+    (P.APPROVED, M.OFF, False, 100, Step.EXPIRE),
     (P.EXECUTED, M.MANUAL, False, 50, Step.VERIFY),
     (P.ESCALATED, M.AUTO, True, 50, Step.WAIT),
 ])
@@ -315,6 +319,34 @@ def test_a_failed_verification_escalates_and_leaves_the_incident_open(world: Any
     assert [a.action for a in store.incident_actions(incident)] == ["acknowledge",
                                                                     "agent escalated"]
     assert [e.event for e in store.audit_log()][-2:] == ["failed", "escalated"]
+
+
+def test_a_check_gateways_failed_action_escalates_to_the_check_channel_never_oncall(
+        world: Any) -> None:
+    agent, store, clock, _gw = world
+    made = store.open_incident(rule="gateway-offline", gateway="check-host-1",
+                               device="check-host-1", severity="critical",
+                               summary="gateway-offline check-host-1", detail="", at_ms=999_000)
+    assert made is not None
+    proposal = agent.propose(made).proposal
+    agent.approve(proposal.id, by="ana")
+    agent.run_once()
+    clock.ms += 2_000
+    done = agent.run_once()
+    assert done[-1].startswith(f"proposal {proposal.id} escalated to check")
+    assert [n.channel for n in store.notifications()] == ["check"]
+
+
+def test_a_flood_of_incidents_is_worked_through_none_passed_over(world: Any) -> None:
+    agent, store, _clock, _gw = world
+    agent.set_mode(M.MANUAL, by="ana", reason="day")
+    made = [store.open_incident(rule="gateway-offline", gateway=f"gw-{n}", device=f"gw-{n}",
+                                severity="critical", summary=f"gw-{n} offline", detail="",
+                                at_ms=999_000) for n in range(1, 251)]
+    for _ in range(3):
+        agent.run_once()
+    considered = {p.incident_id for p in store.proposals(limit=1000)}
+    assert considered == set(made)  # 250 > one pass's 200: the oldest are not skipped
 
 
 def test_in_auto_the_loop_proposes_and_runs_what_the_registry_allows(world: Any) -> None:

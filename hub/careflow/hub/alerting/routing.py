@@ -25,6 +25,7 @@ from careflow.hub.alerting.rules import EscalationStep, Routing
 
 __all__ = [
     "CHECK_CHANNEL",
+    "CHECK_GATEWAYS",
     "DEFAULT_ROUTE",
     "Decision",
     "Reminder",
@@ -40,6 +41,7 @@ DEFAULT_ROUTE = -1  # Decision.route of the built-in default
 # careflow-check.sh --live's channel (shipped route: gateway check-*): may have no URL, its
 # synthetic incidents are then recorded and announced nowhere (never to on-call)
 CHECK_CHANNEL = "check"
+CHECK_GATEWAYS = "check-*"  # the gateways the shipped route sends there (rules/default.yaml)
 
 
 def default_channels(severity: str) -> tuple[str, ...]:

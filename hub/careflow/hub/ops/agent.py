@@ -25,6 +25,7 @@ itself (``decided_by`` says so). Care alarms get diagnosis and evidence only, ne
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import threading
@@ -36,6 +37,7 @@ from typing import Any
 from careflow.core.clock import Clock, now_ms
 from careflow.core.config import Settings
 from careflow.core.errors import CareflowError, ConfigError, RefusedError
+from careflow.hub.alerting.routing import CHECK_CHANNEL, CHECK_GATEWAYS
 from careflow.hub.ops import actions
 from careflow.hub.ops.audit import AuditEvent, mask_secrets, mask_text
 from careflow.hub.ops.gateway import GatewayCommands, MqttGatewayCommands
@@ -142,12 +144,14 @@ class Step(StrEnum):
 
 def next_step(proposal: Proposal, *, mode: AutomationMode, auto_allowed: bool,
               now_ms: int) -> Step:
-    """The loop's next step for ``proposal``: expire a stale pending one; run an approved one
-    (unless the mode is off); in auto, approve a pending one whose action the registry allows
-    in auto; look at an executed one's verification; otherwise wait."""
+    """The loop's next step for ``proposal``: expire a stale one, pending or approved (an
+    approval given while the mode was off, or the hub down, must not act hours later on a
+    fleet that has moved on); run an approved one (unless the mode is off); in auto, approve a
+    pending one whose action the registry allows in auto; look at an executed one's
+    verification; otherwise wait."""
+    if proposal.state in (_P.PENDING, _P.APPROVED) and now_ms >= proposal.expires_ms:
+        return Step.EXPIRE
     if proposal.state == _P.PENDING:
-        if now_ms >= proposal.expires_ms:
-            return Step.EXPIRE
         if mode == AutomationMode.AUTO and auto_allowed:
             return Step.AUTO_APPROVE
         return Step.WAIT
@@ -454,10 +458,19 @@ class Agent:
         """One pass: expire stale proposals; unless off, propose for incidents not yet
         considered, run approved ones (in auto also the pending ones the registry allows),
         and look at the verifications of executed ones. What it did, in words."""
-        done: list[str] = []
         mode = self.mode()
+        # what is under way first (verifications due, escalations): proposing for new
+        # incidents may wait on diagnosis, or a slow model, and must not hold them up
+        done = self._advance(mode)
         if mode != AutomationMode.OFF:
-            done += self._propose_new()
+            proposed = self._propose_new()
+            if proposed:  # the new ones take their first step in this pass too
+                done += proposed + self._advance(mode)
+        return done
+
+    def _advance(self, mode: AutomationMode) -> list[str]:
+        """The next step of every live proposal, oldest first."""
+        done: list[str] = []
         live = self.store.proposals(states=[_P.PENDING, _P.APPROVED, _P.EXECUTED], limit=500)
         for proposal in reversed(live):  # oldest first
             found = actions.REGISTRY.get(proposal.action)
@@ -475,10 +488,14 @@ class Agent:
 
     def _propose_new(self) -> list[str]:
         considered = self.store.cursor(_CURSOR)
-        fresh = [i for i in self.store.incidents(states=UNRESOLVED, limit=200)
-                 if i.id > considered]
+        # the oldest after the cursor, a bounded stretch per pass: a flood of incidents is
+        # worked through over several passes, none passed over
+        after = self.store.incidents_changed(since_ms=0, after_id=considered, limit=200)
         done = []
-        for incident in sorted(fresh, key=lambda i: i.id):
+        for incident in after:
+            if incident.state not in UNRESOLVED:
+                self.store.set_cursor(_CURSOR, incident.id)
+                continue
             if self.runbook_for(incident.rule) is not None and not self.store.proposals(
                     incident_id=incident.id, limit=1):
                 try:
@@ -594,6 +611,8 @@ class Agent:
         runbook = None if incident is None else self.runbook_for(incident.rule)
         channel = runbook.escalate.to if runbook is not None and runbook.escalate.to \
             else self.escalate_channel
+        if incident is not None and fnmatch.fnmatchcase(incident.gateway, CHECK_GATEWAYS):
+            channel = CHECK_CHANNEL  # careflow-check.sh's synthetic gateways never page on-call
         source = "" if incident is None else \
             f" ({incident.rule} {incident.gateway}/{incident.device})"
         title = (f"ESCALATED: the agent's {proposal.action} did not help incident "
