@@ -11,7 +11,6 @@ from careflow.cli.common import DataDirOption, settings_from
 from careflow.cli.ops import open_store
 from careflow.core import clock
 from careflow.hub.ops.agent import agent_for
-from careflow.hub.ops.mcp_server import PLANNER, LoadedRunbooks, build_server
 from careflow.hub.store.records import Proposal
 from careflow.hub.web.link_pages import typed_name
 
@@ -29,6 +28,14 @@ def mcp(
     Example (an assistant's MCP configuration): `{"command": "careflow", "args": ["mcp",
     "--by", "kari"]}`.
     """
+    # the mcp package takes half a second to import: only this command pays for it, not
+    # every other careflow command
+    from careflow.hub.ops.mcp_server import (  # noqa: PLC0415
+        PLANNER,
+        LoadedRunbooks,
+        build_server,
+    )
+
     store = open_store(data_dir)
     name = typed_name(by or "", "")
     actor = f"{PLANNER}:{name}" if name else PLANNER
