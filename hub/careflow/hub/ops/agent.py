@@ -42,7 +42,7 @@ from careflow.hub.ops import actions
 from careflow.hub.ops.audit import AuditEvent, mask_secrets, mask_text
 from careflow.hub.ops.gateway import GatewayCommands, MqttGatewayCommands
 from careflow.hub.ops.llm import model_planner
-from careflow.hub.ops.planner import Plan, Planner, RunbookPlanner, gather_evidence
+from careflow.hub.ops.planner import Plan, Planner, RunbookPlanner, gather_evidence, unreachable
 from careflow.hub.ops.runbooks import CARE_ALARM_RULES, Runbook, load_runbooks, render
 from careflow.hub.store.interface import Store
 from careflow.hub.store.records import (
@@ -459,14 +459,8 @@ class Agent:
         considered, run approved ones (in auto also the pending ones the registry allows),
         and look at the verifications of executed ones. What it did, in words."""
         mode = self.mode()
-        # what is under way first (verifications due, escalations): proposing for new
-        # incidents may wait on diagnosis, or a slow model, and must not hold them up
-        done = self._advance(mode)
-        if mode != AutomationMode.OFF:
-            proposed = self._propose_new()
-            if proposed:  # the new ones take their first step in this pass too
-                done += proposed + self._advance(mode)
-        return done
+        done = self._propose_new() if mode != AutomationMode.OFF else []
+        return done + self._advance(mode)
 
     def _advance(self, mode: AutomationMode) -> list[str]:
         """The next step of every live proposal, oldest first."""
@@ -537,6 +531,9 @@ class Agent:
         if claimed is None:
             return []  # another loop has it
         try:
+            gone = unreachable(ctx, proposal.action, proposal.params)
+            if gone is not None:  # it would only wait out the timeout, holding the loop
+                raise RefusedError(gone)
             result = actions.execute(ctx, proposal.action, proposal.params)
         except Exception as exc:  # whatever it was, a person must hear of it
             if not isinstance(exc, CareflowError):
@@ -580,7 +577,9 @@ class Agent:
             looks.append((handled, spec.within_s * 1000))
         verification = actions.action(proposal.action).verification
         if verification is not None:
-            looks.append((_look(lambda: verification.check(ctx, proposal.params, started)),
+            gone = unreachable(ctx, proposal.action, proposal.params)
+            looks.append((actions.Check(False, gone) if gone is not None else
+                          _look(lambda: verification.check(ctx, proposal.params, started)),
                           int(verification.deadline_s * 1000)))
         return looks
 

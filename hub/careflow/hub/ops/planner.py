@@ -20,7 +20,7 @@ from careflow.hub.ops import actions
 from careflow.hub.ops.runbooks import CARE_ALARM_RULES, Runbook, render
 from careflow.hub.store.records import UNRESOLVED, EventFilter, Incident
 
-__all__ = ["EVIDENCE_EVENTS", "Plan", "Planner", "RunbookPlanner", "gather_evidence"]
+__all__ = ["EVIDENCE_EVENTS", "Plan", "Planner", "RunbookPlanner", "gather_evidence", "unreachable"]
 
 EVIDENCE_EVENTS = 20  # recent events kept as evidence
 _PRESENCE_CHANGES = 10  # presence changes of the gateway kept as evidence
@@ -116,7 +116,7 @@ def gather_evidence(ctx: actions.ActionContext, incident: Incident,
                               "only"})
             continue
         params = render(step.params, incident)
-        gone = _unreachable(ctx, step.action, params)
+        gone = unreachable(ctx, step.action, params)
         if gone is not None:
             diagnosis.append({"action": step.action, "params": params, "skipped": gone})
             continue
@@ -130,7 +130,7 @@ def gather_evidence(ctx: actions.ActionContext, incident: Incident,
     return evidence
 
 
-def _unreachable(ctx: actions.ActionContext, action: str, params: Mapping[str, Any]) -> str | None:
+def unreachable(ctx: actions.ActionContext, action: str, params: Mapping[str, Any]) -> str | None:
     """Why a command to a gateway is not sent while diagnosing (None: send it): its presence
     is offline (the broker published its Last Will), so it would only wait out the timeout,
     holding the agent's loop (and the verifications and escalations due in it) during an
