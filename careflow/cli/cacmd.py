@@ -7,9 +7,9 @@ import os
 import pwd
 import secrets
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -17,15 +17,12 @@ from rich.table import Table
 from careflow.cli.common import JsonOption, console, err_console, styled
 from careflow.provisioning.pki import (
     BROKER_CONF_FILE,
-    cert_not_after,
-    crl_needs_refresh,
     crl_next_update,
     default_pki_dir,
     init_pki,
-    issued_certificates,
     load_pki,
+    pki_status,
     resign_crl,
-    revoked_identities,
 )
 from careflow.provisioning.revocation import reload_from_options
 
@@ -54,7 +51,6 @@ ReloadCommandOption = Annotated[
     str | None, typer.Option("--reload-command", help="A command that reloads Mosquitto, e.g. "
                              "'docker kill -s HUP mosquitto' or 'systemctl reload mosquitto'.")]
 
-_WARN_BEFORE = timedelta(days=7)
 
 
 def resolve_pki_dir(directory: Path | None) -> Path:
@@ -151,10 +147,6 @@ def default_broker_user() -> str | None:
     return "mosquitto"
 
 
-def _days_left(when: datetime, now: datetime) -> str:
-    return f"{(when - now).total_seconds() / 86400:.1f}"
-
-
 @ca_app.command("status")
 def status(directory: PkiDirOption = None, as_json: JsonOption = False) -> None:
     """Show when the CAs, certificates and the CRL expire; exit 1 if something needs action
@@ -163,32 +155,11 @@ def status(directory: PkiDirOption = None, as_json: JsonOption = False) -> None:
     Example: `careflow ca status` or, from cron, `careflow ca status --json`.
     """
     target = resolve_pki_dir(directory)
-    pki = load_pki(target)
-    now = datetime.now(UTC)
-    rows: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    for name in ("claim-ca", "device-ca", "claim", "hub", "broker"):
-        path = target / f"{name}.crt"
-        if not path.exists():
-            warnings.append(f"{path} is missing: re-run `careflow ca init --dir {target}`")
-            continue
-        not_after = cert_not_after(path.read_bytes())
-        rows.append({"file": path.name, "expires": not_after.isoformat(),
-                     "days_left": float(_days_left(not_after, now))})
-        if not_after - now < timedelta(days=30):
-            warnings.append(f"{path.name} expires {not_after:%Y-%m-%d}: renew it")
-    next_update = crl_next_update(pki)
-    rows.append({"file": pki.crl_path.name, "expires": next_update.isoformat(),
-                 "days_left": float(_days_left(next_update, now))})
-    if crl_needs_refresh(pki, now=now, within=_WARN_BEFORE):
-        warnings.append(f"the CRL's nextUpdate is {next_update:%Y-%m-%d %H:%M} UTC: run "
-                        "`careflow ca crl-refresh` and reload Mosquitto, or every device will be "
-                        "refused once it passes")
-    issued = list(issued_certificates(pki))
-    revoked = sorted(revoked_identities(pki))
+    report = pki_status(load_pki(target), now=datetime.now(UTC))
+    rows, warnings = report["files"], report["warnings"]
+    issued, revoked = report["issued"], report["revoked"]
     if as_json:
-        sys.stdout.write(json.dumps({"dir": str(target), "files": rows, "issued": len(issued),
-                                     "revoked": revoked, "warnings": warnings}) + "\n")
+        sys.stdout.write(json.dumps({"dir": str(target), **report}) + "\n")
     else:
         table = Table(title=f"PKI in {target}", title_justify="left")
         for column in ("file", "expires (UTC)", "days left"):
@@ -196,7 +167,7 @@ def status(directory: PkiDirOption = None, as_json: JsonOption = False) -> None:
         for row in rows:
             table.add_row(row["file"], row["expires"][:16].replace("T", " "), f"{row['days_left']:g}")
         console.print(table)
-        console.print(f"{len(issued)} device certificates issued; revoked gateways: "
+        console.print(f"{issued} device certificates issued; revoked gateways: "
                       f"{', '.join(revoked) or 'none'}")
         for warning in warnings:
             err_console.print(styled(("warning:", "yellow"), f" {warning}"))

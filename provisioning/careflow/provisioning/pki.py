@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -59,6 +59,7 @@ __all__ = [
     "load_pki",
     "make_csr",
     "new_device_key",
+    "pki_status",
     "record_issued",
     "render_broker_config",
     "render_device_acl",
@@ -925,6 +926,42 @@ def crl_next_update(pki: Pki) -> datetime:
 def crl_needs_refresh(pki: Pki, *, now: datetime, within: timedelta = timedelta(days=7)) -> bool:
     """True when the CRL's nextUpdate is less than ``within`` away (or passed): re-sign it."""
     return crl_next_update(pki) - now < within
+
+
+# what `careflow ca status` (and the operations agent's ca.status) warn about, this far ahead
+CERT_WARN_BEFORE = timedelta(days=30)
+CRL_WARN_BEFORE = timedelta(days=7)
+_STATUS_CERTIFICATES = ("claim-ca", "device-ca", "claim", "hub", "broker")
+
+
+def pki_status(pki: Pki, *, now: datetime) -> dict[str, Any]:
+    """When the CAs, certificates and the CRL expire, how many device certificates were issued,
+    which gateways are revoked, and what needs action (``warnings``), as JSON-able values: one
+    reading for `careflow ca status` and the operations agent's ``ca.status`` alike."""
+    files: list[dict[str, Any]] = []
+    warnings: list[str] = []
+
+    def row(name: str, expires: datetime) -> dict[str, Any]:
+        return {"file": name, "expires": expires.isoformat(),
+                "days_left": round((expires - now).total_seconds() / 86400, 1)}
+
+    for name in _STATUS_CERTIFICATES:
+        path = pki.dir / f"{name}.crt"
+        if not path.exists():
+            warnings.append(f"{path} is missing: re-run `careflow ca init --dir {pki.dir}`")
+            continue
+        not_after = cert_not_after(path.read_bytes())
+        files.append(row(path.name, not_after))
+        if not_after - now < CERT_WARN_BEFORE:
+            warnings.append(f"{path.name} expires {not_after:%Y-%m-%d}: renew it")
+    next_update = crl_next_update(pki)
+    files.append(row(pki.crl_path.name, next_update))
+    if crl_needs_refresh(pki, now=now, within=CRL_WARN_BEFORE):
+        warnings.append(f"the CRL's nextUpdate is {next_update:%Y-%m-%d %H:%M} UTC: run "
+                        "`careflow ca crl-refresh` and reload Mosquitto, or every device will be "
+                        "refused once it passes")
+    return {"files": files, "issued": len(list(issued_certificates(pki))),
+            "revoked": sorted(revoked_identities(pki)), "warnings": warnings}
 
 
 def is_revoked(pki: Pki, serial: int) -> bool:

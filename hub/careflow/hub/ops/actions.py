@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -51,13 +51,9 @@ from careflow.hub.store.records import (
     RuleControlKind,
 )
 from careflow.provisioning.pki import (
-    cert_not_after,
-    crl_needs_refresh,
-    crl_next_update,
     default_pki_dir,
-    issued_certificates,
     load_pki,
-    revoked_identities,
+    pki_status,
 )
 from careflow.schemas import EVENT_TYPES, format_rfc3339
 from careflow.schemas.published import load_schema
@@ -275,28 +271,8 @@ def _ca_status(ctx: ActionContext, _params: Params) -> Evidence:
         pki = load_pki(directory)
     except PkiError as exc:
         return {"dir": str(directory), "configured": False, "warnings": [str(exc)]}
-    now = datetime.fromtimestamp(ctx.clock() / 1000, tz=UTC)
-    files: list[Evidence] = []
-    warnings: list[str] = []
-    for name in ("claim-ca", "device-ca", "claim", "hub", "broker"):
-        path = directory / f"{name}.crt"
-        if not path.exists():
-            warnings.append(f"{path.name} is missing")
-            continue
-        not_after = cert_not_after(path.read_bytes())
-        files.append({"file": path.name, "expires": not_after.isoformat(),
-                      "days_left": round((not_after - now) / timedelta(days=1), 1)})
-        if not_after - now < timedelta(days=30):
-            warnings.append(f"{path.name} expires {not_after:%Y-%m-%d}: renew it")
-    next_update = crl_next_update(pki)
-    files.append({"file": pki.crl_path.name, "expires": next_update.isoformat(),
-                  "days_left": round((next_update - now) / timedelta(days=1), 1)})
-    if crl_needs_refresh(pki, now=now, within=timedelta(days=7)):
-        warnings.append(f"the CRL's nextUpdate is {next_update:%Y-%m-%d %H:%M} UTC: "
-                        "`careflow ca crl-refresh`")
-    return {"dir": str(directory), "configured": True, "files": files,
-            "issued": len(list(issued_certificates(pki))),
-            "revoked": sorted(revoked_identities(pki)), "warnings": warnings}
+    return {"dir": str(directory), "configured": True,
+            **pki_status(pki, now=datetime.fromtimestamp(ctx.clock() / 1000, tz=UTC))}
 
 
 def _notify_list(ctx: ActionContext, params: Params) -> Evidence:
