@@ -5,12 +5,16 @@ the store says."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
+from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
 from careflow.hub.alerting.incidents import CONTROLS_REFRESH_MS, AlertStage
 from careflow.hub.alerting.notify import load_channels
 from careflow.hub.alerting.rules import load_rules
+from careflow.hub.store.records import Incident
 from careflow.hub.store.sqlite_store import SqliteStore
 from tests.hub.conftest import batch_of
 
@@ -155,3 +159,41 @@ def test_a_mute_that_ended_while_the_hub_was_down_is_announced_at_its_start_once
     store, again = _stage(tmp_path)
     again.tick(T + 180_000)  # announced already: not at every start
     assert len(store.notifications()) == 1
+
+
+class RefusingStore(SqliteStore):
+    """A real store whose incident reads fail a given number of times (disk I/O, locked)."""
+
+    refusals = 0
+
+    def incidents(self, *, states: Sequence[str] | None = None,
+                  limit: int = 50) -> list[Incident]:
+        if self.refusals:
+            self.refusals -= 1
+            msg = "cannot read the incidents in the event store: database is locked"
+            raise StoreError(msg)
+        return super().incidents(states=states, limit=limit)
+
+
+def test_a_rule_enabled_while_the_store_refuses_a_read_fires_again_once_it_reads(
+        tmp_path: Path) -> None:
+    """The store refusing the read that enabling a rule needs only delays it: what still
+    holds fires, and nothing of it is forgotten (lost alerts until the source cleared)."""
+    (tmp_path / "r.yaml").write_text(RULES)
+    store = RefusingStore(tmp_path / "db")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
+    store.set_rule_control("battery-low", kind="disabled", until_ms=None, by="ana",
+                           reason="firmware", at_ms=T)
+    stage.tick(T)
+    _send(store, stage, Stamper(gateway="gw-1", device="door-1"), T + 1, "status",
+          {"state": "ok", "battery_pct": 5})
+    assert store.incidents() == []
+    store.clear_rule_control("battery-low")
+    store.refusals = 1
+    with contextlib.suppress(StoreError):  # as the hub's writer loop does (_run_stage)
+        stage.tick(T + CONTROLS_REFRESH_MS)  # enabled, but the store refuses: judged again
+    assert store.refusals == 0
+    stage.tick(T + CONTROLS_REFRESH_MS + 250)
+    stage.tick(T + CONTROLS_REFRESH_MS + 500)
+    assert [(i.rule, i.device) for i in store.incidents()] == [("battery-low", "door-1")]
+    assert [n.kind for n in store.notifications()] == ["firing"]

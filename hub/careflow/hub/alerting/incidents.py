@@ -459,6 +459,20 @@ class AlertStage:
                 log.exception("cannot read the rule controls; none is applied")
                 self._control_rows = ()
         before, now = self._in_force, in_force(self._control_rows, self._severities, now_ms)
+        if diff and before is not None:
+            enabled = before.disabled.keys() - now.disabled.keys()
+            try:
+                unresolved = self.store.incidents(states=UNRESOLVED, limit=100_000) \
+                    if enabled else []
+            except StoreError as exc:  # judged again at the next tick, nothing forgotten
+                log.warning("cannot read the incidents of a rule enabled again; trying again",
+                            extra={"error": str(exc), "rules": sorted(enabled)})
+                return
+            for rule in enabled:
+                keep = {(i.gateway, i.device) for i in unresolved if i.rule == rule}
+                forgotten = self.evaluator.forget_firing(rule, keep=keep)
+                log.warning("rule enabled again", extra={"rule": rule,
+                                                         "firing_again": forgotten})
         self._in_force = now
         for row in self._control_rows:  # mutes over, and not announced yet (a restart)
             until = row.until_ms
@@ -469,11 +483,6 @@ class AlertStage:
                 self._mutes_ended_ms = max(self._mutes_ended_ms, until)
         if not diff or before is None:
             return
-        for rule in before.disabled.keys() - now.disabled.keys():
-            keep = {(i.gateway, i.device) for i in self.store.incidents(
-                states=UNRESOLVED, limit=100_000) if i.rule == rule}
-            forgotten = self.evaluator.forget_firing(rule, keep=keep)
-            log.warning("rule enabled again", extra={"rule": rule, "firing_again": forgotten})
         for rule in {*before.muted, *before.disabled} - {*now.muted, *now.disabled}:
             control = before.quieted(rule)
             log.warning("rule announced again", extra={"rule": rule, "was": describe(control)
