@@ -206,12 +206,16 @@ def test_the_gateway_command_runs_the_agent_against_mosquitto(gateway_venv: Path
         assert agent.wait(timeout=30) == 0, (tmp_path / "agent.log").read_text()
 
 
-def test_it_checks_and_tests_the_shipped_rules_from_any_directory(venv: Path,
-                                                                    elsewhere: Path) -> None:
+def test_it_checks_and_tests_the_shipped_rules_and_runbooks_from_any_directory(
+        venv: Path, elsewhere: Path) -> None:
     checked = run(venv, elsewhere, "rules", "check")
     assert "rule(s) OK" in checked.stdout
     tested = run(venv, elsewhere, "rules", "test")
     assert " 0 failed" in tested.stdout and "passed" in tested.stdout
+    runbooks = json.loads(run(venv, elsewhere, "runbooks", "check", "--json").stdout)
+    shipped = len(list((ROOT / "runbooks").glob("*.md"))) - 1  # README.md is no runbook
+    assert runbooks["ok"] and runbooks["runbooks"] == shipped, runbooks
+    assert not runbooks["rules_not_loaded"], runbooks
 
 
 def test_it_runs_the_hub_on_the_embedded_default_and_stores_events(venv: Path, elsewhere: Path,
@@ -235,7 +239,27 @@ def test_it_runs_the_hub_on_the_embedded_default_and_stores_events(venv: Path, e
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://{web}/l/not-a-link", timeout=10)
         assert "This link is not valid" in refused.value.read().decode()
+        with urllib.request.urlopen(f"http://{web}/login", timeout=10) as login:
+            page = login.read().decode()
+        assert 'type="password"' in page and "csrf" in page, page
         assert f"web console: http://{web}" in (tmp_path / "hub.log").read_text()
+        # the agent, its runbooks read from the installed wheel: an error burst gets a proposal
+        run(venv, elsewhere, "events", "publish", "--gateway", "gw-1", "--type", "error",
+            "--count", "11", env=env)
+
+        def burst() -> str | None:
+            listed = run(venv, elsewhere, "incidents", "list", "--json", env=env).stdout
+            return next((str(row["id"]) for row in map(json.loads, listed.splitlines())
+                         if row.get("rule") == "error-burst"), None)
+        wait_until(lambda: burst() is not None, what="an error-burst incident")
+        incident = burst()
+        assert incident is not None
+        made = json.loads(run(venv, elsewhere, "agent", "propose", incident, "--json",
+                              env=env).stdout.splitlines()[0])
+        assert made["proposal"]["action"], made
+        listed = [json.loads(line) for line in
+                  run(venv, elsewhere, "agent", "list", "--json", env=env).stdout.splitlines()]
+        assert made["proposal"]["id"] in [row["id"] for row in listed], listed
     finally:
         hub.send_signal(signal.SIGTERM)
         assert hub.wait(timeout=30) == 0, (tmp_path / "hub.log").read_text()
