@@ -58,9 +58,11 @@ EOF
 }
 trap cleanup EXIT
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+hub_pid=""  # the throw-away hub, once started: a wait gives up as soon as it has exited
+hub_gone() { [[ -n $hub_pid ]] && ! kill -0 "$hub_pid" 2>/dev/null; }
 wait_for() {  # wait_for SECONDS COMMAND...
     local deadline=$((SECONDS + $1)); shift
-    until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) || return 1; sleep 0.2; done
+    until "$@" >/dev/null 2>&1; do ((SECONDS < deadline)) && ! hub_gone || return 1; sleep 0.2; done
 }
 json_field() { "$py" -c 'import json,sys; r=json.loads(sys.stdin.readline()); print(r.get(sys.argv[1]))' "$1"; }
 
@@ -75,7 +77,8 @@ run_stage() {
     case $rc in
         0) printf 'PASS  %-30s %7d ms  %s\n' "$name" "$ms" "$detail"; passed+=("$name") ;;
         77) printf 'SKIP  %-30s %7d ms  %s\n' "$name" "$ms" "$detail"; skipped+=("$name") ;;
-        *) printf 'FAIL  %-30s %7d ms  %s\n' "$name" "$ms" "$detail"
+        *) ! hub_gone || detail+=" (the hub, pid $hub_pid, has exited)"
+           printf 'FAIL  %-30s %7d ms  %s\n' "$name" "$ms" "$detail"
            [[ ! -s $work/hub.log ]] || echo "  hub log: $(tail -n 3 "$work/hub.log" | tr '\n' ' ' | cut -c1-400)"
            [[ ! -s $work/agent.log ]] || echo "  agent log: $(tail -n 3 "$work/agent.log" | tr '\n' ' ' | cut -c1-400)"
            echo "FAIL: $name: $detail"
@@ -192,9 +195,9 @@ stage_hub() {
     start_receiver
     start_influx || return 1
     "$bin" hub >"$work/hub.log" 2>&1 & pids+=($!)
-    echo "$!" >"$work/hub.pid"
+    hub_pid=$!
     wait_for 30 "$bin" status || { echo "the hub did not report healthy within 30 s (careflow status)"; return 1; }
-    echo "embedded broker on 127.0.0.1:$port, web on :$http_port, time series ${influx_url:-off} (hub pid $(cat "$work/hub.pid"))"
+    echo "embedded broker on 127.0.0.1:$port, web on :$http_port, time series ${influx_url:-off} (hub pid $hub_pid)"
 }
 
 stage_gateway() {

@@ -56,16 +56,18 @@ def test_it_fails_naming_the_stage_when_the_hub_is_killed_mid_run() -> None:
     check = subprocess.Popen(["bash", str(ROOT / "careflow-check.sh")], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=check_env())
     assert check.stdout is not None
-    lines = []
+    lines, killed = [], ""
     for line in check.stdout:
         lines.append(line)
         if line.startswith("PASS  hub starts"):
             pid = re.search(r"hub pid (\d+)", line)
             assert pid, line
-            os.kill(int(pid[1]), signal.SIGKILL)
+            killed = pid[1]
+            os.kill(int(killed), signal.SIGKILL)
     assert check.wait(timeout=120) == 1, "".join(lines)
     assert stages("".join(lines))["gateway online"] == "FAIL", "".join(lines)
     assert lines[-1].startswith("FAIL: gateway online: "), "".join(lines)
+    assert f"(the hub, pid {killed}, has exited)" in lines[-1], "".join(lines)  # not its timeout
 
 
 def test_it_routes_the_check_gateways_away_from_on_call_in_the_shipped_rules() -> None:
