@@ -6,8 +6,11 @@ the store says."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from careflow.core.errors import StoreError
 from careflow.edge.stamper import Stamper
@@ -197,3 +200,38 @@ def test_a_rule_enabled_while_the_store_refuses_a_read_fires_again_once_it_reads
     stage.tick(T + CONTROLS_REFRESH_MS + 500)
     assert [(i.rule, i.device) for i in store.incidents()] == [("battery-low", "door-1")]
     assert [n.kind for n in store.notifications()] == ["firing"]
+
+
+def test_a_damaged_incident_the_end_of_a_mute_cannot_read_holds_back_no_escalation(
+        tmp_path: Path) -> None:
+    """Announcing a rule no longer muted reads its open incidents; a damaged row there (a
+    severity this version does not know) failed it at every tick before the escalation walk,
+    so no care alarm escalated any more. The walk goes on; the failure is still raised (the
+    hub counts and logs it)."""
+    (tmp_path / "r.yaml").write_text(RULES + """
+escalation:
+  - severity: critical
+    steps:
+      - after: 5m
+        channels: [oncall]
+""")
+    store = SqliteStore(tmp_path / "db")
+    stage = AlertStage(store, load_rules([tmp_path / "r.yaml"]), load_channels(CHANNELS))
+    store.set_rule_control("battery-low", kind="muted", until_ms=T + 60_000, by="ana",
+                           reason="cells swapped", at_ms=T)
+    stage.tick(T)
+    _send(store, stage, Stamper(gateway="gw-1", device="door-1"), T + 1, "status",
+          {"state": "ok", "battery_pct": 5})
+    _send(store, stage, Stamper(gateway="gw-1", device="sos-1"), T + 2, "alert",
+          {"state": "raised", "kind": "sos"})
+    with sqlite3.connect(tmp_path / "db") as conn:  # damaged (or written by a newer version)
+        conn.execute("UPDATE incidents SET severity = 'urgent', next_due_ms = NULL "
+                     "WHERE rule = 'battery-low'")
+    conn.close()
+    with pytest.raises(ValueError, match="urgent"):
+        stage.tick(T + 60_000)  # the mute ends: its open incidents cannot be read
+    with pytest.raises(ValueError, match="urgent"):
+        stage.tick(T + 2 + 5 * 60_000)  # the care alarm's escalation is due
+    alarm = store.unresolved_incident(rule="care-alarm", gateway="gw-1", device="sos-1")
+    assert alarm is not None and alarm.escalation_sent == 1
+    assert [n.channel for n in store.notifications() if n.kind == "escalation"] == ["oncall"]

@@ -433,9 +433,11 @@ class AlertStage:
         if self._stale_since_ms is None:  # a long catch-up keeps its progress too
             self._save_progress(now_ms)
         if self.channels:
-            if self._announce:
-                self._announce_unquieted(now_ms)
-            self._remind(now_ms)
+            try:
+                if self._announce:
+                    self._announce_unquieted(now_ms)
+            finally:  # a bug announcing (a damaged row) holds back no escalation; still raised
+                self._remind(now_ms)
 
     def in_force(self, now_ms: int) -> InForce:
         """The rule controls in force (as of the last tick, once one has run)."""
