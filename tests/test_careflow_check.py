@@ -43,12 +43,12 @@ def test_it_passes_end_to_end() -> None:
                               "confirmed to the gateway", "no gaps, no dead letters",
                               "alerts route", "dashboards' queries", "provisioning",
                               "runbook dry run"]
+    # the runbook dry run too: this checkout's careflow has the agent (its SKIP is only for an
+    # older CAREFLOW_BIN, and a broken `careflow agent` must not pass as one)
     assert all(v == "PASS" for name, v in verdicts.items()
-               if name not in {"dashboards' queries", "runbook dry run"}), done.stdout
+               if name != "dashboards' queries"), done.stdout
     if os.path.exists("/usr/bin/influxd"):
         assert verdicts["dashboards' queries"] == "PASS", done.stdout
-    agent = subprocess.run([CAREFLOW, "agent", "--help"], capture_output=True, check=False)
-    assert verdicts["runbook dry run"] == ("PASS" if agent.returncode == 0 else "SKIP"), done.stdout
 
 
 @pytest.mark.slow
