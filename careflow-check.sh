@@ -95,20 +95,20 @@ live_health() {
 }
 
 live_gateway() {
-    local gw="check-$(hostname -s | tr -c 'a-z0-9\n' '-' | cut -c1-20)-$$" boot id notes
+    local gw="check-$(hostname -s | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-' | cut -c1-20)-$$" notes
     gw=${gw//--/-}
+    care_alarm() {  # care_alarm STATE: the synthetic gateway's care-alarm incident is in STATE
+        "$bin" incidents list --state "$1" --json 2>/dev/null | grep "\"$gw\"" | grep -q care-alarm; }
     "$bin" events publish --gateway "$gw" --type heartbeat --data '{"interval_s": 3600}' >/dev/null || {
         echo "could not publish as $gw (careflow events publish; CAREFLOW_BROKER_URL and credentials)"; return 1; }
     wait_for 30 "$bin" devices show "$gw" || { echo "$gw's heartbeat was not stored within 30 s (careflow status)"; return 1; }
     "$bin" events publish --gateway "$gw" --device check-sos --type alert --data '{"kind": "sos", "state": "raised"}' >/dev/null
-    incident() { "$bin" incidents list --json 2>/dev/null | grep "\"$gw\"" | grep -q care-alarm; }
-    wait_for 30 incident || { echo "no care-alarm incident for $gw within 30 s (careflow incidents list)"; return 1; }
+    wait_for 30 care_alarm active || { echo "no care-alarm incident for $gw within 30 s (careflow incidents list)"; return 1; }
     "$bin" events publish --gateway "$gw" --device check-sos --type alert --data '{"kind": "sos", "state": "cleared"}' >/dev/null
-    resolved() { "$bin" incidents list --state resolved --json 2>/dev/null | grep "\"$gw\"" | grep -q care-alarm; }
-    wait_for 30 resolved || { echo "the care alarm of $gw was not resolved by its clear within 30 s"; return 1; }
+    wait_for 30 care_alarm resolved || { echo "the care alarm of $gw was not resolved by its clear within 30 s"; return 1; }
     "$bin" devices pause "$gw" --for 24h --reason "careflow-check.sh --live synthetic gateway" >/dev/null 2>&1 || true
     sleep 1
-    notes=$("$bin" notify list --json 2>/dev/null | grep "\"$gw\"\|$gw" || true)
+    notes=$("$bin" notify list --json 2>/dev/null | grep -F "$gw" || true)
     if grep -v '"channel":"check"' <<<"$notes" | grep -q '"channel"'; then
         echo "a notification of $gw went to another channel than check: $(grep -v '"channel":"check"' <<<"$notes" | head -n 1 | cut -c1-200)"
         return 1
