@@ -415,6 +415,21 @@ def test_the_fleet_learns_sites_from_new_provisions_only_never_scanning_the_whol
     assert all(int(m[1]) > 0 for sql in scans if (m := re.search(r"pos > (\d+)", sql))), scans
 
 
+def test_a_devices_page_lists_its_active_incidents_however_many_others_are_active(
+        console: Console) -> None:
+    """In an outage hundreds of incidents are active at once: the device's own must show."""
+    store_event(console.store, Stamper(gateway="gw-1", device="fall-1"), "status",
+                {"state": "ok"}, NOW - 5000)
+    incident_id = _incident(console.store)
+    for n in range(501):  # newer, of other devices
+        assert console.store.open_incident(rule="device-silent", gateway="gw-2",
+                                           device=f"d{n}", severity="warning",
+                                           summary="silent", detail="", at_ms=NOW,
+                                           notify=[]) is not None
+    page = console.login().get("/devices/gw-1/fall-1").text
+    assert f'href="/incidents/{incident_id}"' in page
+
+
 def test_unknown_incidents_and_devices_are_clear_pages(console: Console) -> None:
     client = console.login()
     assert client.get("/incidents/999").status_code == 404

@@ -248,8 +248,8 @@ class Incidents(Protocol):
         ...
 
     def incidents(self, *, states: Sequence[str] | None = None,
-                  limit: int = 50) -> list[Incident]:
-        """Newest first (only in these states, when given)."""
+                  source: tuple[str, str] | None = None, limit: int = 50) -> list[Incident]:
+        """Newest first (only in these states, and of this (gateway, device), when given)."""
         ...
 
     def count_incidents(self, *, states: Sequence[str] | None = None) -> int:

@@ -488,9 +488,8 @@ class _Console:
                                                          type="status"), limit=20),
                 "events": self.store.query(EventFilter(gateway=gateway, device=device),
                                            limit=20),
-                # the newest unresolved ones (a fleet has few), this source's among them
-                "incidents": [i for i in self.store.incidents(states=UNRESOLVED, limit=500)
-                              if (i.gateway, i.device) == (gateway, device)],
+                "incidents": self.store.incidents(states=UNRESOLVED, source=(gateway, device),
+                                                  limit=100),
             }
 
         found = await self.deps.call(read)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +128,20 @@ class SqliteBase:
                 self._atomic = False
 
     def _in_states(self, what: str, table: str, states: Sequence[str] | None,
-                   tail: str = "", params: Sequence[Any] = ()) -> list[Any]:
-        """Rows (or a count) of incidents/notifications, optionally only in some states."""
-        sql, bound = f"SELECT {what} FROM {table}", list(params)
+                   tail: str = "", params: Sequence[Any] = (), *,
+                   match: Mapping[str, str] | None = None) -> list[Any]:
+        """Rows (or a count) of incidents/notifications, optionally only in some states and
+        with some columns equal to values (``match``: column names are ours, never input)."""
+        where: list[str] = []
+        bound: list[Any] = []
         if states:
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
-            bound = [*states, *bound]
-        return self._read(sql + tail, bound)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            bound += states
+        for column, value in (match or {}).items():
+            where.append(f"{column} = ?")
+            bound.append(value)
+        sql = f"SELECT {what} FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return self._read(sql + tail, [*bound, *params])
 
     def _write(self, sql: str, params: Sequence[Any]) -> None:
         try:

@@ -208,10 +208,11 @@ class SqliteIncidents(SqliteBase):
         return _incident(rows[0]) if rows else None
 
     def incidents(self, *, states: Sequence[str] | None = None,
-                  limit: int = 50) -> list[Incident]:
-        """Newest first, optionally only in some states."""
+                  source: tuple[str, str] | None = None, limit: int = 50) -> list[Incident]:
+        """Newest first, optionally only in some states, of one (gateway, device)."""
         return [_incident(row) for row in self._in_states(
-            _INCIDENT_COLUMNS, "incidents", states, " ORDER BY id DESC LIMIT ?", [limit])]
+            _INCIDENT_COLUMNS, "incidents", states, " ORDER BY id DESC LIMIT ?", [limit],
+            match={"gateway": source[0], "device": source[1]} if source else None)]
 
     def count_incidents(self, *, states: Sequence[str] | None = None) -> int:
         """How many incidents are in these states."""
