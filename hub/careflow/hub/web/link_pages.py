@@ -237,8 +237,8 @@ def routes(deps: WebDeps) -> list[BaseRoute]:
             return _page(env, "link_refused.html", status, heading=heading, message=message)
         if request.method == "POST":
             return await _post(request, deps, env, token, claim)
-        outcome = await deps.call(lambda: preview(deps.store, claim))
-        timeline = await deps.call(lambda: deps.store.incident_actions(claim.incident_id))
+        outcome, timeline = await deps.call(lambda: _with_timeline(deps.store, claim,
+                                                                   preview(deps.store, claim)))
         if outcome.status != 200:
             return _refused(env, outcome, deps.now_ms(), timeline)
         assert outcome.incident is not None
@@ -267,15 +267,21 @@ async def _post(request: Request, deps: WebDeps, env: Environment, token: str,
     name = form.get("name")
     by = typed_name(name if isinstance(name, str) else "", claim.channel)
     now_ms = deps.now_ms()
-    outcome = await deps.call(lambda: act(deps.store, claim, by=by, now_ms=now_ms,
-                                          seen_raises=int(seen)))
-    timeline = await deps.call(lambda: deps.store.incident_actions(claim.incident_id))
+    outcome, timeline = await deps.call(lambda: _with_timeline(
+        deps.store, claim, act(deps.store, claim, by=by, now_ms=now_ms, seen_raises=int(seen))))
     if outcome.status != 200:
         return _refused(env, outcome, now_ms, timeline)
     deps.wake_sender()
     assert outcome.incident is not None
     return _page(env, "link_done.html", 200, heading=outcome.heading, message=outcome.message,
                  **_about(outcome.incident, now_ms, timeline))
+
+
+def _with_timeline(store: Store, claim: LinkClaim,
+                   outcome: LinkOutcome) -> tuple[LinkOutcome, list[IncidentAction]]:
+    """``outcome`` and its incident's timeline, read in the same store call (one turn of the
+    web's connection per page, not two)."""
+    return outcome, store.incident_actions(claim.incident_id)
 
 
 def _about(incident: Incident, now_ms: int, timeline: list[IncidentAction]) -> dict[str, Any]:
