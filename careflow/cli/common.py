@@ -28,8 +28,10 @@ from rich.table import Table
 from rich.text import Text
 
 from careflow.core import clock
+from careflow.core import text as safe_text
 from careflow.core.config import Settings, load_settings
 from careflow.core.errors import ConfigError
+from careflow.core.text import literal
 from careflow.schemas import format_rfc3339, parse_rfc3339
 
 __all__ = [
@@ -53,22 +55,6 @@ __all__ = [
     "styled",
     "use_rules_dir",
 ]
-
-# C0 controls but tab and newline, DEL and C1: ESC starts terminal sequences (clear the screen,
-# set the title, hyperlinks), CR and BS overwrite what was printed. Bidirectional controls
-# reorder what follows them (a device name that reads as another's).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def _code(char: str) -> str:
-    return f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}"
-
-
-def literal(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN`` or ``\\uNNNN`` instead of acting on
-    the terminal."""
-    return _CONTROL.sub(lambda match: _code(match[0]), text)
-
 
 class LiteralConsole(Console):
     """A Rich console that renders every string literally: no markup, no emoji codes, control
@@ -210,15 +196,8 @@ def iso_ms(ms: int) -> str:
 
 
 def format_age(ms: int | None, *, now_ms: int | None = None) -> str:
-    """How long ago, compactly: ``4s``, ``3m``, ``2h``, ``5d``."""
-    if ms is None:
-        return "-"
-    now_ms = clock.now_ms() if now_ms is None else now_ms
-    seconds = max(0, (now_ms - ms) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    """How long ago, compactly: ``4s``, ``3m``, ``2h``, ``5d`` (now, unless told)."""
+    return safe_text.format_age(ms, now_ms=clock.now_ms() if now_ms is None else now_ms)
 
 
 def print_json_lines(rows: list[dict[str, Any]]) -> None:

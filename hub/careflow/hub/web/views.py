@@ -6,12 +6,13 @@ and sites the one rule of :class:`careflow.hub.fleet.sites.SiteBook`, so the con
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from careflow.core.text import format_age
+from careflow.core.text import literal as visible  # the CLI's rule, for the web's pages
 from careflow.hub.fleet.presence import PresenceRecord, State, device_state
 from careflow.hub.fleet.sites import UNASSIGNED, SiteBook
 from careflow.hub.store.records import (
@@ -45,34 +46,11 @@ LOW_BATTERY_PCT = 20  # the shipped battery-low rule's threshold
 # Problems first: what needs someone's attention leads each site.
 STATE_ORDER = (State.OFFLINE, State.LATE, State.PAUSED, State.NEW, State.ONLINE)
 
-# C0 controls but tab and newline, DEL, C1 and bidirectional controls: shown as \\xNN, as the
-# CLI does (a device name must not reorder or hide the text around it).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def visible(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN`` / ``\\uNNNN`` (HTML escaping is the
-    templates' business: autoescape)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) <= 0xFF
-                        else f"\\u{ord(m[0]):04x}", text)
-
-
 def format_when(ms: int | None) -> str:
     """Epoch milliseconds as ``2026-11-30 12:00:03 UTC``."""
     if ms is None:
         return "-"
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def format_age(ms: int | None, *, now_ms: int) -> str:
-    """How long ago, compactly: ``4s``, ``3m``, ``2h``, ``5d``."""
-    if ms is None:
-        return "-"
-    seconds = max(0, (now_ms - ms) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def battery(facts: Mapping[str, Any]) -> float | None:
