@@ -21,7 +21,6 @@ from careflow.hub.store.records import (
     Incident,
     IncidentAction,
     Notification,
-    StoredEvent,
 )
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "format_age",
     "format_when",
     "payload_preview",
-    "site_book",
     "timeline",
     "visible",
 ]
@@ -70,14 +68,6 @@ def payload_preview(letter: DeadLetter, *, limit: int = 160) -> str:
     """The start of a refused payload as text (undecodable bytes as U+FFFD, controls visible)."""
     text = visible(letter.payload[:limit * 4].decode("utf-8", errors="replace"))
     return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def site_book(provisions: Iterable[StoredEvent]) -> SiteBook:
-    """Each gateway's site from its provision events (oldest first)."""
-    book = SiteBook()
-    for event in provisions:
-        book.learn(event, event.data)
-    return book
 
 
 @dataclass(frozen=True, slots=True)
