@@ -41,7 +41,7 @@ answers=$(mktemp -d -t careflow-health-XXXXXX)
 trap 'rm -rf "$answers"' EXIT
 ask() {
     local name=$1; shift
-    { local rc=0; "$careflow" "$@" >"$answers/$name" 2>/dev/null || rc=$?; echo "$rc" >"$answers/$name.rc"; } &
+    { local rc=0; "$careflow" "$@" >"$answers/$name" 2>"$answers/$name.err" || rc=$?; echo "$rc" >"$answers/$name.rc"; } &
 }
 ask status status --json
 ask incidents incidents list --json --limit 1000
@@ -97,8 +97,11 @@ print("FAIL the store is not readable (CAREFLOW_DATA_DIR)" if "events_kept" not 
       "PASS %(events_kept)d events kept, %(dead_letters_kept)d dead letters, %(sequence_gaps)d gaps" % r)' \
     "$readyz" <<<"$status_json"
 
-data_dir=${CAREFLOW_DATA_DIR:-$HOME/.local/share/careflow}
-if df_line=$(df -P "$data_dir" 2>/dev/null | tail -n 1); then
+# the data directory as the CLI resolves it (CAREFLOW_DATA_DIR, XDG_DATA_HOME, ~/.local/share)
+data_dir=$("$py" -c 'import json, sys; print(json.loads(sys.stdin.read() or "{}").get("data_dir", ""))' <<<"$status_json")
+if [[ -z $data_dir ]]; then
+    report FAIL disk "no data directory: $(tail -n 1 "$answers/status.err")"
+elif df_line=$(df -P "$data_dir" 2>/dev/null | tail -n 1); then
     read -r _ blocks _ avail _ mount <<<"$df_line"
     free_pct=$(( avail * 100 / (blocks > 0 ? blocks : 1) ))
     if (( free_pct >= min_free_pct )); then

@@ -26,7 +26,7 @@ CAREFLOW = str(Path(sys.executable).parent / "careflow")
 def installation(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A running `careflow hub` with its settings, as an operator's shell would have them."""
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "CAREFLOW": CAREFLOW, "CAREFLOW_DATA_DIR": str(tmp_path / "data"),
+           "CAREFLOW": CAREFLOW, "XDG_DATA_HOME": str(tmp_path / "xdg"),  # the data directory
            "CAREFLOW_LISTEN": f"127.0.0.1:{free_port()}",
            "CAREFLOW_HTTP_LISTEN": f"127.0.0.1:{free_port()}"}
     with (tmp_path / "hub.log").open("ab") as log:
@@ -65,6 +65,7 @@ def test_it_passes_a_healthy_hub_then_names_an_offline_gateway_and_a_stopped_hub
     assert verdicts["hub"] == verdicts["web"] == verdicts["ca"] == "PASS"
     assert verdicts["influxdb"] == "SKIP"  # not configured here
     assert healthy.stdout.splitlines()[-1] == "PASS: every check"
+    assert f"({Path(installation['HOME']) / 'xdg' / 'careflow'})" in healthy.stdout  # disk: the CLI's
 
     # a gateway whose heartbeat (1 s interval) stopped is late, then offline; check-* is ignored
     for gateway in ("gw-0001", "check-gw"):

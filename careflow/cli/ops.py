@@ -406,6 +406,8 @@ def status(
     report = {("reported" if key == "reported_ms_ago" else key):
               (format_age(now_ms - value, now_ms=now_ms) + " ago" if key == "reported_ms_ago"
                else value) for key, value in health_report(store, now_ms).items()}
+    # where it is, resolved as every command does (scripts/check-health.sh checks its disk)
+    report["data_dir"] = str(settings_from(data_dir=data_dir).data_dir)
     quieted = rules_quieted(store, now_ms)
     healthy = is_healthy(report)
     if as_json:
