@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import subprocess
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -398,4 +399,29 @@ def test_every_digest_repeats_the_rules_muted_or_disabled_while_in_force(
             "- error-burst disabled by bo: firmware 2.3\n") in first.body
     assert "care-alarm" not in first.body
     assert "Rules muted or disabled (1)" in second.body and "battery-low" not in second.body
+    store.close()
+
+
+def test_a_rule_control_row_it_cannot_read_stops_no_digest(tmp_path: Path) -> None:
+    """One row of rule_controls of a kind this version does not know (a newer hub's, or one
+    edited by hand) failed every digest at every check, for ever; it is left out (logged),
+    the rules it would quiet are announced, and the others are still listed."""
+    store = SqliteStore(tmp_path / "db", synchronous="normal")
+    now = [utc_ms("2026-11-29 17:00")]
+    scheduler = DigestScheduler(store, [digest("07:00", "Europe/Berlin")],
+                                clock=lambda: now[0], severities={
+                                    "battery-low": "warning", "error-burst": "warning"})
+    scheduler.run_once()
+    store.set_rule_control("error-burst", kind="disabled", until_ms=None, by="bo",
+                           reason="firmware 2.3", at_ms=now[0])
+    with sqlite3.connect(tmp_path / "db") as conn:
+        conn.execute("INSERT INTO rule_controls VALUES ('battery-low', 'snoozed', NULL, 'x', "
+                     "'a newer kind', ?)", (now[0],))
+    conn.close()
+    now[0] = utc_ms("2026-11-30 06:00")
+    assert len(scheduler.run_once()) == 1
+    body = store.notifications()[0].body
+    assert "- error-burst disabled by bo: firmware 2.3" in body
+    assert "battery-low" not in body
+    assert scheduler.errors == 0
     store.close()

@@ -4,6 +4,7 @@ controls (mutes and disables)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,9 @@ from careflow.hub.store.records import (
 from careflow.hub.store.sqlite_store._base import SqliteBase
 
 __all__ = ["SqliteOps"]
+
+log = logging.getLogger(__name__)
+_CONTROL_KINDS = frozenset(RuleControlKind)
 
 _P = ProposalState
 # which time column a move to each state stamps
@@ -178,9 +182,15 @@ class SqliteOps(SqliteBase):
         if now_ms is not None:
             sql += " WHERE until_ms IS NULL OR until_ms > ?"
             params.append(now_ms)
-        return [RuleControl(rule, RuleControlKind(kind), until, by, reason, at)
-                for rule, kind, until, by, reason, at in self._read(sql + " ORDER BY rule",
-                                                                     params)]
+        controls = []
+        for rule, kind, until, by, reason, at in self._read(sql + " ORDER BY rule", params):
+            if kind not in _CONTROL_KINDS:  # a newer hub's, or edited by hand: one such row
+                # must not fail every reader (digests, status); its rule is announced
+                log.warning("a rule control of an unknown kind is not applied",
+                            extra={"rule": rule, "kind": kind, "by": by})
+                continue
+            controls.append(RuleControl(rule, RuleControlKind(kind), until, by, reason, at))
+        return controls
 
     def rule_activity(self, *, since_ms: int) -> dict[str, tuple[int, int]]:
         """Per rule: incidents triggered and notifications written since a moment."""
