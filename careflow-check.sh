@@ -160,6 +160,8 @@ start_influx() {
     if [[ -n ${CAREFLOW_INFLUX_URL:-} ]]; then
         influx_url=$CAREFLOW_INFLUX_URL influx_db=careflow_check_$$
         influx_drop="$influx_url $influx_db"
+    elif [[ -n ${CAREFLOW_CHECK_INFLUXD:-} && ! -x $influxd_bin ]]; then
+        echo "CAREFLOW_CHECK_INFLUXD=$influxd_bin is not an executable influxd"; return 1
     elif [[ -x $influxd_bin ]]; then
         local ip bind
         ip=$(free_port) bind=$(free_port)

@@ -70,6 +70,18 @@ def test_it_fails_naming_the_stage_when_the_hub_is_killed_mid_run() -> None:
     assert f"(the hub, pid {killed}, has exited)" in lines[-1], "".join(lines)  # not its timeout
 
 
+def test_it_fails_at_once_when_the_named_influxd_is_missing(tmp_path: Path) -> None:
+    """A wrong CAREFLOW_CHECK_INFLUXD is a mistake to name, not a reason to skip the dashboards."""
+    missing = tmp_path / "no such" / "influxd"
+    done = subprocess.run(["bash", str(ROOT / "careflow-check.sh")], capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env=check_env(CAREFLOW_CHECK_INFLUXD=str(missing)))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert stages(done.stdout) == {"hub starts": "FAIL"}, done.stdout
+    assert done.stdout.splitlines()[-1] == (
+        f"FAIL: hub starts: CAREFLOW_CHECK_INFLUXD={missing} is not an executable influxd")
+
+
 def test_it_routes_the_check_gateways_away_from_on_call_in_the_shipped_rules() -> None:
     """--live's synthetic gateway (check-*) must never page on-call, whatever its severity."""
     rules = load_rules([ROOT / "rules"])
