@@ -122,6 +122,7 @@ def test_it_names_every_family_as_prometheus_asks() -> None:
     dead = {s.labels["code"]: s.value for s in by_name["careflow_dead_letters"].samples}
     assert dead == {"conflict": 2, "not_json": 1}
     assert by_name["careflow_commit_latency_seconds"].samples[0].value == 0.0025
+    assert by_name["careflow_hub_start_time_seconds"].samples[0].value == 1.0  # ms as s
     assert "careflow_event_age_seconds" not in by_name  # nothing stored yet: no sample
     assert by_name["careflow_influx_backlog_events"].samples[0].value == 7
     assert by_name["careflow_influx_failing"].samples[0].value == 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -51,20 +51,6 @@ class StoreCounts:
     dead_letters_kept: int = 0
 
 
-def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
-    if value is not None:
-        yield GaugeMetricFamily(name, doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float | None) -> Iterator[Metric]:
-    if value is not None:
-        yield CounterMetricFamily(name, doc, value=value)
-
-
-def _seconds(ms: float | None) -> float | None:
-    return None if ms is None else ms / 1000
-
-
 def _number(report: Mapping[str, Any], key: str) -> float | None:
     """A number of the report (None when it lacks one: a hub that has not reported yet)."""
     value = report.get(key)
@@ -72,74 +58,81 @@ def _number(report: Mapping[str, Any], key: str) -> float | None:
         else None
 
 
-def _ingest(health: Mapping[str, Any]) -> Iterator[Metric]:
-    """What the writer loop reports: messages in, events stored, refusals, queue, latencies."""
-    h = health
-    yield from _counter("careflow_messages_received", "MQTT messages taken in by the hub "
-                        "(a gateway's batch of events is one message)", _number(h, "messages"))
-    yield from _counter("careflow_events_stored", "Distinct events stored in the log",
-                        _number(h, "events_stored"))
-    yield from _counter("careflow_events_duplicate", "Events received again and skipped "
-                        "(already stored: same id, or same source position and content)",
-                        _number(h, "duplicates"))
-    if "rejects_by_code" in h or "conflicts" in h:
+_C, _G = CounterMetricFamily, GaugeMetricFamily
+_Kind: TypeAlias = type[CounterMetricFamily] | type[GaugeMetricFamily]
+_Scalars: TypeAlias = tuple[tuple[_Kind, str, str, str], ...]  # kind, name, key, help
+
+# One number of a health report each; a key in milliseconds (``_ms``) is given in seconds.
+_HUB: _Scalars = (
+    (_G, "careflow_hub_start_time_seconds", "started_ms", "When the hub started (Unix time)"),
+)
+_INGEST: _Scalars = (  # what the writer loop reports: messages in, events stored, queue...
+    (_C, "careflow_messages_received", "messages",
+     "MQTT messages taken in by the hub (a gateway's batch of events is one message)"),
+    (_C, "careflow_events_stored", "events_stored", "Distinct events stored in the log"),
+    (_C, "careflow_events_duplicate", "duplicates", "Events received again and skipped "
+     "(already stored: same id, or same source position and content)"),
+    (_G, "careflow_ingress_queue_messages", "queue_depth",
+     "Messages received and waiting to be committed"),
+    (_G, "careflow_ingress_queue_capacity_messages", "queue_bound",
+     "The bound of that queue (when full, the broker holds back what comes)"),
+    (_G, "careflow_commit_latency_seconds", "commit_latency_ms",
+     "From the arrival of the oldest message of the last commit to its commit"),
+    (_G, "careflow_event_age_seconds", "event_age_ms",
+     "How old (by its own time) the newest event of the last commit was when stored"),
+    (_G, "careflow_alert_lag_seconds", "alert_lag_ms",
+     "How far rule evaluation ran behind ingest (worst of the last second)"),
+    (_G, "careflow_alert_backlog_events", "alerts_unrecorded",
+     "Stored events whose rule evaluation is not recorded yet"),
+    (_C, "careflow_incidents_opened", "incidents_opened",
+     "Incidents opened since the hub started"),
+    (_C, "careflow_alert_errors", "alert_errors", "Failures of the alert stage"),
+    (_C, "careflow_store_errors", "store_errors",
+     "Commits the store refused (retried, never acknowledged)"),
+    (_C, "careflow_resend_requests", "resend_requests",
+     "Requests to gateways to resend what the hub is missing"),
+)
+_INFLUX: _Scalars = (  # the InfluxDB sink's part
+    (_G, "careflow_influx_backlog_events", "backlog_events",
+     "Stored events not yet written to InfluxDB"),
+    (_C, "careflow_influx_points_written", "points_written", "Points InfluxDB accepted"),
+    (_C, "careflow_influx_points_rejected", "points_rejected", "Points InfluxDB refused for good"),
+    (_C, "careflow_influx_write_errors", "write_errors",
+     "Writes to InfluxDB that failed (retried)"),
+    (_C, "careflow_influx_snapshots_dropped", "snapshots_dropped",
+     "Device-status snapshots dropped (the queue for InfluxDB was full)"),
+)
+_DIGESTS: _Scalars = (  # the status digests' scheduler
+    (_C, "careflow_digest_errors", "errors", "Checks of the status digests that failed (each "
+     "tried again 15 s later; the hub log says why)"),
+)
+
+
+def _scalars(table: _Scalars, report: Mapping[str, Any]) -> Iterator[Metric]:
+    """The families of ``table`` that ``report`` has a number for."""
+    for kind, name, key, doc in table:
+        value = _number(report, key)
+        if value is not None:
+            yield kind(name, doc, value=value / 1000 if key.endswith("_ms") else value)
+
+
+def _failing(name: str, doc: str, status: Mapping[str, Any] | None) -> Iterator[Metric]:
+    """1 while a part's status says it is failing (nothing when the part is not configured)."""
+    if status:
+        yield GaugeMetricFamily(name, doc, value=float(status.get("failing_since_ms") is not None))
+
+
+def _dead_letters(health: Mapping[str, Any]) -> Iterator[Metric]:
+    """Input refused and kept, by reason code (a conflict is one too)."""
+    if "rejects_by_code" in health or "conflicts" in health:
         dead = CounterMetricFamily("careflow_dead_letters", "Input refused and kept as a dead "
                                    "letter, by reason code", labels=["code"])
-        codes = dict(h.get("rejects_by_code") or {})
-        if h.get("conflicts"):
-            codes["conflict"] = codes.get("conflict", 0) + h["conflicts"]
+        codes = dict(health.get("rejects_by_code") or {})
+        if health.get("conflicts"):
+            codes["conflict"] = codes.get("conflict", 0) + health["conflicts"]
         for code, count in sorted(codes.items()):
             dead.add_metric([str(code)], float(count))
         yield dead
-    yield from _gauge("careflow_ingress_queue_messages", "Messages received and waiting to be "
-                      "committed", _number(h, "queue_depth"))
-    yield from _gauge("careflow_ingress_queue_capacity_messages", "The bound of that queue "
-                      "(when full, the broker holds back what comes)", _number(h, "queue_bound"))
-    yield from _gauge("careflow_commit_latency_seconds", "From the arrival of the oldest message "
-                      "of the last commit to its commit", _seconds(_number(h, "commit_latency_ms")))
-    yield from _gauge("careflow_event_age_seconds", "How old (by its own time) the newest event "
-                      "of the last commit was when stored", _seconds(_number(h, "event_age_ms")))
-    yield from _gauge("careflow_alert_lag_seconds", "How far rule evaluation ran behind ingest "
-                      "(worst of the last second)", _seconds(_number(h, "alert_lag_ms")))
-    yield from _gauge("careflow_alert_backlog_events", "Stored events whose rule evaluation is "
-                      "not recorded yet", _number(h, "alerts_unrecorded"))
-    yield from _counter("careflow_incidents_opened", "Incidents opened since the hub started",
-                        _number(h, "incidents_opened"))
-    yield from _counter("careflow_alert_errors", "Failures of the alert stage",
-                        _number(h, "alert_errors"))
-    yield from _counter("careflow_store_errors", "Commits the store refused (retried, never "
-                        "acknowledged)", _number(h, "store_errors"))
-    yield from _counter("careflow_resend_requests", "Requests to gateways to resend what the "
-                        "hub is missing", _number(h, "resend_requests"))
-
-
-def _influx(status: Mapping[str, Any] | None) -> Iterator[Metric]:
-    """The InfluxDB sink's part (nothing when no InfluxDB is configured)."""
-    if not status:
-        return
-    yield from _gauge("careflow_influx_backlog_events", "Stored events not yet written to "
-                      "InfluxDB", _number(status, "backlog_events"))
-    yield from _counter("careflow_influx_points_written", "Points InfluxDB accepted",
-                        _number(status, "points_written"))
-    yield from _counter("careflow_influx_points_rejected", "Points InfluxDB refused for good",
-                        _number(status, "points_rejected"))
-    yield from _counter("careflow_influx_write_errors", "Writes to InfluxDB that failed "
-                        "(retried)", _number(status, "write_errors"))
-    yield from _counter("careflow_influx_snapshots_dropped", "Device-status snapshots dropped "
-                        "(the queue for InfluxDB was full)", _number(status, "snapshots_dropped"))
-    yield from _gauge("careflow_influx_failing", "1 while writes to InfluxDB fail",
-                      float(status.get("failing_since_ms") is not None))
-
-
-def _digests(status: Mapping[str, Any] | None) -> Iterator[Metric]:
-    """The status digests' scheduler (nothing when no digest is configured)."""
-    if not status:
-        return
-    yield from _counter("careflow_digest_errors", "Checks of the status digests that failed "
-                        "(each tried again 15 s later; the hub log says why)",
-                        _number(status, "errors"))
-    yield from _gauge("careflow_digests_failing", "1 while the status digests cannot be queued "
-                      "(none goes out)", float(status.get("failing_since_ms") is not None))
 
 
 def families(health: Mapping[str, Any], readiness: Mapping[str, str | None],
@@ -147,27 +140,32 @@ def families(health: Mapping[str, Any], readiness: Mapping[str, str | None],
     """Every metric family of one scrape, from the hub's last health report, its readiness
     checks and what the store counts (None: the store could not be read; its families are left
     out and ``careflow_store_read_ok`` says 0). Pure: the collector gathers, this decides."""
-    out: list[Metric] = []
-    out += _gauge("careflow_hub_up", "1 when the hub's ingest loop has reported its health",
-                  float(bool(health)))
-    out += _gauge("careflow_broker_connected", "1 while the hub is connected to the broker",
-                  float(bool(health.get("connected"))))
+    out: list[Metric] = [
+        GaugeMetricFamily("careflow_hub_up", "1 when the hub's ingest loop has reported its "
+                          "health", value=float(bool(health))),
+        GaugeMetricFamily("careflow_broker_connected", "1 while the hub is connected to the "
+                          "broker", value=float(bool(health.get("connected"))))]
     ready = GaugeMetricFamily("careflow_ready", "1 when a readiness check passes (as /readyz)",
                               labels=["check"])
     for check, problem in sorted(readiness.items()):
         ready.add_metric([check], float(problem is None))
     out.append(ready)
-    out += _gauge("careflow_hub_start_time_seconds", "When the hub started (Unix time)",
-                  _seconds(_number(health, "started_ms")))
-    out += _ingest(health)
-    out += _influx(health.get("influx"))
-    out += _digests(health.get("digests"))
-    out += _gauge("careflow_store_read_ok", "1 when this scrape could read the store",
-                  float(counts is not None))
+    influx, digests = health.get("influx") or {}, health.get("digests") or {}
+    out += _scalars(_HUB, health)
+    out += _scalars(_INGEST, health)
+    out += _dead_letters(health)
+    out += _scalars(_INFLUX, influx)
+    out += _failing("careflow_influx_failing", "1 while writes to InfluxDB fail", influx)
+    out += _scalars(_DIGESTS, digests)
+    out += _failing("careflow_digests_failing", "1 while the status digests cannot be queued "
+                    "(none goes out)", digests)
+    out.append(GaugeMetricFamily("careflow_store_read_ok", "1 when this scrape could read the "
+                                 "store", value=float(counts is not None)))
     if counts is None:
         return out
-    out += _gauge("careflow_dead_letters_kept", "Dead letters the store keeps (the newest, "
-                  "within its bounds)", counts.dead_letters_kept)
+    out.append(GaugeMetricFamily("careflow_dead_letters_kept", "Dead letters the store keeps "
+                                 "(the newest, within its bounds)",
+                                 value=counts.dead_letters_kept))
     notifications = GaugeMetricFamily("careflow_notifications", "Notifications in the outbox "
                                       "by channel and state", labels=["channel", "state"])
     for (channel, state), count in sorted(counts.notifications.items()):
