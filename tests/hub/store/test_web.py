@@ -94,3 +94,17 @@ def test_a_session_lives_until_it_expires_its_user_goes_or_it_ends(store: Store)
     store.start_session("t4", user="ana", csrf="c4", at_ms=30, expires_ms=100)
     store.remove_user("ana")
     assert store.session("t4", now_ms=50) is None
+
+
+def test_a_renewed_hash_keeps_the_sessions_and_only_replaces_the_hash_it_was_told(
+        store: Store) -> None:
+    store.add_user("ana", role="operator", password_hash="$argon2id$weak", at_ms=1)
+    store.start_session("t1", user="ana", csrf="c1", at_ms=10, expires_ms=100)
+    assert store.renew_password_hash("ana", old="$argon2id$weak", new="$argon2id$strong")
+    renewed = store.user("ana")
+    assert renewed is not None and renewed.password_hash == "$argon2id$strong"
+    assert store.session("t1", now_ms=50) is not None  # the same password: still signed in
+    # changed meanwhile (careflow users add --replace): the new password stands
+    assert not store.renew_password_hash("ana", old="$argon2id$weak", new="$argon2id$x")
+    assert not store.renew_password_hash("nobody", old="a", new="b")
+    assert store.user("ana") == renewed

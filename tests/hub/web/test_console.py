@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -340,6 +341,21 @@ def test_a_password_changed_while_a_login_is_checked_starts_no_session(
     console.store.remove_user("olga")
     assert run(pages._start_session(request, checked, None, "/")).status_code == 401
     assert console.store.user("olga") is None
+
+
+def test_a_login_that_renews_a_weak_hash_keeps_the_users_other_sessions(
+        console: Console) -> None:
+    """The same password, stored with today's parameters: a nurse's other phone stays in."""
+    weak = PasswordHasher(time_cost=1, memory_cost=8 * 1024, parallelism=1).hash(PASSWORD)
+    console.store.add_user("olga", role="operator", password_hash=weak, at_ms=NOW, replace=True)
+    console.store.start_session(token_hash("phone-token"), user="olga", csrf="c", at_ms=NOW,
+                                expires_ms=NOW + 3_600_000)  # signed in while the hash is weak
+    phone = console.client(cookies={SESSION_COOKIE: "phone-token"})
+    assert phone.get("/").status_code == 200
+    console.login()  # another device: this login renews the hash
+    renewed = console.store.user("olga")
+    assert renewed is not None and renewed.password_hash != weak
+    assert phone.get("/").status_code == 200  # still signed in, not sent to /login
 
 
 def test_device_text_is_shown_as_text_never_as_markup(console: Console) -> None:

@@ -432,6 +432,11 @@ class Accounts(Protocol):
         and password change, and the user's sessions end)."""
         ...
 
+    def renew_password_hash(self, name: str, *, old: str, new: str) -> bool:
+        """Keep ``new`` for the same password when the user's hash is still ``old`` (a login
+        renewing a weak hash); their sessions go on. False: the hash had changed."""
+        ...
+
     def user(self, name: str) -> User | None:
         """One user."""
         ...

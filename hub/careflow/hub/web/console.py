@@ -315,9 +315,10 @@ class _Console:
                     # removed, or the password changed while this one was checked: a change
                     # ends every session, and must end one that was about to start too
                     return False
-                if rehash is not None:  # stronger parameters than when it was set
-                    self.store.add_user(user.name, role=user.role, password_hash=rehash,
-                                        at_ms=now, replace=True)
+                if rehash is not None:  # stronger parameters than when it was set; the
+                    # same password, so the user's other sessions go on (a replace ends them)
+                    self.store.renew_password_hash(user.name, old=user.password_hash,
+                                                   new=rehash)
                 if old:
                     self.store.end_session(auth.token_hash(old))
                 self.store.start_session(auth.token_hash(token), user=user.name, csrf=csrf,

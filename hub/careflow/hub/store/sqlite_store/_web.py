@@ -73,6 +73,13 @@ class SqliteWeb(SqliteBase):
         assert user is not None
         return user
 
+    def renew_password_hash(self, name: str, *, old: str, new: str) -> bool:
+        """Keep ``new`` (the same password, today's parameters) if the hash is still ``old``;
+        the user's sessions go on."""
+        with self._transaction("renew a password hash") as conn:
+            return conn.execute("UPDATE users SET password_hash = ? WHERE name = ? AND "
+                                "password_hash = ?", (new, name, old)).rowcount == 1
+
     def user(self, name: str) -> User | None:
         """One user."""
         rows = self._read("SELECT name, role, password_hash, created_ms FROM users "
