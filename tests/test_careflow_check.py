@@ -8,14 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from careflow.hub.alerting.routing import CHECK_CHANNEL, decide
 from careflow.hub.alerting.rules import load_rules
-from tests.conftest import JsonReceiver, careflow_cmd, free_port, wait_until
+from tests.conftest import careflow_cmd
 
 ROOT = Path(__file__).parents[1]
 CAREFLOW = str(Path(sys.executable).parent / "careflow")
@@ -101,42 +100,3 @@ def test_it_refuses_to_provision_a_gateway_id_under_the_check_prefix(tmp_path: P
                           env={**os.environ, "CAREFLOW_DATA_DIR": str(tmp_path)},
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "reserved" in done.stderr, done.stderr
-
-
-@pytest.fixture
-def receiver() -> Iterator[JsonReceiver]:
-    server = JsonReceiver()
-    yield server
-    server.close()
-
-
-@pytest.mark.slow
-def test_it_checks_a_live_installation_without_paging_on_call(
-        tmp_path: Path, receiver: JsonReceiver) -> None:
-    """A running hub whose channels are oncall and ops only (no CAREFLOW_CHANNEL_CHECK): the
-    synthetic gateway's care alarm is recorded and reaches neither."""
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "CAREFLOW_DATA_DIR": str(tmp_path / "data"),
-           "CAREFLOW_LISTEN": f"127.0.0.1:{free_port()}",
-           "CAREFLOW_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
-           "CAREFLOW_CHANNEL_ONCALL": receiver.url("/oncall"),
-           "CAREFLOW_CHANNEL_OPS": receiver.url("/ops")}
-    with (tmp_path / "hub.log").open("ab") as log:
-        hub = subprocess.Popen(careflow_cmd("hub"), env=env, stdout=log, stderr=log)
-    try:
-        wait_until(lambda: subprocess.run([CAREFLOW, "status"], env=env, capture_output=True,
-                                          check=False).returncode == 0, timeout_s=60,
-                   what="the hub")
-        done = subprocess.run(["bash", str(ROOT / "careflow-check.sh"), "--live"],
-                              capture_output=True, text=True, timeout=300, check=False,
-                              env={**env, "CAREFLOW_BIN": CAREFLOW})
-        assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "hub.log").read_text()
-        assert stages(done.stdout) == {"health (read-only)": "PASS",
-                                       "synthetic gateway check-*": "PASS"}
-        incidents = subprocess.run([CAREFLOW, "incidents", "list", "--state", "resolved", "--json"], env=env,
-                                   capture_output=True, text=True, check=True).stdout
-        assert "care-alarm" in incidents and '"check-' in incidents
-        assert receiver.requests == [], receiver.requests
-    finally:
-        hub.terminate()
-        hub.wait(timeout=20)
