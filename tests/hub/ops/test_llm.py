@@ -80,6 +80,7 @@ class ModelStandIn:
         self.content: Callable[[dict[str, Any]], str] = lambda _r: "{}"
         self.status = 200
         self.drip_s = 0.0  # > 0: send the answer a byte at a time, this far apart
+        self.raw: bytes | None = None  # the whole body instead of a chat completion
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,7 +96,7 @@ class ModelStandIn:
                 answer = {"id": "c1", "object": "chat.completion", "model": body["model"],
                           "choices": [{"index": 0, "finish_reason": "stop", "message": {
                               "role": "assistant", "content": stand_in.content(body)}}]}
-                data = json.dumps(answer).encode()
+                data = json.dumps(answer).encode() if stand_in.raw is None else stand_in.raw
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -350,6 +351,8 @@ def situation(detail: str = "no heartbeat for 5 min") -> Situation:
     (reply({"action": "gateway.resend", "params": {}, "why": "resend \u202eredda"}),
      "invisible formatting characters"),
     (reply(summary="all fine\u200b"), "invisible formatting characters"),
+    ("[" * 5_000 + "]" * 5_000, "not one JSON object"),  # nested past the JSON parser
+    ('{"summary": ' + "[" * 8_000, "not one JSON object"),
 ])
 def test_it_refuses_anything_but_the_reply_object(model: ModelStandIn, content: str,
                                                   reason: str) -> None:
@@ -389,6 +392,24 @@ def test_it_fences_any_data_as_one_json_line(data: Any, nonce: str) -> None:
     assert (start, end) == (f"<<<DATA {nonce}", f"DATA {nonce}>>>")
     assert json.loads(body) == data
     assert not set(body) & set("<>&\n\r") and body.isascii()
+
+
+def test_an_answer_nested_past_the_parser_is_a_model_error(model: ModelStandIn) -> None:
+    model.raw = b"[" * 100_000
+    with pytest.raises(ModelError, match="did not answer with a chat completion"):
+        planner_for(model).suggest(situation())
+
+
+def test_a_reply_nested_past_the_parser_leaves_the_runbook_plan_in_the_loop(
+        world: Callable[..., World], model: ModelStandIn) -> None:
+    model.content = lambda _r: "[" * 5_000
+    w = world()
+    w.agent.set_mode(AutomationMode.MANUAL, by="ana", reason="day")
+    done = w.agent.run_once()  # raised RecursionError: every pass, nothing behind it ran
+    (made,) = w.store.proposals()
+    assert done == [f"incident {w.incident}: proposed {made.id} (gateway.resend)"]
+    assert made.planner == "runbook" and "not one JSON object" in made.evidence["model"][
+        "outcome"]
 
 
 def test_a_model_that_cannot_be_reached_is_a_retryable_model_error() -> None:

@@ -297,7 +297,7 @@ def parse_reply(content: str, options: Sequence[Option], *, runbook: str) -> Sug
     try:
         reply = json.loads(content, object_pairs_hook=_no_duplicate_keys,
                            parse_constant=_no_constant)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nested past the parser: not a reply to us
         raise refuse(f"not one JSON object ({exc})") from exc
     errors = sorted(_REPLY.iter_errors(reply), key=lambda e: list(e.absolute_path))
     if errors:
@@ -428,7 +428,7 @@ def chat(settings: LlmSettings, messages: Sequence[Mapping[str, str]]) -> str:
         raise ModelError(msg, retry=False)
     try:
         content = json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError) as exc:
         msg = f"the model at {endpoint} did not answer with a chat completion"
         raise ModelError(msg, retry=False) from exc
     if not isinstance(content, str):
