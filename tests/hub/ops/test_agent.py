@@ -414,6 +414,60 @@ def test_an_action_that_fails_unforeseen_is_escalated(world: Any) -> None:
     assert store.incident(incident).state == "acknowledged"
 
 
+class BrokenPlanner:
+    """A planner with a bug (any planner: a model's, a future one)."""
+
+    name = "runbook"
+
+    def plan(self, *_args: Any) -> None:
+        raise ZeroDivisionError("a bug")
+
+
+def test_a_bug_proposing_for_one_incident_holds_up_nothing_else(world: Any) -> None:
+    agent, store, _clock, _gw = world
+    first = _incident(store)
+    proposal = agent.propose(first).proposal
+    agent.approve(proposal.id, by="ana")
+    second = _incident(store, device="gw-2")
+    broken = Agent(store, ceiling=agent.ceiling, ctx=agent.ctx, runbooks=agent.runbooks,
+                   planner=BrokenPlanner(), clock=agent.clock)
+    # the pass raised ZeroDivisionError: nothing approved ran, every pass, while it lasted
+    assert broken.run_once() == [f"proposal {proposal.id} executed (incident.ack)"]
+    assert store.proposals(incident_id=second) == []  # logged; a person proposes by hand
+    assert store.incident(first).state == "acknowledged"
+
+
+class BrokenDiagnostics(Gateways):
+    def send(self, gateway: str, name: str, args: Mapping[str, Any], *,
+             timeout_s: float) -> dict[str, Any]:
+        if name == "diagnostics":  # what gateway.resend's verification asks
+            raise ZeroDivisionError("a bug")
+        return super().send(gateway, name, args, timeout_s=timeout_s)
+
+
+def test_a_bug_verifying_one_proposal_holds_up_nothing_and_escalates_it(world: Any) -> None:
+    agent, store, clock, _gw = world
+    store.append(presence("gw-1", "online", 1, "boot-1", 990_000))
+    resent = _incident(store)
+    store.acknowledge_incident(resent, by="bo", at_ms=999_500)  # incident.ack no longer fits
+    resend = agent.propose(resent).proposal
+    assert resend.action == "gateway.resend"
+    agent.approve(resend.id, by="ana")
+    agent.run_once()
+    assert store.proposal(resend.id).state == P.EXECUTED  # waits for the incident to resolve
+    ack = agent.propose(_incident(store, device="gw-2")).proposal
+    agent.approve(ack.id, by="ana")
+    broken = agent_for(make_settings(Path("/nonexistent"), None), store,
+                       runbooks=agent.runbooks, gateway=BrokenDiagnostics(), clock=agent.clock)
+    # the pass raised ZeroDivisionError at the older proposal: the one behind it never ran
+    assert broken.run_once() == [f"proposal {ack.id} executed (incident.ack)"]
+    clock.ms += 60_000  # past the resend's own deadline: failed, and a person hears of it
+    done = broken.run_once()
+    assert done[0].startswith(f"proposal {resend.id} failed: verification failed by its "
+                              "deadline") and "ZeroDivisionError: a bug" in done[0]
+    assert store.proposal(resend.id).state == P.ESCALATED
+
+
 def test_it_does_not_wait_on_a_gateway_whose_last_will_says_offline(world: Any) -> None:
     agent, store, _clock, gateways = world
     store.append(presence("gw-1", "online", 1, "boot-1", 990_000))

@@ -475,7 +475,7 @@ class Agent:
             step = next_step(proposal, mode=mode, auto_allowed=auto_allowed, now_ms=self.clock())
             try:
                 done += self._take(step, proposal)
-            except CareflowError:
+            except Exception:  # a bug in one proposal's step must not hold up those behind it
                 log.exception("the agent could not take a step", extra={
                     "proposal": proposal.id, "step": str(step)})
         return done
@@ -497,6 +497,9 @@ class Agent:
                 except CareflowError as exc:
                     log.warning("no proposal", extra={"incident": incident.id,
                                                       "why": str(exc)})
+                except Exception:  # a bug (a planner's): logged, and the pass goes on
+                    log.exception("no proposal: proposing failed unexpectedly",
+                                  extra={"incident": incident.id})
                 else:
                     done.append(f"incident {incident.id}: " + (
                         f"proposed {made.proposal.id} ({made.proposal.action})"
@@ -691,8 +694,12 @@ def agent_for(settings: Settings, store: Store, *, runbooks: Sequence[Runbook] |
 
 
 def _look(check: Callable[[], actions.Check]) -> actions.Check:
-    """One look; a gateway that does not answer yet is "not yet", not the end."""
+    """One look; a gateway that does not answer yet is "not yet", not the end. A check that
+    fails in a way nobody foresaw is "not yet" too: by its deadline the proposal fails and a
+    person hears of it (it would otherwise stay executed, unverified, forever)."""
     try:
         return check()
-    except CareflowError as exc:
+    except Exception as exc:
+        if not isinstance(exc, CareflowError):
+            log.exception("a verification failed unexpectedly")
         return actions.Check(False, f"{type(exc).__name__}: {exc}")
