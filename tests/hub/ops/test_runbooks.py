@@ -201,3 +201,24 @@ def test_a_mangled_runbook_is_problems_never_a_crash(tmp_path_factory: pytest.Te
 def test_it_refuses_yaml_a_runbook_has_no_use_for(tmp_path: Path, front: str) -> None:
     problems = problems_of(tmp_path, f"---\n{front}\n---\n" + BODY)
     assert problems and problems[0].startswith(f"{tmp_path}/rb/rb.md:2: ")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\xff\xfe\x00binary", "rb.md:1: not a text file (UTF-8)"),
+    (("---\nid: rb\nrules: " + "[" * 3_000 + "]" * 3_000 + "\n---\n").encode(),
+     "rb.md:2: the front matter is nested too deeply"),
+    (("---\nid: rb\nx:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 700))
+      + "---\n").encode(), "rb.md:2: the front matter is nested too deeply"),
+    (b"---\n" + b"# " + b"x" * (1 << 20) + b"\n---\n", "rb.md:1: larger than 262144 bytes"),
+])
+def test_a_hostile_file_is_a_problem_never_a_crash(tmp_path: Path, content: bytes,
+                                                   message: str) -> None:
+    folder = tmp_path / "rb"
+    folder.mkdir()
+    (folder / "rb.md").write_bytes(content)
+    # raised UnicodeDecodeError or RecursionError: `careflow runbooks check` and the hub's
+    # start ended in a traceback instead of naming the file
+    (problem,) = [str(p) for p in check_runbooks(folder)[1]]
+    assert message in problem
+    with pytest.raises(ConfigError, match="runbooks check"):
+        load_runbooks(folder)

@@ -71,6 +71,7 @@ _TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _WHOLE = re.compile(r"^\{\{\s*([^{}]*?)\s*\}\}$")
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_BYTES = 256 * 1024  # a runbook is a few pages; a larger file is the wrong file
 _KEYS = {"id", "title", "rules", "read_only", "diagnose", "actions", "verify", "rollback",
          "escalate"}
 # Values that make a template's result checkable before any incident exists.
@@ -376,9 +377,41 @@ def _sections(read: _Reader, body: str, body_line: int) -> tuple[str, ...]:
     return names
 
 
+def _read_text(path: Path) -> str | Problem:
+    """The file's text, or why it is no runbook (unreadable, binary, far too large)."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_BYTES + 1)
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        return Problem(path, 1, f"cannot be read: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        return Problem(path, 1, f"not a text file (UTF-8): {exc.reason} at byte {exc.start}")
+    if len(raw) > MAX_BYTES:
+        return Problem(path, 1, f"larger than {MAX_BYTES} bytes: a runbook is a few pages (is "
+                       "this the right file?)")
+    return text
+
+
+def _parse_yaml(source: str, first_line: int, lines: dict[tuple[Any, ...], int]) -> Any:  # noqa: ANN401
+    """The front matter as plain Python, the line of each value noted in ``lines``.
+
+    Raises:
+        yaml.YAMLError: not YAML, or YAML a runbook has no use for.
+    """
+    loader = yaml.SafeLoader(source)
+    try:
+        node = loader.get_single_node()
+        return _plain(loader, node, (), lines, first_line, set()) if node is not None else None
+    finally:
+        loader.dispose()
+
+
 def parse_runbook(path: Path) -> tuple[Runbook | None, list[Problem]]:
     """One runbook file: the runbook (None when it cannot be read) and every problem found."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
+    if isinstance(text, Problem):
+        return None, [text]
     split = _front_matter(text)
     if split is None:
         return None, [Problem(path, 1, "no front matter: the file must start with a `---` line, "
@@ -386,18 +419,15 @@ def parse_runbook(path: Path) -> tuple[Runbook | None, list[Problem]]:
     source, first_line, body = split
     lines: dict[tuple[Any, ...], int] = {}
     try:
-        loader = yaml.SafeLoader(source)
-        try:
-            node = loader.get_single_node()
-            data = (_plain(loader, node, (), lines, first_line, set()) if node is not None
-                    else None)
-        finally:
-            loader.dispose()
+        data = _parse_yaml(source, first_line, lines)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = first_line + (mark.line if mark is not None else 0)
         what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
         return None, [Problem(path, line, f"the front matter is not YAML: {what}")]
+    except RecursionError:  # [[[[... or a staircase of keys, past the parser's depth
+        return None, [Problem(path, first_line, "the front matter is nested too deeply: a "
+                              "runbook's YAML is a few levels deep")]
     read = _Reader(path, lines)
     if not isinstance(data, Mapping):
         read.add((), "the front matter must be a mapping (id, title, rules, diagnose, ...)")
