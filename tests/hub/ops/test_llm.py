@@ -131,7 +131,11 @@ def model() -> Iterator[ModelStandIn]:
 
 
 class Gateways:
-    """The gateway's side of the MQTT round trip (the diagnose step's ping): answers ok."""
+    """The gateway's side of the MQTT round trip (the diagnose step's ping): answers ok.
+
+    A stand-in, not Mosquitto and a gateway agent: what is under test here is the model's
+    fence, which no gateway reply reaches; the round trip itself runs against a real broker and
+    agent in tests/hub/ops/test_actions_gateway.py and tests/hub/test_agent_e2e.py."""
 
     def send(self, gateway: str, name: str, args: Any, *, timeout_s: float) -> dict[str, Any]:
         return {"id": "x", "name": name, "ok": True, "result": {}, "elapsed_ms": 1}
