@@ -195,11 +195,12 @@ def _quiet(store: Store, rule: str, *, kind: RuleControlKind, until_ms: int | No
                            subject=f"rule {rule}", detail={"reason": reason,
                                                            "refused": refusal})
         raise RefusedError(f"refused: {refusal}")
-    control = store.set_rule_control(rule, kind=kind, until_ms=until_ms, by=by, reason=reason,
-                                     at_ms=now_ms)
-    store.append_audit(at_ms=now_ms, actor=by, event=f"rule.{kind}", subject=f"rule {rule}",
-                       detail={"reason": reason, **({} if until_ms is None else
-                                                    {"until": iso_ms(until_ms)})})
+    with store.atomically(f"{verb} a rule"):  # quieted with its audit row, or not at all
+        control = store.set_rule_control(rule, kind=kind, until_ms=until_ms, by=by,
+                                         reason=reason, at_ms=now_ms)
+        store.append_audit(at_ms=now_ms, actor=by, event=f"rule.{kind}", subject=f"rule {rule}",
+                           detail={"reason": reason, **({} if until_ms is None else
+                                                        {"until": iso_ms(until_ms)})})
     return control
 
 
@@ -289,16 +290,18 @@ def _unquiet(rule: str, kind: RuleControlKind, by: str | None, data_dir: Path | 
         msg = (f"{rule} is not {kind}" + ("" if current is None else
                                          f" but {current.kind}: use `{other[current.kind]}`"))
         raise RefusedError(msg)
-    if kind is RuleControlKind.MUTED:  # ends now: the hub announces what is open, even if
-        # it is down at this moment (it finds the ended mute at its start)
-        store.set_rule_control(rule, kind=kind, until_ms=now_ms, by=current.by,
-                               reason=current.reason, at_ms=current.at_ms)
-    else:
-        store.clear_rule_control(rule)
     event = "rule.unmuted" if kind is RuleControlKind.MUTED else "rule.enabled"
-    store.append_audit(at_ms=now_ms, actor=by, event=event, subject=f"rule {rule}",
-                       detail={"was": describe(current, iso=None if current.until_ms is None
-                                               else iso_ms(current.until_ms))})
+    verb = "unmute" if kind is RuleControlKind.MUTED else "enable"
+    with store.atomically(f"{verb} a rule"):  # with its audit row, or not at all
+        if kind is RuleControlKind.MUTED:  # ends now: the hub announces what is open, even
+            # if it is down at this moment (it finds the ended mute at its start)
+            store.set_rule_control(rule, kind=kind, until_ms=now_ms, by=current.by,
+                                   reason=current.reason, at_ms=current.at_ms)
+        else:
+            store.clear_rule_control(rule)
+        store.append_audit(at_ms=now_ms, actor=by, event=event, subject=f"rule {rule}",
+                           detail={"was": describe(current, iso=None if current.until_ms is None
+                                                   else iso_ms(current.until_ms))})
     if as_json:
         print_json_lines([{"rule": rule, **_control_row(None)}])
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -167,3 +168,19 @@ def test_careflow_status_shows_the_rules_quieted(data_dir: Path) -> None:
     report = json.loads(cli(data_dir, "status", "--json").stdout)
     assert [(r["rule"], r["control"], r["by"]) for r in report["rules_quieted"]] == [
         ("battery-low", "muted", "ana"), ("error-burst", "disabled", "bo")]
+
+
+@pytest.mark.parametrize("args", [("mute", "battery-low", "--for", "4h"),
+                                  ("disable", "battery-low")], ids=["mute", "disable"])
+def test_a_rule_is_quieted_with_its_audit_row_or_not_at_all(data_dir: Path,
+                                                           args: tuple[str, ...]) -> None:
+    """The audit row cannot be written (the disk is full for it, here a trigger that refuses
+    it): the rule stays announced, rather than quieted with no one accountable in the trail."""
+    with sqlite3.connect(data_dir / "careflow.db") as conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit_log "
+                     "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    conn.close()
+    done = cli(data_dir, "rules", *args, "--reason", "noisy", "--by", "ana")
+    assert done.returncode != 0
+    assert "disk is full" in done.stderr
+    assert _rows(cli(data_dir, "rules", "list", "--json"))["battery-low"]["control"] is None
