@@ -432,7 +432,6 @@ class _Message:
     title: str
     body: str
     whole: bool  # False: shortened to fit the channel
-    html: str | None = None  # the same as HTML, for email
     params: Mapping[str, str] = field(default_factory=dict)  # Apprise URL additions (template)
 
 
@@ -610,8 +609,10 @@ class NotificationSender:
         message = self._message(channel, due[:count], actions)
         error: TransportError | None = None
         try:
-            self._transports[channel].send(message.title, message.body, html=message.html,
-                                           params=message.params)
+            # as HTML for email: made once for the message sent, not for each size tried
+            self._transports[channel].send(
+                message.title, message.body, params=message.params,
+                html=html_body(message.body) if channel in self._html else None)
         except TransportError as exc:
             error = exc
         try:
@@ -666,8 +667,7 @@ class NotificationSender:
                 body = f"{with_actions(notes[0], kept)}\n\nRef: {ref}"
             tail = "".join(f"\n{line}" for line in kept) + f"\n\nRef: {ref}"
             title, body = limits.shorten(title, body, tail=tail)
-        return _Message(title, body, whole,
-                        html=html_body(body) if channel in self._html else None)
+        return _Message(title, body, whole)
 
     def _record(self, notes: Sequence[Notification], incidents: Mapping[int, Incident | None],
                 error: TransportError | None) -> None:
